@@ -1,0 +1,1 @@
+//! Restore: read, validate, plan, apply, resume.

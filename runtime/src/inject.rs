@@ -1,0 +1,135 @@
+//! Running system calls inside a stopped tracee.
+//!
+//! The tracee's registers are pointed at a `syscall` instruction that already exists in its
+//! address space (in the vDSO at checkpoint, in the restorer's trampoline page at restore);
+//! PTRACE_SYSCALL then stops it at syscall entry and exit, and the result is read from rax.
+//! No code is written into the tracee. `orig_rax` is set to -1 so the kernel's syscall-restart
+//! logic never rewrites the injected registers.
+
+use crate::error::{Result, RuntimeError};
+use crate::ptrace::{self, Regs, Stop};
+
+/// Runs syscalls in a tracee that is in a ptrace stop.
+pub struct Injector {
+    pid: i32,
+    syscall_ip: u64,
+    base: Regs,
+    /// Signals whose delivery stops were suppressed while injecting.
+    deferred: Vec<i32>,
+}
+
+impl Injector {
+    /// `syscall_ip` is the address of a `syscall` instruction (0f 05) mapped executable in the
+    /// tracee. The tracee's current registers are the template for every injected call.
+    pub fn new(pid: i32, syscall_ip: u64) -> Result<Self> {
+        let base = ptrace::get_regs(pid)?;
+        Ok(Injector {
+            pid,
+            syscall_ip,
+            base,
+            deferred: Vec::new(),
+        })
+    }
+
+    /// The tracee's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Signals suppressed while injecting (the caller decides whether to queue them again).
+    pub fn take_deferred(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.deferred)
+    }
+
+    /// Runs one syscall and returns its raw result (a negative errno on failure).
+    pub fn raw(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
+        self.enter(nr, args)?;
+        self.step_to_syscall_stop("syscall exit")?;
+        let regs = ptrace::get_regs(self.pid)?;
+        Ok(regs.rax as i64)
+    }
+
+    /// Runs one syscall; a negative result becomes an error naming `name`.
+    pub fn call(&mut self, name: &'static str, nr: libc::c_long, args: &[u64]) -> Result<u64> {
+        let rc = self.raw(nr, args)?;
+        if (-4095..0).contains(&rc) {
+            return Err(RuntimeError::sys(
+                name,
+                format!("injected into pid {}", self.pid),
+                std::io::Error::from_raw_os_error(-rc as i32),
+            ));
+        }
+        Ok(rc as u64)
+    }
+
+    /// Starts a syscall and leaves the tracee in its syscall-exit stop, so the caller can set
+    /// final registers (used to run the last `munmap` of the trampoline itself).
+    pub fn call_and_hold_at_exit(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
+        self.enter(nr, args)?;
+        self.step_to_syscall_stop("syscall exit")?;
+        Ok(ptrace::get_regs(self.pid)?.rax as i64)
+    }
+
+    fn enter(&mut self, nr: libc::c_long, args: &[u64]) -> Result<()> {
+        let mut regs = self.base;
+        regs.rip = self.syscall_ip;
+        regs.rax = nr as u64;
+        regs.orig_rax = u64::MAX;
+        let slots = [
+            &mut regs.rdi,
+            &mut regs.rsi,
+            &mut regs.rdx,
+            &mut regs.r10,
+            &mut regs.r8,
+            &mut regs.r9,
+        ];
+        for (slot, value) in slots.into_iter().zip(args.iter()) {
+            *slot = *value;
+        }
+        ptrace::set_regs(self.pid, &regs)?;
+        self.step_to_syscall_stop("syscall entry")?;
+        let at = ptrace::get_regs(self.pid)?;
+        if at.orig_rax != nr as u64 {
+            return Err(RuntimeError::Protocol {
+                op: "inject syscall",
+                pid: self.pid,
+                what: format!(
+                    "stopped at entry of syscall {} instead of {nr} (ip {:#x})",
+                    at.orig_rax as i64, at.rip
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn step_to_syscall_stop(&mut self, what: &str) -> Result<()> {
+        ptrace::resume_to_syscall(self.pid)?;
+        loop {
+            match ptrace::wait_stop(self.pid)? {
+                Stop::Syscall => return Ok(()),
+                Stop::Signal(sig) => {
+                    self.deferred.push(sig);
+                    ptrace::resume_to_syscall(self.pid)?;
+                }
+                Stop::EventStop(_) => ptrace::resume_to_syscall(self.pid)?,
+                Stop::Exited(code) => {
+                    return Err(self.died(what, format!("exited with status {code}")))
+                }
+                Stop::Killed(sig) => {
+                    return Err(self.died(what, format!("was killed by signal {sig}")))
+                }
+                Stop::Event(ev, _) => {
+                    return Err(self.died(what, format!("reported ptrace event {ev}")))
+                }
+            }
+        }
+    }
+
+    fn died(&self, what: &str, how: String) -> RuntimeError {
+        RuntimeError::Protocol {
+            op: "inject syscall",
+            pid: self.pid,
+            what: format!("tracee {how} while waiting for {what}"),
+        }
+    }
+}

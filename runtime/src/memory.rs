@@ -1,0 +1,242 @@
+//! Reading and writing another process's memory: pagemap, process_vm_readv/writev and
+//! /proc/PID/mem (which can reach PROT_NONE and read-only mappings).
+
+use crate::error::{Result, RuntimeError};
+use crate::PAGE_SIZE;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// Most iovecs one process_vm_* call takes (UIO_MAXIOV).
+pub const IOV_MAX: usize = 1024;
+
+/// pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+pub const PM_PRESENT: u64 = 1 << 63;
+pub const PM_SWAPPED: u64 = 1 << 62;
+pub const PM_FILE_OR_SHARED: u64 = 1 << 61;
+pub const PM_EXCLUSIVE: u64 = 1 << 56;
+pub const PM_SOFT_DIRTY: u64 = 1 << 55;
+
+/// /proc/PID/pagemap, open for repeated lookups.
+pub struct Pagemap {
+    file: File,
+    path: String,
+}
+
+impl Pagemap {
+    /// Opens /proc/PID/pagemap.
+    pub fn open(pid: i32) -> Result<Self> {
+        let path = format!("/proc/{pid}/pagemap");
+        let file = File::open(&path).map_err(|e| RuntimeError::sys("open", &path, e))?;
+        Ok(Pagemap { file, path })
+    }
+
+    /// Reads the entries for pages [start, end) into `out` (cleared first).
+    pub fn read(&self, start: u64, end: u64, out: &mut Vec<u64>) -> Result<()> {
+        let pages = ((end - start) / PAGE_SIZE) as usize;
+        out.clear();
+        out.resize(pages, 0);
+        // SAFETY: a Vec<u64> of `pages` entries is exactly pages*8 initialized bytes.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), pages * 8) };
+        let mut done = 0;
+        while done < bytes.len() {
+            let off = (start / PAGE_SIZE) * 8 + done as u64;
+            match self.file.read_at(&mut bytes[done..], off) {
+                Ok(0) => {
+                    return Err(RuntimeError::sys(
+                        "read",
+                        format!("{} at {off:#x}", self.path),
+                        io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(RuntimeError::sys("read", &self.path, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A remote range (address, length).
+pub type Remote = (u64, usize);
+
+fn remote_iovecs(remote: &[Remote]) -> Vec<libc::iovec> {
+    remote
+        .iter()
+        .map(|&(addr, len)| libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        })
+        .collect()
+}
+
+/// Reads the remote ranges, in order, into `local` (whose length must be their sum).
+/// Partial transfers are an error naming the first range that was not read.
+pub fn read_remote(pid: i32, remote: &[Remote], local: &mut [u8]) -> Result<()> {
+    let total: usize = remote.iter().map(|r| r.1).sum();
+    debug_assert_eq!(total, local.len());
+    let mut done_ranges = 0;
+    let mut done_bytes = 0;
+    while done_ranges < remote.len() {
+        let batch = &remote[done_ranges..remote.len().min(done_ranges + IOV_MAX)];
+        let len: usize = batch.iter().map(|r| r.1).sum();
+        let riov = remote_iovecs(batch);
+        let liov = libc::iovec {
+            iov_base: local[done_bytes..].as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        // SAFETY: liov covers `len` writable bytes of `local`; riov are remote addresses the
+        // kernel checks against the target's address space.
+        let n = unsafe { libc::process_vm_readv(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
+        if n < 0 {
+            return Err(RuntimeError::last_os(
+                "process_vm_readv",
+                format!("pid {pid} at {:#x}", batch[0].0),
+            ));
+        }
+        if n as usize != len {
+            let at = first_unreached(batch, n as usize);
+            return Err(RuntimeError::sys(
+                "process_vm_readv",
+                format!("pid {pid} at {at:#x} (read {n} of {len} bytes)"),
+                io::Error::from_raw_os_error(libc::EFAULT),
+            ));
+        }
+        done_ranges += batch.len();
+        done_bytes += len;
+    }
+    Ok(())
+}
+
+/// Writes `local` into the remote ranges, in order.
+pub fn write_remote(pid: i32, remote: &[Remote], local: &[u8]) -> Result<()> {
+    let mut done_ranges = 0;
+    let mut done_bytes = 0;
+    while done_ranges < remote.len() {
+        let batch = &remote[done_ranges..remote.len().min(done_ranges + IOV_MAX)];
+        let len: usize = batch.iter().map(|r| r.1).sum();
+        let riov = remote_iovecs(batch);
+        let liov = libc::iovec {
+            iov_base: local[done_bytes..done_bytes + len].as_ptr() as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: liov covers `len` readable bytes of `local` (only read by the kernel).
+        let n = unsafe { libc::process_vm_writev(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
+        if n < 0 {
+            return Err(RuntimeError::last_os(
+                "process_vm_writev",
+                format!("pid {pid} at {:#x}", batch[0].0),
+            ));
+        }
+        if n as usize != len {
+            let at = first_unreached(batch, n as usize);
+            return Err(RuntimeError::sys(
+                "process_vm_writev",
+                format!("pid {pid} at {at:#x} (wrote {n} of {len} bytes)"),
+                io::Error::from_raw_os_error(libc::EFAULT),
+            ));
+        }
+        done_ranges += batch.len();
+        done_bytes += len;
+    }
+    Ok(())
+}
+
+fn first_unreached(batch: &[Remote], mut n: usize) -> u64 {
+    for &(addr, len) in batch {
+        if n < len {
+            return addr + n as u64;
+        }
+        n -= len;
+    }
+    0
+}
+
+/// /proc/PID/mem: reaches mappings process_vm_* cannot (PROT_NONE, read-only).
+pub struct ProcMem {
+    file: File,
+    path: String,
+}
+
+impl ProcMem {
+    /// Opens /proc/PID/mem for reading and writing.
+    pub fn open(pid: i32) -> Result<Self> {
+        let path = format!("/proc/{pid}/mem");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| RuntimeError::sys("open", &path, e))?;
+        Ok(ProcMem { file, path })
+    }
+
+    /// Reads exactly `buf.len()` bytes at `addr`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(buf, addr)
+            .map_err(|e| RuntimeError::sys("read", format!("{} at {addr:#x}", self.path), e))
+    }
+
+    /// Writes all of `buf` at `addr`.
+    pub fn write(&self, addr: u64, buf: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(buf, addr)
+            .map_err(|e| RuntimeError::sys("write", format!("{} at {addr:#x}", self.path), e))
+    }
+}
+
+/// Whether every byte of `page` is zero (fast path: word compare).
+pub fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned middle.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|b| *b == 0) && tail.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_and_writes_own_memory() {
+        let pid = std::process::id() as i32;
+        let src = vec![7u8; 8192];
+        let mut dst = vec![0u8; 8192];
+        let remote = [(src.as_ptr() as u64, 4096), (src.as_ptr() as u64 + 4096, 4096)];
+        read_remote(pid, &remote, &mut dst).unwrap();
+        assert_eq!(src, dst);
+        let target = vec![0u8; 4096];
+        write_remote(pid, &[(target.as_ptr() as u64, 4096)], &[9u8; 4096]).unwrap();
+        assert!(std::hint::black_box(&target).iter().all(|b| *b == 9));
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let pid = std::process::id() as i32;
+        let mut dst = vec![0u8; 4096];
+        let err = read_remote(pid, &[(8, 4096)], &mut dst).unwrap_err();
+        assert!(err.to_string().contains("0x8"), "{err}");
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        assert!(!is_zero(&p[1..]));
+    }
+
+    #[test]
+    fn pagemap_sees_touched_page() {
+        let pm = Pagemap::open(std::process::id() as i32).unwrap();
+        let v = vec![1u8; 3 * 4096];
+        let start = (v.as_ptr() as u64 + 4095) & !4095;
+        let mut out = Vec::new();
+        pm.read(start, start + 4096, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(out[0] & PM_PRESENT != 0);
+    }
+}

@@ -1,0 +1,90 @@
+//! /proc/PID/status.
+
+use super::{parse_err, read_text};
+use crate::error::Result;
+
+/// The fields of /proc/PID/status that stasis uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    pub name: String,
+    pub umask: u32,
+    pub state: char,
+    pub tgid: i32,
+    pub threads: u64,
+    /// Real, effective, saved, filesystem.
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+    pub groups: Vec<u32>,
+    pub sig_blk: u64,
+    pub sig_ign: u64,
+    pub sig_cgt: u64,
+    pub no_new_privs: bool,
+}
+
+/// Parses the text of /proc/PID/status.
+pub fn parse_status(path: &str, text: &str) -> Result<Status> {
+    let mut s = Status::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        let hex = |v: &str| u64::from_str_radix(v, 16).map_err(|_| parse_err(path, key));
+        let list = |v: &str| -> Result<Vec<u32>> {
+            v.split_whitespace()
+                .map(|x| x.parse().map_err(|_| parse_err(path, key)))
+                .collect()
+        };
+        match key {
+            "Name" => s.name = value.to_string(),
+            "Umask" => {
+                s.umask = u32::from_str_radix(value, 8).map_err(|_| parse_err(path, key))?
+            }
+            "State" => s.state = value.chars().next().unwrap_or('?'),
+            "Tgid" => s.tgid = value.parse().map_err(|_| parse_err(path, key))?,
+            "Threads" => s.threads = value.parse().map_err(|_| parse_err(path, key))?,
+            "Uid" => s.uids = list(value)?,
+            "Gid" => s.gids = list(value)?,
+            "Groups" => s.groups = list(value)?,
+            "SigBlk" => s.sig_blk = hex(value)?,
+            "SigIgn" => s.sig_ign = hex(value)?,
+            "SigCgt" => s.sig_cgt = hex(value)?,
+            "NoNewPrivs" => s.no_new_privs = value == "1",
+            _ => {}
+        }
+    }
+    if s.uids.len() != 4 || s.gids.len() != 4 {
+        return Err(parse_err(path, "missing Uid/Gid lines"));
+    }
+    Ok(s)
+}
+
+/// Reads /proc/PID/status.
+pub fn read_status(pid: i32) -> Result<Status> {
+    let path = format!("/proc/{pid}/status");
+    parse_status(&path, &read_text(&path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status() {
+        let text = "Name:\tcat\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t77\nUid:\t0\t0\t0\t0\n\
+                    Gid:\t5\t5\t5\t5\nGroups:\t1 2 \nThreads:\t3\nSigBlk:\t0000000000010000\n\
+                    SigIgn:\t0000000000000004\nSigCgt:\t0000000000000002\nNoNewPrivs:\t1\n";
+        let s = parse_status("status", text).unwrap();
+        assert_eq!(s.umask, 0o22);
+        assert_eq!(s.threads, 3);
+        assert_eq!(s.gids, vec![5, 5, 5, 5]);
+        assert_eq!(s.groups, vec![1, 2]);
+        assert_eq!(s.sig_blk, 0x10000);
+        assert!(s.no_new_privs);
+    }
+
+    #[test]
+    fn rejects_missing_ids() {
+        assert!(parse_status("status", "Name:\tx\n").is_err());
+    }
+}

@@ -1,0 +1,257 @@
+//! ptrace: seize, interrupt, wait for stops, registers, xstate, signal mask, rseq.
+//!
+//! One `unsafe` libc call per wrapper, each naming the request in its error.
+
+use crate::error::{Result, RuntimeError};
+use std::io;
+
+/// General-purpose registers as the kernel's struct user_regs_struct.
+pub type Regs = libc::user_regs_struct;
+
+/// ptrace requests libc does not name.
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+/// ELF note type of the x86 extended state regset.
+pub const NT_X86_XSTATE: libc::c_int = 0x202;
+/// Largest xstate buffer we accept (AMX tiles make it ~11 KiB).
+const XSTATE_MAX: usize = 16384;
+
+/// rseq registration of a thread, as PTRACE_GET_RSEQ_CONFIGURATION reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RseqConfig {
+    pub abi_pointer: u64,
+    pub abi_size: u32,
+    pub signature: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// What `wait_stop` observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// PTRACE_EVENT_STOP: an interrupt (SIGTRAP) or group stop (the stopping signal).
+    EventStop(i32),
+    /// Another ptrace event (event number, signal).
+    Event(i32, i32),
+    /// Syscall-enter or syscall-exit stop (PTRACE_O_TRACESYSGOOD).
+    Syscall,
+    /// Signal-delivery stop for this signal.
+    Signal(i32),
+    /// The tracee exited with this code.
+    Exited(i32),
+    /// The tracee was killed by this signal.
+    Killed(i32),
+}
+
+fn check(op: &'static str, pid: i32, rc: libc::c_long) -> Result<libc::c_long> {
+    if rc == -1 {
+        Err(RuntimeError::sys(op, format!("pid {pid}"), io::Error::last_os_error()))
+    } else {
+        Ok(rc)
+    }
+}
+
+/// PTRACE_SEIZE with the given options (PTRACE_O_*).
+pub fn seize(pid: i32, options: libc::c_int) -> Result<()> {
+    // SAFETY: PTRACE_SEIZE takes no pointers; addr is ignored, data carries the options.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0usize, options as usize) };
+    check("ptrace(PTRACE_SEIZE)", pid, rc).map(drop)
+}
+
+/// PTRACE_INTERRUPT: asks a seized tracee to enter a ptrace stop.
+pub fn interrupt(pid: i32) -> Result<()> {
+    // SAFETY: PTRACE_INTERRUPT takes no pointers.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0usize, 0usize) };
+    check("ptrace(PTRACE_INTERRUPT)", pid, rc).map(drop)
+}
+
+/// Waits for the next state change of `pid` (a tracee or child) and decodes it.
+pub fn wait_stop(pid: i32) -> Result<Stop> {
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: status is a valid, writable c_int for the duration of the call.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if rc == -1 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(RuntimeError::sys("waitpid", format!("pid {pid}"), e));
+        }
+        break;
+    }
+    Ok(decode_status(status))
+}
+
+/// Decodes a waitpid status word of a tracee.
+pub fn decode_status(status: libc::c_int) -> Stop {
+    if libc::WIFEXITED(status) {
+        return Stop::Exited(libc::WEXITSTATUS(status));
+    }
+    if libc::WIFSIGNALED(status) {
+        return Stop::Killed(libc::WTERMSIG(status));
+    }
+    let sig = libc::WSTOPSIG(status);
+    let event = status >> 16;
+    if event == libc::PTRACE_EVENT_STOP {
+        Stop::EventStop(sig)
+    } else if event != 0 {
+        Stop::Event(event, sig)
+    } else if sig == libc::SIGTRAP | 0x80 {
+        Stop::Syscall
+    } else {
+        Stop::Signal(sig)
+    }
+}
+
+/// PTRACE_GETREGS.
+pub fn get_regs(pid: i32) -> Result<Regs> {
+    // SAFETY: user_regs_struct is plain old data; all-zero is a valid value.
+    let mut regs: Regs = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes exactly one user_regs_struct to the pointer.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid, 0usize, &mut regs as *mut Regs) };
+    check("ptrace(PTRACE_GETREGS)", pid, rc)?;
+    Ok(regs)
+}
+
+/// PTRACE_SETREGS.
+pub fn set_regs(pid: i32, regs: &Regs) -> Result<()> {
+    // SAFETY: the kernel reads one user_regs_struct from the pointer.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_SETREGS, pid, 0usize, regs as *const Regs) };
+    check("ptrace(PTRACE_SETREGS)", pid, rc).map(drop)
+}
+
+/// PTRACE_GETREGSET NT_X86_XSTATE: the full extended state (x87, SSE, AVX, ...).
+pub fn get_xstate(pid: i32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: iov describes `buf`, which lives across the call; the kernel shrinks iov_len.
+    let rc = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            pid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
+    };
+    check("ptrace(PTRACE_GETREGSET, NT_X86_XSTATE)", pid, rc)?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+/// PTRACE_SETREGSET NT_X86_XSTATE.
+pub fn set_xstate(pid: i32, xstate: &[u8]) -> Result<()> {
+    let mut copy = xstate.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: copy.as_mut_ptr().cast(),
+        iov_len: copy.len(),
+    };
+    // SAFETY: iov describes `copy`, which lives across the call; the kernel only reads it.
+    let rc = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            pid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
+    };
+    check("ptrace(PTRACE_SETREGSET, NT_X86_XSTATE)", pid, rc).map(drop)
+}
+
+/// PTRACE_GETSIGMASK: the blocked signal mask (bit n-1 = signal n).
+pub fn get_sigmask(pid: i32) -> Result<u64> {
+    let mut mask: u64 = 0;
+    // SAFETY: addr is the size of the mask (8), data points to a u64 the kernel fills.
+    let rc = unsafe {
+        libc::ptrace(PTRACE_GETSIGMASK as _, pid, 8usize, &mut mask as *mut u64)
+    };
+    check("ptrace(PTRACE_GETSIGMASK)", pid, rc)?;
+    Ok(mask)
+}
+
+/// PTRACE_SETSIGMASK.
+pub fn set_sigmask(pid: i32, mask: u64) -> Result<()> {
+    // SAFETY: addr is the size of the mask (8), data points to a u64 the kernel reads.
+    let rc = unsafe { libc::ptrace(PTRACE_SETSIGMASK as _, pid, 8usize, &mask as *const u64) };
+    check("ptrace(PTRACE_SETSIGMASK)", pid, rc).map(drop)
+}
+
+/// PTRACE_GET_RSEQ_CONFIGURATION; `None` when the thread has no rseq registered.
+pub fn get_rseq(pid: i32) -> Result<Option<RseqConfig>> {
+    let mut conf = RseqConfig::default();
+    // SAFETY: addr is the size of the struct; the kernel writes at most that many bytes.
+    let rc = unsafe {
+        libc::ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION as _,
+            pid,
+            std::mem::size_of::<RseqConfig>(),
+            &mut conf as *mut RseqConfig,
+        )
+    };
+    check("ptrace(PTRACE_GET_RSEQ_CONFIGURATION)", pid, rc)?;
+    Ok((conf.abi_pointer != 0).then_some(conf))
+}
+
+/// PTRACE_CONT, delivering `sig` (0 for none).
+pub fn cont(pid: i32, sig: i32) -> Result<()> {
+    // SAFETY: no pointers; data is the signal number.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0usize, sig as usize) };
+    check("ptrace(PTRACE_CONT)", pid, rc).map(drop)
+}
+
+/// PTRACE_SYSCALL: resume until the next syscall entry or exit.
+pub fn resume_to_syscall(pid: i32) -> Result<()> {
+    // SAFETY: no pointers.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_SYSCALL, pid, 0usize, 0usize) };
+    check("ptrace(PTRACE_SYSCALL)", pid, rc).map(drop)
+}
+
+/// PTRACE_DETACH, delivering `sig` (0 for none).
+pub fn detach(pid: i32, sig: i32) -> Result<()> {
+    // SAFETY: no pointers; data is the signal number.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0usize, sig as usize) };
+    check("ptrace(PTRACE_DETACH)", pid, rc).map(drop)
+}
+
+/// Seizes `pid` and brings it into an interrupt stop. Signal-delivery stops that come first
+/// are suppressed and their signals returned, so the caller can queue them again.
+pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<Vec<i32>> {
+    seize(pid, options)?;
+    interrupt(pid)?;
+    let mut deferred = Vec::new();
+    loop {
+        match wait_stop(pid)? {
+            Stop::EventStop(_) => return Ok(deferred),
+            Stop::Signal(sig) => {
+                deferred.push(sig);
+                cont(pid, 0)?;
+            }
+            Stop::Exited(code) => {
+                return Err(RuntimeError::Protocol {
+                    op: "seize",
+                    pid,
+                    what: format!("process exited with status {code} while being stopped"),
+                })
+            }
+            Stop::Killed(sig) => {
+                return Err(RuntimeError::Protocol {
+                    op: "seize",
+                    pid,
+                    what: format!("process was killed by signal {sig} while being stopped"),
+                })
+            }
+            other => {
+                return Err(RuntimeError::Protocol {
+                    op: "seize",
+                    pid,
+                    what: format!("unexpected stop {other:?}"),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Small process-level system calls: signals, PID checks, the kernel's own facts.
+
+use crate::error::{Result, RuntimeError};
+use std::io;
+
+/// Sends `sig` to process `pid`.
+pub fn kill(pid: i32, sig: i32) -> Result<()> {
+    // SAFETY: kill takes no pointers.
+    if unsafe { libc::kill(pid, sig) } == -1 {
+        return Err(RuntimeError::last_os("kill", format!("pid {pid}")));
+    }
+    Ok(())
+}
+
+/// Sends `sig` to thread `tid` of thread group `tgid`.
+pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> Result<()> {
+    // SAFETY: tgkill takes no pointers.
+    if unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, sig) } == -1 {
+        return Err(RuntimeError::last_os("tgkill", format!("pid {tgid} tid {tid}")));
+    }
+    Ok(())
+}
+
+/// Who holds a PID right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PidUse {
+    Free,
+    /// A process holds it (its comm and state letter from /proc).
+    Taken { comm: String, state: char },
+}
+
+/// Whether `pid` is free in this PID namespace (no process, no zombie).
+pub fn pid_use(pid: i32) -> PidUse {
+    match crate::procfs::read_stat(pid) {
+        Ok(st) => PidUse::Taken {
+            comm: st.comm,
+            state: st.state,
+        },
+        Err(_) => {
+            // SAFETY: kill with signal 0 only checks for existence.
+            let rc = unsafe { libc::kill(pid, 0) };
+            if rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+                PidUse::Taken {
+                    comm: String::from("?"),
+                    state: '?',
+                }
+            } else {
+                PidUse::Free
+            }
+        }
+    }
+}
+
+/// /proc/sys/kernel/pid_max.
+pub fn pid_max() -> Result<i32> {
+    let path = "/proc/sys/kernel/pid_max";
+    let text = crate::procfs::read_text(path)?;
+    text.trim().parse().map_err(|_| RuntimeError::Parse {
+        path: path.into(),
+        what: format!("not a number: {text:?}"),
+    })
+}
+
+/// The kernel release (uname -r) and host name.
+pub fn uname() -> (String, String) {
+    // SAFETY: utsname is plain old data; all-zero is valid.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: u is a valid, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return (String::new(), String::new());
+    }
+    let field = |f: &[libc::c_char]| {
+        let bytes: Vec<u8> = f.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    (field(&u.release), field(&u.nodename))
+}
+
+/// XCR0 of this CPU: the xstate components the OS enabled.
+pub fn xcr0() -> u64 {
+    let leaf1 = std::arch::x86_64::__cpuid(1);
+    if leaf1.ecx & (1 << 27) == 0 {
+        return 0; // no OSXSAVE
+    }
+    // SAFETY: OSXSAVE is set, so XGETBV is allowed in user mode.
+    unsafe { std::arch::x86_64::_xgetbv(0) }
+}
