@@ -1,1 +1,20 @@
-fn main() {}
+//! The `stasis` command: checkpoint, restore and inspect Linux workloads.
+
+mod cli;
+mod demo;
+mod exit;
+mod report;
+
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    let code = match cli::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("stasis: error: {err:#}");
+            exit::code_for(&err)
+        }
+    };
+    std::process::exit(code);
+}

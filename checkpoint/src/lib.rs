@@ -1,1 +1,132 @@
-//! Checkpoint: freeze, collect, write.
+//! Checkpoint: freeze → collect → write.
+//!
+//! Turns a live process into the image model: [`freeze`] seizes and stops it and guarantees
+//! it is resumed exactly as it was if anything fails; [`collect`] reads its registers, memory
+//! layout, files and signal state; [`pages`] streams its memory into the image writer. Only
+//! after the image is completely written and committed (synced) is the process killed or let
+//! run on.
+
+pub mod collect;
+pub mod error;
+pub mod fds;
+pub mod freeze;
+pub mod pages;
+pub mod sink;
+pub mod vmas;
+
+pub use error::CheckpointError;
+pub use sink::{FileSink, ImageSink, StreamSink};
+
+use serde::Serialize;
+use stasis_image::{proto, Compression, ImageWriter};
+use std::time::Instant;
+
+/// How to checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Let the process run on after the checkpoint instead of killing it.
+    pub leave_running: bool,
+    pub compression: Compression,
+}
+
+/// Measurements of one checkpoint (all times in microseconds).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub pid: i32,
+    /// Seize until the process was stopped.
+    pub freeze_us: u64,
+    /// Stopped until it was resumed or killed.
+    pub frozen_us: u64,
+    pub total_us: u64,
+    pub vmas: u64,
+    pub fds: u64,
+    /// Pages written with their contents.
+    pub pages_data: u64,
+    /// Present pages that were all zero (recorded, not stored).
+    pub pages_zero: u64,
+    /// Pages never touched (not present, not recorded).
+    pub pages_skipped: u64,
+    pub bytes_raw: u64,
+    pub bytes_stored: u64,
+    pub image_bytes: u64,
+    pub compression: String,
+    /// "killed" or "running".
+    pub process: String,
+}
+
+/// Progress reports: (bytes of memory done, bytes to do).
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+/// Checkpoints one process into `sink`. On success the image is committed, and then the
+/// process is killed (default) or resumed (`leave_running`). On failure the process is
+/// resumed exactly as it was, and nothing is left behind in the sink.
+pub fn checkpoint_process<S: ImageSink>(
+    pid: i32,
+    opts: &Options,
+    sink: S,
+    progress: Progress<'_>,
+) -> Result<Stats, CheckpointError> {
+    let t0 = Instant::now();
+    collect::precheck(pid)?;
+    let mut frozen = freeze::Frozen::freeze(pid)?;
+    let freeze_us = t0.elapsed().as_micros() as u64;
+    let t_frozen = Instant::now();
+
+    let result = (|| -> Result<(Stats, S), CheckpointError> {
+        let process = collect::collect_process(&mut frozen)?;
+        let plan = pages::plan(pid, &process)?;
+        let inventory = collect::inventory(pid, &opts.compression);
+        let mut writer = ImageWriter::new(sink, &inventory, opts.compression)?;
+        writer.write_process(&process)?;
+        let dumped = pages::dump(pid, &plan, writer, progress)?;
+        let (mut sink, ws) = dumped;
+        sink.commit()
+            .map_err(|e| CheckpointError::Io("commit image".into(), e))?;
+        let stats = Stats {
+            pid,
+            vmas: process.vmas.len() as u64,
+            fds: process.fds.len() as u64,
+            pages_data: ws.data_pages,
+            pages_zero: ws.zero_pages,
+            pages_skipped: plan.pages_skipped,
+            bytes_raw: ws.raw_bytes,
+            bytes_stored: ws.stored_bytes,
+            image_bytes: ws.image_bytes,
+            compression: opts.compression.to_string(),
+            ..Default::default()
+        };
+        Ok((stats, sink))
+    })();
+
+    match result {
+        Ok((mut stats, _sink)) => {
+            if opts.leave_running {
+                frozen.resume()?;
+                stats.process = "running".into();
+            } else {
+                frozen.kill()?;
+                stats.process = "killed".into();
+            }
+            stats.freeze_us = freeze_us;
+            stats.frozen_us = t_frozen.elapsed().as_micros() as u64;
+            stats.total_us = t0.elapsed().as_micros() as u64;
+            Ok(stats)
+        }
+        Err(e) => {
+            // The sink is dropped uncommitted (a file sink removes its temporary file).
+            if let Err(resume_err) = frozen.resume() {
+                return Err(CheckpointError::ResumeFailed {
+                    pid,
+                    cause: Box::new(e),
+                    resume: resume_err,
+                });
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The image inventory for a checkpoint taken now.
+pub fn inventory_for(pid: i32, compression: &Compression) -> proto::Inventory {
+    collect::inventory(pid, compression)
+}

@@ -37,7 +37,8 @@ impl Pagemap {
         out.clear();
         out.resize(pages, 0);
         // SAFETY: a Vec<u64> of `pages` entries is exactly pages*8 initialized bytes.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), pages * 8) };
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), pages * 8) };
         let mut done = 0;
         while done < bytes.len() {
             let off = (start / PAGE_SIZE) * 8 + done as u64;
@@ -122,7 +123,8 @@ pub fn write_remote(pid: i32, remote: &[Remote], local: &[u8]) -> Result<()> {
             iov_len: len,
         };
         // SAFETY: liov covers `len` readable bytes of `local` (only read by the kernel).
-        let n = unsafe { libc::process_vm_writev(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
+        let n =
+            unsafe { libc::process_vm_writev(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
         if n < 0 {
             return Err(RuntimeError::last_os(
                 "process_vm_writev",
@@ -204,7 +206,10 @@ mod tests {
         let pid = std::process::id() as i32;
         let src = vec![7u8; 8192];
         let mut dst = vec![0u8; 8192];
-        let remote = [(src.as_ptr() as u64, 4096), (src.as_ptr() as u64 + 4096, 4096)];
+        let remote = [
+            (src.as_ptr() as u64, 4096),
+            (src.as_ptr() as u64 + 4096, 4096),
+        ];
         read_remote(pid, &remote, &mut dst).unwrap();
         assert_eq!(src, dst);
         let target = vec![0u8; 4096];

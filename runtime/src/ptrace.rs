@@ -47,7 +47,11 @@ pub enum Stop {
 
 fn check(op: &'static str, pid: i32, rc: libc::c_long) -> Result<libc::c_long> {
     if rc == -1 {
-        Err(RuntimeError::sys(op, format!("pid {pid}"), io::Error::last_os_error()))
+        Err(RuntimeError::sys(
+            op,
+            format!("pid {pid}"),
+            io::Error::last_os_error(),
+        ))
     } else {
         Ok(rc)
     }
@@ -167,9 +171,7 @@ pub fn set_xstate(pid: i32, xstate: &[u8]) -> Result<()> {
 pub fn get_sigmask(pid: i32) -> Result<u64> {
     let mut mask: u64 = 0;
     // SAFETY: addr is the size of the mask (8), data points to a u64 the kernel fills.
-    let rc = unsafe {
-        libc::ptrace(PTRACE_GETSIGMASK as _, pid, 8usize, &mut mask as *mut u64)
-    };
+    let rc = unsafe { libc::ptrace(PTRACE_GETSIGMASK as _, pid, 8usize, &mut mask as *mut u64) };
     check("ptrace(PTRACE_GETSIGMASK)", pid, rc)?;
     Ok(mask)
 }
@@ -253,5 +255,80 @@ pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<Vec<i32>> {
                 })
             }
         }
+    }
+}
+
+/// Kernel-internal restart codes an interrupted syscall leaves in rax.
+pub const ERESTARTSYS: i64 = 512;
+pub const ERESTARTNOINTR: i64 = 513;
+pub const ERESTARTNOHAND: i64 = 514;
+pub const ERESTART_RESTARTBLOCK: i64 = 516;
+
+/// Whom the registers will be resumed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeIn {
+    /// The same task that was interrupted: its restart block is intact, so
+    /// -ERESTART_RESTARTBLOCK continues through restart_syscall (remaining time kept).
+    SameTask,
+    /// A new task (restore): there is no restart block, so the original syscall is issued again.
+    NewTask,
+}
+
+/// Rewinds registers of a task stopped inside an interrupted syscall so that, resumed from
+/// any kind of stop, it re-executes the syscall instead of seeing a -ERESTART* code.
+/// Registers of a task that was not in a syscall are returned unchanged.
+pub fn rewind_interrupted_syscall(regs: &Regs, resume_in: ResumeIn) -> Regs {
+    let mut r = *regs;
+    if (r.orig_rax as i64) < 0 {
+        return r;
+    }
+    match -(r.rax as i64) {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+            r.rax = r.orig_rax;
+            r.rip -= 2;
+            r.orig_rax = u64::MAX;
+        }
+        ERESTART_RESTARTBLOCK => {
+            r.rax = match resume_in {
+                ResumeIn::SameTask => libc::SYS_restart_syscall as u64,
+                ResumeIn::NewTask => r.orig_rax,
+            };
+            r.rip -= 2;
+            r.orig_rax = u64::MAX;
+        }
+        _ => {}
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs(rax: i64, orig: i64) -> Regs {
+        // SAFETY: user_regs_struct is plain old data.
+        let mut r: Regs = unsafe { std::mem::zeroed() };
+        r.rax = rax as u64;
+        r.orig_rax = orig as u64;
+        r.rip = 0x1002;
+        r
+    }
+
+    #[test]
+    fn rewinds_restartable_syscalls() {
+        let r = rewind_interrupted_syscall(&regs(-ERESTARTSYS, 0), ResumeIn::NewTask);
+        assert_eq!((r.rax, r.rip, r.orig_rax as i64), (0, 0x1000, -1));
+        let r = rewind_interrupted_syscall(&regs(-ERESTART_RESTARTBLOCK, 35), ResumeIn::SameTask);
+        assert_eq!(r.rax, libc::SYS_restart_syscall as u64);
+        let r = rewind_interrupted_syscall(&regs(-ERESTART_RESTARTBLOCK, 35), ResumeIn::NewTask);
+        assert_eq!((r.rax, r.rip), (35, 0x1000));
+    }
+
+    #[test]
+    fn leaves_other_states_alone() {
+        let r = rewind_interrupted_syscall(&regs(-4, 0), ResumeIn::NewTask);
+        assert_eq!(r.rip, 0x1002);
+        let r = rewind_interrupted_syscall(&regs(-ERESTARTSYS, -1), ResumeIn::NewTask);
+        assert_eq!(r.rip, 0x1002);
     }
 }

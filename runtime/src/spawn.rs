@@ -134,7 +134,11 @@ pub fn spawn(pid: i32, plan: &ChildPlan) -> Result<Spawned> {
     };
     if rc == -1 {
         let e = std::io::Error::last_os_error();
-        return Err(RuntimeError::sys("clone3(set_tid)", format!("pid {pid}"), e));
+        return Err(RuntimeError::sys(
+            "clone3(set_tid)",
+            format!("pid {pid}"),
+            e,
+        ));
     }
     if rc == 0 {
         child_main(plan, wr.as_raw_fd(), ctl_min, max_target);
@@ -221,7 +225,11 @@ fn describe_failure(pid: i32, plan: &ChildPlan, r: &Report) -> RuntimeError {
     let what = match r.step {
         STEP_SIGMASK => format!("blocking signals: {err}"),
         STEP_RLIMIT => {
-            let (res, soft, hard) = plan.rlimits.get(r.index as usize).copied().unwrap_or_default();
+            let (res, soft, hard) = plan
+                .rlimits
+                .get(r.index as usize)
+                .copied()
+                .unwrap_or_default();
             format!("setrlimit({res}, soft {soft}, hard {hard}): {err} (raising a hard limit needs CAP_SYS_RESOURCE)")
         }
         STEP_CHDIR => format!("chdir({}): {err}", plan.cwd.to_string_lossy()),
@@ -255,7 +263,11 @@ fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
                 errno: *libc::__errno_location(),
                 pad: 0,
             };
-            libc::write(ctl, (&r as *const Report).cast(), std::mem::size_of::<Report>());
+            libc::write(
+                ctl,
+                (&r as *const Report).cast(),
+                std::mem::size_of::<Report>(),
+            );
             libc::_exit(127);
         };
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -263,7 +275,14 @@ fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
         if libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut()) != 0 {
             fail(wr, STEP_SIGMASK, 0);
         }
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
             fail(wr, STEP_PDEATHSIG, 0);
         }
         // The control pipe moves above every target fd so building the table cannot clobber it.
@@ -292,7 +311,11 @@ fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
         }
         for (i, f) in plan.fds.iter().enumerate() {
             let src = match &f.source {
-                FdSource::Open { path, flags, offset } => {
+                FdSource::Open {
+                    path,
+                    flags,
+                    offset,
+                } => {
                     let fd = libc::open(path.as_ptr(), *flags & !libc::O_CLOEXEC, 0);
                     if fd < 0 {
                         fail(ctl, STEP_OPEN, i as u32);
@@ -342,7 +365,12 @@ fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
         *code = 0x0f;
         *code.add(1) = 0x05;
         *code.add(2) = 0xcc;
-        if libc::mprotect(addr, crate::PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_EXEC) != 0 {
+        if libc::mprotect(
+            addr,
+            crate::PAGE_SIZE as usize,
+            libc::PROT_READ | libc::PROT_EXEC,
+        ) != 0
+        {
             fail(ctl, STEP_MPROTECT, 0);
         }
         let r = Report {
@@ -351,7 +379,11 @@ fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
             errno: 0,
             pad: 0,
         };
-        libc::write(ctl, (&r as *const Report).cast(), std::mem::size_of::<Report>());
+        libc::write(
+            ctl,
+            (&r as *const Report).cast(),
+            std::mem::size_of::<Report>(),
+        );
         libc::close(ctl);
         loop {
             libc::pause();

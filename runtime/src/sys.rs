@@ -16,7 +16,10 @@ pub fn kill(pid: i32, sig: i32) -> Result<()> {
 pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> Result<()> {
     // SAFETY: tgkill takes no pointers.
     if unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, sig) } == -1 {
-        return Err(RuntimeError::last_os("tgkill", format!("pid {tgid} tid {tid}")));
+        return Err(RuntimeError::last_os(
+            "tgkill",
+            format!("pid {tgid} tid {tid}"),
+        ));
     }
     Ok(())
 }
@@ -26,7 +29,10 @@ pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> Result<()> {
 pub enum PidUse {
     Free,
     /// A process holds it (its comm and state letter from /proc).
-    Taken { comm: String, state: char },
+    Taken {
+        comm: String,
+        state: char,
+    },
 }
 
 /// Whether `pid` is free in this PID namespace (no process, no zombie).
@@ -70,7 +76,11 @@ pub fn uname() -> (String, String) {
         return (String::new(), String::new());
     }
     let field = |f: &[libc::c_char]| {
-        let bytes: Vec<u8> = f.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+        let bytes: Vec<u8> = f
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8)
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     };
     (field(&u.release), field(&u.nodename))

@@ -57,7 +57,10 @@ pub fn parse_limits(path: &str, text: &str) -> Result<Vec<Limit>> {
         });
     }
     if out.len() != NAMES.len() {
-        return Err(parse_err(path, format!("found {} of {} limits", out.len(), NAMES.len())));
+        return Err(parse_err(
+            path,
+            format!("found {} of {} limits", out.len(), NAMES.len()),
+        ));
     }
     Ok(out)
 }
@@ -76,7 +79,10 @@ mod tests {
     fn parses_own_limits() {
         let l = read_limits(std::process::id() as i32).unwrap();
         assert_eq!(l.len(), 16);
-        let nofile = l.iter().find(|l| l.resource == libc::RLIMIT_NOFILE as u32).unwrap();
+        let nofile = l
+            .iter()
+            .find(|l| l.resource == libc::RLIMIT_NOFILE as u32)
+            .unwrap();
         assert!(nofile.soft <= nofile.hard);
     }
 
@@ -84,7 +90,9 @@ mod tests {
     fn parses_unlimited() {
         let mut text = String::from("Limit Soft Limit Hard Limit Units\n");
         for (n, _) in NAMES {
-            text.push_str(&format!("{n:<26}unlimited            4096                 x\n"));
+            text.push_str(&format!(
+                "{n:<26}unlimited            4096                 x\n"
+            ));
         }
         let l = parse_limits("limits", &text).unwrap();
         assert_eq!(l[0].soft, u64::MAX);

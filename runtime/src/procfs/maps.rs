@@ -115,7 +115,10 @@ pub fn parse_smaps_flags(path: &str, text: &str) -> Result<Vec<(u64, Vec<String>
             let start = current
                 .take()
                 .ok_or_else(|| parse_err(path, "VmFlags before a mapping line"))?;
-            out.push((start, flags.split_whitespace().map(str::to_string).collect()));
+            out.push((
+                start,
+                flags.split_whitespace().map(str::to_string).collect(),
+            ));
         } else if let Some((range, _)) = line.split_once(' ') {
             if let Some((s, e)) = range.split_once('-') {
                 if let (Ok(s), Ok(_)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {

@@ -37,9 +37,7 @@ pub fn parse_status(path: &str, text: &str) -> Result<Status> {
         };
         match key {
             "Name" => s.name = value.to_string(),
-            "Umask" => {
-                s.umask = u32::from_str_radix(value, 8).map_err(|_| parse_err(path, key))?
-            }
+            "Umask" => s.umask = u32::from_str_radix(value, 8).map_err(|_| parse_err(path, key))?,
             "State" => s.state = value.chars().next().unwrap_or('?'),
             "Tgid" => s.tgid = value.parse().map_err(|_| parse_err(path, key))?,
             "Threads" => s.threads = value.parse().map_err(|_| parse_err(path, key))?,

@@ -1,0 +1,35 @@
+//! Checkpoint errors: each names the process and what could not be done.
+
+use stasis_image::ImageError;
+use stasis_runtime::RuntimeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("no process with PID {0}")]
+    NoSuchProcess(i32),
+    /// The process uses something this version cannot checkpoint; nothing was changed.
+    #[error("cannot checkpoint PID {pid}: {what}")]
+    Unsupported { pid: i32, what: String },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("writing image: {0}")]
+    Image(#[from] ImageError),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The checkpoint failed and resuming the process failed too.
+    #[error("checkpoint of PID {pid} failed ({cause}) and resuming it failed: {resume}")]
+    ResumeFailed {
+        pid: i32,
+        cause: Box<CheckpointError>,
+        resume: RuntimeError,
+    },
+}
+
+impl CheckpointError {
+    pub(crate) fn unsupported(pid: i32, what: impl Into<String>) -> Self {
+        CheckpointError::Unsupported {
+            pid,
+            what: what.into(),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Classifying a process's file descriptors (and refusing the kinds we cannot restore yet).
+
+use crate::error::CheckpointError;
+use crate::vmas::file_id;
+use stasis_image::proto::{self, FdKind};
+use stasis_runtime::procfs;
+use std::os::unix::fs::FileTypeExt;
+
+/// Character devices that are reopened by path.
+const REOPENABLE_DEVICES: [&str; 5] = [
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+/// Lists and classifies every fd; an unsupported one is an error naming fd, kind and target.
+pub fn collect_fds(pid: i32) -> Result<Vec<proto::Fd>, CheckpointError> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => CheckpointError::NoSuchProcess(pid),
+        _ => CheckpointError::Io(format!("reading {dir}"), e),
+    })?;
+    let mut fds: Vec<i32> = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| CheckpointError::Io(format!("reading {dir}"), e))?;
+        if let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            fds.push(fd);
+        }
+    }
+    fds.sort_unstable();
+    fds.into_iter().map(|fd| classify(pid, fd)).collect()
+}
+
+fn classify(pid: i32, fd: i32) -> Result<proto::Fd, CheckpointError> {
+    let target = procfs::read_fd_target(pid, fd)?;
+    let info = procfs::read_fdinfo(pid, fd)?;
+    let unsupported = |kind: &str| {
+        CheckpointError::unsupported(
+            pid,
+            format!("fd {fd} is {kind} ({target}), which is not supported yet"),
+        )
+    };
+    let stdio = fd <= 2;
+    let mut out = proto::Fd {
+        fd: fd as u32,
+        flags: info.flags,
+        offset: info.pos,
+        ..Default::default()
+    };
+    if let Some(rest) = target.strip_prefix("pipe:") {
+        if stdio {
+            out.kind = FdKind::Inherited as i32;
+            out.inherited_from = format!("pipe:{rest}");
+            return Ok(out);
+        }
+        return Err(unsupported(
+            "a pipe (pipes other than standard I/O come with process trees)",
+        ));
+    }
+    if target.starts_with("socket:") {
+        return Err(unsupported("a socket"));
+    }
+    if let Some(kind) = target.strip_prefix("anon_inode:") {
+        return Err(unsupported(&format!("an anonymous inode {kind}")));
+    }
+    if !target.starts_with('/') {
+        return Err(unsupported("a special file"));
+    }
+    if target.ends_with(" (deleted)") {
+        return Err(unsupported("a file that was deleted while open"));
+    }
+    // Follow the fd itself, not the path: it is the open file we must describe.
+    let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+        .map_err(|e| CheckpointError::Io(format!("stat fd {fd} of PID {pid}"), e))?;
+    let ft = meta.file_type();
+    if ft.is_file() || ft.is_dir() {
+        out.kind = FdKind::Regular as i32;
+        out.path = target.clone();
+        out.file = Some(file_id(&meta));
+        Ok(out)
+    } else if ft.is_char_device() && REOPENABLE_DEVICES.contains(&target.as_str()) {
+        out.kind = FdKind::CharDevice as i32;
+        out.path = target.clone();
+        Ok(out)
+    } else if ft.is_char_device() && stdio && is_terminal_path(&target) {
+        out.kind = FdKind::Inherited as i32;
+        out.inherited_from = target.clone();
+        Ok(out)
+    } else if ft.is_fifo() {
+        Err(unsupported("a FIFO"))
+    } else if ft.is_char_device() {
+        Err(unsupported("a character device"))
+    } else {
+        Err(unsupported("a special file"))
+    }
+}
+
+fn is_terminal_path(path: &str) -> bool {
+    path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console"
+}

@@ -1,0 +1,388 @@
+//! Streaming a stopped process's memory into the image.
+//!
+//! [`plan`] walks pagemap to find the pages worth saving (never-touched pages are skipped;
+//! of a private file mapping only the pages the process modified; shared anonymous memory
+//! through /proc/PID/map_files, once per object). [`dump`] reads them in large batches with
+//! process_vm_readv (or /proc/PID/mem for mappings without read permission), drops zero
+//! pages, and hands each batch to a writer thread so reading and hashing/compressing/writing
+//! overlap.
+
+use crate::error::CheckpointError;
+use crate::Progress;
+use stasis_image::proto::{self, RunKind, SpaceKind, VmaKind};
+use stasis_image::{ImageWriter, WriteStats};
+use stasis_runtime::memory::{self, Pagemap, ProcMem, PM_FILE_OR_SHARED, PM_PRESENT, PM_SWAPPED};
+use stasis_runtime::PAGE_SIZE;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
+
+/// Pages per chunk written to the image (4 MiB).
+pub const CHUNK_PAGES: u64 = 1024;
+
+/// How a segment's bytes are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadVia {
+    /// process_vm_readv at the address.
+    Readv,
+    /// /proc/PID/mem (mappings without PROT_READ).
+    ProcMem,
+    /// pread of the shared memory object (index into `DumpPlan::objects`).
+    Object(usize),
+}
+
+/// Consecutive pages to save.
+#[derive(Debug, Clone)]
+struct Segment {
+    space: SpaceKind,
+    space_id: u64,
+    /// Address within the space (virtual address, or offset in a shared object).
+    addr: u64,
+    pages: u64,
+    via: ReadVia,
+}
+
+/// What to save.
+pub struct DumpPlan {
+    segments: Vec<Segment>,
+    objects: Vec<(String, File)>,
+    pub pages_total: u64,
+    pub pages_skipped: u64,
+}
+
+/// Finds the pages to save.
+pub fn plan(pid: i32, process: &proto::Process) -> Result<DumpPlan, CheckpointError> {
+    let pagemap = Pagemap::open(pid)?;
+    let mut segments = Vec::new();
+    let mut skipped = 0;
+    let mut entries = Vec::new();
+    let mut shared: BTreeMap<u64, Vec<&proto::Vma>> = BTreeMap::new();
+    for vma in &process.vmas {
+        let kind = vma.kind();
+        let keep_file_pages = match kind {
+            VmaKind::AnonPrivate => true,
+            VmaKind::FilePrivate => false,
+            VmaKind::AnonShared => {
+                shared.entry(vma.shmem_id).or_default().push(vma);
+                continue;
+            }
+            _ => continue,
+        };
+        let via = if vma.prot & libc::PROT_READ as u32 != 0 {
+            ReadVia::Readv
+        } else {
+            ReadVia::ProcMem
+        };
+        pagemap.read(vma.start, vma.end, &mut entries)?;
+        let mut run: Option<Segment> = None;
+        for (i, e) in entries.iter().enumerate() {
+            let addr = vma.start + i as u64 * PAGE_SIZE;
+            let wanted = e & PM_SWAPPED != 0
+                || (e & PM_PRESENT != 0 && (keep_file_pages || e & PM_FILE_OR_SHARED == 0));
+            if !wanted {
+                skipped += 1;
+                if let Some(r) = run.take() {
+                    segments.push(r);
+                }
+                continue;
+            }
+            match &mut run {
+                Some(r) if r.addr + r.pages * PAGE_SIZE == addr => r.pages += 1,
+                _ => {
+                    if let Some(r) = run.take() {
+                        segments.push(r);
+                    }
+                    run = Some(Segment {
+                        space: SpaceKind::Process,
+                        space_id: pid as u64,
+                        addr,
+                        pages: 1,
+                        via,
+                    });
+                }
+            }
+        }
+        segments.extend(run);
+    }
+    let mut objects = Vec::new();
+    for (id, vmas) in shared {
+        let first = vmas[0];
+        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
+        let file = File::open(&path).map_err(|e| CheckpointError::Io(format!("open {path}"), e))?;
+        let end = vmas
+            .iter()
+            .map(|v| v.pgoff + (v.end - v.start))
+            .max()
+            .unwrap_or(0);
+        for (off, len) in data_ranges(&file, &path, end)? {
+            segments.push(Segment {
+                space: SpaceKind::SharedMemory,
+                space_id: id,
+                addr: off,
+                pages: len / PAGE_SIZE,
+                via: ReadVia::Object(objects.len()),
+            });
+        }
+        objects.push((path, file));
+    }
+    let pages_total = segments.iter().map(|s| s.pages).sum();
+    Ok(DumpPlan {
+        segments,
+        objects,
+        pages_total,
+        pages_skipped: skipped,
+    })
+}
+
+/// Page-aligned ranges of [0, end) of a shmem file that hold data (SEEK_DATA/SEEK_HOLE).
+fn data_ranges(file: &File, path: &str, end: u64) -> Result<Vec<(u64, u64)>, CheckpointError> {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < end {
+        // SAFETY: lseek on an fd we own; no pointers.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(CheckpointError::Io(format!("lseek(SEEK_DATA) {path}"), e));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(CheckpointError::Io(format!("lseek(SEEK_HOLE) {path}"), e));
+        }
+        let start = (data as u64) & !(PAGE_SIZE - 1);
+        let stop = ((hole as u64).min(end) + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+        if stop > start {
+            out.push((start, stop - start));
+        }
+        pos = stop.max(pos + PAGE_SIZE);
+    }
+    Ok(out)
+}
+
+/// One batch handed to the writer thread.
+struct Batch {
+    space: SpaceKind,
+    space_id: u64,
+    runs: Vec<proto::PageRun>,
+    data: Vec<u8>,
+}
+
+/// Reads the planned pages and writes them as chunks; finishes the image.
+pub fn dump<W: Write + Send>(
+    pid: i32,
+    plan: &DumpPlan,
+    mut writer: ImageWriter<W>,
+    progress: Progress<'_>,
+) -> Result<(W, WriteStats), CheckpointError> {
+    let total = plan.pages_total * PAGE_SIZE;
+    let procmem = if plan.segments.iter().any(|s| s.via == ReadVia::ProcMem) {
+        Some(ProcMem::open(pid)?)
+    } else {
+        None
+    };
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<Batch>(2);
+        let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
+        let writer_thread = scope.spawn(move || -> Result<(W, WriteStats), CheckpointError> {
+            for batch in rx {
+                writer.write_chunk(batch.space, batch.space_id, &batch.runs, &batch.data)?;
+                let _ = ret_tx.send(batch.data);
+            }
+            Ok(writer.finish()?)
+        });
+        let mut done = 0u64;
+        let read_result = (|| -> Result<(), CheckpointError> {
+            for group in batches(&plan.segments) {
+                let pages: u64 = group.iter().map(|s| s.pages).sum();
+                let len = (pages * PAGE_SIZE) as usize;
+                let mut buf = ret_rx.try_recv().unwrap_or_default();
+                buf.resize(len, 0);
+                read_group(pid, plan, procmem.as_ref(), &group, &mut buf)?;
+                let batch = compact(&group, buf);
+                done += len as u64;
+                if tx.send(batch).is_err() {
+                    return Ok(()); // the writer failed; its error is reported below
+                }
+                progress(done, total);
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let written = writer_thread.join().map_err(|_| {
+            CheckpointError::Io(
+                "image writer thread".into(),
+                std::io::Error::other("panicked"),
+            )
+        })?;
+        read_result?;
+        written
+    })
+}
+
+/// Splits segments into groups of at most CHUNK_PAGES pages of one space and read method.
+fn batches(segments: &[Segment]) -> Vec<Vec<Segment>> {
+    let mut out: Vec<Vec<Segment>> = Vec::new();
+    let mut cur: Vec<Segment> = Vec::new();
+    let mut cur_pages = 0;
+    for seg in segments {
+        let mut seg = seg.clone();
+        while seg.pages > 0 {
+            let compatible = cur.first().is_none_or(|f| {
+                f.space == seg.space && f.space_id == seg.space_id && f.via == seg.via
+            });
+            if !compatible || cur_pages == CHUNK_PAGES {
+                out.push(std::mem::take(&mut cur));
+                cur_pages = 0;
+            }
+            let take = seg.pages.min(CHUNK_PAGES - cur_pages);
+            cur.push(Segment {
+                pages: take,
+                ..seg.clone()
+            });
+            cur_pages += take;
+            seg.addr += take * PAGE_SIZE;
+            seg.pages -= take;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn read_group(
+    pid: i32,
+    plan: &DumpPlan,
+    procmem: Option<&ProcMem>,
+    group: &[Segment],
+    buf: &mut [u8],
+) -> Result<(), CheckpointError> {
+    match group[0].via {
+        ReadVia::Readv => {
+            let remote: Vec<memory::Remote> = group
+                .iter()
+                .map(|s| (s.addr, (s.pages * PAGE_SIZE) as usize))
+                .collect();
+            memory::read_remote(pid, &remote, buf)?;
+        }
+        ReadVia::ProcMem => {
+            let mem = procmem.ok_or_else(|| {
+                CheckpointError::Io("/proc/PID/mem".into(), std::io::Error::other("not open"))
+            })?;
+            let mut at = 0;
+            for s in group {
+                let len = (s.pages * PAGE_SIZE) as usize;
+                mem.read(s.addr, &mut buf[at..at + len])?;
+                at += len;
+            }
+        }
+        ReadVia::Object(i) => {
+            let (path, file) = &plan.objects[i];
+            let mut at = 0;
+            for s in group {
+                let len = (s.pages * PAGE_SIZE) as usize;
+                file.read_exact_at(&mut buf[at..at + len], s.addr)
+                    .map_err(|e| CheckpointError::Io(format!("read {path} at {:#x}", s.addr), e))?;
+                at += len;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Turns a read buffer into runs: zero pages become ZERO runs and are squeezed out of the
+/// data; neighbouring pages of the same kind merge into one run.
+fn compact(group: &[Segment], mut buf: Vec<u8>) -> Batch {
+    let ps = PAGE_SIZE as usize;
+    let mut runs: Vec<proto::PageRun> = Vec::new();
+    let mut write = 0usize;
+    let mut read = 0usize;
+    for seg in group {
+        for p in 0..seg.pages {
+            let addr = seg.addr + p * PAGE_SIZE;
+            let zero = memory::is_zero(&buf[read..read + ps]);
+            let kind = if zero { RunKind::Zero } else { RunKind::Data };
+            if !zero {
+                if write != read {
+                    buf.copy_within(read..read + ps, write);
+                }
+                write += ps;
+            }
+            read += ps;
+            match runs.last_mut() {
+                Some(r) if r.kind() == kind && r.vaddr + r.pages * PAGE_SIZE == addr => {
+                    r.pages += 1
+                }
+                _ => runs.push(proto::PageRun {
+                    vaddr: addr,
+                    pages: 1,
+                    kind: kind as i32,
+                }),
+            }
+        }
+    }
+    buf.truncate(write);
+    Batch {
+        space: group[0].space,
+        space_id: group[0].space_id,
+        runs,
+        data: buf,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(addr: u64, pages: u64) -> Segment {
+        Segment {
+            space: SpaceKind::Process,
+            space_id: 1,
+            addr,
+            pages,
+            via: ReadVia::Readv,
+        }
+    }
+
+    #[test]
+    fn batches_split_at_chunk_size() {
+        let b = batches(&[seg(0, CHUNK_PAGES + 10), seg(1 << 30, 5)]);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].iter().map(|s| s.pages).sum::<u64>(), CHUNK_PAGES);
+        assert_eq!(b[1].len(), 2);
+        assert_eq!(b[1][0].addr, CHUNK_PAGES * PAGE_SIZE);
+    }
+
+    #[test]
+    fn compact_drops_zero_pages() {
+        let mut buf = vec![0u8; 4 * 4096];
+        buf[4096] = 1;
+        buf[3 * 4096 + 7] = 2;
+        let b = compact(&[seg(0x10000, 4)], buf);
+        let kinds: Vec<_> = b
+            .runs
+            .iter()
+            .map(|r| (r.vaddr, r.pages, r.kind()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0x10000, 1, RunKind::Zero),
+                (0x11000, 1, RunKind::Data),
+                (0x12000, 1, RunKind::Zero),
+                (0x13000, 1, RunKind::Data)
+            ]
+        );
+        assert_eq!(b.data.len(), 2 * 4096);
+        assert_eq!(b.data[0], 1);
+        assert_eq!(b.data[4096 + 7], 2);
+    }
+}

@@ -1,0 +1,526 @@
+//! Building the new process: fork it with its PID, replace its address space by injected
+//! syscalls from the trampoline, write its memory, restore its kernel state and registers.
+
+use crate::error::RestoreError;
+use crate::pages::{self, Written};
+use crate::validate::special_name;
+use stasis_image::proto::{self, VmaKind};
+use stasis_image::Image;
+use stasis_runtime::inject::Injector;
+use stasis_runtime::ptrace::{self, Regs, ResumeIn};
+use stasis_runtime::spawn::{self, ChildPlan};
+use stasis_runtime::{memory, procfs, RuntimeError, PAGE_SIZE};
+
+// Scratch layout (offsets from the scratch start).
+const SCR_MM_MAP: u64 = 0;
+const SCR_AUXV: u64 = 512;
+const SCR_SIGACTIONS: u64 = 8192;
+const SCR_STRING: u64 = 16384;
+const SCR_GROUPS: u64 = 32768;
+const MAX_STRING: usize = 16383;
+
+const MADVISE_FLAGS: [(&str, i32); 5] = [
+    ("dd", libc::MADV_DONTDUMP),
+    ("dc", libc::MADV_DONTFORK),
+    ("wf", libc::MADV_WIPEONFORK),
+    ("hg", libc::MADV_HUGEPAGE),
+    ("nh", libc::MADV_NOHUGEPAGE),
+];
+
+/// Creates the process and lets it run. On failure the half-built process is killed.
+pub fn apply(image: &Image, p: &proto::Process, plan: &ChildPlan) -> Result<Written, RestoreError> {
+    let pid = p.pid as i32;
+    let spawned = spawn::spawn(pid, plan).map_err(|source| RestoreError::Apply { pid, source })?;
+    let mut b = Builder {
+        inj: Injector::new(spawned.pid, plan.trampoline)
+            .map_err(|source| RestoreError::Apply { pid, source })?,
+        pid: spawned.pid,
+        scratch: plan.trampoline + PAGE_SIZE,
+        plan,
+    };
+    match b.build(image, p, spawned.ctl_fd) {
+        Ok(w) => Ok(w),
+        Err(e) => {
+            spawn::kill_and_reap(spawned.pid);
+            Err(e)
+        }
+    }
+}
+
+struct Builder<'a> {
+    inj: Injector,
+    pid: i32,
+    scratch: u64,
+    plan: &'a ChildPlan,
+}
+
+impl Builder<'_> {
+    fn err(&self, source: RuntimeError) -> RestoreError {
+        RestoreError::Apply {
+            pid: self.pid,
+            source,
+        }
+    }
+
+    fn call(
+        &mut self,
+        name: &'static str,
+        nr: libc::c_long,
+        args: &[u64],
+    ) -> Result<u64, RestoreError> {
+        let pid = self.pid;
+        self.inj
+            .call(name, nr, args)
+            .map_err(|source| RestoreError::Apply { pid, source })
+    }
+
+    fn poke(&self, off: u64, bytes: &[u8]) -> Result<u64, RestoreError> {
+        let addr = self.scratch + off;
+        memory::write_remote(self.pid, &[(addr, bytes.len())], bytes).map_err(|e| self.err(e))?;
+        Ok(addr)
+    }
+
+    fn poke_str(&self, s: &str) -> Result<u64, RestoreError> {
+        if s.len() > MAX_STRING || s.contains('\0') {
+            return Err(RestoreError::Invalid(format!(
+                "string {s:?} is too long or holds NUL"
+            )));
+        }
+        let mut bytes = s.as_bytes().to_vec();
+        bytes.push(0);
+        self.poke(SCR_STRING, &bytes)
+    }
+
+    fn build(
+        &mut self,
+        image: &Image,
+        p: &proto::Process,
+        ctl_fd: i32,
+    ) -> Result<Written, RestoreError> {
+        let t = &p.threads[0];
+        // The child inherited our rseq registration; drop it before its memory goes away.
+        if let Some(r) = ptrace::get_rseq(self.pid).map_err(|e| self.err(e))? {
+            self.call(
+                "rseq(unregister)",
+                libc::SYS_rseq,
+                &[r.abi_pointer, r.abi_size as u64, 1, r.signature as u64],
+            )?;
+        }
+        self.inj
+            .raw(libc::SYS_close, &[ctl_fd as u64])
+            .map_err(|e| self.err(e))?;
+        self.clear_address_space()?;
+        self.place_vdso(p)?;
+        // The exe link can only change while the old executable (stasis) is unmapped and
+        // before the target maps its own executable, which may be the same file.
+        self.set_mm(p)?;
+        let fixups = self.map_vmas(p)?;
+        let written = pages::write_pages(image, p, self.pid)?;
+        self.finish_vmas(&fixups)?;
+        self.set_sigactions(p)?;
+        if let Some(r) = &t.rseq {
+            self.call(
+                "rseq(register)",
+                libc::SYS_rseq,
+                &[r.abi_pointer, r.abi_size as u64, 0, r.signature as u64],
+            )?;
+        }
+        self.call(
+            "personality",
+            libc::SYS_personality,
+            &[p.personality as u64],
+        )?;
+        let name: String = t.name.chars().take(15).collect();
+        let at = self.poke_str(&name)?;
+        self.call(
+            "prctl(PR_SET_NAME)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_NAME as u64, at],
+        )?;
+        self.call(
+            "prctl(PR_SET_PDEATHSIG)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_PDEATHSIG as u64, 0],
+        )?;
+        self.set_creds(p)?;
+        ptrace::set_xstate(self.pid, &t.xstate).map_err(|e| self.err(e))?;
+        ptrace::set_sigmask(self.pid, t.sigmask).map_err(|e| self.err(e))?;
+        let regs = t
+            .regs
+            .as_ref()
+            .ok_or_else(|| RestoreError::Invalid("thread has no registers".into()))?;
+        let final_regs =
+            ptrace::rewind_interrupted_syscall(&regs_from_proto(regs), ResumeIn::NewTask);
+        // Remove the trampoline; the tracee holds at that munmap's exit, where the final
+        // registers replace the injected ones.
+        let rc = self
+            .inj
+            .call_and_hold_at_exit(
+                libc::SYS_munmap,
+                &[self.plan.trampoline, self.plan.trampoline_len()],
+            )
+            .map_err(|e| self.err(e))?;
+        if rc != 0 {
+            return Err(self.err(RuntimeError::sys(
+                "munmap(trampoline)",
+                format!("pid {}", self.pid),
+                std::io::Error::from_raw_os_error(-rc as i32),
+            )));
+        }
+        ptrace::set_regs(self.pid, &final_regs).map_err(|e| self.err(e))?;
+        ptrace::detach(self.pid, 0).map_err(|e| self.err(e))?;
+        Ok(written)
+    }
+
+    /// Unmaps everything the child inherited except the trampoline and the vDSO block.
+    fn clear_address_space(&mut self) -> Result<(), RestoreError> {
+        let maps = procfs::read_maps(self.pid).map_err(|e| self.err(e))?;
+        let mut keep: Vec<(u64, u64)> = maps
+            .iter()
+            .filter(|m| matches!(m.name.as_str(), "[vvar]" | "[vvar_vclock]" | "[vdso]"))
+            .map(|m| (m.start, m.end))
+            .collect();
+        keep.push((
+            self.plan.trampoline,
+            self.plan.trampoline + self.plan.trampoline_len(),
+        ));
+        keep.sort_unstable();
+        let mut from = 0u64;
+        for (s, e) in keep
+            .into_iter()
+            .chain([(crate::validate::TASK_SIZE, crate::validate::TASK_SIZE)])
+        {
+            if s > from {
+                self.call("munmap", libc::SYS_munmap, &[from, s - from])?;
+            }
+            from = from.max(e);
+        }
+        Ok(())
+    }
+
+    /// Moves [vvar], [vvar_vclock] and [vdso] to the target's addresses as one block.
+    fn place_vdso(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        let ours: Vec<_> = procfs::read_maps(self.pid)
+            .map_err(|e| self.err(e))?
+            .into_iter()
+            .filter(|m| matches!(m.name.as_str(), "[vvar]" | "[vvar_vclock]" | "[vdso]"))
+            .collect();
+        let theirs: Vec<&proto::Vma> = p
+            .vmas
+            .iter()
+            .filter(|v| special_name(v.kind()).is_some())
+            .collect();
+        if ours.is_empty() || ours.len() != theirs.len() {
+            return Err(RestoreError::Unsupported(
+                "vDSO layout differs from the image's".into(),
+            ));
+        }
+        let o_start = ours[0].start;
+        let o_end = ours.iter().map(|m| m.end).max().unwrap_or(o_start);
+        let t_start = theirs[0].start;
+        if o_start == t_start {
+            return Ok(());
+        }
+        let len = o_end - o_start;
+        let t_end = t_start + len;
+        let tramp_end = self.plan.trampoline + self.plan.trampoline_len();
+        let mut current = o_start;
+        if t_start < o_end && o_start < t_end {
+            // Overlapping: go through a free spot above everything involved.
+            let temp = (o_end.max(t_end).max(tramp_end) + (16 << 20)) & !0xffff;
+            self.move_block(&ours, current, temp)?;
+            current = temp;
+        }
+        self.move_block(&ours, current, t_start)
+    }
+
+    fn move_block(
+        &mut self,
+        block: &[procfs::MapEntry],
+        from: u64,
+        to: u64,
+    ) -> Result<(), RestoreError> {
+        let base = block[0].start;
+        for m in block {
+            let old = from + (m.start - base);
+            let new = to + (m.start - base);
+            self.call(
+                "mremap(vdso block)",
+                libc::SYS_mremap,
+                &[
+                    old,
+                    m.len(),
+                    m.len(),
+                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                    new,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Maps every target VMA (writable where contents must be written); returns the final
+    /// protections to apply afterwards.
+    fn map_vmas(&mut self, p: &proto::Process) -> Result<Vec<(u64, u64, u32)>, RestoreError> {
+        let mut fixups = Vec::new();
+        let mut shared_done: Vec<u64> = Vec::new();
+        for (i, v) in p.vmas.iter().enumerate() {
+            let len = v.end - v.start;
+            let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+            let fixed = libc::MAP_FIXED_NOREPLACE as u64;
+            match v.kind() {
+                VmaKind::AnonPrivate => {
+                    let mut flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | fixed;
+                    if v.vm_flags.iter().any(|f| f == "gd") {
+                        flags |= libc::MAP_GROWSDOWN as u64;
+                    }
+                    self.mmap(v.start, len, rw, flags, u64::MAX, 0)?;
+                    fixups.push((v.start, len, v.prot));
+                }
+                VmaKind::AnonShared => {
+                    if !shared_done.contains(&v.shmem_id) {
+                        shared_done.push(v.shmem_id);
+                        // One mapping over all consecutive pieces of the object (validated).
+                        let end = p.vmas[i..]
+                            .iter()
+                            .filter(|w| w.kind() == VmaKind::AnonShared && w.shmem_id == v.shmem_id)
+                            .map(|w| w.end)
+                            .max()
+                            .unwrap_or(v.end);
+                        let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64 | fixed;
+                        self.mmap(v.start, end - v.start, rw, flags, u64::MAX, 0)?;
+                    }
+                    fixups.push((v.start, len, v.prot));
+                }
+                VmaKind::FilePrivate | VmaKind::FileShared => {
+                    let shared = v.kind() == VmaKind::FileShared;
+                    let writable = v.prot & libc::PROT_WRITE as u32 != 0;
+                    let oflags = if shared && writable {
+                        libc::O_RDWR
+                    } else {
+                        libc::O_RDONLY
+                    } | libc::O_CLOEXEC;
+                    let path = self.poke_str(&v.path)?;
+                    let fd = self.call(
+                        "openat(mapped file)",
+                        libc::SYS_openat,
+                        &[libc::AT_FDCWD as u64, path, oflags as u64, 0],
+                    )?;
+                    let (prot, flags) = if shared {
+                        (v.prot, libc::MAP_SHARED as u64 | fixed)
+                    } else {
+                        (v.prot | rw, libc::MAP_PRIVATE as u64 | fixed)
+                    };
+                    let r = self.mmap(v.start, len, prot, flags, fd, v.pgoff);
+                    self.call("close", libc::SYS_close, &[fd])?;
+                    r?;
+                    if !shared {
+                        fixups.push((v.start, len, v.prot));
+                    }
+                }
+                VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => {}
+                VmaKind::Unspecified => {
+                    return Err(RestoreError::Invalid(format!(
+                        "mapping {:#x} has no kind",
+                        v.start
+                    )))
+                }
+            }
+            for (code, advice) in MADVISE_FLAGS {
+                if v.vm_flags.iter().any(|f| f == code)
+                    && !matches!(
+                        v.kind(),
+                        VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall
+                    )
+                {
+                    self.call("madvise", libc::SYS_madvise, &[v.start, len, advice as u64])?;
+                }
+            }
+        }
+        Ok(fixups)
+    }
+
+    fn mmap(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: u32,
+        flags: u64,
+        fd: u64,
+        off: u64,
+    ) -> Result<(), RestoreError> {
+        let got = self.call(
+            "mmap",
+            libc::SYS_mmap,
+            &[addr, len, prot as u64, flags, fd, off],
+        )?;
+        if got != addr {
+            return Err(self.err(RuntimeError::Protocol {
+                op: "mmap",
+                pid: self.pid,
+                what: format!("asked for {addr:#x}, got {got:#x}"),
+            }));
+        }
+        Ok(())
+    }
+
+    fn finish_vmas(&mut self, fixups: &[(u64, u64, u32)]) -> Result<(), RestoreError> {
+        for &(start, len, prot) in fixups {
+            self.call("mprotect", libc::SYS_mprotect, &[start, len, prot as u64])?;
+        }
+        Ok(())
+    }
+
+    /// PR_SET_MM_MAP: code/data/brk/stack/arg/env bounds, auxv and the exe link.
+    fn set_mm(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        let mm =
+            p.mm.as_ref()
+                .ok_or_else(|| RestoreError::Invalid("no mm state".into()))?;
+        if mm.auxv.len() > 4096 || mm.auxv.len() % 8 != 0 {
+            return Err(RestoreError::Invalid(format!(
+                "auxv is {} bytes",
+                mm.auxv.len()
+            )));
+        }
+        let auxv = self.poke(SCR_AUXV, &mm.auxv)?;
+        let path = self.poke_str(&p.exe_path)?;
+        let exe_fd = self.call(
+            "openat(exe)",
+            libc::SYS_openat,
+            &[
+                libc::AT_FDCWD as u64,
+                path,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+                0,
+            ],
+        )?;
+        let mut map = Vec::with_capacity(104);
+        for v in [
+            mm.start_code,
+            mm.end_code,
+            mm.start_data,
+            mm.end_data,
+            mm.start_brk,
+            mm.brk,
+            mm.start_stack,
+            mm.arg_start,
+            mm.arg_end,
+            mm.env_start,
+            mm.env_end,
+            auxv,
+        ] {
+            map.extend_from_slice(&v.to_ne_bytes());
+        }
+        map.extend_from_slice(&(mm.auxv.len() as u32).to_ne_bytes());
+        map.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
+        let at = self.poke(SCR_MM_MAP, &map)?;
+        const PR_SET_MM: u64 = 35;
+        const PR_SET_MM_MAP: u64 = 14;
+        let r = self.call(
+            "prctl(PR_SET_MM_MAP)",
+            libc::SYS_prctl,
+            &[PR_SET_MM, PR_SET_MM_MAP, at, map.len() as u64, 0],
+        );
+        self.call("close", libc::SYS_close, &[exe_fd])?;
+        r.map(drop)
+    }
+
+    fn set_sigactions(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        let mut table = vec![0u8; 64 * 32];
+        for a in &p.sigactions {
+            if a.signo == 0 || a.signo > 64 {
+                return Err(RestoreError::Invalid(format!(
+                    "sigaction for signal {}",
+                    a.signo
+                )));
+            }
+            let off = (a.signo as usize - 1) * 32;
+            for (i, v) in [a.handler, a.flags, a.restorer, a.mask]
+                .into_iter()
+                .enumerate()
+            {
+                table[off + i * 8..off + i * 8 + 8].copy_from_slice(&v.to_ne_bytes());
+            }
+        }
+        let base = self.poke(SCR_SIGACTIONS, &table)?;
+        for sig in 1..=64u64 {
+            if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+                continue;
+            }
+            self.call(
+                "rt_sigaction",
+                libc::SYS_rt_sigaction,
+                &[sig, base + (sig - 1) * 32, 0, 8],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Groups and ids last: after them the process may lose the privileges the steps above needed.
+    fn set_creds(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        let Some(c) = &p.creds else { return Ok(()) };
+        let me = procfs::read_status(std::process::id() as i32).map_err(|e| self.err(e))?;
+        if c.uids == me.uids && c.gids == me.gids && c.groups == me.groups {
+            return Ok(());
+        }
+        if c.uids.len() != 4 || c.gids.len() != 4 || c.groups.len() > 1024 {
+            return Err(RestoreError::Invalid("malformed credentials".into()));
+        }
+        let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+        let at = if groups.is_empty() {
+            0
+        } else {
+            self.poke(SCR_GROUPS, &groups)?
+        };
+        self.call(
+            "setgroups",
+            libc::SYS_setgroups,
+            &[c.groups.len() as u64, at],
+        )?;
+        let (g, u) = (&c.gids, &c.uids);
+        self.call(
+            "setresgid",
+            libc::SYS_setresgid,
+            &[g[0] as u64, g[1] as u64, g[2] as u64],
+        )?;
+        self.call(
+            "setresuid",
+            libc::SYS_setresuid,
+            &[u[0] as u64, u[1] as u64, u[2] as u64],
+        )?;
+        Ok(())
+    }
+}
+
+pub(crate) fn regs_from_proto(r: &proto::X86Regs) -> Regs {
+    // SAFETY: user_regs_struct is plain old data; every field is set below.
+    let mut o: Regs = unsafe { std::mem::zeroed() };
+    o.r15 = r.r15;
+    o.r14 = r.r14;
+    o.r13 = r.r13;
+    o.r12 = r.r12;
+    o.rbp = r.rbp;
+    o.rbx = r.rbx;
+    o.r11 = r.r11;
+    o.r10 = r.r10;
+    o.r9 = r.r9;
+    o.r8 = r.r8;
+    o.rax = r.rax;
+    o.rcx = r.rcx;
+    o.rdx = r.rdx;
+    o.rsi = r.rsi;
+    o.rdi = r.rdi;
+    o.orig_rax = r.orig_rax;
+    o.rip = r.rip;
+    o.cs = r.cs;
+    o.eflags = r.eflags;
+    o.rsp = r.rsp;
+    o.ss = r.ss;
+    o.fs_base = r.fs_base;
+    o.gs_base = r.gs_base;
+    o.ds = r.ds;
+    o.es = r.es;
+    o.fs = r.fs;
+    o.gs = r.gs;
+    o
+}

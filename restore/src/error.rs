@@ -1,0 +1,26 @@
+//! Restore errors: each names what is wrong and where.
+
+use stasis_image::ImageError;
+use stasis_runtime::RuntimeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("image is invalid: {0}")]
+    Image(#[from] ImageError),
+    /// The image is well-formed but describes something inconsistent.
+    #[error("image is invalid: {0}")]
+    Invalid(String),
+    /// The image needs something this version or this machine cannot provide.
+    #[error("cannot restore: {0}")]
+    Unsupported(String),
+    #[error("cannot restore PID {pid}: it is in use by {comm} (state {state})")]
+    PidTaken { pid: i32, comm: String, state: char },
+    #[error("restoring PID {pid}: {source}")]
+    Apply {
+        pid: i32,
+        #[source]
+        source: RuntimeError,
+    },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}

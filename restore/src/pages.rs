@@ -1,0 +1,110 @@
+//! Writing page contents from the image into the new process.
+
+use crate::error::RestoreError;
+use stasis_image::proto::{self, RunKind, SpaceKind, VmaKind};
+use stasis_image::Image;
+use stasis_runtime::memory::{self, Remote};
+use stasis_runtime::PAGE_SIZE;
+
+/// Pages and bytes written.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    pub pages: u64,
+    pub bytes: u64,
+}
+
+/// Where a page of a space lands in the new process.
+fn locate(p: &proto::Process, space: SpaceKind, id: u64, addr: u64) -> Option<(u64, &proto::Vma)> {
+    match space {
+        SpaceKind::Process if id == p.pid as u64 => {
+            let i = p.vmas.partition_point(|v| v.end <= addr);
+            let v = p.vmas.get(i)?;
+            (v.start <= addr).then_some((addr, v))
+        }
+        SpaceKind::SharedMemory => p
+            .vmas
+            .iter()
+            .filter(|v| v.kind() == VmaKind::AnonShared && v.shmem_id == id)
+            .find(|v| addr >= v.pgoff && addr < v.pgoff + (v.end - v.start))
+            .map(|v| (v.start + (addr - v.pgoff), v)),
+        _ => None,
+    }
+}
+
+/// Writes every chunk that belongs to process `p` into `child`.
+pub fn write_pages(image: &Image, p: &proto::Process, child: i32) -> Result<Written, RestoreError> {
+    let zero_page = vec![0u8; PAGE_SIZE as usize];
+    let mut written = Written::default();
+    let mut remote: Vec<Remote> = Vec::new();
+    for chunk in image.chunks() {
+        let ours = match chunk.space {
+            SpaceKind::Process => chunk.space_id == p.pid as u64,
+            SpaceKind::SharedMemory => p
+                .vmas
+                .iter()
+                .any(|v| v.shmem_id == chunk.space_id && v.kind() == VmaKind::AnonShared),
+            _ => false,
+        };
+        if !ours {
+            continue;
+        }
+        let data = image.chunk_data(chunk)?;
+        remote.clear();
+        for run in &chunk.runs {
+            // A run may span neighbouring mappings; write it piece by piece.
+            let mut at = run.vaddr;
+            let end = run
+                .vaddr
+                .checked_add(run.pages.saturating_mul(PAGE_SIZE))
+                .ok_or_else(|| {
+                    RestoreError::Invalid(format!("run at {:#x} overflows", run.vaddr))
+                })?;
+            while at < end {
+                let (addr, vma) = locate(p, chunk.space, chunk.space_id, at).ok_or_else(|| {
+                    RestoreError::Invalid(format!(
+                        "pages at {at:#x} of {:?} {} lie outside every mapping",
+                        chunk.space, chunk.space_id
+                    ))
+                })?;
+                let vma_end = match chunk.space {
+                    SpaceKind::SharedMemory => vma.pgoff + (vma.end - vma.start),
+                    _ => vma.end,
+                };
+                let len = end.min(vma_end) - at;
+                match run.kind() {
+                    RunKind::Data => remote.push((addr, len as usize)),
+                    // Fresh anonymous memory is already zero; a private file page is not.
+                    RunKind::Zero if vma.kind() == VmaKind::FilePrivate => {
+                        for i in 0..len / PAGE_SIZE {
+                            memory::write_remote(
+                                child,
+                                &[(addr + i * PAGE_SIZE, PAGE_SIZE as usize)],
+                                &zero_page,
+                            )?;
+                        }
+                    }
+                    RunKind::Zero => {}
+                    RunKind::Parent | RunKind::Unspecified => {
+                        return Err(RestoreError::Unsupported(
+                            "pages stored in a parent image".into(),
+                        ))
+                    }
+                }
+                at += len;
+            }
+        }
+        let total: usize = remote.iter().map(|r| r.1).sum();
+        if total != data.len() {
+            return Err(RestoreError::Invalid(format!(
+                "chunk {} has {} bytes of data for {} bytes of DATA runs",
+                chunk.index,
+                data.len(),
+                total
+            )));
+        }
+        memory::write_remote(child, &remote, &data)?;
+        written.pages += chunk.data_pages;
+        written.bytes += total as u64;
+    }
+    Ok(written)
+}

@@ -1,0 +1,239 @@
+//! Everything checked before the first change: the image's consistency and this machine.
+
+use crate::error::RestoreError;
+use stasis_image::proto::{self, VmaKind};
+use stasis_image::Image;
+use stasis_runtime::procfs::{self, MapEntry};
+use stasis_runtime::sys::{self, PidUse};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Highest user address on x86_64 with 4-level paging.
+pub const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+
+/// The one process of a process image.
+pub fn single_process(image: &Image) -> Result<&proto::Process, RestoreError> {
+    let inv = image.inventory();
+    if inv.kind() != proto::WorkloadKind::ProcessTree {
+        return Err(RestoreError::Unsupported(format!(
+            "image holds a {:?} workload; only processes are supported yet",
+            inv.kind()
+        )));
+    }
+    if inv.parent.is_some() {
+        return Err(RestoreError::Unsupported(
+            "incremental images (with a parent) are not supported by restore yet".into(),
+        ));
+    }
+    match image.processes() {
+        [p] => Ok(p),
+        [] => Err(RestoreError::Invalid("image holds no process".into())),
+        ps => Err(RestoreError::Unsupported(format!(
+            "image holds {} processes; process trees are not supported yet",
+            ps.len()
+        ))),
+    }
+}
+
+/// Checks the process record and this machine.
+pub fn process(image: &Image, p: &proto::Process) -> Result<(), RestoreError> {
+    let pid = p.pid as i32;
+    let invalid = |what: String| RestoreError::Invalid(format!("process {pid}: {what}"));
+    if pid <= 1 || pid > sys::pid_max()? {
+        return Err(invalid(format!("PID {pid} is outside 2..=pid_max")));
+    }
+    if p.threads.len() != 1 || p.threads[0].tid != p.pid {
+        return Err(RestoreError::Unsupported(format!(
+            "process {pid} has {} threads; multithreaded processes are not supported yet",
+            p.threads.len()
+        )));
+    }
+    let t = &p.threads[0];
+    if t.regs.is_none() {
+        return Err(invalid("thread has no registers".into()));
+    }
+    if p.mm.is_none() {
+        return Err(invalid("no mm state".into()));
+    }
+    if p.root != "/" {
+        return Err(RestoreError::Unsupported(format!(
+            "process {pid} had root {:?}; chrooted processes come with containers",
+            p.root
+        )));
+    }
+    check_vmas(pid, &p.vmas)?;
+    check_xstate(image, t)?;
+    check_vdso(p)?;
+    check_files(p)?;
+    Ok(())
+}
+
+fn check_vmas(pid: i32, vmas: &[proto::Vma]) -> Result<(), RestoreError> {
+    let invalid = |what: String| RestoreError::Invalid(format!("process {pid}: {what}"));
+    let mut prev_end = 0;
+    let mut shared: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for v in vmas {
+        let page = |x: u64| x % 4096 == 0;
+        if !page(v.start) || !page(v.end) || v.end <= v.start || v.start < prev_end {
+            return Err(invalid(format!(
+                "mapping {:#x}-{:#x} is unaligned, empty or overlaps the previous one",
+                v.start, v.end
+            )));
+        }
+        if v.kind() != VmaKind::Vsyscall && v.end > TASK_SIZE {
+            return Err(invalid(format!(
+                "mapping {:#x}-{:#x} is above user space",
+                v.start, v.end
+            )));
+        }
+        if v.kind() == VmaKind::Unspecified {
+            return Err(invalid(format!(
+                "mapping {:#x}-{:#x} has no kind",
+                v.start, v.end
+            )));
+        }
+        if v.kind() == VmaKind::AnonShared {
+            // Several mappings of one object must be its consecutive pieces (an mprotect split).
+            let e = shared.entry(v.shmem_id).or_insert((v.start, v.pgoff));
+            if v.pgoff.wrapping_sub(e.1) != v.start.wrapping_sub(e.0) {
+                return Err(RestoreError::Unsupported(format!(
+                    "shared memory object {} is mapped at unrelated places; not supported yet",
+                    v.shmem_id
+                )));
+            }
+        }
+        prev_end = v.end;
+    }
+    Ok(())
+}
+
+fn check_xstate(image: &Image, t: &proto::Thread) -> Result<(), RestoreError> {
+    let ours = sys::xcr0();
+    let theirs = image.inventory().xcr0;
+    if theirs & !ours != 0 {
+        return Err(RestoreError::Unsupported(format!(
+            "the image uses CPU state components {theirs:#x} but this CPU enables only {ours:#x}"
+        )));
+    }
+    if t.xstate.len() < 576 || t.xstate.len() > 16384 {
+        return Err(RestoreError::Invalid(format!(
+            "xstate of thread {} is {} bytes (expected 576..=16384)",
+            t.tid,
+            t.xstate.len()
+        )));
+    }
+    Ok(())
+}
+
+/// This process's vDSO block: ([vvar], [vvar_vclock], [vdso]) entries that exist.
+pub fn own_vdso_block() -> Result<Vec<MapEntry>, RestoreError> {
+    Ok(procfs::read_maps(std::process::id() as i32)?
+        .into_iter()
+        .filter(|m| matches!(m.name.as_str(), "[vvar]" | "[vvar_vclock]" | "[vdso]"))
+        .collect())
+}
+
+pub(crate) fn special_name(kind: VmaKind) -> Option<&'static str> {
+    match kind {
+        VmaKind::Vvar => Some("[vvar]"),
+        VmaKind::VvarVclock => Some("[vvar_vclock]"),
+        VmaKind::Vdso => Some("[vdso]"),
+        _ => None,
+    }
+}
+
+fn check_vdso(p: &proto::Process) -> Result<(), RestoreError> {
+    let ours = own_vdso_block()?;
+    let theirs: Vec<&proto::Vma> = p
+        .vmas
+        .iter()
+        .filter(|v| special_name(v.kind()).is_some())
+        .collect();
+    let mismatch = |what: String| {
+        RestoreError::Unsupported(format!(
+            "the image's vDSO differs from this kernel's ({what}); restoring onto a different \
+             kernel is not supported yet"
+        ))
+    };
+    if ours.len() != theirs.len() {
+        return Err(mismatch(format!(
+            "{} special mappings here, {} in the image",
+            ours.len(),
+            theirs.len()
+        )));
+    }
+    for (o, t) in ours.iter().zip(&theirs) {
+        if special_name(t.kind()) != Some(o.name.as_str()) || o.len() != t.end - t.start {
+            return Err(mismatch(format!("{} is {} bytes here", o.name, o.len())));
+        }
+        let (ob, tb) = (o.start - ours[0].start, t.start - theirs[0].start);
+        if ob != tb {
+            return Err(mismatch(format!(
+                "{} sits at a different offset in the block",
+                o.name
+            )));
+        }
+    }
+    if let Some(v) = ours.iter().find(|m| m.name == "[vdso]") {
+        // SAFETY: [vdso] is mapped readable in this process for its whole length.
+        let text = unsafe { std::slice::from_raw_parts(v.start as *const u8, v.len() as usize) };
+        if blake3::hash(text).as_bytes().as_slice() != p.vdso_hash.as_slice() {
+            return Err(mismatch("its code hash differs".into()));
+        }
+    }
+    Ok(())
+}
+
+fn check_files(p: &proto::Process) -> Result<(), RestoreError> {
+    let pid = p.pid;
+    for v in &p.vmas {
+        if matches!(v.kind(), VmaKind::FilePrivate | VmaKind::FileShared) {
+            let meta = std::fs::metadata(&v.path).map_err(|e| {
+                RestoreError::Unsupported(format!("process {pid}: mapped file {}: {e}", v.path))
+            })?;
+            if let Some(f) = &v.file {
+                use std::os::unix::fs::MetadataExt;
+                let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+                if meta.size() != f.size || mtime != f.mtime_ns {
+                    return Err(RestoreError::Unsupported(format!(
+                        "process {pid}: mapped file {} changed since the checkpoint (size {} -> {}, \
+                         mtime differs: {})",
+                        v.path,
+                        f.size,
+                        meta.size(),
+                        mtime != f.mtime_ns
+                    )));
+                }
+            }
+        }
+    }
+    if std::fs::metadata(&p.exe_path).is_err() {
+        return Err(RestoreError::Unsupported(format!(
+            "process {pid}: executable {} does not exist",
+            p.exe_path
+        )));
+    }
+    if std::fs::metadata(&p.cwd).is_err() {
+        return Err(RestoreError::Unsupported(format!(
+            "process {pid}: working directory {} does not exist",
+            p.cwd
+        )));
+    }
+    Ok(())
+}
+
+/// Waits (bounded) until `pid` is free: a just-killed original may still be a zombie.
+pub fn wait_pid_free(pid: i32, bound: Duration) -> Result<(), RestoreError> {
+    let start = Instant::now();
+    loop {
+        match sys::pid_use(pid) {
+            PidUse::Free => return Ok(()),
+            PidUse::Taken { comm, state } => {
+                if state != 'Z' && state != 'X' || start.elapsed() >= bound {
+                    return Err(RestoreError::PidTaken { pid, comm, state });
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,36 @@
+//! Exit codes, documented in `stasis --help`.
+
+use stasis_checkpoint::CheckpointError;
+use stasis_restore::RestoreError;
+
+/// Success.
+pub const OK: i32 = 0;
+/// The operation failed (the workload was left as it was).
+pub const FAILED: i32 = 1;
+/// The image is corrupt, truncated or not an image.
+pub const BAD_IMAGE: i32 = 3;
+/// Refused before anything changed: no such process, PID taken, or an unsupported feature.
+pub const REFUSED: i32 = 4;
+
+/// The exit code for an error.
+pub fn code_for(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<CheckpointError>() {
+            return match e {
+                CheckpointError::NoSuchProcess(_) | CheckpointError::Unsupported { .. } => REFUSED,
+                _ => FAILED,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<RestoreError>() {
+            return match e {
+                RestoreError::Image(_) | RestoreError::Invalid(_) => BAD_IMAGE,
+                RestoreError::Unsupported(_) | RestoreError::PidTaken { .. } => REFUSED,
+                _ => FAILED,
+            };
+        }
+        if cause.downcast_ref::<stasis_image::ImageError>().is_some() {
+            return BAD_IMAGE;
+        }
+    }
+    FAILED
+}
