@@ -15,7 +15,7 @@ pub enum CheckpointError {
     #[error("writing image: {0}")]
     Image(#[from] ImageError),
     #[error("{0}: {1}")]
-    Io(String, #[source] std::io::Error),
+    Io(String, std::io::Error),
     /// The checkpoint failed and resuming the process failed too.
     #[error("checkpoint of PID {pid} failed ({cause}) and resuming it failed: {resume}")]
     ResumeFailed {

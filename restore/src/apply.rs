@@ -30,10 +30,11 @@ const MADVISE_FLAGS: [(&str, i32); 5] = [
 /// Creates the process and lets it run. On failure the half-built process is killed.
 pub fn apply(image: &Image, p: &proto::Process, plan: &ChildPlan) -> Result<Written, RestoreError> {
     let pid = p.pid as i32;
-    let spawned = spawn::spawn(pid, plan).map_err(|source| RestoreError::Apply { pid, source })?;
+    let spawned =
+        spawn::spawn(pid, plan).map_err(|source| RestoreError::Apply { pid, cause: source })?;
     let mut b = Builder {
         inj: Injector::new(spawned.pid, plan.trampoline)
-            .map_err(|source| RestoreError::Apply { pid, source })?,
+            .map_err(|source| RestoreError::Apply { pid, cause: source })?,
         pid: spawned.pid,
         scratch: plan.trampoline + PAGE_SIZE,
         plan,
@@ -58,7 +59,7 @@ impl Builder<'_> {
     fn err(&self, source: RuntimeError) -> RestoreError {
         RestoreError::Apply {
             pid: self.pid,
-            source,
+            cause: source,
         }
     }
 
@@ -71,7 +72,7 @@ impl Builder<'_> {
         let pid = self.pid;
         self.inj
             .call(name, nr, args)
-            .map_err(|source| RestoreError::Apply { pid, source })
+            .map_err(|source| RestoreError::Apply { pid, cause: source })
     }
 
     fn poke(&self, off: u64, bytes: &[u8]) -> Result<u64, RestoreError> {

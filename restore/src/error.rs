@@ -15,12 +15,8 @@ pub enum RestoreError {
     Unsupported(String),
     #[error("cannot restore PID {pid}: it is in use by {comm} (state {state})")]
     PidTaken { pid: i32, comm: String, state: char },
-    #[error("restoring PID {pid}: {source}")]
-    Apply {
-        pid: i32,
-        #[source]
-        source: RuntimeError,
-    },
+    #[error("restoring PID {pid}: {cause}")]
+    Apply { pid: i32, cause: RuntimeError },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
 }

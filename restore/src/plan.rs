@@ -7,6 +7,10 @@ use stasis_runtime::procfs;
 use stasis_runtime::spawn::{ChildPlan, FdPlan, FdSource};
 use std::ffi::CString;
 
+/// File status flags F_SETFL can change.
+const SETFL_MASK: u32 =
+    (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME) as u32;
+
 /// Scratch memory after the trampoline's code page.
 pub const SCRATCH_LEN: u64 = 64 * 1024;
 
@@ -59,7 +63,7 @@ pub fn plan(p: &proto::Process, opts: &Options) -> Result<ChildPlan, RestoreErro
                         p.pid, f.fd, f.inherited_from
                     )));
                 }
-                FdSource::Inherit(from)
+                FdSource::Inherit(from, (f.flags & SETFL_MASK) as i32)
             }
             FdKind::Unspecified => {
                 return Err(RestoreError::Invalid(format!(

@@ -6,12 +6,12 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// A system call failed.
-    #[error("{op} ({target}): {source}")]
+    #[error("{op} ({target}): {err}")]
     Sys {
         op: &'static str,
         target: String,
-        #[source]
-        source: io::Error,
+        /// Part of the message rather than a chained source, so it prints once.
+        err: io::Error,
     },
     /// A procfs file did not have the expected shape.
     #[error("parsing {path}: {what}")]
@@ -37,7 +37,7 @@ impl RuntimeError {
         RuntimeError::Sys {
             op,
             target: target.into(),
-            source,
+            err: source,
         }
     }
 
@@ -49,7 +49,7 @@ impl RuntimeError {
     /// The errno of a failed system call, if that is what this is.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            RuntimeError::Sys { source, .. } => source.raw_os_error(),
+            RuntimeError::Sys { err, .. } => err.raw_os_error(),
             _ => None,
         }
     }

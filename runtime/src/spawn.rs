@@ -24,8 +24,9 @@ pub enum FdSource {
         flags: i32,
         offset: u64,
     },
-    /// A duplicate of this (the restorer's) fd.
-    Inherit(i32),
+    /// A duplicate of this (the restorer's) fd, given these file status flags
+    /// (O_APPEND, O_NONBLOCK, ... as F_SETFL sets them).
+    Inherit(i32, i32),
 }
 
 /// One fd of the new process.
@@ -102,6 +103,7 @@ const STEP_MMAP: u32 = 8;
 const STEP_MPROTECT: u32 = 9;
 const STEP_PDEATHSIG: u32 = 10;
 const STEP_CTLFD: u32 = 11;
+const STEP_SETFL: u32 = 12;
 
 /// Forks a child with PID `pid` that carries out `plan`, seizes it and stops it.
 /// On any failure the child is killed and reaped and the error names the failing step.
@@ -216,7 +218,7 @@ fn describe_failure(pid: i32, plan: &ChildPlan, r: &Report) -> RuntimeError {
             }) => format!("fd {target} ({})", path.to_string_lossy()),
             Some(FdPlan {
                 target,
-                source: FdSource::Inherit(from),
+                source: FdSource::Inherit(from, _),
                 ..
             }) => format!("fd {target} (inherited from restorer fd {from})"),
             None => format!("fd #{i}"),
@@ -241,6 +243,7 @@ fn describe_failure(pid: i32, plan: &ChildPlan, r: &Report) -> RuntimeError {
         STEP_MPROTECT => format!("mprotect trampoline: {err}"),
         STEP_PDEATHSIG => format!("prctl(PR_SET_PDEATHSIG): {err}"),
         STEP_CTLFD => format!("moving control pipe: {err}"),
+        STEP_SETFL => format!("setting file status flags of {}: {err}", fd_name(r.index)),
         s => format!("step {s}: {err}"),
     };
     kill_and_reap(pid);
@@ -325,7 +328,12 @@ fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
                     }
                     fd
                 }
-                FdSource::Inherit(from) => *from,
+                FdSource::Inherit(from, status) => {
+                    if libc::fcntl(*from, libc::F_SETFL, *status) < 0 {
+                        fail(ctl, STEP_SETFL, i as u32);
+                    }
+                    *from
+                }
             };
             let tmp = libc::fcntl(src, libc::F_DUPFD, ctl + 1);
             if tmp < 0 {

@@ -1,0 +1,277 @@
+//! Shared helpers of the end-to-end tests: run stasis and the self-checking workloads of
+//! tests/workloads, and talk to them over their stdin/stdout pipes.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// The stasis binary under test.
+pub fn stasis() -> &'static str {
+    env!("CARGO_BIN_EXE_stasis")
+}
+
+/// Becomes a child subreaper once, so processes restored with --detach (orphaned when
+/// `stasis restore` exits) are reparented to this test process and can be reaped by PID.
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes no pointers.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+    });
+}
+
+/// Path of a workload binary, building the workloads package if it is missing.
+pub fn workload(name: &str) -> PathBuf {
+    let dir = Path::new(stasis())
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let path = dir.join(name);
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        if !path.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "stasis-workloads", "--bins"]);
+            if dir.ends_with("release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("running cargo build for the workloads");
+            assert!(st.success(), "building stasis-workloads failed");
+        }
+    });
+    assert!(
+        path.exists(),
+        "workload {} not found at {}",
+        name,
+        path.display()
+    );
+    path
+}
+
+/// A scratch directory for one test.
+pub fn scratch(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("stasis-test-{}-{}", test, std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create scratch dir");
+    d
+}
+
+/// The two pipes a workload talks over.
+pub struct Pipes {
+    pub stdin: ChildStdin,
+    pub stdout: BufReader<ChildStdout>,
+}
+
+impl Pipes {
+    pub fn send(&mut self, line: &str) {
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("writing to workload stdin");
+        self.stdin.flush().expect("flush");
+    }
+
+    /// The next line that starts with one of `prefixes` (others are skipped), with a bound.
+    pub fn expect_line(&mut self, prefixes: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {prefixes:?}"
+            );
+            let mut line = String::new();
+            let n = self
+                .stdout
+                .read_line(&mut line)
+                .expect("reading workload stdout");
+            assert!(
+                n > 0,
+                "workload stdout closed while waiting for {prefixes:?}"
+            );
+            let line = line.trim_end().to_string();
+            if prefixes.iter().any(|p| line.starts_with(p)) {
+                return line;
+            }
+        }
+    }
+
+    /// Sends a command and asserts the workload answers PASS.
+    pub fn expect_pass(&mut self, command: &str, what: &str) {
+        self.send(command);
+        let line = self.expect_line(&["PASS ", "FAIL "]);
+        assert!(line.starts_with("PASS "), "{what}: {line}");
+    }
+}
+
+/// A workload started directly by the test.
+pub struct Workload {
+    pub child: Child,
+    pub pid: i32,
+    pub pipes: Pipes,
+    pub tag: String,
+}
+
+/// Starts a workload with `--tag` and STASIS_WL_TAG and waits for READY.
+pub fn start(name: &str, args: &[&str]) -> Workload {
+    init();
+    let tag = format!("t{}x{}", std::process::id(), name.len() * 7919 + args.len());
+    let mut child = Command::new(workload(name))
+        .args(["--tag", &tag])
+        .args(args)
+        .env("STASIS_WL_TAG", &tag)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting workload");
+    let pid = child.id() as i32;
+    let mut pipes = Pipes {
+        stdin: child.stdin.take().expect("stdin"),
+        stdout: BufReader::new(child.stdout.take().expect("stdout")),
+    };
+    let ready = pipes.expect_line(&["READY ", "FAIL "]);
+    assert_eq!(ready, format!("READY {pid}"), "{name} did not get ready");
+    Workload {
+        child,
+        pid,
+        pipes,
+        tag,
+    }
+}
+
+/// Runs stasis with arguments; returns its output.
+pub fn run_stasis(args: &[&str]) -> Output {
+    Command::new(stasis())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running stasis")
+}
+
+/// Runs stasis and asserts it exits with `code`; returns stdout.
+pub fn stasis_ok(args: &[&str]) -> String {
+    let out = run_stasis(args);
+    assert!(
+        out.status.success(),
+        "stasis {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts stasis exits with `code` and its stderr mentions `needle`.
+pub fn stasis_fails(args: &[&str], code: i32, needle: &str) -> String {
+    let out = run_stasis(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "stasis {args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "stasis {args:?}: expected {needle:?} in: {err}"
+    );
+    err
+}
+
+/// `stasis restore IMAGE [--detach]` whose stdin/stdout (and so the restored process's) are
+/// new pipes held by the test.
+pub fn restore(image: &Path, detach: bool) -> (Child, Pipes) {
+    let mut cmd = Command::new(stasis());
+    cmd.arg("restore").arg(image);
+    if detach {
+        cmd.arg("--detach");
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("running stasis restore");
+    let pipes = Pipes {
+        stdin: child.stdin.take().expect("stdin"),
+        stdout: BufReader::new(child.stdout.take().expect("stdout")),
+    };
+    (child, pipes)
+}
+
+/// Waits for a process this test is the parent (or subreaper) of; returns its raw status.
+pub fn reap(pid: i32) -> i32 {
+    let mut status = 0;
+    // SAFETY: status is a valid c_int.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(
+        rc,
+        pid,
+        "waitpid({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    status
+}
+
+/// Whether `pid` is alive, not stopped, and not traced.
+pub fn running_untraced(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    let state = field("State:");
+    field("TracerPid:") == "0"
+        && !state.starts_with('T')
+        && !state.starts_with('t')
+        && !state.starts_with('Z')
+}
+
+/// Kills and reaps a process the test owns.
+pub fn kill(pid: i32) {
+    // SAFETY: kill takes no pointers; pid is a process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// Checkpoints (kill) → restore --detach → verify → checkpoint (kill) → restore → check.
+/// Every workload is taken through this: two checkpoints and restores in a row.
+pub fn round_trip(name: &str, args: &[&str], extra_ckpt: &[&str]) {
+    let dir = scratch(&format!(
+        "{name}{}",
+        extra_ckpt.join("").replace(['-', ':'], "")
+    ));
+    let mut wl = start(name, args);
+    wl.pipes.expect_pass("verify", "before checkpoint");
+    let pid = wl.pid.to_string();
+    let img1 = dir.join("1.img");
+    let img1s = img1.to_str().expect("utf8");
+    let mut ckpt: Vec<&str> = vec!["checkpoint", &pid, "-o", img1s];
+    ckpt.extend_from_slice(extra_ckpt);
+    stasis_ok(&ckpt);
+    wl.child.wait().expect("reap original");
+    stasis_ok(&["image", "verify", img1s]);
+
+    let (mut r1, mut p1) = restore(&img1, true);
+    let pid_line = p1.expect_line(&[&pid]);
+    assert_eq!(pid_line, pid);
+    assert!(
+        r1.wait().expect("stasis restore").success(),
+        "restore --detach failed"
+    );
+    p1.expect_pass("verify", "after first restore");
+
+    let img2 = dir.join("2.img");
+    let img2s = img2.to_str().expect("utf8");
+    let mut ckpt: Vec<&str> = vec!["checkpoint", &pid, "-o", img2s];
+    ckpt.extend_from_slice(extra_ckpt);
+    stasis_ok(&ckpt);
+    reap(wl.pid);
+
+    let (mut r2, mut p2) = restore(&img2, false);
+    p2.expect_pass("check", "after second restore");
+    let st = r2.wait().expect("stasis restore");
+    assert!(st.success(), "stasis restore exited with {st}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
