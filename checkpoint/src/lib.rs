@@ -52,6 +52,25 @@ pub struct Stats {
     pub compression: String,
     /// "killed" or "running".
     pub process: String,
+    /// Time spent collecting state, streaming pages, committing the image, and killing.
+    pub collect_us: u64,
+    pub pages_us: u64,
+    pub commit_us: u64,
+    pub kill_us: u64,
+    /// Peak resident memory of this (the checkpointing) process, KiB (VmHWM).
+    pub peak_rss_kib: u64,
+}
+
+/// Peak resident set size of this process in KiB (VmHWM), 0 if unknown.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Progress reports: (bytes of memory done, bytes to do).
@@ -73,15 +92,21 @@ pub fn checkpoint_process<S: ImageSink>(
     let t_frozen = Instant::now();
 
     let result = (|| -> Result<(Stats, S), CheckpointError> {
+        let tc = Instant::now();
         let process = collect::collect_process(&mut frozen)?;
         let plan = pages::plan(pid, &process)?;
+        let collect_us = tc.elapsed().as_micros() as u64;
+        let tp = Instant::now();
         let inventory = collect::inventory(pid, &opts.compression);
         let mut writer = ImageWriter::new(sink, &inventory, opts.compression)?;
         writer.write_process(&process)?;
         let dumped = pages::dump(pid, &plan, writer, progress)?;
         let (mut sink, ws) = dumped;
+        let pages_us = tp.elapsed().as_micros() as u64;
+        let tm = Instant::now();
         sink.commit()
             .map_err(|e| CheckpointError::Io("commit image".into(), e))?;
+        let commit_us = tm.elapsed().as_micros() as u64;
         let stats = Stats {
             pid,
             vmas: process.vmas.len() as u64,
@@ -93,6 +118,9 @@ pub fn checkpoint_process<S: ImageSink>(
             bytes_stored: ws.stored_bytes,
             image_bytes: ws.image_bytes,
             compression: opts.compression.to_string(),
+            collect_us,
+            pages_us,
+            commit_us,
             ..Default::default()
         };
         Ok((stats, sink))
@@ -104,9 +132,12 @@ pub fn checkpoint_process<S: ImageSink>(
                 frozen.resume()?;
                 stats.process = "running".into();
             } else {
+                let tk = Instant::now();
                 frozen.kill()?;
+                stats.kill_us = tk.elapsed().as_micros() as u64;
                 stats.process = "killed".into();
             }
+            stats.peak_rss_kib = peak_rss_kib();
             stats.freeze_us = freeze_us;
             stats.frozen_us = t_frozen.elapsed().as_micros() as u64;
             stats.total_us = t0.elapsed().as_micros() as u64;

@@ -377,7 +377,7 @@ impl Builder<'_> {
         let mm =
             p.mm.as_ref()
                 .ok_or_else(|| RestoreError::Invalid("no mm state".into()))?;
-        if mm.auxv.len() > 4096 || mm.auxv.len() % 8 != 0 {
+        if mm.auxv.len() > 4096 || !mm.auxv.len().is_multiple_of(8) {
             return Err(RestoreError::Invalid(format!(
                 "auxv is {} bytes",
                 mm.auxv.len()

@@ -73,7 +73,7 @@ fn check_vmas(pid: i32, vmas: &[proto::Vma]) -> Result<(), RestoreError> {
     let mut prev_end = 0;
     let mut shared: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
     for v in vmas {
-        let page = |x: u64| x % 4096 == 0;
+        let page = |x: u64| x.is_multiple_of(4096);
         if !page(v.start) || !page(v.end) || v.end <= v.start || v.start < prev_end {
             return Err(invalid(format!(
                 "mapping {:#x}-{:#x} is unaligned, empty or overlaps the previous one",

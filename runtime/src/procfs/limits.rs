@@ -13,22 +13,22 @@ pub struct Limit {
 }
 
 const NAMES: [(&str, u32); 16] = [
-    ("Max cpu time", libc::RLIMIT_CPU as u32),
-    ("Max file size", libc::RLIMIT_FSIZE as u32),
-    ("Max data size", libc::RLIMIT_DATA as u32),
-    ("Max stack size", libc::RLIMIT_STACK as u32),
-    ("Max core file size", libc::RLIMIT_CORE as u32),
-    ("Max resident set", libc::RLIMIT_RSS as u32),
-    ("Max processes", libc::RLIMIT_NPROC as u32),
-    ("Max open files", libc::RLIMIT_NOFILE as u32),
-    ("Max locked memory", libc::RLIMIT_MEMLOCK as u32),
-    ("Max address space", libc::RLIMIT_AS as u32),
-    ("Max file locks", libc::RLIMIT_LOCKS as u32),
-    ("Max pending signals", libc::RLIMIT_SIGPENDING as u32),
-    ("Max msgqueue size", libc::RLIMIT_MSGQUEUE as u32),
-    ("Max nice priority", libc::RLIMIT_NICE as u32),
-    ("Max realtime priority", libc::RLIMIT_RTPRIO as u32),
-    ("Max realtime timeout", libc::RLIMIT_RTTIME as u32),
+    ("Max cpu time", libc::RLIMIT_CPU),
+    ("Max file size", libc::RLIMIT_FSIZE),
+    ("Max data size", libc::RLIMIT_DATA),
+    ("Max stack size", libc::RLIMIT_STACK),
+    ("Max core file size", libc::RLIMIT_CORE),
+    ("Max resident set", libc::RLIMIT_RSS),
+    ("Max processes", libc::RLIMIT_NPROC),
+    ("Max open files", libc::RLIMIT_NOFILE),
+    ("Max locked memory", libc::RLIMIT_MEMLOCK),
+    ("Max address space", libc::RLIMIT_AS),
+    ("Max file locks", libc::RLIMIT_LOCKS),
+    ("Max pending signals", libc::RLIMIT_SIGPENDING),
+    ("Max msgqueue size", libc::RLIMIT_MSGQUEUE),
+    ("Max nice priority", libc::RLIMIT_NICE),
+    ("Max realtime priority", libc::RLIMIT_RTPRIO),
+    ("Max realtime timeout", libc::RLIMIT_RTTIME),
 ];
 
 /// Parses the text of /proc/PID/limits.
@@ -81,7 +81,7 @@ mod tests {
         assert_eq!(l.len(), 16);
         let nofile = l
             .iter()
-            .find(|l| l.resource == libc::RLIMIT_NOFILE as u32)
+            .find(|l| l.resource == libc::RLIMIT_NOFILE)
             .unwrap();
         assert!(nofile.soft <= nofile.hard);
     }

@@ -1,0 +1,338 @@
+//! `stasis-bench`: checkpoint/restore timings against a baseline measured in the same run.
+//!
+//! For each memory size, a `wl-counter --mib N` process holding N MiB of non-zero random data
+//! is checkpointed (killed), checkpointed with --leave-running (frozen time), and restored
+//! until it runs again, with raw and zstd page data. The image lives in /dev/shm (page cache).
+//! The baseline copies the same amount of memory into freshly allocated memory: these VMs
+//! give out fresh memory slowly and erratically, so every figure is also shown as a ratio to
+//! the baseline's median from the same run. Every restored process checks its own data.
+//!
+//! Usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Args {
+    sizes: Vec<u64>,
+    runs: usize,
+    dir: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        sizes: vec![256, 1024],
+        runs: 5,
+        dir: PathBuf::from("/dev/shm"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--sizes" => {
+                a.sizes = val()?
+                    .split(',')
+                    .map(|s| s.parse().map_err(|_| format!("bad size {s}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--runs" => a.runs = val()?.parse().map_err(|_| "bad --runs".to_string())?,
+            "--dir" => a.dir = PathBuf::from(val()?),
+            "-h" | "--help" => {
+                println!("usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(a)
+}
+
+fn bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Copies `mib` MiB from a filled source into freshly mapped memory; milliseconds.
+fn baseline(mib: u64, src: &[u8]) -> f64 {
+    let len = (mib << 20) as usize;
+    let t = Instant::now();
+    let mut dst: Vec<u8> = Vec::with_capacity(len);
+    // SAFETY: the capacity is len; copy_nonoverlapping initializes all len bytes before
+    // set_len, and src holds at least len bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), len);
+        dst.set_len(len);
+    }
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    std::hint::black_box(&dst);
+    ms
+}
+
+struct Workload {
+    child: Child,
+    pid: i32,
+}
+
+fn start_counter(mib: u64) -> Result<Workload, String> {
+    let mut child = Command::new(bin_dir().join("wl-counter"))
+        .args(["--mib", &mib.to_string(), "--quiet", "--tag", "bench"])
+        .env("STASIS_WL_TAG", "bench")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting wl-counter (build the workspace first): {e}"))?;
+    let mut line = String::new();
+    let out = child.stdout.as_mut().ok_or("no stdout")?;
+    BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let pid = line
+        .trim()
+        .strip_prefix("READY ")
+        .and_then(|p| p.parse().ok())
+        .ok_or(format!("wl-counter said {line:?}"))?;
+    Ok(Workload { child, pid })
+}
+
+/// Runs stasis; returns (wall ms, ru_maxrss KiB, stdout).
+fn stasis(args: &[&str], stdin: Stdio, stdout: Stdio) -> Result<(f64, i64, String), String> {
+    let t = Instant::now();
+    let mut child = Command::new(bin_dir().join("stasis"))
+        .args(args)
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let pid = child.id() as i32;
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; status and ru are valid for the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pid is our child.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut o, &mut out);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    if rc != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!("stasis {args:?} failed: {err}"));
+    }
+    Ok((ms, ru.ru_maxrss, out))
+}
+
+fn json_u64(text: &str, key: &str) -> f64 {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v[key].as_u64())
+        .map(|v| v as f64)
+        .unwrap_or(f64::NAN)
+}
+
+fn reap(pid: i32) {
+    let mut st = 0;
+    // SAFETY: waitpid on our own child with a valid status pointer.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+}
+
+#[derive(Default)]
+struct Samples {
+    checkpoint: Vec<f64>,
+    frozen: Vec<f64>,
+    restore: Vec<f64>,
+    size_mib: Vec<f64>,
+    rss_mib: Vec<f64>,
+}
+
+fn one_run(mib: u64, compress: &str, img: &Path, s: &mut Samples) -> Result<(), String> {
+    let imgs = img.to_str().ok_or("path")?;
+    // Frozen time of --leave-running.
+    let mut w = start_counter(mib)?;
+    let pid = w.pid.to_string();
+    let (_, _, out) = stasis(
+        &[
+            "checkpoint",
+            &pid,
+            "-o",
+            imgs,
+            "--leave-running",
+            "--compress",
+            compress,
+            "--json",
+        ],
+        Stdio::null(),
+        Stdio::piped(),
+    )?;
+    s.frozen.push(json_u64(&out, "frozen_us") / 1000.0);
+    // Checkpoint and kill.
+    let (ms, _, out) = stasis(
+        &[
+            "checkpoint",
+            &pid,
+            "-o",
+            imgs,
+            "--compress",
+            compress,
+            "--json",
+        ],
+        Stdio::null(),
+        Stdio::piped(),
+    )?;
+    let _ = w.child.wait();
+    s.checkpoint.push(ms);
+    // stasis's own peak RSS (wait4's figure would include the killed target's).
+    s.rss_mib.push(json_u64(&out, "peak_rss_kib") / 1024.0);
+    if std::env::var_os("STASIS_BENCH_VERBOSE").is_some() {
+        eprintln!("{out}");
+    }
+    s.size_mib.push(
+        std::fs::metadata(img)
+            .map(|m| m.len() as f64 / 1048576.0)
+            .unwrap_or(f64::NAN),
+    );
+    // Restore until it runs (--detach returns once the process runs), then let it check.
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is valid for pipe2.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err("pipe2".into());
+    }
+    // SAFETY: pipe2 returned these fds and we own them.
+    let (rd, wr) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let (out_rd, out_wr) = {
+        let mut f = [0i32; 2];
+        // SAFETY: f is valid for pipe2.
+        if unsafe { libc::pipe2(f.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err("pipe2".into());
+        }
+        // SAFETY: pipe2 returned these fds and we own them.
+        unsafe {
+            use std::os::fd::FromRawFd;
+            (
+                std::fs::File::from_raw_fd(f[0]),
+                std::fs::File::from_raw_fd(f[1]),
+            )
+        }
+    };
+    let (ms, _, _) = stasis(
+        &["restore", imgs, "--detach"],
+        Stdio::from(rd),
+        Stdio::from(out_wr),
+    )?;
+    s.restore.push(ms);
+    let mut wr = wr;
+    writeln!(wr, "check").map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(out_rd);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 || Instant::now() > deadline
+        {
+            return Err("restored counter went away without answering".into());
+        }
+        if line.starts_with("PASS ") {
+            break;
+        }
+        if line.starts_with("FAIL ") {
+            return Err(format!("restored process failed its check: {line}"));
+        }
+    }
+    reap(w.pid);
+    let _ = std::fs::remove_file(img);
+    Ok(())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("stasis-bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes no pointers. Detached restored processes
+    // are reparented to us so we can reap them.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let img = args
+        .dir
+        .join(format!("stasis-bench-{}.img", std::process::id()));
+    println!("stasis-bench: {} runs each, image in {}; times in ms, medians; x = ratio to the baseline median", args.runs, args.dir.display());
+    println!(
+        "{:>6} {:>6} | {:>9} | {:>10} {:>6} | {:>9} | {:>10} {:>6} | {:>9} {:>9}",
+        "MiB",
+        "pages",
+        "baseline",
+        "checkpoint",
+        "x",
+        "frozen",
+        "restore",
+        "x",
+        "image MiB",
+        "RSS MiB"
+    );
+    let mut failed = false;
+    for &mib in &args.sizes {
+        let max = args.sizes.iter().copied().max().unwrap_or(mib);
+        let src: Vec<u8> = (0..(max << 20) as usize)
+            .map(|i| (i * 31 + 7) as u8)
+            .collect();
+        let mut base: Vec<f64> = (0..args.runs).map(|_| baseline(mib, &src)).collect();
+        drop(src);
+        let b = median(&mut base);
+        for compress in ["none", "zstd"] {
+            let mut s = Samples::default();
+            for _ in 0..args.runs {
+                if let Err(e) = one_run(mib, compress, &img, &mut s) {
+                    eprintln!("stasis-bench: {mib} MiB {compress}: {e}");
+                    failed = true;
+                    break;
+                }
+            }
+            let c = median(&mut s.checkpoint);
+            let r = median(&mut s.restore);
+            println!(
+                "{:>6} {:>6} | {:>9.1} | {:>10.1} {:>6.2} | {:>9.1} | {:>10.1} {:>6.2} | {:>9.1} {:>9.1}",
+                mib,
+                compress,
+                b,
+                c,
+                c / b,
+                median(&mut s.frozen),
+                r,
+                r / b,
+                median(&mut s.size_mib),
+                median(&mut s.rss_mib)
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&img);
+    if failed {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,229 @@
+//! Error paths: every refusal names the problem, and the workload (or the image) is left
+//! exactly as it was.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+const REFUSED: i32 = 4;
+const BAD_IMAGE: i32 = 3;
+const FAILED: i32 = 1;
+
+/// Starts `python3 -c CODE`, waits for it to print "ready".
+fn python(code: &str) -> Option<std::process::Child> {
+    let mut child = match Command::new("python3")
+        .args(["-c", code])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIP: python3 is not available ({e})");
+            return None;
+        }
+    };
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line.trim(), "ready");
+    Some(child)
+}
+
+#[test]
+fn no_such_pid() {
+    stasis_fails(
+        &["checkpoint", "4999999", "-o", "/tmp/stasis-none.img"],
+        REFUSED,
+        "no process with PID 4999999",
+    );
+    assert!(!std::path::Path::new("/tmp/stasis-none.img").exists());
+}
+
+#[test]
+fn multithreaded_target_is_refused_and_left_running() {
+    init();
+    let code = "import threading,time\n\
+                threading.Thread(target=time.sleep,args=(300,),daemon=True).start()\n\
+                print('ready',flush=True)\ntime.sleep(300)";
+    let Some(mut child) = python(code) else {
+        return;
+    };
+    let pid = child.id().to_string();
+    let dir = scratch("threads");
+    let img = dir.join("t.img");
+    stasis_fails(
+        &["checkpoint", &pid, "-o", img.to_str().expect("utf8")],
+        REFUSED,
+        "2 threads",
+    );
+    assert!(
+        running_untraced(child.id() as i32),
+        "the process must still run, untraced"
+    );
+    assert!(!img.exists(), "no image may be left behind");
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+}
+
+#[test]
+fn socket_fd_is_refused_and_left_running() {
+    init();
+    let code = "import socket,time\ns=socket.socket()\nprint('ready',flush=True)\ntime.sleep(300)";
+    let Some(mut child) = python(code) else {
+        return;
+    };
+    let pid = child.id().to_string();
+    let err = stasis_fails(
+        &["checkpoint", &pid, "-o", "/tmp/stasis-sock.img"],
+        REFUSED,
+        "is a socket",
+    );
+    assert!(err.contains("fd 3"), "the error must name the fd: {err}");
+    assert!(running_untraced(child.id() as i32));
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+}
+
+#[test]
+fn taken_pid_is_refused_and_original_untouched() {
+    let dir = scratch("taken");
+    let mut wl = start("wl-files", &[]);
+    let pid = wl.pid.to_string();
+    let img = dir.join("t.img");
+    let imgs = img.to_str().expect("utf8");
+    stasis_ok(&["checkpoint", &pid, "-o", imgs, "--leave-running"]);
+    assert!(running_untraced(wl.pid));
+    wl.pipes
+        .expect_pass("verify", "after --leave-running checkpoint");
+    let err = stasis_fails(&["restore", imgs], REFUSED, &format!("PID {pid}"));
+    assert!(err.contains("in use"), "{err}");
+    wl.pipes
+        .expect_pass("check", "original after refused restore");
+    assert!(wl.child.wait().expect("reap").success());
+}
+
+#[test]
+fn corrupt_and_truncated_images_are_refused_before_anything_is_created() {
+    let dir = scratch("corrupt");
+    let mut wl = start("wl-memory", &["--mib", "4"]);
+    let pid = wl.pid.to_string();
+    let img = dir.join("good.img");
+    let imgs = img.to_str().expect("utf8");
+    stasis_ok(&["checkpoint", &pid, "-o", imgs]);
+    wl.child.wait().expect("reap original");
+    let good = std::fs::read(&img).expect("read image");
+
+    let bad = dir.join("bad.img");
+    let bads = bad.to_str().expect("utf8");
+    // A flipped byte in page data, in a record, in the header; a truncation; not an image.
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("page data", flip(&good, good.len() / 2)),
+        ("record", flip(&good, 64 + 64 + 3)),
+        ("header", flip(&good, 9)),
+        ("truncated", good[..good.len() - 100].to_vec()),
+        ("truncated at half", good[..good.len() / 2].to_vec()),
+        ("garbage", vec![0x5a; 8192]),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&bad, &bytes).expect("write bad image");
+        let out = run_stasis(&["restore", bads]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(BAD_IMAGE), "{what}: {err}");
+        assert!(err.contains("image"), "{what}: {err}");
+        let out = run_stasis(&["image", "verify", bads]);
+        assert_eq!(out.status.code(), Some(BAD_IMAGE), "verify {what}");
+        assert!(
+            std::fs::metadata(format!("/proc/{pid}")).is_err(),
+            "{what}: a process was created from a bad image"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&img).expect("reread"),
+        good,
+        "the good image must be unchanged"
+    );
+    let (mut r, mut p) = restore(&img, false);
+    p.expect_pass("check", "restore of the good image");
+    assert!(r.wait().expect("restore").success());
+}
+
+fn flip(bytes: &[u8], at: usize) -> Vec<u8> {
+    let mut v = bytes.to_vec();
+    v[at] ^= 0x40;
+    v
+}
+
+#[test]
+fn failed_checkpoint_resumes_a_sleeping_process_intact() {
+    // The image goes to /dev/full: writing fails after the process was frozen and syscalls
+    // were injected. It must come back exactly as it was, its nanosleep restarting cleanly.
+    let mut wl = start("wl-sleep", &[]);
+    let pid = wl.pid.to_string();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = Command::new(stasis())
+        .args(["checkpoint", &pid, "-o", "-"])
+        .stdout(Stdio::from(full))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run stasis");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(FAILED), "{err}");
+    assert!(err.contains("No space left"), "{err}");
+    assert!(running_untraced(wl.pid));
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    wl.pipes.expect_pass("check", "after a failed checkpoint");
+    assert!(wl.child.wait().expect("reap").success());
+}
+
+#[test]
+fn leave_running_then_restore_the_image_later() {
+    let dir = scratch("leave");
+    let mut wl = start("wl-regs", &[]);
+    let pid = wl.pid.to_string();
+    let img = dir.join("r.img");
+    let imgs = img.to_str().expect("utf8");
+    let out = stasis_ok(&["checkpoint", &pid, "-o", imgs, "--leave-running", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("checkpoint --json");
+    assert_eq!(v["process"], "running");
+    assert!(v["frozen_us"].as_u64().is_some() && v["image_bytes"].as_u64() > Some(0));
+    wl.pipes.expect_pass("verify", "after --leave-running");
+    kill(wl.pid);
+    wl.child.wait().expect("reap");
+    let (mut r, mut p) = restore(&img, false);
+    p.expect_pass("check", "restored from a --leave-running image");
+    assert!(r.wait().expect("restore").success());
+}
+
+#[test]
+fn inspect_json_shows_the_process() {
+    let dir = scratch("inspect");
+    let mut wl = start("wl-memory", &["--mib", "2"]);
+    let pid = wl.pid.to_string();
+    let img = dir.join("i.img");
+    let imgs = img.to_str().expect("utf8");
+    stasis_ok(&["checkpoint", &pid, "-o", imgs, "--leave-running"]);
+    wl.pipes.expect_pass("check", "after --leave-running");
+    wl.child.wait().expect("reap");
+    let out = stasis_ok(&["image", "inspect", imgs, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect --json");
+    let text = v.to_string();
+    assert!(
+        text.contains(&format!("\"pid\":{pid}")),
+        "inspect lacks the pid"
+    );
+    assert!(text.contains("wl-memory"), "inspect lacks the exe");
+    assert!(
+        text.contains("[stack]") && text.contains("[vdso]"),
+        "inspect lacks VMAs"
+    );
+    let human = stasis_ok(&["image", "inspect", imgs]);
+    assert!(human.contains(&pid));
+}
