@@ -169,6 +169,8 @@ fn data_ranges(file: &File, path: &str, end: u64) -> Result<Vec<(u64, u64)>, Che
 
 /// One batch handed to the writer thread.
 struct Batch {
+    /// blake3 of `data`, computed on the reading thread.
+    hash: [u8; 32],
     space: SpaceKind,
     space_id: u64,
     runs: Vec<proto::PageRun>,
@@ -193,7 +195,13 @@ pub fn dump<W: Write + Send>(
         let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
         let writer_thread = scope.spawn(move || -> Result<(W, WriteStats), CheckpointError> {
             for batch in rx {
-                writer.write_chunk(batch.space, batch.space_id, &batch.runs, &batch.data)?;
+                writer.write_chunk_prehashed(
+                    batch.space,
+                    batch.space_id,
+                    &batch.runs,
+                    &batch.data,
+                    batch.hash,
+                )?;
                 let _ = ret_tx.send(batch.data);
             }
             Ok(writer.finish()?)
@@ -331,6 +339,7 @@ fn compact(group: &[Segment], mut buf: Vec<u8>) -> Batch {
     }
     buf.truncate(write);
     Batch {
+        hash: stasis_image::hash_pages(&buf),
         space: group[0].space,
         space_id: group[0].space_id,
         runs,

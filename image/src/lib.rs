@@ -75,3 +75,8 @@ pub const FORMAT_MAJOR: u16 = 1;
 pub const FORMAT_MINOR: u16 = 0;
 /// Page size of every image in format 1.x.
 pub const PAGE_SIZE: usize = 4096;
+
+/// The blake3 hash the format uses for page data (a chunk's `raw_hash`).
+pub fn hash_pages(data: &[u8]) -> [u8; 32] {
+    frame::hash(data)
+}

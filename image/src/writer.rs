@@ -178,6 +178,33 @@ impl<W: Write> ImageWriter<W> {
         runs: &[proto::PageRun],
         data: &[u8],
     ) -> Result<ChunkStats, ImageError> {
+        self.write_chunk_inner(space, space_id, runs, data, None)
+    }
+
+    /// Like [`ImageWriter::write_chunk`], with `raw_hash` = [`crate::hash_pages`]`(data)`
+    /// already computed by the caller (typically on the thread that read the pages, so the
+    /// writer thread only compresses and writes). A wrong hash makes an image that fails
+    /// verification.
+    pub fn write_chunk_prehashed(
+        &mut self,
+        space: SpaceKind,
+        space_id: u64,
+        runs: &[proto::PageRun],
+        data: &[u8],
+        raw_hash: [u8; 32],
+    ) -> Result<ChunkStats, ImageError> {
+        debug_assert_eq!(raw_hash, hash(data));
+        self.write_chunk_inner(space, space_id, runs, data, Some(raw_hash))
+    }
+
+    fn write_chunk_inner(
+        &mut self,
+        space: SpaceKind,
+        space_id: u64,
+        runs: &[proto::PageRun],
+        data: &[u8],
+        raw_hash: Option<[u8; 32]>,
+    ) -> Result<ChunkStats, ImageError> {
         const OP: &str = "write_chunk";
         let invalid = |reason: String| ImageError::InvalidInput { op: OP, reason };
         if self.failed {
@@ -202,7 +229,7 @@ impl<W: Write> ImageWriter<W> {
             .check(space, space_id, t.vaddr_start, t.vaddr_end)
             .map_err(invalid)?;
 
-        let raw_hash = hash(data);
+        let raw_hash = raw_hash.unwrap_or_else(|| hash(data));
         let mut encoding = Encoding::Raw;
         // Taken out of self so the payload can borrow it while frames are written.
         let mut scratch = std::mem::take(&mut self.scratch);
