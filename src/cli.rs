@@ -186,7 +186,7 @@ struct RestoreReport {
 }
 
 fn restore(path: PathBuf, detach: bool, json: bool) -> Result<i32> {
-    let image = Image::open(&path).with_context(|| format!("opening image {}", path.display()))?;
+    let image = open_image(&path)?;
     let stats = stasis_restore::restore_process(&image, &stasis_restore::Options::default())?;
     drop(image);
     let pid = stats.pid;
@@ -221,7 +221,7 @@ fn restore(path: PathBuf, detach: bool, json: bool) -> Result<i32> {
 }
 
 fn inspect(path: PathBuf, json: bool) -> Result<i32> {
-    let image = Image::open(&path).with_context(|| format!("opening image {}", path.display()))?;
+    let image = open_image(&path)?;
     let rep = stasis_image::inspect::report(&image);
     if json {
         report::json(&rep)?;
@@ -232,7 +232,7 @@ fn inspect(path: PathBuf, json: bool) -> Result<i32> {
 }
 
 fn verify(path: PathBuf, json: bool) -> Result<i32> {
-    let image = Image::open(&path).with_context(|| format!("opening image {}", path.display()))?;
+    let image = open_image(&path)?;
     let rep = image
         .verify()
         .with_context(|| format!("verifying {}", path.display()))?;
@@ -247,4 +247,15 @@ fn verify(path: PathBuf, json: bool) -> Result<i32> {
         );
     }
     Ok(exit::OK)
+}
+
+/// Opens an image; a corrupt one is reported as "image PATH is invalid: <what and where>".
+fn open_image(path: &std::path::Path) -> Result<Image> {
+    match Image::open(path) {
+        Ok(i) => Ok(i),
+        Err(e @ stasis_image::ImageError::File { .. }) => Err(e.into()),
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("image {} is invalid", path.display())))
+        }
+    }
 }

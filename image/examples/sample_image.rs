@@ -21,7 +21,7 @@ fn main() -> Result<(), ImageError> {
     let file = std::fs::File::create(&path).map_err(|e| ImageError::File {
         op: "creating",
         path: path.clone(),
-        source: e,
+        err: e,
     })?;
     let inv = proto::Inventory {
         tool: "stasis-image sample".into(),

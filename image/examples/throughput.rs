@@ -37,7 +37,7 @@ fn run(total_mib: u64, compression: Compression, dir: &std::path::Path) -> Resul
     let file = std::fs::File::create(&path).map_err(|e| ImageError::File {
         op: "creating",
         path: path.clone(),
-        source: e,
+        err: e,
     })?;
     let t = Instant::now();
     let mut w = ImageWriter::new(file, &proto::Inventory::default(), compression)?;
@@ -65,7 +65,7 @@ fn run(total_mib: u64, compression: Compression, dir: &std::path::Path) -> Resul
     let f = std::fs::File::open(&path).map_err(|e| ImageError::File {
         op: "opening",
         path: path.clone(),
-        source: e,
+        err: e,
     })?;
     verify_stream(std::io::BufReader::with_capacity(1 << 20, f))?;
     let stream = t.elapsed().as_secs_f64();

@@ -10,20 +10,18 @@ use crate::{FORMAT_MAJOR, FORMAT_MINOR};
 #[non_exhaustive]
 pub enum ImageError {
     /// An I/O call on an image file failed.
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}: {err}", path.display())]
     File {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// Reading or writing the image stream failed.
-    #[error("{op} at image offset {offset}: {source}")]
+    #[error("{op} at image offset {offset}: {err}")]
     Io {
         op: &'static str,
         offset: u64,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// The image ends before a structure it announces.
     #[error("image truncated at offset {offset}: {what} needs {needed} bytes, {available} left")]
@@ -70,12 +68,11 @@ pub enum ImageError {
     #[error("frame at offset {offset} ({kind}): decoded page data hash mismatch (raw_hash)")]
     RawHash { offset: u64, kind: &'static str },
     /// A protobuf record does not decode.
-    #[error("frame at offset {offset} ({kind}): protobuf decode failed: {source}")]
+    #[error("frame at offset {offset} ({kind}): protobuf decode failed: {err}")]
     Decode {
         offset: u64,
         kind: &'static str,
-        #[source]
-        source: prost::DecodeError,
+        err: prost::DecodeError,
     },
     /// A zstd payload does not decode.
     #[error("frame at offset {offset} ({kind}): zstd decode failed: {reason}")]

@@ -331,7 +331,7 @@ pub(crate) fn decode<M: prost::Message + Default>(
     M::decode(payload).map_err(|source| ImageError::Decode {
         offset,
         kind: kind.name(),
-        source,
+        err: source,
     })
 }
 

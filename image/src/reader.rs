@@ -126,7 +126,7 @@ impl Image {
         let file_err = |op, source| ImageError::File {
             op,
             path: path.to_path_buf(),
-            source,
+            err: source,
         };
         let file = File::open(path).map_err(|e| file_err("opening image", e))?;
         let len = file

@@ -50,7 +50,7 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8], pos: u64) -> Result<usize, Imag
                 return Err(ImageError::Io {
                     op: "reading image stream",
                     offset: pos + got as u64,
-                    source,
+                    err: source,
                 })
             }
         }
@@ -178,7 +178,7 @@ impl<R: Read> StreamReader<R> {
             .map_err(|source| ImageError::Io {
                 op: "reading image stream",
                 offset: payload_at,
-                source,
+                err: source,
             })?;
         if (buf.len() as u64) < len {
             return Err(ImageError::Truncated {

@@ -346,7 +346,7 @@ impl<W: Write> ImageWriter<W> {
         let out = self.out.into_inner().map_err(|e| ImageError::Io {
             op: "flushing image",
             offset: pos,
-            source: e.into_error(),
+            err: e.into_error(),
         })?;
         let mut stats = self.stats;
         stats.image_bytes = pos;
@@ -424,7 +424,7 @@ impl<W: Write> ImageWriter<W> {
             return Err(ImageError::Io {
                 op,
                 offset: self.pos,
-                source,
+                err: source,
             });
         }
         self.pos += bytes.len() as u64;

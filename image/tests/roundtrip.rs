@@ -142,13 +142,13 @@ fn round_trip_all_ways() -> R {
             let dir = tempfile::tempdir().map_err(|e| ImageError::Io {
                 op: "tempdir",
                 offset: 0,
-                source: e,
+                err: e,
             })?;
             let path = dir.path().join("x.img");
             std::fs::write(&path, &bytes).map_err(|e| ImageError::Io {
                 op: "write",
                 offset: 0,
-                source: e,
+                err: e,
             })?;
             let mapped = Image::open(&path)?;
             assert!(mapped.is_mapped());
@@ -210,7 +210,7 @@ fn writer_on_non_seekable_sink_and_pipe() -> R {
     let (reader, writer) = std::io::pipe().map_err(|e| ImageError::Io {
         op: "pipe",
         offset: 0,
-        source: e,
+        err: e,
     })?;
     let t = std::thread::spawn(move || -> Result<u64, ImageError> {
         let mut w = ImageWriter::new(writer, &inventory(false), Compression::Zstd(1))?;

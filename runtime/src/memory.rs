@@ -72,11 +72,20 @@ fn remote_iovecs(remote: &[Remote]) -> Vec<libc::iovec> {
         .collect()
 }
 
-/// Reads the remote ranges, in order, into `local` (whose length must be their sum).
-/// Partial transfers are an error naming the first range that was not read.
-pub fn read_remote(pid: i32, remote: &[Remote], local: &mut [u8]) -> Result<()> {
-    let total: usize = remote.iter().map(|r| r.1).sum();
-    debug_assert_eq!(total, local.len());
+/// Direction of a process_vm_* transfer.
+#[derive(Clone, Copy)]
+enum Dir {
+    Read,
+    Write,
+}
+
+/// Moves bytes between `local` (contiguous) and the remote ranges, in order, in batches of
+/// IOV_MAX ranges. A partial transfer is an error naming the first byte not moved.
+fn transfer(pid: i32, remote: &[Remote], local: *mut u8, dir: Dir) -> Result<()> {
+    let op = match dir {
+        Dir::Read => "process_vm_readv",
+        Dir::Write => "process_vm_writev",
+    };
     let mut done_ranges = 0;
     let mut done_bytes = 0;
     while done_ranges < remote.len() {
@@ -84,23 +93,35 @@ pub fn read_remote(pid: i32, remote: &[Remote], local: &mut [u8]) -> Result<()> 
         let len: usize = batch.iter().map(|r| r.1).sum();
         let riov = remote_iovecs(batch);
         let liov = libc::iovec {
-            iov_base: local[done_bytes..].as_mut_ptr().cast(),
+            // In bounds: callers pass a buffer of at least the sum of all
+            // remote lengths, so done_bytes + len stays inside it.
+            iov_base: local.wrapping_add(done_bytes).cast(),
             iov_len: len,
         };
-        // SAFETY: liov covers `len` writable bytes of `local`; riov are remote addresses the
-        // kernel checks against the target's address space.
-        let n = unsafe { libc::process_vm_readv(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
+        // SAFETY: liov covers `len` bytes of the caller's buffer (writable for reads, only
+        // read by the kernel for writes); riov are remote addresses the kernel checks
+        // against the target's address space.
+        let n = unsafe {
+            match dir {
+                Dir::Read => {
+                    libc::process_vm_readv(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0)
+                }
+                Dir::Write => {
+                    libc::process_vm_writev(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0)
+                }
+            }
+        };
         if n < 0 {
             return Err(RuntimeError::last_os(
-                "process_vm_readv",
+                op,
                 format!("pid {pid} at {:#x}", batch[0].0),
             ));
         }
         if n as usize != len {
             let at = first_unreached(batch, n as usize);
             return Err(RuntimeError::sys(
-                "process_vm_readv",
-                format!("pid {pid} at {at:#x} (read {n} of {len} bytes)"),
+                op,
+                format!("pid {pid} at {at:#x} (moved {n} of {len} bytes)"),
                 io::Error::from_raw_os_error(libc::EFAULT),
             ));
         }
@@ -110,39 +131,26 @@ pub fn read_remote(pid: i32, remote: &[Remote], local: &mut [u8]) -> Result<()> 
     Ok(())
 }
 
-/// Writes `local` into the remote ranges, in order.
-pub fn write_remote(pid: i32, remote: &[Remote], local: &[u8]) -> Result<()> {
-    let mut done_ranges = 0;
-    let mut done_bytes = 0;
-    while done_ranges < remote.len() {
-        let batch = &remote[done_ranges..remote.len().min(done_ranges + IOV_MAX)];
-        let len: usize = batch.iter().map(|r| r.1).sum();
-        let riov = remote_iovecs(batch);
-        let liov = libc::iovec {
-            iov_base: local[done_bytes..done_bytes + len].as_ptr() as *mut libc::c_void,
-            iov_len: len,
-        };
-        // SAFETY: liov covers `len` readable bytes of `local` (only read by the kernel).
-        let n =
-            unsafe { libc::process_vm_writev(pid, &liov, 1, riov.as_ptr(), riov.len() as _, 0) };
-        if n < 0 {
-            return Err(RuntimeError::last_os(
-                "process_vm_writev",
-                format!("pid {pid} at {:#x}", batch[0].0),
-            ));
-        }
-        if n as usize != len {
-            let at = first_unreached(batch, n as usize);
-            return Err(RuntimeError::sys(
-                "process_vm_writev",
-                format!("pid {pid} at {at:#x} (wrote {n} of {len} bytes)"),
-                io::Error::from_raw_os_error(libc::EFAULT),
-            ));
-        }
-        done_ranges += batch.len();
-        done_bytes += len;
+fn check_len(op: &'static str, remote: &[Remote], local: usize) -> Result<()> {
+    let total: usize = remote.iter().map(|r| r.1).sum();
+    if total != local {
+        return Err(RuntimeError::Unsupported(format!(
+            "{op}: {local} local bytes for {total} remote bytes"
+        )));
     }
     Ok(())
+}
+
+/// Reads the remote ranges, in order, into `local` (whose length must be their sum).
+pub fn read_remote(pid: i32, remote: &[Remote], local: &mut [u8]) -> Result<()> {
+    check_len("process_vm_readv", remote, local.len())?;
+    transfer(pid, remote, local.as_mut_ptr(), Dir::Read)
+}
+
+/// Writes `local` into the remote ranges, in order (its length must be their sum).
+pub fn write_remote(pid: i32, remote: &[Remote], local: &[u8]) -> Result<()> {
+    check_len("process_vm_writev", remote, local.len())?;
+    transfer(pid, remote, local.as_ptr() as *mut u8, Dir::Write)
 }
 
 fn first_unreached(batch: &[Remote], mut n: usize) -> u64 {

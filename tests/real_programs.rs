@@ -1,0 +1,149 @@
+//! Programs nobody here wrote, checkpointed mid-work and restored, must finish exactly as an
+//! uninterrupted run does.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+/// A command whose child keeps only standard I/O (the test runner may leak other fds).
+fn clean(program: &str) -> Command {
+    let mut c = Command::new(program);
+    // SAFETY: the closure runs between fork and exec and only calls close_range, which is
+    // async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    c
+}
+
+const PY: &str = "import sys, hashlib\n\
+h = hashlib.sha256()\n\
+data = {i: str(i) * 10 for i in range(200000)}\n\
+print('ready', flush=True)\n\
+sys.stdin.readline()\n\
+for k in sorted(data): h.update(data[k].encode())\n\
+print('digest', h.hexdigest(), len(data), flush=True)\n";
+
+fn python_available() -> bool {
+    let ok = Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP: python3 is not available");
+    }
+    ok
+}
+
+#[test]
+fn cpython_finishes_with_the_same_result() {
+    if !python_available() {
+        return;
+    }
+    init();
+    // Uninterrupted reference run.
+    let mut reference = clean("python3").args(["-c", PY]).spawn().expect("python3");
+    let mut out = BufReader::new(reference.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    reference
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write");
+    let mut expected = String::new();
+    out.read_to_string(&mut expected).expect("read");
+    reference.wait().expect("reap");
+
+    let dir = scratch("cpython");
+    let img = dir.join("py.img");
+    let mut py = clean("python3").args(["-c", PY]).spawn().expect("python3");
+    let mut out = BufReader::new(py.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+    stasis_ok(&[
+        "checkpoint",
+        &py.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    py.wait().expect("reap original");
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.send("go");
+    let mut got = String::new();
+    pipes
+        .stdout
+        .read_to_string(&mut got)
+        .expect("read restored output");
+    assert!(r.wait().expect("restore").success());
+    assert_eq!(got, expected, "restored CPython computed something else");
+    assert!(got.starts_with("digest "), "{got}");
+}
+
+#[test]
+fn coreutils_sleep_restarts_and_exits_zero() {
+    init();
+    let dir = scratch("sleep");
+    let img = dir.join("sleep.img");
+    let mut s = clean("sleep").arg("1").spawn().expect("sleep");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stasis_ok(&[
+        "checkpoint",
+        &s.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    s.wait().expect("reap");
+    let t = std::time::Instant::now();
+    let (mut r, _pipes) = restore(&img, false);
+    let st = r.wait().expect("restore");
+    assert!(st.success(), "restored sleep exited with {st}");
+    // The interrupted nanosleep was issued again rather than failing with EINTR.
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(500),
+        "sleep returned early"
+    );
+}
+
+#[test]
+fn cat_blocked_in_read_echoes_after_restore() {
+    init();
+    let dir = scratch("cat");
+    let img = dir.join("cat.img");
+    let mut c = clean("cat").spawn().expect("cat");
+    let mut cin = c.stdin.take().expect("stdin");
+    let mut cout = BufReader::new(c.stdout.take().expect("stdout"));
+    cin.write_all(b"before\n").expect("write");
+    let mut line = String::new();
+    cout.read_line(&mut line).expect("read");
+    assert_eq!(line, "before\n");
+    stasis_ok(&[
+        "checkpoint",
+        &c.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    c.wait().expect("reap");
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.send("after");
+    let mut line = String::new();
+    pipes.stdout.read_line(&mut line).expect("read");
+    assert_eq!(line, "after\n");
+    drop(pipes);
+    assert!(
+        r.wait().expect("restore").success(),
+        "cat should exit 0 at EOF"
+    );
+}
