@@ -89,6 +89,7 @@ enum ImageCommand {
     },
     /// Check every byte of an image (headers, hashes, index); exit 3 with the reason if bad.
     Verify {
+        /// Image file, or "-" to read a stream from standard input.
         image: PathBuf,
         #[arg(long)]
         json: bool,
@@ -232,6 +233,20 @@ fn inspect(path: PathBuf, json: bool) -> Result<i32> {
 }
 
 fn verify(path: PathBuf, json: bool) -> Result<i32> {
+    if path.as_os_str() == "-" {
+        // A stream (e.g. `stasis checkpoint PID -o - | stasis image verify -`).
+        let rep = stasis_image::verify_stream(std::io::BufReader::with_capacity(
+            1 << 20,
+            std::io::stdin().lock(),
+        ))
+        .context("image on standard input is invalid")?;
+        if json {
+            report::json(&rep)?;
+        } else {
+            println!("-: OK ({} frames, {} bytes)", rep.frames, rep.file_bytes);
+        }
+        return Ok(exit::OK);
+    }
     let image = open_image(&path)?;
     let rep = image
         .verify()

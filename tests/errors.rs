@@ -13,7 +13,16 @@ const FAILED: i32 = 1;
 
 /// Starts `python3 -c CODE`, waits for it to print "ready".
 fn python(code: &str) -> Option<std::process::Child> {
-    let mut child = match Command::new("python3")
+    let mut cmd = Command::new("python3");
+    // SAFETY: runs between fork and exec; close_range is async-signal-safe. Keeps the
+    // child to standard I/O whatever the test runner leaked.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = match cmd
         .args(["-c", code])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -226,4 +235,41 @@ fn inspect_json_shows_the_process() {
     );
     let human = stasis_ok(&["image", "inspect", imgs]);
     assert!(human.contains(&pid));
+}
+
+#[test]
+fn checkpoint_streams_through_a_pipe() {
+    // The writer is forward-only: an image streamed through a pipe verifies on the far side.
+    let mut wl = start("wl-memory", &["--mib", "4"]);
+    let pid = wl.pid.to_string();
+    let mut ckpt = Command::new(stasis())
+        .args([
+            "checkpoint",
+            &pid,
+            "-o",
+            "-",
+            "--leave-running",
+            "--compress",
+            "zstd",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("checkpoint");
+    let pipe = ckpt.stdout.take().expect("stdout");
+    let verify = Command::new(stasis())
+        .args(["image", "verify", "-", "--json"])
+        .stdin(Stdio::from(pipe))
+        .output()
+        .expect("verify");
+    assert!(ckpt.wait().expect("checkpoint").success());
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).expect("json");
+    assert!(v["data_pages"].as_u64() > Some(1000), "{v}");
+    wl.pipes.expect_pass("check", "after streaming checkpoint");
+    assert!(wl.child.wait().expect("reap").success());
 }
