@@ -132,7 +132,7 @@ fn write_chunk(
                         memory::write_remote(
                             child,
                             &[(addr + i * PAGE_SIZE, PAGE_SIZE as usize)],
-                            &zero_page,
+                            zero_page,
                         )?;
                     }
                 }
@@ -155,7 +155,7 @@ fn write_chunk(
             total
         )));
     }
-    memory::write_remote(child, &remote, &data)?;
+    memory::write_remote(child, remote, &data)?;
     Ok(Written {
         pages: chunk.data_pages,
         bytes: total as u64,
