@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
 
 /// Pages per chunk written to the image (4 MiB).
 pub const CHUNK_PAGES: u64 = 1024;
@@ -190,9 +191,24 @@ pub fn dump<W: Write + Send>(
     } else {
         None
     };
+    let groups = batches(&plan.segments);
+    // Readers (process_vm_readv + zero check + hash) on every core but one's worth, feeding
+    // one writer; the image's page index is sorted on open, so chunk order does not matter.
+    let readers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+        .min(groups.len().max(1));
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    // Set by a failing reader: the writer must then not finish the image, or a stream would
+    // carry a complete-looking image with pages missing.
+    let failed = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel::<Batch>(2);
-        let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
+        let (tx, rx) = mpsc::sync_channel::<Batch>(readers + 1);
+        let pool_ref = &pool;
+        let failed_ref = &failed;
         let writer_thread = scope.spawn(move || -> Result<(W, WriteStats), CheckpointError> {
             for batch in rx {
                 writer.write_chunk_prehashed(
@@ -202,28 +218,64 @@ pub fn dump<W: Write + Send>(
                     &batch.data,
                     batch.hash,
                 )?;
-                let _ = ret_tx.send(batch.data);
+                if let Ok(mut p) = pool_ref.lock() {
+                    p.push(batch.data);
+                }
+            }
+            if failed_ref.load(Ordering::SeqCst) {
+                return Err(CheckpointError::Io(
+                    "image writer".into(),
+                    std::io::Error::other("reading pages failed; image left unfinished"),
+                ));
             }
             Ok(writer.finish()?)
         });
-        let mut done = 0u64;
-        let read_result = (|| -> Result<(), CheckpointError> {
-            for group in batches(&plan.segments) {
-                let pages: u64 = group.iter().map(|s| s.pages).sum();
-                let len = (pages * PAGE_SIZE) as usize;
-                let mut buf = ret_rx.try_recv().unwrap_or_default();
-                buf.resize(len, 0);
-                read_group(pid, plan, procmem.as_ref(), &group, &mut buf)?;
-                let batch = compact(&group, buf);
-                done += len as u64;
-                if tx.send(batch).is_err() {
-                    return Ok(()); // the writer failed; its error is reported below
-                }
-                progress(done, total);
-            }
-            Ok(())
-        })();
+        let reader_threads: Vec<_> = (0..readers)
+            .map(|_| {
+                let tx = tx.clone();
+                let (groups, next, done, procmem) = (&groups, &next, &done, procmem.as_ref());
+                scope.spawn(move || -> Result<(), CheckpointError> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(group) = groups.get(i) else {
+                            return Ok(());
+                        };
+                        let pages: u64 = group.iter().map(|s| s.pages).sum();
+                        let len = (pages * PAGE_SIZE) as usize;
+                        let mut buf = pool_ref
+                            .lock()
+                            .ok()
+                            .and_then(|mut p| p.pop())
+                            .unwrap_or_default();
+                        buf.resize(len, 0);
+                        if let Err(e) = read_group(pid, plan, procmem, group, &mut buf) {
+                            failed_ref.store(true, Ordering::SeqCst);
+                            next.store(usize::MAX / 2, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        let batch = compact(group, buf);
+                        if tx.send(batch).is_err() {
+                            return Ok(()); // the writer failed; its error is reported below
+                        }
+                        let d = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+                        progress(d, total);
+                    }
+                })
+            })
+            .collect();
         drop(tx);
+        let mut read_result = Ok(());
+        for r in reader_threads {
+            let r = r.join().map_err(|_| {
+                CheckpointError::Io(
+                    "page reader thread".into(),
+                    std::io::Error::other("panicked"),
+                )
+            })?;
+            if read_result.is_ok() {
+                read_result = r;
+            }
+        }
         let written = writer_thread.join().map_err(|_| {
             CheckpointError::Io(
                 "image writer thread".into(),
