@@ -273,3 +273,73 @@ fn checkpoint_streams_through_a_pipe() {
     wl.pipes.expect_pass("check", "after streaming checkpoint");
     assert!(wl.child.wait().expect("reap").success());
 }
+
+#[test]
+fn missing_file_is_refused_before_anything_is_created() {
+    let dir = scratch("missingfile");
+    let tmp = dir.join("wl");
+    std::fs::create_dir_all(&tmp).expect("mkdir");
+    // wl-files keeps its files in $TMPDIR; give it a private one we can empty.
+    let tag = "missingfile";
+    let mut child = Command::new(workload("wl-files"))
+        .args(["--tag", tag])
+        .env("STASIS_WL_TAG", tag)
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wl-files");
+    let pid = child.id() as i32;
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), format!("READY {pid}"));
+    let img = dir.join("f.img");
+    let imgs = img.to_str().expect("utf8");
+    stasis_ok(&["checkpoint", &pid.to_string(), "-o", imgs]);
+    child.wait().expect("reap");
+    let victim = std::fs::read_dir(&tmp)
+        .expect("readdir")
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with("rw.dat"))
+        .expect("wl-files data file")
+        .path();
+    let saved = std::fs::read(&victim).expect("read");
+    std::fs::remove_file(&victim).expect("rm");
+    let err = stasis_fails(&["restore", imgs], REFUSED, "rw.dat");
+    assert!(err.contains("fd 3"), "{err}");
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}")).is_err(),
+        "nothing may be created"
+    );
+    // Put it back: the same image restores.
+    std::fs::write(&victim, saved).expect("restore file");
+    let (mut r, mut p) = restore(&img, false);
+    p.expect_pass("check", "after the file came back");
+    assert!(r.wait().expect("restore").success());
+}
+
+#[test]
+fn restore_waits_for_the_original_zombie_to_be_reaped() {
+    // A killed original may still be an unreaped zombie: restore waits (bounded) for its PID.
+    let dir = scratch("zombie");
+    let mut wl = start("wl-pipe-read", &[]);
+    let pid = wl.pid.to_string();
+    let img = dir.join("z.img");
+    stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    // SAFETY: kill with signal 0 only checks that the PID is still taken (by the zombie).
+    assert_eq!(
+        unsafe { libc::kill(wl.pid, 0) },
+        0,
+        "the original should be an unreaped zombie"
+    );
+    let reaper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        wl.child.wait().expect("reap")
+    });
+    let (mut r, mut p) = restore(&img, false);
+    p.expect_pass("check", "after waiting for the zombie");
+    assert!(r.wait().expect("restore").success());
+    reaper.join().expect("reaper");
+}

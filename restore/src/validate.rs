@@ -207,6 +207,16 @@ fn check_files(p: &proto::Process) -> Result<(), RestoreError> {
             }
         }
     }
+    for f in &p.fds {
+        if matches!(f.kind(), proto::FdKind::Regular | proto::FdKind::CharDevice) {
+            if let Err(e) = std::fs::metadata(&f.path) {
+                return Err(RestoreError::Unsupported(format!(
+                    "process {pid}: fd {} was {}: {e}",
+                    f.fd, f.path
+                )));
+            }
+        }
+    }
     if std::fs::metadata(&p.exe_path).is_err() {
         return Err(RestoreError::Unsupported(format!(
             "process {pid}: executable {} does not exist",
