@@ -15,7 +15,8 @@ Exit codes:
   1  the operation failed; the workload was left as it was
   2  usage error
   3  the image is corrupt, truncated or not a stasis image
-  4  refused before anything changed: no such process, PID in use, or an unsupported feature";
+  4  refused before anything changed: no such process, PID in use, or an unsupported feature
+  128+N  checkpoint interrupted by signal N (Ctrl-C: 130); the process was left as it was";
 
 /// Checkpoint, restore and live-migrate Linux workloads.
 #[derive(Parser)]

@@ -18,6 +18,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<CheckpointError>() {
             return match e {
                 CheckpointError::NoSuchProcess(_) | CheckpointError::Unsupported { .. } => REFUSED,
+                CheckpointError::Interrupted(sig) => 128 + sig,
                 _ => FAILED,
             };
         }

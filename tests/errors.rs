@@ -340,3 +340,50 @@ fn restore_waits_for_the_original_zombie_to_be_reaped() {
     assert!(r.wait().expect("restore").success());
     reaper.join().expect("reaper");
 }
+
+#[test]
+fn ctrl_c_during_checkpoint_abandons_it_and_resumes_the_process() {
+    let dir = scratch("sigint");
+    let mut wl = start("wl-memory", &["--mib", "384"]);
+    let pid = wl.pid.to_string();
+    let img = dir.join("s.img");
+    let imgs = img.to_str().expect("utf8");
+    let mut interrupted = false;
+    for delay_ms in [40u64, 80, 20, 150] {
+        let child = Command::new(stasis())
+            .args(["checkpoint", &pid, "-o", imgs, "--leave-running"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        // SAFETY: kill takes no pointers; the pid is our own stasis child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            running_untraced(wl.pid),
+            "the workload must run on, untraced"
+        );
+        if out.status.code() == Some(130) {
+            assert!(err.contains("interrupted"), "{err}");
+            assert!(!img.exists(), "an abandoned checkpoint leaves no image");
+            let partial = dir.join("s.img.partial");
+            assert!(
+                !partial.exists(),
+                "an abandoned checkpoint leaves no partial image"
+            );
+            interrupted = true;
+            break;
+        }
+        // Too early (killed before it froze anything) or too late (finished): try again.
+        let _ = std::fs::remove_file(&img);
+    }
+    assert!(
+        interrupted,
+        "never managed to interrupt a checkpoint in its frozen window"
+    );
+    wl.pipes
+        .expect_pass("check", "after an interrupted checkpoint");
+    assert!(wl.child.wait().expect("reap").success());
+}

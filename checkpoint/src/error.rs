@@ -5,6 +5,11 @@ use stasis_runtime::RuntimeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
+    /// stasis was asked to stop (signal number); the process was resumed as it was.
+    #[error(
+        "interrupted by signal {0}; the checkpoint was abandoned and the process left as it was"
+    )]
+    Interrupted(i32),
     #[error("no process with PID {0}")]
     NoSuchProcess(i32),
     /// The process uses something this version cannot checkpoint; nothing was changed.

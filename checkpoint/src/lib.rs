@@ -87,6 +87,9 @@ pub fn checkpoint_process<S: ImageSink>(
 ) -> Result<Stats, CheckpointError> {
     let t0 = Instant::now();
     collect::precheck(pid)?;
+    // Declared before `frozen` so it is dropped after it: a Ctrl-C during the checkpoint
+    // takes effect only once the process has been resumed or killed.
+    let _signals = stasis_runtime::sys::TerminationSignalsBlocked::new()?;
     let mut frozen = freeze::Frozen::freeze(pid)?;
     let freeze_us = t0.elapsed().as_micros() as u64;
     let t_frozen = Instant::now();
@@ -102,6 +105,9 @@ pub fn checkpoint_process<S: ImageSink>(
         writer.write_process(&process)?;
         let dumped = pages::dump(pid, &plan, writer, progress)?;
         let (mut sink, ws) = dumped;
+        if let Some(sig) = stasis_runtime::sys::termination_pending() {
+            return Err(CheckpointError::Interrupted(sig));
+        }
         let pages_us = tp.elapsed().as_micros() as u64;
         let tm = Instant::now();
         sink.commit()
@@ -145,7 +151,13 @@ pub fn checkpoint_process<S: ImageSink>(
         }
         Err(e) => {
             // The sink is dropped uncommitted (a file sink removes its temporary file).
-            if let Err(resume_err) = frozen.resume() {
+            let resumed = frozen.resume();
+            // A Ctrl-C that stopped us is reported, not left pending to kill us on unblock.
+            let e = match stasis_runtime::sys::take_termination_signal() {
+                Some(sig) => CheckpointError::Interrupted(sig),
+                None => e,
+            };
+            if let Err(resume_err) = resumed {
                 return Err(CheckpointError::ResumeFailed {
                     pid,
                     cause: Box::new(e),

@@ -240,6 +240,11 @@ pub fn dump<W: Write + Send>(
                         let Some(group) = groups.get(i) else {
                             return Ok(());
                         };
+                        if let Some(sig) = stasis_runtime::sys::termination_pending() {
+                            failed_ref.store(true, Ordering::SeqCst);
+                            next.store(usize::MAX / 2, Ordering::Relaxed);
+                            return Err(CheckpointError::Interrupted(sig));
+                        }
                         let pages: u64 = group.iter().map(|s| s.pages).sum();
                         let len = (pages * PAGE_SIZE) as usize;
                         let mut buf = pool_ref

@@ -95,3 +95,75 @@ pub fn xcr0() -> u64 {
     // SAFETY: OSXSAVE is set, so XGETBV is allowed in user mode.
     unsafe { std::arch::x86_64::_xgetbv(0) }
 }
+
+/// Blocks SIGINT, SIGTERM, SIGHUP and SIGQUIT in the calling thread (and threads it starts)
+/// until dropped. Used while a process is held stopped with injected registers: dying then
+/// would let the kernel detach it mid-injection. A signal that arrives meanwhile stays
+/// pending and takes effect once the guard is dropped, after the process is safe again.
+pub struct TerminationSignalsBlocked {
+    old: libc::sigset_t,
+}
+
+impl TerminationSignalsBlocked {
+    pub fn new() -> Result<Self> {
+        // SAFETY: sigset_t is plain old data; it is initialized by sigemptyset below.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: set and old are valid sigset_t values owned by this frame.
+        let rc = unsafe {
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old)
+        };
+        if rc != 0 {
+            return Err(RuntimeError::sys(
+                "pthread_sigmask",
+                "termination signals",
+                io::Error::from_raw_os_error(rc),
+            ));
+        }
+        Ok(TerminationSignalsBlocked { old })
+    }
+}
+
+impl Drop for TerminationSignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: old is the mask saved by new(); restoring it takes no other pointers.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}
+
+/// The blocked termination signal waiting for this process, if any (see
+/// [`TerminationSignalsBlocked`]), without consuming it.
+pub fn termination_pending() -> Option<i32> {
+    // SAFETY: set is a valid sigset_t owned by this frame, filled by sigpending.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        if libc::sigpending(&mut set) != 0 {
+            return None;
+        }
+        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]
+            .into_iter()
+            .find(|s| libc::sigismember(&set, *s) == 1)
+    }
+}
+
+/// Consumes a pending termination signal (so unblocking does not kill us), returning it.
+pub fn take_termination_signal() -> Option<i32> {
+    let sig = termination_pending()?;
+    // SAFETY: set is a valid sigset_t holding only `sig`; the zero timeout never blocks.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
+    }
+    Some(sig)
+}
