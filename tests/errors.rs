@@ -305,8 +305,9 @@ fn missing_file_is_refused_before_anything_is_created() {
         .find(|e| e.file_name().to_string_lossy().ends_with("rw.dat"))
         .expect("wl-files data file")
         .path();
-    let saved = std::fs::read(&victim).expect("read");
-    std::fs::remove_file(&victim).expect("rm");
+    // Moved away (and back later, same inode, as the workload checks its file's identity).
+    let aside = dir.join("aside.dat");
+    std::fs::rename(&victim, &aside).expect("move aside");
     let err = stasis_fails(&["restore", imgs], REFUSED, "rw.dat");
     assert!(err.contains("fd 3"), "{err}");
     assert!(
@@ -314,7 +315,7 @@ fn missing_file_is_refused_before_anything_is_created() {
         "nothing may be created"
     );
     // Put it back: the same image restores.
-    std::fs::write(&victim, saved).expect("restore file");
+    std::fs::rename(&aside, &victim).expect("move back");
     let (mut r, mut p) = restore(&img, false);
     p.expect_pass("check", "after the file came back");
     assert!(r.wait().expect("restore").success());
