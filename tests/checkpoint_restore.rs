@@ -47,3 +47,8 @@ fn files_offsets_and_flags() {
 fn counter_with_data() {
     common::round_trip("wl-counter", &["--mib", "16", "--quiet"], &[]);
 }
+
+#[test]
+fn timers_sched_creds_altstack_and_pending_signals() {
+    common::round_trip("wl-state", &[], &[]);
+}

@@ -95,7 +95,11 @@ pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, Checkpoint
     let sigmask = frozen.sigmask();
     let xstate = ptrace::get_xstate(pid)?;
     let rseq = ptrace::get_rseq(pid)?;
-    let (sigactions, brk) = query_by_injection(frozen, syscall_ip, &status)?;
+    let q = query_by_injection(frozen, syscall_ip, &status)?;
+    let mut thread_pending = ptrace::peek_siginfo(pid, false)?;
+    // Signals taken out of the queue while stopping count as pending for the thread.
+    thread_pending.extend(frozen.deferred().iter().cloned());
+    let shared_pending = ptrace::peek_siginfo(pid, true)?;
 
     let rlimits = procfs::read_limits(pid)?
         .into_iter()
@@ -128,6 +132,8 @@ pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, Checkpoint
             signature: r.signature,
         }),
         name: stat.comm.clone(),
+        sigaltstack: Some(q.sigaltstack),
+        pending: pending_records(thread_pending),
     };
     Ok(proto::Process {
         pid: pid as u32,
@@ -143,7 +149,7 @@ pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, Checkpoint
             start_data: stat.start_data,
             end_data: stat.end_data,
             start_brk: stat.start_brk,
-            brk,
+            brk: q.brk,
             start_stack: stat.start_stack,
             arg_start: stat.arg_start,
             arg_end: stat.arg_end,
@@ -153,7 +159,7 @@ pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, Checkpoint
         }),
         vmas,
         fds,
-        sigactions,
+        sigactions: q.sigactions,
         rlimits,
         umask: status.umask,
         cwd,
@@ -166,7 +172,62 @@ pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, Checkpoint
             groups: status.groups.clone(),
         }),
         cmdline,
+        itimers: q.itimers,
+        sched: Some(sched_state(pid, stat.nice)?),
+        oom_score_adj: read_oom_score_adj(pid)?,
+        no_new_privs: q.no_new_privs,
+        dumpable: q.dumpable,
+        shared_pending: pending_records(shared_pending),
     })
+}
+
+fn pending_records(infos: Vec<Vec<u8>>) -> Vec<proto::PendingSignal> {
+    infos
+        .into_iter()
+        .map(|info| proto::PendingSignal {
+            signo: ptrace::siginfo_signo(&info) as u32,
+            siginfo: info,
+        })
+        .collect()
+}
+
+fn sched_state(pid: i32, nice: i64) -> Result<proto::SchedState, CheckpointError> {
+    // SAFETY: sched_getscheduler takes no pointers.
+    let policy = unsafe { libc::sched_getscheduler(pid) };
+    if policy < 0 {
+        return Err(RuntimeError::last_os("sched_getscheduler", format!("pid {pid}")).into());
+    }
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: param is a valid sched_param for the kernel to fill.
+    if unsafe { libc::sched_getparam(pid, &mut param) } != 0 {
+        return Err(RuntimeError::last_os("sched_getparam", format!("pid {pid}")).into());
+    }
+    Ok(proto::SchedState {
+        nice: nice as i32,
+        policy: policy as u32,
+        priority: param.sched_priority as u32,
+    })
+}
+
+fn read_oom_score_adj(pid: i32) -> Result<i32, CheckpointError> {
+    let path = format!("/proc/{pid}/oom_score_adj");
+    let text = procfs::read_text(&path)?;
+    text.trim().parse().map_err(|_| {
+        CheckpointError::Runtime(RuntimeError::Parse {
+            path,
+            what: format!("not a number: {text:?}"),
+        })
+    })
+}
+
+/// What injected syscalls reported.
+struct Injected {
+    sigactions: Vec<proto::SigAction>,
+    brk: u64,
+    sigaltstack: proto::SigAltStack,
+    itimers: Vec<proto::Itimer>,
+    no_new_privs: bool,
+    dumpable: u32,
 }
 
 /// The blake3 hash of the vDSO text and the address of a `syscall` instruction in it.
@@ -192,15 +253,18 @@ fn signals_to_query(status: &procfs::Status) -> Vec<u32> {
         .collect()
 }
 
-/// Reads sigactions and the program break by injecting syscalls: a scratch page is mapped,
-/// rt_sigaction(sig, NULL, scratch) fills it, brk(0) reports the break, and the scratch
-/// page is unmapped again, leaving the address space as it was.
+/// Reads what only the process itself can ask the kernel by injecting syscalls: a scratch
+/// page is mapped; rt_sigaction(sig, NULL, scratch) fills it; brk(0), sigaltstack,
+/// getitimer and prctl report the rest; the scratch page is unmapped again, leaving the
+/// address space as it was.
 fn query_by_injection(
     frozen: &mut Frozen,
     syscall_ip: u64,
     status: &procfs::Status,
-) -> Result<(Vec<proto::SigAction>, u64), CheckpointError> {
+) -> Result<Injected, CheckpointError> {
     const SIGACTION_SIZE: u64 = 32;
+    const ALTSTACK_AT: u64 = 2048;
+    const ITIMERS_AT: u64 = 2304;
     let pid = frozen.pid();
     let mut inj = frozen.injector(syscall_ip)?;
     let scratch = inj.call(
@@ -226,6 +290,28 @@ fn query_by_injection(
             )?;
         }
         let brk = inj.call("brk(0)", libc::SYS_brk, &[0])?;
+        inj.call(
+            "sigaltstack",
+            libc::SYS_sigaltstack,
+            &[0, scratch + ALTSTACK_AT],
+        )?;
+        for which in 0..3u64 {
+            inj.call(
+                "getitimer",
+                libc::SYS_getitimer,
+                &[which, scratch + ITIMERS_AT + which * 32],
+            )?;
+        }
+        let no_new_privs = inj.call(
+            "prctl(PR_GET_NO_NEW_PRIVS)",
+            libc::SYS_prctl,
+            &[libc::PR_GET_NO_NEW_PRIVS as u64],
+        )?;
+        let dumpable = inj.call(
+            "prctl(PR_GET_DUMPABLE)",
+            libc::SYS_prctl,
+            &[libc::PR_GET_DUMPABLE as u64],
+        )?;
         let mut raw = vec![0u8; 4096];
         memory::read_remote(pid, &[(scratch, 4096)], &mut raw)?;
         let word =
@@ -243,7 +329,32 @@ fn query_by_injection(
                 }
             })
             .collect();
-        Ok((actions, brk))
+        let a = ALTSTACK_AT as usize;
+        let sigaltstack = proto::SigAltStack {
+            sp: word(a),
+            flags: word(a + 8) as u32,
+            size: word(a + 16),
+        };
+        let usecs = |off: usize| word(off) * 1_000_000 + word(off + 8);
+        let itimers = (0..3usize)
+            .map(|which| {
+                let off = ITIMERS_AT as usize + which * 32;
+                proto::Itimer {
+                    which: which as u32,
+                    interval_us: usecs(off),
+                    value_us: usecs(off + 16),
+                }
+            })
+            .filter(|t| t.value_us != 0)
+            .collect();
+        Ok(Injected {
+            sigactions: actions,
+            brk,
+            sigaltstack,
+            itimers,
+            no_new_privs: no_new_privs == 1,
+            dumpable: dumpable as u32,
+        })
     })();
     let unmap = inj.call("munmap(scratch)", libc::SYS_munmap, &[scratch, 4096]);
     frozen.defer_signals(inj.take_deferred());

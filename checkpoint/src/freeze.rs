@@ -11,8 +11,9 @@ pub struct Frozen {
     pid: i32,
     regs: Regs,
     sigmask: u64,
-    /// Signals whose delivery stops were suppressed; queued again on resume.
-    deferred: Vec<i32>,
+    /// Signals (siginfo) whose delivery stops were suppressed; queued again on resume, or
+    /// saved as pending in the image.
+    deferred: Vec<Vec<u8>>,
     /// Registers or mask were changed (injection) and must be put back.
     touched: bool,
     done: bool,
@@ -76,8 +77,13 @@ impl Frozen {
     }
 
     /// Records signals an injector suppressed, to be queued again on resume.
-    pub fn defer_signals(&mut self, sigs: Vec<i32>) {
+    pub fn defer_signals(&mut self, sigs: Vec<Vec<u8>>) {
         self.deferred.extend(sigs);
+    }
+
+    /// Signals taken out of the queue while stopping or injecting (their siginfo).
+    pub fn deferred(&self) -> &[Vec<u8>] {
+        &self.deferred
     }
 
     /// Puts registers and mask back, queues suppressed signals again, and detaches.
@@ -91,8 +97,10 @@ impl Frozen {
             ptrace::set_regs(self.pid, &regs)?;
             ptrace::set_sigmask(self.pid, self.sigmask)?;
         }
-        for sig in std::mem::take(&mut self.deferred) {
-            sys::tgkill(self.pid, self.pid, sig)?;
+        // Queued again as plain signals (the kernel does not let another process forge
+        // their original siginfo).
+        for info in std::mem::take(&mut self.deferred) {
+            sys::tgkill(self.pid, self.pid, ptrace::siginfo_signo(&info))?;
         }
         ptrace::detach(self.pid, 0)
     }

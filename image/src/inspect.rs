@@ -105,7 +105,30 @@ pub struct ProcessReport {
     pub fds: Vec<FdReport>,
     pub sigactions: Vec<SigActionReport>,
     pub rlimits: Vec<proto::Rlimit>,
+    pub itimers: Vec<proto::Itimer>,
+    pub sched: Option<proto::SchedState>,
+    pub oom_score_adj: i32,
+    pub no_new_privs: bool,
+    pub dumpable: u32,
+    /// Signals pending for the whole process.
+    pub shared_pending: Vec<PendingReport>,
     pub pages: PageCounts,
+}
+
+/// A pending signal: its number and its siginfo (hex).
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingReport {
+    pub signo: u32,
+    pub siginfo: String,
+}
+
+fn pending_report(list: &[proto::PendingSignal]) -> Vec<PendingReport> {
+    list.iter()
+        .map(|s| PendingReport {
+            signo: s.signo,
+            siginfo: hex::encode(&s.siginfo),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -152,6 +175,9 @@ pub struct ThreadReport {
     pub xstate: String,
     pub sigmask: String,
     pub rseq: Option<RseqReport>,
+    pub sigaltstack: Option<proto::SigAltStack>,
+    /// Signals pending for this thread only.
+    pub pending: Vec<PendingReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -294,6 +320,12 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
     let vma_kind = named!(VmaKind, "VMA_KIND_");
     let fd_kind = named!(FdKind, "FD_KIND_");
     ProcessReport {
+        itimers: p.itimers.clone(),
+        sched: p.sched,
+        oom_score_adj: p.oom_score_adj,
+        no_new_privs: p.no_new_privs,
+        dumpable: p.dumpable,
+        shared_pending: pending_report(&p.shared_pending),
         pid: p.pid,
         ppid: p.ppid,
         pgid: p.pgid,
@@ -347,6 +379,8 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
                     flags: r.flags,
                     signature: format!("{:#010x}", r.signature),
                 }),
+                sigaltstack: t.sigaltstack,
+                pending: pending_report(&t.pending),
             })
             .collect(),
         vmas: p

@@ -17,6 +17,7 @@ const SCR_AUXV: u64 = 512;
 const SCR_SIGACTIONS: u64 = 8192;
 const SCR_STRING: u64 = 16384;
 const SCR_GROUPS: u64 = 32768;
+const SCR_MISC: u64 = 40960;
 const MAX_STRING: usize = 16383;
 
 const MADVISE_FLAGS: [(&str, i32); 5] = [
@@ -126,6 +127,7 @@ impl Builder<'_> {
                 &[r.abi_pointer, r.abi_size as u64, 0, r.signature as u64],
             )?;
         }
+        self.set_signal_state(p)?;
         self.call(
             "personality",
             libc::SYS_personality,
@@ -144,6 +146,15 @@ impl Builder<'_> {
             &[libc::PR_SET_PDEATHSIG as u64, 0],
         )?;
         self.set_creds(p)?;
+        // After the ids: changing them resets dumpable.
+        if p.dumpable <= 1 {
+            self.call(
+                "prctl(PR_SET_DUMPABLE)",
+                libc::SYS_prctl,
+                &[libc::PR_SET_DUMPABLE as u64, p.dumpable as u64],
+            )?;
+        }
+        self.set_sched(p)?;
         ptrace::set_xstate(self.pid, &t.xstate).map_err(|e| self.err(e))?;
         ptrace::set_sigmask(self.pid, t.sigmask).map_err(|e| self.err(e))?;
         let regs = t
@@ -454,6 +465,107 @@ impl Builder<'_> {
                 &[sig, base + (sig - 1) * 32, 0, 8],
             )?;
         }
+        Ok(())
+    }
+
+    /// sigaltstack, pending signals (queued while every signal is still blocked, so they
+    /// wait for the final mask), interval timers with their remaining time, no_new_privs.
+    fn set_signal_state(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        let t = &p.threads[0];
+        if let Some(ss) = &t.sigaltstack {
+            if ss.flags & libc::SS_DISABLE as u32 == 0 {
+                let mut raw = Vec::with_capacity(24);
+                raw.extend_from_slice(&ss.sp.to_ne_bytes());
+                // SS_ONSTACK is reported, never set.
+                raw.extend_from_slice(
+                    &((ss.flags & !(libc::SS_ONSTACK as u32)) as u64).to_ne_bytes(),
+                );
+                raw.extend_from_slice(&ss.size.to_ne_bytes());
+                let at = self.poke(SCR_MISC, &raw)?;
+                self.call("sigaltstack", libc::SYS_sigaltstack, &[at, 0])?;
+            }
+        }
+        let queues = p
+            .shared_pending
+            .iter()
+            .map(|s| (true, s))
+            .chain(t.pending.iter().map(|s| (false, s)));
+        for (shared, sig) in queues {
+            if sig.signo == 0 || sig.signo > 64 || sig.siginfo.len() != ptrace::SIGINFO_SIZE {
+                return Err(RestoreError::Invalid(format!(
+                    "pending signal {} is malformed",
+                    sig.signo
+                )));
+            }
+            if sig.signo == libc::SIGKILL as u32 || sig.signo == libc::SIGSTOP as u32 {
+                continue;
+            }
+            let at = self.poke(SCR_MISC, &sig.siginfo)?;
+            let pid = self.pid as u64;
+            if shared {
+                self.call(
+                    "rt_sigqueueinfo",
+                    libc::SYS_rt_sigqueueinfo,
+                    &[pid, sig.signo as u64, at],
+                )?;
+            } else {
+                self.call(
+                    "rt_tgsigqueueinfo",
+                    libc::SYS_rt_tgsigqueueinfo,
+                    &[pid, t.tid as u64, sig.signo as u64, at],
+                )?;
+            }
+        }
+        for it in &p.itimers {
+            if it.which > 2 {
+                return Err(RestoreError::Invalid(format!(
+                    "interval timer {}",
+                    it.which
+                )));
+            }
+            let mut raw = Vec::with_capacity(32);
+            for us in [it.interval_us, it.value_us] {
+                raw.extend_from_slice(&(us / 1_000_000).to_ne_bytes());
+                raw.extend_from_slice(&(us % 1_000_000).to_ne_bytes());
+            }
+            let at = self.poke(SCR_MISC, &raw)?;
+            self.call("setitimer", libc::SYS_setitimer, &[it.which as u64, at, 0])?;
+        }
+        if p.no_new_privs {
+            self.call(
+                "prctl(PR_SET_NO_NEW_PRIVS)",
+                libc::SYS_prctl,
+                &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Nice value, scheduling policy and OOM score adjustment, set from outside.
+    fn set_sched(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        let pid = self.pid;
+        if let Some(s) = &p.sched {
+            let param = libc::sched_param {
+                sched_priority: s.priority as i32,
+            };
+            // SAFETY: param is a valid sched_param; pid is our stopped child.
+            if unsafe { libc::sched_setscheduler(pid, s.policy as i32, &param) } != 0 {
+                return Err(self.err(RuntimeError::last_os(
+                    "sched_setscheduler",
+                    format!("pid {pid} policy {}", s.policy),
+                )));
+            }
+            // SAFETY: setpriority takes no pointers.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as u32, s.nice) } != 0 {
+                return Err(self.err(RuntimeError::last_os(
+                    "setpriority",
+                    format!("pid {pid} nice {}", s.nice),
+                )));
+            }
+        }
+        let path = format!("/proc/{pid}/oom_score_adj");
+        std::fs::write(&path, p.oom_score_adj.to_string())
+            .map_err(|e| self.err(RuntimeError::sys("write", path, e)))?;
         Ok(())
     }
 

@@ -14,8 +14,8 @@ pub struct Injector {
     pid: i32,
     syscall_ip: u64,
     base: Regs,
-    /// Signals whose delivery stops were suppressed while injecting.
-    deferred: Vec<i32>,
+    /// Signals (their siginfo) whose delivery stops were suppressed while injecting.
+    deferred: Vec<Vec<u8>>,
 }
 
 impl Injector {
@@ -37,7 +37,7 @@ impl Injector {
     }
 
     /// Signals suppressed while injecting (the caller decides whether to queue them again).
-    pub fn take_deferred(&mut self) -> Vec<i32> {
+    pub fn take_deferred(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.deferred)
     }
 
@@ -83,8 +83,9 @@ impl Injector {
             &mut regs.r8,
             &mut regs.r9,
         ];
-        for (slot, value) in slots.into_iter().zip(args.iter()) {
-            *slot = *value;
+        // Unused argument registers are zero: some calls (prctl) insist on it.
+        for (i, slot) in slots.into_iter().enumerate() {
+            *slot = args.get(i).copied().unwrap_or(0);
         }
         ptrace::set_regs(self.pid, &regs)?;
         self.step_to_syscall_stop("syscall entry")?;
@@ -108,7 +109,11 @@ impl Injector {
             match ptrace::wait_stop(self.pid)? {
                 Stop::Syscall => return Ok(()),
                 Stop::Signal(sig) => {
-                    self.deferred.push(sig);
+                    let mut info = ptrace::get_siginfo(self.pid)?;
+                    if ptrace::siginfo_signo(&info) != sig {
+                        info[..4].copy_from_slice(&sig.to_ne_bytes());
+                    }
+                    self.deferred.push(info);
                     ptrace::resume_to_syscall(self.pid)?;
                 }
                 Stop::EventStop(_) => ptrace::resume_to_syscall(self.pid)?,

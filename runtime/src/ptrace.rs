@@ -221,8 +221,8 @@ pub fn detach(pid: i32, sig: i32) -> Result<()> {
 }
 
 /// Seizes `pid` and brings it into an interrupt stop. Signal-delivery stops that come first
-/// are suppressed and their signals returned, so the caller can queue them again.
-pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<Vec<i32>> {
+/// are suppressed and their siginfos returned, so the caller can queue them again.
+pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<Vec<Vec<u8>>> {
     seize(pid, options)?;
     interrupt(pid)?;
     let mut deferred = Vec::new();
@@ -230,7 +230,11 @@ pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<Vec<i32>> {
         match wait_stop(pid)? {
             Stop::EventStop(_) => return Ok(deferred),
             Stop::Signal(sig) => {
-                deferred.push(sig);
+                let mut info = get_siginfo(pid)?;
+                if siginfo_signo(&info) != sig {
+                    info[..4].copy_from_slice(&sig.to_ne_bytes());
+                }
+                deferred.push(info);
                 cont(pid, 0)?;
             }
             Stop::Exited(code) => {
@@ -299,6 +303,73 @@ pub fn rewind_interrupted_syscall(regs: &Regs, resume_in: ResumeIn) -> Regs {
         _ => {}
     }
     r
+}
+
+/// Size of the kernel's siginfo_t.
+pub const SIGINFO_SIZE: usize = 128;
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+
+#[repr(C)]
+struct PeekSiginfoArgs {
+    off: u64,
+    flags: u32,
+    nr: i32,
+}
+
+/// PTRACE_GETSIGINFO: the siginfo of the signal of a signal-delivery stop.
+pub fn get_siginfo(pid: i32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; SIGINFO_SIZE];
+    // SAFETY: the kernel writes one siginfo_t (128 bytes) into buf.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_GETSIGINFO, pid, 0usize, buf.as_mut_ptr()) };
+    check("ptrace(PTRACE_GETSIGINFO)", pid, rc)?;
+    Ok(buf)
+}
+
+/// PTRACE_PEEKSIGINFO: the queued signals of the thread (`shared` false) or of the whole
+/// process (`shared` true), oldest first, without dequeuing them.
+pub fn peek_siginfo(pid: i32, shared: bool) -> Result<Vec<Vec<u8>>> {
+    const BATCH: usize = 32;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; SIGINFO_SIZE * BATCH];
+    loop {
+        let args = PeekSiginfoArgs {
+            off: out.len() as u64,
+            flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+            nr: BATCH as i32,
+        };
+        // SAFETY: args is a valid ptrace_peeksiginfo_args; buf holds nr siginfo_t slots.
+        let rc = unsafe {
+            libc::ptrace(
+                PTRACE_PEEKSIGINFO as _,
+                pid,
+                &args as *const PeekSiginfoArgs,
+                buf.as_mut_ptr(),
+            )
+        };
+        let n = check("ptrace(PTRACE_PEEKSIGINFO)", pid, rc)? as usize;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend(
+            buf.chunks(SIGINFO_SIZE)
+                .take(n.min(BATCH))
+                .map(<[u8]>::to_vec),
+        );
+        if out.len() > 1 << 16 {
+            return Err(RuntimeError::Unsupported(format!(
+                "pid {pid} has more than 65536 queued signals"
+            )));
+        }
+    }
+}
+
+/// The signal number of a raw siginfo_t.
+pub fn siginfo_signo(info: &[u8]) -> i32 {
+    info.get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_ne_bytes)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

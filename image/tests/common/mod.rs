@@ -50,6 +50,15 @@ pub fn process(pid: u32, threads: u32) -> proto::Process {
                     signature: 0x5305_3053,
                 }),
                 name: format!("worker-{t}"),
+                sigaltstack: Some(proto::SigAltStack {
+                    sp: 0x7f00_0010_0000,
+                    flags: 0,
+                    size: 65536,
+                }),
+                pending: vec![proto::PendingSignal {
+                    signo: 10,
+                    siginfo: vec![10, 0, 0, 0],
+                }],
             })
             .collect(),
         mm: Some(proto::MmState {
@@ -128,6 +137,22 @@ pub fn process(pid: u32, threads: u32) -> proto::Process {
             groups: vec![],
         }),
         cmdline: vec!["sleep".into(), "1000".into()],
+        itimers: vec![proto::Itimer {
+            which: 0,
+            interval_us: 7_000_000,
+            value_us: 599_000_000,
+        }],
+        sched: Some(proto::SchedState {
+            nice: 7,
+            policy: 3,
+            priority: 0,
+        }),
+        oom_score_adj: -17,
+        no_new_privs: true,
+        shared_pending: vec![proto::PendingSignal {
+            signo: 39,
+            siginfo: vec![39, 0, 0, 0],
+        }],
         ..Default::default()
     }
 }
