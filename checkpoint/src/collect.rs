@@ -95,7 +95,17 @@ pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, Checkpoint
     let sigmask = frozen.sigmask();
     let xstate = ptrace::get_xstate(pid)?;
     let rseq = ptrace::get_rseq(pid)?;
-    let q = query_by_injection(frozen, syscall_ip, &status)?;
+    let timers = procfs::read_timers(pid)?;
+    if timers.len() > MAX_TIMERS {
+        return Err(CheckpointError::unsupported(
+            pid,
+            format!(
+                "it has {} POSIX timers; at most {MAX_TIMERS} are supported",
+                timers.len()
+            ),
+        ));
+    }
+    let q = query_by_injection(frozen, syscall_ip, &status, &timers)?;
     let mut thread_pending = ptrace::peek_siginfo(pid, false)?;
     // Signals taken out of the queue while stopping count as pending for the thread.
     thread_pending.extend(frozen.deferred().iter().cloned());
@@ -178,8 +188,12 @@ pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, Checkpoint
         no_new_privs: q.no_new_privs,
         dumpable: q.dumpable,
         shared_pending: pending_records(shared_pending),
+        posix_timers: q.posix_timers,
     })
 }
+
+/// POSIX timers whose state fits the scratch page area used to query them.
+const MAX_TIMERS: usize = 384;
 
 fn pending_records(infos: Vec<Vec<u8>>) -> Vec<proto::PendingSignal> {
     infos
@@ -228,6 +242,7 @@ struct Injected {
     itimers: Vec<proto::Itimer>,
     no_new_privs: bool,
     dumpable: u32,
+    posix_timers: Vec<proto::PosixTimer>,
 }
 
 /// The blake3 hash of the vDSO text and the address of a `syscall` instruction in it.
@@ -261,7 +276,10 @@ fn query_by_injection(
     frozen: &mut Frozen,
     syscall_ip: u64,
     status: &procfs::Status,
+    timers: &[procfs::TimerInfo],
 ) -> Result<Injected, CheckpointError> {
+    const SCRATCH_LEN: u64 = 16384;
+    const TIMERS_AT: u64 = 4096;
     const SIGACTION_SIZE: u64 = 32;
     const ALTSTACK_AT: u64 = 2048;
     const ITIMERS_AT: u64 = 2304;
@@ -272,7 +290,7 @@ fn query_by_injection(
         libc::SYS_mmap,
         &[
             0,
-            4096,
+            SCRATCH_LEN,
             (libc::PROT_READ | libc::PROT_WRITE) as u64,
             (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
             u64::MAX,
@@ -312,8 +330,15 @@ fn query_by_injection(
             libc::SYS_prctl,
             &[libc::PR_GET_DUMPABLE as u64],
         )?;
-        let mut raw = vec![0u8; 4096];
-        memory::read_remote(pid, &[(scratch, 4096)], &mut raw)?;
+        for (i, t) in timers.iter().enumerate() {
+            inj.call(
+                "timer_gettime",
+                libc::SYS_timer_gettime,
+                &[t.id as u64, scratch + TIMERS_AT + i as u64 * 32],
+            )?;
+        }
+        let mut raw = vec![0u8; SCRATCH_LEN as usize];
+        memory::read_remote(pid, &[(scratch, raw.len())], &mut raw)?;
         let word =
             |off: usize| u64::from_ne_bytes(raw[off..off + 8].try_into().unwrap_or_default());
         let actions = sigs
@@ -347,7 +372,30 @@ fn query_by_injection(
             })
             .filter(|t| t.value_us != 0)
             .collect();
+        let nsecs = |off: usize| word(off) * 1_000_000_000 + word(off + 8);
+        let posix_timers = timers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let off = TIMERS_AT as usize + i * 32;
+                proto::PosixTimer {
+                    id: t.id,
+                    clock_id: t.clock_id,
+                    notify: t.notify,
+                    signo: t.signo,
+                    sigval: t.sigval,
+                    notify_tid: if t.notify & libc::SIGEV_THREAD_ID != 0 {
+                        t.notify_pid
+                    } else {
+                        0
+                    },
+                    interval_ns: nsecs(off),
+                    value_ns: nsecs(off + 16),
+                }
+            })
+            .collect();
         Ok(Injected {
+            posix_timers,
             sigactions: actions,
             brk,
             sigaltstack,
@@ -356,7 +404,7 @@ fn query_by_injection(
             dumpable: dumpable as u32,
         })
     })();
-    let unmap = inj.call("munmap(scratch)", libc::SYS_munmap, &[scratch, 4096]);
+    let unmap = inj.call("munmap(scratch)", libc::SYS_munmap, &[scratch, SCRATCH_LEN]);
     frozen.defer_signals(inj.take_deferred());
     let out = result?;
     unmap?;

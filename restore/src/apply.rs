@@ -531,6 +531,7 @@ impl Builder<'_> {
             let at = self.poke(SCR_MISC, &raw)?;
             self.call("setitimer", libc::SYS_setitimer, &[it.which as u64, at, 0])?;
         }
+        self.set_posix_timers(p)?;
         if p.no_new_privs {
             self.call(
                 "prctl(PR_SET_NO_NEW_PRIVS)",
@@ -538,6 +539,73 @@ impl Builder<'_> {
                 &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
             )?;
         }
+        Ok(())
+    }
+
+    /// POSIX timers with their original ids (PR_TIMER_CREATE_RESTORE_IDS), clocks, signal
+    /// settings and remaining time.
+    fn set_posix_timers(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+        if p.posix_timers.is_empty() {
+            return Ok(());
+        }
+        let pid = self.pid;
+        let on = self
+            .inj
+            .raw(libc::SYS_prctl, &[PR_TIMER_CREATE_RESTORE_IDS, 1])
+            .map_err(|e| self.err(e))?;
+        if on != 0 {
+            return Err(RestoreError::Unsupported(format!(
+                "process {}: this kernel cannot recreate POSIX timers with their ids \
+                 (prctl PR_TIMER_CREATE_RESTORE_IDS failed with errno {})",
+                p.pid, -on
+            )));
+        }
+        for t in &p.posix_timers {
+            let mut sev = vec![0u8; 64];
+            sev[0..8].copy_from_slice(&t.sigval.to_ne_bytes());
+            sev[8..12].copy_from_slice(&t.signo.to_ne_bytes());
+            sev[12..16].copy_from_slice(&t.notify.to_ne_bytes());
+            sev[16..20].copy_from_slice(&t.notify_tid.to_ne_bytes());
+            sev.extend_from_slice(&t.id.to_ne_bytes());
+            let at = self.poke(SCR_MISC, &sev)?;
+            self.call(
+                "timer_create",
+                libc::SYS_timer_create,
+                &[t.clock_id as u64, at, at + 64],
+            )?;
+            let mut got = [0u8; 4];
+            memory::read_remote(pid, &[(at + 64, 4)], &mut got).map_err(|e| self.err(e))?;
+            if i32::from_ne_bytes(got) != t.id {
+                return Err(self.err(RuntimeError::Protocol {
+                    op: "timer_create",
+                    pid,
+                    what: format!(
+                        "asked for timer id {}, got {}",
+                        t.id,
+                        i32::from_ne_bytes(got)
+                    ),
+                }));
+            }
+            if t.value_ns != 0 {
+                let mut its = Vec::with_capacity(32);
+                for ns in [t.interval_ns, t.value_ns] {
+                    its.extend_from_slice(&(ns / 1_000_000_000).to_ne_bytes());
+                    its.extend_from_slice(&(ns % 1_000_000_000).to_ne_bytes());
+                }
+                let at = self.poke(SCR_MISC, &its)?;
+                self.call(
+                    "timer_settime",
+                    libc::SYS_timer_settime,
+                    &[t.id as u64, 0, at, 0],
+                )?;
+            }
+        }
+        self.call(
+            "prctl(PR_TIMER_CREATE_RESTORE_IDS, OFF)",
+            libc::SYS_prctl,
+            &[PR_TIMER_CREATE_RESTORE_IDS, 0],
+        )?;
         Ok(())
     }
 

@@ -8,12 +8,14 @@ mod limits;
 mod maps;
 mod stat;
 mod status;
+mod timers;
 
 pub use fd::{read_fd_target, read_fdinfo, FdInfo};
 pub use limits::{parse_limits, read_limits, Limit};
 pub use maps::{parse_maps, parse_smaps_flags, read_maps, read_smaps_flags, MapEntry};
 pub use stat::{parse_stat, read_stat, Stat};
 pub use status::{parse_status, read_status, Status};
+pub use timers::{parse_timers, read_timers, TimerInfo};
 
 use crate::error::{Result, RuntimeError};
 

@@ -8,6 +8,11 @@
 //! to the process (shared queue), a blocked SIGUSR2 sent to the thread (private queue), and
 //! two queued SIGRTMIN+5 with values 4242 and 4243 (siginfo kept, order kept). `verify` only
 //! looks at the pending set; `check` also dequeues them and compares their siginfo.
+//! POSIX timers: ids 0, 2 and 3 (1 was deleted, so a restorer creating timers linearly gets
+//! the ids wrong): a CLOCK_MONOTONIC timer signalling SIGRTMIN+7 with value 77, a
+//! CLOCK_REALTIME SIGEV_NONE timer with a 2 s interval, and a CLOCK_PROCESS_CPUTIME_ID timer
+//! that already used ~300 ms; each is checked by id for interval, remaining time, and (in
+//! /proc/self/timers) its signal, value, notification and clock.
 
 use stasis_workloads::{Cmd, Ctx, Spec};
 use std::time::{Duration, Instant};
@@ -53,6 +58,124 @@ fn set_itimer(which: libc::c_int, interval_s: u64, value_s: u64) -> Result<(), S
     Ok(())
 }
 
+const TIMER_SIGNAL_VALUE: u64 = 77;
+
+/// timer_create(2) through the raw syscall, so ids are the kernel's.
+fn timer_create(
+    clock: libc::clockid_t,
+    notify: i32,
+    signo: i32,
+    value: u64,
+) -> Result<i32, String> {
+    let mut sev = [0u8; 64];
+    sev[0..8].copy_from_slice(&value.to_ne_bytes());
+    sev[8..12].copy_from_slice(&signo.to_ne_bytes());
+    sev[12..16].copy_from_slice(&notify.to_ne_bytes());
+    let mut id: i32 = -1;
+    // SAFETY: sev is a 64-byte struct sigevent, id a valid out pointer.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_timer_create,
+            clock,
+            sev.as_ptr(),
+            &mut id as *mut i32,
+        )
+    } != 0
+    {
+        return Err(errno_str("timer_create"));
+    }
+    Ok(id)
+}
+
+fn timer_settime(id: i32, interval_s: u64, value_s: u64) -> Result<(), String> {
+    let its: [u64; 4] = [interval_s, 0, value_s, 0];
+    // SAFETY: its is a struct itimerspec; the old value is not asked for.
+    if unsafe { libc::syscall(libc::SYS_timer_settime, id, 0, its.as_ptr(), 0usize) } != 0 {
+        return Err(errno_str("timer_settime"));
+    }
+    Ok(())
+}
+
+/// (interval ns, remaining ns) of a timer.
+fn timer_gettime(id: i32) -> Result<(u64, u64), String> {
+    let mut its = [0u64; 4];
+    // SAFETY: its is a struct itimerspec for the kernel to fill.
+    if unsafe { libc::syscall(libc::SYS_timer_gettime, id, its.as_mut_ptr()) } != 0 {
+        return Err(errno_str(&format!("timer_gettime({id})")));
+    }
+    Ok((
+        its[0] * 1_000_000_000 + its[1],
+        its[2] * 1_000_000_000 + its[3],
+    ))
+}
+
+fn make_timers() -> Result<(), String> {
+    let t0 = timer_create(
+        libc::CLOCK_MONOTONIC,
+        libc::SIGEV_SIGNAL,
+        libc::SIGRTMIN() + 7,
+        TIMER_SIGNAL_VALUE,
+    )?;
+    let t1 = timer_create(libc::CLOCK_MONOTONIC, libc::SIGEV_NONE, 0, 0)?;
+    let t2 = timer_create(libc::CLOCK_REALTIME, libc::SIGEV_NONE, 0, 0)?;
+    let t3 = timer_create(
+        libc::CLOCK_PROCESS_CPUTIME_ID,
+        libc::SIGEV_SIGNAL,
+        libc::SIGRTMIN() + 8,
+        0,
+    )?;
+    if (t0, t1, t2, t3) != (0, 1, 2, 3) {
+        return Err(format!("timer ids {t0} {t1} {t2} {t3}, expected 0 1 2 3"));
+    }
+    // SAFETY: deleting our own timer id 1.
+    if unsafe { libc::syscall(libc::SYS_timer_delete, t1) } != 0 {
+        return Err(errno_str("timer_delete"));
+    }
+    timer_settime(t0, 0, 500)?;
+    timer_settime(t2, 2, 400)?;
+    timer_settime(t3, 0, 700)
+}
+
+fn check_timers(r: &mut stasis_workloads::Report) {
+    for (id, interval_s, value_s, min_used_ns) in [
+        (0, 0, 500u64, 0u64),
+        (2, 2, 400, 0),
+        (3, 0, 700, 250_000_000),
+    ] {
+        if let Some((i, v)) = r.ok(timer_gettime(id)) {
+            r.eq(
+                &format!("timer {id} interval"),
+                interval_s * 1_000_000_000,
+                i,
+            );
+            let max = value_s * 1_000_000_000 - min_used_ns;
+            r.ensure(v > 0 && v <= max, || {
+                format!("timer {id} remaining {v} ns, expected 1..={max}")
+            });
+        }
+    }
+    r.ensure(timer_gettime(1).is_err(), || {
+        "deleted timer id 1 exists again".into()
+    });
+    match std::fs::read_to_string("/proc/self/timers") {
+        Ok(text) => {
+            let pid = std::process::id();
+            let rt7 = libc::SIGRTMIN() + 7;
+            let rt8 = libc::SIGRTMIN() + 8;
+            for want in [
+                format!("ID: 0\nsignal: {rt7}/{TIMER_SIGNAL_VALUE:016x}\nnotify: signal/pid.{pid}\nClockID: {}", libc::CLOCK_MONOTONIC),
+                format!("ID: 2\nsignal: 0/0000000000000000\nnotify: none/pid.{pid}\nClockID: {}", libc::CLOCK_REALTIME),
+                // The kernel shows this process's CPU clock in its internal encoding:
+                // MAKE_PROCESS_CPUCLOCK(0, CPUCLOCK_SCHED) = (!0 << 3) | 2 = -6.
+                format!("ID: 3\nsignal: {rt8}/0000000000000000\nnotify: signal/pid.{pid}\nClockID: -6"),
+            ] {
+                r.ensure(text.contains(&want), || format!("/proc/self/timers lacks {want:?} in {text:?}"));
+            }
+        }
+        Err(e) => r.fail(format!("/proc/self/timers: {e}")),
+    }
+}
+
 fn errno_str(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
@@ -75,6 +198,7 @@ fn setup(alt: *mut u8) -> Result<(), String> {
         set_itimer(libc::ITIMER_REAL, REAL_INTERVAL, REAL_VALUE)?;
         set_itimer(libc::ITIMER_VIRTUAL, 0, VIRT_VALUE)?;
         set_itimer(libc::ITIMER_PROF, PROF_INTERVAL, PROF_VALUE)?;
+        make_timers()?;
         let t = Instant::now();
         let mut x = 0u64;
         while t.elapsed() < BURN {
@@ -97,7 +221,13 @@ fn setup(alt: *mut u8) -> Result<(), String> {
         }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGRTMIN() + 5] {
+        for s in [
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGRTMIN() + 5,
+            libc::SIGRTMIN() + 7,
+            libc::SIGRTMIN() + 8,
+        ] {
             libc::sigaddset(&mut set, s);
         }
         if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
@@ -124,6 +254,7 @@ fn setup(alt: *mut u8) -> Result<(), String> {
 }
 
 fn check(r: &mut stasis_workloads::Report, dequeue: bool) {
+    check_timers(r);
     // SAFETY: all pointers are to locals valid for each call.
     unsafe {
         let mut ss: libc::stack_t = std::mem::zeroed();
