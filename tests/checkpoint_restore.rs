@@ -52,3 +52,61 @@ fn counter_with_data() {
 fn timers_sched_creds_altstack_and_pending_signals() {
     common::round_trip("wl-state", &[], &[]);
 }
+
+/// Uid, gid, groups and capability lines of /proc/PID/status.
+fn identity(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .filter(|l| {
+            ["Uid:", "Gid:", "Groups:", "Cap"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn non_root_process_keeps_its_ids_groups_and_capabilities() {
+    use std::os::unix::process::CommandExt;
+    let dir = common::scratch("nobody");
+    let mut wl = common::start_with("wl-pipe-read", &[], |c| {
+        c.current_dir("/tmp");
+        // SAFETY: setgroups/setgid/setuid between fork and exec are async-signal-safe; the
+        // array is static.
+        unsafe {
+            c.pre_exec(|| {
+                static GROUPS: [libc::gid_t; 2] = [65534, 100];
+                if libc::setgroups(2, GROUPS.as_ptr()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let before = identity(wl.pid);
+    assert!(
+        before
+            .iter()
+            .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+        "{before:?}"
+    );
+    let pid = wl.pid.to_string();
+    let img = dir.join("n.img");
+    common::stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    wl.child.wait().expect("reap");
+    let (mut r, mut p) = common::restore(&img, true);
+    assert_eq!(p.expect_line(&[&pid]), pid);
+    assert!(r.wait().expect("restore").success());
+    assert_eq!(
+        identity(wl.pid),
+        before,
+        "credentials changed across restore"
+    );
+    p.expect_pass("check", "restored as nobody");
+    common::reap(wl.pid);
+}

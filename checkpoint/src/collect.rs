@@ -180,6 +180,12 @@ pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, Checkpoint
             uids: status.uids.clone(),
             gids: status.gids.clone(),
             groups: status.groups.clone(),
+            cap_inheritable: status.cap_inh,
+            cap_permitted: status.cap_prm,
+            cap_effective: status.cap_eff,
+            cap_bounding: status.cap_bnd,
+            cap_ambient: status.cap_amb,
+            securebits: q.securebits,
         }),
         cmdline,
         itimers: q.itimers,
@@ -243,6 +249,7 @@ struct Injected {
     no_new_privs: bool,
     dumpable: u32,
     posix_timers: Vec<proto::PosixTimer>,
+    securebits: u32,
 }
 
 /// The blake3 hash of the vDSO text and the address of a `syscall` instruction in it.
@@ -325,6 +332,11 @@ fn query_by_injection(
             libc::SYS_prctl,
             &[libc::PR_GET_NO_NEW_PRIVS as u64],
         )?;
+        let securebits = inj.call(
+            "prctl(PR_GET_SECUREBITS)",
+            libc::SYS_prctl,
+            &[libc::PR_GET_SECUREBITS as u64],
+        )?;
         let dumpable = inj.call(
             "prctl(PR_GET_DUMPABLE)",
             libc::SYS_prctl,
@@ -395,6 +407,7 @@ fn query_by_injection(
             })
             .collect();
         Ok(Injected {
+            securebits: securebits as u32,
             posix_timers,
             sigactions: actions,
             brk,

@@ -637,38 +637,120 @@ impl Builder<'_> {
         Ok(())
     }
 
-    /// Groups and ids last: after them the process may lose the privileges the steps above needed.
+    /// Credentials last: after them the process may lose the privileges the steps above
+    /// needed. Order: securebits (needs CAP_SETPCAP), keep-caps across the uid change,
+    /// bounding-set drops, groups/gids/uids, then capset and ambient capabilities.
     fn set_creds(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
         let Some(c) = &p.creds else { return Ok(()) };
         let me = procfs::read_status(std::process::id() as i32).map_err(|e| self.err(e))?;
-        if c.uids == me.uids && c.gids == me.gids && c.groups == me.groups {
-            return Ok(());
-        }
         if c.uids.len() != 4 || c.gids.len() != 4 || c.groups.len() > 1024 {
             return Err(RestoreError::Invalid("malformed credentials".into()));
         }
-        let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-        let at = if groups.is_empty() {
-            0
-        } else {
-            self.poke(SCR_GROUPS, &groups)?
-        };
+        let ids_same = c.uids == me.uids && c.gids == me.gids && c.groups == me.groups;
+        let caps_same = (
+            c.cap_inheritable,
+            c.cap_permitted,
+            c.cap_effective,
+            c.cap_bounding,
+            c.cap_ambient,
+        ) == (me.cap_inh, me.cap_prm, me.cap_eff, me.cap_bnd, me.cap_amb);
+        if ids_same && caps_same && c.securebits == 0 {
+            return Ok(());
+        }
+        let lacking = (c.cap_permitted | c.cap_bounding) & !(me.cap_prm & me.cap_bnd);
+        if lacking != 0 {
+            return Err(RestoreError::Unsupported(format!(
+                "process {} holds capabilities {lacking:#x} that stasis itself lacks",
+                p.pid
+            )));
+        }
+        const SECBIT_KEEP_CAPS: u32 = 1 << 4;
+        const SECBIT_KEEP_CAPS_LOCKED: u32 = 1 << 5;
+        const PR_CAP_AMBIENT: u64 = 47;
+        const PR_CAP_AMBIENT_RAISE: u64 = 2;
+        const PR_CAP_AMBIENT_CLEAR_ALL: u64 = 4;
+        let prctl = libc::SYS_prctl;
+        if c.securebits != 0 {
+            self.call(
+                "prctl(PR_SET_SECUREBITS)",
+                prctl,
+                &[libc::PR_SET_SECUREBITS as u64, c.securebits as u64],
+            )?;
+        }
+        let keep_for_uid_change =
+            !ids_same && c.cap_permitted != 0 && c.securebits & SECBIT_KEEP_CAPS_LOCKED == 0;
+        if keep_for_uid_change {
+            self.call(
+                "prctl(PR_SET_KEEPCAPS)",
+                prctl,
+                &[libc::PR_SET_KEEPCAPS as u64, 1],
+            )?;
+        }
+        for cap in 0..64u64 {
+            if me.cap_bnd & (1 << cap) != 0 && c.cap_bounding & (1 << cap) == 0 {
+                self.call(
+                    "prctl(PR_CAPBSET_DROP)",
+                    prctl,
+                    &[libc::PR_CAPBSET_DROP as u64, cap],
+                )?;
+            }
+        }
+        if !ids_same {
+            let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+            let at = if groups.is_empty() {
+                0
+            } else {
+                self.poke(SCR_GROUPS, &groups)?
+            };
+            self.call(
+                "setgroups",
+                libc::SYS_setgroups,
+                &[c.groups.len() as u64, at],
+            )?;
+            let (g, u) = (&c.gids, &c.uids);
+            self.call(
+                "setresgid",
+                libc::SYS_setresgid,
+                &[g[0] as u64, g[1] as u64, g[2] as u64],
+            )?;
+            self.call(
+                "setresuid",
+                libc::SYS_setresuid,
+                &[u[0] as u64, u[1] as u64, u[2] as u64],
+            )?;
+        }
+        // capset v3: header {version, pid}, then two {effective, permitted, inheritable}.
+        let mut cap = Vec::with_capacity(32);
+        cap.extend_from_slice(&0x2008_0522u32.to_ne_bytes());
+        cap.extend_from_slice(&0u32.to_ne_bytes());
+        for half in [0, 32] {
+            for set in [c.cap_effective, c.cap_permitted, c.cap_inheritable] {
+                cap.extend_from_slice(&((set >> half) as u32).to_ne_bytes());
+            }
+        }
+        let at = self.poke(SCR_MISC, &cap)?;
+        self.call("capset", libc::SYS_capset, &[at, at + 8])?;
         self.call(
-            "setgroups",
-            libc::SYS_setgroups,
-            &[c.groups.len() as u64, at],
+            "prctl(PR_CAP_AMBIENT_CLEAR_ALL)",
+            prctl,
+            &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL],
         )?;
-        let (g, u) = (&c.gids, &c.uids);
-        self.call(
-            "setresgid",
-            libc::SYS_setresgid,
-            &[g[0] as u64, g[1] as u64, g[2] as u64],
-        )?;
-        self.call(
-            "setresuid",
-            libc::SYS_setresuid,
-            &[u[0] as u64, u[1] as u64, u[2] as u64],
-        )?;
+        for cap in 0..64u64 {
+            if c.cap_ambient & (1 << cap) != 0 {
+                self.call(
+                    "prctl(PR_CAP_AMBIENT_RAISE)",
+                    prctl,
+                    &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap],
+                )?;
+            }
+        }
+        if keep_for_uid_change && c.securebits & SECBIT_KEEP_CAPS == 0 {
+            self.call(
+                "prctl(PR_SET_KEEPCAPS)",
+                prctl,
+                &[libc::PR_SET_KEEPCAPS as u64, 0],
+            )?;
+        }
         Ok(())
     }
 }

@@ -120,9 +120,16 @@ pub struct Workload {
 
 /// Starts a workload with `--tag` and STASIS_WL_TAG and waits for READY.
 pub fn start(name: &str, args: &[&str]) -> Workload {
+    start_with(name, args, |_| {})
+}
+
+/// Like [`start`], letting the caller adjust the command (credentials, cwd, ...).
+pub fn start_with(name: &str, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Workload {
     init();
     let tag = format!("t{}x{}", std::process::id(), name.len() * 7919 + args.len());
-    let mut child = Command::new(workload(name))
+    let mut cmd = Command::new(workload(name));
+    adjust(&mut cmd);
+    let mut child = cmd
         .args(["--tag", &tag])
         .args(args)
         .env("STASIS_WL_TAG", &tag)

@@ -135,6 +135,11 @@ pub fn process(pid: u32, threads: u32) -> proto::Process {
             uids: vec![0; 4],
             gids: vec![0; 4],
             groups: vec![],
+            cap_permitted: 0x1ff_ffff_ffff,
+            cap_effective: 0x1ff_ffff_ffff,
+            cap_bounding: 0x1ff_ffff_ffff,
+            securebits: 4,
+            ..Default::default()
         }),
         cmdline: vec!["sleep".into(), "1000".into()],
         itimers: vec![proto::Itimer {

@@ -19,6 +19,11 @@ pub struct Status {
     pub sig_ign: u64,
     pub sig_cgt: u64,
     pub no_new_privs: bool,
+    pub cap_inh: u64,
+    pub cap_prm: u64,
+    pub cap_eff: u64,
+    pub cap_bnd: u64,
+    pub cap_amb: u64,
 }
 
 /// Parses the text of /proc/PID/status.
@@ -48,6 +53,11 @@ pub fn parse_status(path: &str, text: &str) -> Result<Status> {
             "SigIgn" => s.sig_ign = hex(value)?,
             "SigCgt" => s.sig_cgt = hex(value)?,
             "NoNewPrivs" => s.no_new_privs = value == "1",
+            "CapInh" => s.cap_inh = hex(value)?,
+            "CapPrm" => s.cap_prm = hex(value)?,
+            "CapEff" => s.cap_eff = hex(value)?,
+            "CapBnd" => s.cap_bnd = hex(value)?,
+            "CapAmb" => s.cap_amb = hex(value)?,
             _ => {}
         }
     }

@@ -176,11 +176,59 @@ fn check_timers(r: &mut stasis_workloads::Report) {
     }
 }
 
+/// The capability lines of /proc/self/status.
+fn cap_lines() -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string("/proc/self/status").map_err(|e| format!("status: {e}"))?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("Cap"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Drops CAP_NET_RAW from the bounding set and CAP_SYS_TIME from the effective set, adds
+/// CAP_NET_BIND_SERVICE to the inheritable and ambient sets, sets SECBIT_NO_SETUID_FIXUP.
+fn change_caps() -> Result<(), String> {
+    const NET_BIND_SERVICE: u32 = 10;
+    const NET_RAW: u64 = 13;
+    const SYS_TIME: u32 = 25;
+    // SAFETY: every pointer is to a local array valid for its call.
+    unsafe {
+        if libc::prctl(libc::PR_CAPBSET_DROP, NET_RAW, 0, 0, 0) != 0 {
+            return Err(errno_str("PR_CAPBSET_DROP"));
+        }
+        let mut hdr = [0x2008_0522u32, 0];
+        let mut data = [0u32; 6];
+        if libc::syscall(libc::SYS_capget, hdr.as_mut_ptr(), data.as_mut_ptr()) != 0 {
+            return Err(errno_str("capget"));
+        }
+        data[0] &= !(1 << SYS_TIME); // effective
+        data[2] |= 1 << NET_BIND_SERVICE; // inheritable
+        if libc::syscall(libc::SYS_capset, hdr.as_mut_ptr(), data.as_ptr()) != 0 {
+            return Err(errno_str("capset"));
+        }
+        if libc::prctl(47, 2, NET_BIND_SERVICE as u64, 0, 0) != 0 {
+            return Err(errno_str("PR_CAP_AMBIENT_RAISE"));
+        }
+        if libc::prctl(libc::PR_SET_SECUREBITS, 1 << 2, 0, 0, 0) != 0 {
+            return Err(errno_str("PR_SET_SECUREBITS"));
+        }
+    }
+    Ok(())
+}
+
 fn errno_str(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-fn setup(alt: *mut u8) -> Result<(), String> {
+fn setup(alt: *mut u8) -> Result<Vec<String>, String> {
+    change_caps()?;
+    let caps = cap_lines()?;
+    setup_rest(alt)?;
+    Ok(caps)
+}
+
+fn setup_rest(alt: *mut u8) -> Result<(), String> {
     // SAFETY: every call below gets valid pointers to locals or to the leaked altstack buffer.
     unsafe {
         let ss = libc::stack_t {
@@ -253,8 +301,15 @@ fn setup(alt: *mut u8) -> Result<(), String> {
     Ok(())
 }
 
-fn check(r: &mut stasis_workloads::Report, dequeue: bool) {
+fn check(r: &mut stasis_workloads::Report, dequeue: bool, caps: &[String]) {
     check_timers(r);
+    if let Some(now) = r.ok(cap_lines()) {
+        r.eq("capability sets", caps, &now[..]);
+    }
+    // SAFETY: prctl(PR_GET_SECUREBITS) takes no pointers.
+    r.eq("securebits", 1 << 2, unsafe {
+        libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0)
+    });
     // SAFETY: all pointers are to locals valid for each call.
     unsafe {
         let mut ss: libc::stack_t = std::mem::zeroed();
@@ -366,11 +421,11 @@ fn main() {
     let mut ctx = Ctx::start("wl-state", &Spec::default());
     let alt = Box::leak(vec![0u8; ALTSTACK_SIZE].into_boxed_slice()).as_mut_ptr();
     let r = setup(alt);
-    ctx.setup(r);
+    let caps = ctx.setup(r);
     ctx.ready();
     loop {
         let cmd = ctx.read_blocking();
         let dequeue = matches!(cmd, Cmd::Check);
-        ctx.respond(cmd, |r| check(r, dequeue));
+        ctx.respond(cmd, |r| check(r, dequeue, &caps));
     }
 }
