@@ -110,3 +110,8 @@ fn non_root_process_keeps_its_ids_groups_and_capabilities() {
     p.expect_pass("check", "restored as nobody");
     common::reap(wl.pid);
 }
+
+#[test]
+fn deleted_files_and_memfds_keep_their_contents() {
+    common::round_trip("wl-ghost", &[], &[]);
+}

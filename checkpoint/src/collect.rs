@@ -33,7 +33,7 @@ pub fn precheck(pid: i32) -> Result<(), CheckpointError> {
     }
     check_threads(pid, status.threads)?;
     // Refuse unsupported files before freezing; collect() checks again while frozen.
-    fds::collect_fds(pid)?;
+    fds::collect_fds(pid, &mut crate::ghosts::Ghosts::default())?;
     Ok(())
 }
 
@@ -71,14 +71,17 @@ pub fn inventory(pid: i32, compression: &Compression) -> proto::Inventory {
 }
 
 /// Collects everything about the stopped process except page contents.
-pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, CheckpointError> {
+pub fn collect_process(
+    frozen: &mut Frozen,
+    ghosts: &mut crate::ghosts::Ghosts,
+) -> Result<proto::Process, CheckpointError> {
     let pid = frozen.pid();
     let status = procfs::read_status(pid)?;
     check_threads(pid, status.threads)?;
     let stat = procfs::read_stat(pid)?;
     let maps = procfs::read_smaps_flags(pid)?;
-    let vmas = vmas::classify(pid, &maps)?;
-    let fds = fds::collect_fds(pid)?;
+    let vmas = vmas::classify(pid, &maps, ghosts)?;
+    let fds = fds::collect_fds(pid, ghosts)?;
 
     let vdso = maps.iter().find(|m| m.name == "[vdso]");
     let (vdso_hash, syscall_ip) = match vdso {
@@ -195,6 +198,7 @@ pub fn collect_process(frozen: &mut Frozen) -> Result<proto::Process, Checkpoint
         dumpable: q.dumpable,
         shared_pending: pending_records(shared_pending),
         posix_timers: q.posix_timers,
+        ghost_files: ghosts.files.clone(),
     })
 }
 

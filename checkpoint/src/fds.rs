@@ -1,6 +1,7 @@
 //! Classifying a process's file descriptors (and refusing the kinds we cannot restore yet).
 
 use crate::error::CheckpointError;
+use crate::ghosts::{is_ghost_link, Ghosts};
 use crate::vmas::file_id;
 use stasis_image::proto::{self, FdKind};
 use stasis_runtime::procfs;
@@ -16,7 +17,7 @@ const REOPENABLE_DEVICES: [&str; 5] = [
 ];
 
 /// Lists and classifies every fd; an unsupported one is an error naming fd, kind and target.
-pub fn collect_fds(pid: i32) -> Result<Vec<proto::Fd>, CheckpointError> {
+pub fn collect_fds(pid: i32, ghosts: &mut Ghosts) -> Result<Vec<proto::Fd>, CheckpointError> {
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOENT) => CheckpointError::NoSuchProcess(pid),
@@ -30,10 +31,12 @@ pub fn collect_fds(pid: i32) -> Result<Vec<proto::Fd>, CheckpointError> {
         }
     }
     fds.sort_unstable();
-    fds.into_iter().map(|fd| classify(pid, fd)).collect()
+    fds.into_iter()
+        .map(|fd| classify(pid, fd, ghosts))
+        .collect()
 }
 
-fn classify(pid: i32, fd: i32) -> Result<proto::Fd, CheckpointError> {
+fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, CheckpointError> {
     let target = procfs::read_fd_target(pid, fd)?;
     let info = procfs::read_fdinfo(pid, fd)?;
     let unsupported = |kind: &str| {
@@ -68,8 +71,11 @@ fn classify(pid: i32, fd: i32) -> Result<proto::Fd, CheckpointError> {
     if !target.starts_with('/') {
         return Err(unsupported("a special file"));
     }
-    if target.ends_with(" (deleted)") {
-        return Err(unsupported("a file that was deleted while open"));
+    if is_ghost_link(&target) {
+        out.kind = FdKind::Regular as i32;
+        out.path = target.clone();
+        out.ghost_id = ghosts.register(pid, &format!("/proc/{pid}/fd/{fd}"), &target)?;
+        return Ok(out);
     }
     // Follow the fd itself, not the path: it is the open file we must describe.
     let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))

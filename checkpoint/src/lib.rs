@@ -10,6 +10,7 @@ pub mod collect;
 pub mod error;
 pub mod fds;
 pub mod freeze;
+pub mod ghosts;
 pub mod pages;
 pub mod sink;
 pub mod vmas;
@@ -96,8 +97,9 @@ pub fn checkpoint_process<S: ImageSink>(
 
     let result = (|| -> Result<(Stats, S), CheckpointError> {
         let tc = Instant::now();
-        let process = collect::collect_process(&mut frozen)?;
-        let plan = pages::plan(pid, &process)?;
+        let mut ghosts = ghosts::Ghosts::default();
+        let process = collect::collect_process(&mut frozen, &mut ghosts)?;
+        let plan = pages::plan(pid, &process, &ghosts)?;
         let collect_us = tc.elapsed().as_micros() as u64;
         let tp = Instant::now();
         let inventory = collect::inventory(pid, &opts.compression);

@@ -54,7 +54,11 @@ pub struct DumpPlan {
 }
 
 /// Finds the pages to save.
-pub fn plan(pid: i32, process: &proto::Process) -> Result<DumpPlan, CheckpointError> {
+pub fn plan(
+    pid: i32,
+    process: &proto::Process,
+    ghosts: &crate::ghosts::Ghosts,
+) -> Result<DumpPlan, CheckpointError> {
     let pagemap = Pagemap::open(pid)?;
     let mut segments = Vec::new();
     let mut skipped = 0;
@@ -127,6 +131,27 @@ pub fn plan(pid: i32, process: &proto::Process) -> Result<DumpPlan, CheckpointEr
             });
         }
         objects.push((path, file));
+    }
+    // Contents of ghost files (deleted while open, memfds), page by page.
+    for (id, path) in &ghosts.sources {
+        let file = File::open(path).map_err(|e| CheckpointError::Io(format!("open {path}"), e))?;
+        let size = ghosts
+            .files
+            .iter()
+            .find(|g| g.id == *id)
+            .map(|g| g.size)
+            .unwrap_or(0);
+        let end = (size + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+        for (off, len) in data_ranges(&file, path, end)? {
+            segments.push(Segment {
+                space: SpaceKind::File,
+                space_id: *id as u64,
+                addr: off,
+                pages: len / PAGE_SIZE,
+                via: ReadVia::Object(objects.len()),
+            });
+        }
+        objects.push((path.clone(), file));
     }
     let pages_total = segments.iter().map(|s| s.pages).sum();
     Ok(DumpPlan {
@@ -354,12 +379,28 @@ fn read_group(
             let mut at = 0;
             for s in group {
                 let len = (s.pages * PAGE_SIZE) as usize;
-                file.read_exact_at(&mut buf[at..at + len], s.addr)
+                read_zero_filled(file, &mut buf[at..at + len], s.addr)
                     .map_err(|e| CheckpointError::Io(format!("read {path} at {:#x}", s.addr), e))?;
                 at += len;
             }
         }
     }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `off`; bytes past the end of the file (its last page is
+/// usually partial) read as zero.
+fn read_zero_filled(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[done..].fill(0);
     Ok(())
 }
 

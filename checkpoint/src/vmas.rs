@@ -1,6 +1,7 @@
 //! Classifying a process's mappings into image VMAs (and refusing the ones we cannot keep).
 
 use crate::error::CheckpointError;
+use crate::ghosts::{is_ghost_link, Ghosts};
 use stasis_image::proto::{self, VmaKind};
 use stasis_runtime::procfs::MapEntry;
 use std::os::unix::fs::MetadataExt;
@@ -9,11 +10,20 @@ use std::os::unix::fs::MetadataExt;
 pub const KEPT_FLAGS: [&str; 7] = ["gd", "dd", "dc", "wf", "hg", "nh", "lo"];
 
 /// Classifies every mapping; an unsupported one is an error naming it.
-pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<proto::Vma>, CheckpointError> {
-    maps.iter().map(|m| classify_one(pid, m)).collect()
+pub fn classify(
+    pid: i32,
+    maps: &[MapEntry],
+    ghosts: &mut Ghosts,
+) -> Result<Vec<proto::Vma>, CheckpointError> {
+    maps.iter().map(|m| classify_one(pid, m, ghosts)).collect()
 }
 
-fn classify_one(pid: i32, m: &MapEntry) -> Result<proto::Vma, CheckpointError> {
+fn classify_one(
+    pid: i32,
+    m: &MapEntry,
+    ghosts: &mut Ghosts,
+) -> Result<proto::Vma, CheckpointError> {
+    let mut ghost_id = 0;
     let unsupported = |why: &str| {
         CheckpointError::unsupported(
             pid,
@@ -32,13 +42,15 @@ fn classify_one(pid: i32, m: &MapEntry) -> Result<proto::Vma, CheckpointError> {
         n if n.starts_with("/SYSV") => {
             return Err(unsupported("System V shared memory is not supported yet"))
         }
-        n if n.starts_with("/memfd:") => {
-            return Err(unsupported("memfd mappings are not supported yet"))
-        }
-        n if n.ends_with(" (deleted)") => {
-            return Err(unsupported(
-                "the mapped file was deleted (supported in a later version)",
-            ))
+        n if is_ghost_link(n) => {
+            let proc_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            ghost_id = ghosts.register(pid, &proc_path, n)?;
+            let kind = if m.shared {
+                VmaKind::FileShared
+            } else {
+                VmaKind::FilePrivate
+            };
+            (kind, None)
         }
         n if n.starts_with('/') => {
             let meta = std::fs::metadata(n)
@@ -84,6 +96,7 @@ fn classify_one(pid: i32, m: &MapEntry) -> Result<proto::Vma, CheckpointError> {
         } else {
             0
         },
+        ghost_id,
     })
 }
 

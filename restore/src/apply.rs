@@ -29,7 +29,12 @@ const MADVISE_FLAGS: [(&str, i32); 5] = [
 ];
 
 /// Creates the process and lets it run. On failure the half-built process is killed.
-pub fn apply(image: &Image, p: &proto::Process, plan: &ChildPlan) -> Result<Written, RestoreError> {
+pub fn apply(
+    image: &Image,
+    p: &proto::Process,
+    plan: &ChildPlan,
+    ghosts: &crate::ghosts::Recreated,
+) -> Result<Written, RestoreError> {
     let pid = p.pid as i32;
     let spawned =
         spawn::spawn(pid, plan).map_err(|source| RestoreError::Apply { pid, cause: source })?;
@@ -39,6 +44,7 @@ pub fn apply(image: &Image, p: &proto::Process, plan: &ChildPlan) -> Result<Writ
         pid: spawned.pid,
         scratch: plan.trampoline + PAGE_SIZE,
         plan,
+        ghosts,
     };
     match b.build(image, p, spawned.ctl_fd) {
         Ok(w) => Ok(w),
@@ -54,6 +60,7 @@ struct Builder<'a> {
     pid: i32,
     scratch: u64,
     plan: &'a ChildPlan,
+    ghosts: &'a crate::ghosts::Recreated,
 }
 
 impl Builder<'_> {
@@ -312,7 +319,12 @@ impl Builder<'_> {
                     } else {
                         libc::O_RDONLY
                     } | libc::O_CLOEXEC;
-                    let path = self.poke_str(&v.path)?;
+                    let path = if v.ghost_id != 0 {
+                        self.ghosts.path_for(v.ghost_id)?
+                    } else {
+                        v.path.clone()
+                    };
+                    let path = self.poke_str(&path)?;
                     let fd = self.call(
                         "openat(mapped file)",
                         libc::SYS_openat,

@@ -9,6 +9,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod ghosts;
 pub mod pages;
 pub mod plan;
 pub mod validate;
@@ -65,11 +66,12 @@ pub fn restore_process(image: &Image, opts: &Options) -> Result<Stats, RestoreEr
     image.verify().map_err(RestoreError::Image)?;
     let verify_us = tv.elapsed().as_micros() as u64;
     validate::process(image, process)?;
-    let plan = plan::plan(process, opts)?;
+    let ghosts = ghosts::recreate(image, process)?;
+    let plan = plan::plan(process, opts, &ghosts)?;
     let tw = Instant::now();
     validate::wait_pid_free(pid, opts.pid_wait)?;
     let pid_wait_us = tw.elapsed().as_micros() as u64;
-    let written = apply::apply(image, process, &plan)?;
+    let written = apply::apply(image, process, &plan, &ghosts)?;
     Ok(Stats {
         pid,
         verify_us,

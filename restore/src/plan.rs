@@ -16,7 +16,11 @@ pub const SCRATCH_LEN: u64 = 64 * 1024;
 
 /// Builds the child's plan: limits, umask, cwd, fds and a trampoline address that is free
 /// both in the target's layout and in ours (the child starts as a copy of us).
-pub fn plan(p: &proto::Process, opts: &Options) -> Result<ChildPlan, RestoreError> {
+pub fn plan(
+    p: &proto::Process,
+    opts: &Options,
+    ghosts: &crate::ghosts::Recreated,
+) -> Result<ChildPlan, RestoreError> {
     let cstr = |s: &str, what: &str| {
         CString::new(s)
             .map_err(|_| RestoreError::Invalid(format!("{what} {s:?} contains a NUL byte")))
@@ -48,6 +52,11 @@ pub fn plan(p: &proto::Process, opts: &Options) -> Result<ChildPlan, RestoreErro
     for f in &p.fds {
         let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
         let source = match f.kind() {
+            FdKind::Regular if f.ghost_id != 0 => FdSource::Open {
+                path: cstr(&ghosts.path_for(f.ghost_id)?, "ghost file path")?,
+                flags: (f.flags & !(libc::O_CLOEXEC as u32)) as i32,
+                offset: f.offset,
+            },
             FdKind::Regular | FdKind::CharDevice => FdSource::Open {
                 path: cstr(&f.path, "file path")?,
                 flags: (f.flags & !(libc::O_CLOEXEC as u32)) as i32,

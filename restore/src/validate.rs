@@ -187,6 +187,15 @@ fn check_vdso(p: &proto::Process) -> Result<(), RestoreError> {
 fn check_files(p: &proto::Process) -> Result<(), RestoreError> {
     let pid = p.pid;
     for v in &p.vmas {
+        if v.ghost_id != 0 {
+            if !p.ghost_files.iter().any(|g| g.id == v.ghost_id) {
+                return Err(RestoreError::Invalid(format!(
+                    "mapping {:#x} names missing ghost file {}",
+                    v.start, v.ghost_id
+                )));
+            }
+            continue;
+        }
         if matches!(v.kind(), VmaKind::FilePrivate | VmaKind::FileShared) {
             let meta = std::fs::metadata(&v.path).map_err(|e| {
                 RestoreError::Unsupported(format!("process {pid}: mapped file {}: {e}", v.path))
@@ -208,6 +217,15 @@ fn check_files(p: &proto::Process) -> Result<(), RestoreError> {
         }
     }
     for f in &p.fds {
+        if f.ghost_id != 0 {
+            if !p.ghost_files.iter().any(|g| g.id == f.ghost_id) {
+                return Err(RestoreError::Invalid(format!(
+                    "fd {} names missing ghost file {}",
+                    f.fd, f.ghost_id
+                )));
+            }
+            continue;
+        }
         if matches!(f.kind(), proto::FdKind::Regular | proto::FdKind::CharDevice) {
             if let Err(e) = std::fs::metadata(&f.path) {
                 return Err(RestoreError::Unsupported(format!(

@@ -1,0 +1,77 @@
+//! Files that have no name any more: regular files deleted while open, and memfds. Their
+//! contents go into the image; restore recreates them.
+
+use crate::error::CheckpointError;
+use stasis_image::proto;
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+
+/// Whether a /proc link text names a ghost file.
+pub fn is_ghost_link(link: &str) -> bool {
+    link.starts_with("/memfd:") || (link.starts_with('/') && link.ends_with(" (deleted)"))
+}
+
+/// The ghost files of one process, each registered once per inode.
+#[derive(Default)]
+pub struct Ghosts {
+    pub files: Vec<proto::GhostFile>,
+    /// (ghost id, a /proc path that opens it).
+    pub sources: Vec<(u32, String)>,
+    by_inode: HashMap<(u64, u64), u32>,
+}
+
+impl Ghosts {
+    /// Registers the file reachable at `proc_path` (/proc/PID/fd/N or
+    /// /proc/PID/map_files/A-B), whose link text is `link`; returns its id.
+    pub fn register(
+        &mut self,
+        pid: i32,
+        proc_path: &str,
+        link: &str,
+    ) -> Result<u32, CheckpointError> {
+        let meta = std::fs::metadata(proc_path)
+            .map_err(|e| CheckpointError::Io(format!("stat {proc_path}"), e))?;
+        if !meta.is_file() {
+            return Err(CheckpointError::unsupported(
+                pid,
+                format!("{link} is a deleted special file, which is not supported"),
+            ));
+        }
+        if let Some(id) = self.by_inode.get(&(meta.dev(), meta.ino())) {
+            return Ok(*id);
+        }
+        let id = self.files.len() as u32 + 1;
+        let base = link.strip_suffix(" (deleted)").unwrap_or(link);
+        let (memfd, path) = match base.strip_prefix("/memfd:") {
+            Some(name) => (true, name.to_string()),
+            None => (false, base.to_string()),
+        };
+        let seals = if memfd { seals_of(proc_path)? } else { 0 };
+        self.files.push(proto::GhostFile {
+            id,
+            path,
+            memfd,
+            size: meta.size(),
+            mode: meta.mode(),
+            seals,
+        });
+        self.sources.push((id, proc_path.to_string()));
+        self.by_inode.insert((meta.dev(), meta.ino()), id);
+        Ok(id)
+    }
+}
+
+fn seals_of(proc_path: &str) -> Result<u32, CheckpointError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(proc_path)
+        .map_err(|e| CheckpointError::Io(format!("open {proc_path}"), e))?;
+    // SAFETY: fcntl(F_GET_SEALS) on an fd we own takes no pointers.
+    let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(CheckpointError::Io(
+            format!("F_GET_SEALS {proc_path}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(seals as u32)
+}

@@ -1,0 +1,126 @@
+//! Recreating ghost files (deleted while open, memfds) before the process is built. They are
+//! held open by stasis, and the new process opens them through /proc/<stasis>/fd/N, which
+//! works for files that have no name.
+
+use crate::error::RestoreError;
+use stasis_image::proto::{self, RunKind, SpaceKind};
+use stasis_image::Image;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+/// Ghost files recreated and held open for the restore.
+#[derive(Default)]
+pub struct Recreated {
+    files: Vec<(u32, File)>,
+}
+
+impl Recreated {
+    /// A path that opens ghost `id` from any process allowed to look at stasis.
+    pub fn path_for(&self, id: u32) -> Result<String, RestoreError> {
+        let (_, f) =
+            self.files.iter().find(|(i, _)| *i == id).ok_or_else(|| {
+                RestoreError::Invalid(format!("ghost file {id} is not in the image"))
+            })?;
+        Ok(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
+    }
+}
+
+/// Recreates every ghost file of `p` with its contents and seals.
+pub fn recreate(image: &Image, p: &proto::Process) -> Result<Recreated, RestoreError> {
+    let mut out = Recreated::default();
+    for g in &p.ghost_files {
+        let file = if g.memfd {
+            memfd(g)?
+        } else {
+            unlinked_file(g)?
+        };
+        let what = |e: std::io::Error| {
+            RestoreError::Unsupported(format!("recreating ghost file {}: {e}", g.path))
+        };
+        file.set_len(g.size).map_err(what)?;
+        for chunk in image
+            .chunks()
+            .iter()
+            .filter(|c| c.space == SpaceKind::File && c.space_id == g.id as u64)
+        {
+            let data = image.chunk_data(chunk)?;
+            let mut at = 0usize;
+            for run in &chunk.runs {
+                if run.kind() != RunKind::Data {
+                    continue;
+                }
+                let len = (run.pages * 4096) as usize;
+                let bytes = data.get(at..at + len).ok_or_else(|| {
+                    RestoreError::Invalid(format!("chunk {} is shorter than its runs", chunk.index))
+                })?;
+                // Pages are whole; the file may end inside the last one.
+                let keep = g.size.saturating_sub(run.vaddr).min(len as u64) as usize;
+                file.write_all_at(&bytes[..keep], run.vaddr).map_err(what)?;
+                at += len;
+            }
+        }
+        if g.memfd && g.seals != 0 {
+            // SAFETY: fcntl(F_ADD_SEALS) on an fd we own takes no pointers.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, g.seals as libc::c_int) }
+                != 0
+            {
+                return Err(what(std::io::Error::last_os_error()));
+            }
+        }
+        out.files.push((g.id, file));
+    }
+    Ok(out)
+}
+
+fn memfd(g: &proto::GhostFile) -> Result<File, RestoreError> {
+    let name = CString::new(g.path.as_str())
+        .map_err(|_| RestoreError::Invalid(format!("memfd name {:?} holds NUL", g.path)))?;
+    // SAFETY: name is a valid C string; memfd_create returns a new fd we then own.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(RestoreError::Unsupported(format!(
+            "memfd_create({}): {}",
+            g.path,
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// A file at its old path, unlinked at once (so /proc shows "PATH (deleted)" as before);
+/// if that path is taken again, an unnamed file (O_TMPFILE) in the same directory.
+fn unlinked_file(g: &proto::GhostFile) -> Result<File, RestoreError> {
+    let mode = g.mode & 0o7777;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&g.path)
+    {
+        Ok(f) => {
+            std::fs::remove_file(&g.path).map_err(|e| {
+                RestoreError::Unsupported(format!("unlinking recreated {}: {e}", g.path))
+            })?;
+            Ok(f)
+        }
+        Err(_) => {
+            let dir = std::path::Path::new(&g.path)
+                .parent()
+                .unwrap_or(std::path::Path::new("/"));
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .mode(mode)
+                .custom_flags(libc::O_TMPFILE)
+                .open(dir)
+                .map_err(|e| {
+                    RestoreError::Unsupported(format!("recreating deleted file {}: {e}", g.path))
+                })
+        }
+    }
+}
