@@ -115,3 +115,61 @@ fn non_root_process_keeps_its_ids_groups_and_capabilities() {
 fn deleted_files_and_memfds_keep_their_contents() {
     common::round_trip("wl-ghost", &[], &[]);
 }
+
+/// A bind mount of / that is unmounted when dropped (also on panic).
+struct BindRoot(std::path::PathBuf);
+
+impl Drop for BindRoot {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn chrooted_process_keeps_its_root_and_cwd() {
+    use std::os::unix::process::CommandExt;
+    let root = std::env::temp_dir().join(format!("stasis-chroot-{}", std::process::id()));
+    std::fs::create_dir_all(&root).expect("mkdir");
+    let st = std::process::Command::new("mount")
+        .arg("--rbind")
+        .arg("/")
+        .arg(&root)
+        .status();
+    if !st.is_ok_and(|s| s.success()) {
+        eprintln!("SKIP: cannot bind-mount / (needs root and mount(8))");
+        return;
+    }
+    let _guard = BindRoot(root.clone());
+    let dir = common::scratch("chroot");
+    let croot = std::ffi::CString::new(root.to_str().expect("utf8")).expect("cstr");
+    let mut wl = common::start_with("wl-pipe-read", &[], move |c| {
+        // SAFETY: chroot/chdir between fork and exec are async-signal-safe; croot lives in
+        // the closure.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::chroot(croot.as_ptr()) != 0 || libc::chdir(c"/tmp".as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let link =
+        |what: &str| std::fs::read_link(format!("/proc/{}/{what}", wl.pid)).expect("readlink");
+    let (root_before, cwd_before) = (link("root"), link("cwd"));
+    assert_eq!(root_before, root);
+    let pid = wl.pid.to_string();
+    let img = dir.join("c.img");
+    common::stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    wl.child.wait().expect("reap");
+    let (mut r, mut p) = common::restore(&img, true);
+    assert_eq!(p.expect_line(&[&pid]), pid);
+    assert!(r.wait().expect("restore").success());
+    assert_eq!((link("root"), link("cwd")), (root_before, cwd_before));
+    p.expect_pass("check", "restored inside its chroot");
+    common::reap(wl.pid);
+}

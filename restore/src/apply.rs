@@ -152,6 +152,12 @@ impl Builder<'_> {
             libc::SYS_prctl,
             &[libc::PR_SET_PDEATHSIG as u64, 0],
         )?;
+        // chroot after every open by host path (exe, mapped and ghost files), before the
+        // credentials drop the right to do it. The cwd (set by the child) lies inside it.
+        if p.root != "/" {
+            let at = self.poke_str(&p.root)?;
+            self.call("chroot", libc::SYS_chroot, &[at])?;
+        }
         self.set_creds(p)?;
         // After the ids: changing them resets dumpable.
         if p.dumpable <= 1 {

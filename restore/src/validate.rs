@@ -55,9 +55,15 @@ pub fn process(image: &Image, p: &proto::Process) -> Result<(), RestoreError> {
     if p.mm.is_none() {
         return Err(invalid("no mm state".into()));
     }
-    if p.root != "/" {
+    if !p.root.starts_with('/') {
+        return Err(invalid(format!(
+            "root {:?} is not an absolute path",
+            p.root
+        )));
+    }
+    if !std::path::Path::new(&p.root).is_dir() {
         return Err(RestoreError::Unsupported(format!(
-            "process {pid} had root {:?}; chrooted processes come with containers",
+            "process {pid}: its root directory {} does not exist",
             p.root
         )));
     }
