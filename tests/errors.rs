@@ -54,32 +54,6 @@ fn no_such_pid() {
 }
 
 #[test]
-fn multithreaded_target_is_refused_and_left_running() {
-    init();
-    let code = "import threading,time\n\
-                threading.Thread(target=time.sleep,args=(300,),daemon=True).start()\n\
-                print('ready',flush=True)\ntime.sleep(300)";
-    let Some(mut child) = python(code) else {
-        return;
-    };
-    let pid = child.id().to_string();
-    let dir = scratch("threads");
-    let img = dir.join("t.img");
-    stasis_fails(
-        &["checkpoint", &pid, "-o", img.to_str().expect("utf8")],
-        REFUSED,
-        "2 threads",
-    );
-    assert!(
-        running_untraced(child.id() as i32),
-        "the process must still run, untraced"
-    );
-    assert!(!img.exists(), "no image may be left behind");
-    child.kill().expect("kill");
-    child.wait().expect("reap");
-}
-
-#[test]
 fn socket_fd_is_refused_and_left_running() {
     init();
     let code = "import socket,time\ns=socket.socket()\nprint('ready',flush=True)\ntime.sleep(300)";

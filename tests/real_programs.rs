@@ -147,3 +147,101 @@ fn cat_blocked_in_read_echoes_after_restore() {
         "cat should exit 0 at EOF"
     );
 }
+
+const PY_THREADS: &str = r#"
+import sys, threading, hashlib
+results = {}
+go = threading.Event()
+def worker(i):
+    h = hashlib.sha256()
+    local = [str(j * (i + 1)) for j in range(100000)]
+    go.wait()
+    for x in local:
+        h.update(x.encode())
+    results[i] = h.hexdigest()
+ts = [threading.Thread(target=worker, args=(i,), name=f'worker-{i}') for i in range(4)]
+for t in ts:
+    t.start()
+print('ready', threading.active_count(), flush=True)
+sys.stdin.readline()
+go.set()
+for t in ts:
+    t.join()
+print('result', sorted(results.items()), flush=True)
+"#;
+
+#[test]
+fn multithreaded_cpython_finishes_with_the_same_result() {
+    if !python_available() {
+        return;
+    }
+    init();
+    let mut reference = clean("python3")
+        .args(["-c", PY_THREADS])
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(reference.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready 5");
+    reference
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write");
+    let mut expected = String::new();
+    out.read_to_string(&mut expected).expect("read");
+    reference.wait().expect("reap");
+
+    let dir = scratch("pythreads");
+    let img = dir.join("py.img");
+    let mut py = clean("python3")
+        .args(["-c", PY_THREADS])
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(py.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready 5");
+    let tids = |pid: u32| -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new(); // not (yet) there
+        };
+        let mut t: Vec<String> = dir
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        t.sort();
+        t
+    };
+    let before = tids(py.id());
+    assert_eq!(before.len(), 5);
+    stasis_ok(&[
+        "checkpoint",
+        &py.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    let pid = py.id();
+    py.wait().expect("reap original");
+    let (mut r, mut pipes) = restore(&img, false);
+    // Every thread is back with its own id before the workers are released.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tids(pid) != before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "threads {:?} != {before:?}",
+            tids(pid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    pipes.send("go");
+    let mut got = String::new();
+    pipes
+        .stdout
+        .read_to_string(&mut got)
+        .expect("read restored output");
+    let st = r.wait().expect("restore");
+    assert!(st.success(), "restored python exited with {st}");
+    assert_eq!(got, expected, "restored threads computed something else");
+}

@@ -4,6 +4,7 @@ use crate::error::CheckpointError;
 use crate::freeze::Frozen;
 use crate::{fds, vmas};
 use stasis_image::{proto, Compression};
+use stasis_runtime::inject::Injector;
 use stasis_runtime::procfs::{self, MapEntry};
 use stasis_runtime::{memory, ptrace, sys, RuntimeError};
 
@@ -38,10 +39,13 @@ pub fn precheck(pid: i32) -> Result<(), CheckpointError> {
 }
 
 fn check_threads(pid: i32, threads: u64) -> Result<(), CheckpointError> {
-    if threads != 1 {
+    if threads as usize > crate::freeze::MAX_THREADS {
         return Err(CheckpointError::unsupported(
             pid,
-            format!("it has {threads} threads; multithreaded processes are not supported yet"),
+            format!(
+                "it has {threads} threads; at most {} are supported",
+                crate::freeze::MAX_THREADS
+            ),
         ));
     }
     Ok(())
@@ -94,10 +98,6 @@ pub fn collect_process(
         }
     };
 
-    let regs = *frozen.regs();
-    let sigmask = frozen.sigmask();
-    let xstate = ptrace::get_xstate(pid)?;
-    let rseq = ptrace::get_rseq(pid)?;
     let timers = procfs::read_timers(pid)?;
     if timers.len() > MAX_TIMERS {
         return Err(CheckpointError::unsupported(
@@ -109,10 +109,41 @@ pub fn collect_process(
         ));
     }
     let q = query_by_injection(frozen, syscall_ip, &status, &timers)?;
-    let mut thread_pending = ptrace::peek_siginfo(pid, false)?;
-    // Signals taken out of the queue while stopping count as pending for the thread.
-    thread_pending.extend(frozen.deferred().iter().cloned());
     let shared_pending = ptrace::peek_siginfo(pid, true)?;
+    let mut threads = Vec::with_capacity(frozen.threads().len());
+    for (i, t) in frozen.threads().iter().enumerate() {
+        let tid = t.tid;
+        let mut pending = ptrace::peek_siginfo(tid, false)?;
+        // Signals taken out of the queue while stopping count as pending for the thread.
+        pending.extend(
+            frozen
+                .deferred()
+                .iter()
+                .filter(|(d, _)| *d == tid)
+                .map(|(_, s)| s.clone()),
+        );
+        let (robust_list, robust_list_len) = ptrace::get_robust_list(tid)?;
+        let name = procfs::read_text(&format!("/proc/{pid}/task/{tid}/comm"))?;
+        let per = &q.threads[i];
+        threads.push(proto::Thread {
+            tid: tid as u32,
+            regs: Some(regs_to_proto(&t.regs)),
+            xstate: ptrace::get_xstate(tid)?,
+            sigmask: t.sigmask,
+            rseq: ptrace::get_rseq(tid)?.map(|r| proto::Rseq {
+                abi_pointer: r.abi_pointer,
+                abi_size: r.abi_size,
+                flags: r.flags,
+                signature: r.signature,
+            }),
+            name: name.trim_end_matches('\n').to_string(),
+            sigaltstack: Some(per.sigaltstack),
+            pending: pending_records(pending),
+            clear_child_tid: per.clear_child_tid,
+            robust_list,
+            robust_list_len,
+        });
+    }
 
     let rlimits = procfs::read_limits(pid)?
         .into_iter()
@@ -133,21 +164,6 @@ pub fn collect_process(
     let cwd = procfs::read_link(&format!("/proc/{pid}/cwd"))?;
     let root = procfs::read_link(&format!("/proc/{pid}/root"))?;
     let cmdline = procfs::split_nul(&procfs::read_bytes(&format!("/proc/{pid}/cmdline"))?);
-    let thread = proto::Thread {
-        tid: pid as u32,
-        regs: Some(regs_to_proto(&regs)),
-        xstate,
-        sigmask,
-        rseq: rseq.map(|r| proto::Rseq {
-            abi_pointer: r.abi_pointer,
-            abi_size: r.abi_size,
-            flags: r.flags,
-            signature: r.signature,
-        }),
-        name: stat.comm.clone(),
-        sigaltstack: Some(q.sigaltstack),
-        pending: pending_records(thread_pending),
-    };
     Ok(proto::Process {
         pid: pid as u32,
         ppid: stat.ppid as u32,
@@ -155,7 +171,7 @@ pub fn collect_process(
         sid: stat.session as u32,
         comm: stat.comm.clone(),
         exe_path,
-        threads: vec![thread],
+        threads,
         mm: Some(proto::MmState {
             start_code: stat.start_code,
             end_code: stat.end_code,
@@ -244,11 +260,18 @@ fn read_oom_score_adj(pid: i32) -> Result<i32, CheckpointError> {
     })
 }
 
+/// What a thread reported about itself.
+struct PerThread {
+    sigaltstack: proto::SigAltStack,
+    clear_child_tid: u64,
+}
+
 /// What injected syscalls reported.
 struct Injected {
     sigactions: Vec<proto::SigAction>,
     brk: u64,
-    sigaltstack: proto::SigAltStack,
+    /// Per thread, in Frozen::threads order.
+    threads: Vec<PerThread>,
     itimers: Vec<proto::Itimer>,
     no_new_privs: bool,
     dumpable: u32,
@@ -289,13 +312,12 @@ fn query_by_injection(
     status: &procfs::Status,
     timers: &[procfs::TimerInfo],
 ) -> Result<Injected, CheckpointError> {
-    const SCRATCH_LEN: u64 = 16384;
+    const SCRATCH_LEN: u64 = 65536;
     const TIMERS_AT: u64 = 4096;
     const SIGACTION_SIZE: u64 = 32;
-    const ALTSTACK_AT: u64 = 2048;
     const ITIMERS_AT: u64 = 2304;
     let pid = frozen.pid();
-    let mut inj = frozen.injector(syscall_ip)?;
+    let mut inj = frozen.injector(pid, syscall_ip)?;
     let scratch = inj.call(
         "mmap(scratch)",
         libc::SYS_mmap,
@@ -319,11 +341,6 @@ fn query_by_injection(
             )?;
         }
         let brk = inj.call("brk(0)", libc::SYS_brk, &[0])?;
-        inj.call(
-            "sigaltstack",
-            libc::SYS_sigaltstack,
-            &[0, scratch + ALTSTACK_AT],
-        )?;
         for which in 0..3u64 {
             inj.call(
                 "getitimer",
@@ -370,12 +387,6 @@ fn query_by_injection(
                 }
             })
             .collect();
-        let a = ALTSTACK_AT as usize;
-        let sigaltstack = proto::SigAltStack {
-            sp: word(a),
-            flags: word(a + 8) as u32,
-            size: word(a + 16),
-        };
         let usecs = |off: usize| word(off) * 1_000_000 + word(off + 8);
         let itimers = (0..3usize)
             .map(|which| {
@@ -415,17 +426,72 @@ fn query_by_injection(
             posix_timers,
             sigactions: actions,
             brk,
-            sigaltstack,
+            threads: Vec::new(),
             itimers,
             no_new_privs: no_new_privs == 1,
             dumpable: dumpable as u32,
         })
     })();
+    let per_thread = match &result {
+        Ok(_) => query_threads(frozen, &mut inj, syscall_ip, scratch),
+        Err(_) => Ok(Vec::new()),
+    };
     let unmap = inj.call("munmap(scratch)", libc::SYS_munmap, &[scratch, SCRATCH_LEN]);
-    frozen.defer_signals(inj.take_deferred());
-    let out = result?;
+    frozen.defer_signals(pid, inj.take_deferred());
+    let mut out = result?;
+    out.threads = per_thread?;
     unmap?;
     Ok(out)
+}
+
+/// Asks every thread for what only it can tell (its sigaltstack and clear-child-tid
+/// address), each through an injector of its own, into the scratch area at 16 KiB.
+fn query_threads(
+    frozen: &mut Frozen,
+    main: &mut Injector,
+    syscall_ip: u64,
+    scratch: u64,
+) -> Result<Vec<PerThread>, CheckpointError> {
+    const PER_AT: u64 = 16384;
+    const PER_SIZE: u64 = 32;
+    let pid = frozen.pid();
+    let tids: Vec<i32> = frozen.threads().iter().map(|t| t.tid).collect();
+    let ask = |inj: &mut Injector, slot: u64| -> Result<(), RuntimeError> {
+        inj.call("sigaltstack", libc::SYS_sigaltstack, &[0, slot])?;
+        inj.call(
+            "prctl(PR_GET_TID_ADDRESS)",
+            libc::SYS_prctl,
+            &[libc::PR_GET_TID_ADDRESS as u64, slot + 24],
+        )?;
+        Ok(())
+    };
+    for (i, &tid) in tids.iter().enumerate() {
+        let slot = scratch + PER_AT + i as u64 * PER_SIZE;
+        if tid == pid {
+            ask(main, slot)?;
+        } else {
+            let mut inj = frozen.injector(tid, syscall_ip)?;
+            let r = ask(&mut inj, slot);
+            frozen.defer_signals(tid, inj.take_deferred());
+            r?;
+        }
+    }
+    let mut raw = vec![0u8; tids.len() * PER_SIZE as usize];
+    memory::read_remote(pid, &[(scratch + PER_AT, raw.len())], &mut raw)?;
+    Ok(raw
+        .chunks_exact(PER_SIZE as usize)
+        .map(|c| {
+            let w = |o: usize| u64::from_ne_bytes(c[o..o + 8].try_into().unwrap_or_default());
+            PerThread {
+                sigaltstack: proto::SigAltStack {
+                    sp: w(0),
+                    flags: w(8) as u32,
+                    size: w(16),
+                },
+                clear_child_tid: w(24),
+            }
+        })
+        .collect())
 }
 
 pub(crate) fn regs_to_proto(r: &ptrace::Regs) -> proto::X86Regs {

@@ -1,122 +1,187 @@
-//! Holding a process stopped, and giving it back exactly as it was.
+//! Holding a process stopped (every thread), and giving it back exactly as it was.
 
 use crate::error::CheckpointError;
 use stasis_runtime::inject::Injector;
 use stasis_runtime::ptrace::{self, Regs, ResumeIn, Stop};
-use stasis_runtime::{sys, RuntimeError};
+use stasis_runtime::{procfs, sys, RuntimeError};
+use std::collections::BTreeSet;
 
-/// A process seized and stopped by us. Dropped without [`Frozen::kill`] or
-/// [`Frozen::resume`], it is resumed as it was.
-pub struct Frozen {
-    pid: i32,
-    regs: Regs,
-    sigmask: u64,
-    /// Signals (siginfo) whose delivery stops were suppressed; queued again on resume, or
-    /// saved as pending in the image.
-    deferred: Vec<Vec<u8>>,
+/// Most threads one process may have for a checkpoint.
+pub const MAX_THREADS: usize = 1024;
+
+/// One stopped thread.
+pub struct StoppedThread {
+    pub tid: i32,
+    pub regs: Regs,
+    pub sigmask: u64,
     /// Registers or mask were changed (injection) and must be put back.
     touched: bool,
+}
+
+/// A process whose threads are all seized and stopped by us. Dropped without
+/// [`Frozen::kill`] or [`Frozen::resume`], it is resumed as it was.
+pub struct Frozen {
+    pid: i32,
+    threads: Vec<StoppedThread>,
+    /// (tid, siginfo) of signals whose delivery stops were suppressed; queued again on
+    /// resume, or saved as pending in the image.
+    deferred: Vec<(i32, Vec<u8>)>,
     done: bool,
 }
 
-impl Frozen {
-    /// Seizes `pid` and stops it.
-    pub fn freeze(pid: i32) -> Result<Self, CheckpointError> {
-        let deferred = ptrace::seize_and_stop(pid, libc::PTRACE_O_TRACESYSGOOD).map_err(|e| {
-            // A failed seize leaves nothing to undo, except a seize that succeeded before
-            // the stop failed: detach then.
-            let _ = ptrace::detach(pid, 0);
-            match e.errno() {
-                Some(libc::ESRCH) => CheckpointError::NoSuchProcess(pid),
-                Some(libc::EPERM) => CheckpointError::unsupported(
-                    pid,
-                    "ptrace is not permitted (already traced by a debugger, or not ours to trace)",
-                ),
-                _ => e.into(),
-            }
-        })?;
-        let regs = ptrace::get_regs(pid);
-        let sigmask = ptrace::get_sigmask(pid);
-        let (regs, sigmask) = match (regs, sigmask) {
-            (Ok(r), Ok(m)) => (r, m),
-            (Err(e), _) | (_, Err(e)) => {
-                let _ = ptrace::detach(pid, 0);
-                return Err(e.into());
-            }
-        };
-        Ok(Frozen {
+fn seize_error(pid: i32, e: RuntimeError) -> CheckpointError {
+    match e.errno() {
+        Some(libc::ESRCH) => CheckpointError::NoSuchProcess(pid),
+        Some(libc::EPERM) => CheckpointError::unsupported(
             pid,
-            regs,
-            sigmask,
-            deferred,
-            touched: false,
+            "ptrace is not permitted (already traced by a debugger, or not ours to trace)",
+        ),
+        _ => e.into(),
+    }
+}
+
+impl Frozen {
+    /// Seizes and stops every thread of `pid`, again and again until no new thread appears
+    /// (a running thread may create threads while others are being stopped).
+    pub fn freeze(pid: i32) -> Result<Self, CheckpointError> {
+        let mut frozen = Frozen {
+            pid,
+            threads: Vec::new(),
+            deferred: Vec::new(),
             done: false,
-        })
+        };
+        let mut seen = BTreeSet::new();
+        loop {
+            let tids = procfs::read_tids(pid).map_err(|_| CheckpointError::NoSuchProcess(pid))?;
+            let new: Vec<i32> = tids.into_iter().filter(|t| !seen.contains(t)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for tid in new {
+                seen.insert(tid);
+                if seen.len() > MAX_THREADS {
+                    return Err(CheckpointError::unsupported(
+                        pid,
+                        format!("it has more than {MAX_THREADS} threads"),
+                    ));
+                }
+                match ptrace::seize_and_stop(tid, libc::PTRACE_O_TRACESYSGOOD) {
+                    Ok(infos) => frozen.deferred.extend(infos.into_iter().map(|i| (tid, i))),
+                    // A thread that exited meanwhile needs nothing.
+                    Err(e) if e.errno() == Some(libc::ESRCH) && tid != pid => continue,
+                    Err(e) => {
+                        let _ = ptrace::detach(tid, 0);
+                        return Err(seize_error(pid, e));
+                    }
+                }
+                let regs = ptrace::get_regs(tid)?;
+                let sigmask = ptrace::get_sigmask(tid)?;
+                frozen.threads.push(StoppedThread {
+                    tid,
+                    regs,
+                    sigmask,
+                    touched: false,
+                });
+            }
+        }
+        frozen.threads.sort_by_key(|t| (t.tid != pid, t.tid));
+        if frozen.threads.first().map(|t| t.tid) != Some(pid) {
+            return Err(CheckpointError::unsupported(
+                pid,
+                "its main thread has exited",
+            ));
+        }
+        Ok(frozen)
     }
 
     pub fn pid(&self) -> i32 {
         self.pid
     }
 
-    /// Registers at the moment of the stop.
+    /// The stopped threads, main thread first.
+    pub fn threads(&self) -> &[StoppedThread] {
+        &self.threads
+    }
+
+    /// Registers of the main thread at the moment of the stop.
     pub fn regs(&self) -> &Regs {
-        &self.regs
+        &self.threads[0].regs
     }
 
-    /// Blocked signal mask at the moment of the stop.
+    /// Blocked signal mask of the main thread at the moment of the stop.
     pub fn sigmask(&self) -> u64 {
-        self.sigmask
+        self.threads[0].sigmask
     }
 
-    /// An injector running syscalls through the `syscall` instruction at `syscall_ip`.
-    /// All signals are blocked in the tracee while it is used.
-    pub fn injector(&mut self, syscall_ip: u64) -> Result<Injector, CheckpointError> {
-        self.touched = true;
-        ptrace::set_sigmask(self.pid, !0)?;
-        Ok(Injector::new(self.pid, syscall_ip)?)
+    /// An injector running syscalls in thread `tid` through the `syscall` instruction at
+    /// `syscall_ip`. All signals are blocked in that thread while it is used.
+    pub fn injector(&mut self, tid: i32, syscall_ip: u64) -> Result<Injector, CheckpointError> {
+        let t = self
+            .threads
+            .iter_mut()
+            .find(|t| t.tid == tid)
+            .ok_or_else(|| {
+                CheckpointError::unsupported(self.pid, format!("thread {tid} is not stopped"))
+            })?;
+        t.touched = true;
+        ptrace::set_sigmask(tid, !0)?;
+        Ok(Injector::new(tid, syscall_ip)?)
     }
 
-    /// Records signals an injector suppressed, to be queued again on resume.
-    pub fn defer_signals(&mut self, sigs: Vec<Vec<u8>>) {
-        self.deferred.extend(sigs);
+    /// Records signals an injector in thread `tid` suppressed.
+    pub fn defer_signals(&mut self, tid: i32, sigs: Vec<Vec<u8>>) {
+        self.deferred.extend(sigs.into_iter().map(|s| (tid, s)));
     }
 
-    /// Signals taken out of the queue while stopping or injecting (their siginfo).
-    pub fn deferred(&self) -> &[Vec<u8>] {
+    /// Signals taken out of the queues while stopping or injecting: (tid, siginfo).
+    pub fn deferred(&self) -> &[(i32, Vec<u8>)] {
         &self.deferred
     }
 
-    /// Puts registers and mask back, queues suppressed signals again, and detaches.
+    /// Puts registers and masks back, queues suppressed signals again, and detaches.
     pub fn resume(&mut self) -> Result<(), RuntimeError> {
         if self.done {
             return Ok(());
         }
         self.done = true;
-        if self.touched {
-            let regs = ptrace::rewind_interrupted_syscall(&self.regs, ResumeIn::SameTask);
-            ptrace::set_regs(self.pid, &regs)?;
-            ptrace::set_sigmask(self.pid, self.sigmask)?;
+        let mut first_err = None;
+        for t in &self.threads {
+            let r = (|| {
+                if t.touched {
+                    let regs = ptrace::rewind_interrupted_syscall(&t.regs, ResumeIn::SameTask);
+                    ptrace::set_regs(t.tid, &regs)?;
+                    ptrace::set_sigmask(t.tid, t.sigmask)?;
+                }
+                // Queued again as plain signals (the kernel does not let another process
+                // forge their original siginfo).
+                for (tid, info) in self.deferred.iter().filter(|(tid, _)| *tid == t.tid) {
+                    sys::tgkill(self.pid, *tid, ptrace::siginfo_signo(info))?;
+                }
+                ptrace::detach(t.tid, 0)
+            })();
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
         }
-        // Queued again as plain signals (the kernel does not let another process forge
-        // their original siginfo).
-        for info in std::mem::take(&mut self.deferred) {
-            sys::tgkill(self.pid, self.pid, ptrace::siginfo_signo(&info))?;
-        }
-        ptrace::detach(self.pid, 0)
+        first_err.map_or(Ok(()), Err)
     }
 
-    /// Kills the process (only once its image is committed) and waits until it is gone.
+    /// Kills the process (only once its image is committed) and waits until every thread
+    /// is gone.
     pub fn kill(&mut self) -> Result<(), RuntimeError> {
         self.done = true;
         sys::kill(self.pid, libc::SIGKILL)?;
-        loop {
-            match ptrace::wait_stop(self.pid) {
-                Ok(Stop::Killed(_)) | Ok(Stop::Exited(_)) => return Ok(()),
-                Ok(_) => {}
-                Err(e) if e.errno() == Some(libc::ECHILD) => return Ok(()),
-                Err(e) => return Err(e),
+        for t in self.threads.iter().rev() {
+            loop {
+                match ptrace::wait_stop(t.tid) {
+                    Ok(Stop::Killed(_)) | Ok(Stop::Exited(_)) => break,
+                    Ok(_) => {}
+                    Err(e) if e.errno() == Some(libc::ECHILD) => break,
+                    Err(e) => return Err(e),
+                }
             }
         }
+        Ok(())
     }
 }
 

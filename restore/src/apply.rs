@@ -45,10 +45,16 @@ pub fn apply(
         scratch: plan.trampoline + PAGE_SIZE,
         plan,
         ghosts,
+        extra: Vec::new(),
     };
     match b.build(image, p, spawned.ctl_fd) {
         Ok(w) => Ok(w),
         Err(e) => {
+            // Traced threads must be reaped before their group leader can be.
+            let _ = stasis_runtime::sys::kill(spawned.pid, libc::SIGKILL);
+            for inj in &b.extra {
+                let _ = ptrace::wait_stop(inj.pid());
+            }
             spawn::kill_and_reap(spawned.pid);
             Err(e)
         }
@@ -61,6 +67,8 @@ struct Builder<'a> {
     scratch: u64,
     plan: &'a ChildPlan,
     ghosts: &'a crate::ghosts::Recreated,
+    /// Injectors of the threads after the main one, in image order.
+    extra: Vec<Injector>,
 }
 
 impl Builder<'_> {
@@ -134,19 +142,9 @@ impl Builder<'_> {
                 &[r.abi_pointer, r.abi_size as u64, 0, r.signature as u64],
             )?;
         }
+        self.create_threads(p)?;
+        self.in_each_thread(p, |b, t, main| b.set_thread_state(p, t, main))?;
         self.set_signal_state(p)?;
-        self.call(
-            "personality",
-            libc::SYS_personality,
-            &[p.personality as u64],
-        )?;
-        let name: String = t.name.chars().take(15).collect();
-        let at = self.poke_str(&name)?;
-        self.call(
-            "prctl(PR_SET_NAME)",
-            libc::SYS_prctl,
-            &[libc::PR_SET_NAME as u64, at],
-        )?;
         self.call(
             "prctl(PR_SET_PDEATHSIG)",
             libc::SYS_prctl,
@@ -158,7 +156,18 @@ impl Builder<'_> {
             let at = self.poke_str(&p.root)?;
             self.call("chroot", libc::SYS_chroot, &[at])?;
         }
-        self.set_creds(p)?;
+        // Credentials and no_new_privs belong to each thread.
+        self.in_each_thread(p, |b, _, _| {
+            b.set_creds(p)?;
+            if p.no_new_privs {
+                b.call(
+                    "prctl(PR_SET_NO_NEW_PRIVS)",
+                    libc::SYS_prctl,
+                    &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+                )?;
+            }
+            Ok(())
+        })?;
         // After the ids: changing them resets dumpable.
         if p.dumpable <= 1 {
             self.call(
@@ -168,16 +177,18 @@ impl Builder<'_> {
             )?;
         }
         self.set_sched(p)?;
-        ptrace::set_xstate(self.pid, &t.xstate).map_err(|e| self.err(e))?;
-        ptrace::set_sigmask(self.pid, t.sigmask).map_err(|e| self.err(e))?;
-        let regs = t
-            .regs
-            .as_ref()
-            .ok_or_else(|| RestoreError::Invalid("thread has no registers".into()))?;
-        let final_regs =
-            ptrace::rewind_interrupted_syscall(&regs_from_proto(regs), ResumeIn::NewTask);
-        // Remove the trampoline; the tracee holds at that munmap's exit, where the final
-        // registers replace the injected ones.
+        for (i, th) in p.threads.iter().enumerate() {
+            let tid = th.tid as i32;
+            ptrace::set_xstate(tid, &th.xstate).map_err(|e| self.err(e))?;
+            ptrace::set_sigmask(tid, th.sigmask).map_err(|e| self.err(e))?;
+            if i > 0 {
+                ptrace::set_regs(tid, &final_regs_of(th)?).map_err(|e| self.err(e))?;
+            }
+        }
+        let main_regs = final_regs_of(t)?;
+        // Remove the trampoline; the main thread holds at that munmap's exit, where the
+        // final registers replace the injected ones. The other threads are stopped with
+        // their final registers already and never run trampoline code again.
         let rc = self
             .inj
             .call_and_hold_at_exit(
@@ -192,9 +203,157 @@ impl Builder<'_> {
                 std::io::Error::from_raw_os_error(-rc as i32),
             )));
         }
-        ptrace::set_regs(self.pid, &final_regs).map_err(|e| self.err(e))?;
+        ptrace::set_regs(self.pid, &main_regs).map_err(|e| self.err(e))?;
+        for inj in &self.extra {
+            ptrace::detach(inj.pid(), 0).map_err(|e| self.err(e))?;
+        }
         ptrace::detach(self.pid, 0).map_err(|e| self.err(e))?;
         Ok(written)
+    }
+
+    /// Runs `f` with the injector of every thread in turn (main first).
+    fn in_each_thread(
+        &mut self,
+        p: &proto::Process,
+        mut f: impl FnMut(&mut Self, &proto::Thread, bool) -> Result<(), RestoreError>,
+    ) -> Result<(), RestoreError> {
+        f(self, &p.threads[0], true)?;
+        for i in 1..p.threads.len() {
+            std::mem::swap(&mut self.inj, &mut self.extra[i - 1]);
+            let r = f(self, &p.threads[i], false);
+            std::mem::swap(&mut self.inj, &mut self.extra[i - 1]);
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Creates the other threads from the main one: clone3 with CLONE_THREAD and set_tid,
+    /// each new thread auto-attached (PTRACE_O_TRACECLONE) and stopped before it runs.
+    fn create_threads(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        if p.threads.len() < 2 {
+            return Ok(());
+        }
+        let main = self.pid;
+        ptrace::set_options(
+            main,
+            libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE,
+        )
+        .map_err(|e| self.err(e))?;
+        for t in &p.threads[1..] {
+            let regs = t.regs.as_ref().ok_or_else(|| {
+                RestoreError::Invalid(format!("thread {} has no registers", t.tid))
+            })?;
+            let mut flags = (libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM
+                | libc::CLONE_SETTLS) as u64;
+            if t.clear_child_tid != 0 {
+                flags |= libc::CLONE_CHILD_CLEARTID as u64;
+            }
+            let set_tid_at = self.scratch + SCR_MISC + 128;
+            let args: [u64; 11] = [
+                flags,
+                0,
+                t.clear_child_tid,
+                0,
+                0,
+                0,
+                0,
+                regs.fs_base,
+                set_tid_at,
+                1,
+                0,
+            ];
+            let mut raw: Vec<u8> = args.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            raw.resize(128, 0);
+            raw.extend_from_slice(&(t.tid as i32).to_ne_bytes());
+            let at = self.poke(SCR_MISC, &raw)?;
+            let got = self.call("clone3(thread)", libc::SYS_clone3, &[at, 88])?;
+            if got != t.tid as u64 {
+                return Err(self.err(RuntimeError::Protocol {
+                    op: "clone3(thread)",
+                    pid: main,
+                    what: format!("asked for thread id {}, got {got}", t.tid),
+                }));
+            }
+            let tid = t.tid as i32;
+            loop {
+                match ptrace::wait_stop(tid).map_err(|e| self.err(e))? {
+                    ptrace::Stop::EventStop(_) => break,
+                    ptrace::Stop::Signal(_) => ptrace::cont(tid, 0).map_err(|e| self.err(e))?,
+                    other => {
+                        return Err(self.err(RuntimeError::Protocol {
+                            op: "clone3(thread)",
+                            pid: tid,
+                            what: format!("new thread reported {other:?}"),
+                        }))
+                    }
+                }
+            }
+            self.extra
+                .push(Injector::new(tid, self.plan.trampoline).map_err(|e| self.err(e))?);
+        }
+        Ok(())
+    }
+
+    /// What each thread sets for itself: rseq, robust futex list, clear-child-tid (main;
+    /// the others got it from clone3), sigaltstack, name, personality.
+    fn set_thread_state(
+        &mut self,
+        p: &proto::Process,
+        t: &proto::Thread,
+        main: bool,
+    ) -> Result<(), RestoreError> {
+        if let (Some(r), false) = (&t.rseq, main) {
+            self.call(
+                "rseq(register)",
+                libc::SYS_rseq,
+                &[r.abi_pointer, r.abi_size as u64, 0, r.signature as u64],
+            )?;
+        }
+        if t.robust_list != 0 {
+            self.call(
+                "set_robust_list",
+                libc::SYS_set_robust_list,
+                &[t.robust_list, t.robust_list_len],
+            )?;
+        }
+        if main && t.clear_child_tid != 0 {
+            self.call(
+                "set_tid_address",
+                libc::SYS_set_tid_address,
+                &[t.clear_child_tid],
+            )?;
+        }
+        if let Some(ss) = &t.sigaltstack {
+            if ss.flags & libc::SS_DISABLE as u32 == 0 {
+                let mut raw = Vec::with_capacity(24);
+                raw.extend_from_slice(&ss.sp.to_ne_bytes());
+                // SS_ONSTACK is reported, never set.
+                raw.extend_from_slice(
+                    &((ss.flags & !(libc::SS_ONSTACK as u32)) as u64).to_ne_bytes(),
+                );
+                raw.extend_from_slice(&ss.size.to_ne_bytes());
+                let at = self.poke(SCR_MISC, &raw)?;
+                self.call("sigaltstack", libc::SYS_sigaltstack, &[at, 0])?;
+            }
+        }
+        let name: String = t.name.chars().take(15).collect();
+        let at = self.poke_str(&name)?;
+        self.call(
+            "prctl(PR_SET_NAME)",
+            libc::SYS_prctl,
+            &[libc::PR_SET_NAME as u64, at],
+        )?;
+        self.call(
+            "personality",
+            libc::SYS_personality,
+            &[p.personality as u64],
+        )?;
+        Ok(())
     }
 
     /// Unmaps everything the child inherited except the trampoline and the vDSO block.
@@ -489,26 +648,13 @@ impl Builder<'_> {
     /// sigaltstack, pending signals (queued while every signal is still blocked, so they
     /// wait for the final mask), interval timers with their remaining time, no_new_privs.
     fn set_signal_state(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
-        let t = &p.threads[0];
-        if let Some(ss) = &t.sigaltstack {
-            if ss.flags & libc::SS_DISABLE as u32 == 0 {
-                let mut raw = Vec::with_capacity(24);
-                raw.extend_from_slice(&ss.sp.to_ne_bytes());
-                // SS_ONSTACK is reported, never set.
-                raw.extend_from_slice(
-                    &((ss.flags & !(libc::SS_ONSTACK as u32)) as u64).to_ne_bytes(),
-                );
-                raw.extend_from_slice(&ss.size.to_ne_bytes());
-                let at = self.poke(SCR_MISC, &raw)?;
-                self.call("sigaltstack", libc::SYS_sigaltstack, &[at, 0])?;
-            }
-        }
-        let queues = p
-            .shared_pending
-            .iter()
-            .map(|s| (true, s))
-            .chain(t.pending.iter().map(|s| (false, s)));
-        for (shared, sig) in queues {
+        // Every thread's own queue, and the process's shared one (tid 0).
+        let queues = p.shared_pending.iter().map(|s| (0u32, s)).chain(
+            p.threads
+                .iter()
+                .flat_map(|t| t.pending.iter().map(|s| (t.tid, s))),
+        );
+        for (tid, sig) in queues {
             if sig.signo == 0 || sig.signo > 64 || sig.siginfo.len() != ptrace::SIGINFO_SIZE {
                 return Err(RestoreError::Invalid(format!(
                     "pending signal {} is malformed",
@@ -520,7 +666,7 @@ impl Builder<'_> {
             }
             let at = self.poke(SCR_MISC, &sig.siginfo)?;
             let pid = self.pid as u64;
-            if shared {
+            if tid == 0 {
                 self.call(
                     "rt_sigqueueinfo",
                     libc::SYS_rt_sigqueueinfo,
@@ -530,7 +676,7 @@ impl Builder<'_> {
                 self.call(
                     "rt_tgsigqueueinfo",
                     libc::SYS_rt_tgsigqueueinfo,
-                    &[pid, t.tid as u64, sig.signo as u64, at],
+                    &[pid, tid as u64, sig.signo as u64, at],
                 )?;
             }
         }
@@ -630,23 +776,26 @@ impl Builder<'_> {
     /// Nice value, scheduling policy and OOM score adjustment, set from outside.
     fn set_sched(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
         let pid = self.pid;
-        if let Some(s) = &p.sched {
-            let param = libc::sched_param {
-                sched_priority: s.priority as i32,
-            };
-            // SAFETY: param is a valid sched_param; pid is our stopped child.
-            if unsafe { libc::sched_setscheduler(pid, s.policy as i32, &param) } != 0 {
-                return Err(self.err(RuntimeError::last_os(
-                    "sched_setscheduler",
-                    format!("pid {pid} policy {}", s.policy),
-                )));
-            }
-            // SAFETY: setpriority takes no pointers.
-            if unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as u32, s.nice) } != 0 {
-                return Err(self.err(RuntimeError::last_os(
-                    "setpriority",
-                    format!("pid {pid} nice {}", s.nice),
-                )));
+        // Applied to every thread (the image keeps the main thread's values).
+        for tid in p.threads.iter().map(|t| t.tid as i32) {
+            if let Some(s) = &p.sched {
+                let param = libc::sched_param {
+                    sched_priority: s.priority as i32,
+                };
+                // SAFETY: param is a valid sched_param; pid is our stopped child.
+                if unsafe { libc::sched_setscheduler(tid, s.policy as i32, &param) } != 0 {
+                    return Err(self.err(RuntimeError::last_os(
+                        "sched_setscheduler",
+                        format!("pid {pid} policy {}", s.policy),
+                    )));
+                }
+                // SAFETY: setpriority takes no pointers.
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as u32, s.nice) } != 0 {
+                    return Err(self.err(RuntimeError::last_os(
+                        "setpriority",
+                        format!("pid {pid} nice {}", s.nice),
+                    )));
+                }
             }
         }
         let path = format!("/proc/{pid}/oom_score_adj");
@@ -804,4 +953,17 @@ pub(crate) fn regs_from_proto(r: &proto::X86Regs) -> Regs {
     o.fs = r.fs;
     o.gs = r.gs;
     o
+}
+
+/// The registers a thread resumes with: as saved, an interrupted syscall rewound so the new
+/// task issues it again.
+fn final_regs_of(t: &proto::Thread) -> Result<Regs, RestoreError> {
+    let regs = t
+        .regs
+        .as_ref()
+        .ok_or_else(|| RestoreError::Invalid(format!("thread {} has no registers", t.tid)))?;
+    Ok(ptrace::rewind_interrupted_syscall(
+        &regs_from_proto(regs),
+        ResumeIn::NewTask,
+    ))
 }

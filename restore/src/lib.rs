@@ -69,7 +69,9 @@ pub fn restore_process(image: &Image, opts: &Options) -> Result<Stats, RestoreEr
     let ghosts = ghosts::recreate(image, process)?;
     let plan = plan::plan(process, opts, &ghosts)?;
     let tw = Instant::now();
-    validate::wait_pid_free(pid, opts.pid_wait)?;
+    for t in &process.threads {
+        validate::wait_pid_free(t.tid as i32, opts.pid_wait)?;
+    }
     let pid_wait_us = tw.elapsed().as_micros() as u64;
     let written = apply::apply(image, process, &plan, &ghosts)?;
     Ok(Stats {

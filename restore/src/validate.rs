@@ -42,15 +42,27 @@ pub fn process(image: &Image, p: &proto::Process) -> Result<(), RestoreError> {
     if pid <= 1 || pid > sys::pid_max()? {
         return Err(invalid(format!("PID {pid} is outside 2..=pid_max")));
     }
-    if p.threads.len() != 1 || p.threads[0].tid != p.pid {
+    if p.threads.is_empty() || p.threads[0].tid != p.pid {
+        return Err(invalid("the first thread must be the main thread".into()));
+    }
+    if p.threads.len() > 1024 {
         return Err(RestoreError::Unsupported(format!(
-            "process {pid} has {} threads; multithreaded processes are not supported yet",
+            "process {pid} has {} threads; at most 1024 are supported",
             p.threads.len()
         )));
     }
-    let t = &p.threads[0];
-    if t.regs.is_none() {
-        return Err(invalid("thread has no registers".into()));
+    let mut tids: Vec<u32> = p.threads.iter().map(|t| t.tid).collect();
+    tids.sort_unstable();
+    tids.dedup();
+    let pid_max = sys::pid_max()? as i64;
+    if tids.len() != p.threads.len() || tids.iter().any(|t| *t <= 1 || *t as i64 > pid_max) {
+        return Err(invalid("thread ids are repeated or out of range".into()));
+    }
+    for t in &p.threads {
+        if t.regs.is_none() {
+            return Err(invalid(format!("thread {} has no registers", t.tid)));
+        }
+        check_xstate(image, t)?;
     }
     if p.mm.is_none() {
         return Err(invalid("no mm state".into()));
@@ -68,7 +80,6 @@ pub fn process(image: &Image, p: &proto::Process) -> Result<(), RestoreError> {
         )));
     }
     check_vmas(pid, &p.vmas)?;
-    check_xstate(image, t)?;
     check_vdso(p)?;
     check_files(p)?;
     Ok(())

@@ -117,6 +117,8 @@ impl Injector {
                     ptrace::resume_to_syscall(self.pid)?;
                 }
                 Stop::EventStop(_) => ptrace::resume_to_syscall(self.pid)?,
+                // An injected clone3 of a thread reports the new thread first.
+                Stop::Event(libc::PTRACE_EVENT_CLONE, _) => ptrace::resume_to_syscall(self.pid)?,
                 Stop::Exited(code) => {
                     return Err(self.died(what, format!("exited with status {code}")))
                 }

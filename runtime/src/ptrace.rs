@@ -372,6 +372,30 @@ pub fn siginfo_signo(info: &[u8]) -> i32 {
         .unwrap_or(0)
 }
 
+/// PTRACE_SETOPTIONS.
+pub fn set_options(pid: i32, options: libc::c_int) -> Result<()> {
+    // SAFETY: no pointers; data carries the options.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0usize, options as usize) };
+    check("ptrace(PTRACE_SETOPTIONS)", pid, rc).map(drop)
+}
+
+/// get_robust_list(2) of thread `tid`: (head address, length).
+pub fn get_robust_list(tid: i32) -> Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: u64 = 0;
+    // SAFETY: head and len are valid out pointers for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid,
+            &mut head as *mut u64,
+            &mut len as *mut u64,
+        )
+    };
+    check("get_robust_list", tid, rc)?;
+    Ok((head, len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

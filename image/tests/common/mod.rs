@@ -59,6 +59,9 @@ pub fn process(pid: u32, threads: u32) -> proto::Process {
                     signo: 10,
                     siginfo: vec![10, 0, 0, 0],
                 }],
+                clear_child_tid: 0x7f00_0000_2d10 + u64::from(t),
+                robust_list: 0x7f00_0000_2a20,
+                robust_list_len: 24,
             })
             .collect(),
         mm: Some(proto::MmState {
