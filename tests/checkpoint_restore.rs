@@ -173,3 +173,37 @@ fn chrooted_process_keeps_its_root_and_cwd() {
     p.expect_pass("check", "restored inside its chroot");
     common::reap(wl.pid);
 }
+
+#[test]
+fn threads_keep_their_ids_names_tls_masks_and_altstacks() {
+    common::round_trip("wl-threads", &[], &[]);
+}
+
+#[test]
+fn every_thread_of_a_non_root_process_drops_root() {
+    use std::os::unix::process::CommandExt;
+    // Credentials are per thread: each worker checks its own uid/gid after restore.
+    let dir = common::scratch("threads-nobody");
+    let mut wl = common::start_with("wl-threads", &[], |c| {
+        c.current_dir("/tmp");
+        // SAFETY: setgroups/setgid/setuid between fork and exec are async-signal-safe.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let pid = wl.pid.to_string();
+    let img = dir.join("t.img");
+    common::stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    wl.child.wait().expect("reap");
+    let (mut r, mut p) = common::restore(&img, false);
+    p.expect_pass("check", "every thread restored as nobody");
+    assert!(r.wait().expect("restore").success());
+}

@@ -124,6 +124,9 @@ pub struct Ctx {
     pub bytes_read: u64,
     /// Bytes of stdin consumed as complete command lines so far.
     pub bytes_consumed: u64,
+    /// How many threads the process must have at every check (1 unless a workload runs
+    /// threads of its own).
+    pub threads: u64,
 }
 
 impl Ctx {
@@ -166,6 +169,7 @@ impl Ctx {
             reads: 0,
             bytes_read: 0,
             bytes_consumed: 0,
+            threads: 1,
         };
         close_inherited_fds();
         // SAFETY: umask only changes this process's file-creation mask.
@@ -391,7 +395,7 @@ impl Ctx {
                     .map(|v| v.trim().to_string());
                 r.eq(
                     "threads (/proc/self/status)",
-                    Some("1".to_string()),
+                    Some(self.threads.to_string()),
                     threads,
                 );
             }
