@@ -7,7 +7,9 @@
 //! give out fresh memory slowly and erratically, so every figure is also shown as a ratio to
 //! the baseline's median from the same run. Every restored process checks its own data.
 //!
-//! Usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm]
+//! Also a process with 4 threads x 16 MiB (wl-threads), unless --no-threads.
+//!
+//! Usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads]
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ struct Args {
     sizes: Vec<u64>,
     runs: usize,
     dir: PathBuf,
+    threads: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -25,6 +28,7 @@ fn parse_args() -> Result<Args, String> {
         sizes: vec![256, 1024],
         runs: 5,
         dir: PathBuf::from("/dev/shm"),
+        threads: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -38,8 +42,9 @@ fn parse_args() -> Result<Args, String> {
             }
             "--runs" => a.runs = val()?.parse().map_err(|_| "bad --runs".to_string())?,
             "--dir" => a.dir = PathBuf::from(val()?),
+            "--no-threads" => a.threads = false,
             "-h" | "--help" => {
-                println!("usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm]");
+                println!("usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -89,15 +94,24 @@ struct Workload {
     pid: i32,
 }
 
-fn start_counter(mib: u64) -> Result<Workload, String> {
-    let mut child = Command::new(bin_dir().join("wl-counter"))
-        .args(["--mib", &mib.to_string(), "--quiet", "--tag", "bench"])
+/// A workload the bench runs: its binary and arguments, and the MiB of data it holds.
+struct Case {
+    label: String,
+    bin: &'static str,
+    args: Vec<String>,
+    mib: u64,
+}
+
+fn start_workload(case: &Case) -> Result<Workload, String> {
+    let mut child = Command::new(bin_dir().join(case.bin))
+        .args(&case.args)
+        .args(["--tag", "bench"])
         .env("STASIS_WL_TAG", "bench")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("starting wl-counter (build the workspace first): {e}"))?;
+        .map_err(|e| format!("starting {} (build the workspace first): {e}", case.bin))?;
     let mut line = String::new();
     let out = child.stdout.as_mut().ok_or("no stdout")?;
     BufReader::new(out)
@@ -107,7 +121,7 @@ fn start_counter(mib: u64) -> Result<Workload, String> {
         .trim()
         .strip_prefix("READY ")
         .and_then(|p| p.parse().ok())
-        .ok_or(format!("wl-counter said {line:?}"))?;
+        .ok_or(format!("{} said {line:?}", case.bin))?;
     Ok(Workload { child, pid })
 }
 
@@ -165,10 +179,10 @@ struct Samples {
     rss_mib: Vec<f64>,
 }
 
-fn one_run(mib: u64, compress: &str, img: &Path, s: &mut Samples) -> Result<(), String> {
+fn one_run(case: &Case, compress: &str, img: &Path, s: &mut Samples) -> Result<(), String> {
     let imgs = img.to_str().ok_or("path")?;
     // Frozen time of --leave-running.
-    let mut w = start_counter(mib)?;
+    let mut w = start_workload(case)?;
     let pid = w.pid.to_string();
     let (_, _, out) = stasis(
         &[
@@ -256,7 +270,7 @@ fn one_run(mib: u64, compress: &str, img: &Path, s: &mut Samples) -> Result<(), 
         let mut line = String::new();
         if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 || Instant::now() > deadline
         {
-            return Err("restored counter went away without answering".into());
+            return Err("restored workload went away without answering".into());
         }
         if line.starts_with("PASS ") {
             break;
@@ -286,8 +300,8 @@ fn main() {
         .join(format!("stasis-bench-{}.img", std::process::id()));
     println!("stasis-bench: {} runs each, image in {}; times in ms, medians; x = ratio to the baseline median", args.runs, args.dir.display());
     println!(
-        "{:>6} {:>6} | {:>9} | {:>10} {:>6} | {:>9} | {:>10} {:>6} | {:>9} {:>9}",
-        "MiB",
+        "{:>14} {:>5} | {:>9} | {:>10} {:>6} | {:>9} | {:>10} {:>6} | {:>9} {:>9}",
+        "workload",
         "pages",
         "baseline",
         "checkpoint",
@@ -298,20 +312,37 @@ fn main() {
         "image MiB",
         "RSS MiB"
     );
+    let mut cases: Vec<Case> = args
+        .sizes
+        .iter()
+        .map(|&mib| Case {
+            label: format!("{mib} MiB"),
+            bin: "wl-counter",
+            args: vec!["--mib".into(), mib.to_string(), "--quiet".into()],
+            mib,
+        })
+        .collect();
+    if args.threads {
+        cases.push(Case {
+            label: "4 thr x 16 MiB".into(),
+            bin: "wl-threads",
+            args: vec!["--mib".into(), "16".into()],
+            mib: 64,
+        });
+    }
     let mut failed = false;
-    for &mib in &args.sizes {
-        let max = args.sizes.iter().copied().max().unwrap_or(mib);
-        let src: Vec<u8> = (0..(max << 20) as usize)
-            .map(|i| (i * 31 + 7) as u8)
-            .collect();
-        let mut base: Vec<f64> = (0..args.runs).map(|_| baseline(mib, &src)).collect();
-        drop(src);
+    let max = cases.iter().map(|c| c.mib).max().unwrap_or(1);
+    let src: Vec<u8> = (0..(max << 20) as usize)
+        .map(|i| (i * 31 + 7) as u8)
+        .collect();
+    for case in &cases {
+        let mut base: Vec<f64> = (0..args.runs).map(|_| baseline(case.mib, &src)).collect();
         let b = median(&mut base);
         for compress in ["none", "zstd"] {
             let mut s = Samples::default();
             for _ in 0..args.runs {
-                if let Err(e) = one_run(mib, compress, &img, &mut s) {
-                    eprintln!("stasis-bench: {mib} MiB {compress}: {e}");
+                if let Err(e) = one_run(case, compress, &img, &mut s) {
+                    eprintln!("stasis-bench: {}, {compress}: {e}", case.label);
                     failed = true;
                     break;
                 }
@@ -319,8 +350,8 @@ fn main() {
             let c = median(&mut s.checkpoint);
             let r = median(&mut s.restore);
             println!(
-                "{:>6} {:>6} | {:>9.1} | {:>10.1} {:>6.2} | {:>9.1} | {:>10.1} {:>6.2} | {:>9.1} {:>9.1}",
-                mib,
+                "{:>14} {:>5} | {:>9.1} | {:>10.1} {:>6.2} | {:>9.1} | {:>10.1} {:>6.2} | {:>9.1} {:>9.1}",
+                case.label,
                 compress,
                 b,
                 c,
