@@ -153,20 +153,20 @@ fn checkpoint(
     if json {
         report::json(&stats)?;
     } else if output.as_os_str() != "-" {
-        println!(
+        crate::outln!(
             "checkpointed PID {} into {} ({}), process {}",
             stats.pid,
             output.display(),
             report::bytes(stats.image_bytes),
             stats.process
         );
-        println!(
+        crate::outln!(
             "  frozen {}  (freeze {}), total {}",
             report::ms(stats.frozen_us),
             report::ms(stats.freeze_us),
             report::ms(stats.total_us)
         );
-        println!(
+        crate::outln!(
             "  pages: {} stored, {} zero, {} never touched; {} raw -> {} stored ({})",
             stats.pages_data,
             stats.pages_zero,
@@ -200,7 +200,7 @@ fn restore(path: PathBuf, detach: bool, json: bool) -> Result<i32> {
                 exit_status: None,
             })?;
         } else {
-            println!("{pid}");
+            crate::outln!("{pid}");
         }
         return Ok(exit::OK);
     }
@@ -228,7 +228,7 @@ fn inspect(path: PathBuf, json: bool) -> Result<i32> {
     if json {
         report::json(&rep)?;
     } else {
-        print!("{rep}");
+        report::out(&rep.to_string());
     }
     Ok(exit::OK)
 }
@@ -244,7 +244,7 @@ fn verify(path: PathBuf, json: bool) -> Result<i32> {
         if json {
             report::json(&rep)?;
         } else {
-            println!("-: OK ({} frames, {} bytes)", rep.frames, rep.file_bytes);
+            crate::outln!("-: OK ({} frames, {} bytes)", rep.frames, rep.file_bytes);
         }
         return Ok(exit::OK);
     }
@@ -255,7 +255,7 @@ fn verify(path: PathBuf, json: bool) -> Result<i32> {
     if json {
         report::json(&rep)?;
     } else {
-        println!(
+        crate::outln!(
             "{}: OK ({} frames, {} bytes)",
             path.display(),
             rep.frames,

@@ -72,7 +72,7 @@ fn show(
         match rx.recv_timeout(left) {
             Ok(n) => {
                 if !json {
-                    println!("  {tag} | count {n}");
+                    crate::outln!("  {tag} | count {n}");
                 }
                 first.get_or_insert(n);
                 last = Some(n);
@@ -100,14 +100,14 @@ pub fn run(json: bool) -> Result<i32> {
     let pid = child.id() as i32;
     let stdout = child.stdout.take().context("counter stdout")?;
     if !json {
-        println!("started counter, PID {pid}");
+        crate::outln!("started counter, PID {pid}");
     }
     let rx = follow(stdout);
     let (_, last_shown) = show(&rx, Duration::from_millis(1200), json, "original")
         .context("the counter printed nothing")?;
 
     if !json {
-        println!("checkpointing PID {pid} into {} ...", image_path.display());
+        crate::outln!("checkpointing PID {pid} into {} ...", image_path.display());
     }
     let sink = FileSink::create(&image_path)?;
     let opts = stasis_checkpoint::Options {
@@ -120,14 +120,14 @@ pub fn run(json: bool) -> Result<i32> {
     // Everything the original printed before it was killed.
     let last_before = rx.iter().last().unwrap_or(last_shown);
     if !json {
-        println!(
+        crate::outln!(
             "  checkpointed and killed: frozen {}, {} pages stored, image {}",
             report::ms(cstats.frozen_us),
             cstats.pages_data,
             report::bytes(cstats.image_bytes)
         );
-        println!("  last count printed by the original: {last_before}");
-        println!("restoring from {} ...", image_path.display());
+        crate::outln!("  last count printed by the original: {last_before}");
+        crate::outln!("restoring from {} ...", image_path.display());
     }
 
     let mut fds = [0i32; 2];
@@ -161,15 +161,17 @@ pub fn run(json: bool) -> Result<i32> {
     if json {
         report::json(&rep)?;
     } else {
-        println!(
+        crate::outln!(
             "  restored PID {pid} in {} (image verified in {})",
             report::ms(rep.restore.total_us),
             report::ms(rep.restore.verify_us)
         );
         if continued {
-            println!("OK: the restored counter carried on from {last_before} to {first_after}");
+            crate::outln!(
+                "OK: the restored counter carried on from {last_before} to {first_after}"
+            );
         } else {
-            println!("FAILED: the original stopped at {last_before} but the restored one printed {first_after}");
+            crate::outln!("FAILED: the original stopped at {last_before} but the restored one printed {first_after}");
         }
     }
     Ok(if continued { 0 } else { 1 })

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 
 /// Prints `value` as pretty JSON on stdout.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    out(&format!("{}\n", serde_json::to_string_pretty(value)?));
     Ok(())
 }
 
@@ -45,4 +45,27 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// Writes to standard output. A closed pipe (`stasis image inspect X | head`) ends stasis
+/// quietly with the shell's usual 141 instead of a panic; other errors are reported.
+/// (SIGPIPE stays ignored: it must never kill stasis while it holds a process stopped.)
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("stasis: writing output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`out`].
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::report::out(&format!("{}\n", format_args!($($t)*)))
+    };
 }

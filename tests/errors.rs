@@ -362,3 +362,36 @@ fn ctrl_c_during_checkpoint_abandons_it_and_resumes_the_process() {
         .expect_pass("check", "after an interrupted checkpoint");
     assert!(wl.child.wait().expect("reap").success());
 }
+
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    // `stasis image inspect IMG --json | head -1`: the reader goes away early.
+    let dir = scratch("epipe");
+    let mut wl = start("wl-memory", &["--mib", "2"]);
+    let img = dir.join("e.img");
+    let imgs = img.to_str().expect("utf8");
+    stasis_ok(&[
+        "checkpoint",
+        &wl.pid.to_string(),
+        "-o",
+        imgs,
+        "--leave-running",
+    ]);
+    wl.pipes.expect_pass("check", "after --leave-running");
+    wl.child.wait().expect("reap");
+    let mut child = Command::new(stasis())
+        .args(["image", "inspect", imgs, "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("inspect");
+    drop(child.stdout.take()); // close the read end at once
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(141)),
+        "{:?}: {err}",
+        out.status
+    );
+}
