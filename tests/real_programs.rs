@@ -33,6 +33,62 @@ sys.stdin.readline()\n\
 for k in sorted(data): h.update(data[k].encode())\n\
 print('digest', h.hexdigest(), len(data), flush=True)\n";
 
+/// Runs `python3 -c code` uninterrupted: waits for its first line (`ready_line`), says go,
+/// and returns everything it prints after that.
+fn reference_run(code: &str, ready_line: &str) -> String {
+    let (mut child, mut out) = start_python(code, ready_line);
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("read");
+    child.wait().expect("reap");
+    rest
+}
+
+/// Starts `python3 -c code` and waits for its first line, which must be `ready_line`.
+fn start_python(code: &str, ready_line: &str) -> (std::process::Child, impl Read) {
+    let mut child = clean("python3")
+        .args(["-c", code])
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), ready_line);
+    (child, out)
+}
+
+/// Checkpoints (kill) a started python, restores it, says go, and returns its output.
+fn checkpoint_restore_go(
+    mut py: std::process::Child,
+    img: &std::path::Path,
+    before_go: impl FnOnce(u32),
+) -> String {
+    let pid = py.id();
+    stasis_ok(&[
+        "checkpoint",
+        &pid.to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    py.wait().expect("reap original");
+    let (mut r, mut pipes) = restore(img, false);
+    before_go(pid);
+    pipes.send("go");
+    let mut got = String::new();
+    pipes
+        .stdout
+        .read_to_string(&mut got)
+        .expect("read restored output");
+    let st = r.wait().expect("restore");
+    assert!(st.success(), "restored python exited with {st}");
+    got
+}
+
 fn python_available() -> bool {
     let ok = Command::new("python3")
         .arg("-c")
@@ -51,43 +107,10 @@ fn cpython_finishes_with_the_same_result() {
         return;
     }
     init();
-    // Uninterrupted reference run.
-    let mut reference = clean("python3").args(["-c", PY]).spawn().expect("python3");
-    let mut out = BufReader::new(reference.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read");
-    reference
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("write");
-    let mut expected = String::new();
-    out.read_to_string(&mut expected).expect("read");
-    reference.wait().expect("reap");
-
+    let expected = reference_run(PY, "ready");
     let dir = scratch("cpython");
-    let img = dir.join("py.img");
-    let mut py = clean("python3").args(["-c", PY]).spawn().expect("python3");
-    let mut out = BufReader::new(py.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "ready");
-    stasis_ok(&[
-        "checkpoint",
-        &py.id().to_string(),
-        "-o",
-        img.to_str().expect("utf8"),
-    ]);
-    py.wait().expect("reap original");
-    let (mut r, mut pipes) = restore(&img, false);
-    pipes.send("go");
-    let mut got = String::new();
-    pipes
-        .stdout
-        .read_to_string(&mut got)
-        .expect("read restored output");
-    assert!(r.wait().expect("restore").success());
+    let (py, _out) = start_python(PY, "ready");
+    let got = checkpoint_restore_go(py, &dir.join("py.img"), |_| {});
     assert_eq!(got, expected, "restored CPython computed something else");
     assert!(got.starts_with("digest "), "{got}");
 }
@@ -176,34 +199,9 @@ fn multithreaded_cpython_finishes_with_the_same_result() {
         return;
     }
     init();
-    let mut reference = clean("python3")
-        .args(["-c", PY_THREADS])
-        .spawn()
-        .expect("python3");
-    let mut out = BufReader::new(reference.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "ready 5");
-    reference
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("write");
-    let mut expected = String::new();
-    out.read_to_string(&mut expected).expect("read");
-    reference.wait().expect("reap");
-
+    let expected = reference_run(PY_THREADS, "ready 5");
     let dir = scratch("pythreads");
-    let img = dir.join("py.img");
-    let mut py = clean("python3")
-        .args(["-c", PY_THREADS])
-        .spawn()
-        .expect("python3");
-    let mut out = BufReader::new(py.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "ready 5");
+    let (py, _out) = start_python(PY_THREADS, "ready 5");
     let tids = |pid: u32| -> Vec<String> {
         let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             return Vec::new(); // not (yet) there
@@ -216,32 +214,17 @@ fn multithreaded_cpython_finishes_with_the_same_result() {
     };
     let before = tids(py.id());
     assert_eq!(before.len(), 5);
-    stasis_ok(&[
-        "checkpoint",
-        &py.id().to_string(),
-        "-o",
-        img.to_str().expect("utf8"),
-    ]);
-    let pid = py.id();
-    py.wait().expect("reap original");
-    let (mut r, mut pipes) = restore(&img, false);
-    // Every thread is back with its own id before the workers are released.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while tids(pid) != before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "threads {:?} != {before:?}",
-            tids(pid)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    pipes.send("go");
-    let mut got = String::new();
-    pipes
-        .stdout
-        .read_to_string(&mut got)
-        .expect("read restored output");
-    let st = r.wait().expect("restore");
-    assert!(st.success(), "restored python exited with {st}");
+    let got = checkpoint_restore_go(py, &dir.join("py.img"), |pid| {
+        // Every thread is back with its own id before the workers are released.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tids(pid) != before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "threads {:?} != {before:?}",
+                tids(pid)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    });
     assert_eq!(got, expected, "restored threads computed something else");
 }

@@ -696,13 +696,6 @@ impl Builder<'_> {
             self.call("setitimer", libc::SYS_setitimer, &[it.which as u64, at, 0])?;
         }
         self.set_posix_timers(p)?;
-        if p.no_new_privs {
-            self.call(
-                "prctl(PR_SET_NO_NEW_PRIVS)",
-                libc::SYS_prctl,
-                &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
-            )?;
-        }
         Ok(())
     }
 

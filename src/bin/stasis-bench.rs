@@ -156,6 +156,23 @@ fn stasis(args: &[&str], stdin: Stdio, stdout: Stdio) -> Result<(f64, i64, Strin
     Ok((ms, ru.ru_maxrss, out))
 }
 
+/// A pipe: (read end, write end), close-on-exec.
+fn pipe() -> Result<(std::fs::File, std::fs::File), String> {
+    let mut f = [0i32; 2];
+    // SAFETY: f is valid for pipe2.
+    if unsafe { libc::pipe2(f.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 returned these fds and we own them.
+    Ok(unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(f[0]),
+            std::fs::File::from_raw_fd(f[1]),
+        )
+    })
+}
+
 fn json_u64(text: &str, key: &str) -> f64 {
     serde_json::from_str::<serde_json::Value>(text)
         .ok()
@@ -228,34 +245,8 @@ fn one_run(case: &Case, compress: &str, img: &Path, s: &mut Samples) -> Result<(
             .unwrap_or(f64::NAN),
     );
     // Restore until it runs (--detach returns once the process runs), then let it check.
-    let mut fds = [0i32; 2];
-    // SAFETY: fds is valid for pipe2.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err("pipe2".into());
-    }
-    // SAFETY: pipe2 returned these fds and we own them.
-    let (rd, wr) = unsafe {
-        use std::os::fd::FromRawFd;
-        (
-            std::fs::File::from_raw_fd(fds[0]),
-            std::fs::File::from_raw_fd(fds[1]),
-        )
-    };
-    let (out_rd, out_wr) = {
-        let mut f = [0i32; 2];
-        // SAFETY: f is valid for pipe2.
-        if unsafe { libc::pipe2(f.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err("pipe2".into());
-        }
-        // SAFETY: pipe2 returned these fds and we own them.
-        unsafe {
-            use std::os::fd::FromRawFd;
-            (
-                std::fs::File::from_raw_fd(f[0]),
-                std::fs::File::from_raw_fd(f[1]),
-            )
-        }
-    };
+    let (rd, wr) = pipe()?;
+    let (out_rd, out_wr) = pipe()?;
     let (ms, _, _) = stasis(
         &["restore", imgs, "--detach"],
         Stdio::from(rd),
