@@ -207,3 +207,74 @@ fn every_thread_of_a_non_root_process_drops_root() {
     p.expect_pass("check", "every thread restored as nobody");
     assert!(r.wait().expect("restore").success());
 }
+
+/// The state letter of /proc/PID/stat.
+fn state_of(pid: i32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.trim_start().chars().next())
+        })
+        .unwrap_or('?')
+}
+
+fn wait_state(pid: i32, want: char) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while state_of(pid) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {pid} state {} != {want}",
+            state_of(pid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_stopped_process_stays_stopped() {
+    let dir = common::scratch("stopped");
+    let mut wl = common::start("wl-sleep", &[]);
+    let pid = wl.pid.to_string();
+    common::stasis_ok(&[
+        "checkpoint",
+        &pid,
+        "-o",
+        dir.join("a.img").to_str().expect("utf8"),
+    ]);
+    wl.child.wait().expect("reap");
+    // Restored, then stopped by job control, then checkpointed twice while stopped.
+    let (mut r, mut p) = common::restore(&dir.join("a.img"), true);
+    assert_eq!(p.expect_line(&[&pid]), pid);
+    assert!(r.wait().expect("restore").success());
+    // SAFETY: kill takes no pointers; the pid is the workload this test restored.
+    unsafe { libc::kill(wl.pid, libc::SIGSTOP) };
+    wait_state(wl.pid, 'T');
+    let img = dir.join("s.img");
+    let imgs = img.to_str().expect("utf8");
+    common::stasis_ok(&["checkpoint", &pid, "-o", imgs, "--leave-running"]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        state_of(wl.pid),
+        'T',
+        "--leave-running must leave it stopped"
+    );
+    common::stasis_ok(&["checkpoint", &pid, "-o", imgs]);
+    common::reap(wl.pid);
+    let (mut r, mut p) = common::restore(&img, true);
+    assert_eq!(p.expect_line(&[&pid]), pid);
+    assert!(r.wait().expect("restore").success());
+    wait_state(wl.pid, 'T');
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        state_of(wl.pid),
+        'T',
+        "the restored process must stay stopped"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(wl.pid, libc::SIGCONT) };
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    p.expect_pass("check", "continued after restore");
+    common::reap(wl.pid);
+}

@@ -215,6 +215,7 @@ pub fn collect_process(
         shared_pending: pending_records(shared_pending),
         posix_timers: q.posix_timers,
         ghost_files: ghosts.files.clone(),
+        stopped: frozen.was_stopped(),
     })
 }
 

@@ -26,6 +26,8 @@ pub struct Frozen {
     /// (tid, siginfo) of signals whose delivery stops were suppressed; queued again on
     /// resume, or saved as pending in the image.
     deferred: Vec<(i32, Vec<u8>)>,
+    /// Stopped by job control before we came: it must be stopped again when we leave.
+    stopped: bool,
     done: bool,
 }
 
@@ -44,10 +46,14 @@ impl Frozen {
     /// Seizes and stops every thread of `pid`, again and again until no new thread appears
     /// (a running thread may create threads while others are being stopped).
     pub fn freeze(pid: i32) -> Result<Self, CheckpointError> {
+        let stopped = procfs::read_stat(pid)
+            .map(|s| s.state == 'T')
+            .unwrap_or(false);
         let mut frozen = Frozen {
             pid,
             threads: Vec::new(),
             deferred: Vec::new(),
+            stopped,
             done: false,
         };
         let mut seen = BTreeSet::new();
@@ -103,6 +109,11 @@ impl Frozen {
         &self.threads
     }
 
+    /// Whether job control had stopped the process before it was frozen.
+    pub fn was_stopped(&self) -> bool {
+        self.stopped
+    }
+
     /// Registers of the main thread at the moment of the stop.
     pub fn regs(&self) -> &Regs {
         &self.threads[0].regs
@@ -145,10 +156,26 @@ impl Frozen {
         }
         self.done = true;
         let mut first_err = None;
+        // Injection ran it out of its job-control stop: queue SIGSTOP before detaching so
+        // it stops again before running any of its own code.
+        if self.stopped {
+            if let Err(e) = sys::kill(self.pid, libc::SIGSTOP) {
+                first_err.get_or_insert(e);
+            }
+        }
         for t in &self.threads {
             let r = (|| {
                 if t.touched {
-                    let regs = ptrace::rewind_interrupted_syscall(&t.regs, ResumeIn::SameTask);
+                    // A job-control-stopped task gets its registers back untouched: the
+                    // queued SIGSTOP takes it through the kernel's own signal path, whose
+                    // restart logic rewinds an interrupted syscall when it is continued.
+                    // Rewinding here as well would leave it stopped on the edge of
+                    // restart_syscall, a state a later checkpoint could not restore.
+                    let regs = if self.stopped {
+                        t.regs
+                    } else {
+                        ptrace::rewind_interrupted_syscall(&t.regs, ResumeIn::SameTask)
+                    };
                     ptrace::set_regs(t.tid, &regs)?;
                     ptrace::set_sigmask(t.tid, t.sigmask)?;
                 }

@@ -204,6 +204,10 @@ impl Builder<'_> {
             )));
         }
         ptrace::set_regs(self.pid, &main_regs).map_err(|e| self.err(e))?;
+        if p.stopped {
+            // Delivered on the way out of the ptrace stop: it stops before running.
+            stasis_runtime::sys::kill(self.pid, libc::SIGSTOP).map_err(|e| self.err(e))?;
+        }
         for inj in &self.extra {
             ptrace::detach(inj.pid(), 0).map_err(|e| self.err(e))?;
         }
