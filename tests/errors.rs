@@ -395,3 +395,31 @@ fn a_closed_output_pipe_is_not_a_panic() {
         out.status
     );
 }
+
+#[test]
+fn a_process_with_children_is_refused_and_left_running() {
+    init();
+    let code = "import subprocess,time\n\
+                c = subprocess.Popen(['sleep', '300'])\n\
+                print('ready',flush=True)\ntime.sleep(300)";
+    let Some(mut child) = python(code) else {
+        return;
+    };
+    let pid = child.id() as i32;
+    let err = stasis_fails(
+        &["checkpoint", &pid.to_string(), "-o", "/tmp/stasis-tree.img"],
+        REFUSED,
+        "child processes",
+    );
+    assert!(err.contains("process trees"), "{err}");
+    assert!(running_untraced(pid), "the parent must run on, untraced");
+    let kids =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).expect("children");
+    for k in kids.split_whitespace() {
+        let k: i32 = k.parse().expect("pid");
+        assert!(running_untraced(k), "the child must run on, untraced");
+        kill(k);
+    }
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+}

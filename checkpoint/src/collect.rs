@@ -33,8 +33,29 @@ pub fn precheck(pid: i32) -> Result<(), CheckpointError> {
         return Err(CheckpointError::unsupported(pid, "the process is a zombie"));
     }
     check_threads(pid, status.threads)?;
+    check_no_children(pid)?;
     // Refuse unsupported files before freezing; collect() checks again while frozen.
     fds::collect_fds(pid, &mut crate::ghosts::Ghosts::default())?;
+    Ok(())
+}
+
+/// Process trees come later: a process with children (running or zombie) would be restored
+/// without them, so it is refused instead.
+fn check_no_children(pid: i32) -> Result<(), CheckpointError> {
+    let mut children = Vec::new();
+    for tid in procfs::read_tids(pid)? {
+        let text = procfs::read_text(&format!("/proc/{pid}/task/{tid}/children"))?;
+        children.extend(text.split_whitespace().map(str::to_string));
+    }
+    if !children.is_empty() {
+        return Err(CheckpointError::unsupported(
+            pid,
+            format!(
+                "it has child processes ({}); process trees are not supported yet",
+                children.join(", ")
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -82,6 +103,7 @@ pub fn collect_process(
     let pid = frozen.pid();
     let status = procfs::read_status(pid)?;
     check_threads(pid, status.threads)?;
+    check_no_children(pid)?;
     let stat = procfs::read_stat(pid)?;
     let maps = procfs::read_smaps_flags(pid)?;
     let vmas = vmas::classify(pid, &maps, ghosts)?;
