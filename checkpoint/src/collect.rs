@@ -149,7 +149,7 @@ pub fn collect_process(
         let per = &q.threads[i];
         threads.push(proto::Thread {
             tid: tid as u32,
-            regs: Some(regs_to_proto(&t.regs)),
+            regs: Some(regs_to_proto(&regs_for_image(pid, &t.regs))),
             xstate: ptrace::get_xstate(tid)?,
             sigmask: t.sigmask,
             rseq: ptrace::get_rseq(tid)?.map(|r| proto::Rseq {
@@ -517,6 +517,22 @@ fn query_threads(
         .collect())
 }
 
+/// Registers as a new task can resume them. A thread caught on the edge of
+/// `restart_syscall` (rax = its number, at a `syscall` instruction, not inside a syscall)
+/// depends on a restart block only this task has; in the image, the interrupted call
+/// returns EINTR instead, as CRIU does.
+fn regs_for_image(pid: i32, r: &ptrace::Regs) -> ptrace::Regs {
+    let mut out = *r;
+    if r.orig_rax as i64 == -1 && r.rax == libc::SYS_restart_syscall as u64 {
+        let mut insn = [0u8; 2];
+        if memory::read_remote(pid, &[(r.rip, 2)], &mut insn).is_ok() && insn == [0x0f, 0x05] {
+            out.rax = (-libc::EINTR) as u64;
+            out.rip += 2;
+        }
+    }
+    out
+}
+
 pub(crate) fn regs_to_proto(r: &ptrace::Regs) -> proto::X86Regs {
     proto::X86Regs {
         r15: r.r15,
@@ -546,5 +562,37 @@ pub(crate) fn regs_to_proto(r: &ptrace::Regs) -> proto::X86Regs {
         es: r.es,
         fs: r.fs,
         gs: r.gs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs(rax: u64, orig: i64, rip: u64) -> ptrace::Regs {
+        // SAFETY: user_regs_struct is plain old data.
+        let mut r: ptrace::Regs = unsafe { std::mem::zeroed() };
+        r.rax = rax;
+        r.orig_rax = orig as u64;
+        r.rip = rip;
+        r
+    }
+
+    #[test]
+    fn restart_syscall_edge_becomes_eintr_in_the_image() {
+        static SYSCALL: [u8; 2] = [0x0f, 0x05];
+        let pid = std::process::id() as i32;
+        let at = SYSCALL.as_ptr() as u64;
+        let r = regs_for_image(pid, &regs(libc::SYS_restart_syscall as u64, -1, at));
+        assert_eq!((r.rax as i64, r.rip), (-(libc::EINTR as i64), at + 2));
+        // Inside a syscall, or elsewhere: unchanged.
+        let r = regs_for_image(pid, &regs(libc::SYS_restart_syscall as u64, 35, at));
+        assert_eq!(r.rip, at);
+        static OTHER: [u8; 2] = [0x90, 0x90];
+        let r = regs_for_image(
+            pid,
+            &regs(libc::SYS_restart_syscall as u64, -1, OTHER.as_ptr() as u64),
+        );
+        assert_eq!(r.rax, libc::SYS_restart_syscall as u64);
     }
 }
