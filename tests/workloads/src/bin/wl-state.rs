@@ -4,7 +4,7 @@
 //! reports it disabled); interval timers REAL/VIRTUAL/PROF with their intervals, and their
 //! remaining time carried across (the CPU-time timers already ran >= 100 ms before READY, so a
 //! restorer that re-arms them at their initial value is caught); nice 7 and SCHED_BATCH;
-//! oom_score_adj 321; no_new_privs; dumpable 0; and pending signals: a blocked SIGUSR1 sent
+//! oom_score_adj 321; no_new_privs; dumpable 0; personality ADDR_NO_RANDOMIZE; and pending signals: a blocked SIGUSR1 sent
 //! to the process (shared queue), a blocked SIGUSR2 sent to the thread (private queue), and
 //! two queued SIGRTMIN+5 with values 4242 and 4243 (siginfo kept, order kept). `verify` only
 //! looks at the pending set; `check` also dequeues them and compares their siginfo.
@@ -264,6 +264,10 @@ fn setup_rest(alt: *mut u8) -> Result<(), String> {
                 x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
             }
         }
+        // ADDR_NO_RANDOMIZE: a personality flag a restorer must carry over.
+        if libc::personality(0x0040000) == -1 {
+            return Err(errno_str("personality"));
+        }
         if libc::setpriority(libc::PRIO_PROCESS, 0, 7) != 0 {
             return Err(errno_str("setpriority"));
         }
@@ -387,6 +391,7 @@ fn check(r: &mut stasis_workloads::Report, dequeue: bool, caps: &[String], ready
             1,
             libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),
         );
+        r.eq_hex("personality", 0x0040000, libc::personality(0xffff_ffff));
         r.eq(
             "dumpable",
             0,
