@@ -423,3 +423,35 @@ fn a_process_with_children_is_refused_and_left_running() {
     child.kill().expect("kill");
     child.wait().expect("reap");
 }
+
+#[test]
+fn a_process_already_traced_is_refused_and_left_alone() {
+    // As if a debugger were attached: this test thread seizes the workload first.
+    let mut wl = start("wl-pipe-read", &[]);
+    let pid = wl.pid;
+    // SAFETY: PTRACE_SEIZE of our own child; no pointers.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0usize, 0usize) };
+    assert_eq!(rc, 0, "seize: {}", std::io::Error::last_os_error());
+    let err = stasis_fails(
+        &[
+            "checkpoint",
+            &pid.to_string(),
+            "-o",
+            "/tmp/stasis-traced.img",
+        ],
+        REFUSED,
+        "ptrace is not permitted",
+    );
+    assert!(err.contains(&pid.to_string()), "{err}");
+    // Let go of it again: interrupt, wait for the stop, detach.
+    // SAFETY: ptrace requests on our own tracee; status is a valid c_int.
+    unsafe {
+        assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0usize, 0usize), 0);
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, libc::__WALL), pid);
+        assert_eq!(libc::ptrace(libc::PTRACE_DETACH, pid, 0usize, 0usize), 0);
+    }
+    wl.pipes
+        .expect_pass("check", "after a refused checkpoint of a traced process");
+    assert!(wl.child.wait().expect("reap").success());
+}
