@@ -4,7 +4,8 @@
 //! reports it disabled); interval timers REAL/VIRTUAL/PROF with their intervals, and their
 //! remaining time carried across (the CPU-time timers already ran >= 100 ms before READY, so a
 //! restorer that re-arms them at their initial value is caught); nice 7 and SCHED_BATCH;
-//! oom_score_adj 321; no_new_privs; dumpable 0; personality ADDR_NO_RANDOMIZE; and pending signals: a blocked SIGUSR1 sent
+//! oom_score_adj 321; no_new_privs; dumpable 0; personality ADDR_NO_RANDOMIZE; glibc's rseq
+//! area still registered with the kernel; and pending signals: a blocked SIGUSR1 sent
 //! to the process (shared queue), a blocked SIGUSR2 sent to the thread (private queue), and
 //! two queued SIGRTMIN+5 with values 4242 and 4243 (siginfo kept, order kept). `verify` only
 //! looks at the pending set; `check` also dequeues them and compares their siginfo.
@@ -217,6 +218,37 @@ fn change_caps() -> Result<(), String> {
     Ok(())
 }
 
+extern "C" {
+    /// glibc's rseq area: offset from the thread pointer, and size (0: not registered).
+    static __rseq_offset: isize;
+    static __rseq_size: u32;
+}
+
+/// Whether the kernel has this thread's glibc rseq area registered: unregistering with the
+/// exact area, size and signature succeeds only then (it is registered again at once).
+fn rseq_registered() -> Result<bool, String> {
+    const RSEQ_SIG: u64 = 0x5305_3053;
+    // SAFETY: reading two glibc-exported constants; fs:0 holds the thread pointer on x86_64;
+    // rseq(2) only reads the arguments.
+    unsafe {
+        let size = __rseq_size;
+        if size == 0 {
+            return Ok(true); // glibc does not use rseq here: nothing to check
+        }
+        let tp: u64;
+        std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly));
+        let area = (tp as i64 + __rseq_offset as i64) as u64;
+        let len = size.max(32) as u64;
+        if libc::syscall(libc::SYS_rseq, area, len, 1u64, RSEQ_SIG) != 0 {
+            return Ok(false);
+        }
+        if libc::syscall(libc::SYS_rseq, area, len, 0u64, RSEQ_SIG) != 0 {
+            return Err(errno_str("rseq re-register"));
+        }
+    }
+    Ok(true)
+}
+
 fn errno_str(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
@@ -392,6 +424,9 @@ fn check(r: &mut stasis_workloads::Report, dequeue: bool, caps: &[String], ready
             libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),
         );
         r.eq_hex("personality", 0x0040000, libc::personality(0xffff_ffff));
+        if let Some(reg) = r.ok(rseq_registered()) {
+            r.eq("rseq registered", true, reg);
+        }
         r.eq(
             "dumpable",
             0,
