@@ -114,16 +114,6 @@ impl Frozen {
         self.stopped
     }
 
-    /// Registers of the main thread at the moment of the stop.
-    pub fn regs(&self) -> &Regs {
-        &self.threads[0].regs
-    }
-
-    /// Blocked signal mask of the main thread at the moment of the stop.
-    pub fn sigmask(&self) -> u64 {
-        self.threads[0].sigmask
-    }
-
     /// An injector running syscalls in thread `tid` through the `syscall` instruction at
     /// `syscall_ip`. All signals are blocked in that thread while it is used.
     pub fn injector(&mut self, tid: i32, syscall_ip: u64) -> Result<Injector, CheckpointError> {

@@ -19,7 +19,7 @@ pub use error::CheckpointError;
 pub use sink::{FileSink, ImageSink, StreamSink};
 
 use serde::Serialize;
-use stasis_image::{proto, Compression, ImageWriter};
+use stasis_image::{Compression, ImageWriter};
 use std::time::Instant;
 
 /// How to checkpoint.
@@ -169,9 +169,4 @@ pub fn checkpoint_process<S: ImageSink>(
             Err(e)
         }
     }
-}
-
-/// The image inventory for a checkpoint taken now.
-pub fn inventory_for(pid: i32, compression: &Compression) -> proto::Inventory {
-    collect::inventory(pid, compression)
 }

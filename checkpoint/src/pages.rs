@@ -115,26 +115,22 @@ pub fn plan(
     for (id, vmas) in shared {
         let first = vmas[0];
         let path = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
-        let file = File::open(&path).map_err(|e| CheckpointError::Io(format!("open {path}"), e))?;
         let end = vmas
             .iter()
             .map(|v| v.pgoff + (v.end - v.start))
             .max()
             .unwrap_or(0);
-        for (off, len) in data_ranges(&file, &path, end)? {
-            segments.push(Segment {
-                space: SpaceKind::SharedMemory,
-                space_id: id,
-                addr: off,
-                pages: len / PAGE_SIZE,
-                via: ReadVia::Object(objects.len()),
-            });
-        }
-        objects.push((path, file));
+        add_object(
+            &mut segments,
+            &mut objects,
+            SpaceKind::SharedMemory,
+            id,
+            path,
+            end,
+        )?;
     }
     // Contents of ghost files (deleted while open, memfds), page by page.
     for (id, path) in &ghosts.sources {
-        let file = File::open(path).map_err(|e| CheckpointError::Io(format!("open {path}"), e))?;
         let size = ghosts
             .files
             .iter()
@@ -142,16 +138,14 @@ pub fn plan(
             .map(|g| g.size)
             .unwrap_or(0);
         let end = (size + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
-        for (off, len) in data_ranges(&file, path, end)? {
-            segments.push(Segment {
-                space: SpaceKind::File,
-                space_id: *id as u64,
-                addr: off,
-                pages: len / PAGE_SIZE,
-                via: ReadVia::Object(objects.len()),
-            });
-        }
-        objects.push((path.clone(), file));
+        add_object(
+            &mut segments,
+            &mut objects,
+            SpaceKind::File,
+            *id as u64,
+            path.clone(),
+            end,
+        )?;
     }
     let pages_total = segments.iter().map(|s| s.pages).sum();
     Ok(DumpPlan {
@@ -160,6 +154,30 @@ pub fn plan(
         pages_total,
         pages_skipped: skipped,
     })
+}
+
+/// Plans the populated pages of [0, end) of a file-like object (a shared memory object or a
+/// ghost file, opened through /proc at `path`) as segments of `space`/`id`.
+fn add_object(
+    segments: &mut Vec<Segment>,
+    objects: &mut Vec<(String, File)>,
+    space: SpaceKind,
+    id: u64,
+    path: String,
+    end: u64,
+) -> Result<(), CheckpointError> {
+    let file = File::open(&path).map_err(|e| CheckpointError::Io(format!("open {path}"), e))?;
+    for (off, len) in data_ranges(&file, &path, end)? {
+        segments.push(Segment {
+            space,
+            space_id: id,
+            addr: off,
+            pages: len / PAGE_SIZE,
+            via: ReadVia::Object(objects.len()),
+        });
+    }
+    objects.push((path, file));
+    Ok(())
 }
 
 /// Page-aligned ranges of [0, end) of a shmem file that hold data (SEEK_DATA/SEEK_HOLE).

@@ -126,8 +126,8 @@ impl Builder<'_> {
         self.inj
             .raw(libc::SYS_close, &[ctl_fd as u64])
             .map_err(|e| self.err(e))?;
-        self.clear_address_space()?;
-        self.place_vdso(p)?;
+        let vdso_block = self.clear_address_space()?;
+        self.place_vdso(p, &vdso_block)?;
         // The exe link can only change while the old executable (stasis) is unmapped and
         // before the target maps its own executable, which may be the same file.
         self.set_mm(p)?;
@@ -135,13 +135,6 @@ impl Builder<'_> {
         let written = pages::write_pages(image, p, self.pid)?;
         self.finish_vmas(&fixups)?;
         self.set_sigactions(p)?;
-        if let Some(r) = &t.rseq {
-            self.call(
-                "rseq(register)",
-                libc::SYS_rseq,
-                &[r.abi_pointer, r.abi_size as u64, 0, r.signature as u64],
-            )?;
-        }
         self.create_threads(p)?;
         self.in_each_thread(p, |b, t, main| b.set_thread_state(p, t, main))?;
         self.set_signal_state(p)?;
@@ -191,7 +184,7 @@ impl Builder<'_> {
         // their final registers already and never run trampoline code again.
         let rc = self
             .inj
-            .call_and_hold_at_exit(
+            .raw(
                 libc::SYS_munmap,
                 &[self.plan.trampoline, self.plan.trampoline_len()],
             )
@@ -303,7 +296,8 @@ impl Builder<'_> {
         Ok(())
     }
 
-    /// What each thread sets for itself: rseq, robust futex list, clear-child-tid (main;
+    /// What each thread sets for itself: rseq (the main thread's inherited registration was
+    /// dropped before its memory was replaced), robust futex list, clear-child-tid (main;
     /// the others got it from clone3), sigaltstack, name, personality.
     fn set_thread_state(
         &mut self,
@@ -311,7 +305,7 @@ impl Builder<'_> {
         t: &proto::Thread,
         main: bool,
     ) -> Result<(), RestoreError> {
-        if let (Some(r), false) = (&t.rseq, main) {
+        if let Some(r) = &t.rseq {
             self.call(
                 "rseq(register)",
                 libc::SYS_rseq,
@@ -360,14 +354,15 @@ impl Builder<'_> {
         Ok(())
     }
 
-    /// Unmaps everything the child inherited except the trampoline and the vDSO block.
-    fn clear_address_space(&mut self) -> Result<(), RestoreError> {
-        let maps = procfs::read_maps(self.pid).map_err(|e| self.err(e))?;
-        let mut keep: Vec<(u64, u64)> = maps
-            .iter()
-            .filter(|m| matches!(m.name.as_str(), "[vvar]" | "[vvar_vclock]" | "[vdso]"))
-            .map(|m| (m.start, m.end))
+    /// Unmaps everything the child inherited except the trampoline and the vDSO block,
+    /// which it returns.
+    fn clear_address_space(&mut self) -> Result<Vec<procfs::MapEntry>, RestoreError> {
+        let block: Vec<procfs::MapEntry> = procfs::read_maps(self.pid)
+            .map_err(|e| self.err(e))?
+            .into_iter()
+            .filter(procfs::MapEntry::is_vdso_block)
             .collect();
+        let mut keep: Vec<(u64, u64)> = block.iter().map(|m| (m.start, m.end)).collect();
         keep.push((
             self.plan.trampoline,
             self.plan.trampoline + self.plan.trampoline_len(),
@@ -383,16 +378,15 @@ impl Builder<'_> {
             }
             from = from.max(e);
         }
-        Ok(())
+        Ok(block)
     }
 
     /// Moves [vvar], [vvar_vclock] and [vdso] to the target's addresses as one block.
-    fn place_vdso(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
-        let ours: Vec<_> = procfs::read_maps(self.pid)
-            .map_err(|e| self.err(e))?
-            .into_iter()
-            .filter(|m| matches!(m.name.as_str(), "[vvar]" | "[vvar_vclock]" | "[vdso]"))
-            .collect();
+    fn place_vdso(
+        &mut self,
+        p: &proto::Process,
+        ours: &[procfs::MapEntry],
+    ) -> Result<(), RestoreError> {
         let theirs: Vec<&proto::Vma> = p
             .vmas
             .iter()
@@ -416,10 +410,10 @@ impl Builder<'_> {
         if t_start < o_end && o_start < t_end {
             // Overlapping: go through a free spot above everything involved.
             let temp = (o_end.max(t_end).max(tramp_end) + (16 << 20)) & !0xffff;
-            self.move_block(&ours, current, temp)?;
+            self.move_block(ours, current, temp)?;
             current = temp;
         }
-        self.move_block(&ours, current, t_start)
+        self.move_block(ours, current, t_start)
     }
 
     fn move_block(

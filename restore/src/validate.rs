@@ -146,7 +146,7 @@ fn check_xstate(image: &Image, t: &proto::Thread) -> Result<(), RestoreError> {
 pub fn own_vdso_block() -> Result<Vec<MapEntry>, RestoreError> {
     Ok(procfs::read_maps(std::process::id() as i32)?
         .into_iter()
-        .filter(|m| matches!(m.name.as_str(), "[vvar]" | "[vvar_vclock]" | "[vdso]"))
+        .filter(MapEntry::is_vdso_block)
         .collect())
 }
 

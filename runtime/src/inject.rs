@@ -41,7 +41,9 @@ impl Injector {
         std::mem::take(&mut self.deferred)
     }
 
-    /// Runs one syscall and returns its raw result (a negative errno on failure).
+    /// Runs one syscall and returns its raw result (a negative errno on failure). The tracee
+    /// is left in that syscall's exit stop, where a caller may set final registers (restore
+    /// does so after the trampoline's own munmap).
     pub fn raw(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
         self.enter(nr, args)?;
         self.step_to_syscall_stop("syscall exit")?;
@@ -60,14 +62,6 @@ impl Injector {
             ));
         }
         Ok(rc as u64)
-    }
-
-    /// Starts a syscall and leaves the tracee in its syscall-exit stop, so the caller can set
-    /// final registers (used to run the last `munmap` of the trampoline itself).
-    pub fn call_and_hold_at_exit(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
-        self.enter(nr, args)?;
-        self.step_to_syscall_stop("syscall exit")?;
-        Ok(ptrace::get_regs(self.pid)?.rax as i64)
     }
 
     fn enter(&mut self, nr: libc::c_long, args: &[u64]) -> Result<()> {
@@ -109,11 +103,8 @@ impl Injector {
             match ptrace::wait_stop(self.pid)? {
                 Stop::Syscall => return Ok(()),
                 Stop::Signal(sig) => {
-                    let mut info = ptrace::get_siginfo(self.pid)?;
-                    if ptrace::siginfo_signo(&info) != sig {
-                        info[..4].copy_from_slice(&sig.to_ne_bytes());
-                    }
-                    self.deferred.push(info);
+                    self.deferred
+                        .push(ptrace::stopped_signal_info(self.pid, sig)?);
                     ptrace::resume_to_syscall(self.pid)?;
                 }
                 Stop::EventStop(_) => ptrace::resume_to_syscall(self.pid)?,

@@ -230,11 +230,7 @@ pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<Vec<Vec<u8>>> {
         match wait_stop(pid)? {
             Stop::EventStop(_) => return Ok(deferred),
             Stop::Signal(sig) => {
-                let mut info = get_siginfo(pid)?;
-                if siginfo_signo(&info) != sig {
-                    info[..4].copy_from_slice(&sig.to_ne_bytes());
-                }
-                deferred.push(info);
+                deferred.push(stopped_signal_info(pid, sig)?);
                 cont(pid, 0)?;
             }
             Stop::Exited(code) => {
@@ -362,6 +358,16 @@ pub fn peek_siginfo(pid: i32, shared: bool) -> Result<Vec<Vec<u8>>> {
             )));
         }
     }
+}
+
+/// The siginfo of the signal `sig` a tracee is in a signal-delivery stop for, so it can be
+/// suppressed now and queued again later (its si_signo forced to `sig`).
+pub fn stopped_signal_info(pid: i32, sig: i32) -> Result<Vec<u8>> {
+    let mut info = get_siginfo(pid)?;
+    if siginfo_signo(&info) != sig {
+        info[..4].copy_from_slice(&sig.to_ne_bytes());
+    }
+    Ok(info)
 }
 
 /// The signal number of a raw siginfo_t.

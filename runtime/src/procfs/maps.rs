@@ -49,6 +49,12 @@ impl MapEntry {
         self.end == self.start
     }
 
+    /// Whether this is one of the kernel's vDSO block ([vvar], [vvar_vclock], [vdso]), which
+    /// must move as one.
+    pub fn is_vdso_block(&self) -> bool {
+        matches!(self.name.as_str(), "[vvar]" | "[vvar_vclock]" | "[vdso]")
+    }
+
     /// Whether smaps listed the flag (two-letter code such as "gd").
     pub fn has_flag(&self, code: &str) -> bool {
         self.vm_flags.iter().any(|f| f == code)
