@@ -201,37 +201,25 @@ fn one_run(case: &Case, compress: &str, img: &Path, s: &mut Samples) -> Result<(
     // Frozen time of --leave-running.
     let mut w = start_workload(case)?;
     let pid = w.pid.to_string();
-    let (_, _, out) = stasis(
-        &[
+    let checkpoint = |extra: &[&str]| {
+        let mut args = vec![
             "checkpoint",
-            &pid,
+            pid.as_str(),
             "-o",
             imgs,
-            "--leave-running",
             "--compress",
             compress,
             "--json",
-        ],
-        Stdio::null(),
-        Stdio::piped(),
-    )?;
+        ];
+        args.extend_from_slice(extra);
+        stasis(&args, Stdio::null(), Stdio::piped())
+    };
+    let (_, _, out) = checkpoint(&["--leave-running"])?;
     s.frozen.push(json_u64(&out, "frozen_us") / 1000.0);
     // Freeing the old image inside the next checkpoint's commit would be charged to it.
     let _ = std::fs::remove_file(img);
     // Checkpoint and kill.
-    let (ms, _, out) = stasis(
-        &[
-            "checkpoint",
-            &pid,
-            "-o",
-            imgs,
-            "--compress",
-            compress,
-            "--json",
-        ],
-        Stdio::null(),
-        Stdio::piped(),
-    )?;
+    let (ms, _, out) = checkpoint(&[])?;
     let _ = w.child.wait();
     s.checkpoint.push(ms);
     // stasis's own peak RSS (wait4's figure would include the killed target's).

@@ -204,6 +204,17 @@ impl Ctx {
         self.pid
     }
 
+    /// Sets O_NONBLOCK on stdin (for workloads that poll it between sleeps); a failure is a
+    /// setup failure.
+    pub fn set_stdin_nonblocking(&mut self) {
+        let fl = sys::fcntl_get(0, libc::F_GETFL, "F_GETFL");
+        let fl = self.setup(fl);
+        // SAFETY: F_SETFL only changes the file status flags of fd 0.
+        let r = unsafe { libc::fcntl(0, libc::F_SETFL, fl | libc::O_NONBLOCK) };
+        let r = sys::cvt(r, "fcntl(0, F_SETFL, O_NONBLOCK)");
+        self.setup(r);
+    }
+
     /// Records the identity and prints `READY <pid>`.
     pub fn ready(&mut self) {
         let r = snapshot_identity();

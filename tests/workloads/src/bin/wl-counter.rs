@@ -50,12 +50,7 @@ fn main() {
     };
     pattern::fill_xorshift(data, ctx.seed);
     let sum0 = pattern::checksum(data);
-    let fl = sys::fcntl_get(0, libc::F_GETFL, "F_GETFL");
-    let fl = ctx.setup(fl);
-    // SAFETY: F_SETFL only changes the file status flags of fd 0.
-    let r = unsafe { libc::fcntl(0, libc::F_SETFL, fl | libc::O_NONBLOCK) };
-    let r = sys::cvt(r, "fcntl(0, F_SETFL, O_NONBLOCK)");
-    ctx.setup(r);
+    ctx.set_stdin_nonblocking();
     ctx.ready();
     let mut count: u64 = 0;
     let mut last_printed: Option<u64> = None;

@@ -15,12 +15,7 @@ const SLEEP_MS: u64 = 300;
 
 fn main() {
     let mut ctx = Ctx::start("wl-sleep", &Spec::default());
-    let fl = sys::fcntl_get(0, libc::F_GETFL, "F_GETFL");
-    let fl = ctx.setup(fl);
-    // SAFETY: F_SETFL only changes the file status flags of fd 0.
-    let r = unsafe { libc::fcntl(0, libc::F_SETFL, fl | libc::O_NONBLOCK) };
-    let r = sys::cvt(r, "fcntl(0, F_SETFL, O_NONBLOCK)");
-    ctx.setup(r);
+    ctx.set_stdin_nonblocking();
     ctx.ready();
     let mut sleeps: u64 = 0;
     let mut longest: i128 = 0;
