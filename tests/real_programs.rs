@@ -228,3 +228,19 @@ fn multithreaded_cpython_finishes_with_the_same_result() {
     });
     assert_eq!(got, expected, "restored threads computed something else");
 }
+
+#[test]
+fn the_readme_demo_carries_on_from_the_same_count() {
+    let out = run_stasis(&["demo", "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "stasis demo failed ({}): {err}",
+        out.status
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("demo --json");
+    assert_eq!(v["continued"], true, "{v}");
+    let before = v["last_count_before"].as_u64().expect("count");
+    assert!(before > 0, "{v}");
+    assert_eq!(v["first_count_after"].as_u64(), Some(before + 1), "{v}");
+}

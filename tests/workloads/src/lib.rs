@@ -45,7 +45,10 @@
 //! - `std::env::args_os()` and `/proc/self/cmdline` equal what the process saw at start, and
 //!   each other: breaks if the restorer did not set the mm's `arg_start`/`arg_end`.
 //! - `std::env::vars_os()` and `/proc/self/environ` likewise (`env_start`/`env_end`).
-//! - the process has exactly one thread (`/proc/self/status`): breaks if restorer threads leak.
+//! - the process has exactly the threads it made (`/proc/self/status`; one unless the
+//!   workload sets `Ctx::threads`): breaks if restorer threads leak or threads are lost.
+//! - `/proc/self/exe` is still the workload binary: breaks if the restorer did not set the
+//!   mm's exe link (it would name stasis).
 //! - current directory, `umask` (set to `027` at start), `/proc/self/comm`, and the
 //!   `RLIMIT_NOFILE` soft/hard limits (soft limit lowered at start to a distinctive value):
 //!   breaks if the restorer did not restore these per-process attributes.

@@ -97,6 +97,8 @@ struct Identity {
     cmdline: Vec<u8>,
     environ: Vec<u8>,
     cwd: PathBuf,
+    /// /proc/self/exe (the mm's exe link, which a restorer must set).
+    exe: PathBuf,
     comm: Vec<u8>,
     nofile: (u64, u64),
     tag_env: Option<OsString>,
@@ -416,6 +418,10 @@ impl Ctx {
             Ok(cwd) => r.eq("current directory", &id.cwd, &cwd),
             Err(e) => r.fail(format!("getcwd: {e}")),
         }
+        match std::fs::read_link("/proc/self/exe") {
+            Ok(exe) => r.eq("/proc/self/exe", &id.exe, &exe),
+            Err(e) => r.fail(format!("readlink /proc/self/exe: {e}")),
+        }
         // SAFETY: umask only changes this process's mask; the old value is put back at once.
         let old = unsafe { libc::umask(0o077) };
         // SAFETY: as above.
@@ -500,6 +506,8 @@ fn snapshot_identity() -> Result<Identity, String> {
         cmdline: read_proc("/proc/self/cmdline")?,
         environ: read_proc("/proc/self/environ")?,
         cwd: std::env::current_dir().map_err(|e| format!("getcwd: {e}"))?,
+        exe: std::fs::read_link("/proc/self/exe")
+            .map_err(|e| format!("readlink /proc/self/exe: {e}"))?,
         comm: read_proc("/proc/self/comm")?,
         nofile: get_nofile()?,
         tag_env: std::env::var_os("STASIS_WL_TAG"),
