@@ -113,6 +113,23 @@ pub struct ProcessReport {
     /// Signals pending for the whole process.
     pub shared_pending: Vec<PendingReport>,
     pub pages: PageCounts,
+    pub stopped: bool,
+    pub zombie: bool,
+    /// For a zombie: the status its parent will collect.
+    pub wait_status: u32,
+    pub child_subreaper: bool,
+    pub pdeathsig: u32,
+    pub pipes: Vec<PipeReport>,
+}
+
+/// A pipe stored with the process: its capacity and buffered bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipeReport {
+    pub id: u64,
+    pub size: u32,
+    pub buffered: usize,
+    /// blake3 of the buffered bytes, hex.
+    pub data_hash: String,
 }
 
 /// A pending signal: its number and its siginfo (hex).
@@ -214,6 +231,9 @@ pub struct FdReport {
     pub offset: u64,
     pub file: Option<proto::FileId>,
     pub inherited_from: String,
+    /// Fds with the same nonzero desc_id share one open file description.
+    pub desc_id: u32,
+    pub pipe_id: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -411,6 +431,8 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
                 offset: f.offset,
                 file: f.file,
                 inherited_from: f.inherited_from.clone(),
+                desc_id: f.desc_id,
+                pipe_id: f.pipe_id,
             })
             .collect(),
         sigactions: p
@@ -426,6 +448,21 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
             .collect(),
         rlimits: p.rlimits.clone(),
         pages,
+        stopped: p.stopped,
+        zombie: p.zombie,
+        wait_status: p.wait_status,
+        child_subreaper: p.child_subreaper,
+        pdeathsig: p.pdeathsig,
+        pipes: p
+            .pipes
+            .iter()
+            .map(|x| PipeReport {
+                id: x.id,
+                size: x.size,
+                buffered: x.data.len(),
+                data_hash: blake3::hash(&x.data).to_hex().to_string(),
+            })
+            .collect(),
     }
 }
 
@@ -593,6 +630,23 @@ impl fmt::Display for InspectReport {
                 "process {} ({})  ppid {} pgid {} sid {}",
                 p.pid, p.comm, p.ppid, p.pgid, p.sid
             )?;
+            if p.zombie {
+                writeln!(f, "  zombie, wait status {:#x}", p.wait_status)?;
+                continue;
+            }
+            let mut notes = Vec::new();
+            if p.stopped {
+                notes.push("stopped".to_string());
+            }
+            if p.child_subreaper {
+                notes.push("child subreaper".to_string());
+            }
+            if p.pdeathsig != 0 {
+                notes.push(format!("pdeathsig {}", p.pdeathsig));
+            }
+            if !notes.is_empty() {
+                writeln!(f, "  state    {}", notes.join(", "))?;
+            }
             writeln!(f, "  exe      {}", p.exe_path)?;
             if !p.cmdline.is_empty() {
                 writeln!(f, "  cmdline  {}", p.cmdline.join(" "))?;
@@ -639,8 +693,15 @@ impl fmt::Display for InspectReport {
                 };
                 writeln!(
                     f,
-                    "    {:>4} {:<12} {}  flags {} offset {}",
-                    d.fd, d.kind, what, d.flags, d.offset
+                    "    {:>4} {:<12} {}  flags {} offset {} desc {}",
+                    d.fd, d.kind, what, d.flags, d.offset, d.desc_id
+                )?;
+            }
+            for x in &p.pipes {
+                writeln!(
+                    f,
+                    "  pipe {}: {} of {} bytes buffered",
+                    x.id, x.buffered, x.size
                 )?;
             }
             if !p.sigactions.is_empty() {
