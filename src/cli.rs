@@ -143,11 +143,11 @@ fn checkpoint(
             .try_clone_to_owned()
             .context("duplicating standard output")?;
         let sink = StreamSink::new(std::fs::File::from(out));
-        stasis_checkpoint::checkpoint_process(pid, &opts, sink, &progress)?
+        stasis_checkpoint::checkpoint_tree(pid, &opts, sink, &progress)?
     } else {
         let sink =
             FileSink::create(&output).with_context(|| format!("creating {}", output.display()))?;
-        stasis_checkpoint::checkpoint_process(pid, &opts, sink, &progress)?
+        stasis_checkpoint::checkpoint_tree(pid, &opts, sink, &progress)?
     };
     bar.finish_and_clear();
     if json {
@@ -189,7 +189,7 @@ struct RestoreReport {
 
 fn restore(path: PathBuf, detach: bool, json: bool) -> Result<i32> {
     let image = open_image(&path)?;
-    let stats = stasis_restore::restore_process(&image, &stasis_restore::Options::default())?;
+    let stats = stasis_restore::restore_tree(&image, &stasis_restore::Options::default())?;
     drop(image);
     let pid = stats.pid;
     if detach {

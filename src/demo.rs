@@ -114,7 +114,7 @@ pub fn run(json: bool) -> Result<i32> {
         leave_running: false,
         compression: Compression::None,
     };
-    let cstats = stasis_checkpoint::checkpoint_process(pid, &opts, sink, &|_, _| {})?;
+    let cstats = stasis_checkpoint::checkpoint_tree(pid, &opts, sink, &|_, _| {})?;
     // stasis reaped it already when it is both tracer and parent; otherwise reap it here.
     let _ = child.wait();
     // Everything the original printed before it was killed.
@@ -140,7 +140,7 @@ pub fn run(json: bool) -> Result<i32> {
     let image = Image::open(&image_path)?;
     let mut ropts = stasis_restore::Options::default();
     ropts.inherit_fds.insert(1, wr.as_raw_fd());
-    let rstats = stasis_restore::restore_process(&image, &ropts)?;
+    let rstats = stasis_restore::restore_tree(&image, &ropts)?;
     drop(wr);
     let rx = follow(std::fs::File::from(rd));
     let shown = show(&rx, Duration::from_millis(1200), json, "restored");

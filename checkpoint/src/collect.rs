@@ -33,28 +33,25 @@ pub fn precheck(pid: i32) -> Result<(), CheckpointError> {
         return Err(CheckpointError::unsupported(pid, "the process is a zombie"));
     }
     check_threads(pid, status.threads)?;
-    check_no_children(pid)?;
-    // Refuse unsupported files before freezing; collect() checks again while frozen.
-    fds::collect_fds(pid, &mut crate::ghosts::Ghosts::default())?;
-    Ok(())
-}
-
-/// Process trees come later: a process with children (running or zombie) would be restored
-/// without them, so it is refused instead.
-fn check_no_children(pid: i32) -> Result<(), CheckpointError> {
-    let mut children = Vec::new();
-    for tid in procfs::read_tids(pid)? {
-        let text = procfs::read_text(&format!("/proc/{pid}/task/{tid}/children"))?;
-        children.extend(text.split_whitespace().map(str::to_string));
-    }
-    if !children.is_empty() {
-        return Err(CheckpointError::unsupported(
-            pid,
-            format!(
-                "it has child processes ({}); process trees are not supported yet",
-                children.join(", ")
-            ),
-        ));
+    // Refuse unsupported files before freezing, in the whole tree as it is now; collect()
+    // checks again while frozen.
+    let mut todo = vec![pid];
+    let mut seen = 0usize;
+    while let Some(p) = todo.pop() {
+        seen += 1;
+        if seen > crate::tree::MAX_PROCESSES {
+            break;
+        }
+        if p != pid && procfs::read_stat(p).map_or(true, |s| s.state == 'Z') {
+            continue; // gone, or a zombie (nothing open)
+        }
+        match fds::collect_fds(p, &mut crate::ghosts::Ghosts::default()) {
+            Err(CheckpointError::NoSuchProcess(_)) if p != pid => continue,
+            r => r?,
+        };
+        if let Ok(kids) = crate::tree::children_of(p) {
+            todo.extend(kids);
+        }
     }
     Ok(())
 }
@@ -103,7 +100,6 @@ pub fn collect_process(
     let pid = frozen.pid();
     let status = procfs::read_status(pid)?;
     check_threads(pid, status.threads)?;
-    check_no_children(pid)?;
     let stat = procfs::read_stat(pid)?;
     let maps = procfs::read_smaps_flags(pid)?;
     let vmas = vmas::classify(pid, &maps, ghosts)?;
@@ -236,8 +232,10 @@ pub fn collect_process(
         dumpable: q.dumpable,
         shared_pending: pending_records(shared_pending),
         posix_timers: q.posix_timers,
-        ghost_files: ghosts.files.clone(),
         stopped: frozen.was_stopped(),
+        child_subreaper: q.child_subreaper,
+        pdeathsig: q.pdeathsig,
+        ..Default::default()
     })
 }
 
@@ -300,6 +298,8 @@ struct Injected {
     dumpable: u32,
     posix_timers: Vec<proto::PosixTimer>,
     securebits: u32,
+    child_subreaper: bool,
+    pdeathsig: u32,
 }
 
 /// The blake3 hash of the vDSO text and the address of a `syscall` instruction in it.
@@ -339,6 +339,7 @@ fn query_by_injection(
     const TIMERS_AT: u64 = 4096;
     const SIGACTION_SIZE: u64 = 32;
     const ITIMERS_AT: u64 = 2304;
+    const PRCTL_AT: u64 = 2432;
     let pid = frozen.pid();
     let mut inj = frozen.injector(pid, syscall_ip)?;
     let scratch = inj.call(
@@ -385,6 +386,16 @@ fn query_by_injection(
             "prctl(PR_GET_DUMPABLE)",
             libc::SYS_prctl,
             &[libc::PR_GET_DUMPABLE as u64],
+        )?;
+        inj.call(
+            "prctl(PR_GET_CHILD_SUBREAPER)",
+            libc::SYS_prctl,
+            &[libc::PR_GET_CHILD_SUBREAPER as u64, scratch + PRCTL_AT],
+        )?;
+        inj.call(
+            "prctl(PR_GET_PDEATHSIG)",
+            libc::SYS_prctl,
+            &[libc::PR_GET_PDEATHSIG as u64, scratch + PRCTL_AT + 8],
         )?;
         for (i, t) in timers.iter().enumerate() {
             inj.call(
@@ -453,6 +464,8 @@ fn query_by_injection(
             itimers,
             no_new_privs: no_new_privs == 1,
             dumpable: dumpable as u32,
+            child_subreaper: word(PRCTL_AT as usize) as u32 != 0,
+            pdeathsig: word(PRCTL_AT as usize + 8) as u32,
         })
     })();
     let per_thread = match &result {

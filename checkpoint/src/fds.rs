@@ -53,14 +53,15 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
         ..Default::default()
     };
     if let Some(rest) = target.strip_prefix("pipe:") {
-        if stdio {
-            out.kind = FdKind::Inherited as i32;
-            out.inherited_from = format!("pipe:{rest}");
-            return Ok(out);
-        }
-        return Err(unsupported(
-            "a pipe (pipes other than standard I/O come with process trees)",
-        ));
+        // Whether both ends are in the tree is settled once every process is collected
+        // (descs::link); a pipe with an end outside is refused there, or inherited as stdio.
+        out.kind = FdKind::Pipe as i32;
+        out.pipe_id = rest
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse()
+            .map_err(|_| unsupported("a pipe with an unreadable inode number"))?;
+        out.inherited_from = target.clone();
+        return Ok(out);
     }
     if target.starts_with("socket:") {
         return Err(unsupported("a socket"));

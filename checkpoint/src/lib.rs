@@ -1,18 +1,22 @@
 //! Checkpoint: freeze → collect → write.
 //!
-//! Turns a live process into the image model: [`freeze`] seizes and stops it and guarantees
-//! it is resumed exactly as it was if anything fails; [`collect`] reads its registers, memory
-//! layout, files and signal state; [`pages`] streams its memory into the image writer. Only
-//! after the image is completely written and committed (synced) is the process killed or let
-//! run on.
+//! Turns a live process tree into the image model: [`tree`] seizes and stops every thread of
+//! every process (walking the children of each frozen process) and guarantees all are
+//! resumed exactly as they were if anything fails; [`collect`] reads each process's registers,
+//! memory layout, files and signal state; [`descs`] finds the open file descriptions and pipes
+//! the processes share and saves the bytes sitting in pipes; [`pages`] streams the memory
+//! into the image writer. Only after the image is completely written and committed (synced)
+//! are the processes killed or let run on.
 
 pub mod collect;
+pub mod descs;
 pub mod error;
 pub mod fds;
 pub mod freeze;
 pub mod ghosts;
 pub mod pages;
 pub mod sink;
+pub mod tree;
 pub mod vmas;
 
 pub use error::CheckpointError;
@@ -33,7 +37,10 @@ pub struct Options {
 /// Measurements of one checkpoint (all times in microseconds).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
+    /// PID of the root process.
     pub pid: i32,
+    pub processes: u64,
+    pub threads: u64,
     /// Seize until the process was stopped.
     pub freeze_us: u64,
     /// Stopped until it was resumed or killed.
@@ -77,10 +84,10 @@ pub fn peak_rss_kib() -> u64 {
 /// Progress reports: (bytes of memory done, bytes to do).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
-/// Checkpoints one process into `sink`. On success the image is committed, and then the
-/// process is killed (default) or resumed (`leave_running`). On failure the process is
-/// resumed exactly as it was, and nothing is left behind in the sink.
-pub fn checkpoint_process<S: ImageSink>(
+/// Checkpoints the process tree rooted at `pid` into `sink`. On success the image is
+/// committed, and then every process is killed (default) or resumed (`leave_running`). On
+/// failure every process is resumed exactly as it was, and nothing is left behind in the sink.
+pub fn checkpoint_tree<S: ImageSink>(
     pid: i32,
     opts: &Options,
     sink: S,
@@ -91,21 +98,30 @@ pub fn checkpoint_process<S: ImageSink>(
     // Declared before `frozen` so it is dropped after it: a Ctrl-C during the checkpoint
     // takes effect only once the process has been resumed or killed.
     let _signals = stasis_runtime::sys::TerminationSignalsBlocked::new()?;
-    let mut frozen = freeze::Frozen::freeze(pid)?;
+    let mut frozen = tree::FrozenTree::freeze(pid)?;
     let freeze_us = t0.elapsed().as_micros() as u64;
     let t_frozen = Instant::now();
 
     let result = (|| -> Result<(Stats, S), CheckpointError> {
         let tc = Instant::now();
         let mut ghosts = ghosts::Ghosts::default();
-        let process = collect::collect_process(&mut frozen, &mut ghosts)?;
-        let plan = pages::plan(pid, &process, &ghosts)?;
+        let mut procs = Vec::with_capacity(frozen.procs.len() + frozen.zombies.len());
+        for f in frozen.procs.iter_mut() {
+            procs.push(collect::collect_process(f, &mut ghosts)?);
+        }
+        procs.extend(frozen.zombies.iter().map(tree::Zombie::to_proto));
+        descs::link(&mut procs)?;
+        // Ghost files belong to the tree; the root's record carries them.
+        procs[0].ghost_files = ghosts.files.clone();
+        let plan = pages::plan(&procs, &ghosts)?;
         let collect_us = tc.elapsed().as_micros() as u64;
         let tp = Instant::now();
         let inventory = collect::inventory(pid, &opts.compression);
         let mut writer = ImageWriter::new(sink, &inventory, opts.compression)?;
-        writer.write_process(&process)?;
-        let dumped = pages::dump(pid, &plan, writer, progress)?;
+        for p in &procs {
+            writer.write_process(p)?;
+        }
+        let dumped = pages::dump(&plan, writer, progress)?;
         let (mut sink, ws) = dumped;
         if let Some(sig) = stasis_runtime::sys::termination_pending() {
             return Err(CheckpointError::Interrupted(sig));
@@ -117,8 +133,10 @@ pub fn checkpoint_process<S: ImageSink>(
         let commit_us = tm.elapsed().as_micros() as u64;
         let stats = Stats {
             pid,
-            vmas: process.vmas.len() as u64,
-            fds: process.fds.len() as u64,
+            processes: procs.len() as u64,
+            threads: procs.iter().map(|p| p.threads.len() as u64).sum(),
+            vmas: procs.iter().map(|p| p.vmas.len() as u64).sum(),
+            fds: procs.iter().map(|p| p.fds.len() as u64).sum(),
             pages_data: ws.data_pages,
             pages_zero: ws.zero_pages,
             pages_skipped: plan.pages_skipped,

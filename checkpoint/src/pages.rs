@@ -53,24 +53,68 @@ pub struct DumpPlan {
     pub pages_skipped: u64,
 }
 
-/// Finds the pages to save.
+/// Finds the pages to save of every process, each shared memory object and ghost file once.
 pub fn plan(
-    pid: i32,
-    process: &proto::Process,
+    procs: &[proto::Process],
     ghosts: &crate::ghosts::Ghosts,
 ) -> Result<DumpPlan, CheckpointError> {
-    let pagemap = Pagemap::open(pid)?;
     let mut segments = Vec::new();
     let mut skipped = 0;
+    // shmem_id → (a process mapping it, its mappings of it).
+    let mut shared: BTreeMap<u64, (i32, Vec<&proto::Vma>)> = BTreeMap::new();
+    for process in procs.iter().filter(|p| !p.zombie) {
+        let pid = process.pid as i32;
+        skipped += plan_process(pid, process, &mut segments, &mut shared)?;
+    }
+    let mut objects = Vec::new();
+    for (id, (pid, vmas)) in shared {
+        let first = vmas[0];
+        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
+        let end = vmas
+            .iter()
+            .map(|v| v.pgoff + (v.end - v.start))
+            .max()
+            .unwrap_or(0);
+        add_object(
+            &mut segments,
+            &mut objects,
+            SpaceKind::SharedMemory,
+            id,
+            path,
+            end,
+        )?;
+    }
+    add_ghosts(ghosts, &mut segments, &mut objects)?;
+    let pages_total = segments.iter().map(|s| s.pages).sum();
+    Ok(DumpPlan {
+        segments,
+        objects,
+        pages_total,
+        pages_skipped: skipped,
+    })
+}
+
+/// Plans one process's private pages; notes its shared objects. Returns pages skipped.
+fn plan_process<'a>(
+    pid: i32,
+    process: &'a proto::Process,
+    segments: &mut Vec<Segment>,
+    shared: &mut BTreeMap<u64, (i32, Vec<&'a proto::Vma>)>,
+) -> Result<u64, CheckpointError> {
+    let pagemap = Pagemap::open(pid)?;
+    let mut skipped = 0;
     let mut entries = Vec::new();
-    let mut shared: BTreeMap<u64, Vec<&proto::Vma>> = BTreeMap::new();
     for vma in &process.vmas {
         let kind = vma.kind();
         let keep_file_pages = match kind {
             VmaKind::AnonPrivate => true,
             VmaKind::FilePrivate => false,
             VmaKind::AnonShared => {
-                shared.entry(vma.shmem_id).or_default().push(vma);
+                shared
+                    .entry(vma.shmem_id)
+                    .or_insert_with(|| (pid, Vec::new()))
+                    .1
+                    .push(vma);
                 continue;
             }
             _ => continue,
@@ -111,25 +155,15 @@ pub fn plan(
         }
         segments.extend(run);
     }
-    let mut objects = Vec::new();
-    for (id, vmas) in shared {
-        let first = vmas[0];
-        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
-        let end = vmas
-            .iter()
-            .map(|v| v.pgoff + (v.end - v.start))
-            .max()
-            .unwrap_or(0);
-        add_object(
-            &mut segments,
-            &mut objects,
-            SpaceKind::SharedMemory,
-            id,
-            path,
-            end,
-        )?;
-    }
-    // Contents of ghost files (deleted while open, memfds), page by page.
+    Ok(skipped)
+}
+
+/// Contents of ghost files (deleted while open, memfds), page by page.
+fn add_ghosts(
+    ghosts: &crate::ghosts::Ghosts,
+    segments: &mut Vec<Segment>,
+    objects: &mut Vec<(String, File)>,
+) -> Result<(), CheckpointError> {
     for (id, path) in &ghosts.sources {
         let size = ghosts
             .files
@@ -139,21 +173,15 @@ pub fn plan(
             .unwrap_or(0);
         let end = (size + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
         add_object(
-            &mut segments,
-            &mut objects,
+            segments,
+            objects,
             SpaceKind::File,
             *id as u64,
             path.clone(),
             end,
         )?;
     }
-    let pages_total = segments.iter().map(|s| s.pages).sum();
-    Ok(DumpPlan {
-        segments,
-        objects,
-        pages_total,
-        pages_skipped: skipped,
-    })
+    Ok(())
 }
 
 /// Plans the populated pages of [0, end) of a file-like object (a shared memory object or a
@@ -223,17 +251,18 @@ struct Batch {
 
 /// Reads the planned pages and writes them as chunks; finishes the image.
 pub fn dump<W: Write + Send>(
-    pid: i32,
     plan: &DumpPlan,
     mut writer: ImageWriter<W>,
     progress: Progress<'_>,
 ) -> Result<(W, WriteStats), CheckpointError> {
     let total = plan.pages_total * PAGE_SIZE;
-    let procmem = if plan.segments.iter().any(|s| s.via == ReadVia::ProcMem) {
-        Some(ProcMem::open(pid)?)
-    } else {
-        None
-    };
+    // /proc/PID/mem of each process with mappings it cannot read through readv.
+    let mut procmem: BTreeMap<u64, ProcMem> = BTreeMap::new();
+    for seg in plan.segments.iter().filter(|s| s.via == ReadVia::ProcMem) {
+        if let std::collections::btree_map::Entry::Vacant(e) = procmem.entry(seg.space_id) {
+            e.insert(ProcMem::open(seg.space_id as i32)?);
+        }
+    }
     let groups = batches(&plan.segments);
     // Readers (process_vm_readv + zero check + hash) on every core but one's worth, feeding
     // one writer; the image's page index is sorted on open, so chunk order does not matter.
@@ -276,7 +305,7 @@ pub fn dump<W: Write + Send>(
         let reader_threads: Vec<_> = (0..readers)
             .map(|_| {
                 let tx = tx.clone();
-                let (groups, next, done, procmem) = (&groups, &next, &done, procmem.as_ref());
+                let (groups, next, done, procmem) = (&groups, &next, &done, &procmem);
                 scope.spawn(move || -> Result<(), CheckpointError> {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -296,7 +325,7 @@ pub fn dump<W: Write + Send>(
                             .and_then(|mut p| p.pop())
                             .unwrap_or_default();
                         buf.resize(len, 0);
-                        if let Err(e) = read_group(pid, plan, procmem, group, &mut buf) {
+                        if let Err(e) = read_group(plan, procmem, group, &mut buf) {
                             failed_ref.store(true, Ordering::SeqCst);
                             next.store(usize::MAX / 2, Ordering::Relaxed);
                             return Err(e);
@@ -367,12 +396,13 @@ fn batches(segments: &[Segment]) -> Vec<Vec<Segment>> {
 }
 
 fn read_group(
-    pid: i32,
     plan: &DumpPlan,
-    procmem: Option<&ProcMem>,
+    procmem: &BTreeMap<u64, ProcMem>,
     group: &[Segment],
     buf: &mut [u8],
 ) -> Result<(), CheckpointError> {
+    // For process memory, the space id is the pid.
+    let pid = group[0].space_id as i32;
     match group[0].via {
         ReadVia::Readv => {
             let remote: Vec<memory::Remote> = group
@@ -382,7 +412,7 @@ fn read_group(
             memory::read_remote(pid, &remote, buf)?;
         }
         ReadVia::ProcMem => {
-            let mem = procmem.ok_or_else(|| {
+            let mem = procmem.get(&group[0].space_id).ok_or_else(|| {
                 CheckpointError::Io("/proc/PID/mem".into(), std::io::Error::other("not open"))
             })?;
             let mut at = 0;

@@ -8,7 +8,7 @@ use stasis_image::proto::{self, VmaKind};
 use stasis_image::Image;
 use stasis_runtime::inject::Injector;
 use stasis_runtime::ptrace::{self, Regs, ResumeIn};
-use stasis_runtime::spawn::{self, ChildPlan};
+use stasis_runtime::spawn::{self, TreeSpec};
 use stasis_runtime::{memory, procfs, RuntimeError, PAGE_SIZE};
 
 // Scratch layout (offsets from the scratch start).
@@ -28,34 +28,78 @@ const MADVISE_FLAGS: [(&str, i32); 5] = [
     ("nh", libc::MADV_NOHUGEPAGE),
 ];
 
-/// Creates the process and lets it run. On failure the half-built process is killed.
+/// Creates the tree, builds every process and lets them all run. On failure every process
+/// created is killed and reaped.
 pub fn apply(
     image: &Image,
-    p: &proto::Process,
-    plan: &ChildPlan,
+    procs: &[&proto::Process],
+    plan: crate::plan::Plan,
     ghosts: &crate::ghosts::Recreated,
 ) -> Result<Written, RestoreError> {
-    let pid = p.pid as i32;
-    let spawned =
-        spawn::spawn(pid, plan).map_err(|source| RestoreError::Apply { pid, cause: source })?;
-    let mut b = Builder {
-        inj: Injector::new(spawned.pid, plan.trampoline)
-            .map_err(|source| RestoreError::Apply { pid, cause: source })?,
-        pid: spawned.pid,
-        scratch: plan.trampoline + PAGE_SIZE,
-        plan,
-        ghosts,
-        extra: Vec::new(),
-    };
-    match b.build(image, p, spawned.ctl_fd) {
-        Ok(w) => Ok(w),
+    let root = procs.first().map_or(0, |p| p.pid as i32);
+    let tree = spawn::spawn_tree(&plan.spec).map_err(|source| RestoreError::Apply {
+        pid: root,
+        cause: source,
+    })?;
+    // The tree holds its own copies now.
+    drop(plan.descs);
+    let mut built: Vec<Builder> = Vec::new();
+    let mut written = Written::default();
+    let result = (|| {
+        for s in &tree.procs {
+            let p = procs
+                .iter()
+                .find(|p| p.pid as i32 == s.pid)
+                .ok_or_else(|| RestoreError::Invalid(format!("process {} is unknown", s.pid)))?;
+            let mut b = Builder {
+                inj: Injector::new(s.pid, plan.spec.trampoline).map_err(|source| {
+                    RestoreError::Apply {
+                        pid: s.pid,
+                        cause: source,
+                    }
+                })?,
+                pid: s.pid,
+                scratch: plan.spec.trampoline + PAGE_SIZE,
+                spec: &plan.spec,
+                shmem_fds: &plan.shmem_fds,
+                ghosts,
+                extra: Vec::new(),
+            };
+            let r = b.build(image, p, s.ctl_fd);
+            built.push(b);
+            let w = r?;
+            written.pages += w.pages;
+            written.bytes += w.bytes;
+        }
+        // Nothing runs until everything is built: a parent could otherwise see a child that
+        // is not restored yet. Job-control-stopped processes go first and are seen stopped
+        // before anything else runs; then children before parents, the root last.
+        let stopped = |b: &Builder| procs.iter().any(|p| p.pid as i32 == b.pid && p.stopped);
+        for b in built.iter().filter(|b| stopped(b)) {
+            b.release(true)?;
+        }
+        for b in built.iter().filter(|b| stopped(b)) {
+            b.wait_job_stopped()?;
+        }
+        for b in built.iter().rev().filter(|b| !stopped(b)) {
+            b.release(false)?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            tree.release();
+            Ok(written)
+        }
         Err(e) => {
             // Traced threads must be reaped before their group leader can be.
-            let _ = stasis_runtime::sys::kill(spawned.pid, libc::SIGKILL);
-            for inj in &b.extra {
-                let _ = ptrace::wait_stop(inj.pid());
+            for b in &built {
+                let _ = stasis_runtime::sys::kill(b.pid, libc::SIGKILL);
+                for inj in &b.extra {
+                    let _ = ptrace::wait_stop(inj.pid());
+                }
             }
-            spawn::kill_and_reap(spawned.pid);
+            drop(tree);
             Err(e)
         }
     }
@@ -65,7 +109,9 @@ struct Builder<'a> {
     inj: Injector,
     pid: i32,
     scratch: u64,
-    plan: &'a ChildPlan,
+    spec: &'a TreeSpec,
+    /// shmem_id → the object's fd in the new process (until mapped).
+    shmem_fds: &'a std::collections::BTreeMap<u64, i32>,
     ghosts: &'a crate::ghosts::Recreated,
     /// Injectors of the threads after the main one, in image order.
     extra: Vec<Injector>,
@@ -108,6 +154,7 @@ impl Builder<'_> {
         self.poke(SCR_STRING, &bytes)
     }
 
+    /// Builds the process up to its final registers; it stays stopped.
     fn build(
         &mut self,
         image: &Image,
@@ -132,6 +179,7 @@ impl Builder<'_> {
         // before the target maps its own executable, which may be the same file.
         self.set_mm(p)?;
         let fixups = self.map_vmas(p)?;
+        self.close_shmem_fds(p)?;
         let written = pages::write_pages(image, p, self.pid)?;
         self.finish_vmas(&fixups)?;
         self.set_sigactions(p)?;
@@ -141,7 +189,7 @@ impl Builder<'_> {
         self.call(
             "prctl(PR_SET_PDEATHSIG)",
             libc::SYS_prctl,
-            &[libc::PR_SET_PDEATHSIG as u64, 0],
+            &[libc::PR_SET_PDEATHSIG as u64, p.pdeathsig as u64],
         )?;
         // chroot after every open by host path (exe, mapped and ghost files), before the
         // credentials drop the right to do it. The cwd (set by the child) lies inside it.
@@ -186,7 +234,7 @@ impl Builder<'_> {
             .inj
             .raw(
                 libc::SYS_munmap,
-                &[self.plan.trampoline, self.plan.trampoline_len()],
+                &[self.spec.trampoline, self.spec.trampoline_len()],
             )
             .map_err(|e| self.err(e))?;
         if rc != 0 {
@@ -197,15 +245,54 @@ impl Builder<'_> {
             )));
         }
         ptrace::set_regs(self.pid, &main_regs).map_err(|e| self.err(e))?;
-        if p.stopped {
+        Ok(written)
+    }
+
+    /// Lets the built process run (stopped again first if job control had stopped it).
+    fn release(&self, stopped: bool) -> Result<(), RestoreError> {
+        if stopped {
             // Delivered on the way out of the ptrace stop: it stops before running.
             stasis_runtime::sys::kill(self.pid, libc::SIGSTOP).map_err(|e| self.err(e))?;
         }
         for inj in &self.extra {
             ptrace::detach(inj.pid(), 0).map_err(|e| self.err(e))?;
         }
-        ptrace::detach(self.pid, 0).map_err(|e| self.err(e))?;
-        Ok(written)
+        ptrace::detach(self.pid, 0).map_err(|e| self.err(e))
+    }
+
+    /// Waits (bounded) until a released process is in its job-control stop.
+    fn wait_job_stopped(&self) -> Result<(), RestoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let st = procfs::read_stat(self.pid).map_err(|e| self.err(e))?;
+            if st.state == 'T' {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(self.err(RuntimeError::Protocol {
+                    op: "restore: stop again",
+                    pid: self.pid,
+                    what: format!("it did not stop (state {})", st.state),
+                }));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+
+    /// Closes the shared memory objects' fds once every mapping of them is made.
+    fn close_shmem_fds(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        let mut fds: Vec<i32> = p
+            .vmas
+            .iter()
+            .filter(|v| v.kind() == VmaKind::AnonShared)
+            .filter_map(|v| self.shmem_fds.get(&v.shmem_id).copied())
+            .collect();
+        fds.sort_unstable();
+        fds.dedup();
+        for fd in fds {
+            self.call("close(shared memory)", libc::SYS_close, &[fd as u64])?;
+        }
+        Ok(())
     }
 
     /// Runs `f` with the injector of every thread in turn (main first).
@@ -291,7 +378,7 @@ impl Builder<'_> {
                 }
             }
             self.extra
-                .push(Injector::new(tid, self.plan.trampoline).map_err(|e| self.err(e))?);
+                .push(Injector::new(tid, self.spec.trampoline).map_err(|e| self.err(e))?);
         }
         Ok(())
     }
@@ -364,8 +451,8 @@ impl Builder<'_> {
             .collect();
         let mut keep: Vec<(u64, u64)> = block.iter().map(|m| (m.start, m.end)).collect();
         keep.push((
-            self.plan.trampoline,
-            self.plan.trampoline + self.plan.trampoline_len(),
+            self.spec.trampoline,
+            self.spec.trampoline + self.spec.trampoline_len(),
         ));
         keep.sort_unstable();
         let mut from = 0u64;
@@ -405,7 +492,7 @@ impl Builder<'_> {
         }
         let len = o_end - o_start;
         let t_end = t_start + len;
-        let tramp_end = self.plan.trampoline + self.plan.trampoline_len();
+        let tramp_end = self.spec.trampoline + self.spec.trampoline_len();
         let mut current = o_start;
         if t_start < o_end && o_start < t_end {
             // Overlapping: go through a free spot above everything involved.
@@ -445,8 +532,7 @@ impl Builder<'_> {
     /// protections to apply afterwards.
     fn map_vmas(&mut self, p: &proto::Process) -> Result<Vec<(u64, u64, u32)>, RestoreError> {
         let mut fixups = Vec::new();
-        let mut shared_done: Vec<u64> = Vec::new();
-        for (i, v) in p.vmas.iter().enumerate() {
+        for v in &p.vmas {
             let len = v.end - v.start;
             let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
             let fixed = libc::MAP_FIXED_NOREPLACE as u64;
@@ -460,18 +546,15 @@ impl Builder<'_> {
                     fixups.push((v.start, len, v.prot));
                 }
                 VmaKind::AnonShared => {
-                    if !shared_done.contains(&v.shmem_id) {
-                        shared_done.push(v.shmem_id);
-                        // One mapping over all consecutive pieces of the object (validated).
-                        let end = p.vmas[i..]
-                            .iter()
-                            .filter(|w| w.kind() == VmaKind::AnonShared && w.shmem_id == v.shmem_id)
-                            .map(|w| w.end)
-                            .max()
-                            .unwrap_or(v.end);
-                        let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64 | fixed;
-                        self.mmap(v.start, end - v.start, rw, flags, u64::MAX, 0)?;
-                    }
+                    // The object made once for the tree, at its offset: shared again.
+                    let fd = self.shmem_fds.get(&v.shmem_id).copied().ok_or_else(|| {
+                        RestoreError::Invalid(format!(
+                            "shared memory object {} is unknown",
+                            v.shmem_id
+                        ))
+                    })?;
+                    let flags = libc::MAP_SHARED as u64 | fixed;
+                    self.mmap(v.start, len, rw, flags, fd as u64, v.pgoff)?;
                     fixups.push((v.start, len, v.prot));
                 }
                 VmaKind::FilePrivate | VmaKind::FileShared => {

@@ -27,10 +27,13 @@ impl Recreated {
     }
 }
 
-/// Recreates every ghost file of `p` with its contents and seals.
-pub fn recreate(image: &Image, p: &proto::Process) -> Result<Recreated, RestoreError> {
+/// Recreates every ghost file of the processes (each once) with its contents and seals.
+pub fn recreate(image: &Image, procs: &[&proto::Process]) -> Result<Recreated, RestoreError> {
     let mut out = Recreated::default();
-    for g in &p.ghost_files {
+    for g in procs.iter().flat_map(|p| p.ghost_files.iter()) {
+        if out.files.iter().any(|(id, _)| *id == g.id) {
+            continue;
+        }
         let file = if g.memfd {
             memfd(g)?
         } else {

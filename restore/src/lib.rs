@@ -1,17 +1,21 @@
 //! Restore: read → validate → plan → apply → resume.
 //!
-//! [`validate`] checks the whole image and this machine (every hash, the PID is free, the
-//! files exist, the CPU and vDSO match) before anything is created. [`plan`] decides the new
-//! process's fds, limits and the trampoline address. [`apply`] forks it with its original PID
-//! (clone3 set_tid), replaces its address space through injected syscalls, writes its pages,
-//! restores signal state, rseq and registers, and lets it run. A failure at any point kills
-//! the half-built process; the image is never modified.
+//! [`validate`] checks the whole image and this machine (every hash, every PID is free, the
+//! files exist, the CPU and vDSO match) before anything is created. [`ghosts`] and [`shmem`]
+//! recreate deleted files and shared anonymous memory once for the tree; [`plan`] prepares
+//! the open file descriptions the processes share (files, pipes refilled with their bytes)
+//! and the tree's shape, sessions and groups. [`apply`] forks the tree with its original PIDs
+//! (clone3 set_tid, each parent forking its own children), replaces each address space
+//! through injected syscalls, writes the pages, restores signal state, rseq and registers,
+//! and lets every process run only once all are built. A failure at any point kills
+//! everything created; the image is never modified.
 
 pub mod apply;
 pub mod error;
 pub mod ghosts;
 pub mod pages;
 pub mod plan;
+pub mod shmem;
 pub mod validate;
 
 pub use error::RestoreError;
@@ -44,7 +48,9 @@ impl Default for Options {
 /// Measurements of one restore (microseconds).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
+    /// PID of the root process.
     pub pid: i32,
+    pub processes: u64,
     /// Checking every byte of the image.
     pub verify_us: u64,
     /// Waiting for the original PID to be released.
@@ -56,30 +62,38 @@ pub struct Stats {
     pub bytes_written: u64,
 }
 
-/// Restores the single process of `image`. Returns when it runs (it is our child; the caller
-/// waits for it or leaves it).
-pub fn restore_process(image: &Image, opts: &Options) -> Result<Stats, RestoreError> {
+/// Restores the process tree of `image`. Returns when every process runs again (the root is
+/// our child; the caller waits for it or leaves it).
+pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError> {
     let t0 = Instant::now();
-    let process = validate::single_process(image)?;
-    let pid = process.pid as i32;
+    let procs = validate::processes(image)?;
+    let pid = procs[0].pid as i32;
     let tv = Instant::now();
     image.verify().map_err(RestoreError::Image)?;
     let verify_us = tv.elapsed().as_micros() as u64;
-    validate::process(image, process)?;
-    let ghosts = ghosts::recreate(image, process)?;
-    let plan = plan::plan(process, opts, &ghosts)?;
+    let ghost_files = validate::ghost_files(&procs);
+    for p in &procs {
+        validate::process(image, p, &ghost_files)?;
+    }
+    let ghosts = ghosts::recreate(image, &procs)?;
+    let shmem = shmem::recreate(image, &procs)?;
+    let plan = plan::plan(&procs, opts, &ghosts, &shmem)?;
     let tw = Instant::now();
-    for t in &process.threads {
-        validate::wait_pid_free(t.tid as i32, opts.pid_wait)?;
+    for p in &procs {
+        validate::wait_pid_free(p.pid as i32, opts.pid_wait)?;
+        for t in p.threads.iter().skip(1) {
+            validate::wait_pid_free(t.tid as i32, opts.pid_wait)?;
+        }
     }
     let pid_wait_us = tw.elapsed().as_micros() as u64;
-    let written = apply::apply(image, process, &plan, &ghosts)?;
+    let written = apply::apply(image, &procs, plan, &ghosts)?;
     Ok(Stats {
         pid,
+        processes: procs.len() as u64,
         verify_us,
         pid_wait_us,
         total_us: t0.elapsed().as_micros() as u64,
-        vmas: process.vmas.len() as u64,
+        vmas: procs.iter().map(|p| p.vmas.len() as u64).sum(),
         pages_written: written.pages,
         bytes_written: written.bytes,
     })

@@ -22,12 +22,6 @@ fn locate(p: &proto::Process, space: SpaceKind, id: u64, addr: u64) -> Option<(u
             let v = p.vmas.get(i)?;
             (v.start <= addr).then_some((addr, v))
         }
-        SpaceKind::SharedMemory => p
-            .vmas
-            .iter()
-            .filter(|v| v.kind() == VmaKind::AnonShared && v.shmem_id == id)
-            .find(|v| addr >= v.pgoff && addr < v.pgoff + (v.end - v.start))
-            .map(|v| (v.start + (addr - v.pgoff), v)),
         _ => None,
     }
 }
@@ -94,10 +88,7 @@ fn write_chunk(
 ) -> Result<Written, RestoreError> {
     let ours = match chunk.space {
         SpaceKind::Process => chunk.space_id == p.pid as u64,
-        SpaceKind::SharedMemory => p
-            .vmas
-            .iter()
-            .any(|v| v.shmem_id == chunk.space_id && v.kind() == VmaKind::AnonShared),
+        // Shared memory objects are filled once for the tree (see shmem.rs).
         _ => false,
     };
     if !ours {
@@ -119,11 +110,7 @@ fn write_chunk(
                     chunk.space, chunk.space_id
                 ))
             })?;
-            let vma_end = match chunk.space {
-                SpaceKind::SharedMemory => vma.pgoff + (vma.end - vma.start),
-                _ => vma.end,
-            };
-            let len = end.min(vma_end) - at;
+            let len = end.min(vma.end) - at;
             match run.kind() {
                 RunKind::Data => remote.push((addr, len as usize)),
                 // Fresh anonymous memory is already zero; a private file page is not.

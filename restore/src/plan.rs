@@ -1,11 +1,15 @@
-//! What the new process sets up itself, and where the trampoline goes.
+//! What the new processes set up themselves: the tree's shape, sessions and groups, the
+//! open file descriptions they share, and where the trampoline goes.
 
 use crate::error::RestoreError;
+use crate::shmem::SharedObjects;
 use crate::Options;
-use stasis_image::proto::{self, FdKind};
+use stasis_image::proto::{self, FdKind, VmaKind};
 use stasis_runtime::procfs;
-use stasis_runtime::spawn::{ChildPlan, FdPlan, FdSource};
+use stasis_runtime::spawn::{Exit, FdPlan, ProcSpec, TreeSpec};
+use std::collections::BTreeMap;
 use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// File status flags F_SETFL can change.
 const SETFL_MASK: u32 =
@@ -14,19 +18,310 @@ const SETFL_MASK: u32 =
 /// Scratch memory after the trampoline's code page.
 pub const SCRATCH_LEN: u64 = 64 * 1024;
 
-/// Builds the child's plan: limits, umask, cwd, fds and a trampoline address that is free
-/// both in the target's layout and in ours (the child starts as a copy of us).
+/// Most fds one process may have.
+const MAX_FDS: usize = 4096;
+
+/// The tree to create, and the open file descriptions it inherits from us.
+pub struct Plan {
+    pub spec: TreeSpec,
+    /// Open file descriptions (files, pipe ends, shared memory) prepared for the tree, at
+    /// numbers above every target fd; closed once the tree has inherited them.
+    pub descs: Vec<OwnedFd>,
+    /// shmem_id → the fd number of the object in every new process (until mapped).
+    pub shmem_fds: BTreeMap<u64, i32>,
+}
+
+fn cstr(s: &str, what: &str) -> Result<CString, RestoreError> {
+    CString::new(s).map_err(|_| RestoreError::Invalid(format!("{what} {s:?} contains a NUL byte")))
+}
+
+fn os_err(what: String) -> RestoreError {
+    RestoreError::Unsupported(format!("{what}: {}", std::io::Error::last_os_error()))
+}
+
+/// Builds the plan for `procs` (image order: every parent before its children).
 pub fn plan(
+    procs: &[&proto::Process],
+    opts: &Options,
+    ghosts: &crate::ghosts::Recreated,
+    shmem: &SharedObjects,
+) -> Result<Plan, RestoreError> {
+    raise_nofile();
+    let max_target = procs
+        .iter()
+        .flat_map(|p| p.fds.iter().map(|f| f.fd))
+        .max()
+        .unwrap_or(2)
+        .max(2);
+    if max_target > 1 << 20 {
+        return Err(RestoreError::Invalid(format!(
+            "fd number {max_target} is implausible"
+        )));
+    }
+    let mut d = Descs {
+        base: max_target as i32 + 1,
+        fds: Vec::new(),
+        by_id: BTreeMap::new(),
+        pipes: BTreeMap::new(),
+    };
+    for p in procs {
+        for pipe in &p.pipes {
+            d.create_pipe(p, pipe)?;
+        }
+    }
+    let mut shmem_fds = BTreeMap::new();
+    for (&id, fd) in &shmem.fds {
+        shmem_fds.insert(id, d.place(fd.as_raw_fd(), "shared memory object")?);
+    }
+    let mut specs = Vec::with_capacity(procs.len());
+    for p in procs {
+        specs.push(proc_spec(p, opts, ghosts, &mut d, &shmem_fds)?);
+    }
+    link_tree(procs, &mut specs)?;
+    let len = stasis_runtime::PAGE_SIZE + SCRATCH_LEN;
+    let trampoline = find_trampoline(procs, len)?;
+    Ok(Plan {
+        spec: TreeSpec {
+            procs: specs,
+            trampoline,
+            scratch_len: SCRATCH_LEN,
+        },
+        descs: d.fds,
+        shmem_fds,
+    })
+}
+
+/// Lifts our soft RLIMIT_NOFILE to the hard one: the tree's descriptions are held here.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Open file descriptions made for the tree.
+struct Descs {
+    base: i32,
+    fds: Vec<OwnedFd>,
+    /// desc_id → our fd.
+    by_id: BTreeMap<u32, i32>,
+    /// pipe id → (read end, write end, read end handed out, write end handed out).
+    pipes: BTreeMap<u64, (i32, i32, bool, bool)>,
+}
+
+impl Descs {
+    /// Moves a copy of `fd` above every target fd and keeps it; returns its number.
+    fn place(&mut self, fd: i32, what: &str) -> Result<i32, RestoreError> {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on an fd we hold returns a new fd we then own.
+        let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, self.base) };
+        if n < 0 {
+            return Err(os_err(format!("placing {what}")));
+        }
+        // SAFETY: n was just returned by fcntl and is owned by nobody else.
+        self.fds.push(unsafe { OwnedFd::from_raw_fd(n) });
+        Ok(n)
+    }
+
+    /// Like [`Descs::place`] for an fd we just opened (closed after placing).
+    fn place_owned(&mut self, fd: i32, what: &str) -> Result<i32, RestoreError> {
+        if fd < 0 {
+            return Err(os_err(what.to_string()));
+        }
+        // SAFETY: fd was just opened by us and is owned by nobody else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        self.place(owned.as_raw_fd(), what)
+    }
+
+    fn create_pipe(&mut self, p: &proto::Process, pipe: &proto::Pipe) -> Result<(), RestoreError> {
+        if self.pipes.contains_key(&pipe.id) {
+            return Err(RestoreError::Invalid(format!(
+                "pipe {} is stored twice",
+                pipe.id
+            )));
+        }
+        let mut ends = [0i32; 2];
+        // SAFETY: ends is a valid array of two c_ints for pipe2 to fill.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(os_err(format!("process {}: pipe2", p.pid)));
+        }
+        let rd = self.place_owned(ends[0], "pipe read end")?;
+        let wr = self.place_owned(ends[1], "pipe write end")?;
+        // SAFETY: fcntl on our own pipe; no pointers.
+        let size = unsafe { libc::fcntl(wr, libc::F_GETPIPE_SZ) };
+        if pipe.size as i32 != size {
+            // SAFETY: as above. The result is checked: a pipe smaller than the original
+            // would change what its writers see (and might not hold the data).
+            let got = unsafe { libc::fcntl(wr, libc::F_SETPIPE_SZ, pipe.size as libc::c_int) };
+            if got < pipe.size as i32 {
+                return Err(os_err(format!(
+                    "process {}: giving pipe {} its capacity of {} bytes (fs.pipe-max-size limits \
+                     this without CAP_SYS_RESOURCE)",
+                    p.pid, pipe.id, pipe.size
+                )));
+            }
+        }
+        let mut done = 0;
+        while done < pipe.data.len() {
+            // SAFETY: writes from a live buffer to our pipe.
+            let n = unsafe {
+                libc::write(
+                    wr,
+                    pipe.data[done..].as_ptr().cast(),
+                    pipe.data.len() - done,
+                )
+            };
+            if n <= 0 {
+                return Err(os_err(format!(
+                    "process {}: refilling pipe {} with its {} buffered bytes",
+                    p.pid,
+                    pipe.id,
+                    pipe.data.len()
+                )));
+            }
+            done += n as usize;
+        }
+        self.pipes.insert(pipe.id, (rd, wr, false, false));
+        Ok(())
+    }
+
+    /// Our fd for the description of image fd `f` of `p`, opened on first use.
+    fn open(
+        &mut self,
+        p: &proto::Process,
+        f: &proto::Fd,
+        opts: &Options,
+        ghosts: &crate::ghosts::Recreated,
+    ) -> Result<i32, RestoreError> {
+        if f.desc_id != 0 {
+            if let Some(&fd) = self.by_id.get(&f.desc_id) {
+                return Ok(fd);
+            }
+        }
+        let status = (f.flags & SETFL_MASK) as i32;
+        let open_flags = (f.flags & !(libc::O_CLOEXEC as u32)) as i32;
+        let fd = match f.kind() {
+            FdKind::Regular | FdKind::CharDevice => {
+                let path = if f.ghost_id != 0 {
+                    ghosts.path_for(f.ghost_id)?
+                } else {
+                    f.path.clone()
+                };
+                let c = cstr(&path, "file path")?;
+                // SAFETY: c is a valid C string; open returns a new fd or -1.
+                let raw = unsafe { libc::open(c.as_ptr(), open_flags | libc::O_CLOEXEC, 0) };
+                let what = format!("process {}: opening fd {} ({})", p.pid, f.fd, f.path);
+                let fd = self.place_owned(raw, &what)?;
+                // SAFETY: lseek on our fd.
+                if f.offset != 0 && unsafe { libc::lseek(fd, f.offset as i64, libc::SEEK_SET) } < 0
+                {
+                    return Err(os_err(format!("{what}: seeking to {}", f.offset)));
+                }
+                fd
+            }
+            FdKind::Inherited => {
+                let from = opts.inherit_fds.get(&f.fd).copied().unwrap_or(f.fd as i32);
+                // SAFETY: fcntl(F_GETFD) on any integer only inspects our fd table.
+                if unsafe { libc::fcntl(from, libc::F_GETFD) } < 0 {
+                    return Err(RestoreError::Unsupported(format!(
+                        "process {}: fd {} was {} and should be inherited from stasis's fd {from}, \
+                         which is not open",
+                        p.pid, f.fd, f.inherited_from
+                    )));
+                }
+                set_status(from, status, p, f)?;
+                self.place(from, "inherited fd")?
+            }
+            FdKind::Pipe => {
+                let reading = f.flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
+                let entry = self.pipes.get_mut(&f.pipe_id).ok_or_else(|| {
+                    RestoreError::Invalid(format!(
+                        "process {}: fd {} is an end of pipe {}, which the image does not hold",
+                        p.pid, f.fd, f.pipe_id
+                    ))
+                })?;
+                let (end, used) = if reading {
+                    (entry.0, &mut entry.2)
+                } else {
+                    (entry.1, &mut entry.3)
+                };
+                let fd = if !*used {
+                    *used = true;
+                    end
+                } else {
+                    // A second description of the same end: reopen the pipe.
+                    let c = cstr(&format!("/proc/self/fd/{end}"), "path")?;
+                    let acc = (f.flags & libc::O_ACCMODE as u32) as i32;
+                    // SAFETY: c is a valid C string.
+                    let raw = unsafe { libc::open(c.as_ptr(), acc | libc::O_CLOEXEC) };
+                    self.place_owned(raw, &format!("process {}: reopening pipe", p.pid))?
+                };
+                set_status(fd, status, p, f)?;
+                fd
+            }
+            FdKind::Fifo | FdKind::Unspecified => {
+                return Err(RestoreError::Invalid(format!(
+                    "process {}: fd {} has kind {:?}, which this version cannot restore",
+                    p.pid,
+                    f.fd,
+                    f.kind()
+                )))
+            }
+        };
+        if f.desc_id != 0 {
+            self.by_id.insert(f.desc_id, fd);
+        }
+        Ok(fd)
+    }
+}
+
+fn set_status(fd: i32, status: i32, p: &proto::Process, f: &proto::Fd) -> Result<(), RestoreError> {
+    // SAFETY: fcntl(F_SETFL) on our own fd takes no pointers.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, status) } < 0 {
+        return Err(os_err(format!(
+            "process {}: setting the file status flags of fd {}",
+            p.pid, f.fd
+        )));
+    }
+    Ok(())
+}
+
+fn proc_spec(
     p: &proto::Process,
     opts: &Options,
     ghosts: &crate::ghosts::Recreated,
-) -> Result<ChildPlan, RestoreError> {
-    let cstr = |s: &str, what: &str| {
-        CString::new(s)
-            .map_err(|_| RestoreError::Invalid(format!("{what} {s:?} contains a NUL byte")))
+    d: &mut Descs,
+    shmem_fds: &BTreeMap<u64, i32>,
+) -> Result<ProcSpec, RestoreError> {
+    let mut spec = ProcSpec {
+        pid: p.pid as i32,
+        children: Vec::new(),
+        setsid: false,
+        pgid: None,
+        subreaper: p.child_subreaper,
+        exit: None,
+        rlimits: Vec::new(),
+        umask: p.umask,
+        cwd: cstr(if p.zombie { "/" } else { &p.cwd }, "working directory")?,
+        fds: Vec::new(),
+        keep: Vec::new(),
     };
+    if p.zombie {
+        let st = p.wait_status as i32;
+        spec.exit = Some(if libc::WIFSIGNALED(st) {
+            Exit::Signal(libc::WTERMSIG(st))
+        } else {
+            Exit::Code(libc::WEXITSTATUS(st))
+        });
+        return Ok(spec);
+    }
     let ours = procfs::read_limits(std::process::id() as i32)?;
-    let mut rlimits = Vec::new();
     for l in &p.rlimits {
         if let Some(o) = ours.iter().find(|o| o.resource == l.resource) {
             if l.hard > o.hard {
@@ -46,70 +341,95 @@ pub fn plan(
                 p.pid, l.resource, l.soft, l.hard
             )));
         }
-        rlimits.push((l.resource, l.soft, l.hard));
+        spec.rlimits.push((l.resource, l.soft, l.hard));
     }
-    let mut fds = Vec::new();
+    if p.fds.len() > MAX_FDS {
+        return Err(RestoreError::Unsupported(format!(
+            "process {} has {} fds; at most {MAX_FDS} are supported yet",
+            p.pid,
+            p.fds.len()
+        )));
+    }
     for f in &p.fds {
-        let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
-        let source = match f.kind() {
-            FdKind::Regular if f.ghost_id != 0 => FdSource::Open {
-                path: cstr(&ghosts.path_for(f.ghost_id)?, "ghost file path")?,
-                flags: (f.flags & !(libc::O_CLOEXEC as u32)) as i32,
-                offset: f.offset,
-            },
-            FdKind::Regular | FdKind::CharDevice => FdSource::Open {
-                path: cstr(&f.path, "file path")?,
-                flags: (f.flags & !(libc::O_CLOEXEC as u32)) as i32,
-                offset: f.offset,
-            },
-            FdKind::Inherited => {
-                let from = opts.inherit_fds.get(&f.fd).copied().unwrap_or(f.fd as i32);
-                // SAFETY: fcntl(F_GETFD) on any integer only inspects our fd table.
-                if unsafe { libc::fcntl(from, libc::F_GETFD) } < 0 {
-                    return Err(RestoreError::Unsupported(format!(
-                        "process {}: fd {} was {} and should be inherited from stasis's fd {from}, \
-                         which is not open",
-                        p.pid, f.fd, f.inherited_from
-                    )));
-                }
-                FdSource::Inherit(from, (f.flags & SETFL_MASK) as i32)
+        let desc = d.open(p, f, opts, ghosts)?;
+        spec.fds.push(FdPlan {
+            target: f.fd as i32,
+            desc,
+            cloexec: f.flags & libc::O_CLOEXEC as u32 != 0,
+        });
+    }
+    for v in p.vmas.iter().filter(|v| v.kind() == VmaKind::AnonShared) {
+        let fd = shmem_fds.get(&v.shmem_id).copied().ok_or_else(|| {
+            RestoreError::Invalid(format!("shared memory object {} is unknown", v.shmem_id))
+        })?;
+        if !spec.keep.contains(&fd) {
+            spec.keep.push(fd);
+        }
+    }
+    Ok(spec)
+}
+
+/// Parents, sessions and process groups.
+fn link_tree(procs: &[&proto::Process], specs: &mut [ProcSpec]) -> Result<(), RestoreError> {
+    let index: BTreeMap<u32, usize> = procs.iter().enumerate().map(|(i, p)| (p.pid, i)).collect();
+    if index.len() != procs.len() {
+        return Err(RestoreError::Invalid(
+            "a PID appears twice in the image".into(),
+        ));
+    }
+    for (i, p) in procs.iter().enumerate() {
+        let unsupported = |what: String| {
+            RestoreError::Unsupported(format!("process {} ({}): {what}", p.pid, p.comm))
+        };
+        if p.sid == p.pid {
+            specs[i].setsid = true;
+        }
+        if i == 0 {
+            if p.zombie {
+                return Err(RestoreError::Invalid("the root process is a zombie".into()));
             }
-            FdKind::Unspecified => {
+            // A session or group led from outside the tree is inherited from the restorer
+            // (as a shell job is).
+            if p.pgid == p.pid && p.sid != p.pid {
+                specs[i].pgid = Some(p.pid as i32);
+            }
+            continue;
+        }
+        let parent = match index.get(&p.ppid) {
+            Some(&j) if j < i => j,
+            _ => {
                 return Err(RestoreError::Invalid(format!(
-                    "process {}: fd {} has no kind",
-                    p.pid, f.fd
+                    "process {}: its parent {} does not come before it in the image",
+                    p.pid, p.ppid
                 )))
             }
         };
-        if f.fd > 1 << 20 {
-            return Err(RestoreError::Invalid(format!(
-                "process {}: fd number {} is implausible",
-                p.pid, f.fd
+        specs[parent].children.push(i);
+        let pp = procs[parent];
+        if p.zombie {
+            continue;
+        }
+        if p.sid != p.pid && p.sid != pp.sid {
+            return Err(unsupported(format!(
+                "it is in session {} but its parent {} is in session {}",
+                p.sid, pp.pid, pp.sid
             )));
         }
-        fds.push(FdPlan {
-            target: f.fd as i32,
-            source,
-            cloexec,
-        });
+        if p.pgid != pp.pgid && !specs[i].setsid {
+            let leader_ok = p.pgid == p.pid
+                || index
+                    .get(&p.pgid)
+                    .is_some_and(|&l| procs[l].sid == p.sid && procs[l].pgid == p.pgid);
+            if !leader_ok {
+                return Err(unsupported(format!(
+                    "its process group {} has no leader in the image",
+                    p.pgid
+                )));
+            }
+            specs[i].pgid = Some(p.pgid as i32);
+        }
     }
-    if fds.len() > 4096 {
-        return Err(RestoreError::Unsupported(format!(
-            "process {} has {} fds; at most 4096 are supported yet",
-            p.pid,
-            fds.len()
-        )));
-    }
-    let len = stasis_runtime::PAGE_SIZE + SCRATCH_LEN;
-    let trampoline = find_trampoline(p, len)?;
-    Ok(ChildPlan {
-        rlimits,
-        umask: p.umask,
-        cwd: cstr(&p.cwd, "working directory")?,
-        fds,
-        trampoline,
-        scratch_len: SCRATCH_LEN,
-    })
+    Ok(())
 }
 
 fn fmt_limit(v: u64) -> String {
@@ -120,10 +440,13 @@ fn fmt_limit(v: u64) -> String {
     }
 }
 
-/// A `len`-byte range free in the target's mappings and in ours, preferring low addresses
+/// A `len`-byte range free in every process's mappings and in ours, preferring low addresses
 /// above 4 GiB (away from both the executable and the mmap area).
-fn find_trampoline(p: &proto::Process, len: u64) -> Result<u64, RestoreError> {
-    let mut busy: Vec<(u64, u64)> = p.vmas.iter().map(|v| (v.start, v.end)).collect();
+fn find_trampoline(procs: &[&proto::Process], len: u64) -> Result<u64, RestoreError> {
+    let mut busy: Vec<(u64, u64)> = procs
+        .iter()
+        .flat_map(|p| p.vmas.iter().map(|v| (v.start, v.end)))
+        .collect();
     for m in procfs::read_maps(std::process::id() as i32)? {
         busy.push((m.start, m.end));
     }

@@ -5,18 +5,20 @@ use stasis_image::proto::{self, VmaKind};
 use stasis_image::Image;
 use stasis_runtime::procfs::{self, MapEntry};
 use stasis_runtime::sys::{self, PidUse};
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// Highest user address on x86_64 with 4-level paging.
 pub const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 
-/// The one process of a process image.
-pub fn single_process(image: &Image) -> Result<&proto::Process, RestoreError> {
+/// Most processes one image may hold.
+pub const MAX_PROCESSES: usize = 4096;
+
+/// The processes of a process-tree image, root first (every parent before its children).
+pub fn processes(image: &Image) -> Result<Vec<&proto::Process>, RestoreError> {
     let inv = image.inventory();
     if inv.kind() != proto::WorkloadKind::ProcessTree {
         return Err(RestoreError::Unsupported(format!(
-            "image holds a {:?} workload; only processes are supported yet",
+            "image holds a {:?} workload; only process trees are supported yet",
             inv.kind()
         )));
     }
@@ -25,22 +27,57 @@ pub fn single_process(image: &Image) -> Result<&proto::Process, RestoreError> {
             "incremental images (with a parent) are not supported by restore yet".into(),
         ));
     }
-    match image.processes() {
-        [p] => Ok(p),
-        [] => Err(RestoreError::Invalid("image holds no process".into())),
-        ps => Err(RestoreError::Unsupported(format!(
-            "image holds {} processes; process trees are not supported yet",
-            ps.len()
-        ))),
+    let procs: Vec<&proto::Process> = image.processes().iter().collect();
+    match procs.first() {
+        None => return Err(RestoreError::Invalid("image holds no process".into())),
+        Some(p) if p.pid != inv.root_pid => {
+            return Err(RestoreError::Invalid(format!(
+                "the first process is {}, but the root is {}",
+                p.pid, inv.root_pid
+            )))
+        }
+        Some(_) => {}
     }
+    if procs.len() > MAX_PROCESSES {
+        return Err(RestoreError::Unsupported(format!(
+            "image holds {} processes; at most {MAX_PROCESSES} are supported",
+            procs.len()
+        )));
+    }
+    Ok(procs)
+}
+
+/// Every ghost file of the tree.
+pub fn ghost_files<'a>(procs: &[&'a proto::Process]) -> Vec<&'a proto::GhostFile> {
+    procs.iter().flat_map(|p| p.ghost_files.iter()).collect()
 }
 
 /// Checks the process record and this machine.
-pub fn process(image: &Image, p: &proto::Process) -> Result<(), RestoreError> {
+pub fn process(
+    image: &Image,
+    p: &proto::Process,
+    ghosts: &[&proto::GhostFile],
+) -> Result<(), RestoreError> {
     let pid = p.pid as i32;
     let invalid = |what: String| RestoreError::Invalid(format!("process {pid}: {what}"));
     if pid <= 1 || pid > sys::pid_max()? {
         return Err(invalid(format!("PID {pid} is outside 2..=pid_max")));
+    }
+    if p.zombie {
+        if !p.threads.is_empty() || !p.vmas.is_empty() || !p.fds.is_empty() {
+            return Err(invalid("a zombie with threads, memory or files".into()));
+        }
+        return Ok(());
+    }
+    for pipe in &p.pipes {
+        if pipe.data.len() > pipe.size as usize || pipe.size > 1 << 30 {
+            return Err(invalid(format!(
+                "pipe {} holds {} bytes in a {}-byte buffer",
+                pipe.id,
+                pipe.data.len(),
+                pipe.size
+            )));
+        }
     }
     if p.threads.is_empty() || p.threads[0].tid != p.pid {
         return Err(invalid("the first thread must be the main thread".into()));
@@ -81,14 +118,13 @@ pub fn process(image: &Image, p: &proto::Process) -> Result<(), RestoreError> {
     }
     check_vmas(pid, &p.vmas)?;
     check_vdso(p)?;
-    check_files(p)?;
+    check_files(p, ghosts)?;
     Ok(())
 }
 
 fn check_vmas(pid: i32, vmas: &[proto::Vma]) -> Result<(), RestoreError> {
     let invalid = |what: String| RestoreError::Invalid(format!("process {pid}: {what}"));
     let mut prev_end = 0;
-    let mut shared: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
     for v in vmas {
         let page = |x: u64| x.is_multiple_of(4096);
         if !page(v.start) || !page(v.end) || v.end <= v.start || v.start < prev_end {
@@ -108,16 +144,6 @@ fn check_vmas(pid: i32, vmas: &[proto::Vma]) -> Result<(), RestoreError> {
                 "mapping {:#x}-{:#x} has no kind",
                 v.start, v.end
             )));
-        }
-        if v.kind() == VmaKind::AnonShared {
-            // Several mappings of one object must be its consecutive pieces (an mprotect split).
-            let e = shared.entry(v.shmem_id).or_insert((v.start, v.pgoff));
-            if v.pgoff.wrapping_sub(e.1) != v.start.wrapping_sub(e.0) {
-                return Err(RestoreError::Unsupported(format!(
-                    "shared memory object {} is mapped at unrelated places; not supported yet",
-                    v.shmem_id
-                )));
-            }
         }
         prev_end = v.end;
     }
@@ -201,11 +227,11 @@ fn check_vdso(p: &proto::Process) -> Result<(), RestoreError> {
     Ok(())
 }
 
-fn check_files(p: &proto::Process) -> Result<(), RestoreError> {
+fn check_files(p: &proto::Process, ghosts: &[&proto::GhostFile]) -> Result<(), RestoreError> {
     let pid = p.pid;
     for v in &p.vmas {
         if v.ghost_id != 0 {
-            if !p.ghost_files.iter().any(|g| g.id == v.ghost_id) {
+            if !ghosts.iter().any(|g| g.id == v.ghost_id) {
                 return Err(RestoreError::Invalid(format!(
                     "mapping {:#x} names missing ghost file {}",
                     v.start, v.ghost_id
@@ -235,7 +261,7 @@ fn check_files(p: &proto::Process) -> Result<(), RestoreError> {
     }
     for f in &p.fds {
         if f.ghost_id != 0 {
-            if !p.ghost_files.iter().any(|g| g.id == f.ghost_id) {
+            if !ghosts.iter().any(|g| g.id == f.ghost_id) {
                 return Err(RestoreError::Invalid(format!(
                     "fd {} names missing ghost file {}",
                     f.fd, f.ghost_id

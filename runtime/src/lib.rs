@@ -7,6 +7,7 @@
 //! this and the image format; they never issue raw syscalls themselves.
 
 pub mod error;
+pub mod files;
 pub mod inject;
 pub mod memory;
 pub mod procfs;

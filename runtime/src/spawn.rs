@@ -1,12 +1,15 @@
-//! Creating a process with a chosen PID that prepares itself for restore.
+//! Creating a process tree with chosen PIDs that prepares itself for restore.
 //!
-//! `clone3` with `set_tid` forks the caller into the wanted PID. The child runs only raw
-//! system calls on data prepared before the fork (no allocation: the parent may have other
-//! threads holding allocator locks): it blocks all signals, asks to die with its parent,
-//! sets its rlimits, umask and cwd, builds its fd table, maps a trampoline page holding a
-//! `syscall` instruction at an address that is free in the target's layout, reports on a
-//! pipe and waits to be seized. The restorer then replaces its address space through
-//! injected syscalls (see [`crate::inject`]).
+//! `clone3` with `set_tid` forks the caller into the root's PID; every process then forks its
+//! own children the same way, so parents, sessions and process groups come out right. Each
+//! process runs only raw system calls on data prepared before the first fork (no allocation:
+//! the restorer may have other threads holding allocator locks). A process blocks all
+//! signals, asks to die with its parent, becomes a session or group leader if it was one,
+//! forks its children (a zombie child exits at once with its status), builds its fd table
+//! from the open file descriptions the restorer prepared (inherited through every fork),
+//! sets its rlimits, umask and cwd, maps a trampoline page holding a `syscall` instruction,
+//! reports on a shared pipe and waits to be seized. The restorer then replaces each address
+//! space through injected syscalls (see [`crate::inject`]).
 
 use crate::error::{Result, RuntimeError};
 use crate::ptrace;
@@ -14,55 +17,97 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
-/// Where an fd of the new process comes from.
-#[derive(Debug, Clone)]
-pub enum FdSource {
-    /// open(path, flags), then lseek to offset.
-    Open {
-        path: CString,
-        flags: i32,
-        offset: u64,
-    },
-    /// A duplicate of this (the restorer's) fd, given these file status flags
-    /// (O_APPEND, O_NONBLOCK, ... as F_SETFL sets them).
-    Inherit(i32, i32),
-}
-
-/// One fd of the new process.
+/// One fd of a new process: a duplicate of the restorer's fd `desc` (an open file
+/// description prepared before the fork, inherited by every process of the tree).
 #[derive(Debug, Clone)]
 pub struct FdPlan {
     pub target: i32,
-    pub source: FdSource,
+    pub desc: i32,
     pub cloexec: bool,
 }
 
-/// What the child sets up before it is seized.
+/// How a zombie of the tree ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// What one process of the tree sets up before it is seized.
 #[derive(Debug, Clone)]
-pub struct ChildPlan {
+pub struct ProcSpec {
+    pub pid: i32,
+    /// Indexes (into [`TreeSpec::procs`]) of the children it forks, in order.
+    pub children: Vec<usize>,
+    /// setsid(): it leads its own session.
+    pub setsid: bool,
+    /// setpgid(0, pgid) when it differs from the group it inherits.
+    pub pgid: Option<i32>,
+    pub subreaper: bool,
+    /// Set for a zombie: it exits at once, and its parent waits until it is dead.
+    pub exit: Option<Exit>,
     /// (RLIMIT_*, soft, hard).
     pub rlimits: Vec<(u32, u64, u64)>,
     pub umask: u32,
     pub cwd: CString,
     pub fds: Vec<FdPlan>,
+    /// Restorer fds that stay open at the same number (the injector closes them later).
+    pub keep: Vec<i32>,
+}
+
+/// The whole tree; `procs[0]` is the root.
+#[derive(Debug, Clone)]
+pub struct TreeSpec {
+    pub procs: Vec<ProcSpec>,
     /// Page-aligned address of the trampoline: one executable page holding `syscall`,
-    /// followed by `scratch_len` bytes of read-write scratch memory.
+    /// followed by `scratch_len` bytes of read-write scratch memory. Free in every process's
+    /// target layout and in the restorer's.
     pub trampoline: u64,
     pub scratch_len: u64,
 }
 
-impl ChildPlan {
+impl TreeSpec {
     /// Total bytes of the trampoline mapping (code page + scratch).
     pub fn trampoline_len(&self) -> u64 {
         crate::PAGE_SIZE + self.scratch_len
     }
 }
 
-/// A child created by [`spawn`], seized and stopped, ready for injection.
+/// A process created by [`spawn_tree`], seized and stopped, ready for injection.
+#[derive(Debug, Clone, Copy)]
 pub struct Spawned {
     pub pid: i32,
-    /// The fd number the control pipe has in the child (close it by injection).
+    /// The fd number the control pipe has in it (close it by injection).
     pub ctl_fd: i32,
+}
+
+/// Every process of a tree created by [`spawn_tree`]. Dropped without [`SpawnedTree::release`],
+/// the whole tree is killed and reaped.
+pub struct SpawnedTree {
+    /// Live processes (not zombies), in tree order.
+    pub procs: Vec<Spawned>,
+    root: i32,
+    released: bool,
+}
+
+impl SpawnedTree {
+    /// The tree now belongs to the caller (it detaches and lets it run).
+    pub fn release(mut self) {
+        self.released = true;
+        set_subreaper(false);
+    }
+}
+
+impl Drop for SpawnedTree {
+    fn drop(&mut self) {
+        if !self.released {
+            let pids: Vec<i32> = self.procs.iter().map(|p| p.pid).collect();
+            kill_tree(self.root, &pids);
+            set_subreaper(false);
+        }
+    }
 }
 
 #[repr(C)]
@@ -81,33 +126,48 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// The child's report: step 0 means ready.
+/// A process's report: step 0 means ready.
 #[repr(C)]
 #[derive(Default, Clone, Copy)]
 struct Report {
+    proc_index: u32,
     step: u32,
     index: u32,
     errno: i32,
-    pad: u32,
 }
 
 const STEP_READY: u32 = 0;
 const STEP_SIGMASK: u32 = 1;
 const STEP_RLIMIT: u32 = 2;
 const STEP_CHDIR: u32 = 3;
-const STEP_OPEN: u32 = 4;
-const STEP_LSEEK: u32 = 5;
-const STEP_DUPFD: u32 = 6;
 const STEP_DUP3: u32 = 7;
 const STEP_MMAP: u32 = 8;
 const STEP_MPROTECT: u32 = 9;
 const STEP_PDEATHSIG: u32 = 10;
 const STEP_CTLFD: u32 = 11;
-const STEP_SETFL: u32 = 12;
+const STEP_SETSID: u32 = 13;
+const STEP_SETPGID: u32 = 14;
+const STEP_SUBREAPER: u32 = 15;
+const STEP_CLONE: u32 = 16;
+const STEP_ZOMBIE: u32 = 17;
 
-/// Forks a child with PID `pid` that carries out `plan`, seizes it and stops it.
-/// On any failure the child is killed and reaped and the error names the failing step.
-pub fn spawn(pid: i32, plan: &ChildPlan) -> Result<Spawned> {
+fn set_subreaper(on: bool) {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes no pointers.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, on as libc::c_ulong, 0, 0, 0) };
+}
+
+/// Creates the tree of `spec`, seizes every live process and stops it. On any failure
+/// everything created is killed and reaped, and the error names the process and the step.
+pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
+    let root = spec
+        .procs
+        .first()
+        .ok_or_else(|| RuntimeError::Protocol {
+            op: "restore: create process tree",
+            pid: 0,
+            what: "the tree is empty".into(),
+        })?
+        .pid;
     let mut fds = [0i32; 2];
     // SAFETY: fds is a valid array of two c_ints for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
@@ -115,9 +175,104 @@ pub fn spawn(pid: i32, plan: &ChildPlan) -> Result<Spawned> {
     }
     // SAFETY: pipe2 just returned these two fds; we own them.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let max_target = plan.fds.iter().map(|f| f.target).max().unwrap_or(-1);
-    let ctl_min = max_target.max(2) + 1;
+    let max_target = spec
+        .procs
+        .iter()
+        .flat_map(|p| p.fds.iter().map(|f| f.target))
+        .max()
+        .unwrap_or(-1)
+        .max(2);
+    // Orphans of a failed restore come back to us to be reaped, not to a slow init.
+    set_subreaper(true);
+    // SAFETY: forks; the child branch only runs raw syscalls on memory prepared before the
+    // fork and never returns.
+    let rc = unsafe { clone_with_pid(root) };
+    if rc < 0 {
+        set_subreaper(false);
+        return Err(RuntimeError::sys(
+            "clone3(set_tid)",
+            format!("pid {root}"),
+            std::io::Error::from_raw_os_error(-rc as i32),
+        ));
+    }
+    if rc == 0 {
+        // SAFETY: we are the new root process; see child_main.
+        unsafe { child_main(spec, 0, wr.as_raw_fd(), max_target) };
+    }
+    drop(wr);
+    let mut tree = SpawnedTree {
+        procs: Vec::new(),
+        root,
+        released: false,
+    };
+    let reports = read_reports(rd)?;
+    let mut ready = Vec::new();
+    for r in &reports {
+        let Some(p) = spec.procs.get(r.proc_index as usize) else {
+            continue;
+        };
+        if r.step == STEP_READY {
+            ready.push(Spawned {
+                pid: p.pid,
+                ctl_fd: r.index as i32,
+            });
+        }
+    }
+    tree.procs = ready.clone();
+    if let Some(bad) = reports.iter().find(|r| r.step != STEP_READY) {
+        return Err(describe_failure(spec, bad));
+    }
+    let live = spec.procs.iter().filter(|p| p.exit.is_none()).count();
+    if ready.is_empty() {
+        return Err(RuntimeError::Protocol {
+            op: "restore: prepare new process",
+            pid: root,
+            what: "it exited before reporting".into(),
+        });
+    }
+    if ready.len() != live {
+        return Err(RuntimeError::Protocol {
+            op: "restore: prepare process tree",
+            pid: root,
+            what: format!(
+                "{} of {live} processes reported ready; the others died",
+                ready.len()
+            ),
+        });
+    }
+    // Tree order: parents before children, as in the spec.
+    tree.procs
+        .sort_by_key(|s| spec.procs.iter().position(|p| p.pid == s.pid));
+    for s in &tree.procs {
+        seize_stopped(s.pid)?;
+    }
+    Ok(tree)
+}
 
+fn seize_stopped(pid: i32) -> Result<()> {
+    ptrace::seize(pid, libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL)?;
+    ptrace::interrupt(pid)?;
+    loop {
+        match ptrace::wait_stop(pid)? {
+            ptrace::Stop::EventStop(_) => return Ok(()),
+            ptrace::Stop::Signal(_) => ptrace::cont(pid, 0)?,
+            other => {
+                return Err(RuntimeError::Protocol {
+                    op: "restore: stop new process",
+                    pid,
+                    what: format!("unexpected {other:?}"),
+                })
+            }
+        }
+    }
+}
+
+/// clone3 with set_tid = [pid]: 0 in the child, the pid in the parent, -errno on failure.
+///
+/// # Safety
+/// Forks the calling process; the caller's child branch must not return into code that
+/// assumes the parent's threads exist.
+unsafe fn clone_with_pid(pid: i32) -> i64 {
     let set_tid: [libc::pid_t; 1] = [pid];
     let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -125,8 +280,7 @@ pub fn spawn(pid: i32, plan: &ChildPlan) -> Result<Spawned> {
         set_tid_size: 1,
         ..Default::default()
     };
-    // SAFETY: clone3 without CLONE_VM forks; args and set_tid live across the call. The child
-    // branch below only runs raw syscalls on memory prepared before the fork and never returns.
+    // SAFETY: args and set_tid live across the call; the caller handles the child.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -134,150 +288,162 @@ pub fn spawn(pid: i32, plan: &ChildPlan) -> Result<Spawned> {
             std::mem::size_of::<CloneArgs>(),
         )
     };
-    if rc == -1 {
-        let e = std::io::Error::last_os_error();
-        return Err(RuntimeError::sys(
-            "clone3(set_tid)",
-            format!("pid {pid}"),
-            e,
-        ));
+    if rc < 0 {
+        // SAFETY: reads this thread's errno.
+        -(unsafe { *libc::__errno_location() }) as i64
+    } else {
+        rc
     }
-    if rc == 0 {
-        child_main(plan, wr.as_raw_fd(), ctl_min, max_target);
-    }
-    let child = rc as i32;
-    drop(wr);
-    let result = (|| {
-        ptrace::seize(child, libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL)?;
-        let report = read_report(child, rd)?;
-        if report.step != STEP_READY {
-            return Err(describe_failure(child, plan, &report));
-        }
-        ptrace::interrupt(child)?;
-        loop {
-            match ptrace::wait_stop(child)? {
-                ptrace::Stop::EventStop(_) => break,
-                ptrace::Stop::Signal(_) => ptrace::cont(child, 0)?,
-                other => {
-                    return Err(RuntimeError::Protocol {
-                        op: "restore: stop new process",
-                        pid: child,
-                        what: format!("unexpected {other:?}"),
-                    })
-                }
-            }
-        }
-        Ok(Spawned {
-            pid: child,
-            ctl_fd: report.index as i32,
-        })
-    })();
-    if result.is_err() {
-        kill_and_reap(child);
-    }
-    result
 }
 
-/// Kills a child this process created and reaps it.
-pub fn kill_and_reap(pid: i32) {
-    // SAFETY: kill and waitpid take no pointers we own beyond a local status.
+/// Kills a tree this process created (the root, and by PDEATHSIG or directly every process
+/// in `pids`) and reaps what comes back to us, waiting a bounded time.
+pub fn kill_tree(root: i32, pids: &[i32]) {
+    // SAFETY: kill takes no pointers; these pids are processes we created and still trace
+    // or parent (a failed clone3 never puts its pid in the list).
     unsafe {
-        libc::kill(pid, libc::SIGKILL);
-        let mut status = 0;
-        while libc::waitpid(pid, &mut status, libc::__WALL) == -1
-            && *libc::__errno_location() == libc::EINTR
-        {}
-    }
-}
-
-fn read_report(pid: i32, rd: OwnedFd) -> Result<Report> {
-    let mut file = File::from(rd);
-    let mut buf = [0u8; std::mem::size_of::<Report>()];
-    match file.read_exact(&mut buf) {
-        Ok(()) => {}
-        Err(e) => {
-            return Err(RuntimeError::Protocol {
-                op: "restore: prepare new process",
-                pid,
-                what: format!("it exited before reporting ({e})"),
-            })
+        libc::kill(root, libc::SIGKILL);
+        for &p in pids {
+            libc::kill(p, libc::SIGKILL);
         }
     }
-    // SAFETY: Report is repr(C) plain old data of exactly buf's size.
-    Ok(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<Report>()) })
+    let mut left: Vec<i32> = std::iter::once(root).chain(pids.iter().copied()).collect();
+    left.sort_unstable();
+    left.dedup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !left.is_empty() && Instant::now() < deadline {
+        left.retain(|&p| {
+            let mut status = 0;
+            // SAFETY: waitpid on a pid we created, with a local status.
+            let r = unsafe { libc::waitpid(p, &mut status, libc::WNOHANG | libc::__WALL) };
+            if r == p {
+                // A tracee reports its death to us first; as its (sub)reaper we may also
+                // collect it once more.
+                // SAFETY: as above.
+                unsafe { libc::waitpid(p, &mut status, libc::WNOHANG | libc::__WALL) };
+                return false;
+            }
+            r == 0 || std::path::Path::new(&format!("/proc/{p}")).exists()
+        });
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
-fn describe_failure(pid: i32, plan: &ChildPlan, r: &Report) -> RuntimeError {
+/// Kills a single child this process created and reaps it.
+pub fn kill_and_reap(pid: i32) {
+    kill_tree(pid, &[]);
+}
+
+fn read_reports(rd: OwnedFd) -> Result<Vec<Report>> {
+    let mut file = File::from(rd);
+    let mut all = Vec::new();
+    file.read_to_end(&mut all)
+        .map_err(|e| RuntimeError::sys("read", "restore control pipe", e))?;
+    let size = std::mem::size_of::<Report>();
+    Ok(all
+        .chunks_exact(size)
+        // SAFETY: Report is repr(C) plain old data of exactly the chunk's size.
+        .map(|c| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<Report>()) })
+        .collect())
+}
+
+fn describe_failure(spec: &TreeSpec, r: &Report) -> RuntimeError {
     let err = std::io::Error::from_raw_os_error(r.errno);
+    let Some(p) = spec.procs.get(r.proc_index as usize) else {
+        return RuntimeError::Protocol {
+            op: "restore: prepare process tree",
+            pid: 0,
+            what: format!("a process reported step {}: {err}", r.step),
+        };
+    };
     let fd_name = |i: u32| -> String {
-        match plan.fds.get(i as usize) {
-            Some(FdPlan {
-                target,
-                source: FdSource::Open { path, .. },
-                ..
-            }) => format!("fd {target} ({})", path.to_string_lossy()),
-            Some(FdPlan {
-                target,
-                source: FdSource::Inherit(from, _),
-                ..
-            }) => format!("fd {target} (inherited from restorer fd {from})"),
+        match p.fds.get(i as usize) {
+            Some(f) => format!("fd {} (from restorer fd {})", f.target, f.desc),
             None => format!("fd #{i}"),
         }
     };
+    let child = |i: u32| spec.procs.get(i as usize).map_or(0, |c| c.pid).to_string();
     let what = match r.step {
         STEP_SIGMASK => format!("blocking signals: {err}"),
         STEP_RLIMIT => {
-            let (res, soft, hard) = plan
-                .rlimits
-                .get(r.index as usize)
-                .copied()
-                .unwrap_or_default();
+            let (res, soft, hard) = p.rlimits.get(r.index as usize).copied().unwrap_or_default();
             format!("setrlimit({res}, soft {soft}, hard {hard}): {err} (raising a hard limit needs CAP_SYS_RESOURCE)")
         }
-        STEP_CHDIR => format!("chdir({}): {err}", plan.cwd.to_string_lossy()),
-        STEP_OPEN => format!("open {}: {err}", fd_name(r.index)),
-        STEP_LSEEK => format!("lseek {}: {err}", fd_name(r.index)),
-        STEP_DUPFD => format!("placing {}: {err}", fd_name(r.index)),
+        STEP_CHDIR => format!("chdir({}): {err}", p.cwd.to_string_lossy()),
         STEP_DUP3 => format!("dup3 into {}: {err}", fd_name(r.index)),
-        STEP_MMAP => format!("mapping trampoline at {:#x}: {err}", plan.trampoline),
+        STEP_MMAP => format!("mapping trampoline at {:#x}: {err}", spec.trampoline),
         STEP_MPROTECT => format!("mprotect trampoline: {err}"),
         STEP_PDEATHSIG => format!("prctl(PR_SET_PDEATHSIG): {err}"),
         STEP_CTLFD => format!("moving control pipe: {err}"),
-        STEP_SETFL => format!("setting file status flags of {}: {err}", fd_name(r.index)),
+        STEP_SETSID => format!("setsid: {err}"),
+        STEP_SETPGID => format!(
+            "setpgid to process group {}: {err}",
+            p.pgid.unwrap_or_default()
+        ),
+        STEP_SUBREAPER => format!("prctl(PR_SET_CHILD_SUBREAPER): {err}"),
+        STEP_CLONE => format!("clone3 of child {} with its pid: {err}", child(r.index)),
+        STEP_ZOMBIE => format!("waiting for zombie child {} to exit: {err}", child(r.index)),
         s => format!("step {s}: {err}"),
     };
-    kill_and_reap(pid);
     RuntimeError::Protocol {
         op: "restore: prepare new process",
-        pid,
+        pid: p.pid,
         what,
     }
 }
 
-/// The child side. Only raw syscalls on pre-built data; never returns.
-fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
+/// The new process `idx` of the tree. Only raw syscalls on pre-built data; never returns.
+///
+/// # Safety
+/// Must run in a freshly forked child whose memory is a copy of the restorer's.
+unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> ! {
+    let p = &spec.procs[idx];
     // SAFETY: everything below is a direct syscall on memory that was valid before the fork
     // and stays valid in the child's copy; the function ends in _exit or an endless pause.
     unsafe {
-        let fail = |ctl: i32, step: u32, index: u32| -> ! {
+        let report = |ctl: i32, step: u32, index: u32, errno: i32| {
             let r = Report {
+                proc_index: idx as u32,
                 step,
                 index,
-                errno: *libc::__errno_location(),
-                pad: 0,
+                errno,
             };
             libc::write(
                 ctl,
                 (&r as *const Report).cast(),
                 std::mem::size_of::<Report>(),
             );
+        };
+        let fail = |ctl: i32, step: u32, index: u32| -> ! {
+            report(ctl, step, index, *libc::__errno_location());
             libc::_exit(127);
         };
+        if let Some(exit) = p.exit {
+            match exit {
+                Exit::Code(c) => libc::_exit(c),
+                Exit::Signal(sig) => {
+                    // No core file: a zombie's status is all that is wanted.
+                    let none = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    libc::setrlimit(libc::RLIMIT_CORE, &none);
+                    libc::signal(sig, libc::SIG_DFL);
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, sig);
+                    libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                    libc::kill(libc::getpid(), sig);
+                    libc::_exit(128 + sig);
+                }
+            }
+        }
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         if libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut()) != 0 {
             fail(wr, STEP_SIGMASK, 0);
         }
+        let parent = libc::getppid();
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
             libc::SIGKILL as libc::c_ulong,
@@ -288,12 +454,102 @@ fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
         {
             fail(wr, STEP_PDEATHSIG, 0);
         }
+        if idx != 0 && libc::getppid() != parent {
+            libc::_exit(127); // the parent died before PDEATHSIG was armed
+        }
+        if p.setsid && libc::setsid() < 0 {
+            fail(wr, STEP_SETSID, 0);
+        }
+        if let Some(pgid) = p.pgid {
+            // The group's leader may be a relative still on its way to creating it.
+            let mut tries = 0;
+            while libc::setpgid(0, pgid) != 0 {
+                tries += 1;
+                if *libc::__errno_location() != libc::EPERM || tries > 10_000 {
+                    fail(wr, STEP_SETPGID, 0);
+                }
+                libc::sched_yield();
+            }
+        }
+        if p.subreaper && libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0 {
+            fail(wr, STEP_SUBREAPER, 0);
+        }
+        for &c in &p.children {
+            let child = &spec.procs[c];
+            let rc = clone_with_pid(child.pid);
+            if rc == 0 {
+                child_main(spec, c, wr, max_target);
+            }
+            if rc < 0 {
+                *libc::__errno_location() = -rc as i32;
+                fail(wr, STEP_CLONE, c as u32);
+            }
+            // The parent sets the child's group too, so a later sibling can join it.
+            if let (Some(pgid), false) = (child.pgid, child.setsid) {
+                libc::setpgid(child.pid, pgid);
+            }
+            if child.exit.is_some() {
+                // Dead, not reaped; the SIGCHLD it sent is not part of the image.
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                if libc::waitid(
+                    libc::P_PID,
+                    child.pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                ) != 0
+                {
+                    fail(wr, STEP_ZOMBIE, c as u32);
+                }
+                let mut chld: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut chld);
+                libc::sigaddset(&mut chld, libc::SIGCHLD);
+                let zero = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                libc::sigtimedwait(&chld, std::ptr::null_mut(), &zero);
+            }
+        }
         // The control pipe moves above every target fd so building the table cannot clobber it.
-        let ctl = libc::fcntl(wr, libc::F_DUPFD_CLOEXEC, ctl_min);
+        let ctl = libc::fcntl(wr, libc::F_DUPFD_CLOEXEC, max_target + 1);
         if ctl < 0 {
             fail(wr, STEP_CTLFD, 0);
         }
-        for (i, &(res, soft, hard)) in plan.rlimits.iter().enumerate() {
+        for (i, f) in p.fds.iter().enumerate() {
+            let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+            if libc::dup3(f.desc, f.target, flags) < 0 {
+                fail(ctl, STEP_DUP3, i as u32);
+            }
+        }
+        for fd in 0..=max_target {
+            if !p.fds.iter().any(|f| f.target == fd) {
+                libc::close(fd);
+            }
+        }
+        // Close everything above the targets but the control pipe and the kept fds.
+        let mut from = max_target + 1;
+        loop {
+            let next_kept = p
+                .keep
+                .iter()
+                .copied()
+                .chain(std::iter::once(ctl))
+                .filter(|&k| k >= from)
+                .min();
+            match next_kept {
+                Some(k) => {
+                    if k > from {
+                        libc::syscall(libc::SYS_close_range, from, k - 1, 0);
+                    }
+                    from = k + 1;
+                }
+                None => {
+                    libc::syscall(libc::SYS_close_range, from, u32::MAX, 0);
+                    break;
+                }
+            }
+        }
+        for (i, &(res, soft, hard)) in p.rlimits.iter().enumerate() {
             let lim = libc::rlimit {
                 rlim_cur: soft,
                 rlim_max: hard,
@@ -302,70 +558,20 @@ fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
                 fail(ctl, STEP_RLIMIT, i as u32);
             }
         }
-        libc::umask(plan.umask as libc::mode_t);
-        if libc::chdir(plan.cwd.as_ptr()) != 0 {
+        libc::umask(p.umask as libc::mode_t);
+        if libc::chdir(p.cwd.as_ptr()) != 0 {
             fail(ctl, STEP_CHDIR, 0);
         }
-        // Open every fd at a temporary number above the control pipe, then move them.
-        let mut temps = [0i32; 4096];
-        if plan.fds.len() > temps.len() {
-            *libc::__errno_location() = libc::EMFILE;
-            fail(ctl, STEP_DUPFD, temps.len() as u32);
-        }
-        for (i, f) in plan.fds.iter().enumerate() {
-            let src = match &f.source {
-                FdSource::Open {
-                    path,
-                    flags,
-                    offset,
-                } => {
-                    let fd = libc::open(path.as_ptr(), *flags & !libc::O_CLOEXEC, 0);
-                    if fd < 0 {
-                        fail(ctl, STEP_OPEN, i as u32);
-                    }
-                    if *offset != 0 && libc::lseek(fd, *offset as libc::off_t, libc::SEEK_SET) < 0 {
-                        fail(ctl, STEP_LSEEK, i as u32);
-                    }
-                    fd
-                }
-                FdSource::Inherit(from, status) => {
-                    if libc::fcntl(*from, libc::F_SETFL, *status) < 0 {
-                        fail(ctl, STEP_SETFL, i as u32);
-                    }
-                    *from
-                }
-            };
-            let tmp = libc::fcntl(src, libc::F_DUPFD, ctl + 1);
-            if tmp < 0 {
-                fail(ctl, STEP_DUPFD, i as u32);
-            }
-            temps[i] = tmp;
-        }
-        for (i, f) in plan.fds.iter().enumerate() {
-            let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-            if libc::dup3(temps[i], f.target, flags) < 0 {
-                fail(ctl, STEP_DUP3, i as u32);
-            }
-        }
-        for fd in 0..=max_target {
-            if !plan.fds.iter().any(|f| f.target == fd) {
-                libc::close(fd);
-            }
-        }
-        if ctl > max_target + 1 {
-            libc::syscall(libc::SYS_close_range, max_target + 1, ctl - 1, 0);
-        }
-        libc::syscall(libc::SYS_close_range, ctl + 1, u32::MAX, 0);
-        let len = plan.trampoline_len() as usize;
+        let len = spec.trampoline_len() as usize;
         let addr = libc::mmap(
-            plan.trampoline as *mut libc::c_void,
+            spec.trampoline as *mut libc::c_void,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
             -1,
             0,
         );
-        if addr == libc::MAP_FAILED || addr as u64 != plan.trampoline {
+        if addr == libc::MAP_FAILED || addr as u64 != spec.trampoline {
             fail(ctl, STEP_MMAP, 0);
         }
         // syscall; int3
@@ -381,17 +587,7 @@ fn child_main(plan: &ChildPlan, wr: i32, ctl_min: i32, max_target: i32) -> ! {
         {
             fail(ctl, STEP_MPROTECT, 0);
         }
-        let r = Report {
-            step: STEP_READY,
-            index: ctl as u32,
-            errno: 0,
-            pad: 0,
-        };
-        libc::write(
-            ctl,
-            (&r as *const Report).cast(),
-            std::mem::size_of::<Report>(),
-        );
+        report(ctl, STEP_READY, ctl as u32, 0);
         libc::close(ctl);
         loop {
             libc::pause();

@@ -24,6 +24,8 @@ pub struct Stat {
     pub arg_end: u64,
     pub env_start: u64,
     pub env_end: u64,
+    /// The status wait(2) reports (for a zombie).
+    pub exit_code: u64,
 }
 
 /// Parses the text of /proc/PID/stat. The comm field may contain spaces and parentheses,
@@ -72,6 +74,7 @@ pub fn parse_stat(path: &str, text: &str) -> Result<Stat> {
         arg_end: num(49)?,
         env_start: num(50)?,
         env_end: num(51)?,
+        exit_code: num(52)?,
     })
 }
 

@@ -1,0 +1,142 @@
+//! What the fds of a tree share: open file descriptions (one offset, one set of flags, as
+//! dup(2) and fork(2) leave them), found with kcmp; and pipes, whose ends must all be in the
+//! tree (their buffered bytes are saved once) unless they are a shell job's standard I/O.
+
+use crate::error::CheckpointError;
+use stasis_image::proto::{self, FdKind};
+use stasis_runtime::files;
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+
+/// Where one fd is: (process index, fd index).
+type At = (usize, usize);
+
+/// Gives every fd its desc_id, and settles every pipe: kept (with its bytes stored in the
+/// first process holding an end), inherited (standard I/O to outside the tree), or refused.
+pub fn link(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+    assign_desc_ids(procs)?;
+    settle_pipes(procs)
+}
+
+fn assign_desc_ids(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+    // Only fds of the same file can share a description: group by inode first.
+    let mut by_file: BTreeMap<(u64, u64), Vec<At>> = BTreeMap::new();
+    for (i, p) in procs.iter().enumerate() {
+        for (j, f) in p.fds.iter().enumerate() {
+            let path = format!("/proc/{}/fd/{}", p.pid, f.fd);
+            let meta = std::fs::metadata(&path)
+                .map_err(|e| CheckpointError::Io(format!("stat {path}"), e))?;
+            by_file
+                .entry((meta.dev(), meta.ino()))
+                .or_default()
+                .push((i, j));
+        }
+    }
+    let mut next_id = 1u32;
+    for group in by_file.values() {
+        // Representatives of the descriptions found so far in this group.
+        let mut reps: Vec<(At, u32)> = Vec::new();
+        for &(i, j) in group {
+            let (pid, fd) = (procs[i].pid as i32, procs[i].fds[j].fd as i32);
+            let mut id = None;
+            for &((ri, rj), rid) in &reps {
+                let (rpid, rfd) = (procs[ri].pid as i32, procs[ri].fds[rj].fd as i32);
+                if files::same_description(pid, fd, rpid, rfd)? {
+                    id = Some(rid);
+                    break;
+                }
+            }
+            let id = id.unwrap_or_else(|| {
+                let id = next_id;
+                next_id += 1;
+                reps.push(((i, j), id));
+                id
+            });
+            procs[i].fds[j].desc_id = id;
+        }
+    }
+    Ok(())
+}
+
+fn settle_pipes(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+    let mut pipes: BTreeMap<u64, Vec<At>> = BTreeMap::new();
+    for (i, p) in procs.iter().enumerate() {
+        for (j, f) in p.fds.iter().enumerate() {
+            if f.kind() == FdKind::Pipe {
+                pipes.entry(f.pipe_id).or_default().push((i, j));
+            }
+        }
+    }
+    for (id, ends) in pipes {
+        let acc = |&(i, j): &At| procs[i].fds[j].flags & libc::O_ACCMODE as u32;
+        let reader = ends
+            .iter()
+            .find(|at| acc(at) != libc::O_WRONLY as u32)
+            .copied();
+        let writer = ends
+            .iter()
+            .find(|at| acc(at) != libc::O_RDONLY as u32)
+            .copied();
+        let copy_of = |at: At| {
+            let (pid, fd) = (procs[at.0].pid as i32, procs[at.0].fds[at.1].fd as i32);
+            let what = format!("pipe {id} (fd {fd} of process {pid})");
+            files::take_copy(pid, fd).map(|c| (c, what))
+        };
+        // An end missing from the tree may simply be closed everywhere (make gives its
+        // extra jobs such a stdin): then the pipe is whole here and restored that way.
+        let whole = match (reader, writer) {
+            (Some(_), Some(_)) => true,
+            (Some(r), None) => {
+                let (c, what) = copy_of(r)?;
+                files::pipe_peer_closed(&c, true, &what)?
+            }
+            (None, Some(w)) => {
+                let (c, what) = copy_of(w)?;
+                files::pipe_peer_closed(&c, false, &what)?
+            }
+            (None, None) => false,
+        };
+        match reader {
+            Some(r) if whole => {
+                let (copy, what) = copy_of(r)?;
+                let (size, data) = files::pipe_contents(&copy, &what)?;
+                let first = ends.iter().map(|at| at.0).min().unwrap_or(r.0);
+                procs[first].pipes.push(proto::Pipe { id, size, data });
+            }
+            None if whole => {
+                // Only writers, and no reader anywhere: nothing buffered can ever be read.
+                let (copy, what) = copy_of(writer.unwrap_or(ends[0]))?;
+                let size = files::pipe_size(&copy, &what)?;
+                let first = ends.iter().map(|at| at.0).min().unwrap_or(0);
+                procs[first].pipes.push(proto::Pipe {
+                    id,
+                    size,
+                    data: Vec::new(),
+                });
+            }
+            _ => {
+                // One end is outside the tree: only a shell job's standard I/O may be that.
+                if let Some(&(i, j)) = ends.iter().find(|&&(i, j)| procs[i].fds[j].fd > 2) {
+                    let (p, f) = (&procs[i], &procs[i].fds[j]);
+                    let end = if acc(&(i, j)) == libc::O_RDONLY as u32 {
+                        "read"
+                    } else {
+                        "write"
+                    };
+                    return Err(CheckpointError::unsupported(
+                        p.pid as i32,
+                        format!(
+                            "fd {} is the {end} end of pipe {id}, whose other end is outside \
+                             the checkpointed tree",
+                            f.fd
+                        ),
+                    ));
+                }
+                for &(i, j) in &ends {
+                    procs[i].fds[j].kind = FdKind::Inherited as i32;
+                }
+            }
+        }
+    }
+    Ok(())
+}

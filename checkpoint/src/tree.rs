@@ -1,0 +1,148 @@
+//! Holding a whole process tree stopped: every thread of every process, found by walking
+//! /proc/PID/task/TID/children from the root after each process is frozen (a frozen process
+//! cannot fork any more, so when the walk ends no task can be missing).
+
+use crate::error::CheckpointError;
+use crate::freeze::Frozen;
+use stasis_image::proto;
+use stasis_runtime::{procfs, RuntimeError};
+
+/// Most processes one checkpoint may hold.
+pub const MAX_PROCESSES: usize = 4096;
+
+/// A process of the tree that has exited and waits for its parent.
+#[derive(Debug, Clone)]
+pub struct Zombie {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub comm: String,
+    pub wait_status: u32,
+}
+
+impl Zombie {
+    fn from_stat(pid: i32, stat: procfs::Stat) -> Self {
+        Zombie {
+            pid,
+            ppid: stat.ppid,
+            pgid: stat.pgrp,
+            sid: stat.session,
+            comm: stat.comm,
+            wait_status: stat.exit_code as u32,
+        }
+    }
+
+    /// Its image record: no threads, memory or files; only who it was and its status.
+    pub fn to_proto(&self) -> proto::Process {
+        proto::Process {
+            pid: self.pid as u32,
+            ppid: self.ppid as u32,
+            pgid: self.pgid as u32,
+            sid: self.sid as u32,
+            comm: self.comm.clone(),
+            zombie: true,
+            wait_status: self.wait_status,
+            ..Default::default()
+        }
+    }
+}
+
+/// Every process of a tree, stopped. Dropped without [`FrozenTree::kill`] or
+/// [`FrozenTree::resume`], every process is resumed as it was.
+pub struct FrozenTree {
+    /// Live processes, root first, every parent before its children.
+    pub procs: Vec<Frozen>,
+    pub zombies: Vec<Zombie>,
+}
+
+/// The children (thread-group ids) of every thread of `pid`.
+pub(crate) fn children_of(pid: i32) -> Result<Vec<i32>, CheckpointError> {
+    let mut out = Vec::new();
+    for tid in procfs::read_tids(pid).map_err(|_| CheckpointError::NoSuchProcess(pid))? {
+        let text = procfs::read_text(&format!("/proc/{pid}/task/{tid}/children"))?;
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+impl FrozenTree {
+    /// Freezes `root` and, breadth first, every descendant.
+    pub fn freeze(root: i32) -> Result<Self, CheckpointError> {
+        let mut tree = FrozenTree {
+            procs: vec![Frozen::freeze(root)?],
+            zombies: Vec::new(),
+        };
+        let mut next = 0;
+        while next < tree.procs.len() {
+            let parent = tree.procs[next].pid();
+            next += 1;
+            for child in children_of(parent)? {
+                if tree.procs.len() + tree.zombies.len() >= MAX_PROCESSES {
+                    return Err(CheckpointError::unsupported(
+                        root,
+                        format!("its tree has more than {MAX_PROCESSES} processes"),
+                    ));
+                }
+                let stat = match procfs::read_stat(child) {
+                    Ok(s) => s,
+                    Err(_) => continue, // reaped meanwhile: no longer ours to save
+                };
+                if stat.state == 'Z' {
+                    tree.zombies.push(Zombie::from_stat(child, stat));
+                    continue;
+                }
+                match Frozen::freeze(child) {
+                    Ok(frozen) => tree.procs.push(frozen),
+                    Err(e) => {
+                        // It exited while being stopped: its parent is frozen, so it is a
+                        // zombie now, and saved as one.
+                        if let Ok(s) = procfs::read_stat(child).map(|s| (s.state == 'Z', s)) {
+                            if s.0 {
+                                tree.zombies.push(Zombie::from_stat(child, s.1));
+                                continue;
+                            }
+                        }
+                        return Err(match e {
+                            CheckpointError::Unsupported { pid, what } => {
+                                CheckpointError::Unsupported {
+                                    pid,
+                                    what: format!("{what} (process {pid} is a child of {parent})"),
+                                }
+                            }
+                            e => e,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(tree)
+    }
+
+    /// Resumes every process exactly as it was (children first).
+    pub fn resume(&mut self) -> Result<(), RuntimeError> {
+        let mut first = None;
+        for f in self.procs.iter_mut().rev() {
+            if let Err(e) = f.resume() {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Kills every process (only once the image is committed).
+    pub fn kill(&mut self) -> Result<(), RuntimeError> {
+        let mut first = None;
+        for f in self.procs.iter_mut() {
+            if let Err(e) = f.kill() {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,138 @@
+//! Open files of another process: comparing descriptions (kcmp), taking a copy of one
+//! (pidfd_getfd), and reading what sits in a pipe without consuming it (tee).
+
+use crate::error::{Result, RuntimeError};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const KCMP_FILE: libc::c_long = 0;
+
+/// Whether fd `fd1` of `pid1` and fd `fd2` of `pid2` are one open file description.
+pub fn same_description(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Result<bool> {
+    // SAFETY: kcmp takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) };
+    if r < 0 {
+        return Err(RuntimeError::last_os(
+            "kcmp(KCMP_FILE)",
+            format!("pid {pid1} fd {fd1} / pid {pid2} fd {fd2}"),
+        ));
+    }
+    Ok(r == 0)
+}
+
+/// A copy (in this process) of fd `fd` of process `pid`: the same open file description.
+pub fn take_copy(pid: i32, fd: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes no pointers; the result is a new fd we own.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(RuntimeError::last_os("pidfd_open", format!("pid {pid}")));
+    }
+    // SAFETY: pidfd was just returned and is owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd takes no pointers; the result is a new fd we own.
+    let fd_copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if fd_copy < 0 {
+        return Err(RuntimeError::last_os(
+            "pidfd_getfd",
+            format!("pid {pid} fd {fd}"),
+        ));
+    }
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd_copy as i32) })
+}
+
+/// The capacity of pipe `fd` (either end).
+pub fn pipe_size(fd: &OwnedFd, what: &str) -> Result<u32> {
+    // SAFETY: fcntl on an fd we own; no pointers.
+    let size = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if size < 0 {
+        return Err(RuntimeError::last_os("F_GETPIPE_SZ", what));
+    }
+    Ok(size as u32)
+}
+
+/// The capacity of pipe `fd` (a read end) and a copy of the bytes in its buffer; the pipe is
+/// unchanged.
+pub fn pipe_contents(fd: &OwnedFd, what: &str) -> Result<(u32, Vec<u8>)> {
+    let raw = fd.as_raw_fd();
+    let size = pipe_size(fd, what)? as libc::c_int;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to a local.
+    if unsafe { libc::ioctl(raw, libc::FIONREAD, &mut queued) } < 0 {
+        return Err(RuntimeError::last_os("ioctl(FIONREAD)", what));
+    }
+    if queued <= 0 {
+        return Ok((size as u32, Vec::new()));
+    }
+    let mut ends = [0i32; 2];
+    // SAFETY: ends is a valid array of two c_ints for pipe2 to fill.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(RuntimeError::last_os("pipe2", what));
+    }
+    // SAFETY: pipe2 just returned these fds; we own them.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+    // As many buffer slots as the source, so one tee takes everything. Checked: a smaller
+    // copy would silently lose the tail.
+    // SAFETY: fcntl on our own pipe.
+    if unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, size) } < size {
+        return Err(RuntimeError::last_os(
+            "F_SETPIPE_SZ (copying a pipe buffer)",
+            what,
+        ));
+    }
+    // SAFETY: tee between two pipes; no pointers.
+    let n = unsafe {
+        libc::tee(
+            raw,
+            wr.as_raw_fd(),
+            queued as usize,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(RuntimeError::last_os("tee", what));
+    }
+    if n != queued as isize {
+        return Err(RuntimeError::Protocol {
+            op: "tee",
+            pid: 0,
+            what: format!("{what}: copied {n} of the {queued} buffered bytes"),
+        });
+    }
+    let mut data = vec![0u8; queued as usize];
+    let mut done = 0;
+    while done < data.len() {
+        // SAFETY: reads into the unfilled part of a live buffer.
+        let r = unsafe {
+            libc::read(
+                rd.as_raw_fd(),
+                data[done..].as_mut_ptr().cast(),
+                data.len() - done,
+            )
+        };
+        if r <= 0 {
+            return Err(RuntimeError::last_os("read (pipe copy)", what));
+        }
+        done += r as usize;
+    }
+    Ok((size as u32, data))
+}
+
+/// Whether every end of the other kind is closed (everywhere in the system): for a read end,
+/// no writer is left (POLLHUP); for a write end, no reader (POLLERR).
+pub fn pipe_peer_closed(fd: &OwnedFd, reading: bool, what: &str) -> Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: polls one pollfd on the stack without waiting.
+    if unsafe { libc::poll(&mut p, 1, 0) } < 0 {
+        return Err(RuntimeError::last_os("poll", what));
+    }
+    let bit = if reading {
+        libc::POLLHUP
+    } else {
+        libc::POLLERR
+    };
+    Ok(p.revents & bit != 0)
+}
