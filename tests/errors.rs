@@ -397,29 +397,34 @@ fn a_closed_output_pipe_is_not_a_panic() {
 }
 
 #[test]
-fn a_process_with_children_is_refused_and_left_running() {
+fn a_child_with_a_socket_is_refused_and_the_tree_left_running() {
     init();
     let code = "import subprocess,time\n\
-                c = subprocess.Popen(['sleep', '300'])\n\
+                c = subprocess.Popen(['python3', '-c', \
+                  'import socket,time\\ns=socket.socket()\\nprint(1,flush=True)\\ntime.sleep(300)'], \
+                  stdout=subprocess.PIPE)\n\
+                c.stdout.readline()\n\
                 print('ready',flush=True)\ntime.sleep(300)";
     let Some(mut child) = python(code) else {
         return;
     };
     let pid = child.id() as i32;
+    let kids =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).expect("children");
+    let kid: i32 = kids.trim().parse().expect("one child");
     let err = stasis_fails(
         &["checkpoint", &pid.to_string(), "-o", "/tmp/stasis-tree.img"],
         REFUSED,
-        "child processes",
+        "is a socket",
     );
-    assert!(err.contains("process trees"), "{err}");
+    assert!(
+        err.contains(&format!("PID {kid}")) && err.contains("fd 3"),
+        "the error must name the child and its fd: {err}"
+    );
+    assert!(!std::path::Path::new("/tmp/stasis-tree.img").exists());
     assert!(running_untraced(pid), "the parent must run on, untraced");
-    let kids =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).expect("children");
-    for k in kids.split_whitespace() {
-        let k: i32 = k.parse().expect("pid");
-        assert!(running_untraced(k), "the child must run on, untraced");
-        kill(k);
-    }
+    assert!(running_untraced(kid), "the child must run on, untraced");
+    kill(kid);
     child.kill().expect("kill");
     child.wait().expect("reap");
 }

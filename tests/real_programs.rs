@@ -89,21 +89,9 @@ fn checkpoint_restore_go(
     got
 }
 
-fn python_available() -> bool {
-    let ok = Command::new("python3")
-        .arg("-c")
-        .arg("pass")
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIP: python3 is not available");
-    }
-    ok
-}
-
 #[test]
 fn cpython_finishes_with_the_same_result() {
-    if !python_available() {
+    if !have("python3") {
         return;
     }
     init();
@@ -195,7 +183,7 @@ print('result', sorted(results.items()), flush=True)
 
 #[test]
 fn multithreaded_cpython_finishes_with_the_same_result() {
-    if !python_available() {
+    if !have("python3") {
         return;
     }
     init();

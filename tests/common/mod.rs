@@ -245,6 +245,58 @@ pub fn kill(pid: i32) {
     unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
+/// Whether `program --version` runs; says why the test is skipped if not.
+pub fn have(program: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP: {program} is not available");
+    }
+    ok
+}
+
+/// Every descendant of `pid` (as /proc shows them now).
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten();
+        for t in tasks.flatten() {
+            let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in text.split_whitespace() {
+                if let Ok(c) = c.parse() {
+                    out.push(c);
+                    todo.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Reaps processes of a killed tree that come back to this test (a subreaper) as orphans,
+/// so their PIDs are free for the restore; waits a bounded time for each.
+pub fn reap_orphans(pids: &[i32]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for &p in pids {
+        while std::time::Instant::now() < deadline {
+            let mut status = 0;
+            // SAFETY: status is a valid c_int; p was a process of the test's tree.
+            let r = unsafe { libc::waitpid(p, &mut status, libc::WNOHANG | libc::__WALL) };
+            if r == p || !Path::new(&format!("/proc/{p}")).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+}
+
 /// Checkpoints (kill) → restore --detach → verify → checkpoint (kill) → restore → check.
 /// Every workload is taken through this: two checkpoints and restores in a row.
 pub fn round_trip(name: &str, args: &[&str], extra_ckpt: &[&str]) {
@@ -259,8 +311,10 @@ pub fn round_trip(name: &str, args: &[&str], extra_ckpt: &[&str]) {
     let img1s = img1.to_str().expect("utf8");
     let mut ckpt: Vec<&str> = vec!["checkpoint", &pid, "-o", img1s];
     ckpt.extend_from_slice(extra_ckpt);
+    let tree = descendants(wl.pid);
     stasis_ok(&ckpt);
     wl.child.wait().expect("reap original");
+    reap_orphans(&tree);
     stasis_ok(&["image", "verify", img1s]);
 
     let (mut r1, mut p1) = restore(&img1, true);
@@ -276,8 +330,10 @@ pub fn round_trip(name: &str, args: &[&str], extra_ckpt: &[&str]) {
     let img2s = img2.to_str().expect("utf8");
     let mut ckpt: Vec<&str> = vec!["checkpoint", &pid, "-o", img2s];
     ckpt.extend_from_slice(extra_ckpt);
+    let tree = descendants(wl.pid);
     stasis_ok(&ckpt);
     reap(wl.pid);
+    reap_orphans(&tree);
 
     let (mut r2, mut p2) = restore(&img2, false);
     p2.expect_pass("check", "after second restore");

@@ -92,6 +92,17 @@
 //!   offset, and that an append lands at the end of the file even after the file grew.
 //! - `wl-counter` (`--mib N`, default 0; `--quiet`): prints `count N` every 100 ms; with
 //!   `--mib` holds N MiB of non-zero pseudo-random data whose checksum is recomputed on check.
+//! - `wl-tree`: a process tree. The root (a child subreaper) has A (own process group) → A1,
+//!   B (own session) → B1, an orphan O1 reparented to it, a SIGSTOPped child S and two
+//!   unreaped zombies (exit status 7; killed by SIGTERM). Each live child talks to the root
+//!   over a command and a result pipe; pipes root→A, A→root (root's end `O_NONBLOCK`) and
+//!   A1→B1 hold unread data at `READY`; root and A share one open file description (its
+//!   offset), and all share a `MAP_SHARED|MAP_ANONYMOUS` region. Every process checks its
+//!   pid, ppid, pgid, sid, exact fds, the bytes it reads (and that nothing more is buffered)
+//!   and the shared memory; the root checks its children, the zombies' statuses and that S
+//!   is stopped, and reports one `PASS`/`FAIL` naming the failing process. The first check
+//!   prints `INFO wl-tree: pids R=.. A=.. A1=.. B=.. B1=.. O1=.. S=.. Z=.. K=..`; `check`
+//!   ends the whole tree.
 
 #![warn(missing_docs)]
 

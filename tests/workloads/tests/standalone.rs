@@ -29,6 +29,7 @@ fn bin(name: &str) -> &'static str {
         "wl-signal" => env!("CARGO_BIN_EXE_wl-signal"),
         "wl-files" => env!("CARGO_BIN_EXE_wl-files"),
         "wl-counter" => env!("CARGO_BIN_EXE_wl-counter"),
+        "wl-tree" => env!("CARGO_BIN_EXE_wl-tree"),
         other => panic!("unknown workload {other}"),
     }
 }
@@ -285,4 +286,121 @@ fn protocol_errors() {
         .output()
         .expect("run wl-sleep");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Sends `cmd` to wl-tree; returns the PASS/FAIL line and the pids of its first-check
+/// `INFO wl-tree: pids R=.. A=.. ..` line (empty if there is none).
+fn tree_command(wl: &mut Wl, cmd: &str) -> (String, Vec<(String, i32)>) {
+    wl.send(cmd);
+    let mut pids = Vec::new();
+    loop {
+        let line = wl.next_line().expect("an answer from wl-tree");
+        if let Some(list) = line.strip_prefix("INFO wl-tree: pids ") {
+            pids = list
+                .split(' ')
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').expect("NAME=PID");
+                    (k.to_string(), v.parse().expect("a pid"))
+                })
+                .collect();
+        } else if line.starts_with("PASS ") || line.starts_with("FAIL ") {
+            return (line, pids);
+        } else {
+            assert!(line.starts_with("INFO "), "unexpected line {line:?}");
+        }
+    }
+}
+
+/// Every process of the tree is gone (within a few seconds): its pid is free or reused by a
+/// process that is not a wl-tree.
+fn assert_tree_gone(pids: &[(String, i32)]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for (name, pid) in pids {
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if !comm.starts_with("wl-tree") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "wl-tree process {name} (pid {pid}, {}) is still there",
+                comm.trim()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The process tree: PASS on two `verify`s and a `check`, and nothing of it left after.
+#[test]
+fn tree() {
+    let tmp = tmpdir("wl-tree");
+    let mut wl = Wl::start("wl-tree", &[], &tmp);
+    let (line, pids) = tree_command(&mut wl, "verify\n");
+    assert_eq!(line, "PASS wl-tree");
+    let names: Vec<&str> = pids.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(names, ["R", "A", "A1", "B", "B1", "O1", "S", "Z", "K"]);
+    assert_eq!(pids[0].1 as u32, wl.pid);
+    assert_eq!(tree_command(&mut wl, "verify\n").0, "PASS wl-tree");
+    assert_eq!(tree_command(&mut wl, "check\n").0, "PASS wl-tree");
+    assert_eq!(wl.wait(), 0, "wl-tree exit status");
+    assert_tree_gone(&pids);
+    let left: Vec<_> = std::fs::read_dir(&tmp).expect("read tmpdir").collect();
+    assert!(left.is_empty(), "wl-tree left temp files: {left:?}");
+}
+
+/// Broken from outside: S continued, extra bytes in the A1→B1 pipe, O1 killed. The check
+/// names each, and the tree still goes away.
+#[test]
+fn tree_detects_broken_state() {
+    let tmp = tmpdir("wl-tree-negative");
+    let mut wl = Wl::start("wl-tree", &[], &tmp);
+    let (line, pids) = tree_command(&mut wl, "verify\n");
+    assert_eq!(line, "PASS wl-tree");
+    let pid = |n: &str| pids.iter().find(|p| p.0 == n).expect("pid in INFO").1;
+    // The pipe A1 and B1 share above fd 2 is P3 (already read once, so empty); a writer
+    // opened through /proc puts 5 bytes into it.
+    let links = |p: i32| -> Vec<(PathBuf, PathBuf)> {
+        std::fs::read_dir(format!("/proc/{p}/fd"))
+            .expect("list fds")
+            .map(|e| e.expect("fd entry").path())
+            .filter(|path| !path.ends_with("0") && !path.ends_with("1") && !path.ends_with("2"))
+            .filter_map(|path| std::fs::read_link(&path).ok().map(|l| (path, l)))
+            .collect()
+    };
+    let a1 = links(pid("A1"));
+    let (p3, _) = links(pid("B1"))
+        .into_iter()
+        .find(|(_, l)| l.to_string_lossy().starts_with("pipe:") && a1.iter().any(|x| &x.1 == l))
+        .expect("a pipe shared by A1 and B1");
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p3)
+        .expect("open P3");
+    w.write_all(b"extra").expect("write into P3");
+    drop(w);
+    // SAFETY: plain kill(2) on pids of the tree this test started.
+    unsafe {
+        assert_eq!(libc::kill(pid("S"), libc::SIGCONT), 0);
+        assert_eq!(libc::kill(pid("O1"), libc::SIGKILL), 0);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let (line, _) = tree_command(&mut wl, "check\n");
+    assert!(line.starts_with("FAIL wl-tree: "), "{line}");
+    let s = format!(
+        "S (pid {}) state (/proc/{0}/stat): expected 'T', got 'S'",
+        pid("S")
+    );
+    assert!(line.contains(&s), "{line}");
+    let b1 = format!(
+        "B1 (pid {}): P3 (pipe from A1): bytes buffered: expected 0, got 5",
+        pid("B1")
+    );
+    assert!(line.contains(&b1), "{line}");
+    assert!(
+        line.contains(&format!("O1 (pid {}): ", pid("O1"))),
+        "{line}"
+    );
+    assert_eq!(wl.wait(), 1, "wl-tree exit status");
+    assert_tree_gone(&pids);
 }

@@ -1,0 +1,233 @@
+//! Process trees: real multi-process programs checkpointed mid-work and restored, finishing
+//! exactly as an uninterrupted run does, with the bytes sitting in their pipes delivered once.
+
+mod common;
+
+use common::*;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `sh -c script` in `dir` with only standard I/O open, stdout piped.
+fn shell(script: &str, dir: &Path) -> Command {
+    let mut c = Command::new("sh");
+    // SAFETY: runs between fork and exec; close_range is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    c.args(["-c", script])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    c
+}
+
+/// Waits until `pid` has at least `n` descendants whose command is one of `comms`.
+fn wait_for_tree(pid: i32, comms: &[&str], n: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let found = descendants(pid)
+            .into_iter()
+            .filter(|d| {
+                let comm = std::fs::read_to_string(format!("/proc/{d}/comm")).unwrap_or_default();
+                comms.contains(&comm.trim())
+            })
+            .count();
+        if found >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// `stasis image inspect --json` of `img`.
+fn inspect(img: &Path) -> serde_json::Value {
+    let out = stasis_ok(&["image", "inspect", "--json", img.to_str().expect("utf8")]);
+    serde_json::from_str(&out).expect("inspect json")
+}
+
+/// (processes, bytes buffered in the image's pipes).
+fn tree_facts(img: &Path) -> (usize, u64) {
+    let v = inspect(img);
+    let procs = v["processes"].as_array().expect("processes");
+    let buffered = procs
+        .iter()
+        .flat_map(|p| p["pipes"].as_array().into_iter().flatten())
+        .map(|x| x["buffered"].as_u64().unwrap_or(0))
+        .sum();
+    (procs.len(), buffered)
+}
+
+/// Checkpoints (kill) the tree of `child`, restores it, and returns what it then prints.
+fn checkpoint_kill_restore(mut child: std::process::Child, img: &Path) -> String {
+    let pid = child.id().to_string();
+    let tree = descendants(child.id() as i32);
+    stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    child.wait().expect("reap original");
+    reap_orphans(&tree);
+    let (mut r, mut pipes) = restore(img, false);
+    let mut got = String::new();
+    pipes
+        .stdout
+        .read_to_string(&mut got)
+        .expect("read restored output");
+    let st = r.wait().expect("stasis restore");
+    assert!(st.success(), "restored tree exited with {st}");
+    got
+}
+
+#[test]
+fn shell_pipeline_mid_stream_finishes_with_the_same_digest() {
+    init();
+    let dir = scratch("pipeline");
+    let script = "seq 1 4000000 | sort -rn | md5sum";
+    let expected = shell(script, &dir).output().expect("reference run");
+    let expected = String::from_utf8_lossy(&expected.stdout).into_owned();
+    assert!(expected.ends_with("  -\n"), "{expected}");
+    // Several tries: the pipe must hold bytes at the moment of the checkpoint.
+    for attempt in 0..5 {
+        let child = shell(script, &dir).spawn().expect("sh");
+        let pid = child.id() as i32;
+        assert!(wait_for_tree(pid, &["seq", "sort", "md5sum"], 3));
+        std::thread::sleep(Duration::from_millis(100 + 60 * attempt));
+        let img = dir.join(format!("p{attempt}.img"));
+        let still_writing = descendants(pid).iter().any(|d| {
+            std::fs::read_to_string(format!("/proc/{d}/comm")).is_ok_and(|c| c.trim() == "seq")
+        });
+        let got = checkpoint_kill_restore(child, &img);
+        assert_eq!(
+            got, expected,
+            "the restored pipeline computed something else"
+        );
+        let (procs, buffered) = tree_facts(&img);
+        assert_eq!(procs, 4, "sh, seq, sort and md5sum");
+        eprintln!("attempt {attempt}: seq running {still_writing}, {buffered} bytes in pipes");
+        if still_writing && buffered > 0 {
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+    }
+    panic!("never caught the pipeline with bytes in its pipe");
+}
+
+/// A C project whose files take a while to compile (so make is caught mid-build).
+fn write_c_project(dir: &Path) {
+    let mut main = String::from("#include <stdio.h>\n");
+    let mut objs = Vec::new();
+    for f in 0..4 {
+        let mut src = String::new();
+        for i in 0..400 {
+            src.push_str(&format!(
+                "static unsigned g{i}(unsigned x) {{ unsigned y = x * {} + {i}; \
+                 for (int k = 0; k < 3; k++) y = (y << 3) ^ (y >> 5) ^ {}; return y; }}\n",
+                2 * i + 3,
+                f * 1000 + i
+            ));
+        }
+        src.push_str(&format!("unsigned f{f}(unsigned x) {{\n"));
+        for i in 0..400 {
+            src.push_str(&format!("  x = g{i}(x) + {};\n", i % 7));
+        }
+        src.push_str("  return x;\n}\n");
+        std::fs::write(dir.join(format!("f{f}.c")), src).expect("write source");
+        main.push_str(&format!("unsigned f{f}(unsigned);\n"));
+        objs.push(format!("f{f}.o"));
+    }
+    main.push_str("int main(void) { unsigned x = 1;\n");
+    for f in 0..4 {
+        main.push_str(&format!("  x = f{f}(x);\n"));
+    }
+    main.push_str("  printf(\"%u\\n\", x); return 0; }\n");
+    std::fs::write(dir.join("main.c"), main).expect("write main");
+    let makefile = format!(
+        "CFLAGS = -O2\nprog: main.o {objs}\n\t$(CC) -o $@ $^\n%.o: %.c\n\t$(CC) $(CFLAGS) -c $<\n\
+         clean:\n\trm -f *.o prog\n",
+        objs = objs.join(" ")
+    );
+    std::fs::write(dir.join("Makefile"), makefile).expect("write Makefile");
+}
+
+#[test]
+fn make_j2_mid_build_produces_the_same_program() {
+    if !have("make") || !have("cc") {
+        return;
+    }
+    init();
+    let dir = scratch("make");
+    write_c_project(&dir);
+    let build = "make -s -j2 prog && ./prog && md5sum prog";
+    let expected = shell(build, &dir).output().expect("reference build");
+    let expected = String::from_utf8_lossy(&expected.stdout).into_owned();
+    assert_eq!(expected.lines().count(), 2, "reference build: {expected}");
+    assert!(shell("make -s clean", &dir)
+        .status()
+        .expect("clean")
+        .success());
+
+    let child = shell(build, &dir).spawn().expect("sh");
+    let pid = child.id() as i32;
+    // Two compilers at work: make -j2 is mid-build.
+    assert!(
+        wait_for_tree(pid, &["cc1"], 2),
+        "make never ran two compilers"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let img = dir.join("make.img");
+    let got = checkpoint_kill_restore(child, &img);
+    assert_eq!(got, expected, "the restored build produced something else");
+    let (procs, _) = tree_facts(&img);
+    assert!(procs >= 6, "sh, make, 2 x (cc, cc1): got {procs}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn wl_tree_keeps_pipes_files_memory_sessions_and_zombies() {
+    round_trip("wl-tree", &[], &[]);
+}
+
+#[test]
+fn wl_tree_with_zstd() {
+    round_trip("wl-tree", &[], &["--compress", "zstd"]);
+}
+
+/// Checkpointed right after READY, before any check has drained its pipes: the bytes sitting
+/// in three pipes (3000, 6000 and 500) must arrive exactly once after the restore.
+#[test]
+fn wl_tree_pipes_keep_their_buffered_bytes() {
+    let dir = scratch("wltree-fresh");
+    let wl = start("wl-tree", &[]);
+    let pid = wl.pid.to_string();
+    let img = dir.join("1.img");
+    let tree = descendants(wl.pid);
+    let mut child = wl.child;
+    stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    child.wait().expect("reap original");
+    reap_orphans(&tree);
+    let v = inspect(&img);
+    let mut buffered: Vec<u64> = v["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .flat_map(|p| p["pipes"].as_array().into_iter().flatten())
+        .map(|x| x["buffered"].as_u64().unwrap_or(0))
+        .filter(|b| *b > 0)
+        .collect();
+    buffered.sort_unstable();
+    assert_eq!(
+        buffered,
+        vec![500, 3000, 6000],
+        "bytes in the image's pipes"
+    );
+    let (mut r, mut p) = restore(&img, false);
+    p.expect_pass("verify", "after restore");
+    p.expect_pass("check", "after restore");
+    assert!(r.wait().expect("stasis restore").success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
