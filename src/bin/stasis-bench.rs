@@ -7,9 +7,10 @@
 //! give out fresh memory slowly and erratically, so every figure is also shown as a ratio to
 //! the baseline's median from the same run. Every restored process checks its own data.
 //!
-//! Also a process with 4 threads x 16 MiB (wl-threads), unless --no-threads.
+//! Also a process with 4 threads x 16 MiB (wl-threads) and a tree of 10 processes x 8 MiB
+//! (wl-counter --procs 10), unless --no-threads / --no-tree.
 //!
-//! Usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads]
+//! Usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads] [--no-tree]
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ struct Args {
     runs: usize,
     dir: PathBuf,
     threads: bool,
+    tree: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -29,6 +31,7 @@ fn parse_args() -> Result<Args, String> {
         runs: 5,
         dir: PathBuf::from("/dev/shm"),
         threads: true,
+        tree: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -43,8 +46,9 @@ fn parse_args() -> Result<Args, String> {
             "--runs" => a.runs = val()?.parse().map_err(|_| "bad --runs".to_string())?,
             "--dir" => a.dir = PathBuf::from(val()?),
             "--no-threads" => a.threads = false,
+            "--no-tree" => a.tree = false,
             "-h" | "--help" => {
-                println!("usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads]");
+                println!("usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads] [--no-tree]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -187,6 +191,24 @@ fn reap(pid: i32) {
     unsafe { libc::waitpid(pid, &mut st, 0) };
 }
 
+/// Reaps the processes of a finished or killed tree that came back to us (we are a
+/// subreaper): their PIDs must be free for the next restore. Bounded.
+fn reap_orphans() {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid with a valid status pointer; every child here is the bench's own.
+        let r = unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG | libc::__WALL) };
+        if r > 0 {
+            continue;
+        }
+        if r < 0 || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[derive(Default)]
 struct Samples {
     checkpoint: Vec<f64>,
@@ -218,9 +240,14 @@ fn one_run(case: &Case, compress: &str, img: &Path, s: &mut Samples) -> Result<(
     s.frozen.push(json_u64(&out, "frozen_us") / 1000.0);
     // Freeing the old image inside the next checkpoint's commit would be charged to it.
     let _ = std::fs::remove_file(img);
+    // Let the workload's interrupted 100 ms nanosleep finish: a task still inside the
+    // restart_syscall that resuming left it in cannot be checkpointed with its remaining
+    // time (the kernel's restart block is not readable), and comes back with EINTR.
+    std::thread::sleep(Duration::from_millis(150));
     // Checkpoint and kill.
     let (ms, _, out) = checkpoint(&[])?;
     let _ = w.child.wait();
+    reap_orphans();
     s.checkpoint.push(ms);
     // stasis's own peak RSS (wait4's figure would include the killed target's).
     s.rss_mib.push(json_u64(&out, "peak_rss_kib") / 1024.0);
@@ -259,6 +286,7 @@ fn one_run(case: &Case, compress: &str, img: &Path, s: &mut Samples) -> Result<(
         }
     }
     reap(w.pid);
+    reap_orphans();
     let _ = std::fs::remove_file(img);
     Ok(())
 }
@@ -307,6 +335,20 @@ fn main() {
             bin: "wl-threads",
             args: vec!["--mib".into(), "16".into()],
             mib: 64,
+        });
+    }
+    if args.tree {
+        cases.push(Case {
+            label: "10 proc x 8 MiB".into(),
+            bin: "wl-counter",
+            args: vec![
+                "--mib".into(),
+                "8".into(),
+                "--procs".into(),
+                "10".into(),
+                "--quiet".into(),
+            ],
+            mib: 80,
         });
     }
     let mut failed = false;
