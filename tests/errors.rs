@@ -460,3 +460,75 @@ fn a_process_already_traced_is_refused_and_left_alone() {
         .expect_pass("check", "after a refused checkpoint of a traced process");
     assert!(wl.child.wait().expect("reap").success());
 }
+
+const SHARED_FD_TABLE_C: &str = r#"
+#define _GNU_SOURCE
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+static char stack[65536];
+static int child(void *arg) { (void)arg; for (;;) pause(); return 0; }
+int main(void) {
+    int pid = clone(child, stack + sizeof stack, CLONE_FILES | SIGCHLD, 0);
+    printf("%d\n", pid);
+    fflush(stdout);
+    for (;;) pause();
+}
+"#;
+
+#[test]
+fn processes_sharing_one_fd_table_are_refused_and_left_running() {
+    if !have("cc") {
+        return;
+    }
+    init();
+    let dir = scratch("clonefiles");
+    let src = dir.join("c.c");
+    std::fs::write(&src, SHARED_FD_TABLE_C).expect("write");
+    let bin = dir.join("clonefiles");
+    let ok = Command::new("cc")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .expect("cc");
+    assert!(ok.success());
+    let mut cmd = Command::new(&bin);
+    // SAFETY: runs between fork and exec; close_range is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let kid: i32 = line.trim().parse().expect("child pid");
+    let pid = child.id() as i32;
+    let img = dir.join("x.img");
+    let err = stasis_fails(
+        &[
+            "checkpoint",
+            &pid.to_string(),
+            "-o",
+            img.to_str().expect("utf8"),
+        ],
+        REFUSED,
+        "one fd table",
+    );
+    assert!(err.contains(&kid.to_string()), "{err}");
+    assert!(!img.exists());
+    assert!(running_untraced(pid) && running_untraced(kid));
+    kill(kid);
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,8 +14,47 @@ type At = (usize, usize);
 /// Gives every fd its desc_id, and settles every pipe: kept (with its bytes stored in the
 /// first process holding an end), inherited (standard I/O to outside the tree), or refused.
 pub fn link(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+    refuse_shared_tables(procs)?;
     assign_desc_ids(procs)?;
     settle_pipes(procs)
+}
+
+/// Processes (not threads) sharing one fd table or one address space would be restored as
+/// separate copies: refused. Only processes with the same fd numbers (or the same mappings)
+/// can share them, so only those are compared.
+fn refuse_shared_tables(procs: &[proto::Process]) -> Result<(), CheckpointError> {
+    let live: Vec<&proto::Process> = procs.iter().filter(|p| !p.zombie).collect();
+    let mut by_fds: BTreeMap<Vec<u32>, Vec<i32>> = BTreeMap::new();
+    let mut by_vmas: BTreeMap<Vec<(u64, u64)>, Vec<i32>> = BTreeMap::new();
+    for p in &live {
+        let fds = p.fds.iter().map(|f| f.fd).collect();
+        by_fds.entry(fds).or_default().push(p.pid as i32);
+        let vmas = p.vmas.iter().map(|v| (v.start, v.end)).collect();
+        by_vmas.entry(vmas).or_default().push(p.pid as i32);
+    }
+    let groups = by_fds
+        .values()
+        .map(|g| (g, files::Shared::FdTable, "one fd table (CLONE_FILES)"))
+        .chain(by_vmas.values().map(|g| {
+            (
+                g,
+                files::Shared::AddressSpace,
+                "one address space (vfork or CLONE_VM)",
+            )
+        }));
+    for (group, what, name) in groups {
+        for (k, &a) in group.iter().enumerate() {
+            for &b in &group[k + 1..] {
+                if files::share(a, b, what)? {
+                    return Err(CheckpointError::unsupported(
+                        b,
+                        format!("it shares {name} with process {a}, which is not supported yet"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn assign_desc_ids(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {

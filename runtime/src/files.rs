@@ -5,6 +5,34 @@ use crate::error::{Result, RuntimeError};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const KCMP_FILE: libc::c_long = 0;
+const KCMP_VM: libc::c_long = 1;
+const KCMP_FILES: libc::c_long = 2;
+
+/// What two processes may share besides single files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shared {
+    /// One address space (clone(CLONE_VM) without CLONE_THREAD, as vfork leaves it).
+    AddressSpace,
+    /// One fd table (clone(CLONE_FILES) without CLONE_THREAD).
+    FdTable,
+}
+
+/// Whether processes `pid1` and `pid2` share `what`.
+pub fn share(pid1: i32, pid2: i32, what: Shared) -> Result<bool> {
+    let kind = match what {
+        Shared::AddressSpace => KCMP_VM,
+        Shared::FdTable => KCMP_FILES,
+    };
+    // SAFETY: kcmp takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, 0, 0) };
+    if r < 0 {
+        return Err(RuntimeError::last_os(
+            "kcmp",
+            format!("pids {pid1} and {pid2} ({what:?})"),
+        ));
+    }
+    Ok(r == 0)
+}
 
 /// Whether fd `fd1` of `pid1` and fd `fd2` of `pid2` are one open file description.
 pub fn same_description(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Result<bool> {
