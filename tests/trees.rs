@@ -231,3 +231,94 @@ fn wl_tree_pipes_keep_their_buffered_bytes() {
     assert!(r.wait().expect("stasis restore").success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const FIFO_PY: &str = r#"
+import os, sys, hashlib
+path = sys.argv[1]
+os.mkfifo(path)
+r = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+w = os.open(path, os.O_WRONLY)
+os.set_blocking(r, True)
+os.write(w, bytes(range(256)) * 20)
+go_r, go_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    os.read(go_r, 1)
+    os.write(w, b"z" * 1000)
+    os._exit(0)
+os.close(w)
+print("ready", flush=True)
+sys.stdin.readline()
+os.write(go_w, b"g")
+data = b""
+while len(data) < 6120:
+    data += os.read(r, 6120 - len(data))
+os.set_blocking(r, False)
+try:
+    extra = len(os.read(r, 100))
+except BlockingIOError:
+    extra = 0
+_, st = os.waitpid(pid, 0)
+print(len(data), extra, st, hashlib.sha256(data).hexdigest(), flush=True)
+"#;
+
+/// A FIFO holding 5120 bytes, its read end in the parent and its write end in a child: after
+/// the restore the parent reads those bytes and the child's later 1000, exactly once.
+#[test]
+fn fifo_keeps_its_buffered_bytes_across_two_processes() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("fifo");
+    let fifo = dir.join("f");
+    let mut cmd = shell("exec python3 -c \"$0\" \"$1\"", &dir);
+    cmd.arg(FIFO_PY).arg(&fifo).stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("python3");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+    let img = dir.join("fifo.img");
+    let tree = descendants(child.id() as i32);
+    stasis_ok(&[
+        "checkpoint",
+        &child.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    child.wait().expect("reap original");
+    reap_orphans(&tree);
+    let (procs, buffered) = tree_facts(&img);
+    assert_eq!(
+        (procs, buffered),
+        (2, 5120),
+        "parent and child; bytes in the FIFO"
+    );
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.send("go");
+    let mut got = String::new();
+    pipes.stdout.read_to_string(&mut got).expect("read");
+    assert!(r.wait().expect("restore").success());
+    let mut expected: Vec<u8> = (0..20).flat_map(|_| 0..=255u8).collect();
+    expected.extend(std::iter::repeat_n(b'z', 1000));
+    let digest = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(&expected)?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    let digest = String::from_utf8_lossy(&digest.stdout);
+    let digest = digest.split_whitespace().next().unwrap_or_default();
+    assert_eq!(
+        got.trim(),
+        format!("6120 0 0 {digest}"),
+        "what the restored reader got"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

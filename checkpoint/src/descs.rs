@@ -98,15 +98,20 @@ fn assign_desc_ids(procs: &mut [proto::Process]) -> Result<(), CheckpointError> 
 }
 
 fn settle_pipes(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
-    let mut pipes: BTreeMap<u64, Vec<At>> = BTreeMap::new();
+    // (is a FIFO, inode) → its ends in the tree.
+    let mut pipes: BTreeMap<(bool, u64), Vec<At>> = BTreeMap::new();
     for (i, p) in procs.iter().enumerate() {
         for (j, f) in p.fds.iter().enumerate() {
-            if f.kind() == FdKind::Pipe {
-                pipes.entry(f.pipe_id).or_default().push((i, j));
+            if matches!(f.kind(), FdKind::Pipe | FdKind::Fifo) {
+                let fifo = f.kind() == FdKind::Fifo;
+                pipes.entry((fifo, f.pipe_id)).or_default().push((i, j));
             }
         }
     }
-    for (id, ends) in pipes {
+    for ((fifo, id), ends) in pipes {
+        if fifo {
+            refuse_fifo_open_outside(procs, &ends)?;
+        }
         let acc = |&(i, j): &At| procs[i].fds[j].flags & libc::O_ACCMODE as u32;
         let reader = ends
             .iter()
@@ -140,18 +145,44 @@ fn settle_pipes(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
                 let (copy, what) = copy_of(r)?;
                 let (size, data) = files::pipe_contents(&copy, &what)?;
                 let first = ends.iter().map(|at| at.0).min().unwrap_or(r.0);
-                procs[first].pipes.push(proto::Pipe { id, size, data });
+                let fifo_path = if fifo {
+                    procs[r.0].fds[r.1].path.clone()
+                } else {
+                    String::new()
+                };
+                procs[first].pipes.push(proto::Pipe {
+                    id,
+                    size,
+                    data,
+                    fifo_path,
+                });
             }
             None if whole => {
                 // Only writers, and no reader anywhere: nothing buffered can ever be read.
                 let (copy, what) = copy_of(writer.unwrap_or(ends[0]))?;
                 let size = files::pipe_size(&copy, &what)?;
                 let first = ends.iter().map(|at| at.0).min().unwrap_or(0);
+                let w = writer.unwrap_or(ends[0]);
                 procs[first].pipes.push(proto::Pipe {
                     id,
                     size,
                     data: Vec::new(),
+                    fifo_path: if fifo {
+                        procs[w.0].fds[w.1].path.clone()
+                    } else {
+                        String::new()
+                    },
                 });
+            }
+            _ if fifo => {
+                let (i, j) = ends[0];
+                return Err(CheckpointError::unsupported(
+                    procs[i].pid as i32,
+                    format!(
+                        "fd {} is FIFO {} with only one end open in the tree",
+                        procs[i].fds[j].fd, procs[i].fds[j].path
+                    ),
+                ));
             }
             _ => {
                 // One end is outside the tree: only a shell job's standard I/O may be that.
@@ -173,6 +204,43 @@ fn settle_pipes(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
                 }
                 for &(i, j) in &ends {
                     procs[i].fds[j].kind = FdKind::Inherited as i32;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A FIFO's buffer lives as long as anyone holds it open: if a process outside the tree
+/// does, the restored tree would reopen that same buffer and find the saved bytes twice.
+/// Every process's fds are searched for it (only when the tree holds a FIFO).
+fn refuse_fifo_open_outside(procs: &[proto::Process], ends: &[At]) -> Result<(), CheckpointError> {
+    let (i, j) = ends[0];
+    let path = format!("/proc/{}/fd/{}", procs[i].pid, procs[i].fds[j].fd);
+    let meta =
+        std::fs::metadata(&path).map_err(|e| CheckpointError::Io(format!("stat {path}"), e))?;
+    let ours: Vec<u32> = procs.iter().map(|p| p.pid).collect();
+    let dirs = std::fs::read_dir("/proc").map_err(|e| CheckpointError::Io("/proc".into(), e))?;
+    for d in dirs.flatten() {
+        let Some(pid) = d.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if ours.contains(&pid) || pid == std::process::id() {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(d.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(m) = std::fs::metadata(fd.path()) {
+                if (m.dev(), m.ino()) == (meta.dev(), meta.ino()) {
+                    return Err(CheckpointError::unsupported(
+                        procs[i].pid as i32,
+                        format!(
+                            "fd {} is FIFO {}, which process {pid} outside the tree also has open",
+                            procs[i].fds[j].fd, procs[i].fds[j].path
+                        ),
+                    ));
                 }
             }
         }

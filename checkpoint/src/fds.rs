@@ -5,7 +5,7 @@ use crate::ghosts::{is_ghost_link, Ghosts};
 use crate::vmas::file_id;
 use stasis_image::proto::{self, FdKind};
 use stasis_runtime::procfs;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 /// Character devices that are reopened by path.
 const REOPENABLE_DEVICES: [&str; 5] = [
@@ -96,7 +96,12 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
         out.inherited_from = target.clone();
         Ok(out)
     } else if ft.is_fifo() {
-        Err(unsupported("a FIFO"))
+        // A named pipe: reopened by path; its buffer is settled with the tree's pipes.
+        out.kind = FdKind::Fifo as i32;
+        out.path = target.clone();
+        out.pipe_id = meta.ino();
+        out.file = Some(file_id(&meta));
+        Ok(out)
     } else if ft.is_char_device() {
         Err(unsupported("a character device"))
     } else {

@@ -112,8 +112,9 @@ struct Descs {
     fds: Vec<OwnedFd>,
     /// desc_id → our fd.
     by_id: BTreeMap<u32, i32>,
-    /// pipe id → (read end, write end, read end handed out, write end handed out).
-    pipes: BTreeMap<u64, (i32, i32, bool, bool)>,
+    /// (is a FIFO, pipe id) → (read end, write end, read end handed out, write end handed
+    /// out). For a FIFO both are one O_RDWR holder; its fds are opened by path.
+    pipes: BTreeMap<(bool, u64), (i32, i32, bool, bool)>,
 }
 
 impl Descs {
@@ -140,19 +141,45 @@ impl Descs {
     }
 
     fn create_pipe(&mut self, p: &proto::Process, pipe: &proto::Pipe) -> Result<(), RestoreError> {
-        if self.pipes.contains_key(&pipe.id) {
+        let fifo = !pipe.fifo_path.is_empty();
+        if self.pipes.contains_key(&(fifo, pipe.id)) {
             return Err(RestoreError::Invalid(format!(
                 "pipe {} is stored twice",
                 pipe.id
             )));
         }
-        let mut ends = [0i32; 2];
-        // SAFETY: ends is a valid array of two c_ints for pipe2 to fill.
-        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-            return Err(os_err(format!("process {}: pipe2", p.pid)));
-        }
-        let rd = self.place_owned(ends[0], "pipe read end")?;
-        let wr = self.place_owned(ends[1], "pipe write end")?;
+        let (rd, wr) = if fifo {
+            // A holder open for both reading and writing: no open of it can block, and its
+            // buffer must be empty (nobody else may have it open).
+            let c = cstr(&pipe.fifo_path, "FIFO path")?;
+            // SAFETY: c is a valid C string.
+            let raw = unsafe {
+                libc::open(
+                    c.as_ptr(),
+                    libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                )
+            };
+            let what = format!("process {}: opening FIFO {}", p.pid, pipe.fifo_path);
+            let fd = self.place_owned(raw, &what)?;
+            let mut queued: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one c_int to a local.
+            if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } != 0 || queued != 0 {
+                return Err(RestoreError::Unsupported(format!(
+                    "{what}: it already holds {queued} bytes (another process has it open)"
+                )));
+            }
+            (fd, fd)
+        } else {
+            let mut ends = [0i32; 2];
+            // SAFETY: ends is a valid array of two c_ints for pipe2 to fill.
+            if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+                return Err(os_err(format!("process {}: pipe2", p.pid)));
+            }
+            (
+                self.place_owned(ends[0], "pipe read end")?,
+                self.place_owned(ends[1], "pipe write end")?,
+            )
+        };
         // SAFETY: fcntl on our own pipe; no pointers.
         let size = unsafe { libc::fcntl(wr, libc::F_GETPIPE_SZ) };
         if pipe.size as i32 != size {
@@ -187,7 +214,7 @@ impl Descs {
             }
             done += n as usize;
         }
-        self.pipes.insert(pipe.id, (rd, wr, false, false));
+        self.pipes.insert((fifo, pipe.id), (rd, wr, fifo, fifo));
         Ok(())
     }
 
@@ -240,7 +267,7 @@ impl Descs {
             }
             FdKind::Pipe => {
                 let reading = f.flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
-                let entry = self.pipes.get_mut(&f.pipe_id).ok_or_else(|| {
+                let entry = self.pipes.get_mut(&(false, f.pipe_id)).ok_or_else(|| {
                     RestoreError::Invalid(format!(
                         "process {}: fd {} is an end of pipe {}, which the image does not hold",
                         p.pid, f.fd, f.pipe_id
@@ -265,7 +292,25 @@ impl Descs {
                 set_status(fd, status, p, f)?;
                 fd
             }
-            FdKind::Fifo | FdKind::Unspecified => {
+            FdKind::Fifo => {
+                // Refilled through the holder; every description is opened anew by path.
+                if !self.pipes.contains_key(&(true, f.pipe_id)) {
+                    return Err(RestoreError::Invalid(format!(
+                        "process {}: fd {} is FIFO {}, which the image does not hold",
+                        p.pid, f.fd, f.path
+                    )));
+                }
+                let c = cstr(&f.path, "FIFO path")?;
+                let acc = (f.flags & libc::O_ACCMODE as u32) as i32;
+                // SAFETY: c is a valid C string.
+                let raw =
+                    unsafe { libc::open(c.as_ptr(), acc | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+                let fd =
+                    self.place_owned(raw, &format!("process {}: opening FIFO {}", p.pid, f.path))?;
+                set_status(fd, status, p, f)?;
+                fd
+            }
+            FdKind::Unspecified => {
                 return Err(RestoreError::Invalid(format!(
                     "process {}: fd {} has kind {:?}, which this version cannot restore",
                     p.pid,

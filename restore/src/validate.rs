@@ -269,6 +269,18 @@ fn check_files(p: &proto::Process, ghosts: &[&proto::GhostFile]) -> Result<(), R
             }
             continue;
         }
+        if f.kind() == proto::FdKind::Fifo {
+            use std::os::unix::fs::FileTypeExt;
+            match std::fs::metadata(&f.path) {
+                Ok(m) if m.file_type().is_fifo() => {}
+                _ => {
+                    return Err(RestoreError::Unsupported(format!(
+                        "process {pid}: fd {} was FIFO {}, which is no longer a FIFO there",
+                        f.fd, f.path
+                    )))
+                }
+            }
+        }
         if matches!(f.kind(), proto::FdKind::Regular | proto::FdKind::CharDevice) {
             if let Err(e) = std::fs::metadata(&f.path) {
                 return Err(RestoreError::Unsupported(format!(
