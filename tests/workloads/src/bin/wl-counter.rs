@@ -135,10 +135,11 @@ fn fork_children(ctx: &mut Ctx, n: u64, data: &mut [u64]) -> Vec<Child> {
     for i in 0..n {
         let mut cmd = [0i32; 2];
         let mut res = [0i32; 2];
-        // SAFETY: valid arrays for pipe2.
-        if unsafe { libc::pipe2(cmd.as_mut_ptr(), libc::O_CLOEXEC) } != 0
-            || unsafe { libc::pipe2(res.as_mut_ptr(), libc::O_CLOEXEC) } != 0
-        {
+        // SAFETY: a valid array for pipe2.
+        let a = unsafe { libc::pipe2(cmd.as_mut_ptr(), libc::O_CLOEXEC) };
+        // SAFETY: as above.
+        let b = unsafe { libc::pipe2(res.as_mut_ptr(), libc::O_CLOEXEC) };
+        if a != 0 || b != 0 {
             let e = sys::os_err("pipe2");
             ctx.fail_exit(&format!("setup: {e}"));
         }
