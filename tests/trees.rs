@@ -322,3 +322,114 @@ fn fifo_keeps_its_buffered_bytes_across_two_processes() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A tree whose root's PID is free but one child's is taken is refused before any process
+/// is created: no half-restored tree.
+#[test]
+fn a_taken_child_pid_refuses_the_whole_restore() {
+    init();
+    let dir = scratch("takenchild");
+    let mut child = shell("sleep 100 & sleep 100 & wait", &dir)
+        .spawn()
+        .expect("sh");
+    let pid = child.id() as i32;
+    assert!(wait_for_tree(pid, &["sleep"], 2));
+    let kids = descendants(pid);
+    let img = dir.join("t.img");
+    let imgs = img.to_str().expect("utf8");
+    stasis_ok(&[
+        "checkpoint",
+        &pid.to_string(),
+        "-o",
+        imgs,
+        "--leave-running",
+    ]);
+    // Only the root goes; its children run on (orphans of this test).
+    kill(pid);
+    child.wait().expect("reap root");
+    let out = run_stasis(&["restore", imgs]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        kids.iter().any(|k| err.contains(&format!("PID {k}"))) && err.contains("in use"),
+        "the error must name the taken PID: {err}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the root must not have been created"
+    );
+    for &k in &kids {
+        assert!(running_untraced(k), "child {k} must be untouched");
+        kill(k);
+    }
+    reap_orphans(&kids);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const THREADS_PY: &str = r#"
+import sys, threading, hashlib
+results = {}
+def work(i):
+    h = hashlib.sha256()
+    for k in range(150000):
+        h.update(b"%d-%d" % (i, k))
+    results[i] = h.hexdigest()
+print("ready", flush=True)
+sys.stdin.readline()
+ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(sorted(results.items()), flush=True)
+"#;
+
+/// A multithreaded CPython program as the child of a shell, caught while its four threads
+/// compute: the tree comes back and finishes with the same result.
+#[test]
+fn threaded_cpython_under_a_shell_finishes_the_same() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("pythreads");
+    let script = "python3 -c \"$0\"; echo exit $?";
+    let run = || {
+        let mut cmd = shell(script, &dir);
+        cmd.arg(THREADS_PY).stdin(Stdio::piped());
+        let mut child = cmd.spawn().expect("sh");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+        assert_eq!(line.trim(), "ready");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("go");
+        (child, out)
+    };
+    let (mut c, mut out) = run();
+    let mut expected = String::new();
+    out.read_to_string(&mut expected).expect("read");
+    c.wait().expect("reap");
+    assert!(expected.ends_with("exit 0\n"), "{expected}");
+    let (c, _out) = run();
+    std::thread::sleep(Duration::from_millis(150));
+    let img = dir.join("py.img");
+    let got = checkpoint_kill_restore(c, &img);
+    let v = inspect(&img);
+    let threads = v["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| p["threads"].as_array().map_or(0, Vec::len))
+        .max()
+        .unwrap_or(0);
+    assert!(threads >= 5, "python was caught with {threads} threads");
+    assert_eq!(
+        got, expected,
+        "the restored threads computed something else"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
