@@ -433,3 +433,72 @@ fn threaded_cpython_under_a_shell_finishes_the_same() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const MEMFD_PY: &str = r#"
+import os, sys, mmap
+fd = os.memfd_create("shared-buf")
+os.ftruncate(fd, 65536)
+m = mmap.mmap(fd, 65536)
+m[0:5] = b"start"
+go_r, go_w = os.pipe()
+done_r, done_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    m[100:105] = b"child"
+    os.read(go_r, 1)
+    # After the restore: what the parent wrote must be visible here, through this mapping.
+    seen = bytes(m[200:206])
+    m[300:306] = b"answer"
+    os.write(done_w, seen)
+    os._exit(0)
+while bytes(m[100:105]) != b"child":
+    pass
+print("ready", flush=True)
+sys.stdin.readline()
+m[200:206] = b"parent"
+os.write(go_w, b"g")
+seen = os.read(done_r, 6)
+os.waitpid(pid, 0)
+with open(f"/proc/self/fd/{fd}", "rb") as f:
+    via_fd = f.read(5)
+print(bytes(m[0:5]), bytes(m[100:105]), seen, bytes(m[300:306]), via_fd, flush=True)
+"#;
+
+/// A memfd mapped shared by a parent and its child (and held as an fd): restored once, so
+/// both still see each other's writes after the restore.
+#[test]
+fn memfd_shared_by_two_processes_stays_shared() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("memfd");
+    let mut cmd = shell("exec python3 -c \"$0\"", &dir);
+    cmd.arg(MEMFD_PY).stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("python3");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+    let img = dir.join("memfd.img");
+    let tree = descendants(child.id() as i32);
+    stasis_ok(&[
+        "checkpoint",
+        &child.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    child.wait().expect("reap original");
+    reap_orphans(&tree);
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.send("go");
+    let mut got = String::new();
+    pipes.stdout.read_to_string(&mut got).expect("read");
+    assert!(r.wait().expect("restore").success());
+    assert_eq!(
+        got.trim(),
+        "b'start' b'child' b'parent' b'answer' b'start'",
+        "writes must cross between the restored processes"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
