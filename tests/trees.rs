@@ -502,3 +502,113 @@ fn memfd_shared_by_two_processes_stays_shared() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const SHARED_FD_TABLE_C: &str = r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static char stack[65536];
+static int p2c[2], c2p[2];
+static int child(void *arg) {
+    (void)arg;
+    char b[16];
+    int n = read(p2c[0], b, sizeof b - 1);
+    if (n <= 0) _exit(2);
+    b[n] = 0;
+    int fd = atoi(b);
+    char ok = fcntl(fd, F_GETFD) >= 0 ? 'Y' : 'N';
+    close(fd);
+    write(c2p[1], &ok, 1);
+    _exit(0);
+}
+int main(void) {
+    if (pipe(p2c) || pipe(c2p)) return 4;
+    int pid = clone(child, stack + sizeof stack, CLONE_FILES | SIGCHLD, 0);
+    printf("ready %d\n", pid);
+    fflush(stdout);
+    char line[16];
+    if (!fgets(line, sizeof line, stdin)) return 3;
+    int fd = open("/dev/null", O_RDONLY);
+    char b[16];
+    int n = snprintf(b, sizeof b, "%d", fd);
+    write(p2c[1], b, n);
+    char ok = 0;
+    read(c2p[0], &ok, 1);
+    int closed = fcntl(fd, F_GETFD) < 0;
+    int st;
+    waitpid(pid, &st, __WALL);
+    printf("child saw %c, closed by child %d, status %d\n", ok, closed, st);
+    return 0;
+}
+"#;
+
+/// A parent and a child made with clone(CLONE_FILES) share one fd table: after the restore
+/// an fd the parent opens is there for the child, and the child's close closes it for both.
+#[test]
+fn an_fd_table_shared_with_a_child_stays_shared() {
+    if !have("cc") {
+        return;
+    }
+    init();
+    let dir = scratch("clonefiles");
+    std::fs::write(dir.join("c.c"), SHARED_FD_TABLE_C).expect("write");
+    let ok = Command::new("cc")
+        .args(["-o", "clonefiles", "c.c"])
+        .current_dir(&dir)
+        .status()
+        .expect("cc");
+    assert!(ok.success());
+    let start = || {
+        let mut cmd = shell("exec ./clonefiles", &dir);
+        cmd.stdin(Stdio::piped());
+        let mut child = cmd.spawn().expect("clonefiles");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+        assert!(line.starts_with("ready "), "{line}");
+        (child, out)
+    };
+    let expected = "child saw Y, closed by child 1, status 0\n";
+    let (mut c, mut out) = start();
+    {
+        use std::io::Write;
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("go");
+    }
+    let mut reference = String::new();
+    out.read_to_string(&mut reference).expect("read");
+    c.wait().expect("reap");
+    assert_eq!(reference, expected, "uninterrupted run");
+
+    let (c, _out) = start();
+    let pid = c.id().to_string();
+    let img = dir.join("x.img");
+    let tree = descendants(c.id() as i32);
+    let mut c = c;
+    stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    c.wait().expect("reap original");
+    reap_orphans(&tree);
+    let v = inspect(&img);
+    let shared = v["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["files_shared_with_parent"].as_bool() == Some(true))
+        .count();
+    assert_eq!(shared, 1, "the child's table is its parent's");
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.send("go");
+    let mut got = String::new();
+    pipes.stdout.read_to_string(&mut got).expect("read");
+    assert!(r.wait().expect("restore").success());
+    assert_eq!(got, expected, "after the restore");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,41 +14,70 @@ type At = (usize, usize);
 /// Gives every fd its desc_id, and settles every pipe: kept (with its bytes stored in the
 /// first process holding an end), inherited (standard I/O to outside the tree), or refused.
 pub fn link(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
-    refuse_shared_tables(procs)?;
+    settle_shared_tables(procs)?;
     assign_desc_ids(procs)?;
     settle_pipes(procs)
 }
 
-/// Processes (not threads) sharing one fd table or one address space would be restored as
-/// separate copies: refused. Only processes with the same fd numbers (or the same mappings)
-/// can share them, so only those are compared.
-fn refuse_shared_tables(procs: &[proto::Process]) -> Result<(), CheckpointError> {
-    let live: Vec<&proto::Process> = procs.iter().filter(|p| !p.zombie).collect();
-    let mut by_fds: BTreeMap<Vec<u32>, Vec<i32>> = BTreeMap::new();
-    let mut by_vmas: BTreeMap<Vec<(u64, u64)>, Vec<i32>> = BTreeMap::new();
-    for p in &live {
-        let fds = p.fds.iter().map(|f| f.fd).collect();
-        by_fds.entry(fds).or_default().push(p.pid as i32);
-        let vmas = p.vmas.iter().map(|v| (v.start, v.end)).collect();
-        by_vmas.entry(vmas).or_default().push(p.pid as i32);
+/// Processes (not threads) sharing one fd table are kept that way when the sharer is a child
+/// of the table's other holder (clone(CLONE_FILES), as a parent makes it); any other sharing,
+/// and processes sharing one address space, are refused. Only processes with the same fd
+/// numbers (or the same mappings) can share them, so only those are compared.
+fn settle_shared_tables(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+    let index: BTreeMap<u32, usize> = procs.iter().enumerate().map(|(i, p)| (p.pid, i)).collect();
+    for i in 0..procs.len() {
+        let parent = index.get(&procs[i].ppid).copied();
+        if let Some(j) = parent.filter(|&j| !procs[j].zombie && !procs[i].zombie) {
+            let (a, b) = (procs[j].pid as i32, procs[i].pid as i32);
+            procs[i].files_shared_with_parent = files::share(a, b, files::Shared::FdTable)?;
+        }
     }
-    let groups = by_fds
-        .values()
-        .map(|g| (g, files::Shared::FdTable, "one fd table (CLONE_FILES)"))
-        .chain(by_vmas.values().map(|g| {
-            (
-                g,
-                files::Shared::AddressSpace,
-                "one address space (vfork or CLONE_VM)",
-            )
-        }));
-    for (group, what, name) in groups {
+    // The holder a process's table comes from: follow shared-with-parent links up.
+    let top = |mut i: usize| {
+        while procs[i].files_shared_with_parent {
+            match index.get(&procs[i].ppid) {
+                Some(&j) => i = j,
+                None => break,
+            }
+        }
+        i
+    };
+    let live: Vec<usize> = (0..procs.len()).filter(|&i| !procs[i].zombie).collect();
+    let mut by_fds: BTreeMap<Vec<u32>, Vec<usize>> = BTreeMap::new();
+    let mut by_vmas: BTreeMap<Vec<(u64, u64)>, Vec<usize>> = BTreeMap::new();
+    for &i in &live {
+        let fds = procs[i].fds.iter().map(|f| f.fd).collect();
+        by_fds.entry(fds).or_default().push(i);
+        let vmas = procs[i].vmas.iter().map(|v| (v.start, v.end)).collect();
+        by_vmas.entry(vmas).or_default().push(i);
+    }
+    for group in by_fds.values() {
         for (k, &a) in group.iter().enumerate() {
             for &b in &group[k + 1..] {
-                if files::share(a, b, what)? {
+                let (pa, pb) = (procs[a].pid as i32, procs[b].pid as i32);
+                if top(a) != top(b) && files::share(pa, pb, files::Shared::FdTable)? {
                     return Err(CheckpointError::unsupported(
-                        b,
-                        format!("it shares {name} with process {a}, which is not supported yet"),
+                        pb,
+                        format!(
+                            "it shares one fd table with process {pa}, which is not its parent \
+                             (not supported yet)"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    for group in by_vmas.values() {
+        for (k, &a) in group.iter().enumerate() {
+            for &b in &group[k + 1..] {
+                let (pa, pb) = (procs[a].pid as i32, procs[b].pid as i32);
+                if files::share(pa, pb, files::Shared::AddressSpace)? {
+                    return Err(CheckpointError::unsupported(
+                        pb,
+                        format!(
+                            "it shares one address space with process {pa} (vfork or \
+                             CLONE_VM), which is not supported yet"
+                        ),
                     ));
                 }
             }

@@ -119,6 +119,7 @@ pub struct ProcessReport {
     pub wait_status: u32,
     pub child_subreaper: bool,
     pub pdeathsig: u32,
+    pub files_shared_with_parent: bool,
     pub pipes: Vec<PipeReport>,
 }
 
@@ -453,6 +454,7 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
         wait_status: p.wait_status,
         child_subreaper: p.child_subreaper,
         pdeathsig: p.pdeathsig,
+        files_shared_with_parent: p.files_shared_with_parent,
         pipes: p
             .pipes
             .iter()
@@ -640,6 +642,9 @@ impl fmt::Display for InspectReport {
             }
             if p.child_subreaper {
                 notes.push("child subreaper".to_string());
+            }
+            if p.files_shared_with_parent {
+                notes.push("fd table shared with its parent".to_string());
             }
             if p.pdeathsig != 0 {
                 notes.push(format!("pdeathsig {}", p.pdeathsig));

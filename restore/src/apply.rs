@@ -35,6 +35,7 @@ pub fn apply(
     procs: &[&proto::Process],
     plan: crate::plan::Plan,
     ghosts: &crate::ghosts::Recreated,
+    shmem: &crate::shmem::SharedObjects,
 ) -> Result<Written, RestoreError> {
     let root = procs.first().map_or(0, |p| p.pid as i32);
     let tree = spawn::spawn_tree(&plan.spec).map_err(|source| RestoreError::Apply {
@@ -61,7 +62,7 @@ pub fn apply(
                 pid: s.pid,
                 scratch: plan.spec.trampoline + PAGE_SIZE,
                 spec: &plan.spec,
-                shmem_fds: &plan.shmem_fds,
+                shmem,
                 ghosts,
                 extra: Vec::new(),
             };
@@ -110,8 +111,8 @@ struct Builder<'a> {
     pid: i32,
     scratch: u64,
     spec: &'a TreeSpec,
-    /// shmem_id → the object's fd in the new process (until mapped).
-    shmem_fds: &'a std::collections::BTreeMap<u64, i32>,
+    /// The shared memory objects, opened by each process through /proc/<stasis>/fd/N.
+    shmem: &'a crate::shmem::SharedObjects,
     ghosts: &'a crate::ghosts::Recreated,
     /// Injectors of the threads after the main one, in image order.
     extra: Vec<Injector>,
@@ -170,16 +171,18 @@ impl Builder<'_> {
                 &[r.abi_pointer, r.abi_size as u64, 1, r.signature as u64],
             )?;
         }
-        self.inj
-            .raw(libc::SYS_close, &[ctl_fd as u64])
-            .map_err(|e| self.err(e))?;
+        // A process sharing its parent's fd table has no control pipe of its own.
+        if ctl_fd >= 0 {
+            self.inj
+                .raw(libc::SYS_close, &[ctl_fd as u64])
+                .map_err(|e| self.err(e))?;
+        }
         let vdso_block = self.clear_address_space()?;
         self.place_vdso(p, &vdso_block)?;
         // The exe link can only change while the old executable (stasis) is unmapped and
         // before the target maps its own executable, which may be the same file.
         self.set_mm(p)?;
         let fixups = self.map_vmas(p)?;
-        self.close_shmem_fds(p)?;
         let written = pages::write_pages(image, p, self.pid)?;
         self.finish_vmas(&fixups)?;
         self.set_sigactions(p)?;
@@ -277,22 +280,6 @@ impl Builder<'_> {
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
-    }
-
-    /// Closes the shared memory objects' fds once every mapping of them is made.
-    fn close_shmem_fds(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
-        let mut fds: Vec<i32> = p
-            .vmas
-            .iter()
-            .filter(|v| v.kind() == VmaKind::AnonShared)
-            .filter_map(|v| self.shmem_fds.get(&v.shmem_id).copied())
-            .collect();
-        fds.sort_unstable();
-        fds.dedup();
-        for fd in fds {
-            self.call("close(shared memory)", libc::SYS_close, &[fd as u64])?;
-        }
-        Ok(())
     }
 
     /// Runs `f` with the injector of every thread in turn (main first).
@@ -547,14 +534,26 @@ impl Builder<'_> {
                 }
                 VmaKind::AnonShared => {
                     // The object made once for the tree, at its offset: shared again.
-                    let fd = self.shmem_fds.get(&v.shmem_id).copied().ok_or_else(|| {
-                        RestoreError::Invalid(format!(
-                            "shared memory object {} is unknown",
-                            v.shmem_id
-                        ))
-                    })?;
+                    let path = format!(
+                        "/proc/{}/fd/{}",
+                        std::process::id(),
+                        self.shmem.fd(v.shmem_id)?
+                    );
+                    let path = self.poke_str(&path)?;
+                    let fd = self.call(
+                        "openat(shared memory)",
+                        libc::SYS_openat,
+                        &[
+                            libc::AT_FDCWD as u64,
+                            path,
+                            (libc::O_RDWR | libc::O_CLOEXEC) as u64,
+                            0,
+                        ],
+                    )?;
                     let flags = libc::MAP_SHARED as u64 | fixed;
-                    self.mmap(v.start, len, rw, flags, fd as u64, v.pgoff)?;
+                    let r = self.mmap(v.start, len, rw, flags, fd, v.pgoff);
+                    self.call("close", libc::SYS_close, &[fd])?;
+                    r?;
                     fixups.push((v.start, len, v.prot));
                 }
                 VmaKind::FilePrivate | VmaKind::FileShared => {

@@ -86,7 +86,7 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
         }
     }
     let pid_wait_us = tw.elapsed().as_micros() as u64;
-    let written = apply::apply(image, &procs, plan, &ghosts)?;
+    let written = apply::apply(image, &procs, plan, &ghosts, &shmem)?;
     Ok(Stats {
         pid,
         processes: procs.len() as u64,

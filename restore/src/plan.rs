@@ -27,8 +27,6 @@ pub struct Plan {
     /// Open file descriptions (files, pipe ends, shared memory) prepared for the tree, at
     /// numbers above every target fd; closed once the tree has inherited them.
     pub descs: Vec<OwnedFd>,
-    /// shmem_id → the fd number of the object in every new process (until mapped).
-    pub shmem_fds: BTreeMap<u64, i32>,
 }
 
 fn cstr(s: &str, what: &str) -> Result<CString, RestoreError> {
@@ -69,13 +67,14 @@ pub fn plan(
             d.create_pipe(p, pipe)?;
         }
     }
-    let mut shmem_fds = BTreeMap::new();
-    for (&id, fd) in &shmem.fds {
-        shmem_fds.insert(id, d.place(fd.as_raw_fd(), "shared memory object")?);
+    for p in procs {
+        for v in p.vmas.iter().filter(|v| v.kind() == VmaKind::AnonShared) {
+            shmem.fd(v.shmem_id)?;
+        }
     }
     let mut specs = Vec::with_capacity(procs.len());
     for p in procs {
-        specs.push(proc_spec(p, opts, ghosts, &mut d, &shmem_fds)?);
+        specs.push(proc_spec(procs, p, opts, ghosts, &mut d)?);
     }
     link_tree(procs, &mut specs)?;
     let len = stasis_runtime::PAGE_SIZE + SCRATCH_LEN;
@@ -87,7 +86,6 @@ pub fn plan(
             scratch_len: SCRATCH_LEN,
         },
         descs: d.fds,
-        shmem_fds,
     })
 }
 
@@ -338,11 +336,11 @@ fn set_status(fd: i32, status: i32, p: &proto::Process, f: &proto::Fd) -> Result
 }
 
 fn proc_spec(
+    procs: &[&proto::Process],
     p: &proto::Process,
     opts: &Options,
     ghosts: &crate::ghosts::Recreated,
     d: &mut Descs,
-    shmem_fds: &BTreeMap<u64, i32>,
 ) -> Result<ProcSpec, RestoreError> {
     let mut spec = ProcSpec {
         pid: p.pid as i32,
@@ -355,7 +353,7 @@ fn proc_spec(
         umask: p.umask,
         cwd: cstr(if p.zombie { "/" } else { &p.cwd }, "working directory")?,
         fds: Vec::new(),
-        keep: Vec::new(),
+        share_files: p.files_shared_with_parent,
     };
     if p.zombie {
         let st = p.wait_status as i32;
@@ -395,6 +393,24 @@ fn proc_spec(
             p.fds.len()
         )));
     }
+    if p.files_shared_with_parent {
+        // Its parent builds the one table they share; both must list the same fds.
+        let parent = procs.iter().find(|q| q.pid == p.ppid && !q.zombie);
+        let same = parent.is_some_and(|q| {
+            q.fds.len() == p.fds.len()
+                && q.fds
+                    .iter()
+                    .zip(&p.fds)
+                    .all(|(a, b)| a.fd == b.fd && a.desc_id == b.desc_id)
+        });
+        if !same {
+            return Err(RestoreError::Invalid(format!(
+                "process {} shares its parent's fd table, but their fds differ",
+                p.pid
+            )));
+        }
+        return Ok(spec);
+    }
     for f in &p.fds {
         let desc = d.open(p, f, opts, ghosts)?;
         spec.fds.push(FdPlan {
@@ -402,14 +418,6 @@ fn proc_spec(
             desc,
             cloexec: f.flags & libc::O_CLOEXEC as u32 != 0,
         });
-    }
-    for v in p.vmas.iter().filter(|v| v.kind() == VmaKind::AnonShared) {
-        let fd = shmem_fds.get(&v.shmem_id).copied().ok_or_else(|| {
-            RestoreError::Invalid(format!("shared memory object {} is unknown", v.shmem_id))
-        })?;
-        if !spec.keep.contains(&fd) {
-            spec.keep.push(fd);
-        }
     }
     Ok(spec)
 }

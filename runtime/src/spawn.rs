@@ -53,8 +53,9 @@ pub struct ProcSpec {
     pub umask: u32,
     pub cwd: CString,
     pub fds: Vec<FdPlan>,
-    /// Restorer fds that stay open at the same number (the injector closes them later).
-    pub keep: Vec<i32>,
+    /// It shares its parent's fd table (clone(CLONE_FILES)): it leaves the table alone and
+    /// its parent builds it.
+    pub share_files: bool,
 }
 
 /// The whole tree; `procs[0]` is the root.
@@ -79,7 +80,8 @@ impl TreeSpec {
 #[derive(Debug, Clone, Copy)]
 pub struct Spawned {
     pub pid: i32,
-    /// The fd number the control pipe has in it (close it by injection).
+    /// The fd number the control pipe has in it (close it by injection); -1 for a process
+    /// sharing its parent's fd table, which has none of its own.
     pub ctl_fd: i32,
 }
 
@@ -186,7 +188,7 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
     set_subreaper(true);
     // SAFETY: forks; the child branch only runs raw syscalls on memory prepared before the
     // fork and never returns.
-    let rc = unsafe { clone_with_pid(root) };
+    let rc = unsafe { clone_with_pid(root, 0) };
     if rc < 0 {
         set_subreaper(false);
         return Err(RuntimeError::sys(
@@ -214,7 +216,7 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
         if r.step == STEP_READY {
             ready.push(Spawned {
                 pid: p.pid,
-                ctl_fd: r.index as i32,
+                ctl_fd: if p.share_files { -1 } else { r.index as i32 },
             });
         }
     }
@@ -267,14 +269,16 @@ fn seize_stopped(pid: i32) -> Result<()> {
     }
 }
 
-/// clone3 with set_tid = [pid]: 0 in the child, the pid in the parent, -errno on failure.
+/// clone3 with set_tid = [pid] (and `flags`): 0 in the child, the pid in the parent, -errno
+/// on failure.
 ///
 /// # Safety
 /// Forks the calling process; the caller's child branch must not return into code that
 /// assumes the parent's threads exist.
-unsafe fn clone_with_pid(pid: i32) -> i64 {
+unsafe fn clone_with_pid(pid: i32, flags: u64) -> i64 {
     let set_tid: [libc::pid_t; 1] = [pid];
     let args = CloneArgs {
+        flags,
         exit_signal: libc::SIGCHLD as u64,
         set_tid: set_tid.as_ptr() as u64,
         set_tid_size: 1,
@@ -334,11 +338,48 @@ pub fn kill_and_reap(pid: i32) {
     kill_tree(pid, &[]);
 }
 
+/// How long the new processes may take to prepare themselves.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads reports until every process has closed the control pipe (bounded).
 fn read_reports(rd: OwnedFd) -> Result<Vec<Report>> {
     let mut file = File::from(rd);
     let mut all = Vec::new();
-    file.read_to_end(&mut all)
-        .map_err(|e| RuntimeError::sys("read", "restore control pipe", e))?;
+    let deadline = Instant::now() + PREPARE_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one pollfd on the stack.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(60_000) as libc::c_int) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(RuntimeError::sys("poll", "restore control pipe", e));
+        }
+        if n == 0 {
+            return Err(RuntimeError::Protocol {
+                op: "restore: prepare process tree",
+                pid: 0,
+                what: format!(
+                    "the new processes did not all report within {}s",
+                    PREPARE_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        let mut buf = [0u8; 4096];
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => all.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(RuntimeError::sys("read", "restore control pipe", e)),
+        }
+    }
     let size = std::mem::size_of::<Report>();
     Ok(all
         .chunks_exact(size)
@@ -476,13 +517,31 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
         }
         for &c in &p.children {
             let child = &spec.procs[c];
-            let rc = clone_with_pid(child.pid);
+            // A child sharing our fd table tells us on its own pipe when it is done with the
+            // table as it is now (it has reported on `wr`), before we rebuild it.
+            let mut sync = [-1i32; 2];
+            if child.share_files && libc::pipe2(sync.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                fail(wr, STEP_CLONE, c as u32);
+            }
+            let flags = if child.share_files {
+                libc::CLONE_FILES as u64
+            } else {
+                0
+            };
+            let rc = clone_with_pid(child.pid, flags);
             if rc == 0 {
+                SYNC_FD.store(sync[1], std::sync::atomic::Ordering::Relaxed);
                 child_main(spec, c, wr, max_target);
             }
             if rc < 0 {
                 *libc::__errno_location() = -rc as i32;
                 fail(wr, STEP_CLONE, c as u32);
+            }
+            if child.share_files {
+                let mut b = 0u8;
+                libc::read(sync[0], (&mut b as *mut u8).cast(), 1);
+                libc::close(sync[0]);
+                libc::close(sync[1]);
             }
             // The parent sets the child's group too, so a later sibling can join it.
             if let (Some(pgid), false) = (child.pgid, child.setsid) {
@@ -510,6 +569,18 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
                 libc::sigtimedwait(&chld, std::ptr::null_mut(), &zero);
             }
         }
+        if p.share_files {
+            // Everything but the fd table is ours; the table is our parent's to build.
+            if let Some((step, index)) = own_setup(spec, p) {
+                fail(wr, step, index);
+            }
+            report(wr, STEP_READY, 0, 0);
+            let sync = SYNC_FD.load(std::sync::atomic::Ordering::Relaxed);
+            libc::write(sync, b"s".as_ptr().cast(), 1);
+            loop {
+                libc::pause();
+            }
+        }
         // The control pipe moves above every target fd so building the table cannot clobber it.
         let ctl = libc::fcntl(wr, libc::F_DUPFD_CLOEXEC, max_target + 1);
         if ctl < 0 {
@@ -526,41 +597,46 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
                 libc::close(fd);
             }
         }
-        // Close everything above the targets but the control pipe and the kept fds.
-        let mut from = max_target + 1;
-        loop {
-            let next_kept = p
-                .keep
-                .iter()
-                .copied()
-                .chain(std::iter::once(ctl))
-                .filter(|&k| k >= from)
-                .min();
-            match next_kept {
-                Some(k) => {
-                    if k > from {
-                        libc::syscall(libc::SYS_close_range, from, k - 1, 0);
-                    }
-                    from = k + 1;
-                }
-                None => {
-                    libc::syscall(libc::SYS_close_range, from, u32::MAX, 0);
-                    break;
-                }
-            }
+        // Close everything above the targets but the control pipe.
+        if ctl > max_target + 1 {
+            libc::syscall(libc::SYS_close_range, max_target + 1, ctl - 1, 0);
         }
+        libc::syscall(libc::SYS_close_range, ctl + 1, u32::MAX, 0);
+        if let Some((step, index)) = own_setup(spec, p) {
+            fail(ctl, step, index);
+        }
+        report(ctl, STEP_READY, ctl as u32, 0);
+        libc::close(ctl);
+        loop {
+            libc::pause();
+        }
+    }
+}
+
+/// Write end of the pipe on which a process sharing its parent's fd table says it is done
+/// with the table (set in that child right after the fork; each process has its own copy).
+static SYNC_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// What every process sets up for itself: rlimits, umask, cwd and the trampoline.
+///
+/// # Safety
+/// As [`child_main`]: raw syscalls only, in the new process.
+/// Returns the failed (step, index), errno set.
+unsafe fn own_setup(spec: &TreeSpec, p: &ProcSpec) -> Option<(u32, u32)> {
+    // SAFETY: direct syscalls on memory valid in the child's copy.
+    unsafe {
         for (i, &(res, soft, hard)) in p.rlimits.iter().enumerate() {
             let lim = libc::rlimit {
                 rlim_cur: soft,
                 rlim_max: hard,
             };
             if libc::setrlimit(res as _, &lim) != 0 {
-                fail(ctl, STEP_RLIMIT, i as u32);
+                return Some((STEP_RLIMIT, i as u32));
             }
         }
         libc::umask(p.umask as libc::mode_t);
         if libc::chdir(p.cwd.as_ptr()) != 0 {
-            fail(ctl, STEP_CHDIR, 0);
+            return Some((STEP_CHDIR, 0));
         }
         let len = spec.trampoline_len() as usize;
         let addr = libc::mmap(
@@ -572,7 +648,7 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
             0,
         );
         if addr == libc::MAP_FAILED || addr as u64 != spec.trampoline {
-            fail(ctl, STEP_MMAP, 0);
+            return Some((STEP_MMAP, 0));
         }
         // syscall; int3
         let code = addr.cast::<u8>();
@@ -585,12 +661,8 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
             libc::PROT_READ | libc::PROT_EXEC,
         ) != 0
         {
-            fail(ctl, STEP_MPROTECT, 0);
-        }
-        report(ctl, STEP_READY, ctl as u32, 0);
-        libc::close(ctl);
-        loop {
-            libc::pause();
+            return Some((STEP_MPROTECT, 0));
         }
     }
+    None
 }
