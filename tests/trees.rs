@@ -612,3 +612,75 @@ fn an_fd_table_shared_with_a_child_stays_shared() {
     assert_eq!(got, expected, "after the restore");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `wl-tree` inside a new cgroup (cgroup2 or the v1 freezer hierarchy) and checks the
+/// checkpoint stops the tree through that cgroup's freezer, then restores it.
+fn tree_in_own_cgroup(hierarchy: &str) {
+    let base = Path::new("/sys/fs/cgroup").join(hierarchy);
+    let probe = if hierarchy == "unified" {
+        "cgroup.freeze"
+    } else {
+        "freezer.state"
+    };
+    let cg = base.join(format!("stasis-test-{}", std::process::id()));
+    if std::fs::create_dir(&cg).is_err() || !cg.join(probe).exists() {
+        eprintln!(
+            "SKIP: cannot make a cgroup with a freezer under {}",
+            base.display()
+        );
+        let _ = std::fs::remove_dir(&cg);
+        return;
+    }
+    let procs =
+        std::ffi::CString::new(cg.join("cgroup.procs").to_str().expect("utf8")).expect("path");
+    let dir = scratch(&format!("cg{hierarchy}"));
+    let wl = start_with("wl-tree", &[], |cmd| {
+        // SAFETY: runs between fork and exec; open/write/close are async-signal-safe and
+        // `procs` was built before the fork. Writing "0" moves the writer itself.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+    });
+    let pid = wl.pid.to_string();
+    let img = dir.join("1.img");
+    let tree = descendants(wl.pid);
+    let mut child = wl.child;
+    let out = stasis_ok(&[
+        "checkpoint",
+        &pid,
+        "-o",
+        img.to_str().expect("utf8"),
+        "--json",
+    ]);
+    child.wait().expect("reap original");
+    reap_orphans(&tree);
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let freezer = stats["freezer"].as_str().unwrap_or_default().to_string();
+    assert!(
+        freezer.contains(cg.to_str().expect("utf8")),
+        "the tree must be stopped through its cgroup, not {freezer:?}"
+    );
+    let (mut r, mut p) = restore(&img, false);
+    p.expect_pass("verify", "after restore");
+    p.expect_pass("check", "after restore");
+    assert!(r.wait().expect("stasis restore").success());
+    let _ = std::fs::remove_dir(&cg);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tree_in_a_cgroup2_is_frozen_through_it() {
+    tree_in_own_cgroup("unified");
+}
+
+#[test]
+fn tree_in_a_v1_freezer_cgroup_is_frozen_through_it() {
+    tree_in_own_cgroup("freezer");
+}

@@ -4,7 +4,7 @@ use crate::error::CheckpointError;
 use stasis_runtime::inject::Injector;
 use stasis_runtime::ptrace::{self, Regs, ResumeIn, Stop};
 use stasis_runtime::{procfs, sys, RuntimeError};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Most threads one process may have for a checkpoint.
 pub const MAX_THREADS: usize = 1024;
@@ -46,9 +46,16 @@ impl Frozen {
     /// Seizes and stops every thread of `pid`, again and again until no new thread appears
     /// (a running thread may create threads while others are being stopped).
     pub fn freeze(pid: i32) -> Result<Self, CheckpointError> {
-        let stopped = procfs::read_stat(pid)
-            .map(|s| s.state == 'T')
-            .unwrap_or(false);
+        Self::freeze_with(pid, &mut PreSeized::default())
+    }
+
+    /// Like [`Frozen::freeze`]; threads in `pre` are already seized and interrupted (while
+    /// their cgroup was frozen) and only waited for.
+    pub fn freeze_with(pid: i32, pre: &mut PreSeized) -> Result<Self, CheckpointError> {
+        let stopped = pre.stopped.contains(&pid)
+            || procfs::read_stat(pid)
+                .map(|s| s.state == 'T')
+                .unwrap_or(false);
         let mut frozen = Frozen {
             pid,
             threads: Vec::new(),
@@ -71,7 +78,12 @@ impl Frozen {
                         format!("it has more than {MAX_THREADS} threads"),
                     ));
                 }
-                match ptrace::seize_and_stop(tid, libc::PTRACE_O_TRACESYSGOOD) {
+                let stop = if pre.tids.remove(&tid).is_some() {
+                    ptrace::wait_interrupted(tid)
+                } else {
+                    ptrace::seize_and_stop(tid, libc::PTRACE_O_TRACESYSGOOD)
+                };
+                match stop {
                     Ok(infos) => frozen.deferred.extend(infos.into_iter().map(|i| (tid, i))),
                     // A thread that exited meanwhile needs nothing.
                     Err(e) if e.errno() == Some(libc::ESRCH) && tid != pid => continue,
@@ -205,5 +217,29 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = self.resume();
+    }
+}
+
+/// Threads seized and interrupted while their cgroup was frozen, not yet waited for. Dropped
+/// with threads left in it, those are waited for, given back the signals held up while they
+/// stopped, and detached.
+#[derive(Default)]
+pub struct PreSeized {
+    /// tid → its process.
+    pub tids: BTreeMap<i32, i32>,
+    /// Processes job control had stopped before the freeze.
+    pub stopped: BTreeSet<i32>,
+}
+
+impl Drop for PreSeized {
+    fn drop(&mut self) {
+        for (&tid, &tgid) in &self.tids {
+            if let Ok(infos) = ptrace::wait_interrupted(tid) {
+                for info in infos {
+                    let _ = sys::tgkill(tgid, tid, ptrace::siginfo_signo(&info));
+                }
+            }
+            let _ = ptrace::detach(tid, 0);
+        }
     }
 }

@@ -41,6 +41,9 @@ pub struct Stats {
     pub pid: i32,
     pub processes: u64,
     pub threads: u64,
+    /// How the tree was stopped: its cgroup's freezer, or "ptrace" (seized process by
+    /// process, each frozen before its children are listed).
+    pub freezer: String,
     /// Seize until the process was stopped.
     pub freeze_us: u64,
     /// Stopped until it was resumed or killed.
@@ -134,6 +137,10 @@ pub fn checkpoint_tree<S: ImageSink>(
         let stats = Stats {
             pid,
             processes: procs.len() as u64,
+            freezer: frozen
+                .freezer
+                .clone()
+                .unwrap_or_else(|| "ptrace".to_string()),
             threads: procs.iter().map(|p| p.threads.len() as u64).sum(),
             vmas: procs.iter().map(|p| p.vmas.len() as u64).sum(),
             fds: procs.iter().map(|p| p.fds.len() as u64).sum(),

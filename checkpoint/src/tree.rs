@@ -3,9 +3,11 @@
 //! cannot fork any more, so when the walk ends no task can be missing).
 
 use crate::error::CheckpointError;
-use crate::freeze::Frozen;
+use crate::freeze::{Frozen, PreSeized};
 use stasis_image::proto;
-use stasis_runtime::{procfs, RuntimeError};
+use stasis_runtime::cgroup::Freezer;
+use stasis_runtime::{procfs, ptrace, RuntimeError};
+use std::time::Duration;
 
 /// Most processes one checkpoint may hold.
 pub const MAX_PROCESSES: usize = 4096;
@@ -54,6 +56,68 @@ pub struct FrozenTree {
     /// Live processes, root first, every parent before its children.
     pub procs: Vec<Frozen>,
     pub zombies: Vec<Zombie>,
+    /// The cgroup freezer used to stop the tree at one instant, if the tree has a cgroup
+    /// of its own.
+    pub freezer: Option<String>,
+}
+
+/// The freezer of `root`'s cgroup if that cgroup holds nothing but `root` and its
+/// descendants (stasis never freezes anything else).
+fn own_freezer(root: i32) -> Result<Option<Freezer>, CheckpointError> {
+    let Some(fz) = Freezer::of(root)? else {
+        return Ok(None);
+    };
+    for p in fz.procs()? {
+        let mut at = p;
+        for _ in 0..MAX_PROCESSES {
+            if at == root || at <= 1 {
+                break;
+            }
+            at = procfs::read_stat(at).map_or(1, |s| s.ppid);
+        }
+        if at != root {
+            return Ok(None);
+        }
+    }
+    Ok(Some(fz))
+}
+
+/// Freezes the cgroup, seizes and interrupts every thread in it, and thaws it: every task
+/// then stops within moments of the others, and none can fork or clone unseen.
+fn preseize(fz: &Freezer, pre: &mut PreSeized) -> Result<(), CheckpointError> {
+    let mut zombies = Vec::new();
+    for p in fz.procs()? {
+        match procfs::read_stat(p).map(|s| s.state) {
+            Ok('T') => {
+                pre.stopped.insert(p);
+            }
+            Ok('Z') => zombies.push(p),
+            _ => {}
+        }
+    }
+    fz.freeze(Duration::from_secs(5))?;
+    let seized = (|| -> Result<(), CheckpointError> {
+        // A job-stopped task cannot fork; and seizing it while the v1 freezer holds it
+        // would wait for it to trap, which it cannot do until thawed. It is seized later.
+        let skip = |p: &i32| zombies.contains(p) || pre.stopped.contains(p);
+        let procs: Vec<i32> = fz.procs()?.into_iter().filter(|p| !skip(p)).collect();
+        for p in procs {
+            for tid in procfs::read_tids(p).unwrap_or_default() {
+                match ptrace::seize(tid, libc::PTRACE_O_TRACESYSGOOD) {
+                    Ok(()) => {}
+                    Err(e) if e.errno() == Some(libc::ESRCH) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                pre.tids.insert(tid, p);
+                ptrace::interrupt(tid)?;
+            }
+        }
+        Ok(())
+    })();
+    let thawed = fz.thaw();
+    seized?;
+    thawed?;
+    Ok(())
 }
 
 /// The children (thread-group ids) of every thread of `pid`.
@@ -74,9 +138,15 @@ pub(crate) fn children_of(pid: i32) -> Result<Vec<i32>, CheckpointError> {
 impl FrozenTree {
     /// Freezes `root` and, breadth first, every descendant.
     pub fn freeze(root: i32) -> Result<Self, CheckpointError> {
+        let mut pre = PreSeized::default();
+        let freezer = own_freezer(root)?;
+        if let Some(fz) = &freezer {
+            preseize(fz, &mut pre)?;
+        }
         let mut tree = FrozenTree {
-            procs: vec![Frozen::freeze(root)?],
+            procs: vec![Frozen::freeze_with(root, &mut pre)?],
             zombies: Vec::new(),
+            freezer: freezer.map(|f| f.describe()),
         };
         let mut next = 0;
         while next < tree.procs.len() {
@@ -97,7 +167,7 @@ impl FrozenTree {
                     tree.zombies.push(Zombie::from_stat(child, stat));
                     continue;
                 }
-                match Frozen::freeze(child) {
+                match Frozen::freeze_with(child, &mut pre) {
                     Ok(frozen) => tree.procs.push(frozen),
                     Err(e) => {
                         // It exited while being stopped: its parent is frozen, so it is a

@@ -6,6 +6,7 @@
 //! process with a chosen PID ([`spawn`]). The checkpoint and restore crates translate between
 //! this and the image format; they never issue raw syscalls themselves.
 
+pub mod cgroup;
 pub mod error;
 pub mod files;
 pub mod inject;

@@ -225,6 +225,12 @@ pub fn detach(pid: i32, sig: i32) -> Result<()> {
 pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<Vec<Vec<u8>>> {
     seize(pid, options)?;
     interrupt(pid)?;
+    wait_interrupted(pid)
+}
+
+/// Waits until a task seized and interrupted by us stops; signals it was about to take
+/// (suppressed) are returned as their siginfo.
+pub fn wait_interrupted(pid: i32) -> Result<Vec<Vec<u8>>> {
     let mut deferred = Vec::new();
     loop {
         match wait_stop(pid)? {
