@@ -415,7 +415,16 @@ fn threaded_cpython_under_a_shell_finishes_the_same() {
     c.wait().expect("reap");
     assert!(expected.ends_with("exit 0\n"), "{expected}");
     let (c, _out) = run();
-    std::thread::sleep(Duration::from_millis(150));
+    // Caught while its four threads compute.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let threads_of = |p: i32| std::fs::read_dir(format!("/proc/{p}/task")).map_or(0, |d| d.count());
+    while !descendants(c.id() as i32)
+        .into_iter()
+        .any(|d| threads_of(d) >= 5)
+    {
+        assert!(Instant::now() < deadline, "python never ran four threads");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let img = dir.join("py.img");
     let got = checkpoint_kill_restore(c, &img);
     let v = inspect(&img);
