@@ -67,7 +67,14 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
         return Err(unsupported("a socket"));
     }
     if let Some(kind) = target.strip_prefix("anon_inode:") {
-        return Err(unsupported(&format!("an anonymous inode {kind}")));
+        let kind = kind.trim_matches(|c| c == '[' || c == ']');
+        return match kind {
+            "eventfd" | "timerfd" | "signalfd" | "eventpoll" => {
+                event_fd(pid, fd, kind, &mut out)?;
+                Ok(out)
+            }
+            other => Err(unsupported(&format!("an anonymous inode [{other}]"))),
+        };
     }
     if !target.starts_with('/') {
         return Err(unsupported("a special file"));
@@ -111,4 +118,58 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
 
 fn is_terminal_path(path: &str) -> bool {
     path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console"
+}
+
+/// Fills in an eventfd, timerfd, signalfd or epoll fd from its fdinfo.
+fn event_fd(pid: i32, fd: i32, kind: &str, out: &mut proto::Fd) -> Result<(), CheckpointError> {
+    let e = procfs::read_event_info(pid, fd)?;
+    let missing = |what: &str| {
+        CheckpointError::unsupported(pid, format!("fd {fd} ({kind}): fdinfo has no {what}"))
+    };
+    let ns = |(s, n): (u64, u64)| s.saturating_mul(1_000_000_000).saturating_add(n);
+    match kind {
+        "eventfd" => {
+            out.kind = FdKind::Eventfd as i32;
+            out.eventfd_count = e.eventfd_count.ok_or_else(|| missing("eventfd-count"))?;
+            out.eventfd_semaphore = e.eventfd_semaphore;
+        }
+        "timerfd" => {
+            out.kind = FdKind::Timerfd as i32;
+            out.timerfd = Some(proto::TimerFd {
+                clockid: e.clockid.ok_or_else(|| missing("clockid"))?,
+                ticks: e.ticks,
+                value_ns: ns(e.it_value),
+                interval_ns: ns(e.it_interval),
+                settime_flags: e.settime_flags,
+            });
+        }
+        "signalfd" => {
+            out.kind = FdKind::Signalfd as i32;
+            out.signalfd_mask = e.sigmask.ok_or_else(|| missing("sigmask"))?;
+        }
+        _ => {
+            out.kind = FdKind::Epoll as i32;
+            for (tfd, events, data, ino) in e.epoll {
+                // The watch is re-added by number: that number must still name the file.
+                let path = format!("/proc/{pid}/fd/{tfd}");
+                let same = std::fs::metadata(&path).is_ok_and(|m| m.ino() == ino);
+                if !same {
+                    return Err(CheckpointError::unsupported(
+                        pid,
+                        format!(
+                            "fd {fd} (epoll) watches a file that fd {tfd} no longer names \
+                             (closed or replaced after being added)"
+                        ),
+                    ));
+                }
+                out.epoll_watches.push(proto::EpollWatch {
+                    fd: tfd,
+                    events,
+                    data,
+                    ino,
+                });
+            }
+        }
+    }
+    Ok(())
 }

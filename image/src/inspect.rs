@@ -235,6 +235,12 @@ pub struct FdReport {
     /// Fds with the same nonzero desc_id share one open file description.
     pub desc_id: u32,
     pub pipe_id: u64,
+    /// eventfd counter and semaphore mode; timerfd state; signalfd mask; epoll watches.
+    pub eventfd_count: u64,
+    pub eventfd_semaphore: bool,
+    pub timerfd: Option<proto::TimerFd>,
+    pub signalfd_mask: String,
+    pub epoll_watches: Vec<proto::EpollWatch>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -434,6 +440,11 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
                 inherited_from: f.inherited_from.clone(),
                 desc_id: f.desc_id,
                 pipe_id: f.pipe_id,
+                eventfd_count: f.eventfd_count,
+                eventfd_semaphore: f.eventfd_semaphore,
+                timerfd: f.timerfd,
+                signalfd_mask: format!("{:#018x}", f.signalfd_mask),
+                epoll_watches: f.epoll_watches.clone(),
             })
             .collect(),
         sigactions: p

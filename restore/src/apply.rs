@@ -4,7 +4,7 @@
 use crate::error::RestoreError;
 use crate::pages::{self, Written};
 use crate::validate::special_name;
-use stasis_image::proto::{self, VmaKind};
+use stasis_image::proto::{self, FdKind, VmaKind};
 use stasis_image::Image;
 use stasis_runtime::inject::Injector;
 use stasis_runtime::ptrace::{self, Regs, ResumeIn};
@@ -46,6 +46,8 @@ pub fn apply(
     drop(plan.descs);
     let mut built: Vec<Builder> = Vec::new();
     let mut written = Written::default();
+    // Epoll descriptions whose watches are added (once, by the first process holding one).
+    let mut epolls_done = std::collections::BTreeSet::new();
     let result = (|| {
         for s in &tree.procs {
             let p = procs
@@ -66,7 +68,7 @@ pub fn apply(
                 ghosts,
                 extra: Vec::new(),
             };
-            let r = b.build(image, p, s.ctl_fd);
+            let r = b.build(image, p, s.ctl_fd, &mut epolls_done);
             built.push(b);
             let w = r?;
             written.pages += w.pages;
@@ -161,6 +163,7 @@ impl Builder<'_> {
         image: &Image,
         p: &proto::Process,
         ctl_fd: i32,
+        epolls_done: &mut std::collections::BTreeSet<u32>,
     ) -> Result<Written, RestoreError> {
         let t = &p.threads[0];
         // The child inherited our rseq registration; drop it before its memory goes away.
@@ -189,6 +192,7 @@ impl Builder<'_> {
         self.create_threads(p)?;
         self.in_each_thread(p, |b, t, main| b.set_thread_state(p, t, main))?;
         self.set_signal_state(p)?;
+        self.add_epoll_watches(p, epolls_done)?;
         self.call(
             "prctl(PR_SET_PDEATHSIG)",
             libc::SYS_prctl,
@@ -261,6 +265,32 @@ impl Builder<'_> {
             ptrace::detach(inj.pid(), 0).map_err(|e| self.err(e))?;
         }
         ptrace::detach(self.pid, 0).map_err(|e| self.err(e))
+    }
+
+    /// Adds the saved watches of every epoll fd (the fd table is complete by now).
+    fn add_epoll_watches(
+        &mut self,
+        p: &proto::Process,
+        done: &mut std::collections::BTreeSet<u32>,
+    ) -> Result<(), RestoreError> {
+        for f in p.fds.iter().filter(|f| f.kind() == FdKind::Epoll) {
+            if f.desc_id != 0 && !done.insert(f.desc_id) {
+                continue;
+            }
+            for w in &f.epoll_watches {
+                // struct epoll_event is packed on x86_64: u32 events, u64 data.
+                let mut ev = Vec::with_capacity(12);
+                ev.extend_from_slice(&w.events.to_ne_bytes());
+                ev.extend_from_slice(&w.data.to_ne_bytes());
+                let at = self.poke(SCR_MISC, &ev)?;
+                self.call(
+                    "epoll_ctl(EPOLL_CTL_ADD)",
+                    libc::SYS_epoll_ctl,
+                    &[f.fd as u64, libc::EPOLL_CTL_ADD as u64, w.fd as u64, at],
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Waits (bounded) until a released process is in its job-control stop.

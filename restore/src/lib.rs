@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod events;
 pub mod ghosts;
 pub mod pages;
 pub mod plan;

@@ -308,6 +308,12 @@ impl Descs {
                 set_status(fd, status, p, f)?;
                 fd
             }
+            FdKind::Eventfd | FdKind::Timerfd | FdKind::Signalfd | FdKind::Epoll => {
+                let raw = crate::events::create(p, f)?;
+                let fd = self.place_owned(raw, &format!("process {}: fd {}", p.pid, f.fd))?;
+                set_status(fd, status, p, f)?;
+                fd
+            }
             FdKind::Unspecified => {
                 return Err(RestoreError::Invalid(format!(
                     "process {}: fd {} has kind {:?}, which this version cannot restore",

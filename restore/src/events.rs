@@ -1,0 +1,118 @@
+//! eventfd, timerfd, signalfd and epoll fds, recreated from their saved state. An epoll fd is
+//! made empty here; its watches are added inside the new process once its fd table exists
+//! (an epoll watch is keyed by the fd number in the table that added it).
+
+use crate::error::RestoreError;
+use stasis_image::proto::{self, FdKind};
+
+fn failed(p: &proto::Process, f: &proto::Fd, op: &str) -> RestoreError {
+    RestoreError::Unsupported(format!(
+        "process {}: recreating fd {} ({:?}): {op}: {}",
+        p.pid,
+        f.fd,
+        f.kind(),
+        std::io::Error::last_os_error()
+    ))
+}
+
+fn timespec(ns: u64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    }
+}
+
+/// Creates the object in this process (close-on-exec); returns its fd, which the caller owns.
+pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
+    match f.kind() {
+        FdKind::Eventfd => {
+            let mut flags = libc::EFD_CLOEXEC;
+            if f.eventfd_semaphore {
+                flags |= libc::EFD_SEMAPHORE;
+            }
+            // SAFETY: eventfd takes no pointers.
+            let fd = unsafe { libc::eventfd(0, flags) };
+            if fd < 0 {
+                return Err(failed(p, f, "eventfd"));
+            }
+            if f.eventfd_count > 0 {
+                let v = f.eventfd_count.to_ne_bytes();
+                // SAFETY: writes 8 bytes from a local array to our eventfd.
+                if unsafe { libc::write(fd, v.as_ptr().cast(), 8) } != 8 {
+                    let e = failed(p, f, "setting its counter");
+                    // SAFETY: closing the fd made above.
+                    unsafe { libc::close(fd) };
+                    return Err(e);
+                }
+            }
+            Ok(fd)
+        }
+        FdKind::Timerfd => {
+            let t = f.timerfd.as_ref().ok_or_else(|| {
+                RestoreError::Invalid(format!("process {}: timerfd {} has no state", p.pid, f.fd))
+            })?;
+            // SAFETY: timerfd_create takes no pointers.
+            let fd = unsafe { libc::timerfd_create(t.clockid, libc::TFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(failed(p, f, "timerfd_create"));
+            }
+            let done = (|| {
+                if t.value_ns > 0 {
+                    let its = libc::itimerspec {
+                        it_interval: timespec(t.interval_ns),
+                        it_value: timespec(t.value_ns),
+                    };
+                    // SAFETY: its is a valid itimerspec; no old value wanted.
+                    if unsafe { libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut()) } != 0 {
+                        return Err(failed(p, f, "timerfd_settime"));
+                    }
+                }
+                if t.ticks > 0 {
+                    // TFD_IOC_SET_TICKS = _IOW('T', 0, u64).
+                    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+                    let ticks = t.ticks;
+                    // SAFETY: the ioctl reads one u64 from a local.
+                    if unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks) } != 0 {
+                        return Err(failed(p, f, "ioctl(TFD_IOC_SET_TICKS)"));
+                    }
+                }
+                Ok(fd)
+            })();
+            if done.is_err() {
+                // SAFETY: closing the fd made above.
+                unsafe { libc::close(fd) };
+            }
+            done
+        }
+        FdKind::Signalfd => {
+            // SAFETY: sigset_t is plain data, filled below by sigemptyset/sigaddset.
+            let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+            // SAFETY: set is a valid sigset_t.
+            unsafe { libc::sigemptyset(&mut set) };
+            for sig in 1..=64 {
+                if f.signalfd_mask & (1u64 << (sig - 1)) != 0 {
+                    // SAFETY: as above; invalid numbers are refused by the kernel, ignored here.
+                    unsafe { libc::sigaddset(&mut set, sig) };
+                }
+            }
+            // SAFETY: set is a valid sigset_t.
+            let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(failed(p, f, "signalfd"));
+            }
+            Ok(fd)
+        }
+        FdKind::Epoll => {
+            // SAFETY: epoll_create1 takes no pointers.
+            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            if fd < 0 {
+                return Err(failed(p, f, "epoll_create1"));
+            }
+            Ok(fd)
+        }
+        other => Err(RestoreError::Invalid(format!(
+            "process {}: fd {} of kind {other:?} is not an event fd",
+            p.pid, f.fd
+        ))),
+    }
+}
