@@ -4,7 +4,7 @@ use crate::error::CheckpointError;
 use crate::ghosts::{is_ghost_link, Ghosts};
 use crate::vmas::file_id;
 use stasis_image::proto::{self, FdKind};
-use stasis_runtime::procfs;
+use stasis_runtime::{files, procfs};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 /// Character devices that are reopened by path.
@@ -69,7 +69,7 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
     if let Some(kind) = target.strip_prefix("anon_inode:") {
         let kind = kind.trim_matches(|c| c == '[' || c == ']');
         return match kind {
-            "eventfd" | "timerfd" | "signalfd" | "eventpoll" => {
+            "eventfd" | "timerfd" | "signalfd" | "eventpoll" | "inotify" => {
                 event_fd(pid, fd, kind, &mut out)?;
                 Ok(out)
             }
@@ -146,6 +146,33 @@ fn event_fd(pid: i32, fd: i32, kind: &str, out: &mut proto::Fd) -> Result<(), Ch
         "signalfd" => {
             out.kind = FdKind::Signalfd as i32;
             out.signalfd_mask = e.sigmask.ok_or_else(|| missing("sigmask"))?;
+        }
+        "inotify" => {
+            out.kind = FdKind::Inotify as i32;
+            for m in e.inotify {
+                let path =
+                    files::path_of_handle(m.sdev, m.handle_type, &m.handle).map_err(|err| {
+                        CheckpointError::unsupported(
+                            pid,
+                            format!("fd {fd} (inotify) watch {}: {err}", m.wd),
+                        )
+                    })?;
+                if path.ends_with(" (deleted)") || !path.starts_with('/') {
+                    return Err(CheckpointError::unsupported(
+                        pid,
+                        format!(
+                            "fd {fd} (inotify) watch {} is on {path}, which has no name",
+                            m.wd
+                        ),
+                    ));
+                }
+                out.inotify_watches.push(proto::InotifyWatch {
+                    wd: m.wd,
+                    path,
+                    mask: m.mask,
+                    ino: m.ino,
+                });
+            }
         }
         _ => {
             out.kind = FdKind::Epoll as i32;

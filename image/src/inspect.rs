@@ -241,6 +241,7 @@ pub struct FdReport {
     pub timerfd: Option<proto::TimerFd>,
     pub signalfd_mask: String,
     pub epoll_watches: Vec<proto::EpollWatch>,
+    pub inotify_watches: Vec<proto::InotifyWatch>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -445,6 +446,7 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
                 timerfd: f.timerfd,
                 signalfd_mask: format!("{:#018x}", f.signalfd_mask),
                 epoll_watches: f.epoll_watches.clone(),
+                inotify_watches: f.inotify_watches.clone(),
             })
             .collect(),
         sigactions: p

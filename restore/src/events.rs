@@ -110,9 +110,74 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
             }
             Ok(fd)
         }
+        FdKind::Inotify => {
+            // SAFETY: inotify_init1 takes no pointers.
+            let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+            if fd < 0 {
+                return Err(failed(p, f, "inotify_init1"));
+            }
+            let r = add_inotify_watches(p, f, fd);
+            if r.is_err() {
+                // SAFETY: closing the fd made above.
+                unsafe { libc::close(fd) };
+            }
+            r.map(|()| fd)
+        }
         other => Err(RestoreError::Invalid(format!(
             "process {}: fd {} of kind {other:?} is not an event fd",
             p.pid, f.fd
         ))),
     }
+}
+
+/// Adds the watches in wd order so each gets its old wd: a new instance hands out wds 1, 2,
+/// ... in turn, so a gap is skipped by adding and removing a watch on "/".
+fn add_inotify_watches(p: &proto::Process, f: &proto::Fd, fd: i32) -> Result<(), RestoreError> {
+    let mut watches: Vec<&proto::InotifyWatch> = f.inotify_watches.iter().collect();
+    watches.sort_by_key(|w| w.wd);
+    let root = c"/";
+    let mut next = 1;
+    for w in watches {
+        if w.wd < next || w.wd > next + 65536 {
+            return Err(RestoreError::Invalid(format!(
+                "process {}: inotify fd {} has watch descriptor {} out of order",
+                p.pid, f.fd, w.wd
+            )));
+        }
+        while next < w.wd {
+            // SAFETY: root is a valid C string; the watch is removed at once.
+            let burn = unsafe { libc::inotify_add_watch(fd, root.as_ptr(), libc::IN_ACCESS) };
+            if burn < 0 || burn >= w.wd {
+                return Err(failed(p, f, "skipping watch descriptors"));
+            }
+            // SAFETY: removes the watch just added.
+            unsafe { libc::inotify_rm_watch(fd, burn) };
+            next = burn + 1;
+        }
+        let path = std::ffi::CString::new(w.path.as_str()).map_err(|_| {
+            RestoreError::Invalid(format!("inotify watch path {:?} holds NUL", w.path))
+        })?;
+        // SAFETY: path is a valid C string.
+        let got = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), w.mask) };
+        if got != w.wd {
+            return Err(RestoreError::Unsupported(format!(
+                "process {}: inotify fd {}: watching {} gave wd {got}, not {} ({})",
+                p.pid,
+                f.fd,
+                w.path,
+                w.wd,
+                std::io::Error::last_os_error()
+            )));
+        }
+        next = got + 1;
+    }
+    // Removing the skipping watches queued IN_IGNORED events; the new instance starts empty.
+    // SAFETY: fcntl and read on our own fd, into a local buffer; the status flags are set to
+    // the saved ones afterwards.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
+        let mut buf = [0u8; 4096];
+        while libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) > 0 {}
+    }
+    Ok(())
 }

@@ -308,7 +308,11 @@ impl Descs {
                 set_status(fd, status, p, f)?;
                 fd
             }
-            FdKind::Eventfd | FdKind::Timerfd | FdKind::Signalfd | FdKind::Epoll => {
+            FdKind::Eventfd
+            | FdKind::Timerfd
+            | FdKind::Signalfd
+            | FdKind::Epoll
+            | FdKind::Inotify => {
                 let raw = crate::events::create(p, f)?;
                 let fd = self.place_owned(raw, &format!("process {}: fd {}", p.pid, f.fd))?;
                 set_status(fd, status, p, f)?;

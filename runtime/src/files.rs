@@ -164,3 +164,62 @@ pub fn pipe_peer_closed(fd: &OwnedFd, reading: bool, what: &str) -> Result<bool>
     };
     Ok(p.revents & bit != 0)
 }
+
+/// The path (in this process's view) of the file a watch's file handle names: the handle is
+/// opened on the mount of its filesystem (`sdev` as the kernel encodes it) with
+/// open_by_handle_at.
+pub fn path_of_handle(sdev: u64, handle_type: i32, handle: &[u8]) -> Result<String> {
+    let what = format!("file handle on device {}:{}", sdev >> 20, sdev & 0xfffff);
+    let want = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| RuntimeError::sys("read", "/proc/self/mountinfo", e))?;
+    let mount = mountinfo
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&want.as_str()))
+        .and_then(|f| f.get(4).map(|m| m.to_string()))
+        .ok_or_else(|| RuntimeError::Protocol {
+            op: "open_by_handle_at",
+            pid: 0,
+            what: format!("{what}: no mount of that device is visible"),
+        })?;
+    let c = std::ffi::CString::new(mount.clone()).map_err(|_| RuntimeError::Protocol {
+        op: "open_by_handle_at",
+        pid: 0,
+        what: format!("mount point {mount:?} holds NUL"),
+    })?;
+    // SAFETY: c is a valid C string; the result is a new fd we own.
+    let mfd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if mfd < 0 {
+        return Err(RuntimeError::last_os("open", mount));
+    }
+    // SAFETY: mfd was just opened and is owned by nobody else.
+    let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
+    // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes.
+    let mut fh = Vec::with_capacity(8 + handle.len());
+    fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    fh.extend_from_slice(&handle_type.to_ne_bytes());
+    fh.extend_from_slice(handle);
+    // SAFETY: fh is a valid struct file_handle of handle_bytes = handle.len().
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mfd.as_raw_fd(),
+            fh.as_mut_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(RuntimeError::last_os("open_by_handle_at", what));
+    }
+    // SAFETY: fd was just returned and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| RuntimeError::sys("readlink", what.clone(), e))?;
+    Ok(path.to_string_lossy().into_owned())
+}

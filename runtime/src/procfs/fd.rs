@@ -56,6 +56,43 @@ pub struct EventInfo {
     pub sigmask: Option<u64>,
     /// (watched fd, events, data, inode of the watched file).
     pub epoll: Vec<(u32, u32, u64, u64)>,
+    pub inotify: Vec<InotifyMark>,
+}
+
+/// One inotify watch as fdinfo shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InotifyMark {
+    pub wd: i32,
+    pub ino: u64,
+    /// The kernel's device number of the watched file's filesystem (major << 20 | minor).
+    pub sdev: u64,
+    pub mask: u32,
+    pub handle_type: i32,
+    pub handle: Vec<u8>,
+}
+
+fn parse_inotify(line: &str) -> Option<InotifyMark> {
+    let mut m = InotifyMark::default();
+    for word in line.split_whitespace() {
+        let Some((k, v)) = word.split_once(':') else {
+            continue;
+        };
+        match k {
+            "wd" => m.wd = i32::from_str_radix(v, 16).ok()?,
+            "ino" => m.ino = u64::from_str_radix(v, 16).ok()?,
+            "sdev" => m.sdev = u64::from_str_radix(v, 16).ok()?,
+            "mask" => m.mask = u32::from_str_radix(v, 16).ok()?,
+            "fhandle-type" => m.handle_type = i32::from_str_radix(v, 16).ok()?,
+            "f_handle" => {
+                m.handle = (0..v.len() / 2)
+                    .map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16))
+                    .collect::<std::result::Result<_, _>>()
+                    .ok()?
+            }
+            _ => {}
+        }
+    }
+    (!m.handle.is_empty()).then_some(m)
 }
 
 fn pair(v: &str) -> Option<(u64, u64)> {
@@ -72,6 +109,11 @@ pub fn parse_event_info(path: &str, text: &str) -> Result<EventInfo> {
     let bad = |what: &str| parse_err(path, format!("bad {what}"));
     let mut e = EventInfo::default();
     for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("inotify ") {
+            e.inotify
+                .push(parse_inotify(rest).ok_or_else(|| bad("inotify line"))?);
+            continue;
+        }
         if let Some(rest) = line.strip_prefix("tfd:") {
             // "tfd: 3 events: 19 data: 3 pos:0 ino:14 sdev:10"
             let words: Vec<&str> = rest.split_whitespace().collect();
@@ -152,5 +194,18 @@ mod event_tests {
         .unwrap();
         assert_eq!(e.epoll, vec![(3, 0x19, 3, 0x14)]);
         assert!(parse_event_info("x", "tfd: x events: y\n").is_err());
+        let e = parse_event_info(
+            "x",
+            "inotify wd:1a ino:98c121 sdev:fe00000 mask:100 ignored_mask:0 fhandle-bytes:8 \
+             fhandle-type:1 f_handle:21c19800aac39201\n",
+        )
+        .unwrap();
+        assert_eq!(e.inotify.len(), 1);
+        let m = &e.inotify[0];
+        assert_eq!(
+            (m.wd, m.ino, m.sdev, m.mask),
+            (0x1a, 0x98c121, 0xfe00000, 0x100)
+        );
+        assert_eq!(m.handle, vec![0x21, 0xc1, 0x98, 0, 0xaa, 0xc3, 0x92, 1]);
     }
 }

@@ -10,7 +10,9 @@ mod stat;
 mod status;
 mod timers;
 
-pub use fd::{parse_event_info, read_event_info, read_fd_target, read_fdinfo, EventInfo, FdInfo};
+pub use fd::{
+    parse_event_info, read_event_info, read_fd_target, read_fdinfo, EventInfo, FdInfo, InotifyMark,
+};
 pub use limits::{parse_limits, read_limits, Limit};
 pub use maps::{parse_maps, parse_smaps_flags, read_maps, read_smaps_flags, MapEntry};
 pub use stat::{parse_stat, read_stat, Stat};

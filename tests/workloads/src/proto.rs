@@ -233,8 +233,9 @@ impl Ctx {
     }
 
     fn exit(&mut self, code: i32) -> ! {
+        // Files, or (empty) directories, in the order they were registered.
         for p in self.cleanup.drain(..) {
-            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir(&p));
         }
         std::process::exit(code)
     }

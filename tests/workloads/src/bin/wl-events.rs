@@ -5,14 +5,17 @@
 //! T2 (`CLOCK_REALTIME`, a 1 ms one-shot that has fired: one tick unread); SIGUSR1 blocked,
 //! a signalfd S (`SFD_NONBLOCK`) for it, and one SIGUSR1 pending; a pipe holding 10 bytes;
 //! an epoll set E watching A (data 0xdeadbeef00000001), the pipe's read end (data 7), T1
-//! (data 9) and S (data 0x5f), all `EPOLLIN`.
+//! (data 9) and S (data 0x5f), all `EPOLLIN`; an inotify fd I watching directory D2 for
+//! `IN_DELETE` (wd 2) and D3 for `IN_CREATE` (wd 3; wd 1, on D1, was removed).
 //!
 //! Checks (repeatable: what a check consumes it puts back): `epoll_wait(E, 0)` reports
 //! exactly A, the pipe and S as readable with their data (breaks if watches, data or the
 //! readiness behind them are lost); E's fdinfo lists exactly the four watched fds; A reads
 //! 5 and keeps `O_NONBLOCK`; B reads 1 (semaphore mode) and keeps `FD_CLOEXEC`; T1 has
 //! 0 < remaining <= 30 s and a 2 s interval on `CLOCK_MONOTONIC`; T2 reads exactly 1 tick;
-//! S reads one SIGUSR1; the pipe still holds 10 bytes.
+//! S reads one SIGUSR1; the pipe still holds 10 bytes; I's fdinfo lists wds 2 and 3 only, a
+//! file created in D3 is reported with wd 3 and its name, and one created and deleted in D2
+//! with wd 2 and `IN_DELETE` (breaks if watches or their wds are not restored).
 
 use stasis_workloads::{sys, Ctx, Report, Spec};
 
@@ -22,6 +25,8 @@ const DATA_T1: u64 = 9;
 const DATA_S: u64 = 0x5f;
 
 struct Fds {
+    inotify: i32,
+    dirs: [std::path::PathBuf; 3],
     a: i32,
     b: i32,
     t1: i32,
@@ -81,6 +86,91 @@ fn raise_usr1() -> Result<(), String> {
     cvt(rc, "raise(SIGUSR1)").map(drop)
 }
 
+/// Makes D1..D3 and the inotify fd (wd 1 on D1 is removed again, leaving wds 2 and 3).
+fn setup_inotify(ctx: &mut Ctx) -> Result<(i32, [std::path::PathBuf; 3]), String> {
+    let base = sys::tmp_dir().join(format!("wl-events-{}", sys::getpid_raw()));
+    let dirs = [base.join("d1"), base.join("d2"), base.join("d3")];
+    for d in &dirs {
+        std::fs::create_dir_all(d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
+        ctx.remove_at_exit(d.clone());
+    }
+    ctx.remove_at_exit(base);
+    // SAFETY: inotify_init1 takes no pointers.
+    let fd = cvt(
+        unsafe { libc::inotify_init1(libc::IN_NONBLOCK) },
+        "inotify_init1",
+    )?;
+    for (d, mask) in dirs
+        .iter()
+        .zip([libc::IN_CREATE, libc::IN_DELETE, libc::IN_CREATE])
+    {
+        let c = sys::cpath(d)?;
+        // SAFETY: c is a valid C string.
+        let rc = unsafe { libc::inotify_add_watch(fd, c.as_ptr(), mask) };
+        cvt(rc, "inotify_add_watch")?;
+    }
+    // SAFETY: removes watch 1.
+    let rc = unsafe { libc::inotify_rm_watch(fd, 1) };
+    cvt(rc, "inotify_rm_watch")?;
+    // Drain the IN_IGNORED event the removal queued.
+    let mut buf = [0u8; 4096];
+    // SAFETY: reads into a local buffer.
+    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    Ok((fd, dirs))
+}
+
+/// (wd, mask, name) of the queued inotify events.
+fn inotify_events(fd: i32) -> Vec<(i32, u32, String)> {
+    let mut buf = [0u8; 4096];
+    // SAFETY: reads into a local buffer.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while n > 0 && at + 16 <= n as usize {
+        let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+        let (wd, mask, len) = (word(at) as i32, word(at + 4), word(at + 12) as usize);
+        let name = &buf[at + 16..(at + 16 + len).min(n as usize)];
+        let name = String::from_utf8_lossy(name)
+            .trim_end_matches('\0')
+            .to_string();
+        out.push((wd, mask, name));
+        at += 16 + len;
+    }
+    out
+}
+
+fn check_inotify(f: &Fds, r: &mut Report, round: u64) {
+    if let Some(text) = r.ok(
+        std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.inotify))
+            .map_err(|e| format!("I's fdinfo: {e}")),
+    ) {
+        let mut wds: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("inotify wd:"))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        wds.sort();
+        r.eq("inotify wds", vec!["2".to_string(), "3".to_string()], wds);
+    }
+    let name = format!("f{round}");
+    let made = f.dirs[2].join(&name);
+    let gone = f.dirs[1].join(&name);
+    let io = std::fs::write(&made, b"x")
+        .and_then(|()| std::fs::write(&gone, b"x"))
+        .and_then(|()| std::fs::remove_file(&gone))
+        .and_then(|()| std::fs::remove_file(&made));
+    if let Err(e) = io {
+        r.fail(format!("files in the watched directories: {e}"));
+        return;
+    }
+    let got = inotify_events(f.inotify);
+    let want = vec![
+        (3, libc::IN_CREATE, name.clone()),
+        (2, libc::IN_DELETE, name.clone()),
+    ];
+    r.eq("inotify events (wd, mask, name)", want, got);
+}
+
 fn setup() -> Result<Fds, String> {
     // SAFETY: plain syscalls on local data throughout.
     unsafe {
@@ -135,6 +225,8 @@ fn setup() -> Result<Fds, String> {
             )?;
         }
         Ok(Fds {
+            inotify: -1,
+            dirs: Default::default(),
             a,
             b,
             t1,
@@ -146,7 +238,8 @@ fn setup() -> Result<Fds, String> {
     }
 }
 
-fn check(f: &Fds, r: &mut Report) {
+fn check(f: &Fds, r: &mut Report, round: u64) {
+    check_inotify(f, r, round);
     // SAFETY: plain syscalls on this process's own fds and local buffers throughout.
     unsafe {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
@@ -244,7 +337,13 @@ fn check(f: &Fds, r: &mut Report) {
 fn main() {
     let mut ctx = Ctx::start("wl-events", &Spec::default());
     let fds = setup();
-    let fds = ctx.setup(fds);
+    let mut fds = ctx.setup(fds);
+    let ino = setup_inotify(&mut ctx);
+    (fds.inotify, fds.dirs) = ctx.setup(ino);
     ctx.ready();
-    ctx.serve_blocking(|r| check(&fds, r));
+    let mut round = 0;
+    ctx.serve_blocking(|r| {
+        round += 1;
+        check(&fds, r, round)
+    });
 }
