@@ -693,3 +693,83 @@ fn tree_in_a_cgroup2_is_frozen_through_it() {
 fn tree_in_a_v1_freezer_cgroup_is_frozen_through_it() {
     tree_in_own_cgroup("freezer");
 }
+
+const SOCKETPAIR_PY: &str = r#"
+import os, socket, sys
+s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+d1, d2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+q1, q2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+A, B = b"alpha" * 100, b"beta" * 50
+s1.sendall(A); s2.sendall(B)
+for m in (b"one", b"two", b"three"): d1.send(m)
+d2.send(b"back")
+for m in (b"q1", b"q22"): q1.send(m)
+pid = os.fork()
+if pid == 0:
+    s1.close(); d1.close(); q1.close()
+    for x in (s2, d2, q2): x.settimeout(10)
+    got = b""
+    while len(got) < len(A) + 2:
+        more = s2.recv(4096)
+        if not more: break
+        got += more
+    ok = got == A + b"GO"
+    ok = ok and [d2.recv(100) for _ in range(3)] == [b"one", b"two", b"three"]
+    ok = ok and [q2.recv(100) for _ in range(2)] == [b"q1", b"q22"]
+    d2.setblocking(False); q2.setblocking(False)
+    for extra in (d2, q2):
+        try:
+            extra.recv(100); ok = False
+        except BlockingIOError:
+            pass
+    s2.sendall(b"OK" if ok else b"NO")
+    os._exit(0)
+s2.close(); d2.close(); q2.close()
+for x in (s1, d1): x.settimeout(20)
+print("ready", flush=True)
+sys.stdin.readline()
+s1.sendall(b"GO")
+got = b""
+while len(got) < len(B) + 2:
+    more = s1.recv(4096)
+    if not more: break
+    got += more
+back = d1.recv(100)
+os.waitpid(pid, 0)
+print("B", got[:len(B)] == B, "child", got[len(B):].decode(), "back", back.decode(), flush=True)
+"#;
+
+/// Stream, datagram and seqpacket socket pairs split between a parent and its child, with
+/// data queued in both directions: after the restore every byte and message arrives once.
+#[test]
+fn unix_socket_pairs_keep_their_queues() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("socketpair");
+    let mut cmd = shell("exec python3 -c \"$0\"", &dir);
+    cmd.arg(SOCKETPAIR_PY).stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("python3");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+    let img = dir.join("sp.img");
+    let tree = descendants(child.id() as i32);
+    stasis_ok(&[
+        "checkpoint",
+        &child.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    child.wait().expect("reap original");
+    reap_orphans(&tree);
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.send("go");
+    let mut got = String::new();
+    pipes.stdout.read_to_string(&mut got).expect("read");
+    assert!(r.wait().expect("restore").success());
+    assert_eq!(got.trim(), "B True child OK back back");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -16,7 +16,61 @@ type At = (usize, usize);
 pub fn link(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
     settle_shared_tables(procs)?;
     assign_desc_ids(procs)?;
-    settle_pipes(procs)
+    settle_pipes(procs)?;
+    settle_unix_pairs(procs)
+}
+
+/// Both ends of every unix socket pair must be in the tree; what is queued for each end is
+/// peeked (never consumed) and stored once.
+fn settle_unix_pairs(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+    let mut ends: BTreeMap<u64, At> = BTreeMap::new();
+    for (i, p) in procs.iter().enumerate() {
+        for (j, f) in p.fds.iter().enumerate() {
+            if f.kind() == FdKind::UnixPair {
+                ends.entry(f.socket_id).or_insert((i, j));
+            }
+        }
+    }
+    if ends.is_empty() {
+        return Ok(());
+    }
+    let sockets = stasis_runtime::unix_diag::unix_sockets()?;
+    let mut done = std::collections::BTreeSet::new();
+    for (&id, &(i, j)) in &ends {
+        let peer = procs[i].fds[j].socket_peer;
+        if done.contains(&id) {
+            continue;
+        }
+        let Some(&(pi, pj)) = ends.get(&peer) else {
+            return Err(CheckpointError::unsupported(
+                procs[i].pid as i32,
+                format!(
+                    "fd {} is a unix socket whose peer is outside the checkpointed tree",
+                    procs[i].fds[j].fd
+                ),
+            ));
+        };
+        done.insert(id);
+        done.insert(peer);
+        let sock_type = sockets.get(&id).map_or(0, |s| s.sock_type) as u32;
+        let stream = sock_type == libc::SOCK_STREAM as u32;
+        let peek = |(a, b): At| -> Result<Vec<Vec<u8>>, CheckpointError> {
+            let (pid, fd) = (procs[a].pid as i32, procs[a].fds[b].fd as i32);
+            let what = format!("unix socket fd {fd} of process {pid}");
+            let copy = files::take_copy(pid, fd)?;
+            stasis_runtime::unix_diag::peek_queue(&copy, stream, &what)
+                .map_err(|e| CheckpointError::unsupported(pid, e.to_string()))
+        };
+        let pair = proto::UnixPair {
+            id,
+            peer,
+            sock_type,
+            queued_for_id: peek((i, j))?,
+            queued_for_peer: peek((pi, pj))?,
+        };
+        procs[i.min(pi)].unix_pairs.push(pair);
+    }
+    Ok(())
 }
 
 /// Processes (not threads) sharing one fd table are kept that way when the sharer is a child

@@ -63,8 +63,24 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
         out.inherited_from = target.clone();
         return Ok(out);
     }
-    if target.starts_with("socket:") {
-        return Err(unsupported("a socket"));
+    if let Some(ino) = target
+        .strip_prefix("socket:[")
+        .and_then(|s| s.strip_suffix(']'))
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        // Only an unnamed, connected unix socket (a socketpair end) is supported yet; that
+        // its peer is in the tree is settled once every process is collected.
+        let unix = stasis_runtime::unix_diag::unix_sockets()?;
+        return match unix.get(&ino) {
+            Some(s) if s.name.is_empty() && s.peer != 0 && s.state == 1 => {
+                out.kind = FdKind::UnixPair as i32;
+                out.socket_id = ino;
+                out.socket_peer = s.peer;
+                Ok(out)
+            }
+            Some(_) => Err(unsupported("a bound, listening or unconnected unix socket")),
+            None => Err(unsupported("a socket")),
+        };
     }
     if let Some(kind) = target.strip_prefix("anon_inode:") {
         let kind = kind.trim_matches(|c| c == '[' || c == ']');

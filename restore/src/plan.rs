@@ -61,10 +61,14 @@ pub fn plan(
         fds: Vec::new(),
         by_id: BTreeMap::new(),
         pipes: BTreeMap::new(),
+        sockets: BTreeMap::new(),
     };
     for p in procs {
         for pipe in &p.pipes {
             d.create_pipe(p, pipe)?;
+        }
+        for pair in &p.unix_pairs {
+            d.create_unix_pair(p, pair)?;
         }
     }
     for p in procs {
@@ -113,6 +117,8 @@ struct Descs {
     /// (is a FIFO, pipe id) → (read end, write end, read end handed out, write end handed
     /// out). For a FIFO both are one O_RDWR holder; its fds are opened by path.
     pipes: BTreeMap<(bool, u64), (i32, i32, bool, bool)>,
+    /// Unix socket inode → our end of the recreated pair.
+    sockets: BTreeMap<u64, i32>,
 }
 
 impl Descs {
@@ -216,6 +222,51 @@ impl Descs {
         Ok(())
     }
 
+    /// A connected socket pair with what each end had queued (sent again through the other).
+    fn create_unix_pair(
+        &mut self,
+        p: &proto::Process,
+        pair: &proto::UnixPair,
+    ) -> Result<(), RestoreError> {
+        let ty = pair.sock_type as i32;
+        if ![libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_SEQPACKET].contains(&ty) {
+            return Err(RestoreError::Invalid(format!(
+                "process {}: unix socket {} has type {ty}",
+                p.pid, pair.id
+            )));
+        }
+        let mut sv = [0i32; 2];
+        let flags = ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+        // SAFETY: sv is a valid array of two c_ints for socketpair to fill.
+        if unsafe { libc::socketpair(libc::AF_UNIX, flags, 0, sv.as_mut_ptr()) } != 0 {
+            return Err(os_err(format!("process {}: socketpair", p.pid)));
+        }
+        let a = self.place_owned(sv[0], "socket")?;
+        let b = self.place_owned(sv[1], "socket")?;
+        for (from, msgs) in [(b, &pair.queued_for_id), (a, &pair.queued_for_peer)] {
+            for m in msgs {
+                // SAFETY: sends a live buffer on our own socket.
+                let n = unsafe { libc::send(from, m.as_ptr().cast(), m.len(), 0) };
+                if n != m.len() as isize {
+                    return Err(os_err(format!(
+                        "process {}: requeueing {} bytes on unix socket {}",
+                        p.pid,
+                        m.len(),
+                        pair.id
+                    )));
+                }
+            }
+        }
+        if self.sockets.insert(pair.id, a).is_some() || self.sockets.insert(pair.peer, b).is_some()
+        {
+            return Err(RestoreError::Invalid(format!(
+                "unix socket {} is stored twice",
+                pair.id
+            )));
+        }
+        Ok(())
+    }
+
     /// Our fd for the description of image fd `f` of `p`, opened on first use.
     fn open(
         &mut self,
@@ -305,6 +356,16 @@ impl Descs {
                     unsafe { libc::open(c.as_ptr(), acc | libc::O_NONBLOCK | libc::O_CLOEXEC) };
                 let fd =
                     self.place_owned(raw, &format!("process {}: opening FIFO {}", p.pid, f.path))?;
+                set_status(fd, status, p, f)?;
+                fd
+            }
+            FdKind::UnixPair => {
+                let fd = self.sockets.get(&f.socket_id).copied().ok_or_else(|| {
+                    RestoreError::Invalid(format!(
+                        "process {}: fd {} is unix socket {}, which the image does not hold",
+                        p.pid, f.fd, f.socket_id
+                    ))
+                })?;
                 set_status(fd, status, p, f)?;
                 fd
             }

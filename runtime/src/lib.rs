@@ -15,6 +15,7 @@ pub mod procfs;
 pub mod ptrace;
 pub mod spawn;
 pub mod sys;
+pub mod unix_diag;
 
 pub use error::{Result, RuntimeError};
 
