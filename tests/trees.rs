@@ -773,3 +773,80 @@ fn unix_socket_pairs_keep_their_queues() {
     assert_eq!(got.trim(), "B True child OK back back");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const LISTENER_PY: &str = r#"
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+srv.bind(("127.0.0.1", 0))
+srv.listen(7)
+print("ready", srv.getsockname()[1], flush=True)
+sys.stdin.readline()
+srv.settimeout(20)
+c, _ = srv.accept()
+c.settimeout(20)
+data = c.recv(100)
+c.sendall(data.upper())
+c.close()
+print("served", data.decode(),
+      srv.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0,
+      srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, flush=True)
+"#;
+
+/// A TCP listener (no connection waiting) comes back bound to its port with its options
+/// and accepts a new client.
+#[test]
+fn tcp_listener_is_bound_again_and_accepts() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("listener");
+    let mut cmd = shell("exec python3 -c \"$0\"", &dir);
+    cmd.arg(LISTENER_PY).stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("python3");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+    let port: u16 = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|p| p.parse().ok())
+        .expect("ready PORT");
+    let img = dir.join("l.img");
+    stasis_ok(&[
+        "checkpoint",
+        &child.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    child.wait().expect("reap original");
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.send("go");
+    // The restore runs beside this test: retry until the listener is back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("connect to the restored listener: {e}"),
+        }
+    };
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    use std::io::Write;
+    client.write_all(b"hello").expect("send");
+    let mut echoed = String::new();
+    client.read_to_string(&mut echoed).expect("recv");
+    assert_eq!(echoed, "HELLO");
+    let mut got = String::new();
+    pipes.stdout.read_to_string(&mut got).expect("read");
+    assert!(r.wait().expect("restore").success());
+    assert_eq!(got.trim(), "served hello True True");
+    let _ = std::fs::remove_dir_all(&dir);
+}

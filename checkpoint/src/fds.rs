@@ -79,7 +79,13 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
                 Ok(out)
             }
             Some(_) => Err(unsupported("a bound, listening or unconnected unix socket")),
-            None => Err(unsupported("a socket")),
+            None => tcp_listener(pid, fd, &mut out).and_then(|ok| {
+                if ok {
+                    Ok(out)
+                } else {
+                    Err(unsupported("a socket"))
+                }
+            }),
         };
     }
     if let Some(kind) = target.strip_prefix("anon_inode:") {
@@ -215,4 +221,36 @@ fn event_fd(pid: i32, fd: i32, kind: &str, out: &mut proto::Fd) -> Result<(), Ch
         }
     }
     Ok(())
+}
+
+/// Fills in `out` if fd `fd` is a listening TCP socket with no connection waiting to be
+/// accepted (those would be lost); false for any other socket.
+fn tcp_listener(pid: i32, fd: i32, out: &mut proto::Fd) -> Result<bool, CheckpointError> {
+    let copy = files::take_copy(pid, fd)?;
+    let Some(l) = stasis_runtime::inet::listener(&copy, &format!("fd {fd} of PID {pid}"))? else {
+        return Ok(false);
+    };
+    if l.waiting > 0 {
+        return Err(CheckpointError::unsupported(
+            pid,
+            format!(
+                "fd {fd} is a TCP listener on {} with {} connections waiting to be accepted \
+                 (not supported yet)",
+                l.addr, l.waiting
+            ),
+        ));
+    }
+    out.kind = FdKind::TcpListen as i32;
+    out.tcp_listen = Some(proto::TcpListen {
+        ip: l.addr.ip().to_string(),
+        port: l.addr.port() as u32,
+        ipv6: l.addr.is_ipv6(),
+        backlog: l.backlog,
+        options: l
+            .options
+            .iter()
+            .map(|&(level, name, value)| proto::SockOpt { level, name, value })
+            .collect(),
+    });
+    Ok(true)
 }

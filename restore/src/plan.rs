@@ -373,7 +373,8 @@ impl Descs {
             | FdKind::Timerfd
             | FdKind::Signalfd
             | FdKind::Epoll
-            | FdKind::Inotify => {
+            | FdKind::Inotify
+            | FdKind::TcpListen => {
                 let raw = crate::events::create(p, f)?;
                 let fd = self.place_owned(raw, &format!("process {}: fd {}", p.pid, f.fd))?;
                 set_status(fd, status, p, f)?;

@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod error;
 pub mod files;
+pub mod inet;
 pub mod inject;
 pub mod memory;
 pub mod procfs;

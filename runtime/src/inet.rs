@@ -1,0 +1,120 @@
+//! TCP listening sockets, read from a copy of the process's fd: family, bound address,
+//! backlog, the connections waiting to be accepted, and the socket options that matter.
+
+use crate::error::{Result, RuntimeError};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+/// A listening TCP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    /// Its listen() backlog (sk_max_ack_backlog).
+    pub backlog: u32,
+    /// Connections established but not accepted yet.
+    pub waiting: u32,
+    /// (level, option, value) of the options restored with it.
+    pub options: Vec<(i32, i32, i32)>,
+}
+
+/// The options saved and set again (each an int).
+pub const OPTIONS: [(i32, i32); 5] = [
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+];
+
+fn get_int(fd: i32, level: i32, name: i32) -> Option<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = 4 as libc::socklen_t;
+    // SAFETY: writes one c_int to a local.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+/// Describes `fd` if it is a listening TCP socket (IPv4 or IPv6); None for any other socket.
+pub fn listener(fd: &OwnedFd, what: &str) -> Result<Option<Listener>> {
+    let raw = fd.as_raw_fd();
+    let domain = get_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN);
+    let ty = get_int(raw, libc::SOL_SOCKET, libc::SO_TYPE);
+    let proto = get_int(raw, libc::SOL_SOCKET, libc::SO_PROTOCOL);
+    let listening = get_int(raw, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
+    let inet = matches!(domain, Some(libc::AF_INET) | Some(libc::AF_INET6));
+    if !inet || ty != Some(libc::SOCK_STREAM) || proto != Some(libc::IPPROTO_TCP) || !listening {
+        return Ok(None);
+    }
+    // SAFETY: sockaddr_storage is plain data; getsockname fills at most its size.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: as above.
+    if unsafe {
+        libc::getsockname(
+            raw,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    } != 0
+    {
+        return Err(RuntimeError::last_os("getsockname", what));
+    }
+    let addr = match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))),
+                u16::from_be(a.sin_port),
+            )
+        }
+        _ => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)),
+                u16::from_be(a.sin6_port),
+            )
+        }
+    };
+    // struct tcp_info: 8 bytes of u8 fields, then u32 rto, ato, snd_mss, rcv_mss, unacked,
+    // sacked. For a listener, unacked is the accept queue and sacked its limit.
+    let mut info = [0u8; 104];
+    let mut ilen = info.len() as libc::socklen_t;
+    // SAFETY: getsockopt fills at most ilen bytes of a local buffer.
+    if unsafe {
+        libc::getsockopt(
+            raw,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut ilen,
+        )
+    } != 0
+        || ilen < 32
+    {
+        return Err(RuntimeError::last_os("getsockopt(TCP_INFO)", what));
+    }
+    let word = |o: usize| u32::from_ne_bytes([info[o], info[o + 1], info[o + 2], info[o + 3]]);
+    let options = OPTIONS
+        .iter()
+        .filter(|(level, _)| *level != libc::IPPROTO_IPV6 || domain == Some(libc::AF_INET6))
+        .filter_map(|&(level, name)| get_int(raw, level, name).map(|v| (level, name, v)))
+        .collect();
+    Ok(Some(Listener {
+        addr,
+        backlog: word(28),
+        waiting: word(24),
+        options,
+    }))
+}
