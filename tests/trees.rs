@@ -850,3 +850,81 @@ fn tcp_listener_is_bound_again_and_accepts() {
     assert_eq!(got.trim(), "served hello True True");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const UNIX_LISTENER_PY: &str = r#"
+import socket, sys
+path = sys.argv[1]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.listen(3)
+abstract = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+abstract.bind(b"\0" + path.encode())
+abstract.listen(2)
+print("ready", flush=True)
+sys.stdin.readline()
+out = []
+for s in (srv, abstract):
+    s.settimeout(20)
+    c, _ = s.accept()
+    c.settimeout(20)
+    out.append(c.recv(100).decode())
+    c.sendall(b"ok")
+    c.close()
+print("served", *out, flush=True)
+"#;
+
+/// Unix listeners on a path and on an abstract name come back bound (the stale socket file
+/// the dead original left is replaced) and accept new clients.
+#[test]
+fn unix_listeners_are_bound_again_and_accept() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("unixlisten");
+    let path = dir.join("srv.sock");
+    let mut cmd = shell("exec python3 -c \"$0\" \"$1\"", &dir);
+    cmd.arg(UNIX_LISTENER_PY).arg(&path).stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("python3");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+    let img = dir.join("u.img");
+    stasis_ok(&[
+        "checkpoint",
+        &child.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    child.wait().expect("reap original");
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.send("go");
+    let talk = |addr: &str, ty: i32| -> String {
+        let code = format!(
+            "import socket,sys,time\n\
+             s=socket.socket(socket.AF_UNIX,{ty})\n\
+             a=sys.argv[1]\n\
+             a=b'\\0'+a[1:].encode() if a.startswith('@') else a\n\
+             for i in range(2000):\n\
+             \x20   try:\n\
+             \x20       s.connect(a); break\n\
+             \x20   except OSError: time.sleep(0.01)\n\
+             s.send(b'hi{ty}')\n\
+             print(s.recv(10).decode())\n"
+        );
+        let out = Command::new("python3")
+            .args(["-c", &code, addr])
+            .output()
+            .expect("client");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let p = path.to_str().expect("utf8");
+    assert_eq!(talk(p, libc::SOCK_STREAM), "ok");
+    assert_eq!(talk(&format!("@{p}"), libc::SOCK_SEQPACKET), "ok");
+    let mut got = String::new();
+    pipes.stdout.read_to_string(&mut got).expect("read");
+    assert!(r.wait().expect("restore").success());
+    assert_eq!(got.trim(), "served hi1 hi5");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -78,7 +78,25 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
                 out.socket_peer = s.peer;
                 Ok(out)
             }
-            Some(_) => Err(unsupported("a bound, listening or unconnected unix socket")),
+            // TCP_LISTEN = 10.
+            Some(s) if s.state == 10 && !s.name.is_empty() => {
+                if s.rqueue > 0 {
+                    return Err(unsupported(&format!(
+                        "a unix listener with {} connections waiting to be accepted",
+                        s.rqueue
+                    )));
+                }
+                out.kind = FdKind::UnixListen as i32;
+                out.unix_listen = Some(proto::UnixListen {
+                    name: s.name.clone(),
+                    sock_type: s.sock_type as u32,
+                    backlog: s.wqueue,
+                });
+                Ok(out)
+            }
+            Some(_) => Err(unsupported(
+                "a bound, unconnected or half-closed unix socket",
+            )),
             None => tcp_listener(pid, fd, &mut out).and_then(|ok| {
                 if ok {
                     Ok(out)

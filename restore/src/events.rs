@@ -4,6 +4,7 @@
 
 use crate::error::RestoreError;
 use stasis_image::proto::{self, FdKind};
+use std::os::unix::ffi::OsStrExt;
 
 fn failed(p: &proto::Process, f: &proto::Fd, op: &str) -> RestoreError {
     RestoreError::Unsupported(format!(
@@ -111,6 +112,7 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
             Ok(fd)
         }
         FdKind::TcpListen => tcp_listener(p, f),
+        FdKind::UnixListen => unix_listener(p, f),
         FdKind::Inotify => {
             // SAFETY: inotify_init1 takes no pointers.
             let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
@@ -274,4 +276,68 @@ fn tcp_listener(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> 
         unsafe { libc::close(fd) };
     }
     r
+}
+
+/// A unix listener bound to its old name again. A socket file left at the path by the dead
+/// original is removed first (only a socket file: anything else there is an error).
+fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
+    use std::os::unix::fs::FileTypeExt;
+    let u = f.unix_listen.as_ref().ok_or_else(|| {
+        RestoreError::Invalid(format!(
+            "process {}: listener fd {} has no state",
+            p.pid, f.fd
+        ))
+    })?;
+    // SAFETY: sockaddr_un is plain data, filled below.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // The name as the kernel reported it: a path ends at its NUL, an abstract one does not.
+    let name: &[u8] = if u.name.first() == Some(&0) {
+        &u.name
+    } else {
+        u.name.split(|b| *b == 0).next().unwrap_or_default()
+    };
+    if name.is_empty() || name.len() >= sa.sun_path.len() {
+        return Err(RestoreError::Invalid(format!(
+            "process {}: unix listener name of {} bytes",
+            p.pid,
+            name.len()
+        )));
+    }
+    for (i, b) in name.iter().enumerate() {
+        sa.sun_path[i] = *b as libc::c_char;
+    }
+    if name[0] != 0 {
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(name));
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_socket() {
+                return Err(RestoreError::Unsupported(format!(
+                    "process {}: {} is no longer a socket; not replacing it",
+                    p.pid,
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path).map_err(|e| {
+                RestoreError::Unsupported(format!("removing stale socket {}: {e}", path.display()))
+            })?;
+        }
+    }
+    let ty = u.sock_type as i32;
+    // SAFETY: socket takes no pointers.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(failed(p, f, "socket(AF_UNIX)"));
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + name.len()) as libc::socklen_t;
+    // SAFETY: sa holds a valid address of `len` bytes.
+    let bound = unsafe { libc::bind(fd, (&sa as *const libc::sockaddr_un).cast(), len) } == 0
+        // SAFETY: listen takes no pointers.
+        && unsafe { libc::listen(fd, u.backlog.min(65535) as i32) } == 0;
+    if !bound {
+        let e = failed(p, f, "bind/listen");
+        // SAFETY: closing the socket made above.
+        unsafe { libc::close(fd) };
+        return Err(e);
+    }
+    Ok(fd)
 }

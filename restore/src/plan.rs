@@ -374,7 +374,8 @@ impl Descs {
             | FdKind::Signalfd
             | FdKind::Epoll
             | FdKind::Inotify
-            | FdKind::TcpListen => {
+            | FdKind::TcpListen
+            | FdKind::UnixListen => {
                 let raw = crate::events::create(p, f)?;
                 let fd = self.place_owned(raw, &format!("process {}: fd {}", p.pid, f.fd))?;
                 set_status(fd, status, p, f)?;
