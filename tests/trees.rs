@@ -928,3 +928,78 @@ fn unix_listeners_are_bound_again_and_accept() {
     assert_eq!(got.trim(), "served hi1 hi5");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// GET `path` from 127.0.0.1:`port` with HTTP/1.0, retrying the connect while the server is
+/// being restored; returns the whole response.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::Write;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() >= deadline => panic!("connect to port {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    c.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(c, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("response");
+    out
+}
+
+/// The multithreaded `python3 -m http.server` (a real server nobody here wrote), having
+/// served a request, is checkpointed, killed and restored, and serves the file again.
+#[test]
+fn python_http_server_serves_after_restore() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("httpserver");
+    let body = "stasis was here\n".repeat(1000);
+    std::fs::write(dir.join("page.txt"), &body).expect("write page");
+    // Port 0 is not offered by http.server: take a free one from the kernel.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut cmd = shell(
+        "exec python3 -u -m http.server --bind 127.0.0.1 \"$0\"",
+        &dir,
+    );
+    cmd.arg(port.to_string());
+    let mut child = cmd.spawn().expect("http.server");
+    let before = http_get(port, "/page.txt");
+    assert!(
+        before.ends_with(&body),
+        "served before: {}",
+        &before[..before.len().min(200)]
+    );
+    let img = dir.join("http.img");
+    stasis_ok(&[
+        "checkpoint",
+        &child.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    child.wait().expect("reap original");
+    let (mut r, _pipes) = restore(&img, true);
+    assert!(r.wait().expect("restore --detach").success());
+    let after = http_get(port, "/page.txt");
+    assert!(
+        after.starts_with("HTTP/1.0 200"),
+        "{}",
+        &after[..after.len().min(200)]
+    );
+    assert!(
+        after.ends_with(&body),
+        "the restored server served something else"
+    );
+    // The restored server is a child of nobody here but this test's subreaper role: end it.
+    let pid = child.id() as i32;
+    kill(pid);
+    reap_orphans(&[pid]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
