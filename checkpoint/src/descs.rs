@@ -210,9 +210,12 @@ fn settle_pipes(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
             files::take_copy(pid, fd).map(|c| (c, what))
         };
         // An end missing from the tree may simply be closed everywhere (make gives its
-        // extra jobs such a stdin): then the pipe is whole here and restored that way.
+        // extra jobs such a stdin, and holds it at a higher fd too): then the pipe is whole
+        // here and restored that way. Standard I/O alone is a shell job's, and inherited.
+        let only_stdio = ends.iter().all(|&(i, j)| procs[i].fds[j].fd <= 2);
         let whole = match (reader, writer) {
             (Some(_), Some(_)) => true,
+            _ if only_stdio && !fifo => false,
             (Some(r), None) => {
                 let (c, what) = copy_of(r)?;
                 files::pipe_peer_closed(&c, true, &what)?

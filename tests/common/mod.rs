@@ -8,6 +8,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod programs;
+#[allow(unused_imports)]
+pub use programs::*;
+
 /// The stasis binary under test.
 pub fn stasis() -> &'static str {
     env!("CARGO_BIN_EXE_stasis")

@@ -1,0 +1,146 @@
+//! Helpers for tests that run real programs (shells, python, servers) as process trees.
+
+use super::*;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+/// `sh -c script` in `dir` with only standard I/O open, stdout piped.
+pub fn shell(script: &str, dir: &Path) -> Command {
+    let mut c = Command::new("sh");
+    // SAFETY: runs between fork and exec; close_range is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    c.args(["-c", script])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    c
+}
+
+/// Waits until `pid` has at least `n` descendants whose command is one of `comms`.
+pub fn wait_for_tree(pid: i32, comms: &[&str], n: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let found = descendants(pid)
+            .into_iter()
+            .filter(|d| {
+                let comm = std::fs::read_to_string(format!("/proc/{d}/comm")).unwrap_or_default();
+                comms.contains(&comm.trim())
+            })
+            .count();
+        if found >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// `stasis image inspect --json` of `img`.
+pub fn inspect(img: &Path) -> serde_json::Value {
+    let out = stasis_ok(&["image", "inspect", "--json", img.to_str().expect("utf8")]);
+    serde_json::from_str(&out).expect("inspect json")
+}
+
+/// (processes, bytes buffered in the image's pipes).
+pub fn tree_facts(img: &Path) -> (usize, u64) {
+    let v = inspect(img);
+    let procs = v["processes"].as_array().expect("processes");
+    let buffered = procs
+        .iter()
+        .flat_map(|p| p["pipes"].as_array().into_iter().flatten())
+        .map(|x| x["buffered"].as_u64().unwrap_or(0))
+        .sum();
+    (procs.len(), buffered)
+}
+
+/// Checkpoints (kill) the tree of `child`, restores it, and returns what it then prints.
+pub fn checkpoint_kill_restore(mut child: std::process::Child, img: &Path) -> String {
+    let pid = child.id().to_string();
+    let tree = descendants(child.id() as i32);
+    stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    child.wait().expect("reap original");
+    reap_orphans(&tree);
+    let (mut r, mut pipes) = restore(img, false);
+    let mut got = String::new();
+    pipes
+        .stdout
+        .read_to_string(&mut got)
+        .expect("read restored output");
+    let st = r.wait().expect("stasis restore");
+    assert!(st.success(), "restored tree exited with {st}");
+    got
+}
+
+/// Starts `sh -c script ARGS...` in `dir` (stdin piped) and waits for its first line, which
+/// must start with "ready"; returns the child and that line.
+pub fn start_ready(script: &str, args: &[&std::ffi::OsStr], dir: &Path) -> (Child, String) {
+    let mut cmd = shell(script, dir);
+    cmd.args(args).stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("starting the program");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert!(line.starts_with("ready"), "the program said {line:?}");
+    (child, line.trim().to_string())
+}
+
+/// Checkpoints (kill) the tree of a program started by [`start_ready`], restores it, says
+/// "go" on its stdin, and returns everything it prints until it exits (successfully).
+pub fn checkpoint_go(child: Child, img: &Path) -> String {
+    checkpoint_go_with(child, img, || {})
+}
+
+/// Like [`checkpoint_go`], running `during` (a client, say) after "go" while the restored
+/// program runs.
+pub fn checkpoint_go_with(mut child: Child, img: &Path, during: impl FnOnce()) -> String {
+    let tree = descendants(child.id() as i32);
+    stasis_ok(&[
+        "checkpoint",
+        &child.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
+    child.wait().expect("reap original");
+    reap_orphans(&tree);
+    let (mut r, mut pipes) = restore(img, false);
+    pipes.send("go");
+    during();
+    let mut got = String::new();
+    pipes.stdout.read_to_string(&mut got).expect("read");
+    assert!(r.wait().expect("restore").success());
+    got
+}
+
+/// A connection to 127.0.0.1:`port`, retried while a restore running beside the test brings
+/// the listener back; reads time out after 20 s.
+pub fn connect_retry(port: u16) -> std::net::TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let c = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() >= deadline => panic!("connect to port {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    c.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    c
+}
+
+/// GET `path` from 127.0.0.1:`port` with HTTP/1.0, retrying the connect while the server is
+/// being restored; returns the whole response.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::Write;
+    let mut c = connect_retry(port);
+    write!(c, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("send");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("response");
+    out
+}

@@ -1,0 +1,246 @@
+//! Sockets: unix socket pairs with their queues, TCP and unix listeners bound again, and a
+//! real server (python3 -m http.server) serving after checkpoint, kill and restore.
+
+mod common;
+
+use common::*;
+use std::io::Read;
+use std::process::Command;
+
+const SOCKETPAIR_PY: &str = r#"
+import os, socket, sys
+s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+d1, d2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+q1, q2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+A, B = b"alpha" * 100, b"beta" * 50
+s1.sendall(A); s2.sendall(B)
+for m in (b"one", b"two", b"three"): d1.send(m)
+d2.send(b"back")
+for m in (b"q1", b"q22"): q1.send(m)
+pid = os.fork()
+if pid == 0:
+    s1.close(); d1.close(); q1.close()
+    for x in (s2, d2, q2): x.settimeout(10)
+    got = b""
+    while len(got) < len(A) + 2:
+        more = s2.recv(4096)
+        if not more: break
+        got += more
+    ok = got == A + b"GO"
+    ok = ok and [d2.recv(100) for _ in range(3)] == [b"one", b"two", b"three"]
+    ok = ok and [q2.recv(100) for _ in range(2)] == [b"q1", b"q22"]
+    d2.setblocking(False); q2.setblocking(False)
+    for extra in (d2, q2):
+        try:
+            extra.recv(100); ok = False
+        except BlockingIOError:
+            pass
+    s2.sendall(b"OK" if ok else b"NO")
+    os._exit(0)
+s2.close(); d2.close(); q2.close()
+for x in (s1, d1): x.settimeout(20)
+print("ready", flush=True)
+sys.stdin.readline()
+s1.sendall(b"GO")
+got = b""
+while len(got) < len(B) + 2:
+    more = s1.recv(4096)
+    if not more: break
+    got += more
+back = d1.recv(100)
+os.waitpid(pid, 0)
+print("B", got[:len(B)] == B, "child", got[len(B):].decode(), "back", back.decode(), flush=True)
+"#;
+
+/// Stream, datagram and seqpacket socket pairs split between a parent and its child, with
+/// data queued in both directions: after the restore every byte and message arrives once.
+#[test]
+fn unix_socket_pairs_keep_their_queues() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("socketpair");
+    let (child, _) = start_ready("exec python3 -c \"$0\"", &[SOCKETPAIR_PY.as_ref()], &dir);
+    let got = checkpoint_go(child, &dir.join("sp.img"));
+    assert_eq!(got.trim(), "B True child OK back back");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const LISTENER_PY: &str = r#"
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+srv.bind(("127.0.0.1", 0))
+srv.listen(7)
+print("ready", srv.getsockname()[1], flush=True)
+sys.stdin.readline()
+srv.settimeout(20)
+c, _ = srv.accept()
+c.settimeout(20)
+data = c.recv(100)
+c.sendall(data.upper())
+c.close()
+print("served", data.decode(),
+      srv.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0,
+      srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, flush=True)
+"#;
+
+/// A TCP listener (no connection waiting) comes back bound to its port with its options
+/// and accepts a new client.
+#[test]
+fn tcp_listener_is_bound_again_and_accepts() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("listener");
+    let (child, line) = start_ready("exec python3 -c \"$0\"", &[LISTENER_PY.as_ref()], &dir);
+    let port: u16 = line
+        .strip_prefix("ready ")
+        .and_then(|p| p.parse().ok())
+        .expect("ready PORT");
+    let got = checkpoint_go_with(child, &dir.join("l.img"), || {
+        use std::io::Write;
+        let mut client = connect_retry(port);
+        client.write_all(b"hello").expect("send");
+        let mut echoed = String::new();
+        client.read_to_string(&mut echoed).expect("recv");
+        assert_eq!(echoed, "HELLO");
+    });
+    assert_eq!(got.trim(), "served hello True True");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const UNIX_LISTENER_PY: &str = r#"
+import socket, sys
+path = sys.argv[1]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.listen(3)
+abstract = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+abstract.bind(b"\0" + path.encode())
+abstract.listen(2)
+print("ready", flush=True)
+sys.stdin.readline()
+out = []
+for s in (srv, abstract):
+    s.settimeout(20)
+    c, _ = s.accept()
+    c.settimeout(20)
+    out.append(c.recv(100).decode())
+    c.sendall(b"ok")
+    c.close()
+print("served", *out, flush=True)
+"#;
+
+/// Unix listeners on a path and on an abstract name come back bound (the stale socket file
+/// the dead original left is replaced) and accept new clients.
+#[test]
+fn unix_listeners_are_bound_again_and_accept() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("unixlisten");
+    let path = dir.join("srv.sock");
+    let script = "exec python3 -c \"$0\" \"$1\"";
+    let (child, _) = start_ready(script, &[UNIX_LISTENER_PY.as_ref(), path.as_ref()], &dir);
+    let talk = |addr: &str, ty: i32| -> String {
+        let code = format!(
+            "import socket,sys,time\n\
+             s=socket.socket(socket.AF_UNIX,{ty})\n\
+             a=sys.argv[1]\n\
+             a=b'\\0'+a[1:].encode() if a.startswith('@') else a\n\
+             for i in range(2000):\n\
+             \x20   try:\n\
+             \x20       s.connect(a); break\n\
+             \x20   except OSError: time.sleep(0.01)\n\
+             s.send(b'hi{ty}')\n\
+             print(s.recv(10).decode())\n"
+        );
+        let out = Command::new("python3")
+            .args(["-c", &code, addr])
+            .output()
+            .expect("client");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let p = path.to_str().expect("utf8");
+    let got = checkpoint_go_with(child, &dir.join("u.img"), || {
+        assert_eq!(talk(p, libc::SOCK_STREAM), "ok");
+        assert_eq!(talk(&format!("@{p}"), libc::SOCK_SEQPACKET), "ok");
+    });
+    assert_eq!(got.trim(), "served hi1 hi5");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The multithreaded `python3 -m http.server` (a real server nobody here wrote), having
+/// served a request, is checkpointed, killed and restored, and serves the file again.
+#[test]
+fn python_http_server_serves_after_restore() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("httpserver");
+    let body = "stasis was here\n".repeat(1000);
+    std::fs::write(dir.join("page.txt"), &body).expect("write page");
+    // Port 0 is not offered by http.server: take a free one from the kernel.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut cmd = shell(
+        "exec python3 -u -m http.server --bind 127.0.0.1 \"$0\"",
+        &dir,
+    );
+    cmd.arg(port.to_string());
+    let mut child = cmd.spawn().expect("http.server");
+    let before = http_get(port, "/page.txt");
+    assert!(
+        before.ends_with(&body),
+        "served before: {}",
+        &before[..before.len().min(200)]
+    );
+    let img = dir.join("http.img");
+    // The thread that served the request may still hold its connection for a moment; a
+    // checkpoint then is refused (leaving the server running) and is simply tried again.
+    let pid = child.id().to_string();
+    let args = [
+        "checkpoint",
+        pid.as_str(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ];
+    for attempt in 0.. {
+        let out = run_stasis(&args);
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            attempt < 100 && out.status.code() == Some(4) && err.contains("socket"),
+            "checkpoint of http.server: {err}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait().expect("reap original");
+    let (mut r, _pipes) = restore(&img, true);
+    assert!(r.wait().expect("restore --detach").success());
+    let after = http_get(port, "/page.txt");
+    assert!(
+        after.starts_with("HTTP/1.0 200"),
+        "{}",
+        &after[..after.len().min(200)]
+    );
+    assert!(
+        after.ends_with(&body),
+        "the restored server served something else"
+    );
+    // The restored server is a child of nobody here but this test's subreaper role: end it.
+    let pid = child.id() as i32;
+    kill(pid);
+    reap_orphans(&[pid]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
