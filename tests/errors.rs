@@ -64,7 +64,7 @@ fn socket_fd_is_refused_and_left_running() {
     let err = stasis_fails(
         &["checkpoint", &pid, "-o", "/tmp/stasis-sock.img"],
         REFUSED,
-        "is a socket",
+        "is an unconnected TCP (IPv4) socket",
     );
     assert!(err.contains("fd 3"), "the error must name the fd: {err}");
     assert!(running_untraced(child.id() as i32));
@@ -415,7 +415,7 @@ fn a_child_with_a_socket_is_refused_and_the_tree_left_running() {
     let err = stasis_fails(
         &["checkpoint", &pid.to_string(), "-o", "/tmp/stasis-tree.img"],
         REFUSED,
-        "is a socket",
+        "is an unconnected TCP (IPv4) socket",
     );
     assert!(
         err.contains(&format!("PID {kid}")) && err.contains("fd 3"),
@@ -459,4 +459,46 @@ fn a_process_already_traced_is_refused_and_left_alone() {
     wl.pipes
         .expect_pass("check", "after a refused checkpoint of a traced process");
     assert!(wl.child.wait().expect("reap").success());
+}
+
+/// Each kind of socket stasis cannot restore yet is refused by name, and the process is left
+/// running.
+#[test]
+fn unsupported_socket_kinds_are_refused_by_name() {
+    init();
+    let kinds = [
+        (
+            "socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
+            "a UDP (IPv4) socket",
+        ),
+        (
+            "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)",
+            "a netlink socket",
+        ),
+        (
+            "socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)",
+            "a packet socket",
+        ),
+        (
+            "socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)",
+            "a raw IPv4 socket",
+        ),
+    ];
+    for (make, name) in kinds {
+        let code =
+            format!("import socket,time\ns={make}\nprint('ready',flush=True)\ntime.sleep(300)");
+        let Some(mut child) = python(&code) else {
+            return;
+        };
+        let pid = child.id().to_string();
+        let err = stasis_fails(
+            &["checkpoint", &pid, "-o", "/tmp/stasis-kinds.img"],
+            REFUSED,
+            name,
+        );
+        assert!(err.contains("fd 3"), "the error must name the fd: {err}");
+        assert!(running_untraced(child.id() as i32));
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+    }
 }

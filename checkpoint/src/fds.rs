@@ -101,7 +101,8 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
                 if ok {
                     Ok(out)
                 } else {
-                    Err(unsupported("a socket"))
+                    let copy = files::take_copy(pid, fd)?;
+                    Err(unsupported(&stasis_runtime::inet::socket_kind(&copy)))
                 }
             }),
         };

@@ -118,3 +118,45 @@ pub fn listener(fd: &OwnedFd, what: &str) -> Result<Option<Listener>> {
         options,
     }))
 }
+
+/// What kind of socket `fd` is, for an error message ("a UDP socket", "a netlink socket",
+/// "an established TCP connection", ...).
+pub fn socket_kind(fd: &OwnedFd) -> String {
+    let raw = fd.as_raw_fd();
+    let domain = get_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
+    let ty = get_int(raw, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(-1);
+    let proto = get_int(raw, libc::SOL_SOCKET, libc::SO_PROTOCOL).unwrap_or(-1);
+    let family = match domain {
+        libc::AF_INET => "IPv4",
+        libc::AF_INET6 => "IPv6",
+        libc::AF_UNIX => "unix",
+        libc::AF_NETLINK => return "a netlink socket".into(),
+        libc::AF_PACKET => return "a packet socket".into(),
+        _ => return format!("a socket of address family {domain}"),
+    };
+    if ty == libc::SOCK_RAW {
+        return format!("a raw {family} socket");
+    }
+    if proto == libc::IPPROTO_UDP {
+        return format!("a UDP ({family}) socket");
+    }
+    if proto == libc::IPPROTO_TCP {
+        // SAFETY: sockaddr_storage is plain data; getpeername fills at most its size.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: as above.
+        let connected = unsafe {
+            libc::getpeername(
+                raw,
+                (&mut ss as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        } == 0;
+        return if connected {
+            format!("an established TCP ({family}) connection")
+        } else {
+            format!("an unconnected TCP ({family}) socket")
+        };
+    }
+    format!("a {family} socket")
+}
