@@ -468,8 +468,9 @@ fn unsupported_socket_kinds_are_refused_by_name() {
     init();
     let kinds = [
         (
-            "socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
-            "a UDP (IPv4) socket",
+            "socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 0)); \
+             s.sendto(b'x', s.getsockname())",
+            "UDP socket on 127.0.0.1",
         ),
         (
             "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)",

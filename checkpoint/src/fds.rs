@@ -98,7 +98,7 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
                 "a bound, unconnected or half-closed unix socket",
             )),
             None => tcp_listener(pid, fd, &mut out).and_then(|ok| {
-                if ok {
+                if ok || udp_socket(pid, fd, &mut out)? {
                     Ok(out)
                 } else {
                     let copy = files::take_copy(pid, fd)?;
@@ -266,6 +266,38 @@ fn tcp_listener(pid: i32, fd: i32, out: &mut proto::Fd) -> Result<bool, Checkpoi
         ipv6: l.addr.is_ipv6(),
         backlog: l.backlog,
         options: l
+            .options
+            .iter()
+            .map(|&(level, name, value)| proto::SockOpt { level, name, value })
+            .collect(),
+    });
+    Ok(true)
+}
+
+/// Fills in `out` if fd `fd` is a UDP socket with no datagram waiting (a datagram's source
+/// could not be given back); false for any other socket.
+fn udp_socket(pid: i32, fd: i32, out: &mut proto::Fd) -> Result<bool, CheckpointError> {
+    let copy = files::take_copy(pid, fd)?;
+    let Some(u) = stasis_runtime::inet::udp(&copy, &format!("fd {fd} of PID {pid}"))? else {
+        return Ok(false);
+    };
+    if u.queued > 0 {
+        return Err(CheckpointError::unsupported(
+            pid,
+            format!(
+                "fd {fd} is a UDP socket on {} with {} bytes of datagrams waiting to be read \
+                 (not supported yet)",
+                u.local, u.queued
+            ),
+        ));
+    }
+    out.kind = FdKind::Udp as i32;
+    out.udp = Some(proto::UdpSocket {
+        ip: u.local.ip().to_string(),
+        port: u.local.port() as u32,
+        peer_ip: u.peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+        peer_port: u.peer.map_or(0, |p| p.port() as u32),
+        options: u
             .options
             .iter()
             .map(|&(level, name, value)| proto::SockOpt { level, name, value })

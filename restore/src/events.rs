@@ -112,6 +112,7 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
             Ok(fd)
         }
         FdKind::TcpListen => tcp_listener(p, f),
+        FdKind::Udp => udp_socket(p, f),
         FdKind::UnixListen => unix_listener(p, f),
         FdKind::Inotify => {
             // SAFETY: inotify_init1 takes no pointers.
@@ -185,31 +186,70 @@ fn add_inotify_watches(p: &proto::Process, f: &proto::Fd, fd: i32) -> Result<(),
     Ok(())
 }
 
-/// A TCP socket bound to the saved address with the saved options, listening again.
-fn tcp_listener(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
-    let t = f.tcp_listen.as_ref().ok_or_else(|| {
-        RestoreError::Invalid(format!(
-            "process {}: listener fd {} has no state",
-            p.pid, f.fd
-        ))
-    })?;
-    let ip: std::net::IpAddr = t.ip.parse().map_err(|_| {
-        RestoreError::Invalid(format!("process {}: listener address {:?}", p.pid, t.ip))
-    })?;
-    let port = u16::try_from(t.port)
-        .map_err(|_| RestoreError::Invalid(format!("process {}: port {}", p.pid, t.port)))?;
-    let family = if ip.is_ipv6() {
-        libc::AF_INET6
-    } else {
-        libc::AF_INET
+/// A socket address for `ip`:`port` (as the image spells them).
+fn sockaddr(
+    p: &proto::Process,
+    ip: &str,
+    port: u32,
+) -> Result<(libc::sockaddr_storage, libc::socklen_t), RestoreError> {
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| RestoreError::Invalid(format!("process {}: address {ip:?}", p.pid)))?;
+    let port = u16::try_from(port)
+        .map_err(|_| RestoreError::Invalid(format!("process {}: port {port}", p.pid)))?;
+    // SAFETY: sockaddr_storage is plain data, filled below for the family.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let a = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), a) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        std::net::IpAddr::V6(v6) => {
+            let a = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: port.to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), a) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
     };
+    Ok((ss, len as libc::socklen_t))
+}
+
+/// A new IPv4/IPv6 socket of type `ty` with `options` set, bound to `ip`:`port`, then
+/// finished by `then` (listen, connect); closed again on any failure.
+fn inet_socket(
+    p: &proto::Process,
+    f: &proto::Fd,
+    ty: i32,
+    (ip, port): (&str, u32),
+    options: &[proto::SockOpt],
+    then: impl FnOnce(i32) -> Result<(), RestoreError>,
+) -> Result<i32, RestoreError> {
+    let (ss, len) = sockaddr(p, ip, port)?;
+    let family = ss.ss_family as i32;
     // SAFETY: socket takes no pointers.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(failed(p, f, "socket"));
     }
     let r = (|| {
-        for o in &t.options {
+        for o in options {
             let v: libc::c_int = o.value;
             // SAFETY: sets an int option from a local.
             let rc = unsafe {
@@ -223,59 +263,52 @@ fn tcp_listener(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> 
                 ));
             }
         }
-        // SAFETY: sockaddr_storage is plain data, filled below for the family.
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match ip {
-            std::net::IpAddr::V4(v4) => {
-                let a = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: port.to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(v4).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_in fits in sockaddr_storage.
-                unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), a) };
-                std::mem::size_of::<libc::sockaddr_in>()
-            }
-            std::net::IpAddr::V6(v6) => {
-                let a = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: port.to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: v6.octets(),
-                    },
-                    sin6_scope_id: 0,
-                };
-                // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-                unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), a) };
-                std::mem::size_of::<libc::sockaddr_in6>()
-            }
-        };
         // SAFETY: ss holds a valid address of `len` bytes.
-        if unsafe {
-            libc::bind(
-                fd,
-                (&ss as *const libc::sockaddr_storage).cast(),
-                len as u32,
-            )
-        } != 0
-        {
+        if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
             return Err(failed(p, f, &format!("bind to {ip} port {port}")));
         }
-        // SAFETY: listen takes no pointers.
-        if unsafe { libc::listen(fd, t.backlog.min(65535) as i32) } != 0 {
-            return Err(failed(p, f, "listen"));
-        }
-        Ok(fd)
+        then(fd)
     })();
     if r.is_err() {
         // SAFETY: closing the socket made above.
         unsafe { libc::close(fd) };
     }
-    r
+    r.map(|()| fd)
+}
+
+/// A TCP socket bound to the saved address with the saved options, listening again.
+fn tcp_listener(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
+    let t = f.tcp_listen.as_ref().ok_or_else(|| {
+        RestoreError::Invalid(format!(
+            "process {}: listener fd {} has no state",
+            p.pid, f.fd
+        ))
+    })?;
+    inet_socket(p, f, libc::SOCK_STREAM, (&t.ip, t.port), &t.options, |fd| {
+        // SAFETY: listen takes no pointers.
+        if unsafe { libc::listen(fd, t.backlog.min(65535) as i32) } != 0 {
+            return Err(failed(p, f, "listen"));
+        }
+        Ok(())
+    })
+}
+
+/// A UDP socket bound (and connected) as it was.
+fn udp_socket(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
+    let u = f.udp.as_ref().ok_or_else(|| {
+        RestoreError::Invalid(format!("process {}: UDP fd {} has no state", p.pid, f.fd))
+    })?;
+    inet_socket(p, f, libc::SOCK_DGRAM, (&u.ip, u.port), &u.options, |fd| {
+        if u.peer_ip.is_empty() {
+            return Ok(());
+        }
+        let (ss, len) = sockaddr(p, &u.peer_ip, u.peer_port)?;
+        // SAFETY: ss holds a valid address of `len` bytes.
+        if unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+            return Err(failed(p, f, "connect"));
+        }
+        Ok(())
+    })
 }
 
 /// A unix listener bound to its old name again. A socket file left at the path by the dead

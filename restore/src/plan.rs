@@ -375,7 +375,8 @@ impl Descs {
             | FdKind::Epoll
             | FdKind::Inotify
             | FdKind::TcpListen
-            | FdKind::UnixListen => {
+            | FdKind::UnixListen
+            | FdKind::Udp => {
                 let raw = crate::events::create(p, f)?;
                 let fd = self.place_owned(raw, &format!("process {}: fd {}", p.pid, f.fd))?;
                 set_status(fd, status, p, f)?;

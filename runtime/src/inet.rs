@@ -53,40 +53,7 @@ pub fn listener(fd: &OwnedFd, what: &str) -> Result<Option<Listener>> {
     if !inet || ty != Some(libc::SOCK_STREAM) || proto != Some(libc::IPPROTO_TCP) || !listening {
         return Ok(None);
     }
-    // SAFETY: sockaddr_storage is plain data; getsockname fills at most its size.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    if unsafe {
-        libc::getsockname(
-            raw,
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    } != 0
-    {
-        return Err(RuntimeError::last_os("getsockname", what));
-    }
-    let addr = match ss.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a: libc::sockaddr_in =
-                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
-            SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))),
-                u16::from_be(a.sin_port),
-            )
-        }
-        _ => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a: libc::sockaddr_in6 =
-                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
-            SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)),
-                u16::from_be(a.sin6_port),
-            )
-        }
-    };
+    let addr = local_addr(raw, what)?;
     // struct tcp_info: 8 bytes of u8 fields, then u32 rto, ato, snd_mss, rcv_mss, unacked,
     // sacked. For a listener, unacked is the accept queue and sacked its limit.
     let mut info = [0u8; 104];
@@ -159,4 +126,91 @@ pub fn socket_kind(fd: &OwnedFd) -> String {
         };
     }
     format!("a {family} socket")
+}
+
+fn parse_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)),
+                u16::from_be(a.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// getsockname (`peer` false) or getpeername (`peer` true); None if not connected.
+fn sockaddr_of(raw: i32, peer: bool) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; the call fills at most its size.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let p = (&mut ss as *mut libc::sockaddr_storage).cast();
+    // SAFETY: as above.
+    let r = unsafe {
+        if peer {
+            libc::getpeername(raw, p, &mut len)
+        } else {
+            libc::getsockname(raw, p, &mut len)
+        }
+    };
+    if r != 0 {
+        return None;
+    }
+    parse_sockaddr(&ss)
+}
+
+fn local_addr(raw: i32, what: &str) -> Result<SocketAddr> {
+    sockaddr_of(raw, false).ok_or_else(|| RuntimeError::last_os("getsockname", what))
+}
+
+/// A UDP socket: its bound address, its peer if connected, and its options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Udp {
+    pub local: SocketAddr,
+    pub peer: Option<SocketAddr>,
+    /// Bytes of datagrams waiting to be read.
+    pub queued: u32,
+    pub options: Vec<(i32, i32, i32)>,
+}
+
+/// Describes `fd` if it is a UDP socket (IPv4 or IPv6).
+pub fn udp(fd: &OwnedFd, what: &str) -> Result<Option<Udp>> {
+    let raw = fd.as_raw_fd();
+    let domain = get_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN);
+    let inet = matches!(domain, Some(libc::AF_INET) | Some(libc::AF_INET6));
+    if !inet || get_int(raw, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_UDP) {
+        return Ok(None);
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to a local.
+    if unsafe { libc::ioctl(raw, libc::FIONREAD, &mut queued) } < 0 {
+        return Err(RuntimeError::last_os("ioctl(FIONREAD)", what));
+    }
+    let options = OPTIONS
+        .iter()
+        .filter(|(level, _)| {
+            *level == libc::SOL_SOCKET
+                || (*level == libc::IPPROTO_IPV6 && domain == Some(libc::AF_INET6))
+        })
+        .filter_map(|&(level, name)| get_int(raw, level, name).map(|v| (level, name, v)))
+        .collect();
+    Ok(Some(Udp {
+        local: local_addr(raw, what)?,
+        peer: sockaddr_of(raw, true),
+        queued: queued.max(0) as u32,
+        options,
+    }))
 }
