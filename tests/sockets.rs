@@ -227,6 +227,7 @@ fn python_http_server_serves_after_restore() {
     }
     child.wait().expect("reap original");
     let (mut r, _pipes) = restore(&img, true);
+    let _server = KillOnDrop(child.id() as i32);
     assert!(r.wait().expect("restore --detach").success());
     let after = http_get(port, "/page.txt");
     assert!(
@@ -238,10 +239,6 @@ fn python_http_server_serves_after_restore() {
         after.ends_with(&body),
         "the restored server served something else"
     );
-    // The restored server is a child of nobody here but this test's subreaper role: end it.
-    let pid = child.id() as i32;
-    kill(pid);
-    reap_orphans(&[pid]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

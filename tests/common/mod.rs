@@ -243,6 +243,17 @@ pub fn running_untraced(pid: i32) -> bool {
         && !state.starts_with('Z')
 }
 
+/// Kills (SIGKILL) the process it holds when dropped, so a failing test leaves nothing
+/// running behind it (a restored server detached from stasis, say).
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill(self.0);
+        reap_orphans(&[self.0]);
+    }
+}
+
 /// Kills and reaps a process the test owns.
 pub fn kill(pid: i32) {
     // SAFETY: kill takes no pointers; pid is a process this test started.
