@@ -17,34 +17,30 @@ pub enum Shared {
     FdTable,
 }
 
+/// kcmp(2): whether the kernel objects `kind` of two processes (and indexes) are one.
+fn kcmp(pid1: i32, pid2: i32, kind: libc::c_long, idx: (i32, i32), what: String) -> Result<bool> {
+    // SAFETY: kcmp takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, idx.0, idx.1) };
+    if r < 0 {
+        return Err(RuntimeError::last_os("kcmp", what));
+    }
+    Ok(r == 0)
+}
+
 /// Whether processes `pid1` and `pid2` share `what`.
 pub fn share(pid1: i32, pid2: i32, what: Shared) -> Result<bool> {
     let kind = match what {
         Shared::AddressSpace => KCMP_VM,
         Shared::FdTable => KCMP_FILES,
     };
-    // SAFETY: kcmp takes no pointers.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, 0, 0) };
-    if r < 0 {
-        return Err(RuntimeError::last_os(
-            "kcmp",
-            format!("pids {pid1} and {pid2} ({what:?})"),
-        ));
-    }
-    Ok(r == 0)
+    let target = format!("pids {pid1} and {pid2} ({what:?})");
+    kcmp(pid1, pid2, kind, (0, 0), target)
 }
 
 /// Whether fd `fd1` of `pid1` and fd `fd2` of `pid2` are one open file description.
 pub fn same_description(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Result<bool> {
-    // SAFETY: kcmp takes no pointers.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) };
-    if r < 0 {
-        return Err(RuntimeError::last_os(
-            "kcmp(KCMP_FILE)",
-            format!("pid {pid1} fd {fd1} / pid {pid2} fd {fd2}"),
-        ));
-    }
-    Ok(r == 0)
+    let target = format!("KCMP_FILE pid {pid1} fd {fd1} / pid {pid2} fd {fd2}");
+    kcmp(pid1, pid2, KCMP_FILE, (fd1, fd2), target)
 }
 
 /// A copy (in this process) of fd `fd` of process `pid`: the same open file description.

@@ -26,6 +26,16 @@ pub const OPTIONS: [(i32, i32); 5] = [
     (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
 ];
 
+/// The values of the [`OPTIONS`] that apply to the socket: IPv6 options only for IPv6, and
+/// those its protocol refuses (TCP_NODELAY on UDP) are left out.
+fn options_of(raw: i32, domain: Option<i32>) -> Vec<(i32, i32, i32)> {
+    OPTIONS
+        .iter()
+        .filter(|(level, _)| *level != libc::IPPROTO_IPV6 || domain == Some(libc::AF_INET6))
+        .filter_map(|&(level, name)| get_int(raw, level, name).map(|v| (level, name, v)))
+        .collect()
+}
+
 fn get_int(fd: i32, level: i32, name: i32) -> Option<i32> {
     let mut v: libc::c_int = 0;
     let mut len = 4 as libc::socklen_t;
@@ -73,11 +83,7 @@ pub fn listener(fd: &OwnedFd, what: &str) -> Result<Option<Listener>> {
         return Err(RuntimeError::last_os("getsockopt(TCP_INFO)", what));
     }
     let word = |o: usize| u32::from_ne_bytes([info[o], info[o + 1], info[o + 2], info[o + 3]]);
-    let options = OPTIONS
-        .iter()
-        .filter(|(level, _)| *level != libc::IPPROTO_IPV6 || domain == Some(libc::AF_INET6))
-        .filter_map(|&(level, name)| get_int(raw, level, name).map(|v| (level, name, v)))
-        .collect();
+    let options = options_of(raw, domain);
     Ok(Some(Listener {
         addr,
         backlog: word(28),
@@ -108,18 +114,7 @@ pub fn socket_kind(fd: &OwnedFd) -> String {
         return format!("a UDP ({family}) socket");
     }
     if proto == libc::IPPROTO_TCP {
-        // SAFETY: sockaddr_storage is plain data; getpeername fills at most its size.
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: as above.
-        let connected = unsafe {
-            libc::getpeername(
-                raw,
-                (&mut ss as *mut libc::sockaddr_storage).cast(),
-                &mut len,
-            )
-        } == 0;
-        return if connected {
+        return if sockaddr_of(raw, true).is_some() {
             format!("an established TCP ({family}) connection")
         } else {
             format!("an unconnected TCP ({family}) socket")
@@ -199,14 +194,7 @@ pub fn udp(fd: &OwnedFd, what: &str) -> Result<Option<Udp>> {
     if unsafe { libc::ioctl(raw, libc::FIONREAD, &mut queued) } < 0 {
         return Err(RuntimeError::last_os("ioctl(FIONREAD)", what));
     }
-    let options = OPTIONS
-        .iter()
-        .filter(|(level, _)| {
-            *level == libc::SOL_SOCKET
-                || (*level == libc::IPPROTO_IPV6 && domain == Some(libc::AF_INET6))
-        })
-        .filter_map(|&(level, name)| get_int(raw, level, name).map(|v| (level, name, v)))
-        .collect();
+    let options = options_of(raw, domain);
     Ok(Some(Udp {
         local: local_addr(raw, what)?,
         peer: sockaddr_of(raw, true),

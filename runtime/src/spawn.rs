@@ -208,65 +208,45 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
         released: false,
     };
     let reports = read_reports(rd)?;
-    let mut ready = Vec::new();
-    for r in &reports {
-        let Some(p) = spec.procs.get(r.proc_index as usize) else {
-            continue;
-        };
-        if r.step == STEP_READY {
-            ready.push(Spawned {
+    // Tree order (parents before children), as in the spec.
+    let mut ready: Vec<&Report> = reports.iter().filter(|r| r.step == STEP_READY).collect();
+    ready.sort_by_key(|r| r.proc_index);
+    tree.procs = ready
+        .iter()
+        .filter_map(|r| {
+            let p = spec.procs.get(r.proc_index as usize)?;
+            Some(Spawned {
                 pid: p.pid,
                 ctl_fd: if p.share_files { -1 } else { r.index as i32 },
-            });
-        }
-    }
-    tree.procs = ready.clone();
+            })
+        })
+        .collect();
     if let Some(bad) = reports.iter().find(|r| r.step != STEP_READY) {
         return Err(describe_failure(spec, bad));
     }
     let live = spec.procs.iter().filter(|p| p.exit.is_none()).count();
-    if ready.is_empty() {
+    if tree.procs.is_empty() {
         return Err(RuntimeError::Protocol {
             op: "restore: prepare new process",
             pid: root,
             what: "it exited before reporting".into(),
         });
     }
-    if ready.len() != live {
+    if tree.procs.len() != live {
         return Err(RuntimeError::Protocol {
             op: "restore: prepare process tree",
             pid: root,
             what: format!(
                 "{} of {live} processes reported ready; the others died",
-                ready.len()
+                tree.procs.len()
             ),
         });
     }
-    // Tree order: parents before children, as in the spec.
-    tree.procs
-        .sort_by_key(|s| spec.procs.iter().position(|p| p.pid == s.pid));
+    // Every signal is blocked in the new processes; a stop for one is only passed over.
     for s in &tree.procs {
-        seize_stopped(s.pid)?;
+        ptrace::seize_and_stop(s.pid, libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL)?;
     }
     Ok(tree)
-}
-
-fn seize_stopped(pid: i32) -> Result<()> {
-    ptrace::seize(pid, libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL)?;
-    ptrace::interrupt(pid)?;
-    loop {
-        match ptrace::wait_stop(pid)? {
-            ptrace::Stop::EventStop(_) => return Ok(()),
-            ptrace::Stop::Signal(_) => ptrace::cont(pid, 0)?,
-            other => {
-                return Err(RuntimeError::Protocol {
-                    op: "restore: stop new process",
-                    pid,
-                    what: format!("unexpected {other:?}"),
-                })
-            }
-        }
-    }
 }
 
 /// clone3 with set_tid = [pid] (and `flags`): 0 in the child, the pid in the parent, -errno
@@ -331,11 +311,6 @@ pub fn kill_tree(root: i32, pids: &[i32]) {
         });
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-/// Kills a single child this process created and reaps it.
-pub fn kill_and_reap(pid: i32) {
-    kill_tree(pid, &[]);
 }
 
 /// How long the new processes may take to prepare themselves.
