@@ -226,72 +226,59 @@ fn settle_pipes(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
             }
             (None, None) => false,
         };
-        match reader {
-            Some(r) if whole => {
-                let (copy, what) = copy_of(r)?;
-                let (size, data) = files::pipe_contents(&copy, &what)?;
-                let first = ends.iter().map(|at| at.0).min().unwrap_or(r.0);
-                let fifo_path = if fifo {
-                    procs[r.0].fds[r.1].path.clone()
-                } else {
-                    String::new()
-                };
-                procs[first].pipes.push(proto::Pipe {
-                    id,
-                    size,
-                    data,
-                    fifo_path,
-                });
-            }
-            None if whole => {
-                // Only writers, and no reader anywhere: nothing buffered can ever be read.
-                let (copy, what) = copy_of(writer.unwrap_or(ends[0]))?;
-                let size = files::pipe_size(&copy, &what)?;
-                let first = ends.iter().map(|at| at.0).min().unwrap_or(0);
-                let w = writer.unwrap_or(ends[0]);
-                procs[first].pipes.push(proto::Pipe {
-                    id,
-                    size,
-                    data: Vec::new(),
-                    fifo_path: if fifo {
-                        procs[w.0].fds[w.1].path.clone()
-                    } else {
-                        String::new()
-                    },
-                });
-            }
-            _ if fifo => {
-                let (i, j) = ends[0];
-                return Err(CheckpointError::unsupported(
-                    procs[i].pid as i32,
-                    format!(
-                        "fd {} is FIFO {} with only one end open in the tree",
-                        procs[i].fds[j].fd, procs[i].fds[j].path
-                    ),
-                ));
-            }
-            _ => {
-                // One end is outside the tree: only a shell job's standard I/O may be that.
-                if let Some(&(i, j)) = ends.iter().find(|&&(i, j)| procs[i].fds[j].fd > 2) {
-                    let (p, f) = (&procs[i], &procs[i].fds[j]);
-                    let end = if acc(&(i, j)) == libc::O_RDONLY as u32 {
-                        "read"
-                    } else {
-                        "write"
-                    };
-                    return Err(CheckpointError::unsupported(
-                        p.pid as i32,
-                        format!(
-                            "fd {} is the {end} end of pipe {id}, whose other end is outside \
-                             the checkpointed tree",
-                            f.fd
-                        ),
-                    ));
-                }
-                for &(i, j) in &ends {
-                    procs[i].fds[j].kind = FdKind::Inherited as i32;
-                }
-            }
+        if whole {
+            // From a read end if the tree holds one (its bytes); a pipe with only writers
+            // left has nothing anyone could ever read.
+            let end = reader.or(writer).unwrap_or(ends[0]);
+            let (copy, what) = copy_of(end)?;
+            let (size, data) = if reader.is_some() {
+                files::pipe_contents(&copy, &what)?
+            } else {
+                (files::pipe_size(&copy, &what)?, Vec::new())
+            };
+            let first = ends.iter().map(|at| at.0).min().unwrap_or(end.0);
+            let fifo_path = if fifo {
+                procs[end.0].fds[end.1].path.clone()
+            } else {
+                String::new()
+            };
+            procs[first].pipes.push(proto::Pipe {
+                id,
+                size,
+                data,
+                fifo_path,
+            });
+            continue;
+        }
+        if fifo {
+            let (i, j) = ends[0];
+            return Err(CheckpointError::unsupported(
+                procs[i].pid as i32,
+                format!(
+                    "fd {} is FIFO {} with only one end open in the tree",
+                    procs[i].fds[j].fd, procs[i].fds[j].path
+                ),
+            ));
+        }
+        // One end is outside the tree: only a shell job's standard I/O may be that.
+        if let Some(&(i, j)) = ends.iter().find(|&&(i, j)| procs[i].fds[j].fd > 2) {
+            let (p, f) = (&procs[i], &procs[i].fds[j]);
+            let end = if acc(&(i, j)) == libc::O_RDONLY as u32 {
+                "read"
+            } else {
+                "write"
+            };
+            return Err(CheckpointError::unsupported(
+                p.pid as i32,
+                format!(
+                    "fd {} is the {end} end of pipe {id}, whose other end is outside the \
+                     checkpointed tree",
+                    f.fd
+                ),
+            ));
+        }
+        for &(i, j) in &ends {
+            procs[i].fds[j].kind = FdKind::Inherited as i32;
         }
     }
     Ok(())

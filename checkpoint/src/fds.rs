@@ -4,7 +4,10 @@ use crate::error::CheckpointError;
 use crate::ghosts::{is_ghost_link, Ghosts};
 use crate::vmas::file_id;
 use stasis_image::proto::{self, FdKind};
-use stasis_runtime::{files, procfs};
+use stasis_runtime::unix_diag::{self, UnixSocket};
+use stasis_runtime::{files, inet, procfs};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 /// Character devices that are reopened by path.
@@ -31,12 +34,19 @@ pub fn collect_fds(pid: i32, ghosts: &mut Ghosts) -> Result<Vec<proto::Fd>, Chec
         }
     }
     fds.sort_unstable();
+    // The unix sockets of the namespace, dumped once (when the first socket fd is met).
+    let mut unix = None;
     fds.into_iter()
-        .map(|fd| classify(pid, fd, ghosts))
+        .map(|fd| classify(pid, fd, ghosts, &mut unix))
         .collect()
 }
 
-fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, CheckpointError> {
+fn classify(
+    pid: i32,
+    fd: i32,
+    ghosts: &mut Ghosts,
+    unix: &mut Option<HashMap<u64, UnixSocket>>,
+) -> Result<proto::Fd, CheckpointError> {
     let target = procfs::read_fd_target(pid, fd)?;
     let info = procfs::read_fdinfo(pid, fd)?;
     let unsupported = |kind: &str| {
@@ -70,7 +80,10 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
     {
         // Only an unnamed, connected unix socket (a socketpair end) is supported yet; that
         // its peer is in the tree is settled once every process is collected.
-        let unix = stasis_runtime::unix_diag::unix_sockets()?;
+        let unix = match unix {
+            Some(m) => m,
+            None => unix.insert(unix_diag::unix_sockets()?),
+        };
         return match unix.get(&ino) {
             Some(s) if s.name.is_empty() && s.peer != 0 && s.state == 1 => {
                 out.kind = FdKind::UnixPair as i32;
@@ -97,14 +110,16 @@ fn classify(pid: i32, fd: i32, ghosts: &mut Ghosts) -> Result<proto::Fd, Checkpo
             Some(_) => Err(unsupported(
                 "a bound, unconnected or half-closed unix socket",
             )),
-            None => tcp_listener(pid, fd, &mut out).and_then(|ok| {
-                if ok || udp_socket(pid, fd, &mut out)? {
+            None => {
+                // Not unix: what it is comes from a copy of the fd.
+                let copy = files::take_copy(pid, fd)?;
+                if tcp_listener(pid, fd, &copy, &mut out)? || udp_socket(pid, fd, &copy, &mut out)?
+                {
                     Ok(out)
                 } else {
-                    let copy = files::take_copy(pid, fd)?;
-                    Err(unsupported(&stasis_runtime::inet::socket_kind(&copy)))
+                    Err(unsupported(&inet::socket_kind(&copy)))
                 }
-            }),
+            }
         };
     }
     if let Some(kind) = target.strip_prefix("anon_inode:") {
@@ -244,9 +259,13 @@ fn event_fd(pid: i32, fd: i32, kind: &str, out: &mut proto::Fd) -> Result<(), Ch
 
 /// Fills in `out` if fd `fd` is a listening TCP socket with no connection waiting to be
 /// accepted (those would be lost); false for any other socket.
-fn tcp_listener(pid: i32, fd: i32, out: &mut proto::Fd) -> Result<bool, CheckpointError> {
-    let copy = files::take_copy(pid, fd)?;
-    let Some(l) = stasis_runtime::inet::listener(&copy, &format!("fd {fd} of PID {pid}"))? else {
+fn tcp_listener(
+    pid: i32,
+    fd: i32,
+    copy: &OwnedFd,
+    out: &mut proto::Fd,
+) -> Result<bool, CheckpointError> {
+    let Some(l) = inet::listener(copy, &format!("fd {fd} of PID {pid}"))? else {
         return Ok(false);
     };
     if l.waiting > 0 {
@@ -265,20 +284,20 @@ fn tcp_listener(pid: i32, fd: i32, out: &mut proto::Fd) -> Result<bool, Checkpoi
         port: l.addr.port() as u32,
         ipv6: l.addr.is_ipv6(),
         backlog: l.backlog,
-        options: l
-            .options
-            .iter()
-            .map(|&(level, name, value)| proto::SockOpt { level, name, value })
-            .collect(),
+        options: sock_opts(&l.options),
     });
     Ok(true)
 }
 
 /// Fills in `out` if fd `fd` is a UDP socket with no datagram waiting (a datagram's source
 /// could not be given back); false for any other socket.
-fn udp_socket(pid: i32, fd: i32, out: &mut proto::Fd) -> Result<bool, CheckpointError> {
-    let copy = files::take_copy(pid, fd)?;
-    let Some(u) = stasis_runtime::inet::udp(&copy, &format!("fd {fd} of PID {pid}"))? else {
+fn udp_socket(
+    pid: i32,
+    fd: i32,
+    copy: &OwnedFd,
+    out: &mut proto::Fd,
+) -> Result<bool, CheckpointError> {
+    let Some(u) = inet::udp(copy, &format!("fd {fd} of PID {pid}"))? else {
         return Ok(false);
     };
     if u.queued > 0 {
@@ -297,11 +316,15 @@ fn udp_socket(pid: i32, fd: i32, out: &mut proto::Fd) -> Result<bool, Checkpoint
         port: u.local.port() as u32,
         peer_ip: u.peer.map(|p| p.ip().to_string()).unwrap_or_default(),
         peer_port: u.peer.map_or(0, |p| p.port() as u32),
-        options: u
-            .options
-            .iter()
-            .map(|&(level, name, value)| proto::SockOpt { level, name, value })
-            .collect(),
+        options: sock_opts(&u.options),
     });
     Ok(true)
+}
+
+/// Socket options as the image records them.
+fn sock_opts(options: &[(i32, i32, i32)]) -> Vec<proto::SockOpt> {
+    options
+        .iter()
+        .map(|&(level, name, value)| proto::SockOpt { level, name, value })
+        .collect()
 }

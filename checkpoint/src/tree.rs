@@ -172,11 +172,12 @@ impl FrozenTree {
                     Err(e) => {
                         // It exited while being stopped: its parent is frozen, so it is a
                         // zombie now, and saved as one.
-                        if let Ok(s) = procfs::read_stat(child).map(|s| (s.state == 'Z', s)) {
-                            if s.0 {
-                                tree.zombies.push(Zombie::from_stat(child, s.1));
+                        match procfs::read_stat(child) {
+                            Ok(s) if s.state == 'Z' => {
+                                tree.zombies.push(Zombie::from_stat(child, s));
                                 continue;
                             }
+                            _ => {}
                         }
                         return Err(match e {
                             CheckpointError::Unsupported { pid, what } => {
