@@ -569,21 +569,9 @@ impl Builder<'_> {
                         std::process::id(),
                         self.shmem.fd(v.shmem_id)?
                     );
-                    let path = self.poke_str(&path)?;
-                    let fd = self.call(
-                        "openat(shared memory)",
-                        libc::SYS_openat,
-                        &[
-                            libc::AT_FDCWD as u64,
-                            path,
-                            (libc::O_RDWR | libc::O_CLOEXEC) as u64,
-                            0,
-                        ],
-                    )?;
-                    let flags = libc::MAP_SHARED as u64 | fixed;
-                    let r = self.mmap(v.start, len, rw, flags, fd, v.pgoff);
-                    self.call("close", libc::SYS_close, &[fd])?;
-                    r?;
+                    let open = ("openat(shared memory)", path.as_str(), libc::O_RDWR);
+                    let map = (rw, libc::MAP_SHARED as u64 | fixed);
+                    self.mmap_file(open, v, map)?;
                     fixups.push((v.start, len, v.prot));
                 }
                 VmaKind::FilePrivate | VmaKind::FileShared => {
@@ -593,26 +581,18 @@ impl Builder<'_> {
                         libc::O_RDWR
                     } else {
                         libc::O_RDONLY
-                    } | libc::O_CLOEXEC;
+                    };
                     let path = if v.ghost_id != 0 {
                         self.ghosts.path_for(v.ghost_id)?
                     } else {
                         v.path.clone()
                     };
-                    let path = self.poke_str(&path)?;
-                    let fd = self.call(
-                        "openat(mapped file)",
-                        libc::SYS_openat,
-                        &[libc::AT_FDCWD as u64, path, oflags as u64, 0],
-                    )?;
-                    let (prot, flags) = if shared {
+                    let map = if shared {
                         (v.prot, libc::MAP_SHARED as u64 | fixed)
                     } else {
                         (v.prot | rw, libc::MAP_PRIVATE as u64 | fixed)
                     };
-                    let r = self.mmap(v.start, len, prot, flags, fd, v.pgoff);
-                    self.call("close", libc::SYS_close, &[fd])?;
-                    r?;
+                    self.mmap_file(("openat(mapped file)", path.as_str(), oflags), v, map)?;
                     if !shared {
                         fixups.push((v.start, len, v.prot));
                     }
@@ -637,6 +617,36 @@ impl Builder<'_> {
             }
         }
         Ok(fixups)
+    }
+
+    /// Opens `path` in the new process (close-on-exec); returns the fd.
+    fn open_path(
+        &mut self,
+        what: &'static str,
+        path: &str,
+        flags: i32,
+    ) -> Result<u64, RestoreError> {
+        let at = self.poke_str(path)?;
+        let flags = (flags | libc::O_CLOEXEC) as u64;
+        self.call(
+            what,
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, at, flags, 0],
+        )
+    }
+
+    /// Maps `v`'s range from a file opened (`what`, path, open flags) in the new process, with
+    /// (prot, mmap flags), at the mapping's offset; the fd is closed again.
+    fn mmap_file(
+        &mut self,
+        (what, path, oflags): (&'static str, &str, i32),
+        v: &proto::Vma,
+        (prot, flags): (u32, u64),
+    ) -> Result<(), RestoreError> {
+        let fd = self.open_path(what, path, oflags)?;
+        let r = self.mmap(v.start, v.end - v.start, prot, flags, fd, v.pgoff);
+        self.call("close", libc::SYS_close, &[fd])?;
+        r
     }
 
     fn mmap(
@@ -682,17 +692,7 @@ impl Builder<'_> {
             )));
         }
         let auxv = self.poke(SCR_AUXV, &mm.auxv)?;
-        let path = self.poke_str(&p.exe_path)?;
-        let exe_fd = self.call(
-            "openat(exe)",
-            libc::SYS_openat,
-            &[
-                libc::AT_FDCWD as u64,
-                path,
-                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
-                0,
-            ],
-        )?;
+        let exe_fd = self.open_path("openat(exe)", &p.exe_path, libc::O_RDONLY)?;
         let mut map = Vec::with_capacity(104);
         for v in [
             mm.start_code,

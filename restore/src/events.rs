@@ -1,9 +1,11 @@
-//! eventfd, timerfd, signalfd and epoll fds, recreated from their saved state. An epoll fd is
-//! made empty here; its watches are added inside the new process once its fd table exists
-//! (an epoll watch is keyed by the fd number in the table that added it).
+//! Fds recreated from their saved state rather than reopened: eventfd, timerfd, signalfd,
+//! epoll and inotify fds, TCP and unix listeners, UDP sockets. An epoll fd is made empty here;
+//! its watches are added inside the new process once its fd table exists (an epoll watch is
+//! keyed by the fd number in the table that added it).
 
 use crate::error::RestoreError;
 use stasis_image::proto::{self, FdKind};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 fn failed(p: &proto::Process, f: &proto::Fd, op: &str) -> RestoreError {
@@ -16,6 +18,16 @@ fn failed(p: &proto::Process, f: &proto::Fd, op: &str) -> RestoreError {
     ))
 }
 
+/// Takes ownership of a new fd (closed again if anything after fails), or names the failed
+/// call `op`.
+fn own(fd: i32, p: &proto::Process, f: &proto::Fd, op: &str) -> Result<OwnedFd, RestoreError> {
+    if fd < 0 {
+        return Err(failed(p, f, op));
+    }
+    // SAFETY: fd was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn timespec(ns: u64) -> libc::timespec {
     libc::timespec {
         tv_sec: (ns / 1_000_000_000) as libc::time_t,
@@ -23,8 +35,8 @@ fn timespec(ns: u64) -> libc::timespec {
     }
 }
 
-/// Creates the object in this process (close-on-exec); returns its fd, which the caller owns.
-pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
+/// Creates the object in this process (close-on-exec).
+pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError> {
     match f.kind() {
         FdKind::Eventfd => {
             let mut flags = libc::EFD_CLOEXEC;
@@ -32,18 +44,12 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
                 flags |= libc::EFD_SEMAPHORE;
             }
             // SAFETY: eventfd takes no pointers.
-            let fd = unsafe { libc::eventfd(0, flags) };
-            if fd < 0 {
-                return Err(failed(p, f, "eventfd"));
-            }
+            let fd = own(unsafe { libc::eventfd(0, flags) }, p, f, "eventfd")?;
             if f.eventfd_count > 0 {
                 let v = f.eventfd_count.to_ne_bytes();
                 // SAFETY: writes 8 bytes from a local array to our eventfd.
-                if unsafe { libc::write(fd, v.as_ptr().cast(), 8) } != 8 {
-                    let e = failed(p, f, "setting its counter");
-                    // SAFETY: closing the fd made above.
-                    unsafe { libc::close(fd) };
-                    return Err(e);
+                if unsafe { libc::write(fd.as_raw_fd(), v.as_ptr().cast(), 8) } != 8 {
+                    return Err(failed(p, f, "setting its counter"));
                 }
             }
             Ok(fd)
@@ -54,36 +60,29 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
             })?;
             // SAFETY: timerfd_create takes no pointers.
             let fd = unsafe { libc::timerfd_create(t.clockid, libc::TFD_CLOEXEC) };
-            if fd < 0 {
-                return Err(failed(p, f, "timerfd_create"));
-            }
-            let done = (|| {
-                if t.value_ns > 0 {
-                    let its = libc::itimerspec {
-                        it_interval: timespec(t.interval_ns),
-                        it_value: timespec(t.value_ns),
-                    };
-                    // SAFETY: its is a valid itimerspec; no old value wanted.
-                    if unsafe { libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut()) } != 0 {
-                        return Err(failed(p, f, "timerfd_settime"));
-                    }
+            let fd = own(fd, p, f, "timerfd_create")?;
+            if t.value_ns > 0 {
+                let its = libc::itimerspec {
+                    it_interval: timespec(t.interval_ns),
+                    it_value: timespec(t.value_ns),
+                };
+                // SAFETY: its is a valid itimerspec; no old value wanted.
+                let rc =
+                    unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &its, std::ptr::null_mut()) };
+                if rc != 0 {
+                    return Err(failed(p, f, "timerfd_settime"));
                 }
-                if t.ticks > 0 {
-                    // TFD_IOC_SET_TICKS = _IOW('T', 0, u64).
-                    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
-                    let ticks = t.ticks;
-                    // SAFETY: the ioctl reads one u64 from a local.
-                    if unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks) } != 0 {
-                        return Err(failed(p, f, "ioctl(TFD_IOC_SET_TICKS)"));
-                    }
-                }
-                Ok(fd)
-            })();
-            if done.is_err() {
-                // SAFETY: closing the fd made above.
-                unsafe { libc::close(fd) };
             }
-            done
+            if t.ticks > 0 {
+                // TFD_IOC_SET_TICKS = _IOW('T', 0, u64).
+                const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+                let ticks = t.ticks;
+                // SAFETY: the ioctl reads one u64 from a local.
+                if unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, &ticks) } != 0 {
+                    return Err(failed(p, f, "ioctl(TFD_IOC_SET_TICKS)"));
+                }
+            }
+            Ok(fd)
         }
         FdKind::Signalfd => {
             // SAFETY: sigset_t is plain data, filled below by sigemptyset/sigaddset.
@@ -97,35 +96,35 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
                 }
             }
             // SAFETY: set is a valid sigset_t.
-            let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
-            if fd < 0 {
-                return Err(failed(p, f, "signalfd"));
-            }
-            Ok(fd)
+            own(
+                unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) },
+                p,
+                f,
+                "signalfd",
+            )
         }
         FdKind::Epoll => {
             // SAFETY: epoll_create1 takes no pointers.
-            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-            if fd < 0 {
-                return Err(failed(p, f, "epoll_create1"));
-            }
-            Ok(fd)
+            own(
+                unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) },
+                p,
+                f,
+                "epoll_create1",
+            )
         }
         FdKind::TcpListen => tcp_listener(p, f),
         FdKind::Udp => udp_socket(p, f),
         FdKind::UnixListen => unix_listener(p, f),
         FdKind::Inotify => {
             // SAFETY: inotify_init1 takes no pointers.
-            let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
-            if fd < 0 {
-                return Err(failed(p, f, "inotify_init1"));
-            }
-            let r = add_inotify_watches(p, f, fd);
-            if r.is_err() {
-                // SAFETY: closing the fd made above.
-                unsafe { libc::close(fd) };
-            }
-            r.map(|()| fd)
+            let fd = own(
+                unsafe { libc::inotify_init1(libc::IN_CLOEXEC) },
+                p,
+                f,
+                "inotify_init1",
+            )?;
+            add_inotify_watches(p, f, fd.as_raw_fd())?;
+            Ok(fd)
         }
         other => Err(RestoreError::Invalid(format!(
             "process {}: fd {} of kind {other:?} is not an event fd",
@@ -240,44 +239,40 @@ fn inet_socket(
     (ip, port): (&str, u32),
     options: &[proto::SockOpt],
     then: impl FnOnce(i32) -> Result<(), RestoreError>,
-) -> Result<i32, RestoreError> {
+) -> Result<OwnedFd, RestoreError> {
     let (ss, len) = sockaddr(p, ip, port)?;
     let family = ss.ss_family as i32;
     // SAFETY: socket takes no pointers.
-    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(failed(p, f, "socket"));
-    }
-    let r = (|| {
-        for o in options {
-            let v: libc::c_int = o.value;
-            // SAFETY: sets an int option from a local.
-            let rc = unsafe {
-                libc::setsockopt(fd, o.level, o.name, (&v as *const libc::c_int).cast(), 4)
-            };
-            if rc != 0 {
-                return Err(failed(
-                    p,
-                    f,
-                    &format!("setsockopt({}, {})", o.level, o.name),
-                ));
-            }
+    let fd = own(
+        unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) },
+        p,
+        f,
+        "socket",
+    )?;
+    let raw = fd.as_raw_fd();
+    for o in options {
+        let v: libc::c_int = o.value;
+        // SAFETY: sets an int option from a local.
+        let rc =
+            unsafe { libc::setsockopt(raw, o.level, o.name, (&v as *const libc::c_int).cast(), 4) };
+        if rc != 0 {
+            return Err(failed(
+                p,
+                f,
+                &format!("setsockopt({}, {})", o.level, o.name),
+            ));
         }
-        // SAFETY: ss holds a valid address of `len` bytes.
-        if unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
-            return Err(failed(p, f, &format!("bind to {ip} port {port}")));
-        }
-        then(fd)
-    })();
-    if r.is_err() {
-        // SAFETY: closing the socket made above.
-        unsafe { libc::close(fd) };
     }
-    r.map(|()| fd)
+    // SAFETY: ss holds a valid address of `len` bytes.
+    if unsafe { libc::bind(raw, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        return Err(failed(p, f, &format!("bind to {ip} port {port}")));
+    }
+    then(raw)?;
+    Ok(fd)
 }
 
 /// A TCP socket bound to the saved address with the saved options, listening again.
-fn tcp_listener(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
+fn tcp_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError> {
     let t = f.tcp_listen.as_ref().ok_or_else(|| {
         RestoreError::Invalid(format!(
             "process {}: listener fd {} has no state",
@@ -294,7 +289,7 @@ fn tcp_listener(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> 
 }
 
 /// A UDP socket bound (and connected) as it was.
-fn udp_socket(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
+fn udp_socket(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError> {
     let u = f.udp.as_ref().ok_or_else(|| {
         RestoreError::Invalid(format!("process {}: UDP fd {} has no state", p.pid, f.fd))
     })?;
@@ -313,7 +308,7 @@ fn udp_socket(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
 
 /// A unix listener bound to its old name again. A socket file left at the path by the dead
 /// original is removed first (only a socket file: anything else there is an error).
-fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError> {
+fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError> {
     use std::os::unix::fs::FileTypeExt;
     let u = f.unix_listen.as_ref().ok_or_else(|| {
         RestoreError::Invalid(format!(
@@ -358,19 +353,15 @@ fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<i32, RestoreError>
     let ty = u.sock_type as i32;
     // SAFETY: socket takes no pointers.
     let fd = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(failed(p, f, "socket(AF_UNIX)"));
-    }
+    let fd = own(fd, p, f, "socket(AF_UNIX)")?;
     let len = (std::mem::size_of::<libc::sa_family_t>() + name.len()) as libc::socklen_t;
+    let raw = fd.as_raw_fd();
     // SAFETY: sa holds a valid address of `len` bytes.
-    let bound = unsafe { libc::bind(fd, (&sa as *const libc::sockaddr_un).cast(), len) } == 0
+    let bound = unsafe { libc::bind(raw, (&sa as *const libc::sockaddr_un).cast(), len) } == 0
         // SAFETY: listen takes no pointers.
-        && unsafe { libc::listen(fd, u.backlog.min(65535) as i32) } == 0;
+        && unsafe { libc::listen(raw, u.backlog.min(65535) as i32) } == 0;
     if !bound {
-        let e = failed(p, f, "bind/listen");
-        // SAFETY: closing the socket made above.
-        unsafe { libc::close(fd) };
-        return Err(e);
+        return Err(failed(p, f, "bind/listen"));
     }
     Ok(fd)
 }

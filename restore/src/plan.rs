@@ -24,7 +24,7 @@ const MAX_FDS: usize = 4096;
 /// The tree to create, and the open file descriptions it inherits from us.
 pub struct Plan {
     pub spec: TreeSpec,
-    /// Open file descriptions (files, pipe ends, shared memory) prepared for the tree, at
+    /// Open file descriptions (files, pipe ends, sockets, event fds) prepared for the tree, at
     /// numbers above every target fd; closed once the tree has inherited them.
     pub descs: Vec<OwnedFd>,
 }
@@ -76,9 +76,10 @@ pub fn plan(
             shmem.fd(v.shmem_id)?;
         }
     }
+    let ours = procfs::read_limits(std::process::id() as i32)?;
     let mut specs = Vec::with_capacity(procs.len());
     for p in procs {
-        specs.push(proc_spec(procs, p, opts, ghosts, &mut d)?);
+        specs.push(proc_spec(procs, p, opts, ghosts, &ours, &mut d)?);
     }
     link_tree(procs, &mut specs)?;
     let len = stasis_runtime::PAGE_SIZE + SCRATCH_LEN;
@@ -311,7 +312,6 @@ impl Descs {
                         p.pid, f.fd, f.inherited_from
                     )));
                 }
-                set_status(from, status, p, f)?;
                 self.place(from, "inherited fd")?
             }
             FdKind::Pipe => {
@@ -338,7 +338,6 @@ impl Descs {
                     let raw = unsafe { libc::open(c.as_ptr(), acc | libc::O_CLOEXEC) };
                     self.place_owned(raw, &format!("process {}: reopening pipe", p.pid))?
                 };
-                set_status(fd, status, p, f)?;
                 fd
             }
             FdKind::Fifo => {
@@ -356,7 +355,6 @@ impl Descs {
                     unsafe { libc::open(c.as_ptr(), acc | libc::O_NONBLOCK | libc::O_CLOEXEC) };
                 let fd =
                     self.place_owned(raw, &format!("process {}: opening FIFO {}", p.pid, f.path))?;
-                set_status(fd, status, p, f)?;
                 fd
             }
             FdKind::UnixPair => {
@@ -366,7 +364,6 @@ impl Descs {
                         p.pid, f.fd, f.socket_id
                     ))
                 })?;
-                set_status(fd, status, p, f)?;
                 fd
             }
             FdKind::Eventfd
@@ -377,9 +374,9 @@ impl Descs {
             | FdKind::TcpListen
             | FdKind::UnixListen
             | FdKind::Udp => {
-                let raw = crate::events::create(p, f)?;
-                let fd = self.place_owned(raw, &format!("process {}: fd {}", p.pid, f.fd))?;
-                set_status(fd, status, p, f)?;
+                let made = crate::events::create(p, f)?;
+                let fd =
+                    self.place(made.as_raw_fd(), &format!("process {}: fd {}", p.pid, f.fd))?;
                 fd
             }
             FdKind::Unspecified => {
@@ -391,6 +388,11 @@ impl Descs {
                 )))
             }
         };
+        // Files were opened with their flags; every other description gets its status flags
+        // (O_NONBLOCK, O_APPEND...) here, once.
+        if !matches!(f.kind(), FdKind::Regular | FdKind::CharDevice) {
+            set_status(fd, status, p, f)?;
+        }
         if f.desc_id != 0 {
             self.by_id.insert(f.desc_id, fd);
         }
@@ -414,6 +416,7 @@ fn proc_spec(
     p: &proto::Process,
     opts: &Options,
     ghosts: &crate::ghosts::Recreated,
+    ours: &[procfs::Limit],
     d: &mut Descs,
 ) -> Result<ProcSpec, RestoreError> {
     let mut spec = ProcSpec {
@@ -438,7 +441,6 @@ fn proc_spec(
         });
         return Ok(spec);
     }
-    let ours = procfs::read_limits(std::process::id() as i32)?;
     for l in &p.rlimits {
         if let Some(o) = ours.iter().find(|o| o.resource == l.resource) {
             if l.hard > o.hard {
