@@ -13,20 +13,9 @@ const FAILED: i32 = 1;
 
 /// Starts `python3 -c CODE`, waits for it to print "ready".
 fn python(code: &str) -> Option<std::process::Child> {
-    let mut cmd = Command::new("python3");
-    // SAFETY: runs between fork and exec; close_range is async-signal-safe. Keeps the
-    // child to standard I/O whatever the test runner leaked.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let mut child = match cmd
+    let mut child = match clean("python3")
         .args(["-c", code])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
     {
         Ok(c) => c,

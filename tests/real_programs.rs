@@ -5,25 +5,6 @@ mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-
-/// A command whose child keeps only standard I/O (the test runner may leak other fds).
-fn clean(program: &str) -> Command {
-    let mut c = Command::new(program);
-    // SAFETY: the closure runs between fork and exec and only calls close_range, which is
-    // async-signal-safe.
-    unsafe {
-        c.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    c.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    c
-}
 
 const PY: &str = "import sys, hashlib\n\
 h = hashlib.sha256()\n\
@@ -62,31 +43,18 @@ fn start_python(code: &str, ready_line: &str) -> (std::process::Child, impl Read
     (child, out)
 }
 
-/// Checkpoints (kill) a started python, restores it, says go, and returns its output.
+/// Checkpoints (kill) a started python, restores it, runs `before_go` with its pid, says go,
+/// and returns its output.
 fn checkpoint_restore_go(
-    mut py: std::process::Child,
+    py: std::process::Child,
     img: &std::path::Path,
     before_go: impl FnOnce(u32),
 ) -> String {
     let pid = py.id();
-    stasis_ok(&[
-        "checkpoint",
-        &pid.to_string(),
-        "-o",
-        img.to_str().expect("utf8"),
-    ]);
-    py.wait().expect("reap original");
-    let (mut r, mut pipes) = restore(img, false);
+    let (r, mut pipes) = checkpoint_and_restore(py, img);
     before_go(pid);
     pipes.send("go");
-    let mut got = String::new();
-    pipes
-        .stdout
-        .read_to_string(&mut got)
-        .expect("read restored output");
-    let st = r.wait().expect("restore");
-    assert!(st.success(), "restored python exited with {st}");
-    got
+    output_of(r, pipes)
 }
 
 #[test]

@@ -489,13 +489,8 @@ fn an_fd_table_shared_with_a_child_stays_shared() {
     assert_eq!(reference, expected, "uninterrupted run");
 
     let (c, _out) = start();
-    let pid = c.id().to_string();
     let img = dir.join("x.img");
-    let tree = descendants(c.id() as i32);
-    let mut c = c;
-    stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
-    c.wait().expect("reap original");
-    reap_orphans(&tree);
+    let (r, mut pipes) = checkpoint_and_restore(c, &img);
     let v = inspect(&img);
     let shared = v["processes"]
         .as_array()
@@ -504,11 +499,8 @@ fn an_fd_table_shared_with_a_child_stays_shared() {
         .filter(|p| p["files_shared_with_parent"].as_bool() == Some(true))
         .count();
     assert_eq!(shared, 1, "the child's table is its parent's");
-    let (mut r, mut pipes) = restore(&img, false);
     pipes.send("go");
-    let mut got = String::new();
-    pipes.stdout.read_to_string(&mut got).expect("read");
-    assert!(r.wait().expect("restore").success());
+    let got = output_of(r, pipes);
     assert_eq!(got, expected, "after the restore");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,21 +5,28 @@ use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-/// `sh -c script` in `dir` with only standard I/O open, stdout piped.
-pub fn shell(script: &str, dir: &Path) -> Command {
-    let mut c = Command::new("sh");
-    // SAFETY: runs between fork and exec; close_range is async-signal-safe.
+/// A command whose child keeps only standard I/O (the test runner may leak other fds), with
+/// stdin and stdout piped and stderr discarded.
+pub fn clean(program: &str) -> Command {
+    let mut c = Command::new(program);
+    // SAFETY: the closure runs between fork and exec and only calls close_range, which is
+    // async-signal-safe.
     unsafe {
         c.pre_exec(|| {
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             Ok(())
         });
     }
-    c.args(["-c", script])
-        .current_dir(dir)
-        .stdin(Stdio::null())
+    c.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
+    c
+}
+
+/// `sh -c script` in `dir` with only standard I/O open, stdin closed, stdout piped.
+pub fn shell(script: &str, dir: &Path) -> Command {
+    let mut c = clean("sh");
+    c.args(["-c", script]).current_dir(dir).stdin(Stdio::null());
     c
 }
 
@@ -60,14 +67,23 @@ pub fn tree_facts(img: &Path) -> (usize, u64) {
     (procs.len(), buffered)
 }
 
-/// Checkpoints (kill) the tree of `child`, restores it, and returns what it then prints.
-pub fn checkpoint_kill_restore(mut child: std::process::Child, img: &Path) -> String {
-    let pid = child.id().to_string();
+/// Checkpoints (kill) the tree of `child`, reaps what it leaves behind with this test (a
+/// subreaper), and starts `stasis restore` of it, whose stdio are the returned pipes.
+pub fn checkpoint_and_restore(mut child: Child, img: &Path) -> (Child, Pipes) {
     let tree = descendants(child.id() as i32);
-    stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    stasis_ok(&[
+        "checkpoint",
+        &child.id().to_string(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ]);
     child.wait().expect("reap original");
     reap_orphans(&tree);
-    let (mut r, mut pipes) = restore(img, false);
+    restore(img, false)
+}
+
+/// Everything the restored tree prints until it exits; it must exit successfully.
+pub fn output_of(mut r: Child, mut pipes: Pipes) -> String {
     let mut got = String::new();
     pipes
         .stdout
@@ -76,6 +92,12 @@ pub fn checkpoint_kill_restore(mut child: std::process::Child, img: &Path) -> St
     let st = r.wait().expect("stasis restore");
     assert!(st.success(), "restored tree exited with {st}");
     got
+}
+
+/// Checkpoints (kill) the tree of `child`, restores it, and returns what it then prints.
+pub fn checkpoint_kill_restore(child: Child, img: &Path) -> String {
+    let (r, pipes) = checkpoint_and_restore(child, img);
+    output_of(r, pipes)
 }
 
 /// Starts `sh -c script ARGS...` in `dir` (stdin piped) and waits for its first line, which
@@ -99,23 +121,11 @@ pub fn checkpoint_go(child: Child, img: &Path) -> String {
 
 /// Like [`checkpoint_go`], running `during` (a client, say) after "go" while the restored
 /// program runs.
-pub fn checkpoint_go_with(mut child: Child, img: &Path, during: impl FnOnce()) -> String {
-    let tree = descendants(child.id() as i32);
-    stasis_ok(&[
-        "checkpoint",
-        &child.id().to_string(),
-        "-o",
-        img.to_str().expect("utf8"),
-    ]);
-    child.wait().expect("reap original");
-    reap_orphans(&tree);
-    let (mut r, mut pipes) = restore(img, false);
+pub fn checkpoint_go_with(child: Child, img: &Path, during: impl FnOnce()) -> String {
+    let (r, mut pipes) = checkpoint_and_restore(child, img);
     pipes.send("go");
     during();
-    let mut got = String::new();
-    pipes.stdout.read_to_string(&mut got).expect("read");
-    assert!(r.wait().expect("restore").success());
-    got
+    output_of(r, pipes)
 }
 
 /// A connection to 127.0.0.1:`port`, retried while a restore running beside the test brings
