@@ -492,3 +492,66 @@ fn unsupported_socket_kinds_are_refused_by_name() {
         child.wait().expect("reap");
     }
 }
+
+/// A pipe whose other end is held by a process outside the tree (an orphaned grandchild
+/// now belongs to the test) is refused, naming the fd, and both processes run on.
+#[test]
+fn a_pipe_to_a_process_outside_the_tree_is_refused() {
+    init();
+    let code = "import os,time\n\
+                r, w = os.pipe()\n\
+                if os.fork() == 0:\n\
+                \x20   if os.fork() == 0:\n\
+                \x20       os.close(w); time.sleep(300)\n\
+                \x20   os._exit(0)\n\
+                os.close(r); os.wait()\n\
+                print('ready', w, flush=True)\n\
+                time.sleep(300)";
+    let mut cmd = clean("python3");
+    let mut child = cmd
+        .args(["-c", code])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let fd = line
+        .trim()
+        .strip_prefix("ready ")
+        .expect("ready FD")
+        .to_string();
+    let pid = child.id() as i32;
+    let err = stasis_fails(
+        &[
+            "checkpoint",
+            &pid.to_string(),
+            "-o",
+            "/tmp/stasis-outside.img",
+        ],
+        REFUSED,
+        "whose other end is outside the checkpointed tree",
+    );
+    assert!(err.contains(&format!("fd {fd} is the write end")), "{err}");
+    assert!(running_untraced(pid), "the process must run on, untraced");
+    // The grandchild is this test's (a subreaper) now: end it too.
+    let outside: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&p: &i32| {
+            p != pid
+                && std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| s.contains(&format!(") S {} ", std::process::id())))
+                && std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.contains("import os,time"))
+        })
+        .collect();
+    for p in &outside {
+        kill(*p);
+    }
+    reap_orphans(&outside);
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+}
