@@ -71,7 +71,7 @@ fn identity(pid: i32) -> Vec<String> {
 fn non_root_process_keeps_its_ids_groups_and_capabilities() {
     use std::os::unix::process::CommandExt;
     let dir = common::scratch("nobody");
-    let mut wl = common::start_with("wl-pipe-read", &[], |c| {
+    let mut wl = common::start_as_other_user("wl-pipe-read", &[], |c| {
         c.current_dir("/tmp");
         // SAFETY: setgroups/setgid/setuid between fork and exec are async-signal-safe; the
         // array is static.
@@ -184,7 +184,7 @@ fn every_thread_of_a_non_root_process_drops_root() {
     use std::os::unix::process::CommandExt;
     // Credentials are per thread: each worker checks its own uid/gid after restore.
     let dir = common::scratch("threads-nobody");
-    let mut wl = common::start_with("wl-threads", &[], |c| {
+    let mut wl = common::start_as_other_user("wl-threads", &[], |c| {
         c.current_dir("/tmp");
         // SAFETY: setgroups/setgid/setuid between fork and exec are async-signal-safe.
         unsafe {

@@ -129,9 +129,42 @@ pub fn start(name: &str, args: &[&str]) -> Workload {
 
 /// Like [`start`], letting the caller adjust the command (credentials, cwd, ...).
 pub fn start_with(name: &str, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Workload {
+    start_program(&workload(name), name, args, adjust)
+}
+
+/// Like [`start_with`] for a workload run as another user (`nobody`): the binary is run from
+/// a copy in a directory everybody may enter, since the checkout may sit under a private
+/// one (mktemp -d makes it 0700).
+pub fn start_as_other_user(
+    name: &str,
+    args: &[&str],
+    adjust: impl FnOnce(&mut Command),
+) -> Workload {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("stasis-shared-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create shared bin dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let copy = dir.join(name);
+    if !copy.exists() {
+        // Copied under a temporary name and renamed, so a parallel test never runs a
+        // half-written binary.
+        let tmp = dir.join(format!("{name}.{:?}", std::thread::current().id()));
+        std::fs::copy(workload(name), &tmp).expect("copy workload");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&tmp, &copy).expect("rename workload copy");
+    }
+    start_program(&copy, name, args, adjust)
+}
+
+fn start_program(
+    program: &Path,
+    name: &str,
+    args: &[&str],
+    adjust: impl FnOnce(&mut Command),
+) -> Workload {
     init();
     let tag = format!("t{}x{}", std::process::id(), name.len() * 7919 + args.len());
-    let mut cmd = Command::new(workload(name));
+    let mut cmd = Command::new(program);
     adjust(&mut cmd);
     let mut child = cmd
         .args(["--tag", &tag])
