@@ -242,6 +242,8 @@ pub struct FdReport {
     pub signalfd_mask: String,
     pub epoll_watches: Vec<proto::EpollWatch>,
     pub inotify_watches: Vec<proto::InotifyWatch>,
+    /// Sockets: what the socket is ("tcp 10.0.0.1:80 <-> 10.0.0.2:4711, ...").
+    pub socket: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -447,6 +449,7 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
                 signalfd_mask: format!("{:#018x}", f.signalfd_mask),
                 epoll_watches: f.epoll_watches.clone(),
                 inotify_watches: f.inotify_watches.clone(),
+                socket: socket_summary(f),
             })
             .collect(),
         sigactions: p
@@ -704,7 +707,9 @@ impl fmt::Display for InspectReport {
             }
             writeln!(f, "  fds ({}):", p.fds.len())?;
             for d in &p.fds {
-                let what = if d.inherited_from.is_empty() {
+                let what = if !d.socket.is_empty() {
+                    &d.socket
+                } else if d.inherited_from.is_empty() {
                     &d.path
                 } else {
                     &d.inherited_from
@@ -747,6 +752,50 @@ impl InspectReport {
             stored_bytes: t.stored_bytes,
         }
     }
+}
+
+/// One line naming a socket fd's addresses and queues; empty for other fds.
+fn socket_summary(f: &proto::Fd) -> String {
+    let addr = |ip: &str, port: u32| {
+        if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        }
+    };
+    if let Some(t) = &f.tcp {
+        return format!(
+            "tcp {} <-> {}, {} bytes unacknowledged ({} unsent), {} bytes unread",
+            addr(&t.ip, t.port),
+            addr(&t.peer_ip, t.peer_port),
+            t.send_queue.len(),
+            t.unsent,
+            t.recv_queue.len()
+        );
+    }
+    if let Some(t) = &f.tcp_listen {
+        return format!("tcp listening on {}", addr(&t.ip, t.port));
+    }
+    if let Some(u) = &f.udp {
+        return match u.peer_ip.is_empty() {
+            true => format!("udp {}", addr(&u.ip, u.port)),
+            false => format!(
+                "udp {} -> {}",
+                addr(&u.ip, u.port),
+                addr(&u.peer_ip, u.peer_port)
+            ),
+        };
+    }
+    if let Some(u) = &f.unix_listen {
+        return format!(
+            "unix listening on {:?}",
+            String::from_utf8_lossy(&u.name).trim_end_matches('\0')
+        );
+    }
+    if f.socket_id != 0 {
+        return format!("unix socket {} <-> {}", f.socket_id, f.socket_peer);
+    }
+    String::new()
 }
 
 #[cfg(test)]
