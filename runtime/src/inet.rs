@@ -27,16 +27,94 @@ pub const OPTIONS: [(i32, i32); 5] = [
 ];
 
 /// The values of the [`OPTIONS`] that apply to the socket: IPv6 options only for IPv6, and
-/// those its protocol refuses (TCP_NODELAY on UDP) are left out.
-fn options_of(raw: i32, domain: Option<i32>) -> Vec<(i32, i32, i32)> {
-    OPTIONS
+/// those its protocol refuses (TCP_NODELAY on UDP) are left out. SO_LINGER, when on, is
+/// recorded as (SOL_SOCKET, SO_LINGER, seconds); see [`set_option`].
+pub(crate) fn options_of(raw: i32, domain: Option<i32>) -> Vec<(i32, i32, i32)> {
+    let mut out: Vec<(i32, i32, i32)> = OPTIONS
         .iter()
         .filter(|(level, _)| *level != libc::IPPROTO_IPV6 || domain == Some(libc::AF_INET6))
         .filter_map(|&(level, name)| get_int(raw, level, name).map(|v| (level, name, v)))
-        .collect()
+        .collect();
+    let mut l = libc::linger {
+        l_onoff: 0,
+        l_linger: 0,
+    };
+    let mut len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+    // SAFETY: getsockopt fills at most len bytes of a local struct linger.
+    let r = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&mut l as *mut libc::linger).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 && l.l_onoff != 0 {
+        out.push((libc::SOL_SOCKET, libc::SO_LINGER, l.l_linger));
+    }
+    out
 }
 
-fn get_int(fd: i32, level: i32, name: i32) -> Option<i32> {
+/// Sets an option as [`options_of`] recorded it: an int, or for SO_LINGER the seconds of a
+/// linger that is on.
+pub fn set_option(fd: i32, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    let r = if (level, name) == (libc::SOL_SOCKET, libc::SO_LINGER) {
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: value,
+        };
+        let len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+        // SAFETY: sets the option from a local struct linger.
+        unsafe { libc::setsockopt(fd, level, name, (&l as *const libc::linger).cast(), len) }
+    } else {
+        // SAFETY: sets an int option from a local.
+        unsafe { libc::setsockopt(fd, level, name, (&value as *const i32).cast(), 4) }
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The sockaddr for `addr`, and its length.
+pub fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data, filled below for the family.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sa) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sa) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+pub(crate) fn get_int(fd: i32, level: i32, name: i32) -> Option<i32> {
     let mut v: libc::c_int = 0;
     let mut len = 4 as libc::socklen_t;
     // SAFETY: writes one c_int to a local.
@@ -148,7 +226,7 @@ fn parse_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
 }
 
 /// getsockname (`peer` false) or getpeername (`peer` true); None if not connected.
-fn sockaddr_of(raw: i32, peer: bool) -> Option<SocketAddr> {
+pub(crate) fn sockaddr_of(raw: i32, peer: bool) -> Option<SocketAddr> {
     // SAFETY: sockaddr_storage is plain data; the call fills at most its size.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;

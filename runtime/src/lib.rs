@@ -12,10 +12,12 @@ pub mod files;
 pub mod inet;
 pub mod inject;
 pub mod memory;
+pub mod netlock;
 pub mod procfs;
 pub mod ptrace;
 pub mod spawn;
 pub mod sys;
+pub mod tcp_repair;
 pub mod unix_diag;
 
 pub use error::{Result, RuntimeError};
