@@ -43,6 +43,12 @@ enum Command {
         /// Let the process run on after the checkpoint instead of killing it.
         #[arg(long)]
         leave_running: bool,
+        /// Keep established TCP connections (as criu's --tcp-established): their packets
+        /// are dropped by an nftables lock while they are read with TCP_REPAIR, and stay
+        /// locked from the kill until `stasis restore` rebuilds them, so the peer sees only
+        /// a pause. Without it a tree holding a connection is refused.
+        #[arg(long)]
+        tcp_established: bool,
         /// Page data encoding: none (raw, page-aligned, mappable) or zstd[:LEVEL].
         #[arg(long, default_value = "none")]
         compress: Compression,
@@ -104,9 +110,17 @@ pub fn run(cli: Cli) -> Result<i32> {
             pid,
             output,
             leave_running,
+            tcp_established,
             compress,
             json,
-        } => checkpoint(pid, output, leave_running, compress, json),
+        } => {
+            let opts = stasis_checkpoint::Options {
+                leave_running,
+                compression: compress,
+                tcp_established,
+            };
+            checkpoint(pid, output, opts, json)
+        }
         Command::Restore {
             image,
             detach,
@@ -122,14 +136,9 @@ pub fn run(cli: Cli) -> Result<i32> {
 fn checkpoint(
     pid: i32,
     output: PathBuf,
-    leave_running: bool,
-    compression: Compression,
+    opts: stasis_checkpoint::Options,
     json: bool,
 ) -> Result<i32> {
-    let opts = stasis_checkpoint::Options {
-        leave_running,
-        compression,
-    };
     let bar = report::progress_bar(json || output.as_os_str() == "-", "checkpoint");
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
@@ -160,6 +169,17 @@ fn checkpoint(
             report::bytes(stats.image_bytes),
             stats.process
         );
+        if stats.tcp_connections > 0 {
+            crate::outln!(
+                "  {} established TCP connections kept{}",
+                stats.tcp_connections,
+                if opts.leave_running {
+                    ""
+                } else {
+                    " (locked off the network until restored)"
+                }
+            );
+        }
         crate::outln!(
             "  frozen {}  (freeze {}), total {}",
             report::ms(stats.frozen_us),
@@ -192,6 +212,9 @@ fn restore(path: PathBuf, detach: bool, json: bool) -> Result<i32> {
     let stats = stasis_restore::restore_tree(&image, &stasis_restore::Options::default())?;
     drop(image);
     let pid = stats.pid;
+    for w in &stats.warnings {
+        eprintln!("stasis: warning: {w}");
+    }
     if detach {
         if json {
             report::json(&RestoreReport {

@@ -113,6 +113,7 @@ pub fn run(json: bool) -> Result<i32> {
     let opts = stasis_checkpoint::Options {
         leave_running: false,
         compression: Compression::None,
+        tcp_established: false,
     };
     let cstats = stasis_checkpoint::checkpoint_tree(pid, &opts, sink, &|_, _| {})?;
     // stasis reaped it already when it is both tracer and parent; otherwise reap it here.

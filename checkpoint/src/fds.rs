@@ -5,7 +5,7 @@ use crate::ghosts::{is_ghost_link, Ghosts};
 use crate::vmas::file_id;
 use stasis_image::proto::{self, FdKind};
 use stasis_runtime::unix_diag::{self, UnixSocket};
-use stasis_runtime::{files, inet, procfs};
+use stasis_runtime::{files, inet, procfs, tcp_repair};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -113,9 +113,18 @@ fn classify(
             None => {
                 // Not unix: what it is comes from a copy of the fd.
                 let copy = files::take_copy(pid, fd)?;
-                if tcp_listener(pid, fd, &copy, &mut out)? || udp_socket(pid, fd, &copy, &mut out)?
+                if tcp_listener(pid, fd, &copy, &mut out)?
+                    || udp_socket(pid, fd, &copy, &mut out)?
+                    || tcp_connection(ino, &copy, &mut out)
                 {
                     Ok(out)
+                } else if let Some(st) = tcp_repair::state(&copy).filter(|&s| s != 7) {
+                    // Not CLOSE (unconnected, named by socket_kind): a connection opening or
+                    // closing, which TCP_REPAIR cannot rebuild.
+                    Err(unsupported(&format!(
+                        "a TCP connection in state {}",
+                        tcp_repair::state_name(st)
+                    )))
                 } else {
                     Err(unsupported(&inet::socket_kind(&copy)))
                 }
@@ -319,6 +328,27 @@ fn udp_socket(
         options: sock_opts(&u.options),
     });
     Ok(true)
+}
+
+/// Marks `out` as an established TCP connection with its addresses if it is one; it is
+/// locked and read through TCP_REPAIR once the whole tree is collected (crate::tcp).
+fn tcp_connection(ino: u64, copy: &OwnedFd, out: &mut proto::Fd) -> bool {
+    if tcp_repair::state(copy) != Some(tcp_repair::STATE_ESTABLISHED) {
+        return false;
+    }
+    let Some((local, peer)) = tcp_repair::endpoints(copy) else {
+        return false;
+    };
+    out.kind = FdKind::TcpEstablished as i32;
+    out.socket_id = ino;
+    out.tcp = Some(proto::TcpConnection {
+        ip: local.ip().to_string(),
+        port: local.port() as u32,
+        peer_ip: peer.ip().to_string(),
+        peer_port: peer.port() as u32,
+        ..Default::default()
+    });
+    true
 }
 
 /// Socket options as the image records them.

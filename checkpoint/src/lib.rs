@@ -16,6 +16,7 @@ pub mod freeze;
 pub mod ghosts;
 pub mod pages;
 pub mod sink;
+pub mod tcp;
 pub mod tree;
 pub mod vmas;
 
@@ -32,6 +33,9 @@ pub struct Options {
     /// Let the process run on after the checkpoint instead of killing it.
     pub leave_running: bool,
     pub compression: Compression,
+    /// Keep established TCP connections (locked off the network, read with TCP_REPAIR);
+    /// without it a tree holding one is refused.
+    pub tcp_established: bool,
 }
 
 /// Measurements of one checkpoint (all times in microseconds).
@@ -51,6 +55,8 @@ pub struct Stats {
     pub total_us: u64,
     pub vmas: u64,
     pub fds: u64,
+    /// Established TCP connections kept (TCP_REPAIR).
+    pub tcp_connections: u64,
     /// Pages written with their contents.
     pub pages_data: u64,
     /// Present pages that were all zero (recorded, not stored).
@@ -105,7 +111,7 @@ pub fn checkpoint_tree<S: ImageSink>(
     let freeze_us = t0.elapsed().as_micros() as u64;
     let t_frozen = Instant::now();
 
-    let result = (|| -> Result<(Stats, S), CheckpointError> {
+    let result = (|| -> Result<(Stats, S, Option<tcp::Repaired>), CheckpointError> {
         let tc = Instant::now();
         let mut ghosts = ghosts::Ghosts::default();
         let mut procs = Vec::with_capacity(frozen.procs.len() + frozen.zombies.len());
@@ -116,6 +122,8 @@ pub fn checkpoint_tree<S: ImageSink>(
         descs::link(&mut procs)?;
         // Ghost files belong to the tree; the root's record carries them.
         procs[0].ghost_files = ghosts.files.clone();
+        // Last before writing: from here the connections are off the network.
+        let repaired = tcp::repair(&mut procs, opts.tcp_established)?;
         let plan = pages::plan(&procs, &ghosts)?;
         let collect_us = tc.elapsed().as_micros() as u64;
         let tp = Instant::now();
@@ -144,6 +152,7 @@ pub fn checkpoint_tree<S: ImageSink>(
             threads: procs.iter().map(|p| p.threads.len() as u64).sum(),
             vmas: procs.iter().map(|p| p.vmas.len() as u64).sum(),
             fds: procs.iter().map(|p| p.fds.len() as u64).sum(),
+            tcp_connections: repaired.as_ref().map_or(0, |r| r.count() as u64),
             pages_data: ws.data_pages,
             pages_zero: ws.zero_pages,
             pages_skipped: plan.pages_skipped,
@@ -156,17 +165,26 @@ pub fn checkpoint_tree<S: ImageSink>(
             commit_us,
             ..Default::default()
         };
-        Ok((stats, sink))
+        Ok((stats, sink, repaired))
     })();
 
     match result {
-        Ok((mut stats, _sink)) => {
+        Ok((mut stats, _sink, repaired)) => {
             if opts.leave_running {
+                // Out of repair mode before the processes can touch their sockets.
+                if let Some(r) = repaired {
+                    r.release_running();
+                }
                 frozen.resume()?;
                 stats.process = "running".into();
             } else {
                 let tk = Instant::now();
                 frozen.kill()?;
+                // Closed in repair mode, only now that no process holds them; they stay
+                // locked until restored.
+                if let Some(r) = repaired {
+                    r.release_killed();
+                }
                 stats.kill_us = tk.elapsed().as_micros() as u64;
                 stats.process = "killed".into();
             }

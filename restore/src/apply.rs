@@ -9,7 +9,7 @@ use stasis_image::Image;
 use stasis_runtime::inject::Injector;
 use stasis_runtime::ptrace::{self, Regs, ResumeIn};
 use stasis_runtime::spawn::{self, TreeSpec};
-use stasis_runtime::{memory, procfs, RuntimeError, PAGE_SIZE};
+use stasis_runtime::{memory, procfs, tcp_repair, RuntimeError, PAGE_SIZE};
 
 // Scratch layout (offsets from the scratch start).
 const SCR_MM_MAP: u64 = 0;
@@ -73,6 +73,12 @@ pub fn apply(
             let w = r?;
             written.pages += w.pages;
             written.bytes += w.bytes;
+        }
+        // Connections leave repair mode last: from now on they may send.
+        for (fd, unsent, what) in &plan.tcp {
+            tcp_repair::finish(std::os::fd::AsRawFd::as_raw_fd(fd), unsent, what).map_err(|e| {
+                RestoreError::Unsupported(format!("finishing a TCP connection: {e}"))
+            })?;
         }
         // Nothing runs until everything is built: a parent could otherwise see a child that
         // is not restored yet. Job-control-stopped processes go first and are seen stopped

@@ -5,6 +5,9 @@
 
 use crate::error::RestoreError;
 use stasis_image::proto::{self, FdKind};
+use stasis_runtime::inet;
+use stasis_runtime::tcp_repair::{self, Connection, Window};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
@@ -113,6 +116,11 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError
             )
         }
         FdKind::TcpListen => tcp_listener(p, f),
+        FdKind::TcpEstablished => {
+            let c = connection(p, f)?;
+            tcp_repair::rebuild(&c, &format!("process {} fd {}", p.pid, f.fd))
+                .map_err(|e| RestoreError::Unsupported(format!("recreating a TCP connection: {e}")))
+        }
         FdKind::Udp => udp_socket(p, f),
         FdKind::UnixListen => unix_listener(p, f),
         FdKind::Inotify => {
@@ -185,49 +193,27 @@ fn add_inotify_watches(p: &proto::Process, f: &proto::Fd, fd: i32) -> Result<(),
     Ok(())
 }
 
+/// The address `ip`:`port` as the image spells them.
+pub(crate) fn socket_addr(
+    p: &proto::Process,
+    ip: &str,
+    port: u32,
+) -> Result<SocketAddr, RestoreError> {
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| RestoreError::Invalid(format!("process {}: address {ip:?}", p.pid)))?;
+    let port = u16::try_from(port)
+        .map_err(|_| RestoreError::Invalid(format!("process {}: port {port}", p.pid)))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 /// A socket address for `ip`:`port` (as the image spells them).
 fn sockaddr(
     p: &proto::Process,
     ip: &str,
     port: u32,
 ) -> Result<(libc::sockaddr_storage, libc::socklen_t), RestoreError> {
-    let ip: std::net::IpAddr = ip
-        .parse()
-        .map_err(|_| RestoreError::Invalid(format!("process {}: address {ip:?}", p.pid)))?;
-    let port = u16::try_from(port)
-        .map_err(|_| RestoreError::Invalid(format!("process {}: port {port}", p.pid)))?;
-    // SAFETY: sockaddr_storage is plain data, filled below for the family.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match ip {
-        std::net::IpAddr::V4(v4) => {
-            let a = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(v4).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), a) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        std::net::IpAddr::V6(v6) => {
-            let a = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: port.to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), a) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    Ok((ss, len as libc::socklen_t))
+    Ok(inet::to_sockaddr(socket_addr(p, ip, port)?))
 }
 
 /// A new IPv4/IPv6 socket of type `ty` with `options` set, bound to `ip`:`port`, then
@@ -251,11 +237,7 @@ fn inet_socket(
     )?;
     let raw = fd.as_raw_fd();
     for o in options {
-        let v: libc::c_int = o.value;
-        // SAFETY: sets an int option from a local.
-        let rc =
-            unsafe { libc::setsockopt(raw, o.level, o.name, (&v as *const libc::c_int).cast(), 4) };
-        if rc != 0 {
+        if inet::set_option(raw, o.level, o.name, o.value).is_err() {
             return Err(failed(
                 p,
                 f,
@@ -364,4 +346,51 @@ fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreEr
         return Err(failed(p, f, "bind/listen"));
     }
     Ok(fd)
+}
+
+/// The connection of a FD_KIND_TCP_ESTABLISHED fd, as TCP_REPAIR takes it.
+pub fn connection(p: &proto::Process, f: &proto::Fd) -> Result<Connection, RestoreError> {
+    let t = f.tcp.as_ref().ok_or_else(|| {
+        RestoreError::Invalid(format!(
+            "process {}: TCP connection fd {} has no state",
+            p.pid, f.fd
+        ))
+    })?;
+    if t.unsent as usize > t.send_queue.len() {
+        return Err(RestoreError::Invalid(format!(
+            "process {}: TCP connection fd {} has {} unsent bytes in a send queue of {}",
+            p.pid,
+            f.fd,
+            t.unsent,
+            t.send_queue.len()
+        )));
+    }
+    Ok(Connection {
+        local: Some(socket_addr(p, &t.ip, t.port)?),
+        peer: Some(socket_addr(p, &t.peer_ip, t.peer_port)?),
+        send_seq: t.send_seq,
+        recv_seq: t.recv_seq,
+        send_queue: t.send_queue.clone(),
+        unsent: t.unsent,
+        recv_queue: t.recv_queue.clone(),
+        mss: t.mss,
+        wscale: t.wscale_ok.then_some((t.snd_wscale, t.rcv_wscale)),
+        sack: t.sack_ok,
+        timestamps: t.timestamps_ok,
+        timestamp: t.timestamp,
+        window: Window {
+            snd_wl1: t.snd_wl1,
+            snd_wnd: t.snd_wnd,
+            max_window: t.max_window,
+            rcv_wnd: t.rcv_wnd,
+            rcv_wup: t.rcv_wup,
+        },
+        sndbuf: t.sndbuf,
+        rcvbuf: t.rcvbuf,
+        options: t
+            .options
+            .iter()
+            .map(|o| (o.level, o.name, o.value))
+            .collect(),
+    })
 }

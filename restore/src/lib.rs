@@ -61,6 +61,10 @@ pub struct Stats {
     pub vmas: u64,
     pub pages_written: u64,
     pub bytes_written: u64,
+    /// Established TCP connections rebuilt (TCP_REPAIR) and unlocked.
+    pub tcp_connections: u64,
+    /// Things that went wrong after the tree was running again (it runs on regardless).
+    pub warnings: Vec<String>,
 }
 
 /// Restores the process tree of `image`. Returns when every process runs again (the root is
@@ -88,7 +92,18 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
     }
     let pid_wait_us = tw.elapsed().as_micros() as u64;
     let written = apply::apply(image, &procs, plan, &ghosts, &shmem)?;
+    // The connections run again: let their packets through (a checkpoint that killed the
+    // tree left them locked).
+    let tcp = tcp_tuples(&procs);
+    let mut warnings = Vec::new();
+    if let Err(e) = stasis_runtime::netlock::unlock(&tcp) {
+        warnings.push(format!(
+            "the restored TCP connections may still be locked off the network: {e}"
+        ));
+    }
     Ok(Stats {
+        tcp_connections: tcp.len() as u64,
+        warnings,
         pid,
         processes: procs.len() as u64,
         verify_us,
@@ -98,6 +113,22 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
         pages_written: written.pages,
         bytes_written: written.bytes,
     })
+}
+
+/// Local and peer address of every TCP connection of the tree, once each.
+fn tcp_tuples(procs: &[&stasis_image::proto::Process]) -> Vec<stasis_runtime::netlock::Tuple> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for p in procs {
+        for (f, c) in p.fds.iter().filter_map(|f| Some((f, f.tcp.as_ref()?))) {
+            let local = events::socket_addr(p, &c.ip, c.port);
+            let peer = events::socket_addr(p, &c.peer_ip, c.peer_port);
+            if let (Ok(l), Ok(r), true) = (local, peer, seen.insert(f.socket_id)) {
+                out.push((l, r));
+            }
+        }
+    }
+    out
 }
 
 /// Waits for a restored child to exit; returns its exit code (128+signal if killed).

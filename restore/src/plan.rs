@@ -27,6 +27,9 @@ pub struct Plan {
     /// Open file descriptions (files, pipe ends, sockets, event fds) prepared for the tree, at
     /// numbers above every target fd; closed once the tree has inherited them.
     pub descs: Vec<OwnedFd>,
+    /// Rebuilt TCP connections, still in repair mode: each with the bytes never sent and a
+    /// name, finished (tcp_repair::finish) once the whole tree is built.
+    pub tcp: Vec<(OwnedFd, Vec<u8>, String)>,
 }
 
 fn cstr(s: &str, what: &str) -> Result<CString, RestoreError> {
@@ -62,6 +65,7 @@ pub fn plan(
         by_id: BTreeMap::new(),
         pipes: BTreeMap::new(),
         sockets: BTreeMap::new(),
+        tcp: Vec::new(),
     };
     for p in procs {
         for pipe in &p.pipes {
@@ -91,6 +95,7 @@ pub fn plan(
             scratch_len: SCRATCH_LEN,
         },
         descs: d.fds,
+        tcp: d.tcp,
     })
 }
 
@@ -120,6 +125,8 @@ struct Descs {
     pipes: BTreeMap<(bool, u64), (i32, i32, bool, bool)>,
     /// Unix socket inode → our end of the recreated pair.
     sockets: BTreeMap<u64, i32>,
+    /// See [`Plan::tcp`].
+    tcp: Vec<(OwnedFd, Vec<u8>, String)>,
 }
 
 impl Descs {
@@ -373,10 +380,15 @@ impl Descs {
             | FdKind::Inotify
             | FdKind::TcpListen
             | FdKind::UnixListen
-            | FdKind::Udp => {
+            | FdKind::Udp
+            | FdKind::TcpEstablished => {
                 let made = crate::events::create(p, f)?;
-                let fd =
-                    self.place(made.as_raw_fd(), &format!("process {}: fd {}", p.pid, f.fd))?;
+                let what = format!("process {}: fd {}", p.pid, f.fd);
+                let fd = self.place(made.as_raw_fd(), &what)?;
+                if f.kind() == FdKind::TcpEstablished {
+                    let unsent = crate::events::connection(p, f)?.unsent_bytes().to_vec();
+                    self.tcp.push((made, unsent, what));
+                }
                 fd
             }
             FdKind::Unspecified => {
