@@ -295,8 +295,14 @@ pub fn kill(pid: i32) {
 
 /// Whether `program --version` runs; says why the test is skipped if not.
 pub fn have(program: &str) -> bool {
+    have_with(program, "--version")
+}
+
+/// Whether `program version_flag` runs (nginx knows only -v); says why the test is skipped
+/// if not.
+pub fn have_with(program: &str, version_flag: &str) -> bool {
     let ok = Command::new(program)
-        .arg("--version")
+        .arg(version_flag)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

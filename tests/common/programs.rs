@@ -154,3 +154,130 @@ pub fn http_get(port: u16, path: &str) -> String {
     c.read_to_string(&mut out).expect("response");
     out
 }
+
+/// A TCP port on 127.0.0.1 that is free now, for servers that must be told their port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Connections a server holds on its local `port` (as /proc/net/tcp and tcp6 show them):
+/// (state, bytes not yet acknowledged by the peer) of each socket being set up, established
+/// or half-closed by the peer. Listeners and TIME_WAIT leftovers, which no fd holds, are
+/// not counted.
+pub fn server_connections(port: u16) -> Vec<(u8, u64)> {
+    const ESTABLISHED: u8 = 0x01;
+    const SYN_RECV: u8 = 0x03;
+    const CLOSE_WAIT: u8 = 0x08;
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(queues)) = (f.get(1), f.get(3), f.get(4)) else {
+                continue;
+            };
+            let lport = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            let state = u8::from_str_radix(state, 16).unwrap_or(0);
+            let tx = queues
+                .split(':')
+                .next()
+                .and_then(|q| u64::from_str_radix(q, 16).ok())
+                .unwrap_or(0);
+            if lport == Some(port) && [ESTABLISHED, SYN_RECV, CLOSE_WAIT].contains(&state) {
+                out.push((state, tx));
+            }
+        }
+    }
+    out
+}
+
+/// Waits (bounded) until the server on `port` holds no connection.
+pub fn wait_no_connections(port: u16) {
+    wait_connections(port, 0);
+}
+
+/// Waits (bounded) until the server on `port` holds `n` connections: those of clients
+/// that have finished are let go.
+pub fn wait_connections(port: u16, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server_connections(port).len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "the server on port {port} holds {:?}, not {n} connections",
+            server_connections(port)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `stasis checkpoint PID -o IMG EXTRA...` of an idle server. A server that has just let a
+/// client go may still hold the connection for a moment; the checkpoint is then refused
+/// (exit 4, leaving the server running) and is simply tried again, a bounded number of times.
+pub fn checkpoint_idle(pid: i32, img: &Path, extra: &[&str]) {
+    let pid = pid.to_string();
+    let mut args = vec![
+        "checkpoint",
+        pid.as_str(),
+        "-o",
+        img.to_str().expect("utf8"),
+    ];
+    args.extend_from_slice(extra);
+    for attempt in 0.. {
+        let out = run_stasis(&args);
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            attempt < 100 && out.status.code() == Some(4) && err.contains("socket"),
+            "stasis {args:?} ({}): {err}",
+            out.status
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits up to `limit` for a child (or orphan handed to this subreaper) to exit; returns
+/// its raw wait status, or None if it is still running.
+pub fn wait_exit(pid: i32, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        // SAFETY: status is a valid c_int; pid is a process of this test.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        if r == pid {
+            return Some(status);
+        }
+        assert!(
+            r == 0,
+            "waitpid({pid}): {}",
+            std::io::Error::last_os_error()
+        );
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Kills (SIGKILL) a process and every descendant it has at that moment when dropped, each
+/// by PID through [`KillOnDrop`]: the root first, so its children come to this test (a
+/// subreaper) and are reaped here. For servers that fork workers (nginx).
+pub struct KillTreeOnDrop(pub i32);
+
+impl Drop for KillTreeOnDrop {
+    fn drop(&mut self) {
+        let tree = descendants(self.0);
+        let guards: Vec<KillOnDrop> = std::iter::once(self.0)
+            .chain(tree)
+            .map(KillOnDrop)
+            .collect();
+        drop(guards);
+    }
+}
