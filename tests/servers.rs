@@ -262,7 +262,6 @@ fn redis_keeps_its_data_set_across_checkpoint_kill_restore() {
 /// A redis-cli session connected to redis-server stays connected across checkpoint, kill and
 /// restore of the server: on the same connection it reads the data set and writes new keys.
 #[test]
-#[ignore = "needs `stasis checkpoint --tcp-established` (TCP_REPAIR), not on this branch yet"]
 fn redis_cli_session_survives_checkpoint_kill_restore() {
     if !have("redis-server") || !have("redis-cli") {
         return;
@@ -567,7 +566,6 @@ fn nginx_serves_again_after_checkpoint_kill_restore() {
 /// checkpoint, kill and restore of the server and finishes the download on it: every byte
 /// arrives once, in order.
 #[test]
-#[ignore = "needs `stasis checkpoint --tcp-established` (TCP_REPAIR), not on this branch yet"]
 fn nginx_download_survives_checkpoint_kill_restore() {
     if !have_with("nginx", "-v") {
         return;
