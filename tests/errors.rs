@@ -450,10 +450,10 @@ fn a_process_already_traced_is_refused_and_left_alone() {
     assert!(wl.child.wait().expect("reap").success());
 }
 
-/// Each kind of socket stasis cannot restore yet is refused by name, and the process is left
-/// running.
+/// Each kind of socket (and io_uring and userfaultfd) stasis cannot restore yet is refused by
+/// name, and the process is left running.
 #[test]
-fn unsupported_socket_kinds_are_refused_by_name() {
+fn unsupported_fd_kinds_are_refused_by_name() {
     init();
     let kinds = [
         (
@@ -472,6 +472,17 @@ fn unsupported_socket_kinds_are_refused_by_name() {
         (
             "socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)",
             "a raw IPv4 socket",
+        ),
+        (
+            // io_uring_setup(4 entries, zeroed params).
+            "__import__('ctypes').CDLL(None).syscall(425, 4, \
+             __import__('ctypes').create_string_buffer(120))",
+            "an io_uring instance",
+        ),
+        (
+            // userfaultfd(O_CLOEXEC).
+            "__import__('ctypes').CDLL(None).syscall(323, 0o2000000)",
+            "a userfaultfd",
         ),
     ];
     for (make, name) in kinds {

@@ -138,6 +138,12 @@ fn classify(
                 event_fd(pid, fd, kind, &mut out)?;
                 Ok(out)
             }
+            "io_uring" => Err(unsupported(
+                "an io_uring instance (its rings and requests in flight cannot be saved)",
+            )),
+            "userfaultfd" => Err(unsupported(
+                "a userfaultfd (its registered ranges and pending faults cannot be saved)",
+            )),
             other => Err(unsupported(&format!("an anonymous inode [{other}]"))),
         };
     }
