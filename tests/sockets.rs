@@ -175,6 +175,55 @@ fn unix_listeners_are_bound_again_and_accept() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+const UNIX_CONNECTED_PY: &str = r#"
+import os, socket, sys
+p = os.path.join(sys.argv[1], "gone.sock")
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+l.bind(p)
+l.listen(2)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+c.connect(p)
+a, _ = l.accept()
+os.unlink(p)
+c.sendall(b"to-server")
+a.sendall(b"to-client")
+print("ready", flush=True)
+sys.stdin.readline()
+for s in (a, c):
+    s.settimeout(20)
+ok1 = a.recv(100) == b"to-server"
+ok2 = c.recv(100) == b"to-client"
+c.sendall(b"more")
+ok3 = a.recv(100) == b"more"
+print("unix", ok1, ok2, ok3, l.getsockname() == p, not os.path.exists(p), flush=True)
+"#;
+
+/// A connection accepted from a unix listener (both ends in the tree, data queued both
+/// ways) carries on, and a listener whose path was unlinked keeps its name without the file.
+#[test]
+fn unix_connections_and_unlinked_names_survive() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("unixconn");
+    let script = "exec python3 -c \"$0\" \"$1\"";
+    let (child, _) = start_ready(script, &[UNIX_CONNECTED_PY.as_ref(), dir.as_ref()], &dir);
+    let img = dir.join("c.img");
+    let (r, mut pipes) = checkpoint_and_restore(child, &img);
+    let listening = inspect(&img)["processes"][0]["fds"]
+        .as_array()
+        .expect("fds")
+        .iter()
+        .filter_map(|f| f["socket"].as_str().map(str::to_string))
+        .find(|s| s.starts_with("unix listening"))
+        .expect("a listener");
+    assert!(listening.ends_with("(deleted)"), "{listening}");
+    pipes.send("go");
+    assert_eq!(output_of(r, pipes).trim(), "unix True True True True True");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The multithreaded `python3 -m http.server` (a real server nobody here wrote), having
 /// served a request, is checkpointed, killed and restored, and serves the file again.
 #[test]

@@ -85,7 +85,9 @@ fn classify(
             None => unix.insert(unix_diag::unix_sockets()?),
         };
         return match unix.get(&ino) {
-            Some(s) if s.name.is_empty() && s.peer != 0 && s.state == 1 => {
+            // A connected stream or seqpacket socket (a socketpair end, or either end of a
+            // connection accepted from a listener), or a connected datagram pair.
+            Some(s) if s.peer != 0 && s.state == 1 => {
                 out.kind = FdKind::UnixPair as i32;
                 out.socket_id = ino;
                 out.socket_peer = s.peer;
@@ -104,6 +106,7 @@ fn classify(
                     name: s.name.clone(),
                     sock_type: s.sock_type as u32,
                     backlog: s.wqueue,
+                    deleted: unix_name_deleted(&s.name, s.vfs_ino),
                 });
                 Ok(out)
             }
@@ -184,6 +187,22 @@ fn classify(
         Err(unsupported("a character device"))
     } else {
         Err(unsupported("a special file"))
+    }
+}
+
+/// Whether a socket bound to path `name` (abstract names start with NUL) no longer has its
+/// socket file there: unlinked, or replaced by another file.
+fn unix_name_deleted(name: &[u8], vfs_ino: Option<u64>) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let path = name.split(|b| *b == 0).next().unwrap_or_default();
+    if path.is_empty() {
+        return false;
+    }
+    let meta = std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(path));
+    match (meta, vfs_ino) {
+        (Ok(m), Some(ino)) => m.ino() != ino || !m.file_type().is_socket(),
+        (Ok(_), None) => false,
+        (Err(_), _) => true,
     }
 }
 

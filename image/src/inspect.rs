@@ -788,8 +788,9 @@ fn socket_summary(f: &proto::Fd) -> String {
     }
     if let Some(u) = &f.unix_listen {
         return format!(
-            "unix listening on {:?}",
-            String::from_utf8_lossy(&u.name).trim_end_matches('\0')
+            "unix listening on {:?}{}",
+            String::from_utf8_lossy(&u.name).trim_end_matches('\0'),
+            if u.deleted { " (deleted)" } else { "" }
         );
     }
     if f.socket_id != 0 {

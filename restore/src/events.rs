@@ -317,8 +317,19 @@ fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreEr
     for (i, b) in name.iter().enumerate() {
         sa.sun_path[i] = *b as libc::c_char;
     }
-    if name[0] != 0 {
-        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(name));
+    let path = (name[0] != 0).then(|| std::path::Path::new(std::ffi::OsStr::from_bytes(name)));
+    if let Some(path) = path.filter(|_| u.deleted) {
+        // Its name was unlinked: bound here again and unlinked after, but never in place of
+        // a file somebody made there since.
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(RestoreError::Unsupported(format!(
+                "process {}: unix listener fd {} was bound to {}, since unlinked; that path                  is taken again, so its name cannot be given back",
+                p.pid,
+                f.fd,
+                path.display()
+            )));
+        }
+    } else if let Some(path) = path {
         if let Ok(m) = std::fs::symlink_metadata(path) {
             if !m.file_type().is_socket() {
                 return Err(RestoreError::Unsupported(format!(
@@ -344,6 +355,14 @@ fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreEr
         && unsafe { libc::listen(raw, u.backlog.min(65535) as i32) } == 0;
     if !bound {
         return Err(failed(p, f, "bind/listen"));
+    }
+    if let Some(path) = path.filter(|_| u.deleted) {
+        std::fs::remove_file(path).map_err(|e| {
+            RestoreError::Unsupported(format!(
+                "unlinking {} again after binding: {e}",
+                path.display()
+            ))
+        })?;
     }
     Ok(fd)
 }

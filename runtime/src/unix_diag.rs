@@ -9,10 +9,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const UDIAG_SHOW_NAME: u32 = 1;
+const UDIAG_SHOW_VFS: u32 = 2;
 const UDIAG_SHOW_PEER: u32 = 4;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_RQLEN: u16 = 4;
 const UNIX_DIAG_NAME: u16 = 0;
+const UNIX_DIAG_VFS: u16 = 1;
 const UNIX_DIAG_PEER: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
@@ -32,6 +34,9 @@ pub struct UnixSocket {
     /// For a listener: connections waiting to be accepted, and its backlog.
     pub rqueue: u32,
     pub wqueue: u32,
+    /// For a socket bound to a path: the inode of the socket file bind made (it may since
+    /// have been unlinked or replaced).
+    pub vfs_ino: Option<u64>,
 }
 
 fn err(what: String) -> RuntimeError {
@@ -72,7 +77,9 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixSocket>> {
     req.extend_from_slice(&0u16.to_ne_bytes());
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // udiag_states: all
     req.extend_from_slice(&0u32.to_ne_bytes()); // udiag_ino
-    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
+    req.extend_from_slice(
+        &(UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes(),
+    );
     req.extend_from_slice(&[0u8; 8]); // cookie
                                       // SAFETY: sends a local buffer on our socket (the kernel is the default destination).
     if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
@@ -121,6 +128,11 @@ pub fn unix_sockets() -> Result<HashMap<u64, UnixSocket>> {
                     let payload = &msg[a + 4..a + alen];
                     match atype {
                         UNIX_DIAG_NAME => s.name = payload.to_vec(),
+                        UNIX_DIAG_VFS if payload.len() >= 4 => {
+                            s.vfs_ino = Some(u32::from_ne_bytes([
+                                payload[0], payload[1], payload[2], payload[3],
+                            ]) as u64)
+                        }
                         UNIX_DIAG_RQLEN if payload.len() >= 8 => {
                             s.rqueue = u32::from_ne_bytes([
                                 payload[0], payload[1], payload[2], payload[3],
