@@ -68,10 +68,13 @@ fn unix_socket_pairs_keep_their_queues() {
 }
 
 const LISTENER_PY: &str = r#"
-import socket, sys
+import socket, struct, sys
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 300000)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 7))
+bufs = srv.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 srv.bind(("127.0.0.1", 0))
 srv.listen(7)
 print("ready", srv.getsockname()[1], flush=True)
@@ -84,11 +87,13 @@ c.sendall(data.upper())
 c.close()
 print("served", data.decode(),
       srv.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0,
-      srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, flush=True)
+      srv.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
+      srv.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == bufs,
+      struct.unpack("ii", srv.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)), flush=True)
 "#;
 
 /// A TCP listener (no connection waiting) comes back bound to its port with its options
-/// and accepts a new client.
+/// (including buffer size and linger) and accepts a new client.
 #[test]
 fn tcp_listener_is_bound_again_and_accepts() {
     if !have("python3") {
@@ -109,7 +114,7 @@ fn tcp_listener_is_bound_again_and_accepts() {
         client.read_to_string(&mut echoed).expect("recv");
         assert_eq!(echoed, "HELLO");
     });
-    assert_eq!(got.trim(), "served hello True True");
+    assert_eq!(got.trim(), "served hello True True True (1, 7)");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -3,7 +3,7 @@
 
 use crate::error::{Result, RuntimeError};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// A listening TCP socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,12 +53,50 @@ pub(crate) fn options_of(raw: i32, domain: Option<i32>) -> Vec<(i32, i32, i32)> 
     if r == 0 && l.l_onoff != 0 {
         out.push((libc::SOL_SOCKET, libc::SO_LINGER, l.l_linger));
     }
+    out.extend(buffer_sizes(raw, domain));
     out
+}
+
+/// SO_SNDBUF and SO_RCVBUF where they differ from a new socket's of the same kind (set by
+/// the program, or grown by autotuning): recorded as the value to set, half what getsockopt
+/// reports (the kernel doubles it).
+fn buffer_sizes(raw: i32, domain: Option<i32>) -> Vec<(i32, i32, i32)> {
+    let (Some(domain), Some(ty)) = (domain, get_int(raw, libc::SOL_SOCKET, libc::SO_TYPE)) else {
+        return Vec::new();
+    };
+    // SAFETY: socket takes no pointers; the result is closed below.
+    let fresh = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
+    if fresh < 0 {
+        return Vec::new();
+    }
+    // SAFETY: fresh was just returned by socket and is owned by nobody else.
+    let fresh = unsafe { OwnedFd::from_raw_fd(fresh) };
+    [libc::SO_SNDBUF, libc::SO_RCVBUF]
+        .into_iter()
+        .filter_map(|name| {
+            let v = get_int(raw, libc::SOL_SOCKET, name)?;
+            let default = get_int(fresh.as_raw_fd(), libc::SOL_SOCKET, name)?;
+            (v != default).then_some((libc::SOL_SOCKET, name, v / 2))
+        })
+        .collect()
 }
 
 /// Sets an option as [`options_of`] recorded it: an int, or for SO_LINGER the seconds of a
 /// linger that is on.
 pub fn set_option(fd: i32, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    // Root may exceed net.core.[wr]mem_max, as the original may have.
+    let force = match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_SNDBUF) => Some(libc::SO_SNDBUFFORCE),
+        (libc::SOL_SOCKET, libc::SO_RCVBUF) => Some(libc::SO_RCVBUFFORCE),
+        _ => None,
+    };
+    if let Some(forced) = force {
+        // SAFETY: sets an int option from a local.
+        let r = unsafe { libc::setsockopt(fd, level, forced, (&value as *const i32).cast(), 4) };
+        if r == 0 {
+            return Ok(());
+        }
+    }
     let r = if (level, name) == (libc::SOL_SOCKET, libc::SO_LINGER) {
         let l = libc::linger {
             l_onoff: 1,

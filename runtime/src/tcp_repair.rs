@@ -353,15 +353,10 @@ pub fn rebuild(c: &Connection, what: &str) -> Result<OwnedFd> {
     // SAFETY: raw was just returned by socket and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     set_repair(raw, TCP_REPAIR_ON, what)?;
-    // Buffers first: the queues must fit. Root may exceed the sysctl limits (…FORCE).
-    for (force, plain, v) in [
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, c.sndbuf),
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, c.rcvbuf),
-    ] {
+    // Buffers first: the queues must fit.
+    for (name, v) in [(libc::SO_SNDBUF, c.sndbuf), (libc::SO_RCVBUF, c.rcvbuf)] {
         if v > 0 {
-            let half = (v / 2) as i32;
-            set_int(raw, libc::SOL_SOCKET, force, half)
-                .or_else(|_| set_int(raw, libc::SOL_SOCKET, plain, half))
+            crate::inet::set_option(raw, libc::SOL_SOCKET, name, (v / 2) as i32)
                 .map_err(|e| RuntimeError::sys("setsockopt(SO_SNDBUF/SO_RCVBUF)", what, e))?;
         }
     }
