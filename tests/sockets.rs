@@ -229,6 +229,39 @@ fn unix_connections_and_unlinked_names_survive() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+const UNIX_DGRAM_PY: &str = r#"
+import os, socket, sys
+p = os.path.join(sys.argv[1], "dgram.sock")
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+srv.bind(p)
+hidden = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+hidden.bind(b"\0stasis-dgram-" + str(os.getpid()).encode())
+cli = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+print("ready", flush=True)
+sys.stdin.readline()
+srv.settimeout(20); hidden.settimeout(20)
+cli.sendto(b"to-path", p)
+cli.sendto(b"to-abstract", hidden.getsockname())
+print("dgram", srv.recv(100).decode(), hidden.recv(100).decode(),
+      srv.getsockname() == p, flush=True)
+"#;
+
+/// Unconnected datagram unix sockets come back: one bound to a path, one to an abstract
+/// name, and an unbound one that names its destination in each sendto.
+#[test]
+fn unix_datagram_sockets_are_bound_again() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("unixdgram");
+    let script = "exec python3 -c \"$0\" \"$1\"";
+    let (child, _) = start_ready(script, &[UNIX_DGRAM_PY.as_ref(), dir.as_ref()], &dir);
+    let got = checkpoint_go(child, &dir.join("d.img"));
+    assert_eq!(got.trim(), "dgram to-path to-abstract True");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The multithreaded `python3 -m http.server` (a real server nobody here wrote), having
 /// served a request, is checkpointed, killed and restored, and serves the file again.
 #[test]

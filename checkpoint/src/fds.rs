@@ -110,8 +110,27 @@ fn classify(
                 });
                 Ok(out)
             }
+            // TCP_CLOSE = 7: unconnected, bound to a name or not (a datagram server, or a
+            // client that names its destination in each sendto).
+            Some(s) if s.state == 7 && s.peer == 0 => {
+                if s.rqueue > 0 {
+                    return Err(unsupported(&format!(
+                        "a unix socket with {} bytes of datagrams waiting to be read (their \
+                         senders could not be given back; not supported yet)",
+                        s.rqueue
+                    )));
+                }
+                out.kind = FdKind::UnixBound as i32;
+                out.unix_listen = Some(proto::UnixListen {
+                    name: s.name.clone(),
+                    sock_type: s.sock_type as u32,
+                    backlog: 0,
+                    deleted: unix_name_deleted(&s.name, s.vfs_ino),
+                });
+                Ok(out)
+            }
             Some(_) => Err(unsupported(
-                "a bound, unconnected or half-closed unix socket",
+                "a unix socket connected one way or half-closed",
             )),
             None => {
                 // Not unix: what it is comes from a copy of the fd.

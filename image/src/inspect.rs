@@ -787,6 +787,16 @@ fn socket_summary(f: &proto::Fd) -> String {
         };
     }
     if let Some(u) = &f.unix_listen {
+        if f.kind == proto::FdKind::UnixBound as i32 {
+            return match u.name.is_empty() {
+                true => "unix, unbound".to_string(),
+                false => format!(
+                    "unix bound to {:?}{}",
+                    String::from_utf8_lossy(&u.name).trim_end_matches('\0'),
+                    if u.deleted { " (deleted)" } else { "" }
+                ),
+            };
+        }
         return format!(
             "unix listening on {:?}{}",
             String::from_utf8_lossy(&u.name).trim_end_matches('\0'),

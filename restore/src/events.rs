@@ -122,7 +122,7 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError
                 .map_err(|e| RestoreError::Unsupported(format!("recreating a TCP connection: {e}")))
         }
         FdKind::Udp => udp_socket(p, f),
-        FdKind::UnixListen => unix_listener(p, f),
+        FdKind::UnixListen | FdKind::UnixBound => unix_listener(p, f),
         FdKind::Inotify => {
             // SAFETY: inotify_init1 takes no pointers.
             let fd = own(
@@ -288,16 +288,23 @@ fn udp_socket(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError
     })
 }
 
-/// A unix listener bound to its old name again. A socket file left at the path by the dead
-/// original is removed first (only a socket file: anything else there is an error).
+/// A unix listener (or an unconnected socket) bound to its old name again. A socket file
+/// left at the path by the dead original is removed first (only a socket file: anything
+/// else there is an error).
 fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError> {
     use std::os::unix::fs::FileTypeExt;
     let u = f.unix_listen.as_ref().ok_or_else(|| {
         RestoreError::Invalid(format!(
-            "process {}: listener fd {} has no state",
+            "process {}: unix socket fd {} has no state",
             p.pid, f.fd
         ))
     })?;
+    let listening = f.kind() == FdKind::UnixListen;
+    if !listening && u.name.is_empty() {
+        // SAFETY: socket takes no pointers.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, u.sock_type as i32 | libc::SOCK_CLOEXEC, 0) };
+        return own(fd, p, f, "socket(AF_UNIX)");
+    }
     // SAFETY: sockaddr_un is plain data, filled below.
     let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -323,7 +330,8 @@ fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreEr
         // a file somebody made there since.
         if std::fs::symlink_metadata(path).is_ok() {
             return Err(RestoreError::Unsupported(format!(
-                "process {}: unix listener fd {} was bound to {}, since unlinked; that path                  is taken again, so its name cannot be given back",
+                "process {}: unix listener fd {} was bound to {}, since unlinked; that path \
+                 is taken again, so its name cannot be given back",
                 p.pid,
                 f.fd,
                 path.display()
@@ -352,7 +360,7 @@ fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreEr
     // SAFETY: sa holds a valid address of `len` bytes.
     let bound = unsafe { libc::bind(raw, (&sa as *const libc::sockaddr_un).cast(), len) } == 0
         // SAFETY: listen takes no pointers.
-        && unsafe { libc::listen(raw, u.backlog.min(65535) as i32) } == 0;
+        && (!listening || unsafe { libc::listen(raw, u.backlog.min(65535) as i32) } == 0);
     if !bound {
         return Err(failed(p, f, "bind/listen"));
     }

@@ -380,6 +380,7 @@ impl Descs {
             | FdKind::Inotify
             | FdKind::TcpListen
             | FdKind::UnixListen
+            | FdKind::UnixBound
             | FdKind::Udp
             | FdKind::TcpEstablished => {
                 let made = crate::events::create(p, f)?;
