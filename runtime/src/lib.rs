@@ -19,6 +19,7 @@ pub mod spawn;
 pub mod sys;
 pub mod tcp_repair;
 pub mod unix_diag;
+pub mod unix_queue;
 
 pub use error::{Result, RuntimeError};
 
