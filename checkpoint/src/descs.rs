@@ -4,25 +4,29 @@
 
 use crate::error::CheckpointError;
 use stasis_image::proto::{self, FdKind};
-use stasis_runtime::files;
+use stasis_runtime::{files, unix_queue};
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
 /// Where one fd is: (process index, fd index).
 type At = (usize, usize);
 
+/// The fds of the tree by the file they have open: (device, inode) → where they are.
+type Files = BTreeMap<(u64, u64), Vec<At>>;
+
 /// Gives every fd its desc_id, and settles every pipe: kept (with its bytes stored in the
 /// first process holding an end), inherited (standard I/O to outside the tree), or refused.
 pub fn link(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
     settle_shared_tables(procs)?;
-    assign_desc_ids(procs)?;
+    let files = assign_desc_ids(procs)?;
     settle_pipes(procs)?;
-    settle_unix_pairs(procs)
+    settle_unix_pairs(procs, &files)
 }
 
 /// Both ends of every unix socket pair must be in the tree; what is queued for each end is
-/// peeked (never consumed) and stored once.
-fn settle_unix_pairs(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+/// peeked (never consumed) and stored once, with the files in flight its messages carry.
+fn settle_unix_pairs(procs: &mut [proto::Process], files: &Files) -> Result<(), CheckpointError> {
     let mut ends: BTreeMap<u64, At> = BTreeMap::new();
     for (i, p) in procs.iter().enumerate() {
         for (j, f) in p.fds.iter().enumerate() {
@@ -54,23 +58,87 @@ fn settle_unix_pairs(procs: &mut [proto::Process]) -> Result<(), CheckpointError
         done.insert(peer);
         let sock_type = sockets.get(&id).map_or(0, |s| s.sock_type) as u32;
         let stream = sock_type == libc::SOCK_STREAM as u32;
-        let peek = |(a, b): At| -> Result<Vec<Vec<u8>>, CheckpointError> {
+        let peek = |(a, b): At| -> Result<(Vec<Vec<u8>>, Vec<proto::Attachment>), CheckpointError> {
             let (pid, fd) = (procs[a].pid as i32, procs[a].fds[b].fd as i32);
             let what = format!("unix socket fd {fd} of process {pid}");
             let copy = files::take_copy(pid, fd)?;
-            stasis_runtime::unix_diag::peek_queue(&copy, stream, &what)
-                .map_err(|e| CheckpointError::unsupported(pid, e.to_string()))
+            let queued = unix_queue::peek_queue(&copy, stream, &what)
+                .map_err(|e| CheckpointError::unsupported(pid, e.to_string()))?;
+            let mut data = Vec::with_capacity(queued.len());
+            let mut attached = Vec::new();
+            for (k, m) in queued.into_iter().enumerate() {
+                if !m.fds.is_empty() {
+                    let files = m
+                        .fds
+                        .iter()
+                        .map(|c| in_flight(procs, files, c, (pid, fd)))
+                        .collect::<Result<_, _>>()?;
+                    attached.push(proto::Attachment {
+                        message: k as u32,
+                        files,
+                    });
+                }
+                data.push(m.data);
+            }
+            Ok((data, attached))
         };
+        let (queued_for_id, attached_for_id) = peek((i, j))?;
+        let (queued_for_peer, attached_for_peer) = peek((pi, pj))?;
         let pair = proto::UnixPair {
             id,
             peer,
             sock_type,
-            queued_for_id: peek((i, j))?,
-            queued_for_peer: peek((pi, pj))?,
+            queued_for_id,
+            queued_for_peer,
+            attached_for_id,
+            attached_for_peer,
         };
         procs[i.min(pi)].unix_pairs.push(pair);
     }
     Ok(())
+}
+
+/// What `copy` (this process's copy of a file in flight on unix socket fd `holder.1` of
+/// process `holder.0`) is: the open file description of some fd of the tree (a process
+/// passed one of its own fds), or a file nobody in the tree holds any more (only a regular
+/// file is supported then).
+fn in_flight(
+    procs: &[proto::Process],
+    files: &Files,
+    copy: &OwnedFd,
+    (pid, fd): (i32, i32),
+) -> Result<proto::InFlightFile, CheckpointError> {
+    let me = std::process::id() as i32;
+    let raw = copy.as_raw_fd();
+    let path = format!("/proc/self/fd/{raw}");
+    let meta = std::fs::metadata(&path).map_err(|e| {
+        CheckpointError::Io(
+            format!("stat a file in flight on unix socket fd {fd} of process {pid}"),
+            e,
+        )
+    })?;
+    for &(i, j) in files.get(&(meta.dev(), meta.ino())).into_iter().flatten() {
+        let f = &procs[i].fds[j];
+        if files::same_description(me, raw, procs[i].pid as i32, f.fd as i32)? {
+            return Ok(proto::InFlightFile {
+                desc_id: f.desc_id,
+                file: None,
+            });
+        }
+    }
+    let file = crate::fds::in_flight_file(copy, |what| {
+        CheckpointError::unsupported(
+            pid,
+            format!(
+                "unix socket fd {fd} has a file in flight (SCM_RIGHTS) that no process of the \
+                 tree holds: {what}; only a regular file can be restored that way"
+            ),
+        )
+    })?;
+    Ok(proto::InFlightFile {
+        desc_id: 0,
+        file: Some(file),
+    })
 }
 
 /// Processes (not threads) sharing one fd table are kept that way when the sharer is a child
@@ -140,9 +208,10 @@ fn settle_shared_tables(procs: &mut [proto::Process]) -> Result<(), CheckpointEr
     Ok(())
 }
 
-fn assign_desc_ids(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+/// Gives every fd its desc_id; returns the fds grouped by the file they have open.
+fn assign_desc_ids(procs: &mut [proto::Process]) -> Result<Files, CheckpointError> {
     // Only fds of the same file can share a description: group by inode first.
-    let mut by_file: BTreeMap<(u64, u64), Vec<At>> = BTreeMap::new();
+    let mut by_file: Files = BTreeMap::new();
     for (i, p) in procs.iter().enumerate() {
         for (j, f) in p.fds.iter().enumerate() {
             let path = format!("/proc/{}/fd/{}", p.pid, f.fd);
@@ -177,7 +246,7 @@ fn assign_desc_ids(procs: &mut [proto::Process]) -> Result<(), CheckpointError> 
             procs[i].fds[j].desc_id = id;
         }
     }
-    Ok(())
+    Ok(by_file)
 }
 
 fn settle_pipes(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {

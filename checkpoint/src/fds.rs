@@ -7,7 +7,7 @@ use stasis_image::proto::{self, FdKind};
 use stasis_runtime::unix_diag::{self, UnixSocket};
 use stasis_runtime::{files, inet, procfs, tcp_repair};
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 /// Character devices that are reopened by path.
@@ -39,6 +39,49 @@ pub fn collect_fds(pid: i32, ghosts: &mut Ghosts) -> Result<Vec<proto::Fd>, Chec
     fds.into_iter()
         .map(|fd| classify(pid, fd, ghosts, &mut unix))
         .collect()
+}
+
+/// A file in flight that no fd of the tree holds (`copy` is this process's copy of it),
+/// described as an fd is. Only a regular file (or a device reopened by path) can be opened
+/// again; anything else is refused through `refuse`, which is told what the file is.
+pub fn in_flight_file(
+    copy: &OwnedFd,
+    refuse: impl Fn(&str) -> CheckpointError,
+) -> Result<proto::Fd, CheckpointError> {
+    let me = std::process::id() as i32;
+    let fd = copy.as_raw_fd();
+    let target = procfs::read_fd_target(me, fd)?;
+    let kind = if target.starts_with("socket:") {
+        format!("{} ({target})", inet::socket_kind(copy))
+    } else if target.starts_with("pipe:") {
+        format!("an end of a pipe ({target})")
+    } else if let Some(kind) = target.strip_prefix("anon_inode:") {
+        let kind = kind.trim_matches(|c| c == '[' || c == ']');
+        let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
+        format!("{article} {kind} ({target})")
+    } else if is_ghost_link(&target) {
+        format!("the deleted file {target}")
+    } else if !target.starts_with('/') {
+        format!("a special file ({target})")
+    } else {
+        let mut out = match classify(me, fd, &mut Ghosts::default(), &mut None) {
+            Ok(out) if matches!(out.kind(), FdKind::Regular | FdKind::CharDevice) => out,
+            Ok(_) | Err(CheckpointError::Unsupported { .. }) => {
+                return Err(refuse(&format!("{target}, which is not a regular file")))
+            }
+            Err(e) => return Err(e),
+        };
+        // Only the description matters: its number and close-on-exec flag are this
+        // process's.
+        out.fd = 0;
+        out.flags &= !(libc::O_CLOEXEC as u32);
+        return Ok(out);
+    };
+    Err(refuse(&kind))
 }
 
 fn classify(

@@ -121,6 +121,36 @@ pub struct ProcessReport {
     pub pdeathsig: u32,
     pub files_shared_with_parent: bool,
     pub pipes: Vec<PipeReport>,
+    pub unix_pairs: Vec<UnixPairReport>,
+}
+
+/// A unix socket pair stored with the process, with what is queued for each end to read.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnixPairReport {
+    pub id: u64,
+    pub peer: u64,
+    /// STREAM, DGRAM or SEQPACKET.
+    pub sock_type: String,
+    pub queued_for_id: Vec<QueuedReport>,
+    pub queued_for_peer: Vec<QueuedReport>,
+}
+
+/// One queued message (a segment of a stream).
+#[derive(Debug, Clone, Serialize)]
+pub struct QueuedReport {
+    pub bytes: usize,
+    /// blake3 of the bytes, hex.
+    pub data_hash: String,
+    /// The files in flight (SCM_RIGHTS) attached to it, in the order the reader gets them.
+    pub in_flight: Vec<InFlightReport>,
+}
+
+/// A file in flight: the description of the fds with `desc_id`, or (`desc_id` 0) a file no
+/// fd holds, described as an fd is.
+#[derive(Debug, Clone, Serialize)]
+pub struct InFlightReport {
+    pub desc_id: u32,
+    pub file: Option<FdReport>,
 }
 
 /// A pipe stored with the process: its capacity and buffered bytes.
@@ -348,7 +378,6 @@ impl PageCounts {
 
 fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
     let vma_kind = named!(VmaKind, "VMA_KIND_");
-    let fd_kind = named!(FdKind, "FD_KIND_");
     ProcessReport {
         itimers: p.itimers.clone(),
         sched: p.sched,
@@ -430,28 +459,7 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
                 file: v.file,
             })
             .collect(),
-        fds: p
-            .fds
-            .iter()
-            .map(|f| FdReport {
-                fd: f.fd,
-                kind: fd_kind(f.kind),
-                path: f.path.clone(),
-                flags: format!("{:#o}", f.flags),
-                offset: f.offset,
-                file: f.file,
-                inherited_from: f.inherited_from.clone(),
-                desc_id: f.desc_id,
-                pipe_id: f.pipe_id,
-                eventfd_count: f.eventfd_count,
-                eventfd_semaphore: f.eventfd_semaphore,
-                timerfd: f.timerfd,
-                signalfd_mask: format!("{:#018x}", f.signalfd_mask),
-                epoll_watches: f.epoll_watches.clone(),
-                inotify_watches: f.inotify_watches.clone(),
-                socket: socket_summary(f),
-            })
-            .collect(),
+        fds: p.fds.iter().map(fd_report).collect(),
         sigactions: p
             .sigactions
             .iter()
@@ -481,6 +489,63 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
                 data_hash: blake3::hash(&x.data).to_hex().to_string(),
             })
             .collect(),
+        unix_pairs: p.unix_pairs.iter().map(unix_pair_report).collect(),
+    }
+}
+
+fn fd_report(f: &proto::Fd) -> FdReport {
+    let fd_kind = named!(FdKind, "FD_KIND_");
+    FdReport {
+        fd: f.fd,
+        kind: fd_kind(f.kind),
+        path: f.path.clone(),
+        flags: format!("{:#o}", f.flags),
+        offset: f.offset,
+        file: f.file,
+        inherited_from: f.inherited_from.clone(),
+        desc_id: f.desc_id,
+        pipe_id: f.pipe_id,
+        eventfd_count: f.eventfd_count,
+        eventfd_semaphore: f.eventfd_semaphore,
+        timerfd: f.timerfd,
+        signalfd_mask: format!("{:#018x}", f.signalfd_mask),
+        epoll_watches: f.epoll_watches.clone(),
+        inotify_watches: f.inotify_watches.clone(),
+        socket: socket_summary(f),
+    }
+}
+
+fn unix_pair_report(u: &proto::UnixPair) -> UnixPairReport {
+    let queue = |msgs: &[Vec<u8>], attached: &[proto::Attachment]| {
+        msgs.iter()
+            .enumerate()
+            .map(|(k, m)| QueuedReport {
+                bytes: m.len(),
+                data_hash: blake3::hash(m).to_hex().to_string(),
+                in_flight: attached
+                    .iter()
+                    .filter(|a| a.message as usize == k)
+                    .flat_map(|a| a.files.iter())
+                    .map(|f| InFlightReport {
+                        desc_id: f.desc_id,
+                        file: f.file.as_ref().map(fd_report),
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    let sock_type = match u.sock_type {
+        1 => "STREAM".to_string(),
+        2 => "DGRAM".to_string(),
+        5 => "SEQPACKET".to_string(),
+        t => format!("UNKNOWN({t})"),
+    };
+    UnixPairReport {
+        id: u.id,
+        peer: u.peer,
+        sock_type,
+        queued_for_id: queue(&u.queued_for_id, &u.attached_for_id),
+        queued_for_peer: queue(&u.queued_for_peer, &u.attached_for_peer),
     }
 }
 
@@ -727,6 +792,9 @@ impl fmt::Display for InspectReport {
                     x.id, x.buffered, x.size
                 )?;
             }
+            for u in &p.unix_pairs {
+                u.fmt_into(f)?;
+            }
             if !p.sigactions.is_empty() {
                 let sigs: Vec<String> = p.sigactions.iter().map(|s| s.signo.to_string()).collect();
                 writeln!(f, "  signal handlers for: {}", sigs.join(" "))?;
@@ -735,6 +803,54 @@ impl fmt::Display for InspectReport {
         for s in &self.other_spaces {
             writeln!(f)?;
             writeln!(f, "{} {}: {}", s.space, s.space_id, pages_line(&s.pages))?;
+        }
+        Ok(())
+    }
+}
+
+impl UnixPairReport {
+    fn fmt_into(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bytes = |q: &[QueuedReport]| q.iter().map(|m| m.bytes).sum::<usize>();
+        writeln!(
+            f,
+            "  unix pair {} <-> {} ({}): {} messages ({} bytes) queued for {}, {} ({} bytes) for {}",
+            self.id,
+            self.peer,
+            self.sock_type,
+            self.queued_for_id.len(),
+            bytes(&self.queued_for_id),
+            self.id,
+            self.queued_for_peer.len(),
+            bytes(&self.queued_for_peer),
+            self.peer
+        )?;
+        for (end, q) in [
+            (self.id, &self.queued_for_id),
+            (self.peer, &self.queued_for_peer),
+        ] {
+            for (k, m) in q
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| !m.in_flight.is_empty())
+            {
+                let files: Vec<String> = m
+                    .in_flight
+                    .iter()
+                    .map(|x| match &x.file {
+                        Some(d) => format!(
+                            "{} {} offset {} flags {}",
+                            d.kind, d.path, d.offset, d.flags
+                        ),
+                        None => format!("desc {}", x.desc_id),
+                    })
+                    .collect();
+                writeln!(
+                    f,
+                    "    for {end}, message {k} ({} bytes) carries in flight: {}",
+                    m.bytes,
+                    files.join(", ")
+                )?;
+            }
         }
         Ok(())
     }

@@ -80,6 +80,7 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
     for p in &procs {
         validate::process(image, p, &ghost_files)?;
     }
+    validate::unix_pairs(&procs)?;
     let ghosts = ghosts::recreate(image, &procs)?;
     let shmem = shmem::recreate(image, &procs)?;
     let plan = plan::plan(&procs, opts, &ghosts, &shmem)?;

@@ -85,6 +85,11 @@ pub fn plan(
     for p in procs {
         specs.push(proc_spec(procs, p, opts, ghosts, &ours, &mut d)?);
     }
+    for p in procs {
+        for pair in &p.unix_pairs {
+            d.refill_unix_pair(p, pair, opts, ghosts)?;
+        }
+    }
     link_tree(procs, &mut specs)?;
     let len = stasis_runtime::PAGE_SIZE + SCRATCH_LEN;
     let trampoline = find_trampoline(procs, len)?;
@@ -230,7 +235,7 @@ impl Descs {
         Ok(())
     }
 
-    /// A connected socket pair with what each end had queued (sent again through the other).
+    /// A connected socket pair, its queues still empty (see [`Descs::refill_unix_pair`]).
     fn create_unix_pair(
         &mut self,
         p: &proto::Process,
@@ -251,20 +256,6 @@ impl Descs {
         }
         let a = self.place_owned(sv[0], "socket")?;
         let b = self.place_owned(sv[1], "socket")?;
-        for (from, msgs) in [(b, &pair.queued_for_id), (a, &pair.queued_for_peer)] {
-            for m in msgs {
-                // SAFETY: sends a live buffer on our own socket.
-                let n = unsafe { libc::send(from, m.as_ptr().cast(), m.len(), 0) };
-                if n != m.len() as isize {
-                    return Err(os_err(format!(
-                        "process {}: requeueing {} bytes on unix socket {}",
-                        p.pid,
-                        m.len(),
-                        pair.id
-                    )));
-                }
-            }
-        }
         if self.sockets.insert(pair.id, a).is_some() || self.sockets.insert(pair.peer, b).is_some()
         {
             return Err(RestoreError::Invalid(format!(
@@ -273,6 +264,75 @@ impl Descs {
             )));
         }
         Ok(())
+    }
+
+    /// Queues again what each end of `pair` had queued (sent through the other end), with the
+    /// files in flight attached. Done once every description of the tree is prepared: those
+    /// are what the messages carry.
+    fn refill_unix_pair(
+        &mut self,
+        p: &proto::Process,
+        pair: &proto::UnixPair,
+        opts: &Options,
+        ghosts: &crate::ghosts::Recreated,
+    ) -> Result<(), RestoreError> {
+        let end = |id: u64| {
+            self.sockets.get(&id).copied().ok_or_else(|| {
+                RestoreError::Invalid(format!(
+                    "process {}: unix socket {id} was not created",
+                    p.pid
+                ))
+            })
+        };
+        let (a, b) = (end(pair.id)?, end(pair.peer)?);
+        for (from, msgs, attached) in [
+            (b, &pair.queued_for_id, &pair.attached_for_id),
+            (a, &pair.queued_for_peer, &pair.attached_for_peer),
+        ] {
+            let by_msg: BTreeMap<u32, &proto::Attachment> =
+                attached.iter().map(|x| (x.message, x)).collect();
+            for (k, m) in msgs.iter().enumerate() {
+                let mut fds = Vec::new();
+                for f in by_msg.get(&(k as u32)).map_or(&[][..], |x| &x.files) {
+                    fds.push(self.in_flight(p, pair, f, opts, ghosts)?);
+                }
+                let what = format!(
+                    "process {}: requeueing {} bytes with {} files in flight on unix socket {}",
+                    p.pid,
+                    m.len(),
+                    fds.len(),
+                    pair.id
+                );
+                stasis_runtime::unix_queue::send_message(from, m, &fds, &what)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Our fd for a file in flight on unix socket `pair.id` or its peer: a description the
+    /// tree's fds have (prepared already), or a file opened again.
+    fn in_flight(
+        &mut self,
+        p: &proto::Process,
+        pair: &proto::UnixPair,
+        f: &proto::InFlightFile,
+        opts: &Options,
+        ghosts: &crate::ghosts::Recreated,
+    ) -> Result<i32, RestoreError> {
+        match (f.desc_id, &f.file) {
+            (0, Some(file)) => self.open(p, file, opts, ghosts),
+            (id, None) if id != 0 => self.by_id.get(&id).copied().ok_or_else(|| {
+                RestoreError::Invalid(format!(
+                    "process {}: a file in flight on unix socket {} is description {id}, which \
+                     no fd of the image has",
+                    p.pid, pair.id
+                ))
+            }),
+            _ => Err(RestoreError::Invalid(format!(
+                "process {}: a file in flight on unix socket {} is not described",
+                p.pid, pair.id
+            ))),
+        }
     }
 
     /// Our fd for the description of image fd `f` of `p`, opened on first use.

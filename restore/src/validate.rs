@@ -5,6 +5,7 @@ use stasis_image::proto::{self, VmaKind};
 use stasis_image::Image;
 use stasis_runtime::procfs::{self, MapEntry};
 use stasis_runtime::sys::{self, PidUse};
+use stasis_runtime::unix_queue::MAX_FDS_PER_MESSAGE;
 use std::time::{Duration, Instant};
 
 /// Highest user address on x86_64 with 4-level paging.
@@ -302,6 +303,101 @@ fn check_files(p: &proto::Process, ghosts: &[&proto::GhostFile]) -> Result<(), R
             p.cwd
         )));
     }
+    Ok(())
+}
+
+/// The files in flight on the tree's unix sockets: each attached to a message that exists,
+/// and each a description some fd of the image has, or a regular file (or device) that
+/// exists to be opened again.
+pub fn unix_pairs(procs: &[&proto::Process]) -> Result<(), RestoreError> {
+    use std::collections::BTreeSet;
+    let descs: BTreeSet<u32> = procs
+        .iter()
+        .flat_map(|p| p.fds.iter().map(|f| f.desc_id))
+        .filter(|&d| d != 0)
+        .collect();
+    for p in procs {
+        for pair in &p.unix_pairs {
+            let queues = [
+                (&pair.queued_for_id, &pair.attached_for_id),
+                (&pair.queued_for_peer, &pair.attached_for_peer),
+            ];
+            for (queue, attached) in queues {
+                let mut seen = BTreeSet::new();
+                for a in attached {
+                    let invalid = |what: String| {
+                        RestoreError::Invalid(format!(
+                            "process {}: unix socket {}, queued message {}: {what}",
+                            p.pid, pair.id, a.message
+                        ))
+                    };
+                    let Some(data) = queue.get(a.message as usize) else {
+                        return Err(invalid("there is no such message".into()));
+                    };
+                    if !seen.insert(a.message) {
+                        return Err(invalid("its files in flight are listed twice".into()));
+                    }
+                    if a.files.is_empty() || a.files.len() > MAX_FDS_PER_MESSAGE {
+                        return Err(invalid(format!(
+                            "{} files in flight (1 to {MAX_FDS_PER_MESSAGE} are possible)",
+                            a.files.len()
+                        )));
+                    }
+                    if data.is_empty() && pair.sock_type == libc::SOCK_STREAM as u32 {
+                        return Err(invalid(
+                            "files in flight on no bytes of a stream socket".into(),
+                        ));
+                    }
+                    for f in &a.files {
+                        match (f.desc_id, &f.file) {
+                            (0, Some(file)) => check_in_flight_file(p, pair, file)?,
+                            (id, None) if descs.contains(&id) => {}
+                            (0, None) => {
+                                return Err(invalid("a file in flight is not described".into()))
+                            }
+                            (id, None) => {
+                                return Err(invalid(format!(
+                                    "a file in flight is description {id}, which no fd of the \
+                                     image has"
+                                )))
+                            }
+                            (_, Some(_)) => {
+                                return Err(invalid(
+                                    "a file in flight is both a description and a file".into(),
+                                ))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A file in flight that no fd holds: a regular file or device, opened again by path.
+fn check_in_flight_file(
+    p: &proto::Process,
+    pair: &proto::UnixPair,
+    file: &proto::Fd,
+) -> Result<(), RestoreError> {
+    let kind = file.kind();
+    if !matches!(kind, proto::FdKind::Regular | proto::FdKind::CharDevice)
+        || file.ghost_id != 0
+        || file.desc_id != 0
+    {
+        return Err(RestoreError::Invalid(format!(
+            "process {}: a file in flight on unix socket {} is {kind:?} {:?}, which cannot be \
+             restored that way",
+            p.pid, pair.id, file.path
+        )));
+    }
+    std::fs::metadata(&file.path).map_err(|e| {
+        RestoreError::Unsupported(format!(
+            "process {}: file {} was in flight on unix socket {}: {e}",
+            p.pid, file.path, pair.id
+        ))
+    })?;
     Ok(())
 }
 
