@@ -504,6 +504,62 @@ fn unsupported_fd_kinds_are_refused_by_name() {
     }
 }
 
+/// A file in flight on a unix socket (SCM_RIGHTS) that nobody in the tree holds and that
+/// cannot be opened again (a UDP socket, an eventfd), and credentials in flight, are refused
+/// naming the socket's fd and what is in flight; the process runs on.
+#[test]
+fn unsupported_files_in_flight_are_refused_by_name() {
+    init();
+    let cases = [
+        (
+            "x = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
+            "x.fileno()",
+            "a UDP (IPv4) socket",
+        ),
+        ("x = os.eventfd(3)", "x", "anon_inode:[eventfd]"),
+        (
+            "b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)",
+            "",
+            "SCM_CREDENTIALS",
+        ),
+    ];
+    for (make, fd, name) in cases {
+        // a, b are fds 3 and 4; what is sent is closed after sending.
+        let send = if fd.is_empty() {
+            "a.send(b'c')".to_string()
+        } else {
+            format!(
+                "a.sendmsg([b'm'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, \
+                 array.array('i', [{fd}]))]); os.close({fd})"
+            )
+        };
+        let code = format!(
+            "import array,os,socket,time\na, b = socket.socketpair()\n{make}\n{send}\n\
+             print('ready',flush=True)\ntime.sleep(300)"
+        );
+        let Some(mut child) = python(&code) else {
+            return;
+        };
+        let pid = child.id().to_string();
+        let err = stasis_fails(
+            &["checkpoint", &pid, "-o", "/tmp/stasis-inflight.img"],
+            REFUSED,
+            name,
+        );
+        assert!(
+            err.contains("unix socket fd 4") && err.contains(&format!("PID {pid}")),
+            "the error must name the socket fd and the process: {err}"
+        );
+        if !fd.is_empty() {
+            assert!(err.contains("in flight"), "{err}");
+        }
+        assert!(!std::path::Path::new("/tmp/stasis-inflight.img").exists());
+        assert!(running_untraced(child.id() as i32));
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+    }
+}
+
 /// A pipe whose other end is held by a process outside the tree (an orphaned grandchild
 /// now belongs to the test) is refused, naming the fd, and both processes run on.
 #[test]

@@ -1,4 +1,4 @@
-//! Sockets: unix socket pairs with their queues, TCP and unix listeners bound again, and a
+//! Sockets: unix socket pairs with their queues and fds in flight, TCP and unix listeners bound again, and a
 //! real server (python3 -m http.server) serving after checkpoint, kill and restore.
 
 mod common;
@@ -64,6 +64,114 @@ fn unix_socket_pairs_keep_their_queues() {
     let (child, _) = start_ready("exec python3 -c \"$0\"", &[SOCKETPAIR_PY.as_ref()], &dir);
     let got = checkpoint_go(child, &dir.join("sp.img"));
     assert_eq!(got.trim(), "B True child OK back back");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const IN_FLIGHT_PY: &str = r#"
+import array, fcntl, os, socket, sys
+def rights(*fds):
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+d1, d2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+q1, q2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+r, w = os.pipe()
+gr, gw = os.pipe()
+for name in ("t1", "t2", "kept"):
+    with open(name, "wb") as f:
+        f.write(b"0123456789abcdef")
+kept = os.open("kept", os.O_RDONLY); os.lseek(kept, 2, 0)
+t1 = os.open("t1", os.O_RDONLY); os.lseek(t1, 4, 0)
+t2 = os.open("t2", os.O_RDWR); os.lseek(t2, 8, 0)
+# Its own pipe write end and a file it then closes, with bytes before and after on the
+# stream: the fds must come with "F" and not with "head".
+s1.sendall(b"head")
+s1.sendmsg([b"F"], rights(w, t1))
+s1.sendall(b"tail")
+d1.send(b"plain")
+d1.sendmsg([b"dg"], rights(w, t2))
+q1.sendmsg([b"sq"], rights(kept))
+os.close(t1); os.close(t2)
+pid = os.fork()
+if pid == 0:
+    s1.close(); d1.close(); q1.close()
+    for fd in (w, r, gw, kept): os.close(fd)
+    os.read(gr, 1)
+    for x in (s2, d2, q2): x.settimeout(10)
+    def recv(sock, n):
+        data, anc, _, _ = sock.recvmsg(n, socket.CMSG_SPACE(4 * 8))
+        fds = []
+        for _, _, raw in anc:
+            a = array.array("i"); a.frombytes(raw[:len(raw) - len(raw) % 4]); fds += list(a)
+        return data, fds
+    h, hf = recv(s2, 4); f, ff = recv(s2, 100); t, tf = recv(s2, 100)
+    p, pf = recv(d2, 100); g, gf = recv(d2, 100)
+    q, qf = recv(q2, 100)
+    checks = [
+        h == b"head" and not hf and f == b"F" and len(ff) == 2 and t == b"tail" and not tf,
+        p == b"plain" and not pf and g == b"dg" and len(gf) == 2,
+        q == b"sq" and len(qf) == 1,
+    ]
+    if all(checks):
+        os.write(ff[0], b"S"); os.write(gf[0], b"D")
+        checks += [
+            os.read(ff[1], 4) == b"4567",
+            os.read(gf[1], 4) == b"89ab",
+            fcntl.fcntl(gf[1], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR,
+            os.read(qf[0], 3) == b"234",
+        ]
+    print("child", "".join("1" if c else "0" for c in checks), flush=True)
+    os._exit(0)
+os.close(gr)
+s2.close(); d2.close(); q2.close()
+print("ready", flush=True)
+sys.stdin.readline()
+os.write(gw, b"g")
+_, st = os.waitpid(pid, 0)
+os.close(w)
+print("parent", st, os.read(r, 10).decode(), os.lseek(kept, 0, os.SEEK_CUR), flush=True)
+"#;
+
+/// Fds in flight (SCM_RIGHTS) on stream, datagram and seqpacket pairs, not yet received by
+/// the child: the parent's own pipe write end and kept file (one description with its fds),
+/// and files it closed after sending. After the restore the child receives the same bytes
+/// with the same fds at the same point, writes through the pipe, reads the files at their
+/// offsets, and the parent sees the kept file's shared offset move.
+#[test]
+fn unix_sockets_keep_fds_in_flight() {
+    if !have("python3") {
+        return;
+    }
+    init();
+    let dir = scratch("inflight");
+    let (child, _) = start_ready("exec python3 -c \"$0\"", &[IN_FLIGHT_PY.as_ref()], &dir);
+    let img = dir.join("if.img");
+    let (r, mut pipes) = checkpoint_and_restore(child, &img);
+    // The image names them: three descriptions the tree holds, two files nobody does.
+    let v = inspect(&img);
+    let in_flight: Vec<serde_json::Value> = v["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .flat_map(|p| p["unix_pairs"].as_array().into_iter().flatten())
+        .flat_map(|u| {
+            let q = |k: &str| u[k].as_array().cloned().unwrap_or_default();
+            [q("queued_for_id"), q("queued_for_peer")].concat()
+        })
+        .flat_map(|m| m["in_flight"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let held = in_flight.iter().filter(|f| f["desc_id"] != 0).count();
+    let paths: Vec<&str> = in_flight
+        .iter()
+        .filter_map(|f| f["file"]["path"].as_str())
+        .collect();
+    assert_eq!(held, 3, "{in_flight:?}");
+    assert_eq!(paths.len(), 2, "{in_flight:?}");
+    assert!(paths
+        .iter()
+        .all(|p| p.ends_with("/t1") || p.ends_with("/t2")));
+    pipes.send("go");
+    let got = output_of(r, pipes);
+    assert_eq!(got.trim(), "child 1111111\nparent 0 SD 5");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
