@@ -416,3 +416,62 @@ pub fn wait_pid_free(pid: i32, bound: Duration) -> Result<(), RestoreError> {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(attached: Vec<proto::Attachment>) -> proto::Process {
+        proto::Process {
+            pid: 100,
+            fds: vec![proto::Fd {
+                fd: 3,
+                desc_id: 1,
+                ..Default::default()
+            }],
+            unix_pairs: vec![proto::UnixPair {
+                id: 10,
+                peer: 11,
+                sock_type: libc::SOCK_STREAM as u32,
+                queued_for_id: vec![b"x".to_vec()],
+                attached_for_id: attached,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn held(message: u32, desc_id: u32) -> proto::Attachment {
+        proto::Attachment {
+            message,
+            files: vec![proto::InFlightFile {
+                desc_id,
+                file: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn files_in_flight_must_name_what_the_image_holds() {
+        assert!(unix_pairs(&[&tree(vec![held(0, 1)])]).is_ok());
+        let bad = [
+            (vec![held(0, 7)], "description 7"),
+            (vec![held(1, 1)], "no such message"),
+            (vec![held(0, 1), held(0, 1)], "listed twice"),
+            (vec![held(0, 0)], "not described"),
+            (
+                vec![proto::Attachment {
+                    message: 0,
+                    files: vec![],
+                }],
+                "0 files in flight",
+            ),
+        ];
+        for (attached, needle) in bad {
+            let err = unix_pairs(&[&tree(attached)])
+                .expect_err(needle)
+                .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}
