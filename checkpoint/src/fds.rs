@@ -121,8 +121,8 @@ fn classify(
         .and_then(|s| s.strip_suffix(']'))
         .and_then(|s| s.parse::<u64>().ok())
     {
-        // Only an unnamed, connected unix socket (a socketpair end) is supported yet; that
-        // its peer is in the tree is settled once every process is collected.
+        // Unix sockets as sock_diag reports them; that a connected one's peer is in the tree
+        // is settled once every process is collected.
         let unix = match unix {
             Some(m) => m,
             None => unix.insert(unix_diag::unix_sockets()?),
@@ -136,26 +136,17 @@ fn classify(
                 out.socket_peer = s.peer;
                 Ok(out)
             }
-            // TCP_LISTEN = 10.
-            Some(s) if s.state == 10 && !s.name.is_empty() => {
-                if s.rqueue > 0 {
+            // TCP_LISTEN = 10: a listener on a name; TCP_CLOSE = 7: unconnected, bound to a
+            // name or not (a datagram server, or a client that names its destination in each
+            // sendto).
+            Some(s) if (s.state == 10 && !s.name.is_empty()) || (s.state == 7 && s.peer == 0) => {
+                let listening = s.state == 10;
+                if s.rqueue > 0 && listening {
                     return Err(unsupported(&format!(
                         "a unix listener with {} connections waiting to be accepted",
                         s.rqueue
                     )));
                 }
-                out.kind = FdKind::UnixListen as i32;
-                out.unix_listen = Some(proto::UnixListen {
-                    name: s.name.clone(),
-                    sock_type: s.sock_type as u32,
-                    backlog: s.wqueue,
-                    deleted: unix_name_deleted(&s.name, s.vfs_ino),
-                });
-                Ok(out)
-            }
-            // TCP_CLOSE = 7: unconnected, bound to a name or not (a datagram server, or a
-            // client that names its destination in each sendto).
-            Some(s) if s.state == 7 && s.peer == 0 => {
                 if s.rqueue > 0 {
                     return Err(unsupported(&format!(
                         "a unix socket with {} bytes of datagrams waiting to be read (their \
@@ -163,11 +154,16 @@ fn classify(
                         s.rqueue
                     )));
                 }
-                out.kind = FdKind::UnixBound as i32;
+                let kind = if listening {
+                    FdKind::UnixListen
+                } else {
+                    FdKind::UnixBound
+                };
+                out.kind = kind as i32;
                 out.unix_listen = Some(proto::UnixListen {
                     name: s.name.clone(),
                     sock_type: s.sock_type as u32,
-                    backlog: 0,
+                    backlog: if listening { s.wqueue } else { 0 },
                     deleted: unix_name_deleted(&s.name, s.vfs_ino),
                 });
                 Ok(out)

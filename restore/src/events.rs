@@ -1,5 +1,6 @@
 //! Fds recreated from their saved state rather than reopened: eventfd, timerfd, signalfd,
-//! epoll and inotify fds, TCP and unix listeners, UDP sockets. An epoll fd is made empty here;
+//! epoll and inotify fds, TCP and unix listeners, unconnected unix sockets, UDP sockets, and
+//! established TCP connections (rebuilt in repair mode). An epoll fd is made empty here;
 //! its watches are added inside the new process once its fd table exists (an epoll watch is
 //! keyed by the fd number in the table that added it).
 
@@ -116,11 +117,6 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError
             )
         }
         FdKind::TcpListen => tcp_listener(p, f),
-        FdKind::TcpEstablished => {
-            let c = connection(p, f)?;
-            tcp_repair::rebuild(&c, &format!("process {} fd {}", p.pid, f.fd))
-                .map_err(|e| RestoreError::Unsupported(format!("recreating a TCP connection: {e}")))
-        }
         FdKind::Udp => udp_socket(p, f),
         FdKind::UnixListen | FdKind::UnixBound => unix_listener(p, f),
         FdKind::Inotify => {
@@ -375,8 +371,20 @@ fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreEr
     Ok(fd)
 }
 
+/// The connection of a FD_KIND_TCP_ESTABLISHED fd rebuilt in this process, still in repair
+/// mode, and the bytes it had never sent (queued by tcp_repair::finish).
+pub fn tcp_connection(
+    p: &proto::Process,
+    f: &proto::Fd,
+) -> Result<(OwnedFd, Vec<u8>), RestoreError> {
+    let c = connection(p, f)?;
+    let fd = tcp_repair::rebuild(&c, &format!("process {} fd {}", p.pid, f.fd))
+        .map_err(|e| RestoreError::Unsupported(format!("recreating a TCP connection: {e}")))?;
+    Ok((fd, c.unsent_bytes().to_vec()))
+}
+
 /// The connection of a FD_KIND_TCP_ESTABLISHED fd, as TCP_REPAIR takes it.
-pub fn connection(p: &proto::Process, f: &proto::Fd) -> Result<Connection, RestoreError> {
+fn connection(p: &proto::Process, f: &proto::Fd) -> Result<Connection, RestoreError> {
     let t = f.tcp.as_ref().ok_or_else(|| {
         RestoreError::Invalid(format!(
             "process {}: TCP connection fd {} has no state",

@@ -441,15 +441,17 @@ impl Descs {
             | FdKind::TcpListen
             | FdKind::UnixListen
             | FdKind::UnixBound
-            | FdKind::Udp
-            | FdKind::TcpEstablished => {
+            | FdKind::Udp => {
                 let made = crate::events::create(p, f)?;
+                let fd =
+                    self.place(made.as_raw_fd(), &format!("process {}: fd {}", p.pid, f.fd))?;
+                fd
+            }
+            FdKind::TcpEstablished => {
+                let (made, unsent) = crate::events::tcp_connection(p, f)?;
                 let what = format!("process {}: fd {}", p.pid, f.fd);
                 let fd = self.place(made.as_raw_fd(), &what)?;
-                if f.kind() == FdKind::TcpEstablished {
-                    let unsent = crate::events::connection(p, f)?.unsent_bytes().to_vec();
-                    self.tcp.push((made, unsent, what));
-                }
+                self.tcp.push((made, unsent, what));
                 fd
             }
             FdKind::Unspecified => {

@@ -182,22 +182,7 @@ pub fn listener(fd: &OwnedFd, what: &str) -> Result<Option<Listener>> {
     let addr = local_addr(raw, what)?;
     // struct tcp_info: 8 bytes of u8 fields, then u32 rto, ato, snd_mss, rcv_mss, unacked,
     // sacked. For a listener, unacked is the accept queue and sacked its limit.
-    let mut info = [0u8; 104];
-    let mut ilen = info.len() as libc::socklen_t;
-    // SAFETY: getsockopt fills at most ilen bytes of a local buffer.
-    if unsafe {
-        libc::getsockopt(
-            raw,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut ilen,
-        )
-    } != 0
-        || ilen < 32
-    {
-        return Err(RuntimeError::last_os("getsockopt(TCP_INFO)", what));
-    }
+    let info = tcp_info(raw, what)?;
     let word = |o: usize| u32::from_ne_bytes([info[o], info[o + 1], info[o + 2], info[o + 3]]);
     let options = options_of(raw, domain);
     Ok(Some(Listener {
@@ -206,6 +191,26 @@ pub fn listener(fd: &OwnedFd, what: &str) -> Result<Option<Listener>> {
         waiting: word(24),
         options,
     }))
+}
+
+/// struct tcp_info of TCP socket `raw` (TCP_INFO), at least its first 32 bytes filled.
+pub(crate) fn tcp_info(raw: i32, what: &str) -> Result<[u8; 104]> {
+    let mut info = [0u8; 104];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: getsockopt fills at most len bytes of a local buffer.
+    let r = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || len < 32 {
+        return Err(RuntimeError::last_os("getsockopt(TCP_INFO)", what));
+    }
+    Ok(info)
 }
 
 /// What kind of socket `fd` is, for an error message ("a UDP socket", "a netlink socket",

@@ -7,7 +7,7 @@
 //! [`crate::netlock`].
 
 use crate::error::{Result, RuntimeError};
-use crate::inet::{get_int, options_of, sockaddr_of, to_sockaddr};
+use crate::inet::{get_int, options_of, set_option, sockaddr_of, to_sockaddr};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -76,18 +76,8 @@ pub struct Connection {
     pub options: Vec<(i32, i32, i32)>,
 }
 
-fn set_int(fd: RawFd, level: i32, name: i32, v: i32) -> std::io::Result<()> {
-    // SAFETY: sets an int option from a local.
-    let r = unsafe { libc::setsockopt(fd, level, name, (&v as *const i32).cast(), 4) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 fn tcp_set(fd: RawFd, name: i32, v: i32, op: &'static str, what: &str) -> Result<()> {
-    set_int(fd, libc::IPPROTO_TCP, name, v).map_err(|e| RuntimeError::sys(op, what, e))
+    set_option(fd, libc::IPPROTO_TCP, name, v).map_err(|e| RuntimeError::sys(op, what, e))
 }
 
 /// Enters (TCP_REPAIR_ON) or leaves (TCP_REPAIR_OFF) repair mode.
@@ -101,21 +91,7 @@ fn tcp_get(fd: RawFd, name: i32, op: &'static str, what: &str) -> Result<i32> {
 
 /// The TCP state (tcp_states.h) and options byte and window scales of TCP_INFO.
 fn tcp_info(fd: RawFd, what: &str) -> Result<(u8, u8, u8)> {
-    let mut info = [0u8; 104];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: getsockopt fills at most len bytes of a local buffer.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if r != 0 || len < 8 {
-        return Err(RuntimeError::last_os("getsockopt(TCP_INFO)", what));
-    }
+    let info = crate::inet::tcp_info(fd, what)?;
     // tcpi_state, ..., tcpi_options at 5, tcpi_snd_wscale:4 | tcpi_rcv_wscale:4 at 6.
     Ok((info[0], info[5], info[6]))
 }
@@ -289,12 +265,7 @@ impl Drop for Repair {
     fn drop(&mut self) {
         if let Some(fd) = self.fd.take() {
             // The connection carries on; the window probe sent now resyncs the peer.
-            let _ = set_int(
-                fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                TCP_REPAIR,
-                TCP_REPAIR_OFF,
-            );
+            let _ = set_repair(fd.as_raw_fd(), TCP_REPAIR_OFF, &self.what);
         }
     }
 }
@@ -356,7 +327,7 @@ pub fn rebuild(c: &Connection, what: &str) -> Result<OwnedFd> {
     // Buffers first: the queues must fit.
     for (name, v) in [(libc::SO_SNDBUF, c.sndbuf), (libc::SO_RCVBUF, c.rcvbuf)] {
         if v > 0 {
-            crate::inet::set_option(raw, libc::SOL_SOCKET, name, (v / 2) as i32)
+            set_option(raw, libc::SOL_SOCKET, name, (v / 2) as i32)
                 .map_err(|e| RuntimeError::sys("setsockopt(SO_SNDBUF/SO_RCVBUF)", what, e))?;
         }
     }
@@ -366,7 +337,7 @@ pub fn rebuild(c: &Connection, what: &str) -> Result<OwnedFd> {
         c.options.iter().partition(|o| o.0 == libc::IPPROTO_IPV6);
     let set_options = |opts: Vec<&(i32, i32, i32)>| -> Result<()> {
         for &&(level, name, value) in &opts {
-            crate::inet::set_option(raw, level, name, value).map_err(|e| {
+            set_option(raw, level, name, value).map_err(|e| {
                 RuntimeError::sys("setsockopt", format!("{what} ({level}, {name})"), e)
             })?;
         }
