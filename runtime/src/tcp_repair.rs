@@ -436,12 +436,14 @@ pub fn rebuild(c: &Connection, what: &str) -> Result<OwnedFd> {
         "setsockopt(TCP_REPAIR_QUEUE)",
         what,
     )?;
-    send_all(
-        raw,
-        &c.send_queue[..sent],
-        "refilling the TCP send queue",
-        what,
-    )?;
+    with_room(raw, sent, what, || {
+        send_all(
+            raw,
+            &c.send_queue[..sent],
+            "refilling the TCP send queue",
+            what,
+        )
+    })?;
     sockopt_bytes(
         raw,
         TCP_REPAIR_WINDOW,
@@ -465,5 +467,34 @@ impl Connection {
 /// and queues `unsent`, the bytes that were never sent.
 pub fn finish(fd: RawFd, unsent: &[u8], what: &str) -> Result<()> {
     set_repair(fd, TCP_REPAIR_OFF, what)?;
-    send_all(fd, unsent, "sending the unsent TCP data", what)
+    with_room(fd, unsent.len(), what, || {
+        send_all(fd, unsent, "sending the unsent TCP data", what)
+    })
+}
+
+/// Runs `fill`, which queues `bytes` more on socket `fd`, with the send buffer raised so they
+/// fit whatever the kernel charges per segment, then sets the buffer back: the original's
+/// queue fitted its buffer, but a rebuilt queue is cut into segments differently, and
+/// nothing can drain while the connection is locked.
+fn with_room(fd: RawFd, bytes: usize, what: &str, fill: impl FnOnce() -> Result<()>) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let op = "setsockopt(SO_SNDBUF)";
+    // getsockopt reports twice what was set; setting doubles again.
+    let was = get_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)
+        .ok_or_else(|| RuntimeError::last_os("getsockopt(SO_SNDBUF)", what))?
+        / 2;
+    let extra = i32::try_from(bytes.saturating_mul(2)).unwrap_or(i32::MAX / 2);
+    set_option(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        was.saturating_add(extra),
+    )
+    .map_err(|e| RuntimeError::sys(op, what, e))?;
+    let filled = fill();
+    set_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, was)
+        .map_err(|e| RuntimeError::sys(op, what, e))?;
+    filled
 }
