@@ -19,6 +19,15 @@ pub enum RuntimeError {
     /// The process is in a state or uses a feature that this operation does not handle.
     #[error("{0}")]
     Unsupported(String),
+    /// An external program (iproute2's `ip`, ...) ran and failed: what it was asked to do, the
+    /// command line, its exit status and its stderr.
+    #[error("{what}: `{command}` failed ({status}): {stderr}")]
+    Command {
+        what: String,
+        command: String,
+        status: String,
+        stderr: String,
+    },
     /// Something happened that the protocol with the tracee does not allow.
     #[error("{op} (pid {pid}): {what}")]
     Protocol {

@@ -18,6 +18,7 @@ pub mod ptrace;
 pub mod spawn;
 pub mod sys;
 pub mod tcp_repair;
+mod tool;
 pub mod unix_diag;
 pub mod unix_queue;
 

@@ -8,10 +8,10 @@
 //! tuples in both directions; unlocking removes them. The table outlives this process: a
 //! checkpoint that killed its workload leaves its connections locked until their restore.
 
-use crate::error::{Result, RuntimeError};
-use std::io::Write;
+use crate::error::Result;
+use crate::tool;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// One TCP connection: its local and its peer's address.
 pub type Tuple = (SocketAddr, SocketAddr);
@@ -69,33 +69,14 @@ fn elements(verb: &str, conns: &[Tuple]) -> String {
 
 /// Runs an nft script as one transaction (all of it or nothing).
 fn nft(script: &str, what: &str) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            RuntimeError::Unsupported(format!(
-                "{what}: the network lock needs nft (Debian package nftables): {e}"
-            ))
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| RuntimeError::sys("writing to nft", what.to_string(), e))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| RuntimeError::sys("waiting for nft", what.to_string(), e))?;
-    if !out.status.success() {
-        return Err(RuntimeError::Unsupported(format!(
-            "{what}: nft failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    let needs = "the network lock needs nft (Debian package nftables)";
+    tool::run(
+        Command::new("nft").args(["-f", "-"]),
+        Some(script),
+        what,
+        needs,
+    )
+    .map(drop)
 }
 
 /// Connections locked by [`lock`]: unlocked when dropped, unless [`Held::keep`] leaves them
