@@ -2,9 +2,10 @@
 //!
 //! Everything that talks to the kernel about another process lives here: procfs parsing
 //! ([`procfs`]), ptrace seize/interrupt and register access ([`ptrace`]), syscall injection
-//! ([`inject`]), reading and writing another process's memory ([`memory`]) and creating a
-//! process with a chosen PID ([`spawn`]). The checkpoint and restore crates translate between
-//! this and the image format; they never issue raw syscalls themselves.
+//! ([`inject`]), reading and writing another process's memory ([`memory`]), creating a
+//! process with a chosen PID ([`spawn`]) and containers' network namespaces ([`netns`]). The
+//! checkpoint and restore crates translate between this and the image format; they never
+//! issue raw syscalls themselves.
 
 pub mod cgroup;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod inet;
 pub mod inject;
 pub mod memory;
 pub mod netlock;
+pub mod netns;
 pub mod procfs;
 pub mod ptrace;
 pub mod spawn;
