@@ -180,7 +180,12 @@ pub(super) fn stats(d: &Dir, out: &mut Stats) -> Result<()> {
             out.memory_peak = opt("memory.max_usage_in_bytes")?;
             out.swap_current =
                 opt("memory.memsw.usage_in_bytes")?.map(|both| both.saturating_sub(usage));
-            out.memory_limit_hits = opt("memory.failcnt")?;
+            // A charge fails at memsw or at memory, whichever limit it meets first (with
+            // no swap allowance the two are equal and memsw is checked first).
+            out.memory_limit_hits = match (opt("memory.failcnt")?, opt("memory.memsw.failcnt")?) {
+                (Some(a), b) => Some(a.saturating_add(b.unwrap_or(0))),
+                (None, b) => b,
+            };
             out.oom_kills = keyed(&read(&d.file("memory.oom_control"))?, "oom_kill");
         }
     }

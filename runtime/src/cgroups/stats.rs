@@ -24,7 +24,8 @@ pub struct Stats {
     pub memory_peak: Option<u64>,
     /// The memory limit in bytes.
     pub memory_limit: Option<u64>,
-    /// How often usage hit the memory limit (v1 `memory.failcnt`, v2 `memory.events` max).
+    /// How often usage hit the memory limit (v1 `memory.failcnt` + `memory.memsw.failcnt`,
+    /// v2 `memory.events` max).
     pub memory_limit_hits: Option<u64>,
     /// Tasks the OOM killer killed because of the limit.
     pub oom_kills: Option<u64>,

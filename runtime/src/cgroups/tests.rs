@@ -99,6 +99,7 @@ fn populate(f: &Fake, dir: &Path) {
             ("memory.max_usage_in_bytes", "8192"),
             ("memory.memsw.usage_in_bytes", "6144"),
             ("memory.failcnt", "9"),
+            ("memory.memsw.failcnt", "1"),
             (
                 "memory.oom_control",
                 "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
@@ -360,7 +361,7 @@ fn stats_map_each_file() {
         (Some(4096), Some(8192))
     );
     assert_eq!(st.swap_current, Some(2048), "memsw usage - usage");
-    assert_eq!((st.memory_limit_hits, st.oom_kills), (Some(9), Some(2)));
+    assert_eq!((st.memory_limit_hits, st.oom_kills), (Some(10), Some(2)));
     assert_eq!(st.pids_peak, None, "an older kernel without pids.peak");
     assert_eq!((st.io_read_bytes, st.io_read_ops), (Some(8192), Some(2)));
 }
