@@ -420,6 +420,9 @@ impl Cgroup {
     }
 
     /// Sets the limits that are given (see [`Limits`]), live; the others stay as they are.
+    /// Values are checked before anything is written; a write the kernel refuses (a v1
+    /// memory limit below what is in use, say) stops there, naming the file, with the limits
+    /// before it already set.
     pub fn apply(&self, limits: &Limits) -> Result<()> {
         limits.validate()?;
         if limits.memory.is_some() || limits.swap.is_some() {
@@ -498,7 +501,8 @@ impl Cgroup {
     /// Kills every task and waits (at most [`KILL_TIMEOUT`]) until none is left: with
     /// cgroup2's `cgroup.kill` where the kernel has it, else by SIGKILL to each process,
     /// again until the cgroup is empty, with the cgroup frozen while the signals are sent
-    /// so a forking task cannot slip through (v1 frozen tasks die once thawed).
+    /// so a forking task cannot slip through and no PID is reused between reading and
+    /// signalling it (v1 frozen tasks die once thawed). The cgroup is left thawed.
     pub fn kill(&self) -> Result<()> {
         let deadline = Instant::now() + KILL_TIMEOUT;
         let cgroup_kill = self
