@@ -35,6 +35,10 @@ pub enum RuntimeError {
         pid: i32,
         what: String,
     },
+    /// A cgroup, or a resource limit for one, that cannot be used as asked: `target` names
+    /// the cgroup (or the limit text), `what` says why.
+    #[error("{target}: {what}")]
+    Cgroup { target: String, what: String },
 }
 
 /// Result type of the runtime layer.

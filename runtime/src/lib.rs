@@ -3,11 +3,16 @@
 //! Everything that talks to the kernel about another process lives here: procfs parsing
 //! ([`procfs`]), ptrace seize/interrupt and register access ([`ptrace`]), syscall injection
 //! ([`inject`]), reading and writing another process's memory ([`memory`]), creating a
-//! process with a chosen PID ([`spawn`]) and containers' network namespaces ([`netns`]). The
-//! checkpoint and restore crates translate between this and the image format; they never
-//! issue raw syscalls themselves.
+//! process with a chosen PID ([`spawn`]), container cgroups: limits, usage, freezing
+//! ([`cgroups`]) and containers' network namespaces ([`netns`]). The checkpoint and restore
+//! crates translate between this and the image format; they never issue raw syscalls
+//! themselves.
 
-pub mod cgroup;
+/// The freezer under its first path; it lives in [`cgroups::freezer`] now.
+pub mod cgroup {
+    pub use crate::cgroups::freezer::{parse_mounts, parse_proc_cgroup, Freezer};
+}
+pub mod cgroups;
 pub mod error;
 pub mod files;
 pub mod inet;

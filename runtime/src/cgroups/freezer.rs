@@ -2,6 +2,7 @@
 //! controller's `freezer.state`, behind one interface. Paths come from /proc/PID/cgroup and
 //! the mount table, so both layouts (and a host that has only one of them) work.
 
+use super::{read, write};
 use crate::error::{Result, RuntimeError};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,22 +18,12 @@ pub enum Freezer {
 
 /// Mount points of the cgroup2 hierarchy and of the v1 freezer hierarchy, from mountinfo text.
 pub fn parse_mounts(mountinfo: &str) -> (Option<PathBuf>, Option<PathBuf>) {
-    let (mut v2, mut v1) = (None, None);
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mount_point = left.split_whitespace().nth(4).map(PathBuf::from);
-        let mut r = right.split_whitespace();
-        let fstype = r.next().unwrap_or_default();
-        let options = r.nth(1).unwrap_or_default();
-        match fstype {
-            "cgroup2" => v2 = v2.or(mount_point),
-            "cgroup" if options.split(',').any(|o| o == "freezer") => v1 = v1.or(mount_point),
-            _ => {}
-        }
-    }
-    (v2, v1)
+    let (v2, v1) = super::hierarchy::parse_mountinfo(mountinfo);
+    let freezer = v1
+        .into_iter()
+        .find(|(controllers, _)| controllers.iter().any(|c| c == "freezer"))
+        .map(|(_, dir)| dir);
+    (v2, freezer)
 }
 
 /// (cgroup2 path, v1 freezer path) of a process, from /proc/PID/cgroup text.
@@ -51,16 +42,6 @@ pub fn parse_proc_cgroup(text: &str) -> (Option<String>, Option<String>) {
         }
     }
     (v2, v1)
-}
-
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| RuntimeError::sys("read", path.display().to_string(), e))
-}
-
-fn write(path: &Path, value: &str) -> Result<()> {
-    std::fs::write(path, value)
-        .map_err(|e| RuntimeError::sys("write", path.display().to_string(), e))
 }
 
 impl Freezer {
@@ -90,26 +71,7 @@ impl Freezer {
 
     /// Every process in the cgroup and its descendants.
     pub fn procs(&self) -> Result<Vec<i32>> {
-        let mut out = Vec::new();
-        let mut todo = vec![self.dir().to_path_buf()];
-        while let Some(dir) = todo.pop() {
-            let text = read(&dir.join("cgroup.procs"))?;
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            );
-            let entries = std::fs::read_dir(&dir)
-                .map_err(|e| RuntimeError::sys("read_dir", dir.display().to_string(), e))?;
-            todo.extend(
-                entries
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.join("cgroup.procs").exists()),
-            );
-        }
-        out.sort_unstable();
-        out.dedup();
-        Ok(out)
+        super::procs_below(self.dir())
     }
 
     /// Freezes the cgroup and waits (bounded) until every task in it is frozen.
