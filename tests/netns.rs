@@ -8,16 +8,14 @@
 
 mod common;
 
-use common::have_with;
+use common::{have_with, Unshared};
 use stasis_runtime::netns::{self, Bridge, Cidr, InterfaceKind, MacAddr, NetConfig};
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Whether this machine can run the tests; says why not.
@@ -32,33 +30,18 @@ fn can_run() -> bool {
 
 /// A process in a network namespace of its own: `unshare --net sleep 1000`, killed (by PID)
 /// and reaped when dropped.
-struct Ns {
-    child: Child,
-    pid: i32,
-}
+struct Ns(Unshared);
 
-fn netns_id(path: &str) -> (u64, u64) {
-    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {path}: {e}"));
-    (m.dev(), m.ino())
+impl std::ops::Deref for Ns {
+    type Target = Unshared;
+    fn deref(&self) -> &Unshared {
+        &self.0
+    }
 }
 
 impl Ns {
     fn new() -> Ns {
-        let child = Command::new("unshare")
-            .args(["--net", "sleep", "1000"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting unshare --net sleep");
-        let pid = child.id() as i32;
-        let ns = Ns { child, pid };
-        // unshare(1) execs sleep once it is in its new namespace.
-        let ours = netns_id("/proc/thread-self/ns/net");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while netns_id(&format!("/proc/{pid}/ns/net")) == ours {
-            assert!(Instant::now() < deadline, "pid {pid} never left our netns");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        ns
+        Ns(Unshared::new("net"))
     }
 
     /// Runs `ip ARGS` inside; panics with its stderr if it fails.
@@ -70,7 +53,7 @@ impl Ns {
 
     /// Runs `ip ARGS` inside; returns its stderr if it fails.
     fn try_ip(&self, args: &[&str]) -> Result<(), String> {
-        let file = File::open(format!("/proc/{}/ns/net", self.pid)).expect("open netns");
+        let file = self.ns_file();
         let fd = file.as_raw_fd();
         let mut cmd = Command::new("ip");
         cmd.args(args);
@@ -93,32 +76,9 @@ impl Ns {
         }
     }
 
-    /// Runs `f` on a thread that has entered this namespace: sockets it makes live in there.
-    fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = File::open(format!("/proc/{}/ns/net", self.pid)).expect("open netns");
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns(2) on a valid fd; it changes the network namespace of this
-                // (scoped, about to end) thread only.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("thread in netns")
-        })
-    }
-
     fn listen(&self, addr: Ipv4Addr) -> TcpListener {
         self.within(|| TcpListener::bind((addr, 0)))
             .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", self.pid))
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -3,8 +3,11 @@
 //! Everything that talks to the kernel about another process lives here: procfs parsing
 //! ([`procfs`]), ptrace seize/interrupt and register access ([`ptrace`]), syscall injection
 //! ([`inject`]), reading and writing another process's memory ([`memory`]), creating a
+//! ([`inject`]), reading and writing another process's memory ([`memory`]), creating a
 //! process with a chosen PID ([`spawn`]), container cgroups: limits, usage, freezing
-//! ([`cgroups`]) and containers' network namespaces ([`netns`]). The checkpoint and restore
+//! ([`cgroups`]), containers' network namespaces ([`netns`]) and the System V IPC objects of
+//! their IPC namespaces ([`sysvipc`]). The checkpoint and restore crates translate between
+//! this and the image format; they never issue raw syscalls themselves.
 //! crates translate between this and the image format; they never issue raw syscalls
 //! themselves.
 
@@ -24,6 +27,7 @@ pub mod procfs;
 pub mod ptrace;
 pub mod spawn;
 pub mod sys;
+pub mod sysvipc;
 pub mod tcp_repair;
 mod tool;
 pub mod unix_diag;

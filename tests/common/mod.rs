@@ -9,8 +9,11 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 pub mod programs;
+pub mod unshared;
 #[allow(unused_imports)]
 pub use programs::*;
+#[allow(unused_imports)]
+pub use unshared::*;
 
 /// The stasis binary under test.
 pub fn stasis() -> &'static str {
