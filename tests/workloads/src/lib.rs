@@ -106,6 +106,7 @@
 
 #![warn(missing_docs)]
 
+pub mod ipc;
 pub mod maps;
 pub mod pattern;
 pub mod proto;
