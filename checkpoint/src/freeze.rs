@@ -195,11 +195,20 @@ impl Frozen {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Sends SIGKILL (only once its image is committed); [`Frozen::kill`] then waits.
+    pub fn signal_kill(&mut self) -> Result<(), RuntimeError> {
+        self.done = true;
+        match sys::kill(self.pid, libc::SIGKILL) {
+            // Already gone: a pid namespace's init took it along.
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
+            r => r,
+        }
+    }
+
     /// Kills the process (only once its image is committed) and waits until every thread
     /// is gone.
     pub fn kill(&mut self) -> Result<(), RuntimeError> {
-        self.done = true;
-        sys::kill(self.pid, libc::SIGKILL)?;
+        self.signal_kill()?;
         for t in self.threads.iter().rev() {
             loop {
                 match ptrace::wait_stop(t.tid) {
