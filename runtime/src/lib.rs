@@ -13,6 +13,7 @@ pub mod inet;
 pub mod inject;
 pub mod memory;
 pub mod netlock;
+pub mod pidns;
 pub mod procfs;
 pub mod ptrace;
 pub mod spawn;
