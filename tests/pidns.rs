@@ -166,11 +166,18 @@ fn host_of(root: i32, ns_pid: i32) -> i32 {
 
 /// Starts `unshare --pid --fork wl-pidns` and finds its root from outside.
 fn start_ns(tag: &str) -> NsTree {
+    start_in_ns("wl-pidns", &[], tag)
+}
+
+/// Starts `unshare --pid --fork UNSHARE_ARGS... WORKLOAD` (PID 1 of a new namespace) and
+/// finds its root from outside.
+fn start_in_ns(program: &str, unshare_args: &[&str], tag: &str) -> NsTree {
     init();
     let tag = format!("pidns{}{tag}", std::process::id());
     let mut unshare = clean("unshare")
         .args(["--pid", "--fork"])
-        .arg(workload("wl-pidns"))
+        .args(unshare_args)
+        .arg(workload(program))
         .args(["--tag", &tag])
         .env("STASIS_WL_TAG", &tag)
         .stdin(Stdio::piped())
@@ -614,5 +621,72 @@ fn a_unix_socket_is_bound_under_a_root_too_long_for_sun_path() {
     r.reaped = true;
     let st = reap(r.root);
     assert!(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0, "{st:#x}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Threads (with their ids), POSIX timers aimed at threads, pending signals and the rest of
+/// wl-threads' and wl-state's state, in a namespace with its own /proc (in a mount namespace
+/// of its own), come back with the ids they saw, in a joined mount namespace with a fresh
+/// /proc of the new pid namespace.
+#[test]
+fn threads_timers_and_signals_of_a_namespace_init_keep_their_ids() {
+    for program in ["wl-threads", "wl-state"] {
+        let dir = scratch(&format!("pidns-{program}"));
+        let mut t = start_in_ns(program, &["--mount-proc"], program);
+        t.pipes
+            .expect_pass("verify", &format!("{program} before checkpoint"));
+        let img = dir.join("t.img");
+        checkpoint(t.root, &img, &[]);
+        drop(t);
+        let holder = Holder::start(&["--mount", "--propagation", "private", "sleep", "1000"]);
+        let opts = stasis_restore::Options {
+            pid_namespace: Some(stasis_restore::PidNamespace {
+                join: vec![holder.ns("mnt")],
+                mount_proc: true,
+                ..Default::default()
+            }),
+            root: Some(PathBuf::from(format!("/proc/{}/root", holder.pid()))),
+            ..Default::default()
+        };
+        let mut r = restore_here(&img, opts);
+        let what = format!("{program} restored");
+        r.pipes.expect_pass("verify", &what);
+        r.finish(&what);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A restore into a new pid namespace that fails once the tree exists (its root cannot
+/// enter a cgroup) kills and reaps everything it made.
+#[test]
+fn a_failed_restore_into_a_pid_namespace_leaves_nothing_behind() {
+    let dir = scratch("pidns-fail");
+    let img = checkpointed_tree(&dir, "fail");
+    // The new processes are forks of this thread: they carry its name until restored.
+    let me = std::fs::read_to_string("/proc/thread-self/comm").expect("comm");
+    let not_writable = File::open("/dev/null").expect("/dev/null");
+    let opts = stasis_restore::Options {
+        pid_namespace: Some(stasis_restore::PidNamespace {
+            cgroup_procs: vec![not_writable.into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let image = stasis_image::Image::open(&img).expect("open image");
+    let err = stasis_restore::restore_tree(&image, &opts).expect_err("the cgroup is refused");
+    assert!(err.to_string().contains("entering cgroup #0"), "{err}");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|d| {
+            d.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter(|d| std::fs::read_to_string(d.path().join("comm")).is_ok_and(|c| c == me))
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .filter(|p| *p != std::process::id().to_string())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?} ({me:?})");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -107,13 +107,11 @@ pub fn apply(
         }
         Err(e) => {
             // Traced threads must be reaped before their group leader can be.
-            for b in &built {
-                let _ = stasis_runtime::sys::kill(b.pid, libc::SIGKILL);
-                for inj in &b.extra {
-                    let _ = ptrace::wait_stop(inj.pid());
-                }
-            }
-            drop(tree);
+            let threads: Vec<i32> = built
+                .iter()
+                .flat_map(|b| b.extra.iter().map(Injector::pid))
+                .collect();
+            tree.kill(&threads);
             Err(e)
         }
     }

@@ -132,6 +132,18 @@ impl SpawnedTree {
         self.root
     }
 
+    /// Kills the whole tree and reaps it, with `threads` (thread ids of its processes that
+    /// the caller created and traces): all are collected in whatever order they die, since
+    /// a pid namespace's init cannot finish dying before its traced children and threads
+    /// are collected.
+    pub fn kill(mut self, threads: &[i32]) {
+        let mut pids: Vec<i32> = self.procs.iter().map(|p| p.pid).collect();
+        pids.extend_from_slice(threads);
+        kill_tree(self.root, &pids);
+        self.released = true;
+        set_subreaper(self.was_subreaper);
+    }
+
     /// The tree now belongs to the caller (it detaches and lets it run).
     pub fn release(mut self) {
         self.released = true;
