@@ -251,19 +251,24 @@ fn restore_here(img: &Path, mut opts: stasis_restore::Options) -> Restored {
     }
 }
 
+/// Starts `program args...` with no stdio and no inherited fds.
+fn spawn_quiet(program: &str, args: &[&str]) -> Child {
+    clean(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
 /// A process holding namespaces for a test: `unshare FLAGS... sleep 1000` (or a shell that
 /// ends in `exec sleep 1000`), killed and reaped when dropped.
 struct Holder(Child);
 
 impl Holder {
     fn start(args: &[&str]) -> Holder {
-        let child = clean("unshare")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("unshare");
+        let child = spawn_quiet("unshare", args);
         let pid = child.id();
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default() != "sleep\n"
@@ -499,13 +504,8 @@ fn the_whole_tree_is_in_the_given_cgroups() {
 fn a_process_in_a_nested_pid_namespace_is_refused_by_name() {
     init();
     // sh is PID 1 of a namespace; the inner unshare makes another inside it for sleep.
-    let mut outer = clean("unshare")
-        .args(["--pid", "--fork", "sh", "-c"])
-        .arg("unshare --pid --fork sleep 1000 & wait")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("unshare");
+    let script = "unshare --pid --fork sleep 1000 & wait";
+    let mut outer = spawn_quiet("unshare", &["--pid", "--fork", "sh", "-c", script]);
     let unshare = outer.id() as i32;
     assert!(
         wait_for_tree(unshare, &["sleep"], 1),
@@ -689,4 +689,27 @@ fn a_failed_restore_into_a_pid_namespace_leaves_nothing_behind() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?} ({me:?})");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A process that joined the namespace from outside (as `docker exec` does) is a child of
+/// a process outside the tree: the tree is refused rather than saved without it.
+#[test]
+fn a_process_that_joined_the_namespace_from_outside_is_refused() {
+    let t = start_ns("joined");
+    let target = t.root.to_string();
+    let args = ["--target", &target, "--pid", "--", "sleep", "1000"];
+    let mut nsenter = spawn_quiet("nsenter", &args);
+    assert!(
+        wait_for_tree(nsenter.id() as i32, &["sleep"], 1),
+        "nsenter never ran sleep"
+    );
+    let err = checkpoint_refused(t.root, "pidns-joined", "joined the namespace from outside");
+    assert!(
+        err.contains("(sleep) is in the tree's pid namespace (as PID 6)"),
+        "{err}"
+    );
+    assert!(running_untraced(t.root), "the tree runs on");
+    // The namespace's end takes the joined process with it.
+    drop(t);
+    let _ = nsenter.wait();
 }

@@ -50,6 +50,9 @@ pub fn precheck(pid: i32) -> Result<RootKind, CheckpointError> {
         }
     }
     crate::pidns::check_tree(kind, &members)?;
+    if kind != RootKind::Ours {
+        crate::pidns::check_whole(pid, &members)?;
+    }
     for &p in &members {
         if p != pid && procfs::read_stat(p).map_or(true, |s| s.state == 'Z') {
             continue; // gone, or a zombie (nothing open)

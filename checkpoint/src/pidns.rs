@@ -98,6 +98,35 @@ pub fn check_tree(kind: RootKind, pids: &[i32]) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// Refuses a whole-namespace tree (root `root`, processes `members`) when its namespace
+/// holds a process that is not in the tree: one that joined it from outside (setns, as
+/// nsenter and `docker exec` do) is a child of a process outside, and the image would
+/// silently lack it.
+pub fn check_whole(root: i32, members: &[i32]) -> Result<(), CheckpointError> {
+    let ns = pidns::ns_id(root, "pid").map_err(|_| CheckpointError::NoSuchProcess(root))?;
+    let dir = std::fs::read_dir("/proc").map_err(|e| CheckpointError::Io("/proc".into(), e))?;
+    for d in dir.flatten() {
+        let Some(pid) = d.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if members.contains(&pid) || pidns::ns_id(pid, "pid").ok() != Some(ns) {
+            continue;
+        }
+        let status = procfs::read_status(pid).ok();
+        let name = status.as_ref().map_or("?".to_string(), |s| s.name.clone());
+        let own = status.and_then(|s| s.own_pid()).unwrap_or(0);
+        return Err(CheckpointError::unsupported(
+            root,
+            format!(
+                "process {pid} ({name}) is in the tree's pid namespace (as PID {own}) but not \
+                 in the tree: it joined the namespace from outside (setns, e.g. nsenter or an \
+                 exec into a container), and the image could not hold it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// How the PIDs of a frozen tree are recorded.
 pub struct PidView {
     root: i32,
@@ -126,6 +155,7 @@ impl PidView {
         if kind == RootKind::Ours {
             return Ok(PidView { root, names: None });
         }
+        check_whole(root, &hosts)?;
         let mut names = Names {
             pids: BTreeMap::new(),
             groups: BTreeMap::new(),
