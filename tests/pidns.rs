@@ -172,14 +172,28 @@ fn start_ns(tag: &str) -> NsTree {
 /// Starts `unshare --pid --fork UNSHARE_ARGS... WORKLOAD` (PID 1 of a new namespace) and
 /// finds its root from outside.
 fn start_in_ns(program: &str, unshare_args: &[&str], tag: &str) -> NsTree {
-    init();
     let tag = format!("pidns{}{tag}", std::process::id());
+    let wl = workload(program);
+    let argv = [wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
+    let (t, ready) = spawn_in_ns(unshare_args, &argv, &tag, "READY ");
+    assert_eq!(ready, "READY 1");
+    t
+}
+
+/// Starts `unshare --pid --fork UNSHARE_ARGS... ARGV...` (STASIS_WL_TAG=`tag`), waits for
+/// its first line starting with `ready` (or FAIL), and finds its root from outside.
+fn spawn_in_ns(
+    unshare_args: &[&str],
+    argv: &[&std::ffi::OsStr],
+    tag: &str,
+    ready: &str,
+) -> (NsTree, String) {
+    init();
     let mut unshare = clean("unshare")
         .args(["--pid", "--fork"])
         .args(unshare_args)
-        .arg(workload(program))
-        .args(["--tag", &tag])
-        .env("STASIS_WL_TAG", &tag)
+        .args(argv)
+        .env("STASIS_WL_TAG", tag)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -189,14 +203,15 @@ fn start_in_ns(program: &str, unshare_args: &[&str], tag: &str) -> NsTree {
         stdin: unshare.stdin.take().expect("stdin"),
         stdout: BufReader::new(unshare.stdout.take().expect("stdout")),
     };
-    assert_eq!(pipes.expect_line(&["READY ", "FAIL "]), "READY 1");
+    let line = pipes.expect_line(&[ready, "FAIL "]);
     let root = ns_init_below(unshare.id() as i32);
-    NsTree {
+    let t = NsTree {
         unshare,
         root,
         root_fd: pidfd_of(root),
         pipes,
-    }
+    };
+    (t, line)
 }
 
 /// Sends `verify` and returns the INFO line, asserting the answer is PASS.
@@ -305,6 +320,17 @@ fn checkpoint(pid: i32, img: &Path, extra: &[&str]) {
     stasis_ok(&args);
 }
 
+/// Options that only have the new pid namespace join `namespaces`.
+fn joining(namespaces: Vec<OwnedFd>) -> stasis_restore::Options {
+    stasis_restore::Options {
+        pid_namespace: Some(stasis_restore::PidNamespace {
+            join: namespaces,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Checkpoints (kill) a fresh wl-pidns tree into `dir/NAME.img` after one verify.
 fn checkpointed_tree(dir: &Path, tag: &str) -> PathBuf {
     let mut t = start_ns(tag);
@@ -388,14 +414,7 @@ fn the_new_namespace_joins_a_uts_namespace_held_elsewhere() {
         &format!("hostname {name} && exec sleep 1000"),
     ]);
     let img = checkpointed_tree(&dir, "uts");
-    let opts = stasis_restore::Options {
-        pid_namespace: Some(stasis_restore::PidNamespace {
-            join: vec![holder.ns("uts")],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut r = restore_here(&img, opts);
+    let mut r = restore_here(&img, joining(vec![holder.ns("uts")]));
     assert_layout(r.root, "restored into the holder's uts namespace");
     let info = verify_info(&mut r.pipes, "in the joined uts namespace");
     assert!(info.contains(&format!("uts={name}")), "{info}");
@@ -712,4 +731,66 @@ fn a_process_that_joined_the_namespace_from_outside_is_refused() {
     // The namespace's end takes the joined process with it.
     drop(t);
     let _ = nsenter.wait();
+}
+
+const TCP_LISTENER_PY: &str = r#"
+import socket, sys
+l = socket.socket()
+l.bind(("0.0.0.0", int(sys.argv[1])))
+l.listen(4)
+print("ready", flush=True)
+sys.stdin.readline()
+print("listening", l.getsockname()[1], flush=True)
+"#;
+
+/// With a network namespace to join, the sockets the restorer makes for the tree are that
+/// namespace's: a TCP listener of a tree that had a network namespace of its own listens in
+/// the joined one, not in ours.
+#[test]
+fn sockets_are_made_in_the_joined_network_namespace() {
+    if !have("python3") {
+        return;
+    }
+    let dir = scratch("pidns-net");
+    let port = free_port().to_string();
+    let tag = format!("pidns{}net", std::process::id());
+    let argv = [
+        "python3".as_ref(),
+        "-c".as_ref(),
+        TCP_LISTENER_PY.as_ref(),
+        port.as_ref(),
+    ];
+    let (t, _) = spawn_in_ns(&["--net"], &argv, &tag, "ready");
+    let img = dir.join("n.img");
+    checkpoint(t.root, &img, &[]);
+    drop(t);
+    let holder = Holder::start(&["--net", "sleep", "1000"]);
+    let mut r = restore_here(&img, joining(vec![holder.ns("net")]));
+    let hex_port = format!(":{:04X}", port.parse::<u16>().expect("port"));
+    let listening = |table: String| {
+        std::fs::read_to_string(&table)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .any(|f| f.len() > 3 && f[1].ends_with(&hex_port) && f[3] == "0A")
+    };
+    assert!(
+        listening(format!("/proc/{}/net/tcp", holder.pid())),
+        "not in the joined namespace"
+    );
+    assert!(
+        !listening("/proc/self/net/tcp".into()),
+        "in the restorer's namespace"
+    );
+    let net = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("ns link");
+    assert_eq!(net(r.root), net(holder.pid()));
+    r.pipes.send("go");
+    assert_eq!(
+        r.pipes.expect_line(&["listening"]),
+        format!("listening {port}")
+    );
+    r.reaped = true;
+    let st = reap(r.root);
+    assert!(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0, "{st:#x}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

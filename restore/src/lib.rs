@@ -69,7 +69,9 @@ pub struct PidNamespace {
     /// Namespace files (e.g. opened from /proc/HOLDER/ns/{mnt,uts,ipc,net}) that the new
     /// root joins with setns right after it is cloned, before anything else. Pid and user
     /// namespaces are refused (the tree's pid namespace is the new one; a user namespace
-    /// would change what the restorer may do to the tree).
+    /// would change what the restorer may do to the tree). With a network namespace, the
+    /// sockets the restorer makes for the tree (listeners, unix sockets, UDP, rebuilt TCP
+    /// connections) are made in it, from a thread that joined it.
     pub join: Vec<OwnedFd>,
     /// Mount a fresh proc at /proc (nosuid, nodev, noexec; after joining the mount
     /// namespace), so /proc shows the new pid namespace. Needs a mount namespace in `join`:
@@ -95,8 +97,9 @@ impl Default for Options {
 }
 
 impl Options {
-    /// Where the restorer finds the image's path `path`: under [`Options::root`]. A relative
-    /// path (a unix socket bound by a relative name) is taken relative to the root too.
+    /// Where the restorer finds the image's path `path`: under [`Options::root`] (a
+    /// relative path, a unix socket bound by a relative name, is taken relative to it too;
+    /// without a root it stays relative).
     pub fn host_path(&self, path: &str) -> PathBuf {
         match &self.root {
             None => PathBuf::from(path),
@@ -151,7 +154,13 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
     validate::unix_pairs(&procs, opts)?;
     let ghosts = ghosts::recreate(image, &procs, opts)?;
     let shmem = shmem::recreate(image, &procs)?;
-    let plan = plan::plan(&procs, opts, (&ghosts, &shmem), pid_ns)?;
+    // Sockets are made in the network namespace the tree will be in.
+    let plan = match validate::net_to_join(opts)? {
+        Some(net) => stasis_runtime::sys::in_net_namespace(net, || {
+            plan::plan(&procs, opts, (&ghosts, &shmem), pid_ns)
+        })??,
+        None => plan::plan(&procs, opts, (&ghosts, &shmem), pid_ns)?,
+    };
     let tw = Instant::now();
     // In a fresh pid namespace no PID can be taken.
     if !pid_ns {

@@ -18,6 +18,20 @@ pub const MAX_PROCESSES: usize = 4096;
 /// Highest PID in a new pid namespace (the kernel's PID_MAX_LIMIT on 64-bit).
 pub const NS_PID_MAX: i32 = 4 * 1024 * 1024;
 
+/// The network namespace among the namespaces to join, if any.
+pub fn net_to_join(opts: &Options) -> Result<Option<std::os::fd::BorrowedFd<'_>>, RestoreError> {
+    use std::os::fd::AsFd;
+    let Some(ns) = &opts.pid_namespace else {
+        return Ok(None);
+    };
+    for fd in &ns.join {
+        if stasis_runtime::pidns::ns_type(fd.as_fd())? == libc::CLONE_NEWNET {
+            return Ok(Some(fd.as_fd()));
+        }
+    }
+    Ok(None)
+}
+
 /// The restore options fit the image: a pid namespace to enter only for a pid-namespace
 /// image, namespace files of kinds the new root can join, /proc mounted only inside a
 /// joined mount namespace, and an existing root directory.

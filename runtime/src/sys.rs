@@ -209,6 +209,35 @@ pub fn with_root<T: Send>(
     })
 }
 
+/// Runs `f` on a thread of its own that has first joined the network namespace `net`
+/// (setns; a network namespace belongs to each thread): sockets it makes are that
+/// namespace's. Threads it starts are in that namespace too.
+pub fn in_net_namespace<T: Send>(
+    net: std::os::fd::BorrowedFd<'_>,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T> {
+    use std::os::fd::AsRawFd;
+    let fd = net.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<T> {
+            // SAFETY: setns takes no pointers; it changes only this thread's namespace.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(RuntimeError::last_os(
+                    "setns(CLONE_NEWNET)",
+                    format!("fd {fd}"),
+                ));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| {
+            RuntimeError::Unsupported(
+                "a thread working in another network namespace panicked".into(),
+            )
+        })?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
