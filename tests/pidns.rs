@@ -733,19 +733,27 @@ fn a_process_that_joined_the_namespace_from_outside_is_refused() {
     let _ = nsenter.wait();
 }
 
-const TCP_LISTENER_PY: &str = r#"
+const SOCKETS_PY: &str = r#"
 import socket, sys
 l = socket.socket()
 l.bind(("0.0.0.0", int(sys.argv[1])))
 l.listen(4)
+a, b = socket.socketpair()
+a.sendall(b"queued")
+name = b"\0" + sys.argv[2].encode()
+u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+u.bind(name)
+u.listen(1)
 print("ready", flush=True)
 sys.stdin.readline()
-print("listening", l.getsockname()[1], flush=True)
+b.settimeout(10)
+print("listening", l.getsockname()[1], b.recv(10).decode(), u.getsockname() == name, flush=True)
 "#;
 
-/// With a network namespace to join, the sockets the restorer makes for the tree are that
-/// namespace's: a TCP listener of a tree that had a network namespace of its own listens in
-/// the joined one, not in ours.
+/// A tree with a network namespace of its own is checkpointed with its unix sockets (looked
+/// up in its namespace), and with a network namespace to join, the sockets the restorer
+/// makes for the tree are that namespace's: its TCP listener and its unix listener on an
+/// abstract name are there and not in ours, and its socket pair still holds its bytes.
 #[test]
 fn sockets_are_made_in_the_joined_network_namespace() {
     if !have("python3") {
@@ -757,8 +765,9 @@ fn sockets_are_made_in_the_joined_network_namespace() {
     let argv = [
         "python3".as_ref(),
         "-c".as_ref(),
-        TCP_LISTENER_PY.as_ref(),
+        SOCKETS_PY.as_ref(),
         port.as_ref(),
+        tag.as_ref(),
     ];
     let (t, _) = spawn_in_ns(&["--net"], &argv, &tag, "ready");
     let img = dir.join("n.img");
@@ -782,12 +791,18 @@ fn sockets_are_made_in_the_joined_network_namespace() {
         !listening("/proc/self/net/tcp".into()),
         "in the restorer's namespace"
     );
+    let abstract_name = |table: String| {
+        let text = std::fs::read_to_string(&table).unwrap_or_default();
+        text.lines().any(|l| l.ends_with(&format!(" @{tag}")))
+    };
+    assert!(abstract_name(format!("/proc/{}/net/unix", holder.pid())));
+    assert!(!abstract_name("/proc/self/net/unix".into()));
     let net = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("ns link");
     assert_eq!(net(r.root), net(holder.pid()));
     r.pipes.send("go");
     assert_eq!(
         r.pipes.expect_line(&["listening"]),
-        format!("listening {port}")
+        format!("listening {port} queued True")
     );
     r.reaped = true;
     let st = reap(r.root);

@@ -137,7 +137,7 @@ fn classify(
         // is settled once every process is collected.
         let unix = match unix {
             Some(m) => m,
-            None => unix.insert(unix_diag::unix_sockets()?),
+            None => unix.insert(unix_diag::unix_sockets_of(pid)?),
         };
         return match unix.get(&ino) {
             // A connected stream or seqpacket socket (a socketpair end, or either end of a
