@@ -643,13 +643,16 @@ fn a_unix_socket_is_bound_under_a_root_too_long_for_sun_path() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Threads (with their ids), POSIX timers aimed at threads, pending signals and the rest of
-/// wl-threads' and wl-state's state, in a namespace with its own /proc (in a mount namespace
-/// of its own), come back with the ids they saw, in a joined mount namespace with a fresh
-/// /proc of the new pid namespace.
+/// Workloads run as PID 1 of a namespace with its own /proc (in a mount namespace of its
+/// own) come back with the ids they saw, in a joined mount namespace with a fresh /proc of
+/// the new pid namespace: threads and their ids (wl-threads); POSIX timers aimed at threads
+/// and pending signals (wl-state); deleted files and memfds, mapped and open (wl-ghost);
+/// and wl-tree's zombies, stopped child, orphan and shared anonymous memory. The shared
+/// objects are mapped from fds the processes kept, since their /proc cannot show the
+/// restorer.
 #[test]
-fn threads_timers_and_signals_of_a_namespace_init_keep_their_ids() {
-    for program in ["wl-threads", "wl-state"] {
+fn workloads_with_their_own_proc_keep_their_ids_and_state() {
+    for program in ["wl-threads", "wl-state", "wl-ghost", "wl-tree"] {
         let dir = scratch(&format!("pidns-{program}"));
         let mut t = start_in_ns(program, &["--mount-proc"], program);
         t.pipes
