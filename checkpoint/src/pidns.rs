@@ -248,3 +248,57 @@ impl PidView {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pid_field_is_translated() {
+        let view = PidView {
+            root: 100,
+            names: Some(Names {
+                pids: BTreeMap::from([(100, 1), (101, 2), (102, 3)]),
+                groups: BTreeMap::from([(100, (0, 0)), (101, (2, 2))]),
+            }),
+        };
+        let thread = |tid| proto::Thread {
+            tid,
+            ..Default::default()
+        };
+        let mut procs = vec![
+            proto::Process {
+                pid: 100,
+                ppid: 99,
+                pgid: 98,
+                sid: 97,
+                threads: vec![thread(100)],
+                ..Default::default()
+            },
+            proto::Process {
+                pid: 101,
+                ppid: 100,
+                pgid: 101,
+                sid: 101,
+                threads: vec![thread(101), thread(102)],
+                posix_timers: vec![proto::PosixTimer {
+                    notify_tid: 102,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            view.process_ids(&procs),
+            BTreeMap::from([(100, 1), (101, 2)])
+        );
+        view.translate(&mut procs).unwrap();
+        let ids = |p: &proto::Process| (p.pid, p.ppid, p.pgid, p.sid);
+        assert_eq!(ids(&procs[0]), (1, 0, 0, 0));
+        assert_eq!(ids(&procs[1]), (2, 1, 2, 2));
+        assert_eq!(procs[1].threads[1].tid, 3);
+        assert_eq!(procs[1].posix_timers[0].notify_tid, 3);
+        // A PID outside the tree cannot be recorded.
+        assert!(view.image_pid(4242).is_err());
+    }
+}

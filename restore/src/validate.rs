@@ -549,6 +549,46 @@ mod tests {
         }
     }
 
+    fn joining(kinds: &[&str], mount_proc: bool) -> Options {
+        let join = kinds
+            .iter()
+            .map(|k| {
+                std::fs::File::open(format!("/proc/self/ns/{k}"))
+                    .unwrap()
+                    .into()
+            })
+            .collect();
+        Options {
+            pid_namespace: Some(crate::PidNamespace {
+                join,
+                mount_proc,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn namespace_options_must_fit_the_image() {
+        assert!(options(&joining(&["uts", "net", "mnt"], true), true).is_ok());
+        assert!(options(&Options::default(), false).is_ok());
+        let bad = [
+            (joining(&["uts"], false), false, "own pid namespace"),
+            (joining(&["pid"], false), true, "a pid namespace"),
+            (joining(&["user"], false), true, "a user namespace"),
+            (joining(&["uts"], true), true, "needs a mount namespace"),
+        ];
+        for (opts, pid_ns, needle) in bad {
+            let err = options(&opts, pid_ns).expect_err(needle).to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let missing = Options {
+            root: Some("/nonexistent-stasis-root".into()),
+            ..Default::default()
+        };
+        assert!(options(&missing, false).is_err());
+    }
+
     #[test]
     fn files_in_flight_must_name_what_the_image_holds() {
         let opts = Options::default();
