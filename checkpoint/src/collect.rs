@@ -2,14 +2,16 @@
 
 use crate::error::CheckpointError;
 use crate::freeze::Frozen;
+use crate::pidns::RootKind;
 use crate::{fds, vmas};
 use stasis_image::{proto, Compression};
 use stasis_runtime::inject::Injector;
 use stasis_runtime::procfs::{self, MapEntry};
 use stasis_runtime::{memory, ptrace, sys, RuntimeError};
 
-/// Checks, before touching the process, that it exists and is something we can handle.
-pub fn precheck(pid: i32) -> Result<(), CheckpointError> {
+/// Checks, before touching the process, that it exists and is something we can handle;
+/// returns where its pid namespace stands.
+pub fn precheck(pid: i32) -> Result<RootKind, CheckpointError> {
     if pid <= 0 {
         return Err(CheckpointError::NoSuchProcess(pid));
     }
@@ -33,15 +35,25 @@ pub fn precheck(pid: i32) -> Result<(), CheckpointError> {
         return Err(CheckpointError::unsupported(pid, "the process is a zombie"));
     }
     check_threads(pid, status.threads)?;
-    // Refuse unsupported files before freezing, in the whole tree as it is now; collect()
-    // checks again while frozen.
+    let kind = crate::pidns::root_kind(pid)?;
+    // The whole tree as it is now: its namespaces first, then its files (unsupported ones
+    // are refused before freezing; collect() checks again while frozen).
     let mut todo = vec![pid];
-    let mut seen = 0usize;
+    let mut members = Vec::new();
     while let Some(p) = todo.pop() {
-        seen += 1;
-        if seen > crate::tree::MAX_PROCESSES {
+        if members.len() >= crate::tree::MAX_PROCESSES {
             break;
         }
+        members.push(p);
+        if let Ok(kids) = crate::tree::children_of(p) {
+            todo.extend(kids);
+        }
+    }
+    crate::pidns::check_tree(kind, &members)?;
+    if kind != RootKind::Ours {
+        crate::pidns::check_whole(pid, &members)?;
+    }
+    for &p in &members {
         if p != pid && procfs::read_stat(p).map_or(true, |s| s.state == 'Z') {
             continue; // gone, or a zombie (nothing open)
         }
@@ -49,11 +61,8 @@ pub fn precheck(pid: i32) -> Result<(), CheckpointError> {
             Err(CheckpointError::NoSuchProcess(_)) if p != pid => continue,
             r => r?,
         };
-        if let Ok(kids) = crate::tree::children_of(p) {
-            todo.extend(kids);
-        }
     }
-    Ok(())
+    Ok(kind)
 }
 
 fn check_threads(pid: i32, threads: u64) -> Result<(), CheckpointError> {
@@ -69,8 +78,9 @@ fn check_threads(pid: i32, threads: u64) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// The inventory of an image taken now.
-pub fn inventory(pid: i32, compression: &Compression) -> proto::Inventory {
+/// The inventory of an image taken now, of the tree whose root is recorded as `pid`
+/// (`pid_namespace`: the tree is a whole pid namespace; see crate::pidns).
+pub fn inventory(pid: i32, pid_namespace: bool, compression: &Compression) -> proto::Inventory {
     let (kernel_release, hostname) = sys::uname();
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -88,6 +98,7 @@ pub fn inventory(pid: i32, compression: &Compression) -> proto::Inventory {
         root_pid: pid as u32,
         compression: compression.to_string(),
         xcr0: sys::xcr0(),
+        pid_namespace,
         ..Default::default()
     }
 }

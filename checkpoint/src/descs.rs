@@ -38,7 +38,11 @@ fn settle_unix_pairs(procs: &mut [proto::Process], files: &Files) -> Result<(), 
     if ends.is_empty() {
         return Ok(());
     }
-    let sockets = stasis_runtime::unix_diag::unix_sockets()?;
+    let first = ends
+        .values()
+        .next()
+        .map_or(0, |&(i, _)| procs[i].pid as i32);
+    let sockets = stasis_runtime::unix_diag::unix_sockets_of(first)?;
     let mut done = std::collections::BTreeSet::new();
     for (&id, &(i, j)) in &ends {
         let peer = procs[i].fds[j].socket_peer;

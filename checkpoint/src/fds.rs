@@ -34,11 +34,21 @@ pub fn collect_fds(pid: i32, ghosts: &mut Ghosts) -> Result<Vec<proto::Fd>, Chec
         }
     }
     fds.sort_unstable();
+    let root = process_root(pid)?;
     // The unix sockets of the namespace, dumped once (when the first socket fd is met).
     let mut unix = None;
     fds.into_iter()
-        .map(|fd| classify(pid, fd, ghosts, &mut unix))
+        .map(|fd| classify((pid, &root), fd, ghosts, &mut unix))
         .collect()
+}
+
+/// The root directory of process `pid` as its /proc link shows it: the paths of its files
+/// are found under /proc/PID/root once it is taken off (see procfs::path_in_root).
+pub fn process_root(pid: i32) -> Result<String, CheckpointError> {
+    procfs::read_link(&format!("/proc/{pid}/root")).map_err(|e| match e.errno() {
+        Some(libc::ENOENT) | Some(libc::ESRCH) => CheckpointError::NoSuchProcess(pid),
+        _ => e.into(),
+    })
 }
 
 /// A file in flight that no fd of the tree holds (`copy` is this process's copy of it),
@@ -68,7 +78,8 @@ pub fn in_flight_file(
     } else if !target.starts_with('/') {
         format!("a special file ({target})")
     } else {
-        let mut out = match classify(me, fd, &mut Ghosts::default(), &mut None) {
+        let root = process_root(me)?;
+        let mut out = match classify((me, &root), fd, &mut Ghosts::default(), &mut None) {
             Ok(out) if matches!(out.kind(), FdKind::Regular | FdKind::CharDevice) => out,
             Ok(_) | Err(CheckpointError::Unsupported { .. }) => {
                 return Err(refuse(&format!("{target}, which is not a regular file")))
@@ -84,8 +95,9 @@ pub fn in_flight_file(
     Err(refuse(&kind))
 }
 
+/// Classifies fd `fd` of process `pid`, whose root directory is `root`.
 fn classify(
-    pid: i32,
+    (pid, root): (i32, &str),
     fd: i32,
     ghosts: &mut Ghosts,
     unix: &mut Option<HashMap<u64, UnixSocket>>,
@@ -125,7 +137,7 @@ fn classify(
         // is settled once every process is collected.
         let unix = match unix {
             Some(m) => m,
-            None => unix.insert(unix_diag::unix_sockets()?),
+            None => unix.insert(unix_diag::unix_sockets_of(pid)?),
         };
         return match unix.get(&ino) {
             // A connected stream or seqpacket socket (a socketpair end, or either end of a
@@ -164,7 +176,7 @@ fn classify(
                     name: s.name.clone(),
                     sock_type: s.sock_type as u32,
                     backlog: if listening { s.wqueue } else { 0 },
-                    deleted: unix_name_deleted(&s.name, s.vfs_ino),
+                    deleted: unix_name_deleted((pid, root), &s.name, s.vfs_ino),
                 });
                 Ok(out)
             }
@@ -248,15 +260,21 @@ fn classify(
     }
 }
 
-/// Whether a socket bound to path `name` (abstract names start with NUL) no longer has its
-/// socket file there: unlinked, or replaced by another file.
-fn unix_name_deleted(name: &[u8], vfs_ino: Option<u64>) -> bool {
-    use std::os::unix::ffi::OsStrExt;
+/// Whether a socket bound to path `name` (abstract names start with NUL) by a process of
+/// `pid` (whose root is `root`) no longer has its socket file there: unlinked, or replaced by
+/// another file. The path is looked up as that process sees it.
+fn unix_name_deleted((pid, root): (i32, &str), name: &[u8], vfs_ino: Option<u64>) -> bool {
     let path = name.split(|b| *b == 0).next().unwrap_or_default();
     if path.is_empty() {
         return false;
     }
-    let meta = std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(path));
+    let meta = match std::str::from_utf8(path) {
+        Ok(p) => std::fs::symlink_metadata(procfs::path_in_root(pid, root, p)),
+        Err(_) => {
+            use std::os::unix::ffi::OsStrExt;
+            std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(path))
+        }
+    };
     match (meta, vfs_ino) {
         (Ok(m), Some(ino)) => m.ino() != ino || !m.file_type().is_socket(),
         (Ok(_), None) => false,
@@ -298,13 +316,14 @@ fn event_fd(pid: i32, fd: i32, kind: &str, out: &mut proto::Fd) -> Result<(), Ch
         "inotify" => {
             out.kind = FdKind::Inotify as i32;
             for m in e.inotify {
-                let path =
-                    files::path_of_handle(m.sdev, m.handle_type, &m.handle).map_err(|err| {
+                let path = files::path_of_handle(pid, m.sdev, m.handle_type, &m.handle).map_err(
+                    |err| {
                         CheckpointError::unsupported(
                             pid,
                             format!("fd {fd} (inotify) watch {}: {err}", m.wd),
                         )
-                    })?;
+                    },
+                )?;
                 if path.ends_with(" (deleted)") || !path.starts_with('/') {
                     return Err(CheckpointError::unsupported(
                         pid,

@@ -9,6 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Most threads one process may have for a checkpoint.
 pub const MAX_THREADS: usize = 1024;
 
+/// How long killed threads may take to die.
+const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One stopped thread.
 pub struct StoppedThread {
     pub tid: i32,
@@ -195,20 +198,50 @@ impl Frozen {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Kills the process (only once its image is committed) and waits until every thread
-    /// is gone.
-    pub fn kill(&mut self) -> Result<(), RuntimeError> {
+    /// Sends SIGKILL (only once its image is committed); [`Frozen::kill`] then waits.
+    pub fn signal_kill(&mut self) -> Result<(), RuntimeError> {
         self.done = true;
-        sys::kill(self.pid, libc::SIGKILL)?;
-        for t in self.threads.iter().rev() {
-            loop {
-                match ptrace::wait_stop(t.tid) {
-                    Ok(Stop::Killed(_)) | Ok(Stop::Exited(_)) => break,
-                    Ok(_) => {}
-                    Err(e) if e.errno() == Some(libc::ECHILD) => break,
-                    Err(e) => return Err(e),
+        match sys::kill(self.pid, libc::SIGKILL) {
+            // Already gone: a pid namespace's init took it along.
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Kills the process (only once its image is committed) and waits until every thread
+    /// is gone, in whatever order they go: the last thread of a pid namespace's init waits
+    /// until its other threads are collected (by us, their tracer), so waiting for it first
+    /// would wait forever.
+    pub fn kill(&mut self) -> Result<(), RuntimeError> {
+        self.signal_kill()?;
+        let mut left: Vec<i32> = self.threads.iter().map(|t| t.tid).collect();
+        let deadline = std::time::Instant::now() + KILL_TIMEOUT;
+        while !left.is_empty() {
+            let mut failed = None;
+            left.retain(|&tid| match ptrace::try_wait_stop(tid) {
+                Ok(Some(Stop::Killed(_))) | Ok(Some(Stop::Exited(_))) => false,
+                Ok(_) => true,
+                Err(e) if e.errno() == Some(libc::ECHILD) => false,
+                Err(e) if e.errno() == Some(libc::EINTR) => true,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    false
                 }
+            });
+            if let Some(e) = failed {
+                return Err(e);
             }
+            if left.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(RuntimeError::Protocol {
+                    op: "kill checkpointed process",
+                    pid: self.pid,
+                    what: format!("threads {left:?} did not die within {KILL_TIMEOUT:?}"),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
         }
         Ok(())
     }

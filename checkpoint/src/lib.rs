@@ -15,6 +15,7 @@ pub mod fds;
 pub mod freeze;
 pub mod ghosts;
 pub mod pages;
+pub mod pidns;
 pub mod sink;
 pub mod tcp;
 pub mod tree;
@@ -103,7 +104,7 @@ pub fn checkpoint_tree<S: ImageSink>(
     progress: Progress<'_>,
 ) -> Result<Stats, CheckpointError> {
     let t0 = Instant::now();
-    collect::precheck(pid)?;
+    let kind = collect::precheck(pid)?;
     // Declared before `frozen` so it is dropped after it: a Ctrl-C during the checkpoint
     // takes effect only once the process has been resumed or killed.
     let _signals = stasis_runtime::sys::TerminationSignalsBlocked::new()?;
@@ -113,6 +114,7 @@ pub fn checkpoint_tree<S: ImageSink>(
 
     let result = (|| -> Result<(Stats, S, Option<tcp::Repaired>), CheckpointError> {
         let tc = Instant::now();
+        let pids = pidns::PidView::of(&frozen, pid, kind)?;
         let mut ghosts = ghosts::Ghosts::default();
         let mut procs = Vec::with_capacity(frozen.procs.len() + frozen.zombies.len());
         for f in frozen.procs.iter_mut() {
@@ -124,10 +126,15 @@ pub fn checkpoint_tree<S: ImageSink>(
         procs[0].ghost_files = ghosts.files.clone();
         // Last before writing: from here the connections are off the network.
         let repaired = tcp::repair(&mut procs, opts.tcp_established)?;
-        let plan = pages::plan(&procs, &ghosts)?;
+        let mut plan = pages::plan(&procs, &ghosts)?;
+        // Everything above looks at the processes by host PID; the image holds the PIDs
+        // they see.
+        plan.set_process_ids(pids.process_ids(&procs));
+        pids.translate(&mut procs)?;
         let collect_us = tc.elapsed().as_micros() as u64;
         let tp = Instant::now();
-        let inventory = collect::inventory(pid, &opts.compression);
+        let inventory =
+            collect::inventory(pids.image_pid(pid)?, pids.is_namespace(), &opts.compression);
         let mut writer = ImageWriter::new(sink, &inventory, opts.compression)?;
         for p in &procs {
             writer.write_process(p)?;

@@ -48,6 +48,9 @@ struct Segment {
 /// What to save.
 pub struct DumpPlan {
     segments: Vec<Segment>,
+    /// Process spaces whose image id differs from the PID they are read through (a tree in
+    /// its own pid namespace): host PID → PID recorded in the image.
+    process_ids: BTreeMap<u64, u64>,
     objects: Vec<(String, File)>,
     pub pages_total: u64,
     pub pages_skipped: u64,
@@ -88,10 +91,27 @@ pub fn plan(
     let pages_total = segments.iter().map(|s| s.pages).sum();
     Ok(DumpPlan {
         segments,
+        process_ids: BTreeMap::new(),
         objects,
         pages_total,
         pages_skipped: skipped,
     })
+}
+
+impl DumpPlan {
+    /// Records process spaces under other ids than the PIDs they are read through: host
+    /// PID → image PID (identical pairs may be left out).
+    pub fn set_process_ids(&mut self, ids: BTreeMap<u64, u64>) {
+        self.process_ids = ids;
+    }
+
+    /// The id space `space_id` of kind `space` has in the image.
+    fn image_space_id(&self, space: SpaceKind, space_id: u64) -> u64 {
+        match space {
+            SpaceKind::Process => self.process_ids.get(&space_id).copied().unwrap_or(space_id),
+            _ => space_id,
+        }
+    }
 }
 
 /// Plans one process's private pages; notes its shared objects. Returns pages skipped.
@@ -285,7 +305,7 @@ pub fn dump<W: Write + Send>(
             for batch in rx {
                 writer.write_chunk_prehashed(
                     batch.space,
-                    batch.space_id,
+                    plan.image_space_id(batch.space, batch.space_id),
                     &batch.runs,
                     &batch.data,
                     batch.hash,

@@ -206,10 +206,18 @@ impl FrozenTree {
         first.map_or(Ok(()), Err)
     }
 
-    /// Kills every process (only once the image is committed).
+    /// Kills every process (only once the image is committed): all are sent SIGKILL first,
+    /// then waited for children first. A parent cannot finish dying before we have collected
+    /// its traced children's deaths (we are their tracer), and a pid namespace's init waits
+    /// for every other process of its namespace; waiting for it first would wait forever.
     pub fn kill(&mut self) -> Result<(), RuntimeError> {
         let mut first = None;
         for f in self.procs.iter_mut() {
+            if let Err(e) = f.signal_kill() {
+                first.get_or_insert(e);
+            }
+        }
+        for f in self.procs.iter_mut().rev() {
             if let Err(e) = f.kill() {
                 first.get_or_insert(e);
             }

@@ -3,7 +3,7 @@
 use crate::error::CheckpointError;
 use crate::ghosts::{is_ghost_link, Ghosts};
 use stasis_image::proto::{self, VmaKind};
-use stasis_runtime::procfs::MapEntry;
+use stasis_runtime::procfs::{self, MapEntry};
 use std::os::unix::fs::MetadataExt;
 
 /// VmFlags codes restore re-applies with madvise/mmap flags; others are informational.
@@ -15,11 +15,15 @@ pub fn classify(
     maps: &[MapEntry],
     ghosts: &mut Ghosts,
 ) -> Result<Vec<proto::Vma>, CheckpointError> {
-    maps.iter().map(|m| classify_one(pid, m, ghosts)).collect()
+    let root = crate::fds::process_root(pid)?;
+    maps.iter()
+        .map(|m| classify_one((pid, &root), m, ghosts))
+        .collect()
 }
 
+/// Classifies mapping `m` of process `pid`, whose root directory is `root`.
 fn classify_one(
-    pid: i32,
+    (pid, root): (i32, &str),
     m: &MapEntry,
     ghosts: &mut Ghosts,
 ) -> Result<proto::Vma, CheckpointError> {
@@ -53,7 +57,8 @@ fn classify_one(
             (kind, None)
         }
         n if n.starts_with('/') => {
-            let meta = std::fs::metadata(n)
+            // The path as the process sees it, which may be under another root.
+            let meta = std::fs::metadata(procfs::path_in_root(pid, root, n))
                 .map_err(|e| unsupported(&format!("cannot stat the mapped file: {e}")))?;
             if !meta.is_file() {
                 return Err(unsupported(

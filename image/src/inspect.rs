@@ -61,6 +61,8 @@ pub struct InventoryReport {
     pub hostname: String,
     pub page_size: u32,
     pub root_pid: u32,
+    /// The tree is a whole pid namespace: its PIDs are those it saw there.
+    pub pid_namespace: bool,
     pub compression: String,
     pub xcr0: String,
 }
@@ -643,6 +645,7 @@ pub fn report(image: &Image) -> InspectReport {
             hostname: inv.hostname.clone(),
             page_size: inv.page_size,
             root_pid: inv.root_pid,
+            pid_namespace: inv.pid_namespace,
             compression: inv.compression.clone(),
             xcr0: hex64(inv.xcr0),
         },
@@ -697,9 +700,14 @@ impl fmt::Display for InspectReport {
             "  source       {} (kernel {}), page size {}, xcr0 {}",
             i.hostname, i.kernel_release, i.page_size, i.xcr0
         )?;
+        let ns = if i.pid_namespace {
+            " (a whole pid namespace; PIDs as seen in it)"
+        } else {
+            ""
+        };
         writeln!(
             f,
-            "  workload     {}, root pid {}, compression {}",
+            "  workload     {}, root pid {}{ns}, compression {}",
             i.kind, i.root_pid, i.compression
         )?;
         if let Some(p) = &i.parent {

@@ -28,15 +28,14 @@ const MADVISE_FLAGS: [(&str, i32); 5] = [
     ("nh", libc::MADV_NOHUGEPAGE),
 ];
 
-/// Creates the tree, builds every process and lets them all run. On failure every process
-/// created is killed and reaped.
+/// Creates the tree, builds every process and lets them all run; returns what was written
+/// and the root's PID as the restorer sees it. On failure every process created is killed
+/// and reaped.
 pub fn apply(
     image: &Image,
     procs: &[&proto::Process],
     plan: crate::plan::Plan,
-    ghosts: &crate::ghosts::Recreated,
-    shmem: &crate::shmem::SharedObjects,
-) -> Result<Written, RestoreError> {
+) -> Result<(Written, i32), RestoreError> {
     let root = procs.first().map_or(0, |p| p.pid as i32);
     let tree = spawn::spawn_tree(&plan.spec).map_err(|source| RestoreError::Apply {
         pid: root,
@@ -44,28 +43,34 @@ pub fn apply(
     })?;
     // The tree holds its own copies now.
     drop(plan.descs);
+    let host_root = tree.root();
+    let last_of_table = last_of_each_fd_table(procs, &tree.procs);
     let mut built: Vec<Builder> = Vec::new();
     let mut written = Written::default();
     // Epoll descriptions whose watches are added (once, by the first process holding one).
     let mut epolls_done = std::collections::BTreeSet::new();
     let result = (|| {
-        for s in &tree.procs {
+        for (k, s) in tree.procs.iter().enumerate() {
             let p = procs
                 .iter()
-                .find(|p| p.pid as i32 == s.pid)
-                .ok_or_else(|| RestoreError::Invalid(format!("process {} is unknown", s.pid)))?;
+                .find(|p| p.pid as i32 == s.ns_pid)
+                .ok_or_else(|| RestoreError::Invalid(format!("process {} is unknown", s.ns_pid)))?;
             let mut b = Builder {
                 inj: Injector::new(s.pid, plan.spec.trampoline).map_err(|source| {
                     RestoreError::Apply {
-                        pid: s.pid,
+                        pid: s.ns_pid,
                         cause: source,
                     }
                 })?,
                 pid: s.pid,
+                ns_pid: s.ns_pid,
+                pid_ns: plan.spec.pid_ns.is_some(),
+                tids: vec![s.pid],
                 scratch: plan.spec.trampoline + PAGE_SIZE,
                 spec: &plan.spec,
-                shmem,
-                ghosts,
+                shmem_fds: &plan.shmem_fds,
+                ghost_fds: &plan.ghost_fds,
+                close_kept: last_of_table.contains(&k),
                 extra: Vec::new(),
             };
             let r = b.build(image, p, s.ctl_fd, &mut epolls_done);
@@ -83,7 +88,7 @@ pub fn apply(
         // Nothing runs until everything is built: a parent could otherwise see a child that
         // is not restored yet. Job-control-stopped processes go first and are seen stopped
         // before anything else runs; then children before parents, the root last.
-        let stopped = |b: &Builder| procs.iter().any(|p| p.pid as i32 == b.pid && p.stopped);
+        let stopped = |b: &Builder| procs.iter().any(|p| p.pid as i32 == b.ns_pid && p.stopped);
         for b in built.iter().filter(|b| stopped(b)) {
             b.release(true)?;
         }
@@ -98,30 +103,65 @@ pub fn apply(
     match result {
         Ok(()) => {
             tree.release();
-            Ok(written)
+            Ok((written, host_root))
         }
         Err(e) => {
             // Traced threads must be reaped before their group leader can be.
-            for b in &built {
-                let _ = stasis_runtime::sys::kill(b.pid, libc::SIGKILL);
-                for inj in &b.extra {
-                    let _ = ptrace::wait_stop(inj.pid());
-                }
-            }
-            drop(tree);
+            let threads: Vec<i32> = built
+                .iter()
+                .flat_map(|b| b.extra.iter().map(Injector::pid))
+                .collect();
+            tree.kill(&threads);
             Err(e)
         }
     }
 }
 
+/// Indexes (into `spawned`) of the processes built last among those sharing one fd table:
+/// they close the fds every process kept (TreeSpec::keep_fds) once they are done, and not
+/// before, or a process built later would find them closed in its shared table.
+fn last_of_each_fd_table(
+    procs: &[&proto::Process],
+    spawned: &[spawn::Spawned],
+) -> std::collections::BTreeSet<usize> {
+    let by_pid: std::collections::BTreeMap<u32, &proto::Process> =
+        procs.iter().map(|p| (p.pid, *p)).collect();
+    // A table is named by the process that owns it: the nearest ancestor (or itself) that
+    // does not share its parent's.
+    let owner = |pid: u32| {
+        let mut at = pid;
+        for _ in 0..procs.len() {
+            match by_pid.get(&at) {
+                Some(p) if p.files_shared_with_parent => at = p.ppid,
+                _ => break,
+            }
+        }
+        at
+    };
+    let mut last = std::collections::BTreeMap::new();
+    for (k, s) in spawned.iter().enumerate() {
+        last.insert(owner(s.ns_pid as u32), k);
+    }
+    last.into_values().collect()
+}
+
 struct Builder<'a> {
     inj: Injector,
+    /// Its PID as the restorer sees it (ptrace, /proc).
     pid: i32,
+    /// Its PID as it sees it (the image's; injected syscalls take this one).
+    ns_pid: i32,
+    /// It is in a pid namespace of its own (the two PIDs differ).
+    pid_ns: bool,
+    /// Host thread ids of its threads, in image order (main first), as they are created.
+    tids: Vec<i32>,
     scratch: u64,
     spec: &'a TreeSpec,
-    /// The shared memory objects, opened by each process through /proc/<stasis>/fd/N.
-    shmem: &'a crate::shmem::SharedObjects,
-    ghosts: &'a crate::ghosts::Recreated,
+    /// The fd each process kept of every shared memory object and ghost file it maps.
+    shmem_fds: &'a std::collections::BTreeMap<u64, i32>,
+    ghost_fds: &'a std::collections::BTreeMap<u32, i32>,
+    /// It closes the kept fds (see [`last_of_each_fd_table`]).
+    close_kept: bool,
     /// Injectors of the threads after the main one, in image order.
     extra: Vec<Injector>,
 }
@@ -129,7 +169,7 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn err(&self, source: RuntimeError) -> RestoreError {
         RestoreError::Apply {
-            pid: self.pid,
+            pid: self.ns_pid,
             cause: source,
         }
     }
@@ -140,10 +180,26 @@ impl Builder<'_> {
         nr: libc::c_long,
         args: &[u64],
     ) -> Result<u64, RestoreError> {
-        let pid = self.pid;
+        let pid = self.ns_pid;
         self.inj
             .call(name, nr, args)
             .map_err(|source| RestoreError::Apply { pid, cause: source })
+    }
+
+    /// The fd this process kept of shared memory object `id` or ghost file `ghost`.
+    fn kept_fd(&self, shmem: Option<u64>, ghost: Option<u32>) -> Result<u64, RestoreError> {
+        let fd = match (shmem, ghost) {
+            (Some(id), _) => self.shmem_fds.get(&id),
+            (None, Some(id)) => self.ghost_fds.get(&id),
+            (None, None) => None,
+        };
+        fd.map(|&fd| fd as u64).ok_or_else(|| {
+            RestoreError::Invalid(format!(
+                "process {}: a mapped object (shared memory {shmem:?}, ghost file {ghost:?}) was \
+                 not prepared",
+                self.ns_pid
+            ))
+        })
     }
 
     fn poke(&self, off: u64, bytes: &[u8]) -> Result<u64, RestoreError> {
@@ -192,6 +248,12 @@ impl Builder<'_> {
         // before the target maps its own executable, which may be the same file.
         self.set_mm(p)?;
         let fixups = self.map_vmas(p)?;
+        if self.close_kept {
+            // Mapped: the objects stay reachable through the mappings alone.
+            for &fd in &self.spec.keep_fds {
+                self.call("close(kept fd)", libc::SYS_close, &[fd as u64])?;
+            }
+        }
         let written = pages::write_pages(image, p, self.pid)?;
         self.finish_vmas(&fixups)?;
         self.set_sigactions(p)?;
@@ -232,7 +294,7 @@ impl Builder<'_> {
         }
         self.set_sched(p)?;
         for (i, th) in p.threads.iter().enumerate() {
-            let tid = th.tid as i32;
+            let tid = self.tids[i];
             ptrace::set_xstate(tid, &th.xstate).map_err(|e| self.err(e))?;
             ptrace::set_sigmask(tid, th.sigmask).map_err(|e| self.err(e))?;
             if i > 0 {
@@ -386,7 +448,13 @@ impl Builder<'_> {
                     what: format!("asked for thread id {}, got {got}", t.tid),
                 }));
             }
-            let tid = t.tid as i32;
+            // The thread id it sees came back; the one to trace it by is the kernel's word.
+            let tid = if self.pid_ns {
+                stasis_runtime::pidns::host_tid(main, t.tid as i32).map_err(|e| self.err(e))?
+            } else {
+                t.tid as i32
+            };
+            self.tids.push(tid);
             loop {
                 match ptrace::wait_stop(tid).map_err(|e| self.err(e))? {
                     ptrace::Stop::EventStop(_) => break,
@@ -570,14 +638,9 @@ impl Builder<'_> {
                 }
                 VmaKind::AnonShared => {
                     // The object made once for the tree, at its offset: shared again.
-                    let path = format!(
-                        "/proc/{}/fd/{}",
-                        std::process::id(),
-                        self.shmem.fd(v.shmem_id)?
-                    );
-                    let open = ("openat(shared memory)", path.as_str(), libc::O_RDWR);
-                    let map = (rw, libc::MAP_SHARED as u64 | fixed);
-                    self.mmap_file(open, v, map)?;
+                    let fd = self.kept_fd(Some(v.shmem_id), None)?;
+                    let flags = libc::MAP_SHARED as u64 | fixed;
+                    self.mmap(v.start, len, rw, flags, fd, v.pgoff)?;
                     fixups.push((v.start, len, v.prot));
                 }
                 VmaKind::FilePrivate | VmaKind::FileShared => {
@@ -588,17 +651,19 @@ impl Builder<'_> {
                     } else {
                         libc::O_RDONLY
                     };
-                    let path = if v.ghost_id != 0 {
-                        self.ghosts.path_for(v.ghost_id)?
-                    } else {
-                        v.path.clone()
-                    };
                     let map = if shared {
                         (v.prot, libc::MAP_SHARED as u64 | fixed)
                     } else {
                         (v.prot | rw, libc::MAP_PRIVATE as u64 | fixed)
                     };
-                    self.mmap_file(("openat(mapped file)", path.as_str(), oflags), v, map)?;
+                    if v.ghost_id != 0 {
+                        // Its fd was kept (opened for reading and writing).
+                        let fd = self.kept_fd(None, Some(v.ghost_id))?;
+                        self.mmap(v.start, len, map.0, map.1, fd, v.pgoff)?;
+                    } else {
+                        let open = ("openat(mapped file)", v.path.as_str(), oflags);
+                        self.mmap_file(open, v, map)?;
+                    }
                     if !shared {
                         fixups.push((v.start, len, v.prot));
                     }
@@ -781,7 +846,8 @@ impl Builder<'_> {
                 continue;
             }
             let at = self.poke(SCR_MISC, &sig.siginfo)?;
-            let pid = self.pid as u64;
+            // Injected: the PID it sees.
+            let pid = self.ns_pid as u64;
             if tid == 0 {
                 self.call(
                     "rt_sigqueueinfo",
@@ -886,7 +952,7 @@ impl Builder<'_> {
     fn set_sched(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
         let pid = self.pid;
         // Applied to every thread (the image keeps the main thread's values).
-        for tid in p.threads.iter().map(|t| t.tid as i32) {
+        for tid in self.tids.clone() {
             if let Some(s) = &p.sched {
                 let param = libc::sched_param {
                     sched_priority: s.priority as i32,

@@ -39,8 +39,13 @@ fn timespec(ns: u64) -> libc::timespec {
     }
 }
 
-/// Creates the object in this process (close-on-exec).
-pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError> {
+/// Creates the object in this process (close-on-exec); names on the filesystem (inotify
+/// watches, unix socket paths) are under `opts`'s root.
+pub fn create(
+    p: &proto::Process,
+    f: &proto::Fd,
+    opts: &crate::Options,
+) -> Result<OwnedFd, RestoreError> {
     match f.kind() {
         FdKind::Eventfd => {
             let mut flags = libc::EFD_CLOEXEC;
@@ -118,7 +123,7 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError
         }
         FdKind::TcpListen => tcp_listener(p, f),
         FdKind::Udp => udp_socket(p, f),
-        FdKind::UnixListen | FdKind::UnixBound => unix_listener(p, f),
+        FdKind::UnixListen | FdKind::UnixBound => unix_listener(p, f, opts),
         FdKind::Inotify => {
             // SAFETY: inotify_init1 takes no pointers.
             let fd = own(
@@ -127,7 +132,7 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError
                 f,
                 "inotify_init1",
             )?;
-            add_inotify_watches(p, f, fd.as_raw_fd())?;
+            add_inotify_watches(p, f, fd.as_raw_fd(), opts)?;
             Ok(fd)
         }
         other => Err(RestoreError::Invalid(format!(
@@ -139,7 +144,12 @@ pub fn create(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError
 
 /// Adds the watches in wd order so each gets its old wd: a new instance hands out wds 1, 2,
 /// ... in turn, so a gap is skipped by adding and removing a watch on "/".
-fn add_inotify_watches(p: &proto::Process, f: &proto::Fd, fd: i32) -> Result<(), RestoreError> {
+fn add_inotify_watches(
+    p: &proto::Process,
+    f: &proto::Fd,
+    fd: i32,
+    opts: &crate::Options,
+) -> Result<(), RestoreError> {
     let mut watches: Vec<&proto::InotifyWatch> = f.inotify_watches.iter().collect();
     watches.sort_by_key(|w| w.wd);
     let root = c"/";
@@ -161,9 +171,9 @@ fn add_inotify_watches(p: &proto::Process, f: &proto::Fd, fd: i32) -> Result<(),
             unsafe { libc::inotify_rm_watch(fd, burn) };
             next = burn + 1;
         }
-        let path = std::ffi::CString::new(w.path.as_str()).map_err(|_| {
-            RestoreError::Invalid(format!("inotify watch path {:?} holds NUL", w.path))
-        })?;
+        let path = std::ffi::CString::new(opts.host_path(&w.path).as_os_str().as_bytes()).map_err(
+            |_| RestoreError::Invalid(format!("inotify watch path {:?} holds NUL", w.path)),
+        )?;
         // SAFETY: path is a valid C string.
         let got = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), w.mask) };
         if got != w.wd {
@@ -286,8 +296,24 @@ fn udp_socket(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError
 
 /// A unix listener (or an unconnected socket) bound to its old name again. A socket file
 /// left at the path by the dead original is removed first (only a socket file: anything
-/// else there is an error).
-fn unix_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError> {
+/// else there is an error). Under another root than "/", all of that is done from a thread
+/// chrooted there (in the process's working directory, for a relative name): the socket
+/// must get exactly its old name, which a path under the root would not be (and might not
+/// fit in sun_path).
+fn unix_listener(
+    p: &proto::Process,
+    f: &proto::Fd,
+    opts: &crate::Options,
+) -> Result<OwnedFd, RestoreError> {
+    let Some(root) = opts.root_dir() else {
+        return unix_listener_here(p, f);
+    };
+    stasis_runtime::sys::with_root(root, &p.cwd, || unix_listener_here(p, f))
+        .map_err(|e| RestoreError::Unsupported(format!("process {}: fd {}: {e}", p.pid, f.fd)))?
+}
+
+/// [`unix_listener`] with names resolved as this thread resolves them.
+fn unix_listener_here(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError> {
     use std::os::unix::fs::FileTypeExt;
     let u = f.unix_listen.as_ref().ok_or_else(|| {
         RestoreError::Invalid(format!(

@@ -1,6 +1,7 @@
 //! Recreating ghost files (deleted while open, memfds) before the process is built. They are
-//! held open by stasis, and the new process opens them through /proc/<stasis>/fd/N, which
-//! works for files that have no name.
+//! held open by stasis: fds of the tree reopen them through /proc/<stasis>/fd/N, which works
+//! for files that have no name, and the processes that map one inherit stasis's fd of it
+//! (see plan::Plan::ghost_fds), since the /proc they see may not show stasis at all.
 
 use crate::error::RestoreError;
 use stasis_image::proto::{self, RunKind, SpaceKind};
@@ -17,18 +18,28 @@ pub struct Recreated {
 }
 
 impl Recreated {
-    /// A path that opens ghost `id` from any process allowed to look at stasis.
+    /// A path that opens ghost `id` from stasis (or any process seeing stasis's /proc).
     pub fn path_for(&self, id: u32) -> Result<String, RestoreError> {
+        Ok(format!("/proc/{}/fd/{}", std::process::id(), self.fd(id)?))
+    }
+
+    /// Stasis's fd of ghost `id` (open for reading and writing).
+    pub fn fd(&self, id: u32) -> Result<i32, RestoreError> {
         let (_, f) =
             self.files.iter().find(|(i, _)| *i == id).ok_or_else(|| {
                 RestoreError::Invalid(format!("ghost file {id} is not in the image"))
             })?;
-        Ok(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
+        Ok(f.as_raw_fd())
     }
 }
 
-/// Recreates every ghost file of the processes (each once) with its contents and seals.
-pub fn recreate(image: &Image, procs: &[&proto::Process]) -> Result<Recreated, RestoreError> {
+/// Recreates every ghost file of the processes (each once) with its contents and seals; a
+/// deleted file is made at its old path under `opts`'s root.
+pub fn recreate(
+    image: &Image,
+    procs: &[&proto::Process],
+    opts: &crate::Options,
+) -> Result<Recreated, RestoreError> {
     let mut out = Recreated::default();
     for g in procs.iter().flat_map(|p| p.ghost_files.iter()) {
         if out.files.iter().any(|(id, _)| *id == g.id) {
@@ -37,7 +48,7 @@ pub fn recreate(image: &Image, procs: &[&proto::Process]) -> Result<Recreated, R
         let file = if g.memfd {
             memfd(g)?
         } else {
-            unlinked_file(g)?
+            unlinked_file(g, &opts.host_path(&g.path))?
         };
         let what = |e: std::io::Error| {
             RestoreError::Unsupported(format!("recreating ghost file {}: {e}", g.path))
@@ -94,27 +105,26 @@ fn memfd(g: &proto::GhostFile) -> Result<File, RestoreError> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// A file at its old path, unlinked at once (so /proc shows "PATH (deleted)" as before);
-/// if that path is taken again, an unnamed file (O_TMPFILE) in the same directory.
-fn unlinked_file(g: &proto::GhostFile) -> Result<File, RestoreError> {
+/// A file at its old path (`at`, the path as the restorer reaches it), unlinked at once (so
+/// /proc shows "PATH (deleted)" as before); if that path is taken again, an unnamed file
+/// (O_TMPFILE) in the same directory.
+fn unlinked_file(g: &proto::GhostFile, at: &std::path::Path) -> Result<File, RestoreError> {
     let mode = g.mode & 0o7777;
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(mode)
-        .open(&g.path)
+        .open(at)
     {
         Ok(f) => {
-            std::fs::remove_file(&g.path).map_err(|e| {
+            std::fs::remove_file(at).map_err(|e| {
                 RestoreError::Unsupported(format!("unlinking recreated {}: {e}", g.path))
             })?;
             Ok(f)
         }
         Err(_) => {
-            let dir = std::path::Path::new(&g.path)
-                .parent()
-                .unwrap_or(std::path::Path::new("/"));
+            let dir = at.parent().unwrap_or(std::path::Path::new("/"));
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -6,7 +6,7 @@ use crate::shmem::SharedObjects;
 use crate::Options;
 use stasis_image::proto::{self, FdKind, VmaKind};
 use stasis_runtime::procfs;
-use stasis_runtime::spawn::{Exit, FdPlan, ProcSpec, TreeSpec};
+use stasis_runtime::spawn::{Exit, FdPlan, NewPidNs, ProcSpec, TreeSpec};
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -30,22 +30,35 @@ pub struct Plan {
     /// Rebuilt TCP connections, still in repair mode: each with the bytes never sent and a
     /// name, finished (tcp_repair::finish) once the whole tree is built.
     pub tcp: Vec<(OwnedFd, Vec<u8>, String)>,
+    /// The fd every process keeps (TreeSpec::keep_fds) of each shared memory object and
+    /// ghost file some process maps: it maps that fd itself, since the /proc it sees may not
+    /// show the restorer (a new pid namespace with its own /proc).
+    pub shmem_fds: BTreeMap<u64, i32>,
+    pub ghost_fds: BTreeMap<u32, i32>,
 }
 
 fn cstr(s: &str, what: &str) -> Result<CString, RestoreError> {
     CString::new(s).map_err(|_| RestoreError::Invalid(format!("{what} {s:?} contains a NUL byte")))
 }
 
+fn path_cstr(path: &std::path::Path, what: &str) -> Result<CString, RestoreError> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        RestoreError::Invalid(format!("{what} {} contains a NUL byte", path.display()))
+    })
+}
+
 fn os_err(what: String) -> RestoreError {
     RestoreError::Unsupported(format!("{what}: {}", std::io::Error::last_os_error()))
 }
 
-/// Builds the plan for `procs` (image order: every parent before its children).
+/// Builds the plan for `procs` (image order: every parent before its children); `pid_ns`:
+/// the image is of a whole pid namespace, made anew with what `opts.pid_namespace` says.
 pub fn plan(
     procs: &[&proto::Process],
     opts: &Options,
-    ghosts: &crate::ghosts::Recreated,
-    shmem: &SharedObjects,
+    (ghosts, shmem): (&crate::ghosts::Recreated, &SharedObjects),
+    pid_ns: bool,
 ) -> Result<Plan, RestoreError> {
     raise_nofile();
     let max_target = procs
@@ -69,15 +82,21 @@ pub fn plan(
     };
     for p in procs {
         for pipe in &p.pipes {
-            d.create_pipe(p, pipe)?;
+            d.create_pipe(p, pipe, opts)?;
         }
         for pair in &p.unix_pairs {
             d.create_unix_pair(p, pair)?;
         }
     }
-    for p in procs {
-        for v in p.vmas.iter().filter(|v| v.kind() == VmaKind::AnonShared) {
-            shmem.fd(v.shmem_id)?;
+    let mut shmem_fds = BTreeMap::new();
+    let mut ghost_fds = BTreeMap::new();
+    for v in procs.iter().flat_map(|p| p.vmas.iter()) {
+        if v.kind() == VmaKind::AnonShared && !shmem_fds.contains_key(&v.shmem_id) {
+            let fd = d.place(shmem.fd(v.shmem_id)?, "shared memory object")?;
+            shmem_fds.insert(v.shmem_id, fd);
+        } else if v.ghost_id != 0 && !ghost_fds.contains_key(&v.ghost_id) {
+            let fd = d.place(ghosts.fd(v.ghost_id)?, "ghost file")?;
+            ghost_fds.insert(v.ghost_id, fd);
         }
     }
     let ours = procfs::read_limits(std::process::id() as i32)?;
@@ -93,14 +112,36 @@ pub fn plan(
     link_tree(procs, &mut specs)?;
     let len = stasis_runtime::PAGE_SIZE + SCRATCH_LEN;
     let trampoline = find_trampoline(procs, len)?;
+    let pid_ns = pid_ns.then(|| {
+        let ns = opts.pid_namespace.as_ref();
+        NewPidNs {
+            join: ns.map_or(Vec::new(), |n| {
+                n.join.iter().map(|f| f.as_raw_fd()).collect()
+            }),
+            mount_proc: ns.is_some_and(|n| n.mount_proc),
+            cgroup_procs: ns.map_or(Vec::new(), |n| {
+                n.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect()
+            }),
+        }
+    });
+    let mut keep_fds: Vec<i32> = shmem_fds
+        .values()
+        .chain(ghost_fds.values())
+        .copied()
+        .collect();
+    keep_fds.sort_unstable();
     Ok(Plan {
         spec: TreeSpec {
             procs: specs,
             trampoline,
             scratch_len: SCRATCH_LEN,
+            keep_fds,
+            pid_ns,
         },
         descs: d.fds,
         tcp: d.tcp,
+        shmem_fds,
+        ghost_fds,
     })
 }
 
@@ -157,7 +198,12 @@ impl Descs {
         self.place(owned.as_raw_fd(), what)
     }
 
-    fn create_pipe(&mut self, p: &proto::Process, pipe: &proto::Pipe) -> Result<(), RestoreError> {
+    fn create_pipe(
+        &mut self,
+        p: &proto::Process,
+        pipe: &proto::Pipe,
+        opts: &Options,
+    ) -> Result<(), RestoreError> {
         let fifo = !pipe.fifo_path.is_empty();
         if self.pipes.contains_key(&(fifo, pipe.id)) {
             return Err(RestoreError::Invalid(format!(
@@ -168,7 +214,7 @@ impl Descs {
         let (rd, wr) = if fifo {
             // A holder open for both reading and writing: no open of it can block, and its
             // buffer must be empty (nobody else may have it open).
-            let c = cstr(&pipe.fifo_path, "FIFO path")?;
+            let c = path_cstr(&opts.host_path(&pipe.fifo_path), "FIFO path")?;
             // SAFETY: c is a valid C string.
             let raw = unsafe {
                 libc::open(
@@ -353,11 +399,11 @@ impl Descs {
         let fd = match f.kind() {
             FdKind::Regular | FdKind::CharDevice => {
                 let path = if f.ghost_id != 0 {
-                    ghosts.path_for(f.ghost_id)?
+                    ghosts.path_for(f.ghost_id)?.into()
                 } else {
-                    f.path.clone()
+                    opts.host_path(&f.path)
                 };
-                let c = cstr(&path, "file path")?;
+                let c = path_cstr(&path, "file path")?;
                 // SAFETY: c is a valid C string; open returns a new fd or -1.
                 let raw = unsafe { libc::open(c.as_ptr(), open_flags | libc::O_CLOEXEC, 0) };
                 let what = format!("process {}: opening fd {} ({})", p.pid, f.fd, f.path);
@@ -415,7 +461,7 @@ impl Descs {
                         p.pid, f.fd, f.path
                     )));
                 }
-                let c = cstr(&f.path, "FIFO path")?;
+                let c = path_cstr(&opts.host_path(&f.path), "FIFO path")?;
                 let acc = (f.flags & libc::O_ACCMODE as u32) as i32;
                 // SAFETY: c is a valid C string.
                 let raw =
@@ -442,7 +488,7 @@ impl Descs {
             | FdKind::UnixListen
             | FdKind::UnixBound
             | FdKind::Udp => {
-                let made = crate::events::create(p, f)?;
+                let made = crate::events::create(p, f, opts)?;
                 let fd =
                     self.place(made.as_raw_fd(), &format!("process {}: fd {}", p.pid, f.fd))?;
                 fd

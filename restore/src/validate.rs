@@ -1,6 +1,7 @@
 //! Everything checked before the first change: the image's consistency and this machine.
 
 use crate::error::RestoreError;
+use crate::Options;
 use stasis_image::proto::{self, VmaKind};
 use stasis_image::Image;
 use stasis_runtime::procfs::{self, MapEntry};
@@ -13,6 +14,77 @@ pub const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 
 /// Most processes one image may hold.
 pub const MAX_PROCESSES: usize = 4096;
+
+/// Highest PID in a new pid namespace (the kernel's PID_MAX_LIMIT on 64-bit).
+pub const NS_PID_MAX: i32 = 4 * 1024 * 1024;
+
+/// The network namespace among the namespaces to join, if any.
+pub fn net_to_join(opts: &Options) -> Result<Option<std::os::fd::BorrowedFd<'_>>, RestoreError> {
+    use std::os::fd::AsFd;
+    let Some(ns) = &opts.pid_namespace else {
+        return Ok(None);
+    };
+    for fd in &ns.join {
+        if stasis_runtime::pidns::ns_type(fd.as_fd())? == libc::CLONE_NEWNET {
+            return Ok(Some(fd.as_fd()));
+        }
+    }
+    Ok(None)
+}
+
+/// The restore options fit the image: a pid namespace to enter only for a pid-namespace
+/// image, namespace files of kinds the new root can join, /proc mounted only inside a
+/// joined mount namespace, and an existing root directory.
+pub fn options(opts: &Options, pid_namespace: bool) -> Result<(), RestoreError> {
+    use std::os::fd::AsFd;
+    if let Some(root) = &opts.root {
+        if !root.is_dir() {
+            return Err(RestoreError::Unsupported(format!(
+                "the root directory {} the image's paths should resolve under is not a directory",
+                root.display()
+            )));
+        }
+    }
+    let Some(ns) = &opts.pid_namespace else {
+        return Ok(());
+    };
+    if !pid_namespace {
+        return Err(RestoreError::Unsupported(
+            "namespaces to join were given, but the image is of a tree in stasis's own pid \
+             namespace, which is restored into this one (only an image of a whole pid \
+             namespace gets a new one)"
+                .into(),
+        ));
+    }
+    let mut mount = false;
+    for (i, fd) in ns.join.iter().enumerate() {
+        let kind = stasis_runtime::pidns::ns_type(fd.as_fd())
+            .map_err(|e| RestoreError::Unsupported(format!("namespace file #{i} to join: {e}")))?;
+        match kind {
+            libc::CLONE_NEWPID | libc::CLONE_NEWUSER => {
+                return Err(RestoreError::Unsupported(format!(
+                    "namespace file #{i} to join is a {} namespace, which the new pid \
+                     namespace's root cannot join",
+                    if kind == libc::CLONE_NEWPID {
+                        "pid"
+                    } else {
+                        "user"
+                    }
+                )))
+            }
+            libc::CLONE_NEWNS => mount = true,
+            _ => {}
+        }
+    }
+    if ns.mount_proc && !mount {
+        return Err(RestoreError::Unsupported(
+            "mounting a fresh /proc needs a mount namespace to join (it would cover the \
+             host's /proc otherwise)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
 
 /// The processes of a process-tree image, root first (every parent before its children).
 pub fn processes(image: &Image) -> Result<Vec<&proto::Process>, RestoreError> {
@@ -37,6 +109,12 @@ pub fn processes(image: &Image) -> Result<Vec<&proto::Process>, RestoreError> {
                 p.pid, inv.root_pid
             )))
         }
+        Some(p) if inv.pid_namespace && p.pid != 1 => {
+            return Err(RestoreError::Invalid(format!(
+                "the image is of a whole pid namespace, but its root is PID {}, not 1",
+                p.pid
+            )))
+        }
         Some(_) => {}
     }
     if procs.len() > MAX_PROCESSES {
@@ -53,16 +131,31 @@ pub fn ghost_files<'a>(procs: &[&'a proto::Process]) -> Vec<&'a proto::GhostFile
     procs.iter().flat_map(|p| p.ghost_files.iter()).collect()
 }
 
-/// Checks the process record and this machine.
+/// The highest PID the image's tasks may have: the host's pid_max, or the limit of a new pid
+/// namespace for a pid-namespace image.
+fn pid_max(image: &Image) -> Result<i32, RestoreError> {
+    if image.inventory().pid_namespace {
+        Ok(NS_PID_MAX)
+    } else {
+        Ok(sys::pid_max()?)
+    }
+}
+
+/// Checks the process record and this machine (paths under `opts`'s root).
 pub fn process(
     image: &Image,
     p: &proto::Process,
     ghosts: &[&proto::GhostFile],
+    opts: &Options,
 ) -> Result<(), RestoreError> {
     let pid = p.pid as i32;
     let invalid = |what: String| RestoreError::Invalid(format!("process {pid}: {what}"));
-    if pid <= 1 || pid > sys::pid_max()? {
-        return Err(invalid(format!("PID {pid} is outside 2..=pid_max")));
+    let pid_max = pid_max(image)?;
+    // PID 1 is the root of a pid-namespace image (checked in processes()) and nobody else.
+    let inv = image.inventory();
+    let ns_init = inv.pid_namespace && pid == 1 && inv.root_pid == 1;
+    if !ns_init && !(2..=pid_max).contains(&pid) {
+        return Err(invalid(format!("PID {pid} is outside 2..={pid_max}")));
     }
     if p.zombie {
         if !p.threads.is_empty() || !p.vmas.is_empty() || !p.fds.is_empty() {
@@ -92,8 +185,8 @@ pub fn process(
     let mut tids: Vec<u32> = p.threads.iter().map(|t| t.tid).collect();
     tids.sort_unstable();
     tids.dedup();
-    let pid_max = sys::pid_max()? as i64;
-    if tids.len() != p.threads.len() || tids.iter().any(|t| *t <= 1 || *t as i64 > pid_max) {
+    let out_of_range = |t: u32| (t <= 1 && t != p.pid) || t as i64 > pid_max as i64;
+    if tids.len() != p.threads.len() || tids.iter().any(|&t| out_of_range(t)) {
         return Err(invalid("thread ids are repeated or out of range".into()));
     }
     for t in &p.threads {
@@ -111,7 +204,7 @@ pub fn process(
             p.root
         )));
     }
-    if !std::path::Path::new(&p.root).is_dir() {
+    if !opts.host_path(&p.root).is_dir() {
         return Err(RestoreError::Unsupported(format!(
             "process {pid}: its root directory {} does not exist",
             p.root
@@ -119,7 +212,7 @@ pub fn process(
     }
     check_vmas(pid, &p.vmas)?;
     check_vdso(p)?;
-    check_files(p, ghosts)?;
+    check_files(p, ghosts, opts)?;
     Ok(())
 }
 
@@ -228,7 +321,11 @@ fn check_vdso(p: &proto::Process) -> Result<(), RestoreError> {
     Ok(())
 }
 
-fn check_files(p: &proto::Process, ghosts: &[&proto::GhostFile]) -> Result<(), RestoreError> {
+fn check_files(
+    p: &proto::Process,
+    ghosts: &[&proto::GhostFile],
+    opts: &Options,
+) -> Result<(), RestoreError> {
     let pid = p.pid;
     for v in &p.vmas {
         if v.ghost_id != 0 {
@@ -241,7 +338,7 @@ fn check_files(p: &proto::Process, ghosts: &[&proto::GhostFile]) -> Result<(), R
             continue;
         }
         if matches!(v.kind(), VmaKind::FilePrivate | VmaKind::FileShared) {
-            let meta = std::fs::metadata(&v.path).map_err(|e| {
+            let meta = std::fs::metadata(opts.host_path(&v.path)).map_err(|e| {
                 RestoreError::Unsupported(format!("process {pid}: mapped file {}: {e}", v.path))
             })?;
             if let Some(f) = &v.file {
@@ -272,7 +369,7 @@ fn check_files(p: &proto::Process, ghosts: &[&proto::GhostFile]) -> Result<(), R
         }
         if f.kind() == proto::FdKind::Fifo {
             use std::os::unix::fs::FileTypeExt;
-            match std::fs::metadata(&f.path) {
+            match std::fs::metadata(opts.host_path(&f.path)) {
                 Ok(m) if m.file_type().is_fifo() => {}
                 _ => {
                     return Err(RestoreError::Unsupported(format!(
@@ -283,7 +380,7 @@ fn check_files(p: &proto::Process, ghosts: &[&proto::GhostFile]) -> Result<(), R
             }
         }
         if matches!(f.kind(), proto::FdKind::Regular | proto::FdKind::CharDevice) {
-            if let Err(e) = std::fs::metadata(&f.path) {
+            if let Err(e) = std::fs::metadata(opts.host_path(&f.path)) {
                 return Err(RestoreError::Unsupported(format!(
                     "process {pid}: fd {} was {}: {e}",
                     f.fd, f.path
@@ -291,13 +388,13 @@ fn check_files(p: &proto::Process, ghosts: &[&proto::GhostFile]) -> Result<(), R
             }
         }
     }
-    if std::fs::metadata(&p.exe_path).is_err() {
+    if std::fs::metadata(opts.host_path(&p.exe_path)).is_err() {
         return Err(RestoreError::Unsupported(format!(
             "process {pid}: executable {} does not exist",
             p.exe_path
         )));
     }
-    if std::fs::metadata(&p.cwd).is_err() {
+    if std::fs::metadata(opts.host_path(&p.cwd)).is_err() {
         return Err(RestoreError::Unsupported(format!(
             "process {pid}: working directory {} does not exist",
             p.cwd
@@ -309,7 +406,7 @@ fn check_files(p: &proto::Process, ghosts: &[&proto::GhostFile]) -> Result<(), R
 /// The files in flight on the tree's unix sockets: each attached to a message that exists,
 /// and each a description some fd of the image has, or a regular file (or device) that
 /// exists to be opened again.
-pub fn unix_pairs(procs: &[&proto::Process]) -> Result<(), RestoreError> {
+pub fn unix_pairs(procs: &[&proto::Process], opts: &Options) -> Result<(), RestoreError> {
     use std::collections::BTreeSet;
     let descs: BTreeSet<u32> = procs
         .iter()
@@ -350,7 +447,7 @@ pub fn unix_pairs(procs: &[&proto::Process]) -> Result<(), RestoreError> {
                     }
                     for f in &a.files {
                         match (f.desc_id, &f.file) {
-                            (0, Some(file)) => check_in_flight_file(p, pair, file)?,
+                            (0, Some(file)) => check_in_flight_file(p, pair, file, opts)?,
                             (id, None) if descs.contains(&id) => {}
                             (0, None) => {
                                 return Err(invalid("a file in flight is not described".into()))
@@ -380,6 +477,7 @@ fn check_in_flight_file(
     p: &proto::Process,
     pair: &proto::UnixPair,
     file: &proto::Fd,
+    opts: &Options,
 ) -> Result<(), RestoreError> {
     let kind = file.kind();
     if !matches!(kind, proto::FdKind::Regular | proto::FdKind::CharDevice)
@@ -392,7 +490,7 @@ fn check_in_flight_file(
             p.pid, pair.id, file.path
         )));
     }
-    std::fs::metadata(&file.path).map_err(|e| {
+    std::fs::metadata(opts.host_path(&file.path)).map_err(|e| {
         RestoreError::Unsupported(format!(
             "process {}: file {} was in flight on unix socket {}: {e}",
             p.pid, file.path, pair.id
@@ -451,9 +549,50 @@ mod tests {
         }
     }
 
+    fn joining(kinds: &[&str], mount_proc: bool) -> Options {
+        let join = kinds
+            .iter()
+            .map(|k| {
+                std::fs::File::open(format!("/proc/self/ns/{k}"))
+                    .unwrap()
+                    .into()
+            })
+            .collect();
+        Options {
+            pid_namespace: Some(crate::PidNamespace {
+                join,
+                mount_proc,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn namespace_options_must_fit_the_image() {
+        assert!(options(&joining(&["uts", "net", "mnt"], true), true).is_ok());
+        assert!(options(&Options::default(), false).is_ok());
+        let bad = [
+            (joining(&["uts"], false), false, "own pid namespace"),
+            (joining(&["pid"], false), true, "a pid namespace"),
+            (joining(&["user"], false), true, "a user namespace"),
+            (joining(&["uts"], true), true, "needs a mount namespace"),
+        ];
+        for (opts, pid_ns, needle) in bad {
+            let err = options(&opts, pid_ns).expect_err(needle).to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let missing = Options {
+            root: Some("/nonexistent-stasis-root".into()),
+            ..Default::default()
+        };
+        assert!(options(&missing, false).is_err());
+    }
+
     #[test]
     fn files_in_flight_must_name_what_the_image_holds() {
-        assert!(unix_pairs(&[&tree(vec![held(0, 1)])]).is_ok());
+        let opts = Options::default();
+        assert!(unix_pairs(&[&tree(vec![held(0, 1)])], &opts).is_ok());
         let bad = [
             (vec![held(0, 7)], "description 7"),
             (vec![held(1, 1)], "no such message"),
@@ -468,7 +607,7 @@ mod tests {
             ),
         ];
         for (attached, needle) in bad {
-            let err = unix_pairs(&[&tree(attached)])
+            let err = unix_pairs(&[&tree(attached)], &opts)
                 .expect_err(needle)
                 .to_string();
             assert!(err.contains(needle), "{err}");

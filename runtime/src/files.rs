@@ -161,19 +161,23 @@ pub fn pipe_peer_closed(fd: &OwnedFd, reading: bool, what: &str) -> Result<bool>
     Ok(p.revents & bit != 0)
 }
 
-/// The path (in this process's view) of the file a watch's file handle names: the handle is
-/// opened on the mount of its filesystem (`sdev` as the kernel encodes it) with
-/// open_by_handle_at.
-pub fn path_of_handle(sdev: u64, handle_type: i32, handle: &[u8]) -> Result<String> {
+/// The path (as /proc links show it to this process) of the file a watch of process `pid`
+/// names by file handle: the handle is opened with open_by_handle_at on a mount of its
+/// filesystem (`sdev` as the kernel encodes it) that `pid` sees, reached through its root.
+pub fn path_of_handle(pid: i32, sdev: u64, handle_type: i32, handle: &[u8]) -> Result<String> {
     let what = format!("file handle on device {}:{}", sdev >> 20, sdev & 0xfffff);
     let want = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| RuntimeError::sys("read", "/proc/self/mountinfo", e))?;
+    let info = format!("/proc/{pid}/mountinfo");
+    let mountinfo =
+        std::fs::read_to_string(&info).map_err(|e| RuntimeError::sys("read", &info, e))?;
     let mount = mountinfo
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .find(|f| f.get(2) == Some(&want.as_str()))
-        .and_then(|f| f.get(4).map(|m| m.to_string()))
+        .and_then(|f| {
+            f.get(4)
+                .map(|m| format!("/proc/{pid}/root{}", m.trim_end_matches('/')))
+        })
         .ok_or_else(|| RuntimeError::Protocol {
             op: "open_by_handle_at",
             pid: 0,

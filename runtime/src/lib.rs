@@ -23,6 +23,7 @@ pub mod inject;
 pub mod memory;
 pub mod netlock;
 pub mod netns;
+pub mod pidns;
 pub mod procfs;
 pub mod ptrace;
 pub mod spawn;

@@ -89,6 +89,22 @@ pub fn wait_stop(pid: i32) -> Result<Stop> {
     Ok(decode_status(status))
 }
 
+/// Like [`wait_stop`] without blocking: None if `pid` has nothing to report yet.
+pub fn try_wait_stop(pid: i32) -> Result<Option<Stop>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: status is a valid, writable c_int for the duration of the call.
+    let rc = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
+    match rc {
+        -1 => Err(RuntimeError::sys(
+            "waitpid",
+            format!("pid {pid}"),
+            io::Error::last_os_error(),
+        )),
+        0 => Ok(None),
+        _ => Ok(Some(decode_status(status))),
+    }
+}
+
 /// Decodes a waitpid status word of a tracee.
 pub fn decode_status(status: libc::c_int) -> Stop {
     if libc::WIFEXITED(status) {

@@ -10,6 +10,13 @@
 //! sets its rlimits, umask and cwd, maps a trampoline page holding a `syscall` instruction,
 //! reports on a shared pipe and waits to be seized. The restorer then replaces each address
 //! space through injected syscalls (see [`crate::inject`]).
+//!
+//! With [`TreeSpec::pid_ns`] the root is cloned into a new pid namespace instead, where it is
+//! PID 1; it joins the namespaces and cgroups it is given before it forks anything, and its
+//! descendants get their PIDs inside that namespace. Their host PIDs (which the restorer
+//! needs for ptrace, /proc and kill) are read from the kernel once all have reported: the
+//! root's from clone3, the others' from /proc children lists and NSpid
+//! ([`crate::pidns::tree_by_own_pid`]).
 
 use crate::error::{Result, RuntimeError};
 use crate::ptrace;
@@ -67,6 +74,25 @@ pub struct TreeSpec {
     /// target layout and in the restorer's.
     pub trampoline: u64,
     pub scratch_len: u64,
+    /// Fds of the restorer, above every target fd, that every process keeps open at the same
+    /// numbers until the restorer closes them by injection: objects the processes map but
+    /// cannot reach by a path (shared memory, ghost files). Sorted.
+    pub keep_fds: Vec<i32>,
+    /// Create the root as PID 1 of a new pid namespace, entering these first.
+    pub pid_ns: Option<NewPidNs>,
+}
+
+/// What the root of a tree made in a new pid namespace enters, in this order, right after it
+/// is cloned and before it forks anything. The fds are the restorer's (inherited; closed in
+/// the new processes with everything else they do not keep).
+#[derive(Debug, Clone, Default)]
+pub struct NewPidNs {
+    /// Namespace fds to setns into.
+    pub join: Vec<i32>,
+    /// mount("proc", "/proc", "proc", MS_NOSUID|MS_NODEV|MS_NOEXEC) after joining.
+    pub mount_proc: bool,
+    /// cgroup.procs fds (open for writing) to write "0" into.
+    pub cgroup_procs: Vec<i32>,
 }
 
 impl TreeSpec {
@@ -79,7 +105,10 @@ impl TreeSpec {
 /// A process created by [`spawn_tree`], seized and stopped, ready for injection.
 #[derive(Debug, Clone, Copy)]
 pub struct Spawned {
+    /// Its PID as the restorer sees it (for ptrace, /proc, kill).
     pub pid: i32,
+    /// Its PID as it sees it (the spec's; differs from `pid` in a new pid namespace).
+    pub ns_pid: i32,
     /// The fd number the control pipe has in it (close it by injection); -1 for a process
     /// sharing its parent's fd table, which has none of its own.
     pub ctl_fd: i32,
@@ -90,15 +119,35 @@ pub struct Spawned {
 pub struct SpawnedTree {
     /// Live processes (not zombies), in tree order.
     pub procs: Vec<Spawned>,
+    /// Host PID of the root.
     root: i32,
     released: bool,
+    /// Whether the caller was a child subreaper before (it is put back so).
+    was_subreaper: bool,
 }
 
 impl SpawnedTree {
+    /// The root's PID as the restorer sees it.
+    pub fn root(&self) -> i32 {
+        self.root
+    }
+
+    /// Kills the whole tree and reaps it, with `threads` (thread ids of its processes that
+    /// the caller created and traces): all are collected in whatever order they die, since
+    /// a pid namespace's init cannot finish dying before its traced children and threads
+    /// are collected.
+    pub fn kill(mut self, threads: &[i32]) {
+        let mut pids: Vec<i32> = self.procs.iter().map(|p| p.pid).collect();
+        pids.extend_from_slice(threads);
+        kill_tree(self.root, &pids);
+        self.released = true;
+        set_subreaper(self.was_subreaper);
+    }
+
     /// The tree now belongs to the caller (it detaches and lets it run).
     pub fn release(mut self) {
         self.released = true;
-        set_subreaper(false);
+        set_subreaper(self.was_subreaper);
     }
 }
 
@@ -107,7 +156,7 @@ impl Drop for SpawnedTree {
         if !self.released {
             let pids: Vec<i32> = self.procs.iter().map(|p| p.pid).collect();
             kill_tree(self.root, &pids);
-            set_subreaper(false);
+            set_subreaper(self.was_subreaper);
         }
     }
 }
@@ -152,10 +201,20 @@ const STEP_SETPGID: u32 = 14;
 const STEP_SUBREAPER: u32 = 15;
 const STEP_CLONE: u32 = 16;
 const STEP_ZOMBIE: u32 = 17;
+const STEP_SETNS: u32 = 18;
+const STEP_MOUNT_PROC: u32 = 19;
+const STEP_CGROUP: u32 = 20;
 
 fn set_subreaper(on: bool) {
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes no pointers.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, on as libc::c_ulong, 0, 0, 0) };
+}
+
+fn is_subreaper() -> bool {
+    let mut on: libc::c_int = 0;
+    // SAFETY: PR_GET_CHILD_SUBREAPER writes one int to the pointer.
+    let rc = unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut on as *mut libc::c_int) };
+    rc == 0 && on != 0
 }
 
 /// Creates the tree of `spec`, seizes every live process and stops it. On any failure
@@ -170,6 +229,13 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
             what: "the tree is empty".into(),
         })?
         .pid;
+    if spec.keep_fds.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(RuntimeError::Protocol {
+            op: "restore: create process tree",
+            pid: root,
+            what: "the fds to keep are not sorted".into(),
+        });
+    }
     let mut fds = [0i32; 2];
     // SAFETY: fds is a valid array of two c_ints for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
@@ -184,15 +250,35 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
         .max()
         .unwrap_or(-1)
         .max(2);
-    // Orphans of a failed restore come back to us to be reaped, not to a slow init.
+    if spec.keep_fds.first().is_some_and(|&k| k <= max_target) {
+        return Err(RuntimeError::Protocol {
+            op: "restore: create process tree",
+            pid: root,
+            what: format!("an fd to keep is not above every target fd ({max_target})"),
+        });
+    }
+    // Orphans of a failed restore come back to us to be reaped, not to a slow init (in a new
+    // pid namespace they go to its init, our child).
+    let was_subreaper = is_subreaper();
     set_subreaper(true);
     // SAFETY: forks; the child branch only runs raw syscalls on memory prepared before the
     // fork and never returns.
-    let rc = unsafe { clone_with_pid(root, 0) };
+    let rc = unsafe {
+        match spec.pid_ns {
+            // PID 1 of the new namespace; its host PID is the kernel's choice.
+            Some(_) => clone_with_pid(0, libc::CLONE_NEWPID as u64),
+            None => clone_with_pid(root, 0),
+        }
+    };
     if rc < 0 {
-        set_subreaper(false);
+        set_subreaper(was_subreaper);
+        let call = if spec.pid_ns.is_some() {
+            "clone3(CLONE_NEWPID)"
+        } else {
+            "clone3(set_tid)"
+        };
         return Err(RuntimeError::sys(
-            "clone3(set_tid)",
+            call,
             format!("pid {root}"),
             std::io::Error::from_raw_os_error(-rc as i32),
         ));
@@ -202,12 +288,19 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
         unsafe { child_main(spec, 0, wr.as_raw_fd(), max_target) };
     }
     drop(wr);
+    let host_root = rc as i32;
     let mut tree = SpawnedTree {
         procs: Vec::new(),
-        root,
+        root: host_root,
         released: false,
+        was_subreaper,
     };
     let reports = read_reports(rd)?;
+    // Host PIDs: the same as the spec's, or in a new pid namespace as the kernel tells.
+    let hosts = match spec.pid_ns {
+        Some(_) => crate::pidns::tree_by_own_pid(host_root, spec.procs.len() + 1)?,
+        None => spec.procs.iter().map(|p| (p.pid, p.pid)).collect(),
+    };
     // Tree order (parents before children), as in the spec.
     let mut ready: Vec<&Report> = reports.iter().filter(|r| r.step == STEP_READY).collect();
     ready.sort_by_key(|r| r.proc_index);
@@ -216,7 +309,8 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
         .filter_map(|r| {
             let p = spec.procs.get(r.proc_index as usize)?;
             Some(Spawned {
-                pid: p.pid,
+                pid: *hosts.get(&p.pid)?,
+                ns_pid: p.pid,
                 ctl_fd: if p.share_files { -1 } else { r.index as i32 },
             })
         })
@@ -228,16 +322,16 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
     if tree.procs.is_empty() {
         return Err(RuntimeError::Protocol {
             op: "restore: prepare new process",
-            pid: root,
+            pid: host_root,
             what: "it exited before reporting".into(),
         });
     }
     if tree.procs.len() != live {
         return Err(RuntimeError::Protocol {
             op: "restore: prepare process tree",
-            pid: root,
+            pid: host_root,
             what: format!(
-                "{} of {live} processes reported ready; the others died",
+                "{} of {live} processes reported ready and are in the tree; the others died",
                 tree.procs.len()
             ),
         });
@@ -249,8 +343,8 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
     Ok(tree)
 }
 
-/// clone3 with set_tid = [pid] (and `flags`): 0 in the child, the pid in the parent, -errno
-/// on failure.
+/// clone3 with set_tid = [pid] (none for pid 0) and `flags`: 0 in the child, the pid (in
+/// the caller's namespace) in the parent, -errno on failure.
 ///
 /// # Safety
 /// Forks the calling process; the caller's child branch must not return into code that
@@ -260,8 +354,8 @@ unsafe fn clone_with_pid(pid: i32, flags: u64) -> i64 {
     let args = CloneArgs {
         flags,
         exit_signal: libc::SIGCHLD as u64,
-        set_tid: set_tid.as_ptr() as u64,
-        set_tid_size: 1,
+        set_tid: if pid == 0 { 0 } else { set_tid.as_ptr() as u64 },
+        set_tid_size: u64::from(pid != 0),
         ..Default::default()
     };
     // SAFETY: args and set_tid live across the call; the caller handles the child.
@@ -399,6 +493,9 @@ fn describe_failure(spec: &TreeSpec, r: &Report) -> RuntimeError {
         STEP_SUBREAPER => format!("prctl(PR_SET_CHILD_SUBREAPER): {err}"),
         STEP_CLONE => format!("clone3 of child {} with its pid: {err}", child(r.index)),
         STEP_ZOMBIE => format!("waiting for zombie child {} to exit: {err}", child(r.index)),
+        STEP_SETNS => format!("joining namespace #{} (setns): {err}", r.index),
+        STEP_MOUNT_PROC => format!("mounting a new proc at /proc: {err}"),
+        STEP_CGROUP => format!("entering cgroup #{} (writing cgroup.procs): {err}", r.index),
         s => format!("step {s}: {err}"),
     };
     RuntimeError::Protocol {
@@ -472,6 +569,11 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
         }
         if idx != 0 && libc::getppid() != parent {
             libc::_exit(127); // the parent died before PDEATHSIG was armed
+        }
+        if let (0, Some(ns)) = (idx, &spec.pid_ns) {
+            if let Some((step, index)) = enter_namespaces(ns) {
+                fail(wr, step, index);
+            }
         }
         if p.setsid && libc::setsid() < 0 {
             fail(wr, STEP_SETSID, 0);
@@ -572,11 +674,8 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
                 libc::close(fd);
             }
         }
-        // Close everything above the targets but the control pipe.
-        if ctl > max_target + 1 {
-            libc::syscall(libc::SYS_close_range, max_target + 1, ctl - 1, 0);
-        }
-        libc::syscall(libc::SYS_close_range, ctl + 1, u32::MAX, 0);
+        // Close everything above the targets but the control pipe and the fds to keep.
+        close_above(max_target, ctl, &spec.keep_fds);
         if let Some((step, index)) = own_setup(spec, p) {
             fail(ctl, step, index);
         }
@@ -586,6 +685,71 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
             libc::pause();
         }
     }
+}
+
+/// Closes every fd above `max_target` except `ctl` and `keep` (sorted, all above
+/// `max_target`, none equal to `ctl`).
+///
+/// # Safety
+/// As [`child_main`]: raw syscalls only, in the new process.
+unsafe fn close_above(max_target: i32, ctl: i32, keep: &[i32]) {
+    let close = |lo: i32, hi: u32| {
+        if lo >= 0 && lo as u32 <= hi {
+            // SAFETY: close_range takes no pointers.
+            unsafe { libc::syscall(libc::SYS_close_range, lo as u32, hi, 0) };
+        }
+    };
+    let mut lo = max_target + 1;
+    let mut ctl_left = true;
+    for &k in keep {
+        if ctl_left && ctl < k {
+            close(lo, ctl as u32 - 1);
+            lo = ctl + 1;
+            ctl_left = false;
+        }
+        close(lo, k as u32 - 1);
+        lo = k + 1;
+    }
+    if ctl_left {
+        close(lo, ctl as u32 - 1);
+        lo = lo.max(ctl + 1);
+    }
+    close(lo, u32::MAX);
+}
+
+/// What the root of a new pid namespace enters first: the namespaces to join, a proc of
+/// its own at /proc, its cgroups. Returns the failed (step, index), errno set.
+///
+/// # Safety
+/// As [`child_main`]: raw syscalls only, in the new root.
+unsafe fn enter_namespaces(ns: &NewPidNs) -> Option<(u32, u32)> {
+    // SAFETY: direct syscalls on memory valid in the child's copy.
+    unsafe {
+        for (i, &fd) in ns.join.iter().enumerate() {
+            if libc::setns(fd, 0) != 0 {
+                return Some((STEP_SETNS, i as u32));
+            }
+        }
+        if ns.mount_proc {
+            let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            if libc::mount(
+                c"proc".as_ptr(),
+                c"/proc".as_ptr(),
+                c"proc".as_ptr(),
+                flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Some((STEP_MOUNT_PROC, 0));
+            }
+        }
+        for (i, &fd) in ns.cgroup_procs.iter().enumerate() {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Some((STEP_CGROUP, i as u32));
+            }
+        }
+    }
+    None
 }
 
 /// Write end of the pipe on which a process sharing its parent's fd table says it is done

@@ -167,3 +167,97 @@ pub fn take_termination_signal() -> Option<i32> {
     }
     Some(sig)
 }
+
+/// Runs `f` on a thread of its own whose root directory is `root` and whose working
+/// directory is `cwd` inside it ("/" if that does not exist): the thread stops sharing its
+/// filesystem context with the process (unshare(CLONE_FS)) first, so nothing else changes.
+/// For path operations whose path must stay exactly as given but resolve as under another
+/// root: binding a unix socket to its old name, which also keeps the name within the
+/// 108 bytes of sun_path however long `root` is.
+pub fn with_root<T: Send>(
+    root: &std::path::Path,
+    cwd: &str,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T> {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = |what: &str| RuntimeError::Unsupported(format!("{what} holds a NUL byte"));
+    let c_root = std::ffi::CString::new(root.as_os_str().as_bytes()).map_err(|_| bad("root"))?;
+    let c_cwd = std::ffi::CString::new(cwd).map_err(|_| bad("working directory"))?;
+    let name = root.display().to_string();
+    let target = &name;
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<T> {
+            // SAFETY: unshare(CLONE_FS) takes no pointers and affects only this thread.
+            if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+                return Err(RuntimeError::last_os("unshare(CLONE_FS)", target));
+            }
+            // SAFETY: valid C strings; this thread's filesystem context is its own now.
+            unsafe {
+                if libc::chroot(c_root.as_ptr()) != 0 {
+                    return Err(RuntimeError::last_os("chroot", target));
+                }
+                if libc::chdir(c_cwd.as_ptr()) != 0 && libc::chdir(c"/".as_ptr()) != 0 {
+                    return Err(RuntimeError::last_os("chdir", target));
+                }
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| {
+            RuntimeError::Unsupported(format!("a thread working under {target} panicked"))
+        })?
+    })
+}
+
+/// Runs `f` on a thread of its own that has first joined the network namespace `net`
+/// (setns; a network namespace belongs to each thread): sockets it makes are that
+/// namespace's. Threads it starts are in that namespace too.
+pub fn in_net_namespace<T: Send>(
+    net: std::os::fd::BorrowedFd<'_>,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T> {
+    use std::os::fd::AsRawFd;
+    let fd = net.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<T> {
+            // SAFETY: setns takes no pointers; it changes only this thread's namespace.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(RuntimeError::last_os(
+                    "setns(CLONE_NEWNET)",
+                    format!("fd {fd}"),
+                ));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| {
+            RuntimeError::Unsupported(
+                "a thread working in another network namespace panicked".into(),
+            )
+        })?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_root_changes_only_its_own_thread() {
+        let dir = std::env::temp_dir().join(format!("stasis-with-root-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("inside")).unwrap();
+        std::fs::write(dir.join("inside/marker"), b"x").unwrap();
+        let seen = with_root(&dir, "/inside", || {
+            (
+                std::path::Path::new("/inside/marker").exists(),
+                std::path::Path::new("marker").exists(),
+            )
+        })
+        .unwrap();
+        assert_eq!(seen, (true, true));
+        // The process's own root is untouched.
+        assert!(std::path::Path::new("/proc/self").exists());
+        assert!(dir.join("inside/marker").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -47,6 +47,19 @@ fn err(what: String) -> RuntimeError {
     }
 }
 
+/// The unix sockets of the network namespace process `pid` is in (sock_diag answers for
+/// the namespace of the socket that asks, so in another namespace a thread that joined it
+/// asks).
+pub fn unix_sockets_of(pid: i32) -> Result<HashMap<u64, UnixSocket>> {
+    let me = std::process::id() as i32;
+    if crate::pidns::ns_id(pid, "net")? == crate::pidns::ns_id(me, "net")? {
+        return unix_sockets();
+    }
+    let path = format!("/proc/{pid}/ns/net");
+    let net = std::fs::File::open(&path).map_err(|e| RuntimeError::sys("open", &path, e))?;
+    crate::sys::in_net_namespace(std::os::fd::AsFd::as_fd(&net), unix_sockets)?
+}
+
 /// Every unix socket in this network namespace, by inode.
 pub fn unix_sockets() -> Result<HashMap<u64, UnixSocket>> {
     // SAFETY: socket() takes no pointers; the result is a new fd we own.

@@ -38,6 +38,25 @@ pub fn read_link(path: &str) -> Result<String> {
         .map_err(|e| RuntimeError::sys("readlink", path, e))
 }
 
+/// Where stasis reaches `path`, a path of process `pid` as its /proc links show it, when the
+/// process's root directory is `root` (as /proc/PID/root shows it): under /proc/PID/root,
+/// with `root` taken off. A link names a file relative to stasis's root when stasis can reach
+/// it from there, and otherwise (another mount namespace) relative to the root of the
+/// file's mount namespace; either way this resolves it as the process does. A path outside
+/// `root` (opened before a chroot) is returned as it is.
+pub fn path_in_root(pid: i32, root: &str, path: &str) -> String {
+    let rest = if root == "/" {
+        path.strip_prefix('/').map(|_| path)
+    } else {
+        path.strip_prefix(root)
+            .filter(|r| r.is_empty() || r.starts_with('/'))
+    };
+    match rest {
+        Some(rest) => format!("/proc/{pid}/root{rest}"),
+        None => path.to_string(),
+    }
+}
+
 /// Thread ids of a process, from /proc/PID/task.
 pub fn read_tids(pid: i32) -> Result<Vec<i32>> {
     let path = format!("/proc/{pid}/task");
@@ -76,5 +95,23 @@ pub(crate) fn parse_err(path: &str, what: impl Into<String>) -> RuntimeError {
     RuntimeError::Parse {
         path: path.to_string(),
         what: what.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_under_the_process_root() {
+        assert_eq!(path_in_root(7, "/", "/etc/hosts"), "/proc/7/root/etc/hosts");
+        assert_eq!(
+            path_in_root(7, "/srv/c", "/srv/c/etc/x"),
+            "/proc/7/root/etc/x"
+        );
+        assert_eq!(path_in_root(7, "/srv/c", "/srv/c"), "/proc/7/root");
+        // Outside its root, or a relative name: as it is.
+        assert_eq!(path_in_root(7, "/srv/c", "/srv/cx/y"), "/srv/cx/y");
+        assert_eq!(path_in_root(7, "/", "rel/sock"), "rel/sock");
     }
 }

@@ -24,6 +24,24 @@ pub struct Status {
     pub cap_eff: u64,
     pub cap_bnd: u64,
     pub cap_amb: u64,
+    /// NSpid, NSpgid, NSsid: the process's PID, process group and session in each pid
+    /// namespace from the one of this /proc down to its own (the last is what it sees;
+    /// 0 where the group or session lies outside that namespace).
+    pub ns_pid: Vec<i32>,
+    pub ns_pgid: Vec<i32>,
+    pub ns_sid: Vec<i32>,
+}
+
+impl Status {
+    /// Its PID as it sees it (in its own pid namespace).
+    pub fn own_pid(&self) -> Option<i32> {
+        self.ns_pid.last().copied()
+    }
+
+    /// How many pid namespaces below this /proc's it is (0: the same one).
+    pub fn ns_depth(&self) -> usize {
+        self.ns_pid.len().saturating_sub(1)
+    }
 }
 
 /// Parses the text of /proc/PID/status.
@@ -36,6 +54,11 @@ pub fn parse_status(path: &str, text: &str) -> Result<Status> {
         let value = value.trim();
         let hex = |v: &str| u64::from_str_radix(v, 16).map_err(|_| parse_err(path, key));
         let list = |v: &str| -> Result<Vec<u32>> {
+            v.split_whitespace()
+                .map(|x| x.parse().map_err(|_| parse_err(path, key)))
+                .collect()
+        };
+        let pids = |v: &str| -> Result<Vec<i32>> {
             v.split_whitespace()
                 .map(|x| x.parse().map_err(|_| parse_err(path, key)))
                 .collect()
@@ -58,6 +81,9 @@ pub fn parse_status(path: &str, text: &str) -> Result<Status> {
             "CapEff" => s.cap_eff = hex(value)?,
             "CapBnd" => s.cap_bnd = hex(value)?,
             "CapAmb" => s.cap_amb = hex(value)?,
+            "NSpid" => s.ns_pid = pids(value)?,
+            "NSpgid" => s.ns_pgid = pids(value)?,
+            "NSsid" => s.ns_sid = pids(value)?,
             _ => {}
         }
     }
@@ -89,6 +115,20 @@ mod tests {
         assert_eq!(s.groups, vec![1, 2]);
         assert_eq!(s.sig_blk, 0x10000);
         assert!(s.no_new_privs);
+        assert!(s.ns_pid.is_empty());
+    }
+
+    #[test]
+    fn parses_pid_namespace_ids() {
+        let text = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nNSpid:\t4711\t3\n\
+                    NSpgid:\t4700\t0\nNSsid:\t4711\t3\n";
+        let s = parse_status("status", text).unwrap();
+        assert_eq!(
+            (s.ns_pid.clone(), s.ns_pgid.clone()),
+            (vec![4711, 3], vec![4700, 0])
+        );
+        assert_eq!((s.own_pid(), s.ns_depth()), (Some(3), 1));
+        assert_eq!(s.ns_sid, vec![4711, 3]);
     }
 
     #[test]

@@ -103,9 +103,16 @@
 //!   is stopped, and reports one `PASS`/`FAIL` naming the failing process. The first check
 //!   prints `INFO wl-tree: pids R=.. A=.. A1=.. B=.. B1=.. O1=.. S=.. Z=.. K=..`; `check`
 //!   ends the whole tree.
+//! - `wl-pidns`: a whole pid namespace; run it as PID 1 of a fresh one (`unshare --pid --fork
+//!   wl-pidns`). R (PID 1) → A (2, own group) → A1 (3), R → B (4, own session) → B1 (5),
+//!   a pipe stream A → A1, memory and a file in R. Each check verifies every process's
+//!   pid, ppid, pgid and sid from inside, the stream, memory and file, and that an orphan
+//!   made now is reparented to R; it prints `INFO wl-pidns: ids R=.. A=.. A1=.. B=.. B1=..
+//!   uts=<nodename> proc_self=<readlink /proc/self>`. Nothing reads /proc by PID.
 
 #![warn(missing_docs)]
 
+pub mod ipc;
 pub mod maps;
 pub mod pattern;
 pub mod proto;
