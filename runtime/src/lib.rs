@@ -3,19 +3,17 @@
 //! Everything that talks to the kernel about another process lives here: procfs parsing
 //! ([`procfs`]), ptrace seize/interrupt and register access ([`ptrace`]), syscall injection
 //! ([`inject`]), reading and writing another process's memory ([`memory`]), creating a
-//! ([`inject`]), reading and writing another process's memory ([`memory`]), creating a
 //! process with a chosen PID ([`spawn`]), container cgroups: limits, usage, freezing
-//! ([`cgroups`]), containers' network namespaces ([`netns`]) and the System V IPC objects of
-//! their IPC namespaces ([`sysvipc`]). The checkpoint and restore crates translate between
-//! this and the image format; they never issue raw syscalls themselves.
-//! crates translate between this and the image format; they never issue raw syscalls
-//! themselves.
+//! ([`cgroups`]), containers' network namespaces ([`netns`]), the System V IPC objects of
+//! their IPC namespaces ([`sysvipc`]) and the container runtime itself ([`container`]). The checkpoint and restore crates translate between this and the
+//! image format; they never issue raw syscalls themselves.
 
 /// The freezer under its first path; it lives in [`cgroups::freezer`] now.
 pub mod cgroup {
     pub use crate::cgroups::freezer::{parse_mounts, parse_proc_cgroup, Freezer};
 }
 pub mod cgroups;
+pub mod container;
 pub mod error;
 pub mod files;
 pub mod inet;

@@ -168,6 +168,117 @@ pub fn take_termination_signal() -> Option<i32> {
     Some(sig)
 }
 
+/// setns(fd, nstype) on the calling thread; `path` names the namespace file in errors.
+pub fn setns(fd: i32, nstype: i32, path: &std::path::Path) -> Result<()> {
+    // SAFETY: setns takes an fd and a flag, no pointers.
+    if unsafe { libc::setns(fd, nstype) } != 0 {
+        return Err(RuntimeError::last_os("setns", path.display().to_string()));
+    }
+    Ok(())
+}
+
+/// Waits for our child `pid` to exit, passing SIGINT, SIGTERM, SIGHUP and SIGQUIT that
+/// reach us on to it meanwhile. Returns its exit code (128+N if killed by signal N).
+pub fn wait_forwarding(pid: i32) -> Result<i32> {
+    let _blocked = TerminationSignalsBlocked::new()?;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a local status.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            if libc::WIFEXITED(status) {
+                return Ok(libc::WEXITSTATUS(status));
+            }
+            if libc::WIFSIGNALED(status) {
+                return Ok(128 + libc::WTERMSIG(status));
+            }
+            continue;
+        }
+        if r == -1 {
+            return Err(RuntimeError::last_os("waitpid", format!("pid {pid}")));
+        }
+        // SAFETY: a local sigset_t and timespec; sigtimedwait waits up to 50 ms for one of
+        // the blocked termination signals.
+        let sig = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::sigaddset(&mut set, sig);
+            }
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            };
+            libc::sigtimedwait(&set, std::ptr::null_mut(), &ts)
+        };
+        if sig > 0 {
+            let _ = kill(pid, sig);
+        }
+    }
+}
+
+fn open_ns(pid: i32, kind: &str) -> Result<std::fs::File> {
+    let path = format!("/proc/{pid}/ns/{kind}");
+    std::fs::File::open(&path).map_err(|e| RuntimeError::sys("open", path, e))
+}
+
+/// The host name in the UTS namespace of `pid` (read by a short-lived thread that joins
+/// it: a UTS namespace is per thread).
+pub fn hostname_of(pid: i32) -> Result<String> {
+    let ns = open_ns(pid, "uts")?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            setns(
+                ns.as_raw_fd(),
+                libc::CLONE_NEWUTS,
+                std::path::Path::new(&format!("/proc/{pid}/ns/uts")),
+            )?;
+            Ok(uname().1)
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(RuntimeError::Unsupported(
+                "the thread reading a host name panicked".into(),
+            ))
+        })
+    })
+}
+
+/// The calling thread is in the network namespace of another process until dropped (a
+/// network namespace is per thread; sockets it creates and netlink queries it makes belong
+/// to that namespace, and threads it starts inherit it).
+pub struct InNetns {
+    old: std::fs::File,
+}
+
+impl InNetns {
+    pub fn enter(pid: i32) -> Result<Self> {
+        Self::enter_file(&open_ns(pid, "net")?, &format!("/proc/{pid}/ns/net"))
+    }
+
+    /// Enters the namespace of an open namespace file (`what` names it in errors).
+    pub fn enter_file(ns: &std::fs::File, what: &str) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let path = "/proc/thread-self/ns/net";
+        let old = std::fs::File::open(path).map_err(|e| RuntimeError::sys("open", path, e))?;
+        setns(
+            ns.as_raw_fd(),
+            libc::CLONE_NEWNET,
+            std::path::Path::new(what),
+        )?;
+        Ok(InNetns { old })
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on an fd we own; going back to the namespace we came from.
+        unsafe { libc::setns(self.old.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
+
 /// Runs `f` on a thread of its own whose root directory is `root` and whose working
 /// directory is `cwd` inside it ("/" if that does not exist): the thread stops sharing its
 /// filesystem context with the process (unshare(CLONE_FS)) first, so nothing else changes.

@@ -82,13 +82,7 @@ impl Freezer {
             Freezer::V1(d) => write(&d.join("freezer.state"), "FROZEN")?,
         }
         loop {
-            let frozen = match self {
-                Freezer::V2(d) => read(&d.join("cgroup.events"))?
-                    .lines()
-                    .any(|l| l.trim() == "frozen 1"),
-                Freezer::V1(d) => read(&d.join("freezer.state"))?.trim() == "FROZEN",
-            };
-            if frozen {
+            if self.is_frozen()? {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -101,6 +95,16 @@ impl Freezer {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    /// Whether every task in the cgroup is frozen.
+    pub fn is_frozen(&self) -> Result<bool> {
+        Ok(match self {
+            Freezer::V2(d) => read(&d.join("cgroup.events"))?
+                .lines()
+                .any(|l| l.trim() == "frozen 1"),
+            Freezer::V1(d) => read(&d.join("freezer.state"))?.trim() == "FROZEN",
+        })
     }
 
     /// Thaws the cgroup.

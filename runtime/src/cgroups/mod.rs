@@ -493,6 +493,11 @@ impl Cgroup {
         self.need_freezer()?.freeze(FREEZE_TIMEOUT)
     }
 
+    /// Whether the cgroup is frozen.
+    pub fn frozen(&self) -> Result<bool> {
+        self.need_freezer()?.is_frozen()
+    }
+
     /// Thaws every task.
     pub fn thaw(&self) -> Result<()> {
         self.need_freezer()?.thaw()

@@ -14,6 +14,9 @@ pub struct Stat {
     pub session: i32,
     pub nice: i64,
     pub num_threads: u64,
+    /// Clock ticks after boot at which the process started: with the PID, it names one
+    /// process for good (a PID alone may be reused).
+    pub starttime: u64,
     pub start_code: u64,
     pub end_code: u64,
     pub start_stack: u64,
@@ -64,6 +67,7 @@ pub fn parse_stat(path: &str, text: &str) -> Result<Stat> {
         session: num(6)? as i32,
         nice: num(19)? as i64,
         num_threads: num(20)?,
+        starttime: num(22)?,
         start_code: num(26)?,
         end_code: num(27)?,
         start_stack: num(28)?,
