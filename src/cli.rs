@@ -1,6 +1,6 @@
 //! Command-line interface (clap).
 
-use crate::{demo, exit, report};
+use crate::{containers, demo, exit, report};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
@@ -15,13 +15,17 @@ Exit codes:
   1  the operation failed; the workload was left as it was
   2  usage error
   3  the image is corrupt, truncated or not a stasis image
-  4  refused before anything changed: no such process, PID in use, or an unsupported feature
+  4  refused before anything changed: no such process or container, PID or name in use, or an
+     unsupported feature
   128+N  checkpoint interrupted by signal N (Ctrl-C: 130); the process was left as it was";
 
 /// Checkpoint, restore and live-migrate Linux workloads.
 #[derive(Parser)]
 #[command(name = "stasis", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
+    /// Where the container runtime keeps its records (also STASIS_STATE_DIR).
+    #[arg(long, global = true, env = "STASIS_STATE_DIR", default_value = stasis_runtime::container::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,8 +39,9 @@ enum Command {
     /// process killed (default) or let run on (--leave-running). If anything fails, the
     /// process is resumed exactly as it was.
     Checkpoint {
-        /// PID of the process to checkpoint.
-        pid: i32,
+        /// PID of the process tree's root, or the name of a container.
+        #[arg(value_name = "PID|NAME")]
+        target: String,
         /// Image file to write ("-" streams it to standard output).
         #[arg(short, long)]
         output: PathBuf,
@@ -67,6 +72,10 @@ enum Command {
         /// Leave the restored process running and exit (prints its PID).
         #[arg(short, long)]
         detach: bool,
+        /// Restore a container image under this name (default: the name it had). It gets
+        /// fresh namespaces, so it can run beside the original.
+        #[arg(long)]
+        name: Option<String>,
         /// Print statistics as JSON.
         #[arg(long)]
         json: bool,
@@ -74,6 +83,54 @@ enum Command {
     /// Look into image files.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Start a container: CMD as PID 1 of new pid, mount, uts, ipc and net namespaces, in
+    /// its own cgroup with the given limits, pivoted into --rootfs if given.
+    ///
+    /// Without --detach stasis waits for it, passes Ctrl-C and SIGTERM on to it, removes it
+    /// when it exits and exits with its status.
+    Run(containers::RunArgs),
+    /// List running containers (stale records of dead ones are cleaned up).
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// CPU, memory, pids and I/O of a container, from its cgroup.
+    Stats {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a running container (all its namespaces and its cgroup).
+    Exec {
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Change a running container's limits live; only the limits given change.
+    Set {
+        name: String,
+        #[command(flatten)]
+        limits: containers::LimitArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Freeze every process of a container (cgroup freezer).
+    Freeze { name: String },
+    /// Thaw a frozen container.
+    Thaw { name: String },
+    /// Stop a container: SIGTERM to its init, SIGKILL to all after --timeout; then remove it.
+    Stop {
+        name: String,
+        /// Seconds to wait after SIGTERM.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
+    /// Remove a container's record, cgroup and network (a running one only with --force).
+    Rm {
+        name: String,
+        #[arg(short, long)]
+        force: bool,
+    },
     /// Run the built-in demo: a counter is checkpointed, killed, restored, and carries on.
     Demo {
         /// Print the demo's results as JSON.
@@ -105,9 +162,10 @@ enum ImageCommand {
 
 /// Runs the parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {
+    let state = stasis_runtime::container::StateDir::new(&cli.state_dir);
     match cli.command {
         Command::Checkpoint {
-            pid,
+            target,
             output,
             leave_running,
             tcp_established,
@@ -118,23 +176,53 @@ pub fn run(cli: Cli) -> Result<i32> {
                 leave_running,
                 compression: compress,
                 tcp_established,
+                ..Default::default()
             };
-            checkpoint(pid, output, opts, json)
+            checkpoint(&state, &target, output, opts, json)
         }
         Command::Restore {
             image,
             detach,
+            name,
             json,
-        } => restore(image, detach, json),
+        } => restore(&state, image, detach, name, json),
         Command::Image(ImageCommand::Inspect { image, json }) => inspect(image, json),
         Command::Image(ImageCommand::Verify { image, json }) => verify(image, json),
         Command::Demo { json } => demo::run(json),
+        Command::Run(a) => containers::run(&state, a),
+        Command::Ps { json } => containers::ps(&state, json),
+        Command::Stats { name, json } => containers::stats(&state, &name, json),
+        Command::Exec { name, command } => {
+            Ok(stasis_runtime::container::exec(&state, &name, &command)
+                .with_context(|| format!("exec in container {name}"))?)
+        }
+        Command::Set { name, limits, json } => containers::set(&state, &name, &limits, json),
+        Command::Freeze { name } => {
+            stasis_runtime::container::freeze(&state, &name)
+                .with_context(|| format!("freezing container {name}"))?;
+            crate::outln!("{name}");
+            Ok(exit::OK)
+        }
+        Command::Thaw { name } => {
+            stasis_runtime::container::thaw(&state, &name)
+                .with_context(|| format!("thawing container {name}"))?;
+            crate::outln!("{name}");
+            Ok(exit::OK)
+        }
+        Command::Stop { name, timeout } => containers::stop(&state, &name, timeout),
+        Command::Rm { name, force } => {
+            stasis_runtime::container::remove(&state, &name, force)
+                .with_context(|| format!("removing container {name}"))?;
+            crate::outln!("{name}");
+            Ok(exit::OK)
+        }
         Command::DemoCounter => demo::counter(),
     }
 }
 
 fn checkpoint(
-    pid: i32,
+    state: &stasis_runtime::container::StateDir,
+    target: &str,
     output: PathBuf,
     opts: stasis_checkpoint::Options,
     json: bool,
@@ -152,11 +240,11 @@ fn checkpoint(
             .try_clone_to_owned()
             .context("duplicating standard output")?;
         let sink = StreamSink::new(std::fs::File::from(out));
-        stasis_checkpoint::checkpoint_tree(pid, &opts, sink, &progress)?
+        checkpoint_into(state, target, &opts, sink, &progress)?
     } else {
         let sink =
             FileSink::create(&output).with_context(|| format!("creating {}", output.display()))?;
-        stasis_checkpoint::checkpoint_tree(pid, &opts, sink, &progress)?
+        checkpoint_into(state, target, &opts, sink, &progress)?
     };
     bar.finish_and_clear();
     if json {
@@ -199,17 +287,55 @@ fn checkpoint(
     Ok(exit::OK)
 }
 
+/// Checkpoints a process tree (TARGET is a PID) or a container (a name).
+fn checkpoint_into<S: stasis_checkpoint::ImageSink>(
+    state: &stasis_runtime::container::StateDir,
+    target: &str,
+    opts: &stasis_checkpoint::Options,
+    sink: S,
+    progress: stasis_checkpoint::Progress<'_>,
+) -> Result<stasis_checkpoint::Stats> {
+    Ok(match target.parse::<i32>() {
+        Ok(pid) => stasis_checkpoint::checkpoint_tree(pid, opts, sink, progress)?,
+        Err(_) => {
+            stasis_checkpoint::container::checkpoint_container(state, target, opts, sink, progress)?
+        }
+    })
+}
+
 #[derive(Serialize)]
 struct RestoreReport {
     #[serde(flatten)]
     stats: stasis_restore::Stats,
+    container: Option<containers::Listed>,
     detached: bool,
     exit_status: Option<i32>,
 }
 
-fn restore(path: PathBuf, detach: bool, json: bool) -> Result<i32> {
+fn restore(
+    state: &stasis_runtime::container::StateDir,
+    path: PathBuf,
+    detach: bool,
+    name: Option<String>,
+    json: bool,
+) -> Result<i32> {
     let image = open_image(&path)?;
-    let stats = stasis_restore::restore_tree(&image, &stasis_restore::Options::default())?;
+    let mut container = None;
+    let stats = if stasis_restore::container::container_of(&image).is_some() {
+        let (stats, rec) = stasis_restore::container::restore_container(
+            &image,
+            state,
+            name.as_deref(),
+            &stasis_restore::Options::default(),
+        )?;
+        container = Some(rec);
+        stats
+    } else {
+        if let Some(n) = name {
+            bail!("--name {n}: {} is not a container image", path.display());
+        }
+        stasis_restore::restore_tree(&image, &stasis_restore::Options::default())?
+    };
     drop(image);
     let pid = stats.pid;
     for w in &stats.warnings {
@@ -219,9 +345,12 @@ fn restore(path: PathBuf, detach: bool, json: bool) -> Result<i32> {
         if json {
             report::json(&RestoreReport {
                 stats,
+                container: container.as_ref().map(containers::Listed::from),
                 detached: true,
                 exit_status: None,
             })?;
+        } else if let Some(rec) = &container {
+            crate::outln!("{}", rec.name);
         } else {
             crate::outln!("{pid}");
         }
@@ -235,8 +364,13 @@ fn restore(path: PathBuf, detach: bool, json: bool) -> Result<i32> {
         );
     }
     let status = stasis_restore::wait_exit(pid)?;
+    if let Some(rec) = &container {
+        stasis_runtime::container::remove(state, &rec.name, true)
+            .with_context(|| format!("removing container {} after it exited", rec.name))?;
+    }
     if json {
         report::json(&RestoreReport {
+            container: container.as_ref().map(containers::Listed::from),
             stats,
             detached: false,
             exit_status: Some(status),

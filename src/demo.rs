@@ -114,6 +114,7 @@ pub fn run(json: bool) -> Result<i32> {
         leave_running: false,
         compression: Compression::None,
         tcp_established: false,
+        ..Default::default()
     };
     let cstats = stasis_checkpoint::checkpoint_tree(pid, &opts, sink, &|_, _| {})?;
     // stasis reaped it already when it is both tracer and parent; otherwise reap it here.

@@ -2,6 +2,7 @@
 
 use stasis_checkpoint::CheckpointError;
 use stasis_restore::RestoreError;
+use stasis_runtime::container::ContainerError;
 
 /// Success.
 pub const OK: i32 = 0;
@@ -17,7 +18,9 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<CheckpointError>() {
             return match e {
-                CheckpointError::NoSuchProcess(_) | CheckpointError::Unsupported { .. } => REFUSED,
+                CheckpointError::NoSuchProcess(_)
+                | CheckpointError::NoSuchContainer(_)
+                | CheckpointError::Unsupported { .. } => REFUSED,
                 CheckpointError::Interrupted(sig) => 128 + sig,
                 _ => FAILED,
             };
@@ -26,6 +29,17 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
             return match e {
                 RestoreError::Image(_) | RestoreError::Invalid(_) => BAD_IMAGE,
                 RestoreError::Unsupported(_) | RestoreError::PidTaken { .. } => REFUSED,
+                _ => FAILED,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<ContainerError>() {
+            return match e {
+                ContainerError::BadName(_)
+                | ContainerError::Exists(_)
+                | ContainerError::NoSuch(_)
+                | ContainerError::NotRunning(_)
+                | ContainerError::Running(_)
+                | ContainerError::Invalid(_) => REFUSED,
                 _ => FAILED,
             };
         }

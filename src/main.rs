@@ -1,6 +1,7 @@
 //! The `stasis` command: checkpoint, restore and inspect Linux workloads.
 
 mod cli;
+mod containers;
 mod demo;
 mod exit;
 mod report;

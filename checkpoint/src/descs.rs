@@ -16,11 +16,13 @@ type At = (usize, usize);
 type Files = BTreeMap<(u64, u64), Vec<At>>;
 
 /// Gives every fd its desc_id, and settles every pipe: kept (with its bytes stored in the
-/// first process holding an end), inherited (standard I/O to outside the tree), or refused.
-pub fn link(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+/// first process holding an end), inherited (standard I/O to outside the tree, unless
+/// `closed` — a container, whose standard I/O never leads outside but to its log), or
+/// refused.
+pub fn link(procs: &mut [proto::Process], closed: bool) -> Result<(), CheckpointError> {
     settle_shared_tables(procs)?;
     let files = assign_desc_ids(procs)?;
-    settle_pipes(procs)?;
+    settle_pipes(procs, closed)?;
     settle_unix_pairs(procs, &files)
 }
 
@@ -253,7 +255,7 @@ fn assign_desc_ids(procs: &mut [proto::Process]) -> Result<Files, CheckpointErro
     Ok(by_file)
 }
 
-fn settle_pipes(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
+fn settle_pipes(procs: &mut [proto::Process], closed: bool) -> Result<(), CheckpointError> {
     // (is a FIFO, inode) → its ends in the tree.
     let mut pipes: BTreeMap<(bool, u64), Vec<At>> = BTreeMap::new();
     for (i, p) in procs.iter().enumerate() {
@@ -288,7 +290,7 @@ fn settle_pipes(procs: &mut [proto::Process]) -> Result<(), CheckpointError> {
         let only_stdio = ends.iter().all(|&(i, j)| procs[i].fds[j].fd <= 2);
         let whole = match (reader, writer) {
             (Some(_), Some(_)) => true,
-            _ if only_stdio && !fifo => false,
+            _ if only_stdio && !fifo && !closed => false,
             (Some(r), None) => {
                 let (c, what) = copy_of(r)?;
                 files::pipe_peer_closed(&c, true, &what)?

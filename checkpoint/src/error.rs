@@ -15,6 +15,11 @@ pub enum CheckpointError {
     /// The process uses something this version cannot checkpoint; nothing was changed.
     #[error("cannot checkpoint PID {pid}: {what}")]
     Unsupported { pid: i32, what: String },
+    #[error("no running container named {0:?}")]
+    NoSuchContainer(String),
+    /// A container could not be checkpointed (named, with the reason).
+    #[error("container {name}: {what}")]
+    Container { name: String, what: String },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error("writing image: {0}")]

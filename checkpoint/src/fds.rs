@@ -460,3 +460,19 @@ fn sock_opts(options: &[(i32, i32, i32)]) -> Vec<proto::SockOpt> {
         .map(|&(level, name, value)| proto::SockOpt { level, name, value })
         .collect()
 }
+
+/// Marks standard I/O fds open on the runtime's log file `(dev, ino)` as inherited.
+pub fn inherit_log(procs: &mut [proto::Process], (dev, ino): (u64, u64)) {
+    for f in procs.iter_mut().flat_map(|p| p.fds.iter_mut()) {
+        let on_log = f
+            .file
+            .as_ref()
+            .is_some_and(|id| id.dev == dev && id.ino == ino);
+        if f.fd <= 2 && f.kind == FdKind::Regular as i32 && on_log {
+            f.kind = FdKind::Inherited as i32;
+            f.inherited_from = "container log".into();
+            f.file = None;
+            f.path.clear();
+        }
+    }
+}

@@ -9,6 +9,7 @@
 //! are the processes killed or let run on.
 
 pub mod collect;
+pub mod container;
 pub mod descs;
 pub mod error;
 pub mod fds;
@@ -37,6 +38,12 @@ pub struct Options {
     /// Keep established TCP connections (locked off the network, read with TCP_REPAIR);
     /// without it a tree holding one is refused.
     pub tcp_established: bool,
+    /// Set when the tree is a container's (see [`container`]): carried in the inventory.
+    pub container: Option<stasis_image::proto::Container>,
+    /// (st_dev, st_ino) of a file that standard output/error may point to and that belongs
+    /// to the runtime rather than the workload (a container's log): such fds are recorded
+    /// as inherited, and restore gives them the new log.
+    pub stdio_log: Option<(u64, u64)>,
 }
 
 /// Measurements of one checkpoint (all times in microseconds).
@@ -121,7 +128,14 @@ pub fn checkpoint_tree<S: ImageSink>(
             procs.push(collect::collect_process(f, &mut ghosts)?);
         }
         procs.extend(frozen.zombies.iter().map(tree::Zombie::to_proto));
-        descs::link(&mut procs)?;
+        // A detached container's standard I/O leads only to its log.
+        descs::link(
+            &mut procs,
+            opts.container.is_some() && opts.stdio_log.is_some(),
+        )?;
+        if let Some(log) = opts.stdio_log {
+            fds::inherit_log(&mut procs, log);
+        }
         // Ghost files belong to the tree; the root's record carries them.
         procs[0].ghost_files = ghosts.files.clone();
         // Last before writing: from here the connections are off the network.
@@ -133,8 +147,17 @@ pub fn checkpoint_tree<S: ImageSink>(
         pids.translate(&mut procs)?;
         let collect_us = tc.elapsed().as_micros() as u64;
         let tp = Instant::now();
-        let inventory =
+        let mut inventory =
             collect::inventory(pids.image_pid(pid)?, pids.is_namespace(), &opts.compression);
+        if let Some(c) = &opts.container {
+            // Its IPC namespace's objects, read now that nothing in it runs.
+            let ipc = stasis_runtime::sysvipc::capture(pid)?;
+            inventory.kind = stasis_image::proto::WorkloadKind::Container as i32;
+            inventory.container = Some(stasis_image::proto::Container {
+                ipc: Some(container::ipc_to_proto(&ipc)),
+                ..c.clone()
+            });
+        }
         let mut writer = ImageWriter::new(sink, &inventory, opts.compression)?;
         for p in &procs {
             writer.write_process(p)?;

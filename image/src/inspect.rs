@@ -65,6 +65,8 @@ pub struct InventoryReport {
     pub pid_namespace: bool,
     pub compression: String,
     pub xcr0: String,
+    /// A container image's namespaces, mounts, network and limits.
+    pub container: Option<proto::Container>,
 }
 
 /// Pages stored for one address space.
@@ -648,6 +650,7 @@ pub fn report(image: &Image) -> InspectReport {
             pid_namespace: inv.pid_namespace,
             compression: inv.compression.clone(),
             xcr0: hex64(inv.xcr0),
+            container: inv.container.clone(),
         },
         processes,
         other_spaces,
@@ -712,6 +715,9 @@ impl fmt::Display for InspectReport {
         )?;
         if let Some(p) = &i.parent {
             writeln!(f, "  parent       {} ({})", p.image_id, p.path_hint)?;
+        }
+        if let Some(c) = &i.container {
+            fmt_container(f, c)?;
         }
         writeln!(f, "  pages        {}", pages_line(&self.totals_counts()))?;
         for p in &self.processes {
@@ -931,6 +937,87 @@ fn socket_summary(f: &proto::Fd) -> String {
         return format!("unix socket {} <-> {}", f.socket_id, f.socket_peer);
     }
     String::new()
+}
+
+fn fmt_container(f: &mut fmt::Formatter<'_>, c: &proto::Container) -> fmt::Result {
+    writeln!(
+        f,
+        "  container    {} (host name {}), command {:?}",
+        c.name, c.hostname, c.command
+    )?;
+    let root = if c.rootfs.is_empty() {
+        "the host's"
+    } else {
+        &c.rootfs
+    };
+    writeln!(f, "    rootfs     {root}")?;
+    writeln!(f, "    network    {}", c.net_mode)?;
+    for i in &c.interfaces {
+        writeln!(
+            f,
+            "      {} ({}{}, mtu {}, {}) {}",
+            i.name,
+            i.kind,
+            if i.mac.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", i.mac)
+            },
+            i.mtu,
+            if i.up { "up" } else { "down" },
+            i.addresses.join(" ")
+        )?;
+    }
+    for r in &c.routes {
+        let via = if r.gateway.is_empty() {
+            String::new()
+        } else {
+            format!(" via {}", r.gateway)
+        };
+        writeln!(f, "      route {}{via} dev {}", r.destination, r.dev)?;
+    }
+    if let Some(l) = &c.limits {
+        let mut parts = Vec::new();
+        if let Some(m) = l.memory {
+            parts.push(format!("memory {}", size(m)));
+        }
+        if let Some(m) = l.swap {
+            parts.push(format!("swap {}", size(m)));
+        }
+        if let Some(c) = l.cpus {
+            parts.push(format!("cpus {c}"));
+        }
+        if let Some(w) = l.cpu_weight {
+            parts.push(format!("cpu weight {w}"));
+        }
+        if let Some(p) = l.pids {
+            parts.push(format!("pids {p}"));
+        }
+        for t in &l.io {
+            parts.push(format!("io {}:{} {} {}", t.major, t.minor, t.kind, t.value));
+        }
+        if parts.is_empty() {
+            parts.push("none".into());
+        }
+        writeln!(f, "    limits     {}", parts.join(", "))?;
+    }
+    if let Some(i) = &c.ipc {
+        let msgs: usize = i.msg.iter().map(|q| q.messages.len()).sum();
+        writeln!(
+            f,
+            "    ipc        {} shm segments ({}), {} semaphore sets, {} message queues ({msgs} messages)",
+            i.shm.len(),
+            size(i.shm.iter().map(|s| s.size).sum()),
+            i.sem.len(),
+            i.msg.len()
+        )?;
+    }
+    let mounts: Vec<String> = c
+        .mounts
+        .iter()
+        .map(|m| format!("{} ({})", m.path, m.fstype))
+        .collect();
+    writeln!(f, "    mounts     {}", mounts.join(", "))
 }
 
 #[cfg(test)]

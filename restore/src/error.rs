@@ -17,6 +17,9 @@ pub enum RestoreError {
     PidTaken { pid: i32, comm: String, state: char },
     #[error("restoring PID {pid}: {cause}")]
     Apply { pid: i32, cause: RuntimeError },
+    /// A container could not be restored (named, with the reason); what was made is gone.
+    #[error("restoring container {name}: {what}")]
+    Container { name: String, what: String },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
 }

@@ -20,6 +20,7 @@
 //! [`Options::root`] where the image's paths are found.
 
 pub mod apply;
+pub mod container;
 pub mod error;
 pub mod events;
 pub mod ghosts;
@@ -200,7 +201,7 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
 }
 
 /// Local and peer address of every TCP connection of the tree, once each.
-fn tcp_tuples(procs: &[&stasis_image::proto::Process]) -> Vec<stasis_runtime::netlock::Tuple> {
+pub fn tcp_tuples(procs: &[&stasis_image::proto::Process]) -> Vec<stasis_runtime::netlock::Tuple> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for p in procs {

@@ -89,7 +89,11 @@ pub fn options(opts: &Options, pid_namespace: bool) -> Result<(), RestoreError> 
 /// The processes of a process-tree image, root first (every parent before its children).
 pub fn processes(image: &Image) -> Result<Vec<&proto::Process>, RestoreError> {
     let inv = image.inventory();
-    if inv.kind() != proto::WorkloadKind::ProcessTree {
+    let tree = matches!(
+        inv.kind(),
+        proto::WorkloadKind::ProcessTree | proto::WorkloadKind::Container
+    );
+    if !tree {
         return Err(RestoreError::Unsupported(format!(
             "image holds a {:?} workload; only process trees are supported yet",
             inv.kind()

@@ -1,0 +1,749 @@
+//! Containers end to end: `stasis run` with a busybox root filesystem, the management
+//! commands, limits enforced, bridge networking, and checkpoint/restore by name.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The busybox root filesystem (scripts/mkrootfs), built once; None (with the reason
+/// printed) when it cannot be built here.
+fn rootfs() -> Option<&'static Path> {
+    static ROOT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("stasis-test-rootfs-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkrootfs");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipped: scripts/mkrootfs failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        std::fs::create_dir_all(dir.join("www")).ok()?;
+        std::fs::write(dir.join("www/index.html"), "hello from a container\n").ok()?;
+        Some(dir)
+    })
+    .as_deref()
+}
+
+/// One test's state directory and the containers it started; every one is removed (killed
+/// through its cgroup) when the test ends, pass or fail.
+struct Env {
+    state: PathBuf,
+    names: Vec<String>,
+}
+
+impl Env {
+    fn new(test: &str) -> Env {
+        init();
+        Env {
+            state: scratch(test),
+            names: Vec::new(),
+        }
+    }
+
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["--state-dir", self.state.to_str().expect("utf-8 path")];
+        v.extend_from_slice(args);
+        v
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        stasis_ok(&self.args(args))
+    }
+
+    fn out(&self, args: &[&str]) -> std::process::Output {
+        run_stasis(&self.args(args))
+    }
+
+    /// `stasis run --detach --name NAME ARGS -- CMD...`; returns the container's host PID.
+    fn run(&mut self, name: &str, args: &[&str], cmd: &[&str]) -> i32 {
+        self.names.push(name.to_string());
+        let mut a = vec!["run", "--detach", "--json", "--name", name];
+        a.extend_from_slice(args);
+        a.push("--");
+        a.extend_from_slice(cmd);
+        let rec: Value = serde_json::from_str(&self.ok(&a)).expect("run --json");
+        rec["pid"].as_i64().expect("pid") as i32
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("json output")
+    }
+
+    fn ps(&self) -> Vec<Value> {
+        self.json(&["ps"]).as_array().cloned().unwrap_or_default()
+    }
+
+    fn pid_of(&self, name: &str) -> Option<i32> {
+        self.ps()
+            .iter()
+            .find(|c| c["name"] == name)
+            .and_then(|c| c["pid"].as_i64())
+            .map(|p| p as i32)
+    }
+
+    fn exec(&self, name: &str, cmd: &[&str]) -> String {
+        let mut a = vec!["exec", name, "--"];
+        a.extend_from_slice(cmd);
+        self.ok(&a)
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.state.join(format!("containers/{name}.log")))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let pid = self.pid_of(n);
+            let _ = self.out(&["rm", "--force", n]);
+            if let Some(p) = pid {
+                reap_orphans(&[p]);
+            }
+        }
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The numbers a counting script printed to its log.
+fn counts(log: &str) -> Vec<u64> {
+    log.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[test]
+fn run_in_foreground_is_pid_1_in_its_own_root_and_returns_the_status() {
+    let Some(root) = rootfs() else { return };
+    let env = Env::new("ct-fg");
+    let out = env.out(&[
+        "run",
+        "--name",
+        "fg1",
+        "--hostname",
+        "box",
+        "--rootfs",
+        root.to_str().expect("path"),
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo pid=$$; hostname; ls /www; ls /proc | grep -c '^[0-9]'; exit 7",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"pid=1"), "{stdout}");
+    assert_eq!(lines.get(1), Some(&"box"));
+    assert_eq!(lines.get(2), Some(&"index.html"));
+    // Its /proc shows its own PID namespace: the shell and the few it forked.
+    let procs: u32 = lines.get(3).and_then(|n| n.parse().ok()).expect("count");
+    assert!(procs <= 4, "{procs} processes visible");
+    // Removed once it exited.
+    assert!(env.ps().is_empty());
+    assert!(!Path::new("/sys/fs/cgroup/pids/stasis/fg1").exists());
+}
+
+#[test]
+fn detached_container_is_listed_joined_frozen_thawed_and_stopped() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-life");
+    let r = root.to_str().expect("path");
+    let pid = env.run(
+        "life",
+        &["--rootfs", r],
+        &[
+            "/bin/sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done",
+        ],
+    );
+    let ps = env.ps();
+    assert_eq!(ps.len(), 1);
+    assert_eq!(ps[0]["name"], "life");
+    assert_eq!(ps[0]["pid"], pid);
+    assert_eq!(ps[0]["status"], "running");
+    // exec joins its namespaces: it sees the shell as PID 1, its host name, its root.
+    assert_eq!(env.exec("life", &["cat", "/proc/1/comm"]).trim(), "sh");
+    assert_eq!(env.exec("life", &["hostname"]).trim(), "life");
+    assert!(env.exec("life", &["ls", "/www"]).contains("index.html"));
+    // ... and its cgroup: the exec'd process is counted.
+    let st = env.json(&["stats", "life"]);
+    assert!(st.to_string().contains("memory"), "{st}");
+
+    wait_for("counting", Duration::from_secs(5), || {
+        counts(&env.log("life")).len() > 3
+    });
+    env.ok(&["freeze", "life"]);
+    assert_eq!(env.ps()[0]["status"], "frozen");
+    std::thread::sleep(Duration::from_millis(100));
+    let frozen_at = counts(&env.log("life")).len();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        counts(&env.log("life")).len(),
+        frozen_at,
+        "it ran while frozen"
+    );
+    env.ok(&["thaw", "life"]);
+    wait_for("counting after thaw", Duration::from_secs(5), || {
+        counts(&env.log("life")).len() > frozen_at + 2
+    });
+
+    env.ok(&["stop", "life", "--timeout", "1"]);
+    reap_orphans(&[pid]);
+    assert!(env.ps().is_empty());
+    assert!(!Path::new(&format!("/proc/{pid}")).exists() || !running_untraced(pid));
+}
+
+#[test]
+fn a_dead_containers_record_is_cleaned_never_trusted() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-stale");
+    let pid = env.run(
+        "stale",
+        &["--rootfs", root.to_str().expect("path"), "--pids", "16"],
+        &["sleep", "1000"],
+    );
+    // The container dies behind stasis's back.
+    kill(pid);
+    reap_orphans(&[pid]);
+    let out = env.out(&["ps"]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stale record of container stale"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(env.ps().is_empty());
+    // The name is free again.
+    let pid2 = env.run(
+        "stale",
+        &["--rootfs", root.to_str().expect("path")],
+        &["sleep", "1000"],
+    );
+    assert_ne!(pid, pid2);
+}
+
+#[test]
+fn limits_are_enforced_and_changed_live() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-limits");
+    let r = root.to_str().expect("path");
+    // A memory hog: a 200 MB shell variable in a 48 MiB container is killed.
+    let out = env.out(&[
+        "run",
+        "--name",
+        "hog",
+        "--rootfs",
+        r,
+        "--memory",
+        "48m",
+        "--",
+        "/bin/sh",
+        "-c",
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("survived"), "{stdout}");
+    // A fork bomb stops at its pid limit.
+    let pid = env.run(
+        "bomb",
+        &["--rootfs", r, "--pids", "12"],
+        &[
+            "/bin/sh",
+            "-c",
+            // The inner shell gives up at the first fork the limit refuses; the outer one
+            // then needs no more processes.
+            "sh -c 'for i in $(seq 40); do sleep 1000 & done'; echo forked; exec sleep 1000",
+        ],
+    );
+    wait_for("the fork loop", Duration::from_secs(10), || {
+        env.log("bomb").contains("forked")
+    });
+    let st = env.json(&["stats", "bomb"]);
+    let current = st["pids_current"].as_u64().expect("pids_current");
+    assert!((8..=12).contains(&current), "{st}");
+    assert!(
+        env.log("bomb").contains("can't fork"),
+        "{}",
+        env.log("bomb")
+    );
+    // Raised live: more processes fit now.
+    env.ok(&["set", "bomb", "--pids", "30"]);
+    env.exec(
+        "bomb",
+        &[
+            "/bin/sh",
+            "-c",
+            "for i in 1 2 3 4 5; do sleep 1000 >/dev/null 2>&1 & done",
+        ],
+    );
+    let st = env.json(&["stats", "bomb"]);
+    assert!(st["pids_current"].as_u64().expect("pids") > current, "{st}");
+    assert_eq!(env.ps()[0]["limits"]["pids"], 30);
+    let _ = pid;
+}
+
+/// Reads what a TCP server at `addr` sends on a fresh connection (retrying while it is
+/// between connections or not yet listening).
+fn fetch(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = (|| -> std::io::Result<String> {
+            let sa = addr.parse().map_err(std::io::Error::other)?;
+            let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let _ = s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match got {
+            Ok(s) if !s.is_empty() => return s,
+            other => assert!(Instant::now() < deadline, "fetching {addr}: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A shell service on the bridge: every connection gets the next number of a counter that
+/// lives only in the shell's memory.
+const COUNTER_SERVICE: &str =
+    "i=0; while true; do i=$((i+1)); echo \"count $i\" | nc -l -p 8080 >/dev/null; done";
+
+fn count_of(reply: &str) -> u64 {
+    reply
+        .trim()
+        .strip_prefix("count ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a count: {reply:?}"))
+}
+
+#[test]
+fn bridged_containers_are_reachable_from_the_host_and_each_other() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-bridge");
+    let r = root.to_str().expect("path");
+    env.run(
+        "web",
+        &["--rootfs", r, "--net", "bridge", "--ip", "10.88.200.11/16"],
+        &["httpd", "-f", "-p", "8080", "-h", "/www"],
+    );
+    env.run(
+        "client",
+        &["--rootfs", r, "--net", "bridge", "--ip", "10.88.200.12/16"],
+        &["sleep", "1000"],
+    );
+    assert!(fetch("10.88.200.11:8080").contains("hello from a container"));
+    let page = env.exec(
+        "client",
+        &[
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://10.88.200.11:8080/index.html",
+        ],
+    );
+    assert_eq!(page, "hello from a container\n");
+    let ps = env.ps();
+    let ips: Vec<&str> = ps.iter().filter_map(|c| c["ip"].as_str()).collect();
+    assert_eq!(ips.len(), 2, "{ps:?}");
+    assert!(ips.contains(&"10.88.200.11/16"));
+}
+
+/// The numbers a script appended to a file in the root filesystem: 1, 2, 3, ... with no
+/// gap and no repeat, however many checkpoints and restores came between.
+fn assert_sequence(path: &Path) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let nums = counts(&text);
+    for (i, n) in nums.iter().enumerate() {
+        assert_eq!(
+            *n,
+            i as u64 + 1,
+            "sequence broken at line {}: {text}",
+            i + 1
+        );
+    }
+    nums.len() as u64
+}
+
+#[test]
+fn a_shell_script_container_carries_on_after_checkpoint_and_restore_twice() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-script");
+    let r = root.to_str().expect("path");
+    let file = root.join("tmp/ct-script.counts");
+    let _ = std::fs::remove_file(&file);
+    env.run(
+        "script",
+        &["--rootfs", r, "--memory", "96m", "--pids", "40", "--hostname", "scripted"],
+        &[
+            "/bin/sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i >> /tmp/ct-script.counts; echo $i; sleep 0.02; done",
+        ],
+    );
+    let img = env.state.join("script.img");
+    let mut seen = 0;
+    for round in 0..2 {
+        wait_for("counting", Duration::from_secs(10), || {
+            assert_sequence(&file) > seen + 5
+        });
+        env.ok(&["checkpoint", "script", "-o", img.to_str().expect("path")]);
+        assert!(
+            env.ps().is_empty(),
+            "round {round}: still listed after the checkpoint"
+        );
+        let stopped_at = assert_sequence(&file);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            assert_sequence(&file),
+            stopped_at,
+            "it ran on after the checkpoint"
+        );
+        let inspect = env.ok(&["image", "inspect", img.to_str().expect("path")]);
+        assert!(inspect.contains("container    script"), "{inspect}");
+        assert_eq!(
+            env.ok(&["restore", "--detach", img.to_str().expect("path")])
+                .trim(),
+            "script"
+        );
+        wait_for(
+            "counting after the restore",
+            Duration::from_secs(10),
+            || assert_sequence(&file) > stopped_at + 5,
+        );
+        seen = assert_sequence(&file);
+        // The same container: PID 1 inside, its host name, its limits.
+        assert_eq!(env.exec("script", &["cat", "/proc/1/comm"]).trim(), "sh");
+        assert_eq!(env.exec("script", &["hostname"]).trim(), "scripted");
+        let ps = env.ps();
+        assert_eq!(ps[0]["limits"]["memory"], 96 << 20, "{ps:?}");
+        assert_eq!(ps[0]["limits"]["pids"], 40);
+        // Its output goes on into its log.
+        let log_nums = counts(&env.log("script"));
+        assert!(
+            log_nums.last().copied().unwrap_or(0) > stopped_at,
+            "{log_nums:?}"
+        );
+    }
+}
+
+#[test]
+fn a_service_on_the_bridge_is_restored_at_the_same_address_with_its_state() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-service");
+    let r = root.to_str().expect("path");
+    let addr = "10.88.200.21:8080";
+    env.run(
+        "svc",
+        &["--rootfs", r, "--net", "bridge", "--ip", "10.88.200.21/16"],
+        &["/bin/sh", "-c", COUNTER_SERVICE],
+    );
+    let mut last = 0;
+    for _ in 0..3 {
+        let n = count_of(&fetch(addr));
+        assert_eq!(n, last + 1);
+        last = n;
+    }
+    let img = env.state.join("svc.img");
+    env.ok(&["checkpoint", "svc", "-o", img.to_str().expect("path")]);
+    assert!(env.ps().is_empty());
+    env.ok(&["restore", "--detach", img.to_str().expect("path")]);
+    assert_eq!(env.ps()[0]["ip"], "10.88.200.21/16");
+    for _ in 0..3 {
+        let n = count_of(&fetch(addr));
+        assert_eq!(n, last + 1, "the counter did not carry on");
+        last = n;
+    }
+}
+
+#[test]
+fn a_container_at_its_memory_limit_is_restored_within_it() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-memlimit");
+    let r = root.to_str().expect("path");
+    let file = root.join("tmp/ct-memlimit.counts");
+    let _ = std::fs::remove_file(&file);
+    // 36 MB held in four shell variables, in a 48 MiB container (building them peaks near
+    // the limit).
+    env.run(
+        "full",
+        &["--rootfs", r, "--memory", "48m"],
+        &[
+            "/bin/sh",
+            "-c",
+            "for v in a b c d; do eval \"$v=\\$(head -c 9000000 /dev/zero | tr '\\0' $v)\"; done; i=0; \
+             while true; do i=$((i+1)); echo $i >> /tmp/ct-memlimit.counts; echo \"$i ${#a}${#b}${#c}${#d}\"; sleep 0.05; done",
+        ],
+    );
+    wait_for("counting", Duration::from_secs(20), || {
+        assert_sequence(&file) > 3
+    });
+    let before = env.json(&["stats", "full"]);
+    let used = before["memory_current"].as_u64().expect("memory_current");
+    assert!(used > 36_000_000, "{before}");
+    let img = env.state.join("full.img");
+    env.ok(&["checkpoint", "full", "-o", img.to_str().expect("path")]);
+    let stopped_at = assert_sequence(&file);
+    env.ok(&["restore", "--detach", img.to_str().expect("path")]);
+    wait_for(
+        "counting after the restore",
+        Duration::from_secs(10),
+        || assert_sequence(&file) > stopped_at + 3,
+    );
+    let after = env.json(&["stats", "full"]);
+    assert_eq!(after["memory_limit"], 48 << 20, "{after}");
+    let used = after["memory_current"].as_u64().expect("memory_current");
+    assert!(used > 36_000_000 && used <= 48 << 20, "{after}");
+    assert_eq!(after["oom_kills"], 0, "{after}");
+    // The strings are whole.
+    let log = env.log("full");
+    assert!(
+        log.lines()
+            .last()
+            .unwrap_or("")
+            .ends_with(" 9000000900000090000009000000"),
+        "{log}"
+    );
+}
+
+#[test]
+fn restored_under_a_new_name_while_the_original_runs() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-clone");
+    let r = root.to_str().expect("path");
+    env.run(
+        "orig",
+        &["--rootfs", r, "--net", "bridge", "--ip", "10.88.200.31/16"],
+        &["/bin/sh", "-c", COUNTER_SERVICE],
+    );
+    assert_eq!(count_of(&fetch("10.88.200.31:8080")), 1);
+    assert_eq!(count_of(&fetch("10.88.200.31:8080")), 2);
+    let img = env.state.join("orig.img");
+    env.ok(&[
+        "checkpoint",
+        "orig",
+        "-o",
+        img.to_str().expect("path"),
+        "--leave-running",
+    ]);
+    env.names.push("copy".into());
+    let out = env.out(&[
+        "restore",
+        "--detach",
+        "--name",
+        "copy",
+        img.to_str().expect("path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ps = env.ps();
+    assert_eq!(ps.len(), 2, "{ps:?}");
+    let copy = ps
+        .iter()
+        .find(|c| c["name"] == "copy")
+        .expect("copy listed");
+    let ip = copy["ip"]
+        .as_str()
+        .expect("ip")
+        .split('/')
+        .next()
+        .expect("addr")
+        .to_string();
+    assert_ne!(ip, "10.88.200.31", "the copy took the original's address");
+    // Both carry on from the same state, independently.
+    assert_eq!(count_of(&fetch(&format!("{ip}:8080"))), 3);
+    assert_eq!(count_of(&fetch("10.88.200.31:8080")), 3);
+    assert_eq!(count_of(&fetch(&format!("{ip}:8080"))), 4);
+}
+
+#[test]
+fn an_established_connection_into_a_container_survives_checkpoint_and_restore() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(root) = rootfs() else { return };
+    if !have_with("nft", "--version") {
+        return;
+    }
+    let mut env = Env::new("ct-tcp");
+    let r = root.to_str().expect("path");
+    // cat echoes whatever the client sends, over the connection nc accepted.
+    env.run(
+        "echo",
+        &["--rootfs", r, "--net", "bridge", "--ip", "10.88.200.41/16"],
+        &["nc", "-l", "-p", "9000", "-e", "/bin/cat"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sock = loop {
+        match std::net::TcpStream::connect("10.88.200.41:9000") {
+            Ok(s) => break s,
+            Err(e) => assert!(Instant::now() < deadline, "connect: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut w = sock.try_clone().expect("clone");
+    let mut rd = BufReader::new(sock);
+    let mut line = String::new();
+    let mut echo = |w: &mut std::net::TcpStream, msg: &str, line: &mut String| {
+        w.write_all(format!("{msg}\n").as_bytes()).expect("send");
+        line.clear();
+        rd.read_line(line).expect("echo");
+        assert_eq!(line.trim(), msg);
+    };
+    echo(&mut w, "before", &mut line);
+    let img = env.state.join("echo.img");
+    // Refused without the flag, and left running.
+    let out = env.out(&["checkpoint", "echo", "-o", img.to_str().expect("path")]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    echo(&mut w, "still there", &mut line);
+    env.ok(&[
+        "checkpoint",
+        "echo",
+        "-o",
+        img.to_str().expect("path"),
+        "--tcp-established",
+    ]);
+    // Sent while the container is gone: kept by our kernel, retransmitted later.
+    w.write_all(b"during\n").expect("send while checkpointed");
+    std::thread::sleep(Duration::from_millis(300));
+    env.ok(&["restore", "--detach", img.to_str().expect("path")]);
+    line.clear();
+    let mut rd2 = BufReader::new(w.try_clone().expect("clone"));
+    rd2.read_line(&mut line)
+        .expect("echo of what was sent meanwhile");
+    assert_eq!(line.trim(), "during");
+    for i in 0..5 {
+        w.write_all(format!("after {i}\n").as_bytes())
+            .expect("send");
+        line.clear();
+        rd2.read_line(&mut line).expect("echo");
+        assert_eq!(line.trim(), format!("after {i}"));
+    }
+}
+
+/// Runs `f` on a thread that joined the IPC namespace of `pid`.
+fn in_ipc_ns<T: Send>(pid: i32, f: impl FnOnce() -> T + Send) -> T {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/ipc")).expect("ipc ns");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&ns, "ipc");
+            f()
+        })
+        .join()
+        .expect("ipc thread")
+    })
+}
+
+#[test]
+fn system_v_ipc_objects_come_back_with_their_ids_and_contents() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-ipc");
+    let pid = env.run(
+        "ipc",
+        &["--rootfs", root.to_str().expect("path")],
+        &["sleep", "1000"],
+    );
+    // Objects made inside the container's namespace, by plain libc calls.
+    let (shm, sem, msg) = in_ipc_ns(pid, || {
+        // SAFETY: plain System V IPC calls on local buffers, in the container's namespace.
+        unsafe {
+            let shm = libc::shmget(0x5157, 8192, libc::IPC_CREAT | 0o640);
+            assert!(shm >= 0);
+            let p = libc::shmat(shm, std::ptr::null(), 0) as *mut u8;
+            assert_ne!(p as isize, -1);
+            std::ptr::copy_nonoverlapping(b"shared words".as_ptr(), p.add(4096), 12);
+            libc::shmdt(p as *const libc::c_void);
+            let sem = libc::semget(0x5158, 3, libc::IPC_CREAT | 0o600);
+            assert!(sem >= 0);
+            for (i, v) in [7, 0, 42].iter().enumerate() {
+                assert_eq!(
+                    libc::semctl(sem, i as i32, libc::SETVAL, *v as libc::c_int),
+                    0
+                );
+            }
+            let msg = libc::msgget(libc::IPC_PRIVATE, libc::IPC_CREAT | 0o600);
+            assert!(msg >= 0);
+            for (t, text) in [(1i64, &b"first"[..]), (5, b"second"), (2, b"third")] {
+                let mut buf = t.to_ne_bytes().to_vec();
+                buf.extend_from_slice(text);
+                assert_eq!(libc::msgsnd(msg, buf.as_ptr().cast(), text.len(), 0), 0);
+            }
+            (shm, sem, msg)
+        }
+    });
+    let img = env.state.join("ipc.img");
+    env.ok(&["checkpoint", "ipc", "-o", img.to_str().expect("path")]);
+    let inspect = env.ok(&["image", "inspect", img.to_str().expect("path")]);
+    assert!(
+        inspect.contains("1 shm segments") && inspect.contains("(3 messages)"),
+        "{inspect}"
+    );
+    env.ok(&["restore", "--detach", img.to_str().expect("path")]);
+    let new_pid = env.pid_of("ipc").expect("restored");
+    let (text, values, messages) = in_ipc_ns(new_pid, || {
+        // SAFETY: as above; the ids are the ones made before the checkpoint.
+        unsafe {
+            assert_eq!(libc::shmget(0x5157, 0, 0), shm, "shm id");
+            let p = libc::shmat(shm, std::ptr::null(), libc::SHM_RDONLY) as *const u8;
+            assert_ne!(p as isize, -1);
+            let text = std::slice::from_raw_parts(p.add(4096), 12).to_vec();
+            libc::shmdt(p.cast());
+            assert_eq!(libc::semget(0x5158, 0, 0), sem, "sem id");
+            let values: Vec<i32> = (0..3).map(|i| libc::semctl(sem, i, libc::GETVAL)).collect();
+            let mut messages = Vec::new();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = libc::msgrcv(msg, buf.as_mut_ptr().cast(), 56, 0, libc::IPC_NOWAIT);
+                if n < 0 {
+                    break;
+                }
+                let t = i64::from_ne_bytes(buf[..8].try_into().expect("mtype"));
+                messages.push((
+                    t,
+                    String::from_utf8_lossy(&buf[8..8 + n as usize]).into_owned(),
+                ));
+            }
+            (text, values, messages)
+        }
+    });
+    assert_eq!(text, b"shared words");
+    assert_eq!(values, [7, 0, 42]);
+    assert_eq!(
+        messages,
+        [
+            (1, "first".to_string()),
+            (5, "second".into()),
+            (2, "third".into())
+        ]
+    );
+}
