@@ -9,6 +9,7 @@
 
 use super::setup::Op;
 use super::ContainerError;
+use crate::spawn::CloneArgs;
 use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -47,22 +48,6 @@ pub struct Child {
     status: Option<OwnedFd>,
     ops: Vec<String>,
     done: bool,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
