@@ -747,3 +747,78 @@ fn system_v_ipc_objects_come_back_with_their_ids_and_contents() {
         ]
     );
 }
+
+#[test]
+fn refusals_leave_the_container_as_it_was() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-refuse");
+    let pid = env.run(
+        "keep",
+        &["--rootfs", root.to_str().expect("path")],
+        &["sleep", "1000"],
+    );
+    let img = env.state.join("keep.img");
+    let img = img.to_str().expect("path");
+    let stasis_fails_in = |args: &[&str], code: i32, needle: &str| {
+        let out = env.out(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
+    };
+    stasis_fails_in(
+        &["checkpoint", "nosuch", "-o", img],
+        4,
+        "no running container",
+    );
+    // A mount stasis did not make is refused by name, before anything is frozen.
+    env.exec(
+        "keep",
+        &["/bin/sh", "-c", "mkdir -p /mnt && mount -t tmpfs none /mnt"],
+    );
+    stasis_fails_in(&["checkpoint", "keep", "-o", img], 4, "tmpfs mount at /mnt");
+    assert_eq!(env.pid_of("keep"), Some(pid));
+    assert!(running_untraced(pid));
+    assert!(!Path::new(img).exists());
+    env.exec("keep", &["umount", "/mnt"]);
+    // Restoring over a running container of the same name is refused; it runs on.
+    env.ok(&["checkpoint", "keep", "-o", img, "--leave-running"]);
+    stasis_fails_in(&["restore", "--detach", img], 4, "already exists");
+    assert_eq!(env.pid_of("keep"), Some(pid));
+    assert_eq!(env.ps().len(), 1);
+}
+
+#[test]
+fn a_cpu_hog_is_held_to_its_cap() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-cpu");
+    env.run(
+        "hog",
+        &["--rootfs", root.to_str().expect("path"), "--cpus", "0.25"],
+        &["/bin/sh", "-c", "while :; do :; done"],
+    );
+    let usage = |env: &Env| {
+        env.json(&["stats", "hog"])["cpu_usage_ns"]
+            .as_u64()
+            .expect("cpu")
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (u0, t0) = (usage(&env), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let capped = (usage(&env) - u0) as f64 / t0.elapsed().as_nanos() as f64;
+    assert!(
+        capped > 0.05 && capped < 0.33,
+        "used {capped:.3} CPUs under a 0.25 cap"
+    );
+    // Raised live (other tests may be busy on the other CPU: compare, do not expect 0.75).
+    env.ok(&["set", "hog", "--cpus", "0.75"]);
+    let (u0, t0) = (usage(&env), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let raised = (usage(&env) - u0) as f64 / t0.elapsed().as_nanos() as f64;
+    assert!(
+        raised > 0.4 || raised > capped * 1.6,
+        "used {raised:.3} CPUs under a 0.75 cap, {capped:.3} under 0.25"
+    );
+}

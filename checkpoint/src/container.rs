@@ -133,10 +133,11 @@ fn mounts(rec: &Record) -> Result<Vec<proto::MountPoint>, CheckpointError> {
                 .iter()
                 .any(|(p, t)| *p == m.path && *t == m.fstype)
         {
-            return Err(err(
-                &rec.name,
+            return Err(CheckpointError::unsupported(
+                rec.pid,
                 format!(
-                    "its mount namespace has a {} mount at {} that stasis did not make; only the root filesystem and {} are supported",
+                    "container {}: its mount namespace has a {} mount at {} that stasis did not make; only the root filesystem and {} are supported",
+                    rec.name,
                     m.fstype,
                     m.path,
                     setup::STANDARD_MOUNTS.map(|(p, _)| p).join(", ")

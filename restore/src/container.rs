@@ -152,24 +152,19 @@ fn check(c: &proto::Container) -> Result<(NetMode, Option<PathBuf>, Limits), Res
     let rootfs = (!c.rootfs.is_empty()).then(|| PathBuf::from(&c.rootfs));
     if let Some(r) = &rootfs {
         if !r.is_dir() {
-            return Err(err(
-                &c.name,
-                format!(
-                    "its root filesystem {} is not a directory on this host",
-                    r.display()
-                ),
-            ));
+            return Err(RestoreError::Unsupported(format!(
+                "container {}: its root filesystem {} is not a directory on this host",
+                c.name,
+                r.display()
+            )));
         }
     }
     for i in &c.interfaces {
         if i.kind != "loopback" && i.kind != "veth" {
-            return Err(err(
-                &c.name,
-                format!(
-                    "interface {} is a {}, which stasis cannot recreate",
-                    i.name, i.kind
-                ),
-            ));
+            return Err(RestoreError::Unsupported(format!(
+                "container {}: interface {} is a {}, which stasis cannot recreate",
+                c.name, i.name, i.kind
+            )));
         }
     }
     Ok((net, rootfs, limits))
@@ -287,7 +282,12 @@ pub fn restore_container(
     // Every byte is checked before anything is made.
     image.verify().map_err(RestoreError::Image)?;
     let lock = state.lock().map_err(|e| err(&name, e))?;
-    ct::claim_name(state, &name).map_err(|e| err(&name, e))?;
+    ct::claim_name(state, &name).map_err(|e| match e {
+        ct::ContainerError::Exists(_) | ct::ContainerError::BadName(_) => {
+            RestoreError::Unsupported(format!("{e}; restore it under another name with --name"))
+        }
+        e => err(&name, e),
+    })?;
     let h = Hierarchy::detect().map_err(|e| err(&name, e))?;
     let rel = ct::cgroup_path(&name);
     let cg = ct::new_cgroup(&h, &name).map_err(|e| err(&name, e))?;
