@@ -822,3 +822,57 @@ fn a_cpu_hog_is_held_to_its_cap() {
         "used {raised:.3} CPUs under a 0.75 cap, {capped:.3} under 0.25"
     );
 }
+
+#[test]
+fn a_failed_restore_removes_everything_it_made() {
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-failed");
+    let r = root.to_str().expect("path");
+    let file = root.join("tmp/ct-failed.data");
+    std::fs::write(&file, "kept open\n").expect("write data file");
+    env.run(
+        "frail",
+        &[
+            "--rootfs",
+            r,
+            "--net",
+            "bridge",
+            "--ip",
+            "10.88.200.51/16",
+            "--pids",
+            "20",
+        ],
+        &[
+            "/bin/sh",
+            "-c",
+            "exec 3</tmp/ct-failed.data; exec sleep 1000",
+        ],
+    );
+    let img = env.state.join("frail.img");
+    let img = img.to_str().expect("path");
+    env.ok(&["checkpoint", "frail", "-o", img]);
+    // The file it had open is gone: found only once the holder, cgroup and network exist.
+    std::fs::remove_file(&file).expect("remove data file");
+    let out = env.out(&["restore", "--detach", img]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "restored without its file");
+    assert!(err.contains("ct-failed.data"), "{err}");
+    assert!(env.ps().is_empty(), "a record was left");
+    for dir in ["pids", "memory", "unified"] {
+        let cg = Path::new("/sys/fs/cgroup").join(dir).join("stasis/frail");
+        assert!(!cg.exists(), "{} was left", cg.display());
+    }
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    let veth = stasis_runtime::netns::veth_name("frail");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains(&veth),
+        "veth {veth} was left"
+    );
+    // With the file back the same image restores.
+    std::fs::write(&file, "kept open\n").expect("write data file");
+    env.ok(&["restore", "--detach", img]);
+    assert_eq!(env.exec("frail", &["cat", "/proc/1/comm"]).trim(), "sleep");
+}
