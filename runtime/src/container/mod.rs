@@ -13,7 +13,9 @@ pub mod record;
 pub mod setup;
 
 pub use lifecycle::*;
-pub use record::{check_name, BridgeAddr, NetMode, Record, StateDir, DEFAULT_STATE_DIR};
+pub use record::{
+    check_name, process_alive, BridgeAddr, NetMode, Record, StateDir, DEFAULT_STATE_DIR,
+};
 
 use std::path::{Path, PathBuf};
 

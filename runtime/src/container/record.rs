@@ -84,10 +84,16 @@ impl Record {
     /// Whether the process the record names still runs (same PID, same start time, not a
     /// zombie).
     pub fn alive(&self) -> bool {
-        match crate::procfs::read_stat(self.pid) {
-            Ok(st) => st.starttime == self.starttime && st.state != 'Z' && st.state != 'X',
-            Err(_) => false,
-        }
+        process_alive(self.pid, self.starttime)
+    }
+}
+
+/// Whether `pid` still runs the process that started at `starttime` (not a zombie): a
+/// record's process, believed only while both match.
+pub fn process_alive(pid: i32, starttime: u64) -> bool {
+    match crate::procfs::read_stat(pid) {
+        Ok(st) => st.starttime == starttime && st.state != 'Z' && st.state != 'X',
+        Err(_) => false,
     }
 }
 
@@ -110,10 +116,12 @@ pub fn check_name(name: &str) -> Result<(), ContainerError> {
 }
 
 /// The state directory: `containers/NAME.json` records and `containers/NAME.log` logs,
-/// serialized by an exclusive lock on `lock`.
+/// serialized by an exclusive lock on `lock`. [`StateDir::vms`] is the same directory's
+/// view of VMs (`vms/NAME.json`, ...), with the same lock.
 #[derive(Debug, Clone)]
 pub struct StateDir {
     root: PathBuf,
+    kind: &'static str,
 }
 
 /// An exclusive lock on the state directory (flock), released on drop.
@@ -123,7 +131,18 @@ pub struct Locked {
 
 impl StateDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        StateDir { root: root.into() }
+        StateDir {
+            root: root.into(),
+            kind: "containers",
+        }
+    }
+
+    /// The view of the same state directory that holds VMs' records.
+    pub fn vms(&self) -> StateDir {
+        StateDir {
+            root: self.root.clone(),
+            kind: "vms",
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -131,7 +150,12 @@ impl StateDir {
     }
 
     fn containers(&self) -> PathBuf {
-        self.root.join("containers")
+        self.root.join(self.kind)
+    }
+
+    /// `NAME.EXT` beside the record of `name`.
+    pub fn file_path(&self, name: &str, ext: &str) -> PathBuf {
+        self.containers().join(format!("{name}.{ext}"))
     }
 
     pub fn record_path(&self, name: &str) -> PathBuf {
@@ -166,6 +190,14 @@ impl StateDir {
 
     /// The record of `name`, if there is one.
     pub fn read(&self, name: &str) -> Result<Option<Record>, ContainerError> {
+        self.read_as(name)
+    }
+
+    /// The record of `name` as any record type of this directory's kind.
+    pub fn read_as<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, ContainerError> {
         check_name(name)?;
         let path = self.record_path(name);
         let text = match std::fs::read(&path) {
@@ -183,10 +215,15 @@ impl StateDir {
 
     /// Writes a record atomically (temporary file, fsync, rename, fsync of the directory).
     pub fn write(&self, rec: &Record) -> Result<(), ContainerError> {
+        self.write_as(&rec.name, rec)
+    }
+
+    /// Writes the record of `name` (any serializable record type) atomically.
+    pub fn write_as<T: Serialize>(&self, name: &str, rec: &T) -> Result<(), ContainerError> {
         let dir = self.containers();
         std::fs::create_dir_all(&dir).map_err(|e| ContainerError::io("create", &dir, e))?;
-        let path = self.record_path(&rec.name);
-        let tmp = dir.join(format!(".{}.json.tmp", rec.name));
+        let path = self.record_path(name);
+        let tmp = dir.join(format!(".{name}.json.tmp"));
         let text = serde_json::to_vec_pretty(rec).map_err(|e| ContainerError::BadRecord {
             path: path.clone(),
             what: e.to_string(),
