@@ -18,6 +18,7 @@ pub mod error;
 pub mod files;
 pub mod inet;
 pub mod inject;
+pub mod kvm;
 pub mod memory;
 pub mod netlock;
 pub mod netns;

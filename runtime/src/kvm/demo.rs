@@ -1,0 +1,177 @@
+//! The built-in demo guest: its code (runtime/guest/demo.S, assembled into this crate), the
+//! loader that places it and starts vCPU 0 in ring 3 through a one-instruction ring-0 stub,
+//! and the host's model of its workload, which checks every report it makes.
+
+use super::memory::GuestMemory;
+use super::vm::{self, Vm};
+use super::KvmError;
+use kvm_bindings::kvm_regs;
+use kvm_ioctls::VcpuFd;
+
+std::arch::global_asm!(include_str!("../../guest/demo.S"));
+
+extern "C" {
+    static stasis_demo_start: u8;
+    static stasis_demo_ring3: u8;
+    static stasis_demo_end: u8;
+}
+
+/// Default number of steps between two reports.
+pub const REPORT_EVERY: u64 = 1 << 14;
+
+/// The multiplier of the guest's pattern.
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The guest's machine code and the offset of its ring-3 entry in it.
+pub fn code() -> (&'static [u8], u64) {
+    // The three symbols are labels of the one block in demo.S, in this order, in a
+    // read-only section of this binary; only their addresses are taken.
+    let (start, ring3, end) = (
+        std::ptr::addr_of!(stasis_demo_start) as usize,
+        std::ptr::addr_of!(stasis_demo_ring3) as usize,
+        std::ptr::addr_of!(stasis_demo_end) as usize,
+    );
+    // SAFETY: [start, end) is the assembled block, immutable for the program's life.
+    let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, end - start) };
+    (bytes, (ring3 - start) as u64)
+}
+
+/// What the demo guest is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoConfig {
+    /// Steps between reports (> 0).
+    pub report_every: u64,
+    /// Stop after this many steps (0: run until stopped).
+    pub steps: u64,
+}
+
+/// Number of work-area pages of a VM with `mem_size` bytes.
+pub fn work_pages(mem_size: u64) -> u64 {
+    mem_size.saturating_sub(vm::WORK_ADDR) / 4096
+}
+
+/// Loads the guest into `vm`'s memory and sets up `vcpu` to start it.
+pub fn load(vm: &Vm, vcpu: &VcpuFd, cfg: &DemoConfig) -> Result<(), KvmError> {
+    let (code, ring3) = code();
+    if code.len() as u64 > vm::CODE_MAX || !vm.mem.write(vm::CODE_ADDR, code) {
+        return Err(KvmError::invalid(&vm.name, "the demo guest does not fit"));
+    }
+    let pages = work_pages(vm.mem.size());
+    if pages == 0 || cfg.report_every == 0 {
+        return Err(KvmError::invalid(
+            &vm.name,
+            "the demo guest needs a work area and a report interval",
+        ));
+    }
+    vm.build_tables()?;
+    vm.enter_long_mode(vcpu)?;
+    // The iretq frame on the ring-0 stack: RIP, CS, RFLAGS, RSP, SS.
+    let frame = vm::RING0_STACK_TOP - 5 * 8;
+    let words = [
+        vm::CODE_ADDR + ring3,
+        u64::from(vm::SEL_USER_CS),
+        vm::RFLAGS_IOPL3,
+        vm::RING3_STACK_TOP,
+        u64::from(vm::SEL_USER_DS),
+    ];
+    for (i, w) in words.iter().enumerate() {
+        if !vm.mem.write_u64(frame + 8 * i as u64, *w) {
+            return Err(KvmError::invalid(&vm.name, "no room for the ring-0 stack"));
+        }
+    }
+    let regs = kvm_regs {
+        rip: vm::CODE_ADDR,
+        rsp: frame,
+        rflags: 0x2,
+        r12: vm::WORK_ADDR,
+        r13: pages,
+        r14: cfg.steps,
+        r15: cfg.report_every,
+        r9: cfg.report_every,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)
+        .map_err(|e| KvmError::ioctl(&vm.name, "KVM_SET_REGS", e))
+}
+
+/// The host's model of the guest's workload: from the counter alone it knows the checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Model {
+    pub pages: u64,
+    pub counter: u64,
+    pub checksum: u64,
+}
+
+impl Model {
+    pub fn new(pages: u64) -> Self {
+        Model {
+            pages,
+            counter: 0,
+            checksum: 0,
+        }
+    }
+
+    /// The value step `c` writes (first word of its page).
+    fn value(c: u64) -> u64 {
+        c.wrapping_add(1).wrapping_mul(GOLDEN)
+    }
+
+    /// Advances the model to `counter` (which must not be behind it).
+    pub fn advance_to(&mut self, counter: u64) {
+        while self.counter < counter {
+            let c = self.counter;
+            let old = if c >= self.pages {
+                Self::value(c - self.pages)
+            } else {
+                0
+            };
+            self.checksum = self.checksum.rotate_left(7) ^ old ^ Self::value(c);
+            self.counter += 1;
+        }
+    }
+
+    /// What page `p` of the work area holds in word `j` after the model's steps (for
+    /// checking guest memory directly).
+    pub fn word(&self, p: u64, j: u64) -> u64 {
+        if self.counter <= p {
+            return 0;
+        }
+        let last = p + (self.counter - 1 - p) / self.pages * self.pages;
+        Self::value(last).wrapping_add(j)
+    }
+
+    /// Checks the work area of `mem` against the model: the first mismatching page.
+    pub fn check_memory(&self, mem: &GuestMemory) -> Option<u64> {
+        (0..self.pages).find(|&p| {
+            let base = vm::WORK_ADDR + p * 4096;
+            mem.read_u64(base) != Some(self.word(p, 0))
+                || mem.read_u64(base + 4088) != Some(self.word(p, 511))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_is_assembled() {
+        let (code, ring3) = code();
+        assert_eq!(code[0..2], [0x48, 0xcf], "the entry is iretq");
+        assert!(ring3 > 0 && (ring3 as usize) < code.len());
+        assert!(code.windows(20).any(|w| w == b"stasis demo guest up"));
+    }
+
+    #[test]
+    fn model_words_follow_the_steps() {
+        let mut m = Model::new(3);
+        m.advance_to(7);
+        assert_eq!(m.word(0, 0), Model::value(6));
+        assert_eq!(m.word(1, 5), Model::value(4).wrapping_add(5));
+        assert_eq!(m.word(2, 0), Model::value(5));
+        let mut n = Model::new(3);
+        n.advance_to(3);
+        n.advance_to(7);
+        assert_eq!(m, n);
+    }
+}

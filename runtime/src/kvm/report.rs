@@ -1,0 +1,136 @@
+//! The demo guest's report device: four 32-bit registers at ports 0x700..0x70f (counter
+//! low, counter high, checksum low, checksum high; writing the last commits a report), and
+//! the shutdown port 0x710. Every committed report is checked against the host's model of
+//! the workload: the counter must have advanced by exactly the report interval (or reached
+//! the step limit) and the checksum must be the model's.
+
+use super::demo::Model;
+
+pub const REPORT_PORT: u16 = 0x700;
+pub const SHUTDOWN_PORT: u16 = 0x710;
+
+/// The device's registers and what it has seen.
+#[derive(Debug, Clone)]
+pub struct ReportDevice {
+    latch: [u32; 4],
+    model: Model,
+    every: u64,
+    limit: u64,
+    pub reports: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+impl ReportDevice {
+    pub fn new(pages: u64, every: u64, limit: u64) -> Self {
+        ReportDevice {
+            latch: [0; 4],
+            model: Model::new(pages),
+            every,
+            limit,
+            reports: 0,
+            errors: 0,
+            last_error: None,
+        }
+    }
+
+    pub fn handles(port: u16) -> bool {
+        (REPORT_PORT..REPORT_PORT + 16).contains(&port)
+    }
+
+    /// The counter and checksum of the last report.
+    pub fn last(&self) -> (u64, u64) {
+        (self.model.counter, self.model.checksum)
+    }
+
+    fn error(&mut self, what: String) {
+        self.errors += 1;
+        self.last_error = Some(what);
+    }
+
+    /// A write of `data` to `port`; returns true when it committed a report.
+    pub fn write(&mut self, port: u16, data: &[u8]) -> bool {
+        let reg = usize::from((port - REPORT_PORT) / 4);
+        let Ok(word) = <[u8; 4]>::try_from(data) else {
+            self.error(format!("a {}-byte write to port {port:#x}", data.len()));
+            return false;
+        };
+        if port % 4 != 0 || reg >= 4 {
+            self.error(format!("a write to unaligned port {port:#x}"));
+            return false;
+        }
+        self.latch[reg] = u32::from_le_bytes(word);
+        if reg != 3 {
+            return false;
+        }
+        let counter = u64::from(self.latch[0]) | (u64::from(self.latch[1]) << 32);
+        let checksum = u64::from(self.latch[2]) | (u64::from(self.latch[3]) << 32);
+        self.commit(counter, checksum);
+        true
+    }
+
+    fn commit(&mut self, counter: u64, checksum: u64) {
+        self.reports += 1;
+        let prev = self.model.counter;
+        let expected = prev.saturating_add(self.every);
+        let at_limit = self.limit != 0 && counter == self.limit && counter > prev;
+        if counter != expected && !(at_limit && counter < expected) {
+            self.error(format!(
+                "report {}: counter {counter} after {prev}, expected {expected}",
+                self.reports
+            ));
+            if counter < prev {
+                // Steps were repeated: recompute from the start.
+                self.model = Model::new(self.model.pages);
+            }
+        }
+        self.model.advance_to(counter);
+        if self.model.checksum != checksum {
+            self.error(format!(
+                "report {}: checksum {checksum:#018x} at counter {counter}, expected {:#018x}",
+                self.reports, self.model.checksum
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(d: &mut ReportDevice, counter: u64, checksum: u64) -> bool {
+        let words = [counter as u32, (counter >> 32) as u32, checksum as u32];
+        for (i, w) in words.iter().enumerate() {
+            assert!(!d.write(REPORT_PORT + 4 * i as u16, &w.to_le_bytes()));
+        }
+        d.write(REPORT_PORT + 12, &((checksum >> 32) as u32).to_le_bytes())
+    }
+
+    #[test]
+    fn checks_counter_and_checksum() {
+        let mut truth = Model::new(5);
+        let mut d = ReportDevice::new(5, 4, 10);
+        truth.advance_to(4);
+        assert!(report(&mut d, 4, truth.checksum));
+        truth.advance_to(8);
+        assert!(report(&mut d, 8, truth.checksum));
+        truth.advance_to(10);
+        assert!(report(&mut d, 10, truth.checksum), "the limit ends early");
+        assert_eq!((d.reports, d.errors), (3, 0));
+
+        let mut d = ReportDevice::new(5, 4, 0);
+        assert!(report(&mut d, 4, 1234));
+        assert_eq!(d.errors, 1, "bad checksum");
+        truth = Model::new(5);
+        truth.advance_to(12);
+        report(&mut d, 12, truth.checksum);
+        assert_eq!(d.errors, 2, "a skipped report's steps are an error");
+        truth = Model::new(5);
+        truth.advance_to(4);
+        report(&mut d, 4, truth.checksum);
+        assert_eq!(d.errors, 3, "repeated steps are an error");
+        truth.advance_to(8);
+        report(&mut d, 8, truth.checksum);
+        assert_eq!(d.errors, 3, "and it resynchronizes");
+    }
+}

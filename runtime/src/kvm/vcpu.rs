@@ -1,0 +1,184 @@
+//! The vCPU run loop: KVM_RUN until the guest shuts down or the VMM is asked to stop,
+//! handling port I/O for the serial console and the report device.
+//!
+//! Stopping: whoever wants the vCPU out of KVM_RUN sets the stop flag and sends the vCPU
+//! thread [`KICK_SIGNAL`] (a no-op handler installed without SA_RESTART, so KVM_RUN returns
+//! EINTR) until the thread has left the loop; sending it repeatedly closes the race with a
+//! thread that checked the flag just before entering KVM_RUN.
+
+use super::report::{ReportDevice, SHUTDOWN_PORT};
+use super::serial::Serial;
+use super::KvmError;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the no-op [`KICK_SIGNAL`] handler (idempotent).
+pub fn install_kick_handler() -> Result<(), std::io::Error> {
+    install_handler(KICK_SIGNAL, on_kick)
+}
+
+/// Installs `handler` (which must be async-signal-safe) for `sig`, without SA_RESTART so
+/// blocking calls such as KVM_RUN return EINTR.
+pub fn install_handler(
+    sig: libc::c_int,
+    handler: extern "C" fn(libc::c_int),
+) -> Result<(), std::io::Error> {
+    // SAFETY: a zeroed sigaction with the given handler and an empty mask; the caller
+    // passes an async-signal-safe handler.
+    let rc = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(sig, &sa, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// What the VM is doing and has done, shared between the vCPU thread and the control
+/// socket.
+#[derive(Debug, Default)]
+pub struct VmStatus {
+    pub counter: AtomicU64,
+    pub checksum: AtomicU64,
+    pub reports: AtomicU64,
+    pub errors: AtomicU64,
+    pub serial_bytes: AtomicU64,
+    pub exits: AtomicU64,
+    /// Microseconds from the first KVM_RUN to the guest's first port I/O (its ring-0 setup
+    /// and the entry to ring 3), 0 until then.
+    pub setup_us: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// The devices on the guest's I/O ports.
+pub struct Devices {
+    pub serial: Serial,
+    pub report: ReportDevice,
+}
+
+/// Why the run loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The guest wrote this code to the shutdown port.
+    Shutdown(u8),
+    /// The guest halted.
+    Halted,
+    /// The VMM was asked to stop.
+    Stopped,
+}
+
+/// Runs `vcpu` until it ends (see [`Ended`]) or fails.
+pub fn run(
+    vm: &str,
+    vcpu: &mut VcpuFd,
+    dev: &mut Devices,
+    status: &VmStatus,
+    stop: &AtomicBool,
+) -> Result<Ended, KvmError> {
+    let start = Instant::now();
+    let mut first_io = true;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(Ended::Stopped);
+        }
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => return Err(KvmError::ioctl(vm, "KVM_RUN", e)),
+        };
+        status.exits.fetch_add(1, Ordering::Relaxed);
+        if first_io && matches!(exit, VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) {
+            first_io = false;
+            let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            status.setup_us.store(us.max(1), Ordering::Relaxed);
+        }
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                if dev.serial.handles(port) {
+                    for b in data {
+                        dev.serial.write(port, *b);
+                    }
+                    status
+                        .serial_bytes
+                        .store(dev.serial.transmitted, Ordering::Relaxed);
+                } else if ReportDevice::handles(port) {
+                    if dev.report.write(port, data) {
+                        let (counter, checksum) = dev.report.last();
+                        status.counter.store(counter, Ordering::Relaxed);
+                        status.checksum.store(checksum, Ordering::Relaxed);
+                        status.reports.store(dev.report.reports, Ordering::Relaxed);
+                        status.errors.store(dev.report.errors, Ordering::Relaxed);
+                        if dev.report.errors > 0 {
+                            if let Ok(mut e) = status.last_error.lock() {
+                                e.clone_from(&dev.report.last_error);
+                            }
+                        }
+                    }
+                } else if port == SHUTDOWN_PORT {
+                    return Ok(Ended::Shutdown(data.first().copied().unwrap_or(0)));
+                }
+                // Other ports: ignored, as on a PC with nothing there.
+            }
+            VcpuExit::IoIn(port, data) => {
+                if dev.serial.handles(port) {
+                    for b in data.iter_mut() {
+                        *b = dev.serial.read(port);
+                    }
+                } else {
+                    data.fill(0xff);
+                }
+            }
+            VcpuExit::Hlt => return Ok(Ended::Halted),
+            VcpuExit::Shutdown => {
+                return Err(KvmError::Guest {
+                    vm: vm.to_string(),
+                    what: format!("triple fault (KVM_EXIT_SHUTDOWN) {}", where_(vcpu)),
+                })
+            }
+            VcpuExit::InternalError => {
+                return Err(KvmError::Guest {
+                    vm: vm.to_string(),
+                    what: format!(
+                        "KVM internal error (KVM_EXIT_INTERNAL_ERROR), an instruction KVM \
+                         cannot emulate? {}",
+                        where_(vcpu)
+                    ),
+                })
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return Err(KvmError::Guest {
+                    vm: vm.to_string(),
+                    what: format!("entry failed: hardware reason {reason:#x} on cpu {cpu}"),
+                })
+            }
+            other => {
+                return Err(KvmError::Guest {
+                    vm: vm.to_string(),
+                    what: format!("unhandled exit {other:?}"),
+                })
+            }
+        }
+    }
+}
+
+/// Where the vCPU is, for error messages.
+fn where_(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "at rip {:#x} (cs {:#x}, rsp {:#x}, rflags {:#x}, cr0 {:#x}, cr3 {:#x}, efer {:#x})",
+            r.rip, s.cs.selector, r.rsp, r.rflags, s.cr0, s.cr3, s.efer
+        ),
+        _ => "(registers unreadable)".into(),
+    }
+}

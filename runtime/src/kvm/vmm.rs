@@ -1,0 +1,585 @@
+//! The VMM process of one VM: it owns the VM, runs its vCPU on a thread, writes the serial
+//! console to the VM's log (and the terminal in the foreground), and answers on a unix
+//! control socket. Its record, `STATE/vms/NAME.json`, names its PID and start time and is
+//! believed only while that process lives, like a container's; the log is `NAME.log` and
+//! the socket `NAME.sock` beside it.
+//!
+//! Control protocol (version 1): a client connects, sends one line (`status` or `stop`)
+//! and reads one line of JSON, a [`VmReport`]; `stop` answers once the vCPU has left
+//! KVM_RUN and the VM is torn down.
+
+use super::demo::{self, DemoConfig};
+use super::report::ReportDevice;
+use super::serial::{Serial, COM1};
+use super::vcpu::{self, Devices, Ended, VmStatus};
+use super::vm::Vm;
+use super::{hardware_virtualization, KvmError};
+use crate::container::{check_name, process_alive, StateDir};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::thread::JoinHandleExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Version of [`VmRecord`] and of the control protocol.
+pub const VERSION: u32 = 1;
+
+/// What the VM runs.
+#[derive(Debug, Clone)]
+pub enum Guest {
+    /// The built-in demo guest.
+    Demo,
+    /// A Linux bzImage (needs VMX/SVM).
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+}
+
+/// What `stasis vm run` was asked for.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub name: String,
+    /// Bytes of guest memory.
+    pub memory: u64,
+    pub vcpus: u32,
+    pub guest: Guest,
+    /// The demo guest's steps between reports.
+    pub report_every: u64,
+    /// The demo guest's step limit (0: none).
+    pub steps: u64,
+}
+
+/// The record of a running VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub version: u32,
+    pub name: String,
+    /// The VMM process.
+    pub pid: i32,
+    pub starttime: u64,
+    /// Seconds since the epoch.
+    pub created: u64,
+    pub memory: u64,
+    pub vcpus: u32,
+    pub guest: String,
+    pub log: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl VmRecord {
+    pub fn alive(&self) -> bool {
+        process_alive(self.pid, self.starttime)
+    }
+}
+
+/// A VM's state as its VMM reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmReport {
+    pub version: u32,
+    pub name: String,
+    pub pid: i32,
+    /// running, stopped (by the VMM), shutdown (by the guest), halted, failed.
+    pub state: String,
+    pub guest: String,
+    pub memory: u64,
+    pub vcpus: u32,
+    /// The demo guest's step counter at its last report.
+    pub counter: u64,
+    pub checksum: u64,
+    pub reports: u64,
+    /// Reports that did not match the host's model of the workload.
+    pub errors: u64,
+    pub last_error: Option<String>,
+    pub serial_bytes: u64,
+    pub exits: u64,
+    /// Microseconds from the first KVM_RUN to the guest's first port I/O.
+    pub setup_us: u64,
+    pub uptime_ms: u64,
+    pub steps_per_sec: f64,
+    /// Why the VM ended (failed: the error).
+    pub end: Option<String>,
+}
+
+/// Refuses what this host or this VMM cannot run, before anything is created.
+pub fn check_config(cfg: &VmConfig) -> Result<(), KvmError> {
+    let name = &cfg.name;
+    check_name(name)?;
+    if let Guest::Kernel { kernel, .. } = &cfg.guest {
+        return Err(KvmError::Unsupported {
+            vm: name.clone(),
+            what: match hardware_virtualization() {
+                None => format!(
+                    "cannot boot the Linux kernel {}: this host's CPU has no VMX or SVM \
+                     (no vmx/svm flag in /proc/cpuinfo), so /dev/kvm is a software \
+                     virtualizer (PVM) that cannot boot a stock Linux guest; use --guest demo",
+                    kernel.display()
+                ),
+                Some(hw) => format!(
+                    "booting a Linux bzImage ({}) is not implemented yet (this host has {hw:?})",
+                    kernel.display()
+                ),
+            },
+        });
+    }
+    if cfg.vcpus != 1 {
+        return Err(KvmError::invalid(
+            name,
+            format!("--vcpus {}: the demo guest runs on one vCPU", cfg.vcpus),
+        ));
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Err(KvmError::Unsupported {
+            vm: name.clone(),
+            what: "/dev/kvm does not exist (no KVM on this host)".into(),
+        });
+    }
+    Ok(())
+}
+
+fn guest_name(g: &Guest) -> String {
+    match g {
+        Guest::Demo => "demo".into(),
+        Guest::Kernel { kernel, .. } => kernel.display().to_string(),
+    }
+}
+
+/// Set by SIGINT/SIGTERM: stop the VM cleanly.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+fn install_stop_handlers(vm: &str) -> Result<(), KvmError> {
+    vcpu::install_kick_handler().map_err(|e| KvmError::sys(vm, "sigaction(SIGUSR1)", e))?;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vcpu::install_handler(sig, on_stop_signal)
+            .map_err(|e| KvmError::sys(vm, format!("sigaction({sig})"), e))?;
+    }
+    Ok(())
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The VM, set up and recorded, before its vCPU runs.
+struct Prepared {
+    vm: Vm,
+    vcpu: kvm_ioctls::VcpuFd,
+    rec: VmRecord,
+    listener: UnixListener,
+    devices: Devices,
+}
+
+fn prepare(
+    state: &StateDir,
+    cfg: &VmConfig,
+    mut sinks: Vec<Box<dyn Write + Send>>,
+) -> Result<Prepared, KvmError> {
+    let name = cfg.name.as_str();
+    let vms = state.vms();
+    let _lock = vms.lock()?;
+    if let Some(old) = vms.read_as::<VmRecord>(name)? {
+        if old.alive() {
+            return Err(KvmError::Exists(name.to_string()));
+        }
+        vms.remove(name, true)?;
+    }
+    let vm = Vm::create(name, cfg.memory)?;
+    let vcpu = vm.create_vcpu(0)?;
+    demo::load(
+        &vm,
+        &vcpu,
+        &DemoConfig {
+            report_every: cfg.report_every,
+            steps: cfg.steps,
+        },
+    )?;
+    let log = vms.log_path(name);
+    let file = std::fs::File::create(&log)
+        .map_err(|e| KvmError::sys(name, format!("create {}", log.display()), e))?;
+    sinks.push(Box::new(file));
+    let socket = vms.file_path(name, "sock");
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(KvmError::sys(
+                name,
+                format!("remove {}", socket.display()),
+                e,
+            ))
+        }
+    }
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| KvmError::sys(name, format!("bind {}", socket.display()), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| KvmError::sys(name, "set the control socket non-blocking", e))?;
+    let pid = std::process::id() as i32;
+    let starttime = crate::procfs::read_stat(pid)
+        .map_err(|e| KvmError::invalid(name, format!("reading its own start time: {e}")))?
+        .starttime;
+    let rec = VmRecord {
+        version: VERSION,
+        name: name.to_string(),
+        pid,
+        starttime,
+        created: now_secs(),
+        memory: cfg.memory,
+        vcpus: cfg.vcpus,
+        guest: guest_name(&cfg.guest),
+        log,
+        socket,
+    };
+    vms.write_as(name, &rec)?;
+    let devices = Devices {
+        serial: Serial::new(COM1, sinks),
+        report: ReportDevice::new(demo::work_pages(cfg.memory), cfg.report_every, cfg.steps),
+    };
+    Ok(Prepared {
+        vm,
+        vcpu,
+        rec,
+        listener,
+        devices,
+    })
+}
+
+fn report_of(rec: &VmRecord, st: &VmStatus, started: Instant, state: &str) -> VmReport {
+    let up = started.elapsed();
+    let counter = st.counter.load(Ordering::Relaxed);
+    VmReport {
+        version: VERSION,
+        name: rec.name.clone(),
+        pid: rec.pid,
+        state: state.to_string(),
+        guest: rec.guest.clone(),
+        memory: rec.memory,
+        vcpus: rec.vcpus,
+        counter,
+        checksum: st.checksum.load(Ordering::Relaxed),
+        reports: st.reports.load(Ordering::Relaxed),
+        errors: st.errors.load(Ordering::Relaxed),
+        last_error: st.last_error.lock().ok().and_then(|e| e.clone()),
+        serial_bytes: st.serial_bytes.load(Ordering::Relaxed),
+        exits: st.exits.load(Ordering::Relaxed),
+        setup_us: st.setup_us.load(Ordering::Relaxed),
+        uptime_ms: u64::try_from(up.as_millis()).unwrap_or(u64::MAX),
+        steps_per_sec: counter as f64 / up.as_secs_f64().max(1e-9),
+        end: None,
+    }
+}
+
+fn reply(conn: &mut UnixStream, rep: &VmReport) {
+    if let Ok(mut text) = serde_json::to_string(rep) {
+        text.push('\n');
+        // The client may have gone; nothing to do about it.
+        let _ = conn.write_all(text.as_bytes());
+    }
+}
+
+/// Runs the VM in this process until it ends; `ready` (a pipe) is told "ok" once the VM
+/// is recorded and about to run, or the error that prevented it.
+fn serve(
+    state: &StateDir,
+    cfg: &VmConfig,
+    sinks: Vec<Box<dyn Write + Send>>,
+    ready: Option<OwnedFd>,
+) -> Result<VmReport, KvmError> {
+    let name = cfg.name.clone();
+    let prepared = install_stop_handlers(&name).and_then(|()| prepare(state, cfg, sinks));
+    let mut ready = ready.map(std::fs::File::from);
+    let p = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(r) = ready.as_mut() {
+                let _ = writeln!(r, "{e}");
+            }
+            return Err(e);
+        }
+    };
+    let Prepared {
+        vm,
+        mut vcpu,
+        rec,
+        listener,
+        mut devices,
+    } = p;
+    let status = Arc::new(VmStatus::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let thread = {
+        let (status, stop, vm_name) = (status.clone(), stop.clone(), name.clone());
+        std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || {
+                let r = vcpu::run(&vm_name, &mut vcpu, &mut devices, &status, &stop);
+                drop(vcpu);
+                drop(vm);
+                r
+            })
+            .map_err(|e| KvmError::sys(&name, "spawn the vCPU thread", e))?
+    };
+    if let Some(mut r) = ready.take() {
+        let _ = writeln!(r, "ok");
+    }
+    let mut waiting: Vec<UnixStream> = Vec::new();
+    while !thread.is_finished() {
+        if SIGNALLED.load(Ordering::SeqCst) {
+            stop.store(true, Ordering::SeqCst);
+        }
+        if stop.load(Ordering::SeqCst) {
+            // SAFETY: the thread has not been joined (is_finished was false just now, and a
+            // finished thread's pthread_t stays valid until join); the handler is a no-op.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), vcpu::KICK_SIGNAL) };
+        }
+        match listener.accept() {
+            Ok((mut conn, _)) => {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut line = String::new();
+                let _ = BufReader::new(&mut conn).read_line(&mut line);
+                match line.trim() {
+                    "stop" => {
+                        stop.store(true, Ordering::SeqCst);
+                        waiting.push(conn);
+                    }
+                    _ => reply(&mut conn, &report_of(&rec, &status, started, "running")),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                eprintln!("stasis: VM {name}: control socket: {e}");
+            }
+        }
+    }
+    let ended = thread.join().unwrap_or_else(|_| {
+        Err(KvmError::Guest {
+            vm: name.clone(),
+            what: "the vCPU thread panicked".into(),
+        })
+    });
+    let (state_word, end) = match &ended {
+        Ok(Ended::Shutdown(code)) => ("shutdown", format!("the guest shut down (code {code})")),
+        Ok(Ended::Halted) => ("halted", "the guest halted".to_string()),
+        Ok(Ended::Stopped) => ("stopped", "stopped by the VMM".to_string()),
+        Err(e) => ("failed", e.to_string()),
+    };
+    let mut rep = report_of(&rec, &status, started, state_word);
+    rep.end = Some(end);
+    let vms = state.vms();
+    let cleaned = vms.lock().and_then(|_lock| {
+        let _ = std::fs::remove_file(&rec.socket);
+        match vms.read_as::<VmRecord>(&name)? {
+            Some(r) if r.pid == rec.pid => vms.remove(&name, true),
+            _ => Ok(()),
+        }
+    });
+    for mut conn in waiting {
+        reply(&mut conn, &rep);
+    }
+    ended?;
+    cleaned?;
+    Ok(rep)
+}
+
+/// Runs the VM in this process, its console on standard output (unless `quiet`), until
+/// the guest shuts down or SIGINT/SIGTERM stops it.
+pub fn run_foreground(state: &StateDir, cfg: &VmConfig, quiet: bool) -> Result<VmReport, KvmError> {
+    check_config(cfg)?;
+    let sinks: Vec<Box<dyn Write + Send>> = if quiet {
+        Vec::new()
+    } else {
+        vec![Box::new(std::io::stdout())]
+    };
+    serve(state, cfg, sinks, None)
+}
+
+fn pipe(vm: &str) -> Result<(OwnedFd, OwnedFd), KvmError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(KvmError::sys(vm, "pipe2", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 just returned these two fds, owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn fork(vm: &str) -> Result<i32, KvmError> {
+    // SAFETY: the caller (the stasis CLI) is single-threaded here; the child only runs Rust
+    // code of this process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(KvmError::sys(vm, "fork", std::io::Error::last_os_error()));
+    }
+    Ok(pid)
+}
+
+/// The detached VMM's standard input/output/error: /dev/null.
+fn null_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            // SAFETY: dup2 of an fd we own onto the standard fds; no pointers.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// Starts the VM in a detached VMM process (double fork, new session) and returns its
+/// record once it runs, or the error that stopped it from starting.
+pub fn run_detached(state: &StateDir, cfg: &VmConfig) -> Result<VmRecord, KvmError> {
+    check_config(cfg)?;
+    let name = cfg.name.as_str();
+    let (r, w) = pipe(name)?;
+    let child = fork(name)?;
+    if child == 0 {
+        drop(r);
+        // SAFETY: setsid in the child, which leads no group; no pointers.
+        unsafe { libc::setsid() };
+        let code = match fork(name) {
+            Ok(0) => {
+                null_stdio();
+                let log = state.vms().log_path(name);
+                match serve(state, cfg, Vec::new(), Some(w)) {
+                    Ok(_) => 0,
+                    Err(e) => {
+                        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&log) {
+                            let _ = writeln!(f, "\nstasis: VMM error: {e}");
+                        }
+                        1
+                    }
+                }
+            }
+            Ok(_) => 0,
+            Err(_) => 1,
+        };
+        // SAFETY: ends this forked process without running the parent's atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    drop(w);
+    let mut st = 0;
+    // SAFETY: waiting for the intermediate child we just forked; `st` is a valid pointer.
+    unsafe { libc::waitpid(child, &mut st, 0) };
+    let mut msg = String::new();
+    std::fs::File::from(r)
+        .read_to_string(&mut msg)
+        .map_err(|e| KvmError::sys(name, "read the VMM's start message", e))?;
+    match msg.trim() {
+        "ok" => running(state, name),
+        "" => Err(KvmError::Guest {
+            vm: name.to_string(),
+            what: "the VMM process ended before the VM started".into(),
+        }),
+        err => Err(KvmError::invalid(name, format!("starting the VMM: {err}"))),
+    }
+}
+
+/// The record of a running VM, or why there is none (a stale record is removed).
+pub fn running(state: &StateDir, name: &str) -> Result<VmRecord, KvmError> {
+    let vms = state.vms();
+    let rec = vms
+        .read_as::<VmRecord>(name)?
+        .ok_or_else(|| KvmError::NoSuch(name.to_string()))?;
+    if rec.alive() {
+        return Ok(rec);
+    }
+    let _lock = vms.lock()?;
+    vms.remove(name, true)?;
+    let _ = std::fs::remove_file(&rec.socket);
+    Err(KvmError::NoSuch(name.to_string()))
+}
+
+/// Every running VM; the names of stale records (removed) second.
+pub fn list(state: &StateDir) -> Result<(Vec<VmRecord>, Vec<String>), KvmError> {
+    let mut live = Vec::new();
+    let mut stale = Vec::new();
+    for name in state.vms().names()? {
+        match running(state, &name) {
+            Ok(r) => live.push(r),
+            Err(KvmError::NoSuch(_)) => stale.push(name),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((live, stale))
+}
+
+fn ask(rec: &VmRecord, what: &str, timeout: Duration) -> Result<VmReport, KvmError> {
+    let err = |what: String| KvmError::Control {
+        vm: rec.name.clone(),
+        path: rec.socket.clone(),
+        what,
+    };
+    let mut conn = UnixStream::connect(&rec.socket).map_err(|e| err(format!("connect: {e}")))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| err(format!("set timeout: {e}")))?;
+    conn.write_all(format!("{what}\n").as_bytes())
+        .map_err(|e| err(format!("send {what}: {e}")))?;
+    let mut line = String::new();
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .map_err(|e| err(format!("no answer to {what}: {e}")))?;
+    serde_json::from_str(&line).map_err(|e| err(format!("bad answer to {what}: {e}")))
+}
+
+/// The VMM's report on a running VM.
+pub fn query(state: &StateDir, name: &str) -> Result<VmReport, KvmError> {
+    ask(&running(state, name)?, "status", Duration::from_secs(5))
+}
+
+/// Stops a VM cleanly; returns its final report once its VMM has torn it down.
+pub fn stop(state: &StateDir, name: &str, timeout: Duration) -> Result<VmReport, KvmError> {
+    let rec = running(state, name)?;
+    let rep = ask(&rec, "stop", timeout)?;
+    let deadline = Instant::now() + timeout;
+    while rec.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(rep)
+}
+
+/// Copies a VM's console log to `out`; with `follow`, keeps copying what the guest writes
+/// until the VM ends.
+pub fn console(
+    state: &StateDir,
+    name: &str,
+    follow: bool,
+    out: &mut dyn Write,
+) -> Result<(), KvmError> {
+    let rec = running(state, name)?;
+    let mut f = std::fs::File::open(&rec.log)
+        .map_err(|e| KvmError::sys(name, format!("open {}", rec.log.display()), e))?;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| KvmError::sys(name, format!("read {}", rec.log.display()), e))?;
+        if n > 0 {
+            out.write_all(&buf[..n])
+                .and_then(|_| out.flush())
+                .map_err(|e| KvmError::sys(name, "write the console", e))?;
+            continue;
+        }
+        if !follow || !rec.alive() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
