@@ -1,6 +1,6 @@
 //! Command-line interface (clap).
 
-use crate::{containers, demo, exit, report};
+use crate::{containers, demo, exit, report, vms};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
@@ -131,6 +131,9 @@ enum Command {
         #[arg(short, long)]
         force: bool,
     },
+    /// KVM virtual machines: run, ps, stop, console.
+    #[command(subcommand)]
+    Vm(vms::VmCommand),
     /// Run the built-in demo: a counter is checkpointed, killed, restored, and carries on.
     Demo {
         /// Print the demo's results as JSON.
@@ -216,6 +219,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             crate::outln!("{name}");
             Ok(exit::OK)
         }
+        Command::Vm(cmd) => vms::command(&state, cmd),
         Command::DemoCounter => demo::counter(),
     }
 }

@@ -3,6 +3,7 @@
 use stasis_checkpoint::CheckpointError;
 use stasis_restore::RestoreError;
 use stasis_runtime::container::ContainerError;
+use stasis_runtime::kvm::KvmError;
 
 /// Success.
 pub const OK: i32 = 0;
@@ -40,6 +41,16 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
                 | ContainerError::NotRunning(_)
                 | ContainerError::Running(_)
                 | ContainerError::Invalid(_) => REFUSED,
+                _ => FAILED,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<KvmError>() {
+            return match e {
+                KvmError::Exists(_)
+                | KvmError::NoSuch(_)
+                | KvmError::Invalid { .. }
+                | KvmError::Unsupported { .. } => REFUSED,
+                KvmError::State(ContainerError::BadName(_)) => REFUSED,
                 _ => FAILED,
             };
         }

@@ -5,6 +5,7 @@ mod containers;
 mod demo;
 mod exit;
 mod report;
+mod vms;
 
 use clap::Parser;
 

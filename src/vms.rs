@@ -1,0 +1,212 @@
+//! The VM commands: `stasis vm run/ps/stop/console`.
+
+use crate::{exit, report};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use stasis_runtime::container::StateDir;
+use stasis_runtime::kvm::vmm::{self, Guest, VmConfig, VmReport};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Start a VM: the built-in demo guest (--guest demo) or a Linux kernel (--kernel, on
+    /// hosts with VMX/SVM).
+    ///
+    /// Without --detach the VM runs in the foreground with its serial console on standard
+    /// output until the guest shuts down or Ctrl-C stops it. With --detach a VMM process
+    /// keeps it running; its console goes to the VM's log (`stasis vm console NAME`).
+    Run(RunArgs),
+    /// List running VMs with the demo guest's counter and error count.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM cleanly and remove its record.
+    Stop {
+        name: String,
+        /// Seconds to wait for the VMM to tear the VM down.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM's serial console (its log), following it until the VM ends.
+    Console {
+        name: String,
+        /// Print what the console has shown so far and exit.
+        #[arg(long)]
+        no_follow: bool,
+    },
+}
+
+/// `stasis vm run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Name of the VM (unique on this host).
+    #[arg(long)]
+    pub name: String,
+    /// Guest memory (bytes, or with a suffix: 64m, 1g); a multiple of 2 MiB.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: String,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// A Linux bzImage to boot (needs hardware virtualization, VMX or SVM).
+    #[arg(
+        long,
+        value_name = "BZIMAGE",
+        conflicts_with = "guest",
+        required_unless_present = "guest"
+    )]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    #[arg(
+        long,
+        value_name = "S",
+        requires = "kernel",
+        default_value = "console=ttyS0"
+    )]
+    pub cmdline: String,
+    /// A built-in guest: demo.
+    #[arg(long, value_parser = ["demo"])]
+    pub guest: Option<String>,
+    /// Run in the background: print the name and exit.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Print the VM's report as JSON (in the foreground the console then goes only to
+    /// the log).
+    #[arg(long)]
+    pub json: bool,
+    /// Stop the demo guest after this many steps (tests).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub steps: u64,
+    /// The demo guest's steps between reports.
+    #[arg(long, hide = true, default_value_t = stasis_runtime::kvm::demo::REPORT_EVERY)]
+    pub report_every: u64,
+}
+
+pub fn command(state: &StateDir, cmd: VmCommand) -> Result<i32> {
+    match cmd {
+        VmCommand::Run(a) => run(state, a),
+        VmCommand::Ps { json } => ps(state, json),
+        VmCommand::Stop {
+            name,
+            timeout,
+            json,
+        } => {
+            let rep = vmm::stop(state, &name, Duration::from_secs_f64(timeout.max(0.0)))
+                .with_context(|| format!("stopping VM {name}"))?;
+            if json {
+                report::json(&rep)?;
+            } else {
+                crate::outln!("{name}: {}", summary(&rep));
+            }
+            Ok(exit::OK)
+        }
+        VmCommand::Console { name, no_follow } => {
+            vmm::console(state, &name, !no_follow, &mut std::io::stdout())
+                .with_context(|| format!("console of VM {name}"))?;
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn summary(r: &VmReport) -> String {
+    format!(
+        "{}, counter {} ({:.0} steps/s), {} reports, {} errors{}",
+        r.end.as_deref().unwrap_or(&r.state),
+        r.counter,
+        r.steps_per_sec,
+        r.reports,
+        r.errors,
+        r.last_error
+            .as_deref()
+            .map(|e| format!(" (last: {e})"))
+            .unwrap_or_default()
+    )
+}
+
+fn run(state: &StateDir, a: RunArgs) -> Result<i32> {
+    let memory = stasis_runtime::cgroups::parse_size(&a.memory).context("--memory")?;
+    let guest = match a.kernel {
+        Some(kernel) => Guest::Kernel {
+            kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+        },
+        None => Guest::Demo,
+    };
+    let cfg = VmConfig {
+        name: a.name.clone(),
+        memory,
+        vcpus: a.vcpus,
+        guest,
+        report_every: a.report_every,
+        steps: a.steps,
+    };
+    if a.detach {
+        let rec =
+            vmm::run_detached(state, &cfg).with_context(|| format!("starting VM {}", a.name))?;
+        if a.json {
+            report::json(&rec)?;
+        } else {
+            crate::outln!("{}", rec.name);
+        }
+        return Ok(exit::OK);
+    }
+    let rep = vmm::run_foreground(state, &cfg, a.json)
+        .with_context(|| format!("running VM {}", a.name))?;
+    if a.json {
+        report::json(&rep)?;
+    } else {
+        eprintln!(
+            "stasis: VM {}: {}; ring-0 setup {} us",
+            rep.name,
+            summary(&rep),
+            rep.setup_us
+        );
+    }
+    Ok(if rep.errors == 0 {
+        exit::OK
+    } else {
+        exit::FAILED
+    })
+}
+
+fn ps(state: &StateDir, json: bool) -> Result<i32> {
+    let (live, stale) = vmm::list(state)?;
+    for s in &stale {
+        eprintln!("stasis: removed the stale record of VM {s} (its VMM was gone)");
+    }
+    let mut rows = Vec::new();
+    for rec in &live {
+        rows.push(vmm::query(state, &rec.name).with_context(|| format!("asking VM {}", rec.name))?);
+    }
+    if json {
+        report::json(&rows)?;
+        return Ok(exit::OK);
+    }
+    crate::outln!(
+        "{:<20} {:>8} {:<8} {:>8} {:>14} {:>6} GUEST",
+        "NAME",
+        "PID",
+        "STATE",
+        "MEMORY",
+        "COUNTER",
+        "ERRORS"
+    );
+    for r in rows {
+        crate::outln!(
+            "{:<20} {:>8} {:<8} {:>8} {:>14} {:>6} {}",
+            r.name,
+            r.pid,
+            r.state,
+            report::bytes(r.memory),
+            r.counter,
+            r.errors,
+            r.guest
+        );
+    }
+    Ok(exit::OK)
+}
