@@ -1,0 +1,214 @@
+//! KVM VMs end to end: the built-in demo guest detached and in the foreground, its reports
+//! checked by the VMM, the console, a clean stop, and `--kernel` refused on a host without
+//! hardware virtualization.
+
+mod common;
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// Whether KVM is usable here; says why not when it is not.
+fn have_kvm(test: &str) -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("{test}: skipped: /dev/kvm does not exist on this host");
+    false
+}
+
+fn host_has_hw_virt() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+struct Env {
+    state: PathBuf,
+}
+
+impl Env {
+    fn new(test: &str) -> Env {
+        Env {
+            state: common::scratch(test),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(common::stasis())
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .expect("running stasis")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "stasis {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ps(&self) -> Vec<Value> {
+        let v: Value = serde_json::from_str(&self.ok(&["vm", "ps", "--json"])).expect("ps json");
+        v.as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // A VM a failed test left behind: kill its VMM by the PID its record names.
+        if let Ok(dir) = std::fs::read_dir(self.state.join("vms")) {
+            for e in dir.flatten() {
+                if e.path().extension().is_some_and(|x| x == "json") {
+                    let rec: Option<Value> = std::fs::read(e.path())
+                        .ok()
+                        .and_then(|t| serde_json::from_slice(&t).ok());
+                    if let Some(pid) = rec.and_then(|r| r["pid"].as_i64()) {
+                        // SAFETY: kill takes no pointers; the pid is the VMM this test started.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+#[test]
+fn demo_guest_detached_ps_console_stop() {
+    if !have_kvm("demo_guest_detached_ps_console_stop") {
+        return;
+    }
+    let env = Env::new("vm-detached");
+    let out = env.ok(&[
+        "vm", "run", "--name", "demo1", "--memory", "64m", "--guest", "demo", "--detach",
+    ]);
+    assert_eq!(out.trim(), "demo1");
+    let started = Instant::now();
+    let first = loop {
+        let rows = env.ps();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        if rows[0]["counter"].as_u64().unwrap_or(0) > 0 {
+            break rows[0].clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no report: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let second = env.ps()[0].clone();
+    eprintln!("ps: {second}");
+    assert_eq!(second["name"], "demo1");
+    assert_eq!(second["state"], "running");
+    assert_eq!(second["errors"], 0, "{second}");
+    assert!(
+        second["counter"].as_u64() > first["counter"].as_u64(),
+        "the counter did not increase: {first} then {second}"
+    );
+    let console = env.ok(&["vm", "console", "demo1", "--no-follow"]);
+    assert!(console.contains("stasis demo guest up"), "{console:?}");
+
+    let pid = second["pid"].as_i64().expect("pid") as i32;
+    let stop: Value =
+        serde_json::from_str(&env.ok(&["vm", "stop", "demo1", "--json"])).expect("stop json");
+    assert_eq!(stop["state"], "stopped", "{stop}");
+    assert_eq!(stop["errors"], 0, "{stop}");
+    assert!(stop["counter"].as_u64() >= second["counter"].as_u64());
+    assert!(env.ps().is_empty(), "the record is gone");
+    assert!(!env.state.join("vms/demo1.json").exists());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true),
+        "the VMM {pid} has exited"
+    );
+    let again = env.run(&["vm", "stop", "demo1"]);
+    assert_eq!(
+        again.status.code(),
+        Some(4),
+        "stopping a stopped VM is refused"
+    );
+}
+
+#[test]
+fn demo_guest_foreground_with_a_step_limit() {
+    if !have_kvm("demo_guest_foreground_with_a_step_limit") {
+        return;
+    }
+    let env = Env::new("vm-foreground");
+    let steps = 1_000_000u64;
+    let out = env.run(&[
+        "vm",
+        "run",
+        "--name",
+        "fg",
+        "--memory",
+        "64m",
+        "--guest",
+        "demo",
+        "--steps",
+        &steps.to_string(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep: Value = serde_json::from_slice(&out.stdout).expect("report json");
+    eprintln!("report: {rep}");
+    assert_eq!(rep["state"], "shutdown");
+    assert_eq!(rep["counter"].as_u64(), Some(steps));
+    assert_eq!(rep["errors"], 0);
+    assert!(rep["reports"].as_u64() > Some(1));
+    // Without --json the console is on standard output.
+    let out = env.run(&[
+        "vm", "run", "--name", "fg", "--memory", "8m", "--guest", "demo", "--steps", "1000",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stasis demo guest up"));
+    assert!(env.ps().is_empty());
+}
+
+#[test]
+fn kernel_boot_without_hardware_virtualization_is_refused() {
+    if host_has_hw_virt() {
+        eprintln!(
+            "kernel_boot_without_hardware_virtualization_is_refused: skipped: this host has \
+             VMX/SVM, so --kernel is not refused for lack of it"
+        );
+        return;
+    }
+    eprintln!("checking the refusal of --kernel: this host's CPU has no VMX/SVM");
+    let env = Env::new("vm-kernel");
+    let out = env.run(&[
+        "vm",
+        "run",
+        "--name",
+        "k",
+        "--memory",
+        "64m",
+        "--kernel",
+        "/nonexistent/bzImage",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("no VMX or SVM") && err.contains("PVM"),
+        "{err}"
+    );
+    assert!(env.ps().is_empty());
+}
