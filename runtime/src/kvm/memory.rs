@@ -21,7 +21,7 @@ unsafe impl Sync for GuestMemory {}
 impl GuestMemory {
     /// Zeroed memory of `size` bytes (a multiple of 2 MiB) in a fresh memfd.
     pub fn new(vm: &str, size: u64) -> Result<Self, KvmError> {
-        if size == 0 || size % (2 << 20) != 0 {
+        if size == 0 || !size.is_multiple_of(2 << 20) {
             return Err(KvmError::invalid(
                 vm,
                 format!("memory size {size} is not a positive multiple of 2 MiB"),

@@ -43,7 +43,13 @@ impl ReportDevice {
         (self.model.counter, self.model.checksum)
     }
 
-    fn error(&mut self, what: String) {
+    /// The host's model of the workload at the last report.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Records an error found outside a report (e.g. in guest memory).
+    pub fn error(&mut self, what: String) {
         self.errors += 1;
         self.last_error = Some(what);
     }
@@ -55,7 +61,7 @@ impl ReportDevice {
             self.error(format!("a {}-byte write to port {port:#x}", data.len()));
             return false;
         };
-        if port % 4 != 0 || reg >= 4 {
+        if !port.is_multiple_of(4) || reg >= 4 {
             self.error(format!("a write to unaligned port {port:#x}"));
             return false;
         }

@@ -325,6 +325,23 @@ fn serve(
             .name("vcpu0".into())
             .spawn(move || {
                 let r = vcpu::run(&vm_name, &mut vcpu, &mut devices, &status, &stop);
+                if let Ok(Ended::Shutdown(_)) = r {
+                    // The guest stopped right after its last report: all of its memory
+                    // must be what the model says.
+                    let model = *devices.report.model();
+                    if let Some(p) = model.check_memory(&vm.mem) {
+                        devices.report.error(format!(
+                            "guest memory: work page {p} differs from the model at counter {}",
+                            model.counter
+                        ));
+                        status
+                            .errors
+                            .store(devices.report.errors, Ordering::Relaxed);
+                        if let Ok(mut e) = status.last_error.lock() {
+                            e.clone_from(&devices.report.last_error);
+                        }
+                    }
+                }
                 drop(vcpu);
                 drop(vm);
                 r
