@@ -174,4 +174,21 @@ mod tests {
         n.advance_to(7);
         assert_eq!(m, n);
     }
+
+    #[test]
+    fn memory_check_finds_a_stale_page() {
+        let mem = GuestMemory::new("t", 2 << 20).expect("memfd");
+        let mut m = Model::new(work_pages(mem.size()));
+        assert_eq!(m.pages, 256);
+        assert_eq!(m.check_memory(&mem), None, "fresh memory is all zero");
+        m.advance_to(600);
+        for p in 0..m.pages {
+            for j in [0, 511] {
+                assert!(mem.write_u64(vm::WORK_ADDR + p * 4096 + j * 8, m.word(p, j)));
+            }
+        }
+        assert_eq!(m.check_memory(&mem), None);
+        assert!(mem.write_u64(vm::WORK_ADDR + 7 * 4096, Model::value(7)));
+        assert_eq!(m.check_memory(&mem), Some(7));
+    }
 }

@@ -61,6 +61,18 @@ pub struct VmStatus {
     pub last_error: Mutex<Option<String>>,
 }
 
+impl VmStatus {
+    /// Publishes the report device's error count and last error.
+    pub fn take_errors(&self, dev: &ReportDevice) {
+        self.errors.store(dev.errors, Ordering::Relaxed);
+        if dev.errors > 0 {
+            if let Ok(mut e) = self.last_error.lock() {
+                e.clone_from(&dev.last_error);
+            }
+        }
+    }
+}
+
 /// The devices on the guest's I/O ports.
 pub struct Devices {
     pub serial: Serial,
@@ -118,12 +130,7 @@ pub fn run(
                         status.counter.store(counter, Ordering::Relaxed);
                         status.checksum.store(checksum, Ordering::Relaxed);
                         status.reports.store(dev.report.reports, Ordering::Relaxed);
-                        status.errors.store(dev.report.errors, Ordering::Relaxed);
-                        if dev.report.errors > 0 {
-                            if let Ok(mut e) = status.last_error.lock() {
-                                e.clone_from(&dev.report.last_error);
-                            }
-                        }
+                        status.take_errors(&dev.report);
                     }
                 } else if port == SHUTDOWN_PORT {
                     return Ok(Ended::Shutdown(data.first().copied().unwrap_or(0)));

@@ -334,12 +334,7 @@ fn serve(
                             "guest memory: work page {p} differs from the model at counter {}",
                             model.counter
                         ));
-                        status
-                            .errors
-                            .store(devices.report.errors, Ordering::Relaxed);
-                        if let Ok(mut e) = status.last_error.lock() {
-                            e.clone_from(&devices.report.last_error);
-                        }
+                        status.take_errors(&devices.report);
                     }
                 }
                 drop(vcpu);
