@@ -144,6 +144,7 @@ fn run(state: &StateDir, a: RunArgs) -> Result<i32> {
         guest,
         report_every: a.report_every,
         steps: a.steps,
+        restore: None,
     };
     if a.detach {
         let rec =

@@ -97,6 +97,52 @@ impl GuestMemory {
         (end <= self.size).then_some(gpa as usize)
     }
 
+    /// Maps `len` bytes of `file` at `offset` over guest memory at `gpa`, MAP_PRIVATE: the
+    /// guest reads the file's pages without a copy and its writes stay private (a restore
+    /// from an image's raw page data). Before any vCPU runs.
+    pub fn map_private(
+        &self,
+        vm: &str,
+        gpa: u64,
+        file: &impl AsRawFd,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), KvmError> {
+        let bad = || {
+            KvmError::invalid(
+                vm,
+                format!("mapping {len} bytes at guest address {gpa:#x}: outside guest memory"),
+            )
+        };
+        let n = usize::try_from(len).map_err(|_| bad())?;
+        let off = self.range(gpa, n).ok_or_else(bad)?;
+        if !gpa.is_multiple_of(4096) || !offset.is_multiple_of(4096) || n == 0 {
+            return Err(bad());
+        }
+        let foff = libc::off_t::try_from(offset).map_err(|_| bad())?;
+        // SAFETY: MAP_FIXED replaces pages strictly inside this GuestMemory's own mapping
+        // (range checked above), which only this value owns; the file is read-only mapped
+        // private, so writes never reach it. The result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                self.addr.add(off).cast(),
+                n,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                foff,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(KvmError::sys(
+                vm,
+                format!("mmap of {len} bytes of the image at {offset} over guest {gpa:#x}"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Copies `data` into guest memory at `gpa`; false if it does not fit.
     pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
         let Some(off) = self.range(gpa, data.len()) else {

@@ -13,6 +13,8 @@ pub mod demo;
 pub mod memory;
 pub mod report;
 pub mod serial;
+pub mod snapshot;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -5,6 +5,7 @@
 //! the step limit) and the checksum must be the model's.
 
 use super::demo::Model;
+use serde::{Deserialize, Serialize};
 
 pub const REPORT_PORT: u16 = 0x700;
 pub const SHUTDOWN_PORT: u16 = 0x710;
@@ -21,7 +22,52 @@ pub struct ReportDevice {
     pub last_error: Option<String>,
 }
 
+/// The report device's registers and the host's model, for a snapshot: a restored device
+/// expects exactly the counter and checksum that come next.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportState {
+    pub latch: [u32; 4],
+    pub pages: u64,
+    pub counter: u64,
+    pub checksum: u64,
+    pub every: u64,
+    pub limit: u64,
+    pub reports: u64,
+    pub errors: u64,
+}
+
 impl ReportDevice {
+    pub fn state(&self) -> ReportState {
+        ReportState {
+            latch: self.latch,
+            pages: self.model.pages,
+            counter: self.model.counter,
+            checksum: self.model.checksum,
+            every: self.every,
+            limit: self.limit,
+            reports: self.reports,
+            errors: self.errors,
+        }
+    }
+
+    /// The device as saved (its error count carries over: a restored VM that had errors
+    /// still reports them).
+    pub fn from_state(s: &ReportState) -> Self {
+        ReportDevice {
+            latch: s.latch,
+            model: Model {
+                pages: s.pages,
+                counter: s.counter,
+                checksum: s.checksum,
+            },
+            every: s.every.max(1),
+            limit: s.limit,
+            reports: s.reports,
+            errors: s.errors,
+            last_error: None,
+        }
+    }
+
     pub fn new(pages: u64, every: u64, limit: u64) -> Self {
         ReportDevice {
             latch: [0; 4],

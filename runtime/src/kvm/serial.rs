@@ -3,6 +3,7 @@
 //! every sink (the console log, the foreground terminal); bytes queued with [`Serial::input`]
 //! are what it receives.
 
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::io::Write;
 
@@ -33,7 +34,56 @@ pub struct Serial {
     pub transmitted: u64,
 }
 
+/// A UART's registers and the bytes queued for the guest, for a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub base: u16,
+    pub ier: u8,
+    pub lcr: u8,
+    pub mcr: u8,
+    pub scr: u8,
+    pub fcr: u8,
+    pub dll: u8,
+    pub dlm: u8,
+    /// Received bytes the guest has not read yet.
+    pub rx: Vec<u8>,
+    pub transmitted: u64,
+}
+
 impl Serial {
+    /// The registers and buffered bytes (the sinks are the host's, not saved).
+    pub fn state(&self) -> SerialState {
+        SerialState {
+            base: self.base,
+            ier: self.ier,
+            lcr: self.lcr,
+            mcr: self.mcr,
+            scr: self.scr,
+            fcr: self.fcr,
+            dll: self.dll,
+            dlm: self.dlm,
+            rx: self.rx.iter().copied().collect(),
+            transmitted: self.transmitted,
+        }
+    }
+
+    /// A UART as saved, writing to `sinks`.
+    pub fn from_state(s: &SerialState, sinks: Vec<Box<dyn Write + Send>>) -> Self {
+        Serial {
+            base: s.base,
+            ier: s.ier & 0x0f,
+            lcr: s.lcr,
+            mcr: s.mcr & 0x1f,
+            scr: s.scr,
+            fcr: s.fcr,
+            dll: s.dll,
+            dlm: s.dlm,
+            rx: s.rx.iter().copied().collect(),
+            sinks,
+            transmitted: s.transmitted,
+        }
+    }
+
     pub fn new(base: u16, sinks: Vec<Box<dyn Write + Send>>) -> Self {
         Serial {
             base,
@@ -140,5 +190,12 @@ mod tests {
         assert_eq!(s.transmitted, 2);
         s.write(COM1 + 3, 0x83);
         assert_eq!(s.read(COM1), 1);
+        s.input(b"yz");
+        let saved = s.state();
+        let mut t = Serial::from_state(&saved, Vec::new());
+        assert_eq!(t.state(), saved);
+        assert_eq!(t.read(COM1), 1, "DLAB is still set");
+        t.write(COM1 + 3, 0x03);
+        assert_eq!((t.read(COM1), t.read(COM1)), (b'y', b'z'));
     }
 }

@@ -58,6 +58,8 @@ pub struct VmStatus {
     /// Microseconds from the first KVM_RUN to the guest's first port I/O (its ring-0 setup
     /// and the entry to ring 3), 0 until then.
     pub setup_us: AtomicU64,
+    /// Where guest memory is mapped in the VMM.
+    pub mem_host_addr: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -88,6 +90,8 @@ pub enum Ended {
     Halted,
     /// The VMM was asked to stop.
     Stopped,
+    /// The VMM asked the vCPU to pause (for a snapshot); it may run again.
+    Paused,
 }
 
 /// Runs `vcpu` until it ends (see [`Ended`]) or fails.
@@ -97,12 +101,16 @@ pub fn run(
     dev: &mut Devices,
     status: &VmStatus,
     stop: &AtomicBool,
+    pause: &AtomicBool,
 ) -> Result<Ended, KvmError> {
     let start = Instant::now();
-    let mut first_io = true;
+    let mut first_io = status.setup_us.load(Ordering::Relaxed) == 0;
     loop {
         if stop.load(Ordering::SeqCst) {
             return Ok(Ended::Stopped);
+        }
+        if pause.load(Ordering::SeqCst) {
+            return Ok(Ended::Paused);
         }
         let exit = match vcpu.run() {
             Ok(exit) => exit,

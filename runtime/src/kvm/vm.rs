@@ -15,7 +15,9 @@
 
 use super::memory::GuestMemory;
 use super::KvmError;
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 pub const GDT_ADDR: u64 = 0x1000;
@@ -96,6 +98,36 @@ impl Vm {
             fd,
             mem,
         })
+    }
+
+    /// The /dev/kvm handle (for system ioctls such as KVM_GET_MSR_INDEX_LIST).
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Turns KVM's dirty page logging of slot 0 on or off (KVM_MEM_LOG_DIRTY_PAGES); safe
+    /// while the vCPU runs.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), KvmError> {
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: 0,
+            memory_size: self.mem.size(),
+            userspace_addr: self.mem.host_addr(),
+        };
+        // SAFETY: the same live mapping of `self.mem` as registered in create(); only the
+        // flags change.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|e| KvmError::ioctl(&self.name, "KVM_SET_USER_MEMORY_REGION (dirty log)", e))
+    }
+
+    /// The pages written since logging started or since the last call, as a bitmap.
+    pub fn dirty_log(&self) -> Result<Vec<u64>, KvmError> {
+        let size = usize::try_from(self.mem.size())
+            .map_err(|_| KvmError::invalid(&self.name, "memory size overflows usize"))?;
+        self.fd
+            .get_dirty_log(0, size)
+            .map_err(|e| KvmError::ioctl(&self.name, "KVM_GET_DIRTY_LOG", e))
     }
 
     /// Creates vCPU `id` with the host's supported CPUID (KVM refuses long mode to a vCPU

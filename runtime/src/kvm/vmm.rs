@@ -6,11 +6,14 @@
 //!
 //! Control protocol (version 1): a client connects, sends one line (`status` or `stop`)
 //! and reads one line of JSON, a [`VmReport`]; `stop` answers once the vCPU has left
-//! KVM_RUN and the VM is torn down.
+//! KVM_RUN and the VM is torn down. The snapshot commands (`dirty-log start`, `pause`) are
+//! described in [`super::snapshot`].
 
 use super::demo::{self, DemoConfig};
 use super::report::ReportDevice;
 use super::serial::{Serial, COM1};
+use super::snapshot::{self, Paused, Restore, Resumed, VmSnapshot};
+use super::state::{VcpuState, VmState};
 use super::vcpu::{self, Devices, Ended, VmStatus};
 use super::vm::Vm;
 use super::{hardware_virtualization, KvmError};
@@ -22,7 +25,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// Version of [`VmRecord`] and of the control protocol.
@@ -53,6 +56,8 @@ pub struct VmConfig {
     pub report_every: u64,
     /// The demo guest's step limit (0: none).
     pub steps: u64,
+    /// Start from this snapshot instead of booting the guest.
+    pub restore: Option<Restore>,
 }
 
 /// The record of a running VM.
@@ -104,6 +109,9 @@ pub struct VmReport {
     pub steps_per_sec: f64,
     /// Why the VM ended (failed: the error).
     pub end: Option<String>,
+    /// Where guest memory is mapped in the VMM (for reading it with process_vm_readv).
+    #[serde(default)]
+    pub mem_host_addr: u64,
 }
 
 /// Refuses what this host or this VMM cannot run, before anything is created.
@@ -197,14 +205,17 @@ fn prepare(
     }
     let vm = Vm::create(name, cfg.memory)?;
     let vcpu = vm.create_vcpu(0)?;
-    demo::load(
-        &vm,
-        &vcpu,
-        &DemoConfig {
-            report_every: cfg.report_every,
-            steps: cfg.steps,
-        },
-    )?;
+    match &cfg.restore {
+        None => demo::load(
+            &vm,
+            &vcpu,
+            &DemoConfig {
+                report_every: cfg.report_every,
+                steps: cfg.steps,
+            },
+        )?,
+        Some(r) => restore_state(&vm, &vcpu, r)?,
+    }
     let log = vms.log_path(name);
     let file = std::fs::File::create(&log)
         .map_err(|e| KvmError::sys(name, format!("create {}", log.display()), e))?;
@@ -243,9 +254,15 @@ fn prepare(
         socket,
     };
     vms.write_as(name, &rec)?;
-    let devices = Devices {
-        serial: Serial::new(COM1, sinks),
-        report: ReportDevice::new(demo::work_pages(cfg.memory), cfg.report_every, cfg.steps),
+    let devices = match &cfg.restore {
+        None => Devices {
+            serial: Serial::new(COM1, sinks),
+            report: ReportDevice::new(demo::work_pages(cfg.memory), cfg.report_every, cfg.steps),
+        },
+        Some(r) => Devices {
+            serial: Serial::from_state(&r.snapshot.serial, sinks),
+            report: ReportDevice::from_state(&r.snapshot.report),
+        },
     };
     Ok(Prepared {
         vm,
@@ -254,6 +271,40 @@ fn prepare(
         listener,
         devices,
     })
+}
+
+/// Puts a snapshot's memory and state into a fresh VM and vCPU.
+fn restore_state(vm: &Vm, vcpu: &kvm_ioctls::VcpuFd, r: &Restore) -> Result<(), KvmError> {
+    let snap = &r.snapshot;
+    if snap.memory != vm.mem.size() {
+        return Err(KvmError::invalid(
+            &vm.name,
+            format!(
+                "the snapshot has {} MiB of memory, the VM {} MiB",
+                snap.memory >> 20,
+                vm.mem.size() >> 20
+            ),
+        ));
+    }
+    let [cpu] = snap.vcpus.as_slice() else {
+        return Err(KvmError::invalid(
+            &vm.name,
+            format!(
+                "the snapshot has {} vCPUs; this VMM runs 1",
+                snap.vcpus.len()
+            ),
+        ));
+    };
+    (r.fill)(&vm.name, &vm.mem).map_err(|e| KvmError::invalid(&vm.name, e))?;
+    snap.vm.restore(&vm.name, &vm.fd)?;
+    let refused = cpu.restore(&vm.name, vcpu)?;
+    if !refused.is_empty() {
+        eprintln!(
+            "stasis: VM {}: KVM refused to set MSRs {refused:x?}",
+            vm.name
+        );
+    }
+    Ok(())
 }
 
 fn report_of(rec: &VmRecord, st: &VmStatus, started: Instant, state: &str) -> VmReport {
@@ -278,7 +329,180 @@ fn report_of(rec: &VmRecord, st: &VmStatus, started: Instant, state: &str) -> Vm
         uptime_ms: u64::try_from(up.as_millis()).unwrap_or(u64::MAX),
         steps_per_sec: counter as f64 / up.as_secs_f64().max(1e-9),
         end: None,
+        mem_host_addr: st.mem_host_addr.load(Ordering::Relaxed),
     }
+}
+
+/// What the vCPU thread tells the control loop once paused.
+struct SavedState {
+    vcpu: VcpuState,
+    vm: VmState,
+    serial: super::serial::SerialState,
+    report: super::report::ReportState,
+    at: Instant,
+}
+
+/// What the control loop tells a paused vCPU thread.
+enum VcpuCommand {
+    Resume,
+    Stop,
+}
+
+/// On the vCPU thread, out of KVM_RUN: completes the I/O the last exit left pending (a
+/// KVM_RUN with immediate_exit, so RIP is past the `in`/`out`), then saves all state.
+fn save_paused(
+    vm: &Vm,
+    vcpu: &mut kvm_ioctls::VcpuFd,
+    devices: &Devices,
+) -> Result<SavedState, KvmError> {
+    let at = Instant::now();
+    vcpu.set_kvm_immediate_exit(1);
+    let flushed = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match flushed {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+        Err(e) => return Err(KvmError::ioctl(&vm.name, "KVM_RUN (immediate exit)", e)),
+        Ok(()) => {
+            return Err(KvmError::Guest {
+                vm: vm.name.clone(),
+                what: "KVM_RUN with immediate_exit entered the guest".into(),
+            })
+        }
+    }
+    Ok(SavedState {
+        vcpu: VcpuState::save(&vm.name, vm.kvm(), vcpu, 0)?,
+        vm: VmState::save(&vm.fd),
+        serial: devices.serial.state(),
+        report: devices.report.state(),
+        at,
+    })
+}
+
+/// The control loop's side of `pause`: everything it needs to pause the vCPU thread.
+struct PauseControl<'a> {
+    vm: &'a Vm,
+    rec: &'a VmRecord,
+    pause: &'a AtomicBool,
+    thread: &'a std::thread::JoinHandle<Result<Ended, KvmError>>,
+    paused_rx: &'a mpsc::Receiver<Result<SavedState, KvmError>>,
+    cmd_tx: &'a mpsc::Sender<VcpuCommand>,
+}
+
+/// How long a paused VM waits for `resume` or `stop` before resuming by itself.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl PauseControl<'_> {
+    /// Pauses the vCPU, answers a [`Paused`], then waits for `resume` or `stop`; returns
+    /// true for `stop` (the caller tears the VM down and answers).
+    fn serve(&self, conn: &mut UnixStream, dirty_logging: bool) -> bool {
+        let saved = match self.pause_vcpu() {
+            Ok(s) => s,
+            Err(e) => {
+                reply_error(conn, &e);
+                return false;
+            }
+        };
+        let at = saved.at;
+        let dirty = if dirty_logging {
+            let d = self.vm.dirty_log();
+            let _ = self.vm.set_dirty_logging(false);
+            match d {
+                Ok(bitmap) => Some(snapshot::dirty_runs(&bitmap)),
+                Err(e) => {
+                    self.resume();
+                    reply_error(conn, &e);
+                    return false;
+                }
+            }
+        } else {
+            None
+        };
+        let paused = Paused {
+            snapshot: VmSnapshot {
+                version: VERSION,
+                name: self.rec.name.clone(),
+                guest: self.rec.guest.clone(),
+                memory: self.rec.memory,
+                vcpus: vec![saved.vcpu],
+                vm: saved.vm,
+                serial: saved.serial,
+                report: saved.report,
+            },
+            pid: self.rec.pid,
+            mem_host_addr: self.vm.mem.host_addr(),
+            dirty,
+            pause_us: micros(at.elapsed()),
+        };
+        send_json(conn, &paused);
+        let _ = conn.set_read_timeout(Some(PAUSE_TIMEOUT));
+        let mut line = String::new();
+        let _ = BufReader::new(&mut *conn).read_line(&mut line);
+        if line.trim() == "stop" {
+            let _ = self.cmd_tx.send(VcpuCommand::Stop);
+            return true;
+        }
+        self.resume();
+        send_json(
+            conn,
+            &Resumed {
+                paused_us: micros(at.elapsed()),
+            },
+        );
+        false
+    }
+
+    fn pause_vcpu(&self) -> Result<SavedState, KvmError> {
+        self.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.thread.is_finished() {
+                self.pause.store(false, Ordering::SeqCst);
+                return Err(KvmError::Guest {
+                    vm: self.rec.name.clone(),
+                    what: "the guest ended before it could be paused".into(),
+                });
+            }
+            // SAFETY: the thread has not been joined (the caller holds its handle), so its
+            // pthread_t is valid; the signal's handler is a no-op.
+            unsafe { libc::pthread_kill(self.thread.as_pthread_t(), vcpu::KICK_SIGNAL) };
+            match self.paused_rx.recv_timeout(Duration::from_micros(500)) {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(e)) => {
+                    self.resume();
+                    return Err(e);
+                }
+                Err(_) if Instant::now() > deadline => {
+                    self.pause.store(false, Ordering::SeqCst);
+                    return Err(KvmError::Guest {
+                        vm: self.rec.name.clone(),
+                        what: "the vCPU did not leave KVM_RUN within 10 s".into(),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+        let _ = self.cmd_tx.send(VcpuCommand::Resume);
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn send_json<T: Serialize>(conn: &mut UnixStream, v: &T) {
+    if let Ok(mut text) = serde_json::to_string(v) {
+        text.push('\n');
+        // The client may have gone; nothing to do about it.
+        let _ = conn.write_all(text.as_bytes());
+    }
+}
+
+fn reply_error(conn: &mut UnixStream, e: &KvmError) {
+    send_json(conn, &serde_json::json!({ "error": e.to_string() }));
 }
 
 fn reply(conn: &mut UnixStream, rep: &VmReport) {
@@ -317,14 +541,33 @@ fn serve(
         mut devices,
     } = p;
     let status = Arc::new(VmStatus::default());
+    status
+        .mem_host_addr
+        .store(vm.mem.host_addr(), Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(AtomicBool::new(false));
+    let vm = Arc::new(vm);
+    let (paused_tx, paused_rx) = mpsc::channel::<Result<SavedState, KvmError>>();
+    let (cmd_tx, cmd_rx) = mpsc::channel::<VcpuCommand>();
     let started = Instant::now();
     let thread = {
-        let (status, stop, vm_name) = (status.clone(), stop.clone(), name.clone());
+        let (status, stop, pause, vm_name) =
+            (status.clone(), stop.clone(), pause.clone(), name.clone());
+        let vm = vm.clone();
         std::thread::Builder::new()
             .name("vcpu0".into())
             .spawn(move || {
-                let r = vcpu::run(&vm_name, &mut vcpu, &mut devices, &status, &stop);
+                let r = loop {
+                    let r = vcpu::run(&vm_name, &mut vcpu, &mut devices, &status, &stop, &pause);
+                    if !matches!(r, Ok(Ended::Paused)) {
+                        break r;
+                    }
+                    let _ = paused_tx.send(save_paused(&vm, &mut vcpu, &devices));
+                    match cmd_rx.recv() {
+                        Ok(VcpuCommand::Resume) => continue,
+                        Ok(VcpuCommand::Stop) | Err(_) => break Ok(Ended::Stopped),
+                    }
+                };
                 if let Ok(Ended::Shutdown(_)) = r {
                     // The guest stopped right after its last report: all of its memory
                     // must be what the model says.
@@ -347,6 +590,7 @@ fn serve(
         let _ = writeln!(r, "ok");
     }
     let mut waiting: Vec<UnixStream> = Vec::new();
+    let mut dirty_logging = false;
     while !thread.is_finished() {
         if SIGNALLED.load(Ordering::SeqCst) {
             stop.store(true, Ordering::SeqCst);
@@ -365,6 +609,30 @@ fn serve(
                     "stop" => {
                         stop.store(true, Ordering::SeqCst);
                         waiting.push(conn);
+                    }
+                    "dirty-log start" => {
+                        let r = vm.set_dirty_logging(true).and_then(|()| vm.dirty_log());
+                        match r {
+                            Ok(_) => {
+                                dirty_logging = true;
+                                reply(&mut conn, &report_of(&rec, &status, started, "running"));
+                            }
+                            Err(e) => reply_error(&mut conn, &e),
+                        }
+                    }
+                    "pause" => {
+                        let ctl = PauseControl {
+                            vm: &vm,
+                            rec: &rec,
+                            pause: &pause,
+                            thread: &thread,
+                            paused_rx: &paused_rx,
+                            cmd_tx: &cmd_tx,
+                        };
+                        if ctl.serve(&mut conn, std::mem::take(&mut dirty_logging)) {
+                            stop.store(true, Ordering::SeqCst);
+                            waiting.push(conn);
+                        }
                     }
                     _ => reply(&mut conn, &report_of(&rec, &status, started, "running")),
                 }
@@ -388,7 +656,7 @@ fn serve(
     let (state_word, end) = match &ended {
         Ok(Ended::Shutdown(code)) => ("shutdown", format!("the guest shut down (code {code})")),
         Ok(Ended::Halted) => ("halted", "the guest halted".to_string()),
-        Ok(Ended::Stopped) => ("stopped", "stopped by the VMM".to_string()),
+        Ok(Ended::Stopped | Ended::Paused) => ("stopped", "stopped by the VMM".to_string()),
         Err(e) => ("failed", e.to_string()),
     };
     let mut rep = report_of(&rec, &status, started, state_word);
@@ -544,11 +812,99 @@ fn ask(rec: &VmRecord, what: &str, timeout: Duration) -> Result<VmReport, KvmErr
         .map_err(|e| err(format!("set timeout: {e}")))?;
     conn.write_all(format!("{what}\n").as_bytes())
         .map_err(|e| err(format!("send {what}: {e}")))?;
+    answer(rec, &mut BufReader::new(conn), what)
+}
+
+/// Reads one answer line: a `T`, or the VMM's `{"error": ...}`.
+fn answer<T: serde::de::DeserializeOwned>(
+    rec: &VmRecord,
+    conn: &mut BufReader<UnixStream>,
+    what: &str,
+) -> Result<T, KvmError> {
+    let err = |what: String| KvmError::Control {
+        vm: rec.name.clone(),
+        path: rec.socket.clone(),
+        what,
+    };
     let mut line = String::new();
-    BufReader::new(conn)
-        .read_line(&mut line)
+    conn.read_line(&mut line)
         .map_err(|e| err(format!("no answer to {what}: {e}")))?;
-    serde_json::from_str(&line).map_err(|e| err(format!("bad answer to {what}: {e}")))
+    let v: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| err(format!("bad answer to {what}: {e}")))?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(err(format!("{what}: {e}")));
+    }
+    serde_json::from_value(v).map_err(|e| err(format!("bad answer to {what}: {e}")))
+}
+
+/// Turns on KVM's dirty log of the VM's memory (pre-copy starts now).
+pub fn dirty_log_start(state: &StateDir, name: &str) -> Result<VmReport, KvmError> {
+    ask(
+        &running(state, name)?,
+        "dirty-log start",
+        Duration::from_secs(5),
+    )
+}
+
+/// A paused VM, waiting for [`PauseSession::resume`] or [`PauseSession::stop`]; dropped,
+/// it resumes (the VMM sees the connection close).
+pub struct PauseSession {
+    rec: VmRecord,
+    conn: BufReader<UnixStream>,
+}
+
+/// Pauses a VM's vCPU and returns its state (see [`super::snapshot`]).
+pub fn pause(state: &StateDir, name: &str) -> Result<(PauseSession, Paused), KvmError> {
+    let rec = running(state, name)?;
+    let err = |what: String| KvmError::Control {
+        vm: rec.name.clone(),
+        path: rec.socket.clone(),
+        what,
+    };
+    let mut conn = UnixStream::connect(&rec.socket).map_err(|e| err(format!("connect: {e}")))?;
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|e| err(format!("set timeout: {e}")))?;
+    conn.write_all(b"pause\n")
+        .map_err(|e| err(format!("send pause: {e}")))?;
+    let mut conn = BufReader::new(conn);
+    let paused: Paused = answer(&rec, &mut conn, "pause")?;
+    Ok((PauseSession { rec, conn }, paused))
+}
+
+impl PauseSession {
+    fn send(&mut self, what: &str) -> Result<(), KvmError> {
+        self.conn
+            .get_mut()
+            .write_all(format!("{what}\n").as_bytes())
+            .map_err(|e| KvmError::Control {
+                vm: self.rec.name.clone(),
+                path: self.rec.socket.clone(),
+                what: format!("send {what}: {e}"),
+            })
+    }
+
+    /// Lets the vCPU run on; returns how long it was paused.
+    pub fn resume(mut self) -> Result<Resumed, KvmError> {
+        self.send("resume")?;
+        answer(&self.rec, &mut self.conn, "resume")
+    }
+
+    /// Stops the paused VM (its VMM tears it down and removes its record); returns its
+    /// final report once the VMM has exited.
+    pub fn stop(mut self, timeout: Duration) -> Result<VmReport, KvmError> {
+        self.send("stop")?;
+        let rep = answer(&self.rec, &mut self.conn, "stop")?;
+        let deadline = Instant::now() + timeout;
+        while self.rec.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(rep)
+    }
+
+    /// The record of the paused VM.
+    pub fn record(&self) -> &VmRecord {
+        &self.rec
+    }
 }
 
 /// The VMM's report on a running VM.
