@@ -39,7 +39,7 @@ enum Command {
     /// process killed (default) or let run on (--leave-running). If anything fails, the
     /// process is resumed exactly as it was.
     Checkpoint {
-        /// PID of the process tree's root, or the name of a container.
+        /// PID of the process tree's root, or the name of a container or a VM.
         #[arg(value_name = "PID|NAME")]
         target: String,
         /// Image file to write ("-" streams it to standard output).
@@ -76,6 +76,10 @@ enum Command {
         /// fresh namespaces, so it can run beside the original.
         #[arg(long)]
         name: Option<String>,
+        /// A VM image: the memory size the restored VM must have (refused if the image's
+        /// differs).
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
         /// Print statistics as JSON.
         #[arg(long)]
         json: bool,
@@ -175,6 +179,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             compress,
             json,
         } => {
+            if vms::is_vm(&state, &target) {
+                return vms::checkpoint(&state, &target, &output, leave_running, compress, json);
+            }
             let opts = stasis_checkpoint::Options {
                 leave_running,
                 compression: compress,
@@ -187,8 +194,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             image,
             detach,
             name,
+            memory,
             json,
-        } => restore(&state, image, detach, name, json),
+        } => restore(&state, image, detach, name, memory, json),
         Command::Image(ImageCommand::Inspect { image, json }) => inspect(image, json),
         Command::Image(ImageCommand::Verify { image, json }) => verify(image, json),
         Command::Demo { json } => demo::run(json),
@@ -321,9 +329,22 @@ fn restore(
     path: PathBuf,
     detach: bool,
     name: Option<String>,
+    memory: Option<String>,
     json: bool,
 ) -> Result<i32> {
     let image = open_image(&path)?;
+    if stasis_restore::vm::vm_of(&image).is_some() {
+        let opts = vms::RestoreArgs {
+            name: name.as_deref(),
+            memory: memory.as_deref(),
+            detach,
+            json,
+        };
+        return vms::restore(state, image, &path, &opts);
+    }
+    if let Some(m) = memory {
+        bail!("--memory {m}: {} is not a VM image", path.display());
+    }
     let mut container = None;
     let stats = if stasis_restore::container::container_of(&image).is_some() {
         let (stats, rec) = stasis_restore::container::restore_container(
@@ -427,7 +448,7 @@ fn verify(path: PathBuf, json: bool) -> Result<i32> {
 }
 
 /// Opens an image; a corrupt one is reported as "image PATH is invalid: <what and where>".
-fn open_image(path: &std::path::Path) -> Result<Image> {
+pub(crate) fn open_image(path: &std::path::Path) -> Result<Image> {
     match Image::open(path) {
         Ok(i) => Ok(i),
         Err(e @ stasis_image::ImageError::File { .. }) => Err(e.into()),

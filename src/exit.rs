@@ -19,6 +19,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<CheckpointError>() {
             return match e {
+                CheckpointError::Kvm(k) => kvm_code(k),
                 CheckpointError::NoSuchProcess(_)
                 | CheckpointError::NoSuchContainer(_)
                 | CheckpointError::Unsupported { .. } => REFUSED,
@@ -28,6 +29,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         }
         if let Some(e) = cause.downcast_ref::<RestoreError>() {
             return match e {
+                RestoreError::Vm(k) => kvm_code(k),
                 RestoreError::Image(_) | RestoreError::Invalid(_) => BAD_IMAGE,
                 RestoreError::Unsupported(_) | RestoreError::PidTaken { .. } => REFUSED,
                 _ => FAILED,
@@ -45,18 +47,22 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
             };
         }
         if let Some(e) = cause.downcast_ref::<KvmError>() {
-            return match e {
-                KvmError::Exists(_)
-                | KvmError::NoSuch(_)
-                | KvmError::Invalid { .. }
-                | KvmError::Unsupported { .. } => REFUSED,
-                KvmError::State(ContainerError::BadName(_)) => REFUSED,
-                _ => FAILED,
-            };
+            return kvm_code(e);
         }
         if cause.downcast_ref::<stasis_image::ImageError>().is_some() {
             return BAD_IMAGE;
         }
     }
     FAILED
+}
+
+fn kvm_code(e: &KvmError) -> i32 {
+    match e {
+        KvmError::Exists(_)
+        | KvmError::NoSuch(_)
+        | KvmError::Invalid { .. }
+        | KvmError::Unsupported { .. } => REFUSED,
+        KvmError::State(ContainerError::BadName(_)) => REFUSED,
+        _ => FAILED,
+    }
 }

@@ -211,3 +211,102 @@ fn ps(state: &StateDir, json: bool) -> Result<i32> {
     }
     Ok(exit::OK)
 }
+
+/// Whether `target` names a VM (a record under STATE/vms, live or not).
+pub fn is_vm(state: &StateDir, target: &str) -> bool {
+    stasis_runtime::container::check_name(target).is_ok()
+        && state.vms().file_path(target, "json").exists()
+}
+
+/// `stasis checkpoint NAME` of a VM.
+pub fn checkpoint(
+    state: &StateDir,
+    name: &str,
+    output: &std::path::Path,
+    leave_running: bool,
+    compression: stasis_image::Compression,
+    json: bool,
+) -> Result<i32> {
+    if output.as_os_str() == "-" {
+        anyhow::bail!("VM {name}: a VM image must go to a file (-o PATH), not a stream");
+    }
+    let sink = stasis_checkpoint::FileSink::create(output)
+        .with_context(|| format!("creating {}", output.display()))?;
+    let stats = stasis_checkpoint::vm::checkpoint_vm(state, name, leave_running, compression, sink)
+        .with_context(|| format!("checkpointing VM {name}"))?;
+    if json {
+        report::json(&stats)?;
+        return Ok(exit::OK);
+    }
+    crate::outln!(
+        "checkpointed VM {name} into {} ({}), VM {}",
+        output.display(),
+        report::bytes(stats.image_bytes),
+        stats.vm
+    );
+    crate::outln!(
+        "  paused {} (VMM {}), pre-copy {}, total {}",
+        report::ms(stats.pause_us),
+        report::ms(stats.vmm_pause_us),
+        report::ms(stats.precopy_us),
+        report::ms(stats.total_us)
+    );
+    crate::outln!(
+        "  pages: {} stored, {} zero, {} dirty during pre-copy; {} raw -> {} stored ({})",
+        stats.pages_data,
+        stats.pages_zero,
+        stats.pages_dirty,
+        report::bytes(stats.bytes_raw),
+        report::bytes(stats.bytes_stored),
+        stats.compression
+    );
+    Ok(exit::OK)
+}
+
+/// What `stasis restore` of a VM image was asked for.
+pub struct RestoreArgs<'a> {
+    pub name: Option<&'a str>,
+    pub memory: Option<&'a str>,
+    pub detach: bool,
+    pub json: bool,
+}
+
+/// `stasis restore IMAGE` of a VM image.
+pub fn restore(
+    state: &StateDir,
+    image: stasis_image::Image,
+    path: &std::path::Path,
+    a: &RestoreArgs<'_>,
+) -> Result<i32> {
+    let memory = a
+        .memory
+        .map(stasis_runtime::cgroups::parse_size)
+        .transpose()
+        .context("--memory")?;
+    let opts = stasis_restore::vm::VmRestoreOptions {
+        name: a.name,
+        memory,
+        detach: a.detach,
+        quiet: a.json,
+    };
+    let stats = stasis_restore::vm::restore_vm(std::sync::Arc::new(image), path, state, &opts)
+        .with_context(|| format!("restoring VM image {}", path.display()))?;
+    if a.json {
+        report::json(&stats)?;
+    } else if let Some(rec) = &stats.record {
+        crate::outln!("{}", rec.name);
+    }
+    match &stats.report {
+        Some(rep) => {
+            if !a.json {
+                eprintln!("stasis: VM {}: {}", rep.name, summary(rep));
+            }
+            Ok(if rep.errors == 0 {
+                exit::OK
+            } else {
+                exit::FAILED
+            })
+        }
+        None => Ok(exit::OK),
+    }
+}

@@ -22,6 +22,11 @@ pub enum CheckpointError {
     Container { name: String, what: String },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The VMM refused or failed a snapshot step (the error names the VM).
+    #[error(transparent)]
+    Kvm(#[from] stasis_runtime::kvm::KvmError),
+    #[error("checkpoint of VM {name}: {what}")]
+    Vm { name: String, what: String },
     #[error("writing image: {0}")]
     Image(#[from] ImageError),
     #[error("{0}: {1}")]

@@ -20,6 +20,7 @@ pub mod pidns;
 pub mod sink;
 pub mod tcp;
 pub mod tree;
+pub mod vm;
 pub mod vmas;
 
 pub use error::CheckpointError;

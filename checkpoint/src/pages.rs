@@ -474,15 +474,34 @@ fn read_zero_filled(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()
 
 /// Turns a read buffer into runs: zero pages become ZERO runs and are squeezed out of the
 /// data; neighbouring pages of the same kind merge into one run.
-fn compact(group: &[Segment], mut buf: Vec<u8>) -> Batch {
+fn compact(group: &[Segment], buf: Vec<u8>) -> Batch {
+    let (runs, buf) = compact_runs(group.iter().map(|s| (s.addr, s.pages)), buf);
+    Batch {
+        hash: stasis_image::hash_pages(&buf),
+        space: group[0].space,
+        space_id: group[0].space_id,
+        runs,
+        data: buf,
+    }
+}
+
+/// The runs of `buf`, which holds the pages of `ranges` ((address, pages), ascending) back
+/// to back: zero pages become ZERO runs and are squeezed out of the returned data.
+pub(crate) fn compact_runs(
+    ranges: impl Iterator<Item = (u64, u64)>,
+    mut buf: Vec<u8>,
+) -> (Vec<proto::PageRun>, Vec<u8>) {
     let ps = PAGE_SIZE as usize;
     let mut runs: Vec<proto::PageRun> = Vec::new();
     let mut write = 0usize;
     let mut read = 0usize;
-    for seg in group {
-        for p in 0..seg.pages {
-            let addr = seg.addr + p * PAGE_SIZE;
-            let zero = memory::is_zero(&buf[read..read + ps]);
+    for (start, pages) in ranges {
+        for p in 0..pages {
+            let addr = start + p * PAGE_SIZE;
+            let Some(page) = buf.get(read..read + ps) else {
+                break;
+            };
+            let zero = memory::is_zero(page);
             let kind = if zero { RunKind::Zero } else { RunKind::Data };
             if !zero {
                 if write != read {
@@ -504,13 +523,7 @@ fn compact(group: &[Segment], mut buf: Vec<u8>) -> Batch {
         }
     }
     buf.truncate(write);
-    Batch {
-        hash: stasis_image::hash_pages(&buf),
-        space: group[0].space,
-        space_id: group[0].space_id,
-        runs,
-        data: buf,
-    }
+    (runs, buf)
 }
 
 #[cfg(test)]

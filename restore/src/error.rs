@@ -22,4 +22,7 @@ pub enum RestoreError {
     Container { name: String, what: String },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// Starting a restored VM failed (the error names the VM).
+    #[error(transparent)]
+    Vm(#[from] stasis_runtime::kvm::KvmError),
 }

@@ -28,6 +28,7 @@ pub mod pages;
 pub mod plan;
 pub mod shmem;
 pub mod validate;
+pub mod vm;
 
 pub use error::RestoreError;
 

@@ -1,0 +1,334 @@
+//! Restoring a KVM VM from an image: the whole image is verified (every hash) and the VM
+//! record checked against its memory chunks before anything starts; then a fresh VMM
+//! process gets the saved state (`stasis_runtime::kvm::snapshot::Restore`). Its guest
+//! memory is filled in the VMM before the vCPU runs: raw page-aligned chunks are mapped
+//! from the image file MAP_PRIVATE (no copy; the guest's writes stay private), zstd chunks
+//! are decompressed into place, and zero pages are left as the fresh memfd has them.
+
+use crate::error::RestoreError;
+use stasis_image::proto::{self, Encoding, RunKind, SpaceKind};
+use stasis_image::{Image, PAGE_SIZE};
+use stasis_runtime::container::StateDir;
+use stasis_runtime::kvm::memory::GuestMemory;
+use stasis_runtime::kvm::report::ReportState;
+use stasis_runtime::kvm::serial::SerialState;
+use stasis_runtime::kvm::snapshot::{Restore, VmSnapshot};
+use stasis_runtime::kvm::state::{Msr, VcpuState, VmState};
+use stasis_runtime::kvm::vmm::{self, Guest, VmConfig, VmRecord, VmReport};
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// A chunk with more DATA runs than this is copied rather than mapped run by run (each
+/// mapping costs a VMA; a fragmented gigabyte would exhaust vm.max_map_count).
+const MAX_MAPPED_RUNS: usize = 16;
+
+/// The VM record of a VM image.
+pub fn vm_of(image: &Image) -> Option<&proto::Vm> {
+    let inv = image.inventory();
+    (inv.kind == proto::WorkloadKind::Vm as i32)
+        .then_some(inv.vm.as_ref())
+        .flatten()
+}
+
+/// How a VM restore went (times in microseconds).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VmRestoreStats {
+    pub name: String,
+    pub memory: u64,
+    pub verify_us: u64,
+    /// From the start of the restore until the VMM said the vCPU is about to run.
+    pub total_us: u64,
+    pub chunks_mapped: u64,
+    pub chunks_copied: u64,
+    pub pages_data: u64,
+    pub pages_zero: u64,
+    /// The record of the detached VM.
+    pub record: Option<VmRecord>,
+    /// The final report of a VM run in the foreground.
+    pub report: Option<VmReport>,
+}
+
+fn invalid(what: impl Into<String>) -> RestoreError {
+    RestoreError::Invalid(what.into())
+}
+
+fn u8_of(what: &str, v: u32) -> Result<u8, RestoreError> {
+    u8::try_from(v).map_err(|_| invalid(format!("VM serial {what} {v} is not a byte")))
+}
+
+/// The runtime's snapshot from the image record, every size checked.
+pub fn snapshot_of(vm: &proto::Vm) -> Result<VmSnapshot, RestoreError> {
+    let vcpus = vm
+        .vcpus
+        .iter()
+        .map(|c| VcpuState {
+            id: c.id,
+            regs: c.regs.clone(),
+            sregs: c.sregs.clone(),
+            fpu: c.fpu.clone(),
+            xsave: c.xsave.clone(),
+            xcrs: c.xcrs.clone(),
+            debugregs: c.debugregs.clone(),
+            lapic: c.lapic.clone(),
+            events: c.events.clone(),
+            mp_state: c.mp_state.clone(),
+            msrs: c
+                .msrs
+                .iter()
+                .map(|m| Msr {
+                    index: m.index,
+                    value: m.value,
+                })
+                .collect(),
+            msrs_unreadable: c.msrs_unreadable.clone(),
+        })
+        .collect::<Vec<_>>();
+    for c in &vcpus {
+        c.check(&vm.name)
+            .map_err(|e| invalid(format!("vCPU {}: {e}", c.id)))?;
+    }
+    let se = vm
+        .serial
+        .as_ref()
+        .ok_or_else(|| invalid(format!("VM {}: no serial device state", vm.name)))?;
+    let r = vm
+        .report
+        .as_ref()
+        .ok_or_else(|| invalid(format!("VM {}: no report device state", vm.name)))?;
+    let latch: [u32; 4] = r
+        .latch
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid(format!("report device latch has {} words", r.latch.len())))?;
+    Ok(VmSnapshot {
+        version: vmm::VERSION,
+        name: vm.name.clone(),
+        guest: vm.guest.clone(),
+        memory: vm.memory_size,
+        vcpus,
+        vm: VmState {
+            irqchip: vm.irqchip,
+            pit: vm.pit,
+            clock: vm.clock.clone(),
+        },
+        serial: SerialState {
+            base: u16::try_from(se.base)
+                .map_err(|_| invalid(format!("serial base port {}", se.base)))?,
+            ier: u8_of("ier", se.ier)?,
+            lcr: u8_of("lcr", se.lcr)?,
+            mcr: u8_of("mcr", se.mcr)?,
+            scr: u8_of("scr", se.scr)?,
+            fcr: u8_of("fcr", se.fcr)?,
+            dll: u8_of("dll", se.dll)?,
+            dlm: u8_of("dlm", se.dlm)?,
+            rx: se.rx.clone(),
+            transmitted: se.transmitted,
+        },
+        report: ReportState {
+            latch,
+            pages: r.pages,
+            counter: r.counter,
+            checksum: r.checksum,
+            every: r.every,
+            limit: r.limit,
+            reports: r.reports,
+            errors: r.errors,
+        },
+    })
+}
+
+/// Checks the record's memory against its chunks: one range, slot 0 at 0, of the recorded
+/// size; every chunk is GUEST slot 0 and inside it.
+fn check_memory(image: &Image, vm: &proto::Vm) -> Result<(), RestoreError> {
+    let size = vm.memory_size;
+    if size == 0 || !size.is_multiple_of(2 << 20) {
+        return Err(invalid(format!(
+            "VM {}: memory size {size} is not a positive multiple of 2 MiB",
+            vm.name
+        )));
+    }
+    match vm.memory.as_slice() {
+        [r] if r.slot == 0 && r.guest_phys_addr == 0 && r.size == size => {}
+        other => {
+            return Err(invalid(format!(
+                "VM {}: memory ranges {other:?} disagree with its memory size {size}",
+                vm.name
+            )))
+        }
+    }
+    for c in image.chunks() {
+        if c.space != SpaceKind::Guest || c.space_id != 0 {
+            return Err(invalid(format!(
+                "VM {}: chunk at offset {} is {} {}, not guest memory slot 0",
+                vm.name,
+                c.chunk_offset,
+                c.space.as_str_name(),
+                c.space_id
+            )));
+        }
+        if c.vaddr_end > size {
+            return Err(invalid(format!(
+                "VM {}: chunk at offset {} covers guest {:#x}..{:#x}, beyond its {size} bytes",
+                vm.name, c.chunk_offset, c.vaddr_start, c.vaddr_end
+            )));
+        }
+    }
+    if vm.vcpus.len() != 1 {
+        return Err(RestoreError::Unsupported(format!(
+            "VM {}: {} vCPUs; this VMM runs 1",
+            vm.name,
+            vm.vcpus.len()
+        )));
+    }
+    Ok(())
+}
+
+/// What to put where in guest memory, decided before the VMM starts.
+enum Fill {
+    /// Map `len` bytes of the image file at `offset` over guest `gpa`.
+    Map { gpa: u64, offset: u64, len: u64 },
+    /// Copy a chunk's decoded data's DATA runs (its index in the image).
+    Copy { chunk: usize },
+}
+
+fn plan_fill(image: &Image) -> (Vec<Fill>, u64, u64) {
+    let mut fills = Vec::new();
+    let (mut mapped, mut copied) = (0, 0);
+    for c in image.chunks() {
+        let data_runs = c
+            .runs
+            .iter()
+            .filter(|r| r.kind == RunKind::Data as i32)
+            .count();
+        if data_runs == 0 {
+            continue;
+        }
+        if c.encoding != Encoding::Raw || data_runs > MAX_MAPPED_RUNS {
+            fills.push(Fill::Copy { chunk: c.index });
+            copied += 1;
+            continue;
+        }
+        mapped += 1;
+        let mut at = c.data_offset;
+        for r in c.runs.iter().filter(|r| r.kind == RunKind::Data as i32) {
+            fills.push(Fill::Map {
+                gpa: r.vaddr,
+                offset: at,
+                len: r.pages * PAGE,
+            });
+            at += r.pages * PAGE;
+        }
+    }
+    (fills, mapped, copied)
+}
+
+/// Writes one chunk's DATA runs into guest memory.
+fn copy_chunk(image: &Image, index: usize, mem: &GuestMemory) -> Result<(), String> {
+    let c = image
+        .chunks()
+        .get(index)
+        .ok_or_else(|| format!("chunk {index} vanished"))?;
+    let data = image.chunk_data(c).map_err(|e| e.to_string())?;
+    let mut at = 0usize;
+    for r in c.runs.iter().filter(|r| r.kind == RunKind::Data as i32) {
+        let len = usize::try_from(r.pages * PAGE).map_err(|e| e.to_string())?;
+        let src = data
+            .get(at..at + len)
+            .ok_or_else(|| format!("chunk at offset {} is short", c.chunk_offset))?;
+        if !mem.write(r.vaddr, src) {
+            return Err(format!("pages at {:#x} are outside guest memory", r.vaddr));
+        }
+        at += len;
+    }
+    Ok(())
+}
+
+/// What `stasis restore` of a VM image was asked for.
+pub struct VmRestoreOptions<'a> {
+    /// Run under this name instead of the image's.
+    pub name: Option<&'a str>,
+    /// The memory size the new VM must have (refused if the image's differs).
+    pub memory: Option<u64>,
+    pub detach: bool,
+    /// Foreground: keep the console off standard output.
+    pub quiet: bool,
+}
+
+/// Verifies the image, then starts the VM from it.
+pub fn restore_vm(
+    image: Arc<Image>,
+    path: &Path,
+    state: &StateDir,
+    opts: &VmRestoreOptions<'_>,
+) -> Result<VmRestoreStats, RestoreError> {
+    let start = Instant::now();
+    let vm = vm_of(&image)
+        .ok_or_else(|| invalid("not a VM image (no VM record)"))?
+        .clone();
+    image.verify()?;
+    let verify_us = start.elapsed().as_micros() as u64;
+    check_memory(&image, &vm)?;
+    let mut snapshot = snapshot_of(&vm)?;
+    if let Some(m) = opts.memory {
+        if m != vm.memory_size {
+            return Err(RestoreError::Unsupported(format!(
+                "VM {}: the image holds {} MiB of guest memory; restoring it into a VM of \
+                 {} MiB (--memory) is refused: the memory size must be the same",
+                vm.name,
+                vm.memory_size >> 20,
+                m >> 20
+            )));
+        }
+    }
+    let name = opts.name.unwrap_or(&vm.name).to_string();
+    snapshot.name = name.clone();
+    let file = Arc::new(File::open(path).map_err(|e| {
+        RestoreError::Unsupported(format!("VM {name}: opening {}: {e}", path.display()))
+    })?);
+    let (fills, mapped, copied) = plan_fill(&image);
+    let fill_image = image.clone();
+    let fill = move |vm_name: &str, mem: &GuestMemory| -> Result<(), String> {
+        for f in &fills {
+            match *f {
+                Fill::Map { gpa, offset, len } => mem
+                    .map_private(vm_name, gpa, &*file, offset, len)
+                    .map_err(|e| e.to_string())?,
+                Fill::Copy { chunk } => copy_chunk(&fill_image, chunk, mem)?,
+            }
+        }
+        Ok(())
+    };
+    let cfg = VmConfig {
+        name: name.clone(),
+        memory: vm.memory_size,
+        vcpus: 1,
+        guest: Guest::Demo,
+        report_every: snapshot.report.every,
+        steps: snapshot.report.limit,
+        restore: Some(Restore {
+            snapshot,
+            fill: Arc::new(fill),
+        }),
+    };
+    let mut stats = VmRestoreStats {
+        name: name.clone(),
+        memory: vm.memory_size,
+        verify_us,
+        chunks_mapped: mapped,
+        chunks_copied: copied,
+        pages_data: image.chunks().iter().map(|c| c.data_pages).sum(),
+        pages_zero: image.chunks().iter().map(|c| c.zero_pages).sum(),
+        ..Default::default()
+    };
+    if opts.detach {
+        stats.record = Some(vmm::run_detached(state, &cfg)?);
+        stats.total_us = start.elapsed().as_micros() as u64;
+    } else {
+        stats.total_us = start.elapsed().as_micros() as u64;
+        stats.report = Some(vmm::run_foreground(state, &cfg, opts.quiet)?);
+    }
+    Ok(stats)
+}
