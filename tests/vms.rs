@@ -212,3 +212,184 @@ fn kernel_boot_without_hardware_virtualization_is_refused() {
     );
     assert!(env.ps().is_empty());
 }
+
+/// A VM image path in the test's scratch directory.
+fn image(env: &Env, name: &str) -> String {
+    env.state.join(name).display().to_string()
+}
+
+fn json_of(out: &Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: json: {e}"))
+}
+
+fn counter_of(env: &Env, name: &str) -> u64 {
+    env.ps()
+        .iter()
+        .find(|r| r["name"] == name)
+        .and_then(|r| r["counter"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits until the VM has made its first report.
+fn wait_running(env: &Env, name: &str) {
+    let started = Instant::now();
+    while counter_of(env, name) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name} never reported"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn vm_snapshot_restore_twice_runs_on_without_a_gap() {
+    if !have_kvm("vm_snapshot_restore_twice_runs_on_without_a_gap") {
+        return;
+    }
+    let env = Env::new("vm-snap-twice");
+    let steps = 6_000_000u64;
+    env.ok(&[
+        "vm",
+        "run",
+        "--name",
+        "s",
+        "--memory",
+        "16m",
+        "--guest",
+        "demo",
+        "--detach",
+        "--steps",
+        &steps.to_string(),
+    ]);
+    wait_running(&env, "s");
+    let (img1, img2) = (image(&env, "s1.img"), image(&env, "s2.img"));
+    let c1 = json_of(
+        &env.run(&["checkpoint", "s", "-o", &img1, "--json"]),
+        "checkpoint 1",
+    );
+    eprintln!("checkpoint 1: {c1}");
+    assert_eq!(c1["vm"], "stopped");
+    assert!(
+        env.ps().is_empty(),
+        "the VM was stopped after the checkpoint"
+    );
+    let r1 = json_of(
+        &env.run(&["restore", &img1, "--detach", "--json"]),
+        "restore 1",
+    );
+    assert_eq!(r1["record"]["name"], "s");
+    let before = counter_of(&env, "s");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(counter_of(&env, "s") > before, "the restored guest runs");
+    let c2 = json_of(
+        &env.run(&[
+            "checkpoint",
+            "s",
+            "-o",
+            &img2,
+            "--compress",
+            "zstd",
+            "--json",
+        ]),
+        "checkpoint 2",
+    );
+    eprintln!("checkpoint 2: {c2}");
+    let out = env.run(&["restore", &img2, "--json"]);
+    let r2 = json_of(&out, "restore 2 (foreground)");
+    let rep = &r2["report"];
+    eprintln!("final report: {rep}");
+    assert_eq!(rep["state"], "shutdown", "{rep}");
+    assert_eq!(rep["counter"].as_u64(), Some(steps), "{rep}");
+    assert_eq!(rep["errors"], 0, "{rep}");
+    assert!(env.ps().is_empty());
+}
+
+#[test]
+fn vm_leave_running_snapshot_restored_beside_the_original() {
+    if !have_kvm("vm_leave_running_snapshot_restored_beside_the_original") {
+        return;
+    }
+    let env = Env::new("vm-snap-live");
+    env.ok(&[
+        "vm", "run", "--name", "orig", "--memory", "16m", "--guest", "demo", "--detach",
+    ]);
+    wait_running(&env, "orig");
+    let img = image(&env, "live.img");
+    let c = json_of(
+        &env.run(&[
+            "checkpoint",
+            "orig",
+            "-o",
+            &img,
+            "--leave-running",
+            "--json",
+        ]),
+        "checkpoint --leave-running",
+    );
+    eprintln!("checkpoint: {c}");
+    assert_eq!(c["vm"], "running");
+    assert!(c["pause_us"].as_u64() > Some(0));
+    assert!(c["pause_us"].as_u64() <= c["total_us"].as_u64());
+    let before = counter_of(&env, "orig");
+    assert!(before > 0, "the original still runs");
+    let r = json_of(
+        &env.run(&["restore", &img, "--name", "copy", "--detach", "--json"]),
+        "restore --name copy",
+    );
+    assert_eq!(r["record"]["name"], "copy");
+    wait_running(&env, "copy");
+    let copy_start = counter_of(&env, "copy");
+    std::thread::sleep(Duration::from_secs(1));
+    let rows = env.ps();
+    eprintln!("both: {rows:?}");
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert_eq!(r["state"], "running", "{r}");
+    }
+    assert!(counter_of(&env, "copy") > copy_start, "the copy runs on");
+    for name in ["orig", "copy"] {
+        let rep = json_of(&env.run(&["vm", "stop", name, "--json"]), "vm stop");
+        eprintln!("{name}: {rep}");
+        assert_eq!(rep["errors"], 0, "{rep}");
+        assert!(rep["counter"].as_u64() > Some(0));
+    }
+    assert!(env.ps().is_empty());
+}
+
+#[test]
+fn vm_corrupt_image_and_other_memory_size_are_refused() {
+    if !have_kvm("vm_corrupt_image_and_other_memory_size_are_refused") {
+        return;
+    }
+    let env = Env::new("vm-snap-bad");
+    env.ok(&[
+        "vm", "run", "--name", "b", "--memory", "16m", "--guest", "demo", "--detach",
+    ]);
+    wait_running(&env, "b");
+    let img = image(&env, "b.img");
+    env.ok(&["checkpoint", "b", "-o", &img]);
+
+    let out = env.run(&["restore", &img, "--memory", "32m"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("memory size must be the same"), "{err}");
+    assert!(env.ps().is_empty(), "nothing started");
+
+    let mut bytes = std::fs::read(&img).expect("read image");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let bad = image(&env, "bad.img");
+    std::fs::write(&bad, &bytes).expect("write corrupt image");
+    let out = env.run(&["restore", &bad, "--detach"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(env.ps().is_empty(), "nothing started");
+    assert!(!env.state.join("vms/b.json").exists());
+}
