@@ -67,6 +67,8 @@ pub struct InventoryReport {
     pub xcr0: String,
     /// A container image's namespaces, mounts, network and limits.
     pub container: Option<proto::Container>,
+    /// A VM image's machine: vCPUs, devices, memory.
+    pub vm: Option<crate::inspect_vm::VmReport>,
 }
 
 /// Pages stored for one address space.
@@ -651,6 +653,7 @@ pub fn report(image: &Image) -> InspectReport {
             compression: inv.compression.clone(),
             xcr0: hex64(inv.xcr0),
             container: inv.container.clone(),
+            vm: inv.vm.as_ref().map(crate::inspect_vm::VmReport::of),
         },
         processes,
         other_spaces,
@@ -718,6 +721,9 @@ impl fmt::Display for InspectReport {
         }
         if let Some(c) = &i.container {
             fmt_container(f, c)?;
+        }
+        if let Some(vm) = &i.vm {
+            write!(f, "{vm}")?;
         }
         writeln!(f, "  pages        {}", pages_line(&self.totals_counts()))?;
         for p in &self.processes {

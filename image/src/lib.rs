@@ -52,6 +52,7 @@ pub mod compression;
 pub mod error;
 pub mod frame;
 pub mod inspect;
+pub mod inspect_vm;
 pub mod limits;
 pub mod proto;
 pub mod reader;
