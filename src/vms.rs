@@ -81,6 +81,10 @@ pub struct RunArgs {
     /// Stop the demo guest after this many steps (tests).
     #[arg(long, hide = true, default_value_t = 0)]
     pub steps: u64,
+    /// Iterations of an empty loop before each of the demo guest's steps: a slow guest
+    /// that dirties few pages (pre-copy benchmarks).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub step_delay: u64,
     /// The demo guest's steps between reports.
     #[arg(long, hide = true, default_value_t = stasis_runtime::kvm::demo::REPORT_EVERY)]
     pub report_every: u64,
@@ -144,6 +148,7 @@ fn run(state: &StateDir, a: RunArgs) -> Result<i32> {
         guest,
         report_every: a.report_every,
         steps: a.steps,
+        step_delay: a.step_delay,
         restore: None,
     };
     if a.detach {

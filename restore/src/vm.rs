@@ -308,6 +308,7 @@ pub fn restore_vm(
         guest: Guest::Demo,
         report_every: snapshot.report.every,
         steps: snapshot.report.limit,
+        step_delay: 0,
         restore: Some(Restore {
             snapshot,
             fill: Arc::new(fill),

@@ -13,6 +13,9 @@
  *   r13 = number of 4 KiB pages in the work area (> 0)
  *   r14 = step limit (0: none)
  *   r15 = steps between reports (> 0)
+ *   r8  = iterations of an empty delay loop before each step once the first pass over
+ *         the work area is done (0: none; a guest that fills its memory, then dirties
+ *         few pages, for pre-copy benchmarks)
  *   rbx = counter, rbp = checksum, r11 = page index, r9 = steps to the next report
  *         (all 0 / r15 at a fresh start)
  *
@@ -41,8 +44,15 @@ stasis_demo_ring3:
     jmp .Ldemo_banner_loop
 .Ldemo_banner_done:  movabs r10, 0x9E3779B97F4A7C15
 
-.Ldemo_step:  /* one step */
-    lea rax, [rbx + 1]
+.Ldemo_step:  /* one step (the delay only after the first pass over the work area) */
+    cmp rbx, r13
+    jb .Ldemo_go
+    mov rcx, r8
+.Ldemo_delay:  test rcx, rcx
+    jz .Ldemo_go
+    dec rcx
+    jmp .Ldemo_delay
+.Ldemo_go:  lea rax, [rbx + 1]
     imul rax, r10
     mov rdi, r11
     shl rdi, 12

@@ -10,7 +10,13 @@
 //! Also a process with 4 threads x 16 MiB (wl-threads) and a tree of 10 processes x 8 MiB
 //! (wl-counter --procs 10), unless --no-threads / --no-tree.
 //!
+//! And VMs of each size running the demo guest (see [`vm`]), unless --no-vms.
+//!
 //! Usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads] [--no-tree]
+//! [--no-vms]
+
+#[path = "stasis-bench/vm.rs"]
+mod vm;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +29,7 @@ struct Args {
     dir: PathBuf,
     threads: bool,
     tree: bool,
+    vms: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -32,6 +39,7 @@ fn parse_args() -> Result<Args, String> {
         dir: PathBuf::from("/dev/shm"),
         threads: true,
         tree: true,
+        vms: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -47,8 +55,9 @@ fn parse_args() -> Result<Args, String> {
             "--dir" => a.dir = PathBuf::from(val()?),
             "--no-threads" => a.threads = false,
             "--no-tree" => a.tree = false,
+            "--no-vms" => a.vms = false,
             "-h" | "--help" => {
-                println!("usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads] [--no-tree]");
+                println!("usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads] [--no-tree] [--no-vms]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -384,6 +393,13 @@ fn main() {
                 median(&mut s.rss_mib)
             );
         }
+    }
+    if args.vms {
+        let base = |mib: u64| {
+            let mut v: Vec<f64> = (0..args.runs).map(|_| baseline(mib, &src)).collect();
+            median(&mut v)
+        };
+        failed |= !vm::run(&args, &img, &base);
     }
     let _ = std::fs::remove_file(&img);
     if failed {

@@ -43,6 +43,8 @@ pub struct DemoConfig {
     pub report_every: u64,
     /// Stop after this many steps (0: run until stopped).
     pub steps: u64,
+    /// Iterations of an empty loop before each step (0: none).
+    pub step_delay: u64,
 }
 
 /// Number of work-area pages of a VM with `mem_size` bytes.
@@ -88,6 +90,7 @@ pub fn load(vm: &Vm, vcpu: &VcpuFd, cfg: &DemoConfig) -> Result<(), KvmError> {
         r14: cfg.steps,
         r15: cfg.report_every,
         r9: cfg.report_every,
+        r8: cfg.step_delay,
         ..Default::default()
     };
     vcpu.set_regs(&regs)

@@ -56,6 +56,8 @@ pub struct VmConfig {
     pub report_every: u64,
     /// The demo guest's step limit (0: none).
     pub steps: u64,
+    /// Iterations of a delay loop before each of the demo guest's steps (benchmarks).
+    pub step_delay: u64,
     /// Start from this snapshot instead of booting the guest.
     pub restore: Option<Restore>,
 }
@@ -212,6 +214,7 @@ fn prepare(
             &DemoConfig {
                 report_every: cfg.report_every,
                 steps: cfg.steps,
+                step_delay: cfg.step_delay,
             },
         )?,
         Some(r) => restore_state(&vm, &vcpu, r)?,
@@ -544,6 +547,14 @@ fn serve(
     status
         .mem_host_addr
         .store(vm.mem.host_addr(), Ordering::Relaxed);
+    // A restored VM carries on from its snapshot's last report.
+    let (counter, checksum) = devices.report.last();
+    status.counter.store(counter, Ordering::Relaxed);
+    status.checksum.store(checksum, Ordering::Relaxed);
+    status
+        .reports
+        .store(devices.report.reports, Ordering::Relaxed);
+    status.take_errors(&devices.report);
     let stop = Arc::new(AtomicBool::new(false));
     let pause = Arc::new(AtomicBool::new(false));
     let vm = Arc::new(vm);
