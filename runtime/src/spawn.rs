@@ -161,6 +161,22 @@ impl Drop for SpawnedTree {
     }
 }
 
+/// clone3(2): the child's PID in the parent, 0 in the child, -1 with errno on failure.
+///
+/// # Safety
+/// Forks the calling process: everything `args` points to must live across the call, and
+/// the caller's child branch must not return into code that assumes the parent's threads.
+pub(crate) unsafe fn clone3(args: &CloneArgs) -> i64 {
+    // SAFETY: the caller keeps args (and what it points to) valid across the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    }
+}
+
 /// `struct clone_args` of clone3(2).
 #[repr(C)]
 #[derive(Default)]
@@ -360,13 +376,7 @@ unsafe fn clone_with_pid(pid: i32, flags: u64) -> i64 {
         ..Default::default()
     };
     // SAFETY: args and set_tid live across the call; the caller handles the child.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let rc = unsafe { clone3(&args) };
     if rc < 0 {
         // SAFETY: reads this thread's errno.
         -(unsafe { *libc::__errno_location() }) as i64

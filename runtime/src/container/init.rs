@@ -89,13 +89,7 @@ pub fn start(launch: &Launch) -> Result<Child, ContainerError> {
     };
     // SAFETY: args lives across the call. The child branch below runs only raw system calls
     // on data prepared before the fork and never returns.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let rc = unsafe { crate::spawn::clone3(&args) };
     if rc < 0 {
         return Err(ContainerError::Sys(crate::RuntimeError::last_os(
             "clone3",
