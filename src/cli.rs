@@ -388,10 +388,21 @@ fn restore(
             report::ms(stats.verify_us)
         );
     }
-    let status = stasis_restore::wait_exit(pid)?;
+    // A container in the foreground is like `stasis run`'s: Ctrl-C and SIGTERM reach its
+    // init instead of leaving it behind without stasis.
+    let status = match &container {
+        Some(_) => stasis_runtime::sys::wait_forwarding(pid)?,
+        None => stasis_restore::wait_exit(pid)?,
+    };
     if let Some(rec) = &container {
-        stasis_runtime::container::remove(state, &rec.name, true)
-            .with_context(|| format!("removing container {} after it exited", rec.name))?;
+        // `stasis stop` may have removed it already.
+        match stasis_runtime::container::remove(state, &rec.name, true) {
+            Ok(()) | Err(stasis_runtime::container::ContainerError::NoSuch(_)) => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("removing container {} after it exited", rec.name))
+            }
+        }
     }
     if json {
         report::json(&RestoreReport {

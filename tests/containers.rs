@@ -876,3 +876,69 @@ fn a_failed_restore_removes_everything_it_made() {
     env.ok(&["restore", "--detach", img]);
     assert_eq!(env.exec("frail", &["cat", "/proc/1/comm"]).trim(), "sleep");
 }
+
+#[test]
+fn a_foreground_container_keeps_writing_to_its_callers_pipe_after_a_restore() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let Some(root) = rootfs() else { return };
+    let mut env = Env::new("ct-fgpipe");
+    env.names.push("fgp".into());
+    let state = env.state.to_str().expect("path").to_string();
+    let script = "i=0; while true; do i=$((i+1)); echo \"n $i\"; sleep 0.05; done";
+    let mut run = Command::new(stasis())
+        .args(["--state-dir", &state, "run", "--name", "fgp", "--rootfs"])
+        .arg(root)
+        .args(["--", "/bin/sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("stasis run");
+    let mut out = BufReader::new(run.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let number = |l: &str| -> u64 {
+        l.trim()
+            .strip_prefix("n ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a count: {l:?}"))
+    };
+    for _ in 0..5 {
+        line.clear();
+        out.read_line(&mut line).expect("output");
+    }
+    let img = env.state.join("fgp.img");
+    env.ok(&["checkpoint", "fgp", "-o", img.to_str().expect("path")]);
+    // The output pipe ends with the container; the last number it printed:
+    let mut last = number(&line);
+    loop {
+        line.clear();
+        if out.read_line(&mut line).expect("output") == 0 {
+            break;
+        }
+        last = number(&line);
+    }
+    assert_eq!(
+        run.wait().expect("run").code(),
+        Some(137),
+        "stasis run: killed init"
+    );
+    // Restored in the foreground, its standard output is the restorer's: a new pipe.
+    let mut restore = Command::new(stasis())
+        .args(["--state-dir", &state, "restore"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("stasis restore");
+    let mut out = BufReader::new(restore.stdout.take().expect("stdout"));
+    for expect in last + 1..last + 6 {
+        line.clear();
+        out.read_line(&mut line).expect("output after the restore");
+        assert_eq!(number(&line), expect);
+    }
+    // Stopped from elsewhere: the foreground restore exits with its status (128+9).
+    env.ok(&["stop", "fgp", "--timeout", "0.2"]);
+    let st = restore.wait().expect("restore");
+    assert_eq!(st.code(), Some(137), "{st:?}");
+    assert!(env.ps().is_empty());
+}
