@@ -892,6 +892,9 @@ fn a_foreground_container_keeps_writing_to_its_callers_pipe_after_a_restore() {
         .args(["--", "/bin/sh", "-c", script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        // Not the test's own stderr: under CI that is a log file on the host, which the
+        // restored container could not reopen under its root (and refuses, by name).
+        .stderr(Stdio::null())
         .spawn()
         .expect("stasis run");
     let mut out = BufReader::new(run.stdout.take().expect("stdout"));
