@@ -372,17 +372,8 @@ pub fn restore_container(
             cgroup_procs,
         });
         o.root = Some(PathBuf::from(format!("/proc/{}/root", holder.pid)));
-        let stats = {
-            // Sockets are made, and connections unlocked, inside the container's network.
-            let _in_ns = match net {
-                NetMode::Host => None,
-                _ => Some(
-                    stasis_runtime::sys::InNetns::enter(holder.pid).map_err(|e| err(&name, e))?,
-                ),
-            };
-            restore_tree(image, &o)?
-        };
-        let mut stats = stats;
+        // Sockets are made, and connections unlocked, in the joined network namespace.
+        let mut stats = restore_tree(image, &o)?;
         if let Some(objs) = &ipc {
             if let Err(e) = sysvipc::finish(holder.pid, objs) {
                 stats

@@ -157,7 +157,8 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
     let ghosts = ghosts::recreate(image, &procs, opts)?;
     let shmem = shmem::recreate(image, &procs)?;
     // Sockets are made in the network namespace the tree will be in.
-    let plan = match validate::net_to_join(opts)? {
+    let net = validate::net_to_join(opts)?;
+    let plan = match net {
         Some(net) => stasis_runtime::sys::in_net_namespace(net, || {
             plan::plan(&procs, opts, (&ghosts, &shmem), pid_ns)
         })??,
@@ -179,9 +180,17 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
     drop((ghosts, shmem));
     // The connections run again: let their packets through (a checkpoint that killed the
     // tree left them locked).
+    // The lock is in the namespace the connections are in: the one the tree joined.
     let tcp = tcp_tuples(&procs);
     let mut warnings = Vec::new();
-    if let Err(e) = stasis_runtime::netlock::unlock(&tcp) {
+    let unlocked = match net {
+        Some(net) => {
+            stasis_runtime::sys::in_net_namespace(net, || stasis_runtime::netlock::unlock(&tcp))
+                .and_then(|r| r)
+        }
+        None => stasis_runtime::netlock::unlock(&tcp),
+    };
+    if let Err(e) = unlocked {
         warnings.push(format!(
             "the restored TCP connections may still be locked off the network: {e}"
         ));
