@@ -247,13 +247,9 @@ fn network(
 }
 
 fn open_ns(pid: i32, kind: &str) -> Result<OwnedFd, RestoreError> {
-    let path = format!("/proc/{pid}/ns/{kind}");
-    std::fs::File::open(&path)
+    stasis_runtime::sys::open_ns(pid, kind)
         .map(OwnedFd::from)
-        .map_err(|e| RestoreError::Apply {
-            pid,
-            cause: stasis_runtime::RuntimeError::sys("open", path, e),
-        })
+        .map_err(|cause| RestoreError::Apply { pid, cause })
 }
 
 /// The root process of an image's tree.

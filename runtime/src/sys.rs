@@ -217,32 +217,57 @@ pub fn wait_forwarding(pid: i32) -> Result<i32> {
     }
 }
 
-fn open_ns(pid: i32, kind: &str) -> Result<std::fs::File> {
+/// Opens /proc/PID/ns/KIND.
+pub fn open_ns(pid: i32, kind: &str) -> Result<std::fs::File> {
     let path = format!("/proc/{pid}/ns/{kind}");
     std::fs::File::open(&path).map_err(|e| RuntimeError::sys("open", path, e))
 }
 
-/// The host name in the UTS namespace of `pid` (read by a short-lived thread that joins
-/// it: a UTS namespace is per thread).
-pub fn hostname_of(pid: i32) -> Result<String> {
-    let ns = open_ns(pid, "uts")?;
+/// Runs `f` on a short-lived thread of its own that has first joined namespace `ns` of type
+/// `nstype` (setns). uts, ipc and net namespaces belong to each thread: the rest of this
+/// process stays where it is, and threads `f` starts are in `ns` too. `what` names the
+/// namespace in errors.
+pub fn in_namespace<T: Send>(
+    ns: std::os::fd::BorrowedFd<'_>,
+    nstype: i32,
+    what: &str,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T> {
+    use std::os::fd::AsRawFd;
+    let fd = ns.as_raw_fd();
     std::thread::scope(|s| {
-        s.spawn(|| {
-            use std::os::fd::AsRawFd;
-            setns(
-                ns.as_raw_fd(),
-                libc::CLONE_NEWUTS,
-                std::path::Path::new(&format!("/proc/{pid}/ns/uts")),
-            )?;
-            Ok(uname().1)
+        s.spawn(move || -> Result<T> {
+            // SAFETY: setns takes no pointers; it changes only this thread's namespace.
+            if unsafe { libc::setns(fd, nstype) } != 0 {
+                return Err(RuntimeError::last_os("setns", what));
+            }
+            Ok(f())
         })
         .join()
-        .unwrap_or_else(|_| {
-            Err(RuntimeError::Unsupported(
-                "the thread reading a host name panicked".into(),
-            ))
-        })
+        .map_err(|_| RuntimeError::Unsupported(format!("a thread working in {what} panicked")))?
     })
+}
+
+/// [`in_namespace`] for namespace `kind` ("uts", "ipc", "net") of process `pid`.
+pub fn in_namespace_of<T: Send>(pid: i32, kind: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    use std::os::fd::AsFd;
+    let nstype = match kind {
+        "uts" => libc::CLONE_NEWUTS,
+        "ipc" => libc::CLONE_NEWIPC,
+        "net" => libc::CLONE_NEWNET,
+        _ => {
+            return Err(RuntimeError::Unsupported(format!(
+                "joining a {kind} namespace from a thread"
+            )))
+        }
+    };
+    let ns = open_ns(pid, kind)?;
+    in_namespace(ns.as_fd(), nstype, &format!("/proc/{pid}/ns/{kind}"), f)
+}
+
+/// The host name in the UTS namespace of `pid`.
+pub fn hostname_of(pid: i32) -> Result<String> {
+    in_namespace_of(pid, "uts", || uname().1)
 }
 
 /// The calling thread is in the network namespace of another process until dropped (a
@@ -320,33 +345,13 @@ pub fn with_root<T: Send>(
     })
 }
 
-/// Runs `f` on a thread of its own that has first joined the network namespace `net`
-/// (setns; a network namespace belongs to each thread): sockets it makes are that
-/// namespace's. Threads it starts are in that namespace too.
+/// [`in_namespace`] for the network namespace `net`: sockets made there are that
+/// namespace's.
 pub fn in_net_namespace<T: Send>(
     net: std::os::fd::BorrowedFd<'_>,
     f: impl FnOnce() -> T + Send,
 ) -> Result<T> {
-    use std::os::fd::AsRawFd;
-    let fd = net.as_raw_fd();
-    std::thread::scope(|s| {
-        s.spawn(move || -> Result<T> {
-            // SAFETY: setns takes no pointers; it changes only this thread's namespace.
-            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                return Err(RuntimeError::last_os(
-                    "setns(CLONE_NEWNET)",
-                    format!("fd {fd}"),
-                ));
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| {
-            RuntimeError::Unsupported(
-                "a thread working in another network namespace panicked".into(),
-            )
-        })?
-    })
+    in_namespace(net, libc::CLONE_NEWNET, "another network namespace", f)
 }
 
 #[cfg(test)]

@@ -435,19 +435,16 @@ pub fn exec(state: &StateDir, name: &str, command: &[String]) -> Result<i32, Con
         ("net", libc::CLONE_NEWNET),
         ("mnt", libc::CLONE_NEWNS),
     ] {
-        let path = PathBuf::from(format!("/proc/{}/ns/{kind}", rec.pid));
-        let f = std::fs::File::open(&path).map_err(|e| ContainerError::io("open", &path, e))?;
-        ns.push((OwnedFd::from(f), flag, path));
+        ns.push((crate::sys::open_ns(rec.pid, kind)?, flag));
     }
-    let pid_path = PathBuf::from(format!("/proc/{}/ns/pid", rec.pid));
-    let pid_ns =
-        std::fs::File::open(&pid_path).map_err(|e| ContainerError::io("open", &pid_path, e))?;
+    let pid_ns = crate::sys::open_ns(rec.pid, "pid")?;
     // Our children (only) are born in the container's PID namespace.
-    crate::sys::setns(pid_ns.as_raw_fd(), libc::CLONE_NEWPID, &pid_path)?;
-    let raw: Vec<(i32, i32)> = ns
-        .iter()
-        .map(|(f, flag, _)| (f.as_raw_fd(), *flag))
-        .collect();
+    crate::sys::setns(
+        pid_ns.as_raw_fd(),
+        libc::CLONE_NEWPID,
+        Path::new(&format!("/proc/{}/ns/pid", rec.pid)),
+    )?;
+    let raw: Vec<(i32, i32)> = ns.iter().map(|(f, flag)| (f.as_raw_fd(), *flag)).collect();
     let procs: Vec<i32> = joins.iter().map(|(f, _)| f.as_raw_fd()).collect();
     let mut c = std::process::Command::new(cmd);
     c.args(&command[1..])

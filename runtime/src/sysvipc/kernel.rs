@@ -16,24 +16,7 @@ use std::os::unix::fs::MetadataExt;
 /// all act on the namespace of the thread that calls them. The rest of this process never
 /// leaves its own namespace.
 pub(super) fn in_ipc_ns<T: Send>(pid: i32, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let path = format!("/proc/{pid}/ns/ipc");
-    let ns = File::open(&path).map_err(|e| RuntimeError::sys("open", &path, e))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns(2) on an fd we own; it changes the IPC namespace of this thread
-            // only, a scoped thread that ends when `f` returns.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWIPC) } != 0 {
-                return Err(RuntimeError::last_os("setns(CLONE_NEWIPC)", &path));
-            }
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(RuntimeError::Unsupported(format!(
-                "the thread working in the IPC namespace of pid {pid} panicked"
-            )))
-        })
-    })
+    crate::sys::in_namespace_of(pid, "ipc", f)?
 }
 
 /// Whether the calling thread is in the IPC namespace of `pid`.
