@@ -201,7 +201,7 @@ fn network(
     state: &StateDir,
     name: &str,
     c: &proto::Container,
-    net: NetMode,
+    (net, cfg): (NetMode, Option<&netns::NetConfig>),
     pid: i32,
 ) -> Result<(Option<BridgeAddr>, Option<std::net::Ipv4Addr>), RestoreError> {
     let e = |x: ct::ContainerError| err(name, x);
@@ -214,13 +214,13 @@ fn network(
         }
         NetMode::Bridge => {
             let used = ct::used_ips(state, name).map_err(e)?;
-            match (saved_addr(c), net_config(c)?) {
+            match (saved_addr(c), cfg) {
                 (Some((ip, prefix)), Some(cfg)) if !used.contains(&ip) => {
                     let bridge = netns::Bridge::default();
                     netns::ensure_bridge(&bridge).map_err(r)?;
                     let veth = netns::veth_name(name);
                     netns::detach(&veth).map_err(r)?;
-                    netns::recreate(&bridge, pid, &cfg, &veth).map_err(r)?;
+                    netns::recreate(&bridge, pid, cfg, &veth).map_err(r)?;
                     let mac = cfg
                         .interfaces
                         .iter()
@@ -269,7 +269,7 @@ pub fn restore_container(
         .ok_or_else(|| RestoreError::Invalid("the image is not a container image".into()))?;
     let name = name.unwrap_or(&c.name).to_string();
     let (net, rootfs, limits) = check(c)?;
-    net_config(c)?;
+    let net_cfg = net_config(c)?;
     let ipc = c
         .ipc
         .as_ref()
@@ -316,7 +316,7 @@ pub fn restore_container(
                 .map_err(|e| err(&name, e))?
                 .keep();
         }
-        let (bridge, moved) = network(state, &name, c, net, holder.pid)?;
+        let (bridge, moved) = network(state, &name, c, (net, net_cfg.as_ref()), holder.pid)?;
         veth = bridge.as_ref().map(|b| b.veth.clone());
         let mut join = Vec::new();
         for kind in ["mnt", "uts", "ipc"] {

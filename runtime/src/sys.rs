@@ -96,6 +96,22 @@ pub fn xcr0() -> u64 {
     unsafe { std::arch::x86_64::_xgetbv(0) }
 }
 
+const TERMINATION_SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// The set of [`TERMINATION_SIGNALS`].
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain old data; sigemptyset initializes it and sigaddset adds to
+    // this local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in TERMINATION_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
+    }
+}
+
 /// Blocks SIGINT, SIGTERM, SIGHUP and SIGQUIT in the calling thread (and threads it starts)
 /// until dropped. Used while a process is held stopped with injected registers: dying then
 /// would let the kernel detach it mid-injection. A signal that arrives meanwhile stays
@@ -106,18 +122,11 @@ pub struct TerminationSignalsBlocked {
 
 impl TerminationSignalsBlocked {
     pub fn new() -> Result<Self> {
-        // SAFETY: sigset_t is plain old data; it is initialized by sigemptyset below.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
+        let set = termination_set();
+        // SAFETY: sigset_t is plain old data; pthread_sigmask fills it.
         let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: set and old are valid sigset_t values owned by this frame.
-        let rc = unsafe {
-            libc::sigemptyset(&mut set);
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-                libc::sigaddset(&mut set, sig);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old)
-        };
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
         if rc != 0 {
             return Err(RuntimeError::sys(
                 "pthread_sigmask",
@@ -145,7 +154,7 @@ pub fn termination_pending() -> Option<i32> {
         if libc::sigpending(&mut set) != 0 {
             return None;
         }
-        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]
+        TERMINATION_SIGNALS
             .into_iter()
             .find(|s| libc::sigismember(&set, *s) == 1)
     }
@@ -197,20 +206,14 @@ pub fn wait_forwarding(pid: i32) -> Result<i32> {
         if r == -1 {
             return Err(RuntimeError::last_os("waitpid", format!("pid {pid}")));
         }
+        let set = termination_set();
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000_000,
+        };
         // SAFETY: a local sigset_t and timespec; sigtimedwait waits up to 50 ms for one of
         // the blocked termination signals.
-        let sig = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-                libc::sigaddset(&mut set, sig);
-            }
-            let ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 50_000_000,
-            };
-            libc::sigtimedwait(&set, std::ptr::null_mut(), &ts)
-        };
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
         if sig > 0 {
             let _ = kill(pid, sig);
         }

@@ -178,12 +178,9 @@ impl Child {
         }
     }
 
-    /// Lets the child go on: exec its command (returns once the exec succeeded) or, for
-    /// [`Then::Hold`], nothing changes until [`Child::release_hold`].
-    pub fn go(&mut self, hold: bool) -> Result<(), ContainerError> {
-        if hold {
-            return Ok(());
-        }
+    /// Lets a [`Then::Exec`] child exec its command; returns once the exec succeeded. (A
+    /// [`Then::Hold`] child is ended by [`Child::release_hold`] instead.)
+    pub fn go(&mut self) -> Result<(), ContainerError> {
         if let Some(go) = self.go.take() {
             let mut f = std::fs::File::from(go);
             std::io::Write::write_all(&mut f, b"g").map_err(|e| {

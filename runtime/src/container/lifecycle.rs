@@ -283,7 +283,7 @@ pub fn run(state: &StateDir, cfg: &Config) -> Result<Record, ContainerError> {
             .collect();
         ops.push(setup::Op::SetHostname(cstring("host name", &hostname)?));
         ops.extend(setup::mount_ops(rootfs.as_deref(), true));
-        let (log, stdio) = if cfg.detach {
+        let log = if cfg.detach {
             let path = state.log_path(&cfg.name);
             let log = std::fs::OpenOptions::new()
                 .create(true)
@@ -292,17 +292,17 @@ pub fn run(state: &StateDir, cfg: &Config) -> Result<Record, ContainerError> {
                 .map_err(|e| ContainerError::io("open", &path, e))?;
             let null = std::fs::File::open("/dev/null")
                 .map_err(|e| ContainerError::io("open", Path::new("/dev/null"), e))?;
-            (Some((path, log, null)), true)
+            Some((path, log, null))
         } else {
-            (None, false)
+            None
         };
-        let stdio_fds = match (&log, stdio) {
-            (Some((_, log, null)), true) => [
+        let stdio_fds = match &log {
+            Some((_, log, null)) => [
                 Some(null.as_raw_fd()),
                 Some(log.as_raw_fd()),
                 Some(log.as_raw_fd()),
             ],
-            _ => [None, None, None],
+            None => [None, None, None],
         };
         let launch = Launch {
             namespaces: namespaces(cfg.net),
@@ -334,7 +334,7 @@ pub fn run(state: &StateDir, cfg: &Config) -> Result<Record, ContainerError> {
             log: log.as_ref().map(|(p, _, _)| p.clone()),
         };
         state.write(&rec)?;
-        child.go(false)?;
+        child.go()?;
         child.keep();
         Ok(rec)
     })();
