@@ -80,6 +80,12 @@ enum Command {
         /// differs).
         #[arg(long, value_name = "SIZE")]
         memory: Option<String>,
+        /// A VM image: check every page hash before the guest starts. By default the image's
+        /// structure and metadata are checked first, the guest starts on pages mapped from
+        /// the image, and their hashes are checked while it runs; the restore succeeds only
+        /// once they all match, and a mismatch stops and removes the VM (exit 3).
+        #[arg(long)]
+        verify_first: bool,
         /// Print statistics as JSON.
         #[arg(long)]
         json: bool,
@@ -195,8 +201,19 @@ pub fn run(cli: Cli) -> Result<i32> {
             detach,
             name,
             memory,
+            verify_first,
             json,
-        } => restore(&state, image, detach, name, memory, json),
+        } => restore(
+            &state,
+            image,
+            RestoreFlags {
+                detach,
+                name,
+                memory,
+                verify_first,
+                json,
+            },
+        ),
         Command::Image(ImageCommand::Inspect { image, json }) => inspect(image, json),
         Command::Image(ImageCommand::Verify { image, json }) => verify(image, json),
         Command::Demo { json } => demo::run(json),
@@ -324,14 +341,28 @@ struct RestoreReport {
     exit_status: Option<i32>,
 }
 
-fn restore(
-    state: &stasis_runtime::container::StateDir,
-    path: PathBuf,
+/// What `stasis restore` was asked for besides the image.
+struct RestoreFlags {
     detach: bool,
     name: Option<String>,
     memory: Option<String>,
+    verify_first: bool,
     json: bool,
+}
+
+fn restore(
+    state: &stasis_runtime::container::StateDir,
+    path: PathBuf,
+    flags: RestoreFlags,
 ) -> Result<i32> {
+    let started = std::time::Instant::now();
+    let RestoreFlags {
+        detach,
+        name,
+        memory,
+        verify_first,
+        json,
+    } = flags;
     let image = open_image(&path)?;
     if stasis_restore::vm::vm_of(&image).is_some() {
         let opts = vms::RestoreArgs {
@@ -339,6 +370,8 @@ fn restore(
             memory: memory.as_deref(),
             detach,
             json,
+            verify_first,
+            started,
         };
         return vms::restore(state, image, &path, &opts);
     }

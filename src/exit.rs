@@ -63,6 +63,7 @@ fn kvm_code(e: &KvmError) -> i32 {
         | KvmError::Invalid { .. }
         | KvmError::Unsupported { .. } => REFUSED,
         KvmError::State(ContainerError::BadName(_)) => REFUSED,
+        KvmError::Unverified { .. } => BAD_IMAGE,
         _ => FAILED,
     }
 }

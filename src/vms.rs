@@ -152,8 +152,9 @@ fn run(state: &StateDir, a: RunArgs) -> Result<i32> {
         restore: None,
     };
     if a.detach {
-        let rec =
-            vmm::run_detached(state, &cfg).with_context(|| format!("starting VM {}", a.name))?;
+        let rec = vmm::run_detached(state, &cfg)
+            .with_context(|| format!("starting VM {}", a.name))?
+            .record;
         if a.json {
             report::json(&rec)?;
         } else {
@@ -274,6 +275,8 @@ pub struct RestoreArgs<'a> {
     pub memory: Option<&'a str>,
     pub detach: bool,
     pub json: bool,
+    pub verify_first: bool,
+    pub started: std::time::Instant,
 }
 
 /// `stasis restore IMAGE` of a VM image.
@@ -293,6 +296,8 @@ pub fn restore(
         memory,
         detach: a.detach,
         quiet: a.json,
+        verify_first: a.verify_first,
+        started: a.started,
     };
     let stats = stasis_restore::vm::restore_vm(std::sync::Arc::new(image), path, state, &opts)
         .with_context(|| format!("restoring VM image {}", path.display()))?;

@@ -382,14 +382,50 @@ fn vm_corrupt_image_and_other_memory_size_are_refused() {
     assert!(err.contains("memory size must be the same"), "{err}");
     assert!(env.ps().is_empty(), "nothing started");
 
-    let mut bytes = std::fs::read(&img).expect("read image");
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    let bad = image(&env, "bad.img");
-    std::fs::write(&bad, &bytes).expect("write corrupt image");
-    let out = env.run(&["restore", &bad, "--detach"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{err}");
-    assert!(env.ps().is_empty(), "nothing started");
-    assert!(!env.state.join("vms/b.json").exists());
+    let inspect: Value =
+        serde_json::from_str(&env.ok(&["image", "inspect", &img, "--json"])).expect("inspect");
+    let last = inspect["chunks"]
+        .as_array()
+        .and_then(|c| c.last())
+        .expect("chunks")
+        .clone();
+    let at = |key: &str| last[key].as_u64().expect("offset") as usize;
+    let corrupt = |file: &str, offset: usize| {
+        let mut bytes = std::fs::read(&img).expect("read image");
+        bytes[offset] ^= 0x40;
+        let bad = image(&env, file);
+        std::fs::write(&bad, &bytes).expect("write corrupt image");
+        bad
+    };
+    let refused = |args: &[&str], after_start: bool| {
+        let out = env.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
+        assert_eq!(
+            err.contains("failed verification after the guest started"),
+            after_start,
+            "{args:?}: {err}"
+        );
+        assert!(env.ps().is_empty(), "{args:?}: a VM was left behind");
+        assert!(!env.state.join("vms/b.json").exists(), "{args:?}");
+    };
+    // A flipped bit in guest memory: by default the guest starts on the mapped pages and is
+    // stopped and removed when their hash check fails; --verify-first never starts it.
+    let bad_data = corrupt("bad-data.img", at("data_offset") + 100);
+    refused(&["restore", &bad_data, "--detach"], true);
+    refused(&["restore", &bad_data, "--json"], true);
+    refused(&["restore", &bad_data, "--detach", "--verify-first"], false);
+    // A flipped bit in a chunk's record is found before anything starts.
+    let bad_meta = corrupt("bad-meta.img", at("chunk_offset") + 40);
+    refused(&["restore", &bad_meta, "--detach"], false);
+    // The intact image still restores, with its memory checked beside the guest.
+    let out = env.ok(&["restore", &img, "--detach", "--json"]);
+    let stats: Value = serde_json::from_str(&out).expect("restore stats");
+    assert_eq!(stats["verify"], "beside", "{out}");
+    assert!(
+        stats["running_us"].as_u64() <= stats["total_us"].as_u64(),
+        "{out}"
+    );
+    wait_running(&env, "b");
+    env.ok(&["vm", "stop", "b"]);
 }

@@ -350,18 +350,31 @@ impl Image {
     /// raw chunks, owned for zstd. Raw data is hashed on every call until [`Image::verify`] has
     /// succeeded once; after that it is returned without hashing again.
     pub fn chunk_data(&self, chunk: &ChunkRef) -> Result<Cow<'_, [u8]>, ImageError> {
+        let (ours, payload) = self.chunk_payload(chunk, "chunk_data")?;
+        if ours.encoding == Encoding::Raw && self.is_verified() {
+            return Ok(Cow::Borrowed(payload));
+        }
+        ours.decode_data(payload)
+    }
+
+    /// This image's own validated copy of `chunk` (not the caller's, possibly modified one)
+    /// and its stored PAGE_DATA payload.
+    pub(crate) fn chunk_payload(
+        &self,
+        chunk: &ChunkRef,
+        op: &'static str,
+    ) -> Result<(&ChunkRef, &[u8]), ImageError> {
         let ours = self
             .chunks
             .get(chunk.index)
             .filter(|c| c.chunk_offset == chunk.chunk_offset)
             .ok_or_else(|| ImageError::InvalidInput {
-                op: "chunk_data",
+                op,
                 reason: format!(
                     "chunk {} at offset {} is not in this image",
                     chunk.index, chunk.chunk_offset
                 ),
             })?;
-        // Use our own validated copy, not the caller's (possibly modified) one.
         let start = ours.data_offset as usize;
         let payload = self
             .bytes()
@@ -372,10 +385,7 @@ impl Image {
                 needed: ours.data_len,
                 available: self.file_len().saturating_sub(ours.data_offset),
             })?;
-        if ours.encoding == Encoding::Raw && self.is_verified() {
-            return Ok(Cow::Borrowed(payload));
-        }
-        ours.decode_data(payload)
+        Ok((ours, payload))
     }
 
     /// Whether [`Image::verify`] has succeeded on this image.

@@ -34,8 +34,37 @@ pub struct VerifyReport {
 
 impl Image {
     /// Checks every byte: all frame headers and hashes, PAD zeros, chunk/data pairing,
-    /// INDEX == frames seen, END, nothing after END. Page data is hashed in parallel.
+    /// INDEX == the frames seen, END, nothing after END. Page data is hashed in parallel.
     pub fn verify(&self) -> Result<VerifyReport, ImageError> {
+        let (report, data) = self.walk_frames()?;
+        // Hash page data in parallel; report the first failure in file order.
+        let results: Vec<Result<(), ImageError>> = data
+            .par_iter()
+            .with_max_len(1)
+            .map(|(c, payload)| c.decode_data(payload).map(|_| ()))
+            .collect();
+        results.into_iter().collect::<Result<(), _>>()?;
+        self.set_verified();
+        Ok(report)
+    }
+
+    /// Everything [`Image::verify`] checks except the page data's hashes: each chunk's data
+    /// is still checked when [`Image::chunk_data`] reads it. For a restore that maps page
+    /// data instead of reading it, the caller must hash those chunks itself (see
+    /// [`Image::verify_chunk`]) before it relies on the result.
+    pub fn verify_structure(&self) -> Result<VerifyReport, ImageError> {
+        self.walk_frames().map(|(report, _)| report)
+    }
+
+    /// Hash-checks (and for zstd decodes) one chunk's page data.
+    pub fn verify_chunk(&self, chunk: &ChunkRef) -> Result<(), ImageError> {
+        let (ours, payload) = self.chunk_payload(chunk, "verify_chunk")?;
+        ours.decode_data(payload).map(|_| ())
+    }
+
+    /// The sequential pass over every frame; returns the report and each chunk's payload.
+    #[allow(clippy::type_complexity)]
+    fn walk_frames(&self) -> Result<(VerifyReport, Vec<(Box<ChunkRef>, &[u8])>), ImageError> {
         let bytes = self.bytes();
         let file_len = bytes.len() as u64;
         let mut seq = Sequencer::new();
@@ -54,16 +83,8 @@ impl Image {
         if offset != file_len {
             return Err(ImageError::TrailingData { offset });
         }
-        // Hash page data in parallel; report the first failure in file order.
-        let results: Vec<Result<(), ImageError>> = data
-            .par_iter()
-            .with_max_len(1)
-            .map(|(c, payload)| c.decode_data(payload).map(|_| ()))
-            .collect();
-        results.into_iter().collect::<Result<(), _>>()?;
         let mut report = seq.report().clone();
         report.file_bytes = file_len;
-        self.set_verified();
-        Ok(report)
+        Ok((report, data))
     }
 }

@@ -11,6 +11,13 @@ fn all_reject(bytes: &[u8]) -> Result<(), String> {
         if img.verify().is_ok() {
             return Err("Image::from_bytes + verify accepted it".into());
         }
+        // The split form (structure first, then each chunk's data, as a VM restore that maps
+        // page data does) must reject it too.
+        if img.verify_structure().is_ok()
+            && img.chunks().iter().all(|c| img.verify_chunk(c).is_ok())
+        {
+            return Err("verify_structure + verify_chunk accepted it".into());
+        }
         // inspect and chunk_data must not panic either.
         let _ = stasis_image::inspect::report(&img).to_string();
         for c in img.chunks() {
@@ -135,9 +142,12 @@ fn every_single_byte_flip_is_detected() {
         let img_ok = Image::from_bytes(bad.clone())
             .and_then(|m| m.verify())
             .is_ok();
+        let split_ok = Image::from_bytes(bad.clone()).is_ok_and(|m| {
+            m.verify_structure().is_ok() && m.chunks().iter().all(|c| m.verify_chunk(c).is_ok())
+        });
         let stream_ok = verify_stream(&bad[..]).is_ok();
         assert!(
-            !img_ok && !stream_ok,
+            !img_ok && !stream_ok && !split_ok,
             "flip {mask:#x} at byte {i} of {} undetected",
             img.len()
         );

@@ -76,7 +76,12 @@ fn check_image(img: &Image, compression: Compression, parent: bool) -> R {
         .is_none());
     assert!(img.find_page(SpaceKind::Guest, 0, 0).is_none());
 
+    let structure = img.verify_structure()?;
+    for c in img.chunks() {
+        img.verify_chunk(c)?;
+    }
     let report = img.verify()?;
+    assert_eq!(structure, report);
     assert_eq!(report.processes, 2);
     assert_eq!(report.chunks, expected.len() as u64);
     assert_eq!(report.file_bytes, img.file_len());

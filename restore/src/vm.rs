@@ -1,9 +1,15 @@
-//! Restoring a KVM VM from an image: the whole image is verified (every hash) and the VM
-//! record checked against its memory chunks before anything starts; then a fresh VMM
-//! process gets the saved state (`stasis_runtime::kvm::snapshot::Restore`). Its guest
-//! memory is filled in the VMM before the vCPU runs: raw page-aligned chunks are mapped
-//! from the image file MAP_PRIVATE (no copy; the guest's writes stay private), zstd chunks
-//! are decompressed into place, and zero pages are left as the fresh memfd has them.
+//! Restoring a KVM VM from an image: the image's structure (every frame, every metadata
+//! hash) and the VM record are checked against its memory chunks before anything starts;
+//! then a fresh VMM process gets the saved state (`stasis_runtime::kvm::snapshot::Restore`).
+//! Its guest memory is filled in the VMM before the vCPU runs: raw page-aligned chunks are
+//! mapped from the image file MAP_PRIVATE (no copy; the guest's writes stay private), zstd
+//! chunks are decompressed into place (hash-checked as they are read), and zero pages are
+//! left as the fresh memfd has them.
+//!
+//! The mapped chunks' hashes are checked while the guest already runs (hashing a gigabyte
+//! takes longer than the whole rest of the restore): the restore is confirmed only once
+//! they match, and a mismatch stops and removes the new VM, leaving the image as it was.
+//! `verify_first` checks every hash before the guest starts instead.
 
 use crate::error::RestoreError;
 use stasis_image::proto::{self, Encoding, RunKind, SpaceKind};
@@ -12,11 +18,12 @@ use stasis_runtime::container::StateDir;
 use stasis_runtime::kvm::memory::GuestMemory;
 use stasis_runtime::kvm::report::ReportState;
 use stasis_runtime::kvm::serial::SerialState;
-use stasis_runtime::kvm::snapshot::{Restore, VmSnapshot};
+use stasis_runtime::kvm::snapshot::{DeferredCheck, Restore, VmSnapshot};
 use stasis_runtime::kvm::state::{Msr, VcpuState, VmState};
 use stasis_runtime::kvm::vmm::{self, Guest, VmConfig, VmRecord, VmReport};
 use std::fs::File;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,8 +45,15 @@ pub fn vm_of(image: &Image) -> Option<&proto::Vm> {
 pub struct VmRestoreStats {
     pub name: String,
     pub memory: u64,
+    /// "first" (every hash before the guest ran) or "beside" (mapped pages' hashes checked
+    /// while it ran).
+    pub verify: &'static str,
+    /// Checking the image before the VMM started.
     pub verify_us: u64,
-    /// From the start of the restore until the VMM said the vCPU is about to run.
+    /// From the start of the restore until the VMM said the vCPU runs.
+    pub running_us: u64,
+    /// From the start of the restore until it was confirmed: the guest runs and every hash
+    /// of the image matched (a foreground VM: when it started).
     pub total_us: u64,
     pub chunks_mapped: u64,
     pub chunks_copied: u64,
@@ -188,8 +202,13 @@ fn check_memory(image: &Image, vm: &proto::Vm) -> Result<(), RestoreError> {
 
 /// What to put where in guest memory, decided before the VMM starts.
 enum Fill {
-    /// Map `len` bytes of the image file at `offset` over guest `gpa`.
-    Map { gpa: u64, offset: u64, len: u64 },
+    /// Map `len` bytes of the image file at `offset` over guest `gpa` (from chunk `chunk`).
+    Map {
+        chunk: usize,
+        gpa: u64,
+        offset: u64,
+        len: u64,
+    },
     /// Copy a chunk's decoded data's DATA runs (its index in the image).
     Copy { chunk: usize },
 }
@@ -215,6 +234,7 @@ fn plan_fill(image: &Image) -> (Vec<Fill>, u64, u64) {
         let mut at = c.data_offset;
         for r in c.runs.iter().filter(|r| r.kind == RunKind::Data as i32) {
             fills.push(Fill::Map {
+                chunk: c.index,
                 gpa: r.vaddr,
                 offset: at,
                 len: r.pages * PAGE,
@@ -255,6 +275,11 @@ pub struct VmRestoreOptions<'a> {
     pub detach: bool,
     /// Foreground: keep the console off standard output.
     pub quiet: bool,
+    /// Check every hash of the image before the guest starts (slower, never runs the guest
+    /// on unchecked pages).
+    pub verify_first: bool,
+    /// When the restore began (the time origin of the stats; before the image was opened).
+    pub started: Instant,
 }
 
 /// Verifies the image, then starts the VM from it.
@@ -264,11 +289,15 @@ pub fn restore_vm(
     state: &StateDir,
     opts: &VmRestoreOptions<'_>,
 ) -> Result<VmRestoreStats, RestoreError> {
-    let start = Instant::now();
+    let start = opts.started;
     let vm = vm_of(&image)
         .ok_or_else(|| invalid("not a VM image (no VM record)"))?
         .clone();
-    image.verify()?;
+    if opts.verify_first {
+        image.verify()?;
+    } else {
+        image.verify_structure()?;
+    }
     let verify_us = start.elapsed().as_micros() as u64;
     check_memory(&image, &vm)?;
     let mut snapshot = snapshot_of(&vm)?;
@@ -289,11 +318,14 @@ pub fn restore_vm(
         RestoreError::Unsupported(format!("VM {name}: opening {}: {e}", path.display()))
     })?);
     let (fills, mapped, copied) = plan_fill(&image);
+    let check = (!opts.verify_first).then(|| deferred_check(image.clone(), &fills));
     let fill_image = image.clone();
     let fill = move |vm_name: &str, mem: &GuestMemory| -> Result<(), String> {
         for f in &fills {
             match *f {
-                Fill::Map { gpa, offset, len } => mem
+                Fill::Map {
+                    gpa, offset, len, ..
+                } => mem
                     .map_private(vm_name, gpa, &*file, offset, len)
                     .map_err(|e| e.to_string())?,
                 Fill::Copy { chunk } => copy_chunk(&fill_image, chunk, mem)?,
@@ -312,11 +344,13 @@ pub fn restore_vm(
         restore: Some(Restore {
             snapshot,
             fill: Arc::new(fill),
+            check,
         }),
     };
     let mut stats = VmRestoreStats {
         name: name.clone(),
         memory: vm.memory_size,
+        verify: if opts.verify_first { "first" } else { "beside" },
         verify_us,
         chunks_mapped: mapped,
         chunks_copied: copied,
@@ -325,11 +359,60 @@ pub fn restore_vm(
         ..Default::default()
     };
     if opts.detach {
-        stats.record = Some(vmm::run_detached(state, &cfg)?);
+        let d = vmm::run_detached(state, &cfg)?;
         stats.total_us = start.elapsed().as_micros() as u64;
+        stats.running_us = d.running_at.duration_since(start).as_micros() as u64;
+        stats.record = Some(d.record);
     } else {
         stats.total_us = start.elapsed().as_micros() as u64;
+        stats.running_us = stats.total_us;
         stats.report = Some(vmm::run_foreground(state, &cfg, opts.quiet)?);
     }
     Ok(stats)
+}
+
+/// The hash check of every chunk the fill maps rather than reads, on every core but one
+/// (the guest runs on that one meanwhile).
+fn deferred_check(image: Arc<Image>, fills: &[Fill]) -> Arc<DeferredCheck> {
+    let mut chunks: Vec<usize> = fills
+        .iter()
+        .filter_map(|f| match f {
+            Fill::Map { chunk, .. } => Some(*chunk),
+            Fill::Copy { .. } => None,
+        })
+        .collect();
+    chunks.dedup();
+    Arc::new(move || {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .clamp(1, 4);
+        let next = AtomicUsize::new(0);
+        let check = || -> Result<(), String> {
+            while let Some(&i) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let c = image
+                    .chunks()
+                    .get(i)
+                    .ok_or_else(|| format!("chunk {i} vanished"))?;
+                image.verify_chunk(c).map_err(|e| {
+                    next.store(usize::MAX / 2, Ordering::Relaxed);
+                    format!(
+                        "guest memory {:#x}..{:#x} (chunk at offset {}): {e}",
+                        c.vaddr_start, c.vaddr_end, c.chunk_offset
+                    )
+                })?;
+            }
+            Ok(())
+        };
+        std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..threads).map(|_| s.spawn(check)).collect();
+            let mut result = check();
+            for h in helpers {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err("a check thread panicked".into()));
+                result = result.and(r);
+            }
+            result
+        })
+    })
 }

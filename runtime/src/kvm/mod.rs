@@ -47,6 +47,12 @@ pub enum KvmError {
     /// The guest did something the VMM does not handle.
     #[error("VM {vm}: the guest stopped: {what}")]
     Guest { vm: String, what: String },
+    /// The image a VM was restored from failed the check that ran beside the guest.
+    #[error(
+        "VM {vm}: its image failed verification after the guest started, so the VM was \
+         stopped and removed (the image is unchanged): {what}"
+    )]
+    Unverified { vm: String, what: String },
     #[error("VM {0:?} already exists and is running")]
     Exists(String),
     #[error("no such VM {0:?}")]

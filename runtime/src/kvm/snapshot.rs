@@ -63,11 +63,16 @@ pub struct Resumed {
 /// before the vCPU does.
 pub type MemoryFill = dyn Fn(&str, &GuestMemory) -> Result<(), String> + Send + Sync;
 
+/// Checks, while the restored guest already runs, what `fill` mapped without reading (the
+/// image's page data hashes). An error stops the VM before its restore is confirmed.
+pub type DeferredCheck = dyn Fn() -> Result<(), String> + Send + Sync;
+
 /// A VM to start from a snapshot instead of booting.
 #[derive(Clone)]
 pub struct Restore {
     pub snapshot: VmSnapshot,
     pub fill: Arc<MemoryFill>,
+    pub check: Option<Arc<DeferredCheck>>,
 }
 
 impl std::fmt::Debug for Restore {

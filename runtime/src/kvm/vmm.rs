@@ -518,6 +518,70 @@ fn reply(conn: &mut UnixStream, rep: &VmReport) {
 
 /// Runs the VM in this process until it ends; `ready` (a pipe) is told "ok" once the VM
 /// is recorded and about to run, or the error that prevented it.
+/// What the starter of a VM hears on its ready pipe: `running` once the vCPU runs, then
+/// `ok` once a restored image's deferred check has passed (at once without one), or why not.
+struct Confirmation {
+    ready: Option<std::fs::File>,
+    check: Option<std::thread::JoinHandle<Result<(), String>>>,
+    failed: Option<String>,
+}
+
+impl Confirmation {
+    fn new(ready: Option<OwnedFd>) -> Self {
+        Confirmation {
+            ready: ready.map(std::fs::File::from),
+            check: None,
+            failed: None,
+        }
+    }
+
+    /// Starts the deferred check (before the vCPU, so a failure to start it changes nothing).
+    fn start_check(&mut self, vm: &str, restore: Option<&Restore>) -> Result<(), KvmError> {
+        if let Some(c) = restore.and_then(|r| r.check.clone()) {
+            self.check = Some(
+                std::thread::Builder::new()
+                    .name("verify".into())
+                    .spawn(move || c())
+                    .map_err(|e| KvmError::sys(vm, "spawn the image check thread", e))?,
+            );
+        }
+        Ok(())
+    }
+
+    fn say(&mut self, what: &str) {
+        if let Some(r) = self.ready.as_mut() {
+            let _ = writeln!(r, "{what}");
+        }
+    }
+
+    /// The vCPU runs.
+    fn running(&mut self) {
+        self.say("running");
+        if self.check.is_none() {
+            self.confirm();
+        }
+    }
+
+    fn confirm(&mut self) {
+        self.say("ok");
+        self.ready = None;
+    }
+
+    /// Collects the check's result if it is done (or `wait`); true when it failed.
+    fn poll(&mut self, wait: bool) -> bool {
+        if self.check.as_ref().is_some_and(|h| wait || h.is_finished()) {
+            if let Some(h) = self.check.take() {
+                match h.join() {
+                    Ok(Ok(())) => self.confirm(),
+                    Ok(Err(e)) => self.failed = Some(e),
+                    Err(_) => self.failed = Some("the image check thread panicked".into()),
+                }
+            }
+        }
+        self.failed.is_some()
+    }
+}
+
 fn serve(
     state: &StateDir,
     cfg: &VmConfig,
@@ -525,14 +589,14 @@ fn serve(
     ready: Option<OwnedFd>,
 ) -> Result<VmReport, KvmError> {
     let name = cfg.name.clone();
-    let prepared = install_stop_handlers(&name).and_then(|()| prepare(state, cfg, sinks));
-    let mut ready = ready.map(std::fs::File::from);
+    let mut confirm = Confirmation::new(ready);
+    let prepared = install_stop_handlers(&name)
+        .and_then(|()| prepare(state, cfg, sinks))
+        .and_then(|p| confirm.start_check(&name, cfg.restore.as_ref()).map(|()| p));
     let p = match prepared {
         Ok(p) => p,
         Err(e) => {
-            if let Some(r) = ready.as_mut() {
-                let _ = writeln!(r, "{e}");
-            }
+            confirm.say(&e.to_string());
             return Err(e);
         }
     };
@@ -597,13 +661,11 @@ fn serve(
             })
             .map_err(|e| KvmError::sys(&name, "spawn the vCPU thread", e))?
     };
-    if let Some(mut r) = ready.take() {
-        let _ = writeln!(r, "ok");
-    }
+    confirm.running();
     let mut waiting: Vec<UnixStream> = Vec::new();
     let mut dirty_logging = false;
     while !thread.is_finished() {
-        if SIGNALLED.load(Ordering::SeqCst) {
+        if SIGNALLED.load(Ordering::SeqCst) || confirm.poll(false) {
             stop.store(true, Ordering::SeqCst);
         }
         if stop.load(Ordering::SeqCst) {
@@ -664,11 +726,20 @@ fn serve(
             what: "the vCPU thread panicked".into(),
         })
     });
-    let (state_word, end) = match &ended {
-        Ok(Ended::Shutdown(code)) => ("shutdown", format!("the guest shut down (code {code})")),
-        Ok(Ended::Halted) => ("halted", "the guest halted".to_string()),
-        Ok(Ended::Stopped | Ended::Paused) => ("stopped", "stopped by the VMM".to_string()),
-        Err(e) => ("failed", e.to_string()),
+    // A guest that ended before its image was checked has not been confirmed either.
+    confirm.poll(true);
+    let unverified = confirm.failed.take().map(|what| KvmError::Unverified {
+        vm: name.clone(),
+        what,
+    });
+    let (state_word, end) = match (&ended, &unverified) {
+        (_, Some(e)) => ("failed", e.to_string()),
+        (Ok(Ended::Shutdown(code)), _) => {
+            ("shutdown", format!("the guest shut down (code {code})"))
+        }
+        (Ok(Ended::Halted), _) => ("halted", "the guest halted".to_string()),
+        (Ok(Ended::Stopped | Ended::Paused), _) => ("stopped", "stopped by the VMM".to_string()),
+        (Err(e), _) => ("failed", e.to_string()),
     };
     let mut rep = report_of(&rec, &status, started, state_word);
     rep.end = Some(end);
@@ -682,6 +753,12 @@ fn serve(
     });
     for mut conn in waiting {
         reply(&mut conn, &rep);
+    }
+    if let Some(e) = unverified {
+        if let KvmError::Unverified { what, .. } = &e {
+            confirm.say(&format!("{UNVERIFIED}{what}"));
+        }
+        return Err(e);
     }
     ended?;
     cleaned?;
@@ -735,8 +812,9 @@ fn null_stdio() {
 }
 
 /// Starts the VM in a detached VMM process (double fork, new session) and returns its
-/// record once it runs, or the error that stopped it from starting.
-pub fn run_detached(state: &StateDir, cfg: &VmConfig) -> Result<VmRecord, KvmError> {
+/// record once it runs (and a restored VM's image passed its check), or the error that
+/// stopped it.
+pub fn run_detached(state: &StateDir, cfg: &VmConfig) -> Result<Detached, KvmError> {
     check_config(cfg)?;
     let name = cfg.name.as_str();
     let (r, w) = pipe(name)?;
@@ -769,18 +847,55 @@ pub fn run_detached(state: &StateDir, cfg: &VmConfig) -> Result<VmRecord, KvmErr
     let mut st = 0;
     // SAFETY: waiting for the intermediate child we just forked; `st` is a valid pointer.
     unsafe { libc::waitpid(child, &mut st, 0) };
-    let mut msg = String::new();
-    std::fs::File::from(r)
-        .read_to_string(&mut msg)
-        .map_err(|e| KvmError::sys(name, "read the VMM's start message", e))?;
-    match msg.trim() {
-        "ok" => running(state, name),
-        "" => Err(KvmError::Guest {
-            vm: name.to_string(),
-            what: "the VMM process ended before the VM started".into(),
-        }),
-        err => Err(KvmError::invalid(name, format!("starting the VMM: {err}"))),
+    let mut lines = BufReader::new(std::fs::File::from(r)).lines();
+    let mut line = || -> Result<String, KvmError> {
+        lines
+            .next()
+            .transpose()
+            .map(Option::unwrap_or_default)
+            .map_err(|e| KvmError::sys(name, "read the VMM's start message", e))
+    };
+    let first = line()?;
+    let running_at = Instant::now();
+    if first != "running" {
+        return Err(start_error(name, &first, "started"));
     }
+    let second = line()?;
+    if second != "ok" {
+        return Err(start_error(name, &second, "was confirmed"));
+    }
+    Ok(Detached {
+        record: running(state, name)?,
+        running_at,
+    })
+}
+
+/// How the VMM says on its ready pipe that the deferred image check failed.
+const UNVERIFIED: &str = "unverified: ";
+
+/// A detached VM that runs.
+#[derive(Debug)]
+pub struct Detached {
+    pub record: VmRecord,
+    /// When its VMM said the vCPU runs (a restored VM's image may have been checked later).
+    pub running_at: Instant,
+}
+
+/// What the VMM said instead of `running` or `ok` on its ready pipe.
+fn start_error(name: &str, said: &str, before: &str) -> KvmError {
+    if said.is_empty() {
+        return KvmError::Guest {
+            vm: name.to_string(),
+            what: format!("the VMM process ended before the VM {before}"),
+        };
+    }
+    if let Some(what) = said.strip_prefix(UNVERIFIED) {
+        return KvmError::Unverified {
+            vm: name.to_string(),
+            what: what.to_string(),
+        };
+    }
+    KvmError::invalid(name, format!("starting the VMM: {said}"))
 }
 
 /// The record of a running VM, or why there is none (a stale record is removed).

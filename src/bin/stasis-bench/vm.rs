@@ -1,6 +1,8 @@
 //! The VM part of stasis-bench: the demo guest in VMs of each size fills its memory, then
 //! writes slowly (a delay loop between steps); then a --leave-running snapshot (pause and
-//! total time), a stop-the-world snapshot (total), and a restore until the guest runs again.
+//! total time), a stop-the-world snapshot (total), and a restore until the guest runs again
+//! ("restore") and until the restore is confirmed: every page hash of the image checked,
+//! beside the running guest ("confirmed").
 
 use super::{median, stasis, Args};
 use std::path::Path;
@@ -16,6 +18,7 @@ struct VmSamples {
     live_total: Vec<f64>,
     snapshot: Vec<f64>,
     restore: Vec<f64>,
+    confirmed: Vec<f64>,
 }
 
 fn ok(args: &[&str]) -> Result<String, String> {
@@ -94,7 +97,8 @@ fn one_run(mib: u64, img: &Path, state: &str, s: &mut VmSamples) -> Result<(), S
     ])?;
     s.snapshot.push(field(&out, &["total_us"]) / 1000.0);
     let out = ok(&["--state-dir", state, "restore", &img, "--detach", "--json"])?;
-    s.restore.push(field(&out, &["total_us"]) / 1000.0);
+    s.restore.push(field(&out, &["running_us"]) / 1000.0);
+    s.confirmed.push(field(&out, &["total_us"]) / 1000.0);
     std::thread::sleep(Duration::from_millis(200));
     let stop = ok(&["--state-dir", state, "vm", "stop", name, "--json"])?;
     let _ = std::fs::remove_file(&live);
@@ -120,8 +124,8 @@ pub fn run(args: &Args, img: &Path, base_ms: &dyn Fn(u64) -> f64) -> bool {
         "VMs (demo guest, raw pages; targets: pause <= 20 ms, restore-to-running <= 20 ms for 1 GiB)"
     );
     println!(
-        "{:>8} | {:>9} | {:>8} {:>10} | {:>9} {:>6} | {:>9} {:>6}",
-        "memory", "baseline", "pause", "live total", "snapshot", "x", "restore", "x"
+        "{:>8} | {:>9} | {:>8} {:>10} | {:>9} {:>6} | {:>9} {:>6} {:>9}",
+        "memory", "baseline", "pause", "live total", "snapshot", "x", "restore", "x", "confirmed"
     );
     let mut good = true;
     for &mib in &args.sizes {
@@ -137,7 +141,7 @@ pub fn run(args: &Args, img: &Path, base_ms: &dyn Fn(u64) -> f64) -> bool {
         }
         let (snap, rest) = (median(&mut s.snapshot), median(&mut s.restore));
         println!(
-            "{:>4} MiB | {:>9.1} | {:>8.2} {:>10.1} | {:>9.1} {:>6.2} | {:>9.2} {:>6.2}",
+            "{:>4} MiB | {:>9.1} | {:>8.2} {:>10.1} | {:>9.1} {:>6.2} | {:>9.2} {:>6.2} {:>9.1}",
             mib,
             b,
             median(&mut s.pause),
@@ -145,7 +149,8 @@ pub fn run(args: &Args, img: &Path, base_ms: &dyn Fn(u64) -> f64) -> bool {
             snap,
             snap / b,
             rest,
-            rest / b
+            rest / b,
+            median(&mut s.confirmed)
         );
     }
     let _ = std::fs::remove_dir_all(&state);
