@@ -10,6 +10,7 @@
 //! itself, and the guest's only ring-0 instruction is the `iretq` into its ring-3 workload.
 
 pub mod demo;
+pub mod linux;
 pub mod memory;
 pub mod report;
 pub mod serial;
@@ -57,6 +58,13 @@ pub enum KvmError {
         vm: String,
         path: PathBuf,
         what: String,
+    },
+    /// A kernel, initrd or command line that cannot be booted, and the file it is about.
+    #[error("VM {vm}: {}: {err}", file.display())]
+    Boot {
+        vm: String,
+        file: PathBuf,
+        err: linux::BootError,
     },
     #[error(transparent)]
     State(#[from] crate::container::ContainerError),

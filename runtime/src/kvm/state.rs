@@ -257,7 +257,7 @@ fn read_msrs(vm: &str, vcpu: &VcpuFd, indices: &[u32]) -> Result<(Vec<Msr>, Vec<
 }
 
 /// Writes MSRs in batches; returns those KVM refused.
-fn write_msrs(vm: &str, vcpu: &VcpuFd, all: &[Msr]) -> Result<Vec<u32>, KvmError> {
+pub(crate) fn write_msrs(vm: &str, vcpu: &VcpuFd, all: &[Msr]) -> Result<Vec<u32>, KvmError> {
     let mut refused = Vec::new();
     let mut i = 0;
     while i < all.len() {
