@@ -9,6 +9,7 @@
 //! PVM-aware). The demo guest runs on both: the VMM sets up long mode and page tables
 //! itself, and the guest's only ring-0 instruction is the `iretq` into its ring-3 workload.
 
+pub mod console;
 pub mod demo;
 pub mod linux;
 pub mod memory;

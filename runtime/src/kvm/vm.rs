@@ -62,6 +62,8 @@ pub struct Vm {
     kvm: Kvm,
     pub fd: VmFd,
     pub mem: GuestMemory,
+    /// Whether it has an in-kernel irqchip and PIT ([`Vm::create_irqchip`]).
+    pub irqchip: bool,
 }
 
 impl Vm {
@@ -98,6 +100,7 @@ impl Vm {
             kvm,
             fd,
             mem,
+            irqchip: false,
         })
     }
 
@@ -221,7 +224,7 @@ impl Vm {
     /// Gives the VM an in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT, as a Linux
     /// guest needs; before any vCPU is created. KVM_SET_TSS_ADDR puts the three pages VMX
     /// needs for real mode just below the BIOS area at the top of 4 GiB, out of guest RAM.
-    pub fn create_irqchip(&self) -> Result<(), KvmError> {
+    pub fn create_irqchip(&mut self) -> Result<(), KvmError> {
         self.fd
             .set_tss_address(0xfffb_d000)
             .map_err(|e| KvmError::ioctl(&self.name, "KVM_SET_TSS_ADDR", e))?;
@@ -234,7 +237,9 @@ impl Vm {
         };
         self.fd
             .create_pit2(pit)
-            .map_err(|e| KvmError::ioctl(&self.name, "KVM_CREATE_PIT2", e))
+            .map_err(|e| KvmError::ioctl(&self.name, "KVM_CREATE_PIT2", e))?;
+        self.irqchip = true;
+        Ok(())
     }
 }
 
