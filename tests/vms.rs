@@ -48,6 +48,17 @@ impl Env {
             .expect("running stasis")
     }
 
+    /// stasis with this state directory, its standard streams piped.
+    fn command(&self) -> Command {
+        let mut c = Command::new(common::stasis());
+        c.arg("--state-dir")
+            .arg(&self.state)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
@@ -235,6 +246,14 @@ fn counter_of(env: &Env, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Starts a detached 16 MiB demo VM and waits for its first report.
+fn start_demo(env: &Env, name: &str) {
+    env.ok(&[
+        "vm", "run", "--name", name, "--memory", "16m", "--guest", "demo", "--detach",
+    ]);
+    wait_running(env, name);
+}
+
 /// Waits until the VM has made its first report.
 fn wait_running(env: &Env, name: &str) {
     let started = Instant::now();
@@ -316,10 +335,7 @@ fn vm_leave_running_snapshot_restored_beside_the_original() {
         return;
     }
     let env = Env::new("vm-snap-live");
-    env.ok(&[
-        "vm", "run", "--name", "orig", "--memory", "16m", "--guest", "demo", "--detach",
-    ]);
-    wait_running(&env, "orig");
+    start_demo(&env, "orig");
     let img = image(&env, "live.img");
     let c = json_of(
         &env.run(&[
@@ -369,10 +385,7 @@ fn vm_corrupt_image_and_other_memory_size_are_refused() {
         return;
     }
     let env = Env::new("vm-snap-bad");
-    env.ok(&[
-        "vm", "run", "--name", "b", "--memory", "16m", "--guest", "demo", "--detach",
-    ]);
-    wait_running(&env, "b");
+    start_demo(&env, "b");
     let img = image(&env, "b.img");
     env.ok(&["checkpoint", "b", "-o", &img]);
 
@@ -392,6 +405,20 @@ fn vm_corrupt_image_and_other_memory_size_are_refused() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(env.ps().is_empty(), "nothing started");
     assert!(!env.state.join("vms/b.json").exists());
+}
+
+/// Whether `child` exits within `limit`; if not it is killed (it is this test's own).
+fn exits_within(child: &mut std::process::Child, limit: Duration) -> bool {
+    let started = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 /// What the test guest's /init prints once Linux has booted into it.
@@ -448,7 +475,7 @@ fn real_debian_kernel_parses_and_lays_out_in_256_mib() {
     assert_eq!(l.entry, 0x10_0200);
     assert_eq!(l.run, h.pref_address.max(0x20_0000));
     let (ia, is) = l.initrd.expect("initrd placed");
-    assert!(ia >= l.kernel_end && ia % 4096 == 0 && ia + is <= 256 << 20);
+    assert!(ia >= l.kernel_end && ia.is_multiple_of(4096) && ia + is <= 256 << 20);
     layout::write(&mem, &img, &l, Some(&initrd), cmdline).expect("write the layout");
     let mut head = vec![0u8; 4096];
     assert!(mem.read(l.load, &mut head));
@@ -512,26 +539,18 @@ fn debian_kernel_boots_to_init_and_resets_cleanly() {
         common::linux_guest::initramfs(&init_script()).expect("initramfs"),
     )
     .expect("write the initramfs");
-    let mut child = Command::new(common::stasis())
-        .arg("--state-dir")
-        .arg(&env.state)
+    let mut child = env
+        .command()
         .args(["vm", "run", "--name", "lx", "--memory", "256m", "--kernel"])
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
         .args(["--cmdline", "console=ttyS0 reboot=k panic=-1", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("stasis vm run --kernel");
-    let started = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if started.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            let log = std::fs::read_to_string(env.state.join("vms/lx.log")).unwrap_or_default();
-            panic!("the guest did not end within 120 s; console:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    if !exits_within(&mut child, Duration::from_secs(120)) {
+        let log = std::fs::read_to_string(env.state.join("vms/lx.log")).unwrap_or_default();
+        panic!("the guest did not end within 120 s; console:\n{log}");
     }
     let out = child.wait_with_output().expect("output");
     let log = std::fs::read_to_string(env.state.join("vms/lx.log")).unwrap_or_default();
@@ -553,17 +572,10 @@ fn console_input_reaches_the_guests_serial_receiver() {
         return;
     }
     let env = Env::new("vm-console-in");
-    env.ok(&[
-        "vm", "run", "--name", "c", "--memory", "16m", "--guest", "demo", "--detach",
-    ]);
-    wait_running(&env, "c");
-    let mut console = Command::new(common::stasis())
-        .arg("--state-dir")
-        .arg(&env.state)
+    start_demo(&env, "c");
+    let mut console = env
+        .command()
         .args(["vm", "console", "c"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("stasis vm console");
     {
@@ -574,14 +586,10 @@ fn console_input_reaches_the_guests_serial_receiver() {
             .write_all(b"hello\x1dnot sent")
             .expect("write to the console");
     }
-    let started = Instant::now();
-    while console.try_wait().expect("wait").is_none() {
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = console.kill();
-            panic!("the console did not detach on Ctrl-]");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        exits_within(&mut console, Duration::from_secs(10)),
+        "the console did not detach on Ctrl-]"
+    );
     let out = console.wait_with_output().expect("console output");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -612,4 +620,39 @@ fn console_input_reaches_the_guests_serial_receiver() {
     let inspect = env.ok(&["image", "inspect", &img]);
     assert!(inspect.contains("5 bytes queued"), "{inspect}");
     env.ok(&["vm", "stop", "c"]);
+}
+
+/// Everything of a Linux boot but KVM_RUN, on whatever /dev/kvm this host has: irqchip and
+/// PIT, the boot vCPU's CPUID, MSRs, FPU, LAPIC, long-mode sregs and registers.
+#[test]
+fn debian_kernel_boot_vcpu_is_set_up() {
+    use stasis_runtime::kvm::linux;
+    use stasis_runtime::kvm::vm::Vm;
+    let test = "debian_kernel_boot_vcpu_is_set_up";
+    if !have_kvm(test) {
+        return;
+    }
+    let kernel = match common::linux_guest::debian_kernel() {
+        Ok(k) => k,
+        Err(why) => {
+            eprintln!("{test}: skipped: {why}");
+            return;
+        }
+    };
+    let mut vm = Vm::create("lx", 256 << 20).expect("create the VM");
+    vm.create_irqchip().expect("irqchip and PIT");
+    let vcpu = vm.create_vcpu(0).expect("vCPU");
+    let l = linux::load(&vm, &vcpu, &kernel, None, "console=ttyS0").expect("load");
+    let regs = vcpu.get_regs().expect("regs");
+    let sregs = vcpu.get_sregs().expect("sregs");
+    assert_eq!(regs.rip, l.entry);
+    assert_eq!(regs.rsi, linux::layout::ZERO_PAGE_ADDR);
+    assert_eq!(sregs.cs.selector, 0x10);
+    assert_eq!(sregs.cs.l, 1);
+    assert_eq!(sregs.ds.selector, 0x18);
+    assert_eq!(sregs.cr3, linux::tables::PML4_ADDR);
+    assert_eq!(sregs.efer & 0x500, 0x500, "LME and LMA");
+    let lapic = vcpu.get_lapic().expect("lapic");
+    let lvt0 = u32::from_le_bytes([0x350, 0x351, 0x352, 0x353].map(|i| lapic.regs[i] as u8));
+    assert_eq!(lvt0 & 0x700, 0x700, "LINT0 is ExtINT");
 }

@@ -88,6 +88,13 @@ pub fn debian_kernel() -> Result<PathBuf, String> {
     cached_kernel(&dir).ok_or_else(|| format!("no /boot/vmlinuz-* in {pkg}"))
 }
 
+/// Zero bytes up to a multiple of 4, as newc aligns names and data.
+fn pad4(out: &mut Vec<u8>) {
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
+
 /// One newc cpio entry.
 fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
     let fields = [
@@ -111,13 +118,9 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u3
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
+    pad4(out);
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
+    pad4(out);
 }
 
 /// A newc initramfs with busybox (from busybox-static, which scripts/test installs) and an
