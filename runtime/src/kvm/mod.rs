@@ -1,7 +1,8 @@
 //! A small KVM virtual machine monitor: one VM per process, its guest memory in a memfd,
 //! vCPUs in 64-bit long mode set up by the VMM ([`vm`]), the vCPU run loop ([`vcpu`]), a
 //! 16550 serial console ([`serial`]), the demo guest's report device ([`report`]), the
-//! built-in demo guest ([`demo`]) and the VMM process with its control socket ([`vmm`]).
+//! built-in demo guest ([`demo`]), the Linux bzImage loader ([`linux`]), the console client
+//! ([`console`]) and the VMM process with its control socket ([`vmm`]).
 //!
 //! The VMM is written for two kinds of host: those with VMX/SVM, where KVM runs any guest,
 //! and those whose /dev/kvm is PVM (a software virtualizer: ring 0 of the guest is emulated

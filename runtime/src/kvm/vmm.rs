@@ -7,7 +7,8 @@
 //! Control protocol (version 1): a client connects, sends one line (`status` or `stop`)
 //! and reads one line of JSON, a [`VmReport`]; `stop` answers once the vCPU has left
 //! KVM_RUN and the VM is torn down. The snapshot commands (`dirty-log start`, `pause`) are
-//! described in [`super::snapshot`].
+//! described in [`super::snapshot`]; `console-input` (a stream of bytes for the guest's
+//! serial receiver) in [`super::console`].
 
 use super::console::{self, lock};
 use super::demo::{self, DemoConfig};
