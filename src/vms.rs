@@ -4,6 +4,7 @@ use crate::{exit, report};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use stasis_runtime::container::StateDir;
+use stasis_runtime::kvm::console;
 use stasis_runtime::kvm::vmm::{self, Guest, VmConfig, VmReport};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,10 +32,11 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show a VM's serial console (its log), following it until the VM ends.
+    /// Attach to a VM's serial console: show its log as it grows and send standard input
+    /// to the guest (a terminal in raw mode), until Ctrl-] detaches or the VM ends.
     Console {
         name: String,
-        /// Print what the console has shown so far and exit.
+        /// Print what the console has shown so far and exit (no input is sent).
         #[arg(long)]
         no_follow: bool,
     },
@@ -108,12 +110,28 @@ pub fn command(state: &StateDir, cmd: VmCommand) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        VmCommand::Console { name, no_follow } => {
-            vmm::console(state, &name, !no_follow, &mut std::io::stdout())
-                .with_context(|| format!("console of VM {name}"))?;
-            Ok(exit::OK)
-        }
+        VmCommand::Console { name, no_follow } => console(state, &name, no_follow),
     }
+}
+
+/// `stasis vm console`.
+fn console(state: &StateDir, name: &str, no_follow: bool) -> Result<i32> {
+    let ctx = || format!("console of VM {name}");
+    if no_follow {
+        console::console(state, name, false, &mut std::io::stdout()).with_context(ctx)?;
+        return Ok(exit::OK);
+    }
+    let raw = console::RawTerminal::enter().context("putting the terminal in raw mode")?;
+    if raw.is_some() {
+        eprint!("stasis: connected to VM {name} (detach: Ctrl-])\r\n");
+    }
+    let end = console::attach(state, name, std::io::stdin(), &mut std::io::stdout());
+    drop(raw);
+    match end.with_context(ctx)? {
+        console::ConsoleEnd::Detached => eprintln!("\nstasis: detached from VM {name}"),
+        console::ConsoleEnd::VmEnded => {}
+    }
+    Ok(exit::OK)
 }
 
 fn summary(r: &VmReport) -> String {

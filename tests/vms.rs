@@ -48,6 +48,17 @@ impl Env {
             .expect("running stasis")
     }
 
+    /// stasis with this state directory, its standard streams piped.
+    fn command(&self) -> Command {
+        let mut c = Command::new(common::stasis());
+        c.arg("--state-dir")
+            .arg(&self.state)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
@@ -235,6 +246,14 @@ fn counter_of(env: &Env, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Starts a detached 16 MiB demo VM and waits for its first report.
+fn start_demo(env: &Env, name: &str) {
+    env.ok(&[
+        "vm", "run", "--name", name, "--memory", "16m", "--guest", "demo", "--detach",
+    ]);
+    wait_running(env, name);
+}
+
 /// Waits until the VM has made its first report.
 fn wait_running(env: &Env, name: &str) {
     let started = Instant::now();
@@ -316,10 +335,7 @@ fn vm_leave_running_snapshot_restored_beside_the_original() {
         return;
     }
     let env = Env::new("vm-snap-live");
-    env.ok(&[
-        "vm", "run", "--name", "orig", "--memory", "16m", "--guest", "demo", "--detach",
-    ]);
-    wait_running(&env, "orig");
+    start_demo(&env, "orig");
     let img = image(&env, "live.img");
     let c = json_of(
         &env.run(&[
@@ -369,10 +385,7 @@ fn vm_corrupt_image_and_other_memory_size_are_refused() {
         return;
     }
     let env = Env::new("vm-snap-bad");
-    env.ok(&[
-        "vm", "run", "--name", "b", "--memory", "16m", "--guest", "demo", "--detach",
-    ]);
-    wait_running(&env, "b");
+    start_demo(&env, "b");
     let img = image(&env, "b.img");
     env.ok(&["checkpoint", "b", "-o", &img]);
 
@@ -428,4 +441,254 @@ fn vm_corrupt_image_and_other_memory_size_are_refused() {
     );
     wait_running(&env, "b");
     env.ok(&["vm", "stop", "b"]);
+}
+
+/// Whether `child` exits within `limit`; if not it is killed (it is this test's own).
+fn exits_within(child: &mut std::process::Child, limit: Duration) -> bool {
+    let started = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// What the test guest's /init prints once Linux has booted into it.
+const BOOT_MARKER: &str = "STASIS-LINUX-GUEST-UP";
+
+/// The test guest's /init: print the marker on the serial console, then reset through the
+/// keyboard controller (reboot=k). `poweroff -f` would not end it: without ACPI a PC
+/// kernel cannot power off and halts forever, so the guest reboots, which ends the VM.
+fn init_script() -> String {
+    format!(
+        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n\
+         /bin/busybox echo {BOOT_MARKER} > /dev/ttyS0\n/bin/busybox reboot -f\n"
+    )
+}
+
+#[test]
+fn real_debian_kernel_parses_and_lays_out_in_256_mib() {
+    use stasis_runtime::kvm::linux::{self, bzimage::BzImage, layout, tables};
+    use stasis_runtime::kvm::memory::GuestMemory;
+    let kernel = match common::linux_guest::debian_kernel() {
+        Ok(k) => k,
+        Err(why) => {
+            eprintln!("real_debian_kernel_parses_and_lays_out_in_256_mib: skipped: {why}");
+            return;
+        }
+    };
+    eprintln!("kernel: {}", kernel.display());
+    let bytes = std::fs::read(&kernel).expect("read the kernel");
+    let img = BzImage::parse(&bytes).expect("a Debian kernel is a bzImage");
+    let h = img.header;
+    eprintln!("setup header: {h:?}");
+    assert!(h.version >= 0x020c, "protocol {:#x}", h.version);
+    assert_ne!(h.xloadflags & 1, 0, "64-bit entry");
+    assert!(h.relocatable);
+    assert!(h.cmdline_size >= 255);
+    assert!(
+        h.init_size as usize > img.kernel.len(),
+        "init_size covers decompression"
+    );
+    assert!(h.syssize <= img.kernel.len() as u64);
+
+    let initrd = common::linux_guest::initramfs(&init_script()).expect("initramfs");
+    let cmdline = "console=ttyS0 reboot=k panic=-1";
+    let mem = GuestMemory::new("lx", 256 << 20).expect("guest memory");
+    let l = layout::plan(
+        &h,
+        img.kernel.len() as u64,
+        mem.size(),
+        Some(initrd.len() as u64),
+        cmdline.len(),
+    )
+    .expect("it fits in 256 MiB");
+    eprintln!("layout: {l:?}");
+    assert_eq!(l.entry, 0x10_0200);
+    assert_eq!(l.run, h.pref_address.max(0x20_0000));
+    let (ia, is) = l.initrd.expect("initrd placed");
+    assert!(ia >= l.kernel_end && ia.is_multiple_of(4096) && ia + is <= 256 << 20);
+    layout::write(&mem, &img, &l, Some(&initrd), cmdline).expect("write the layout");
+    let mut head = vec![0u8; 4096];
+    assert!(mem.read(l.load, &mut head));
+    assert_eq!(
+        head,
+        img.kernel[..4096],
+        "the protected-mode kernel is at 1 MiB"
+    );
+    let mut magic = [0u8; 4];
+    assert!(mem.read(layout::ZERO_PAGE_ADDR + 0x202, &mut magic));
+    assert_eq!(&magic, b"HdrS");
+    assert_eq!(
+        mem.read_u64(layout::ZERO_PAGE_ADDR + 0x218)
+            .map(|v| v as u32),
+        Some(ia as u32),
+        "ramdisk_image"
+    );
+    assert_eq!(
+        mem.read_u64(tables::PD_ADDR + 8),
+        Some((2 << 20) | 0x83),
+        "identity 2 MiB pages"
+    );
+    // Too little memory and too long a command line are refused by check, naming the file.
+    let e = linux::check("lx", &kernel, None, cmdline, 32 << 20)
+        .expect_err("32 MiB is too small")
+        .to_string();
+    assert!(
+        e.contains("vmlinuz") && e.contains("needs guest memory"),
+        "{e}"
+    );
+    let e = linux::check("lx", &kernel, None, &"y".repeat(5000), 256 << 20)
+        .expect_err("too long")
+        .to_string();
+    assert!(e.contains("command line is 5000 bytes"), "{e}");
+}
+
+#[test]
+fn debian_kernel_boots_to_init_and_resets_cleanly() {
+    let test = "debian_kernel_boots_to_init_and_resets_cleanly";
+    if stasis_runtime::kvm::hardware_virtualization().is_none() {
+        eprintln!(
+            "{test}: skipped: this host's CPU has no VMX/SVM, so /dev/kvm (if any) is a \
+             software virtualizer (PVM) that cannot boot a stock Linux kernel"
+        );
+        return;
+    }
+    if !have_kvm(test) {
+        return;
+    }
+    let kernel = match common::linux_guest::debian_kernel() {
+        Ok(k) => k,
+        Err(why) => {
+            eprintln!("{test}: skipped: {why}");
+            return;
+        }
+    };
+    let env = Env::new("vm-linux");
+    let initrd = env.state.join("initrd.cpio");
+    std::fs::write(
+        &initrd,
+        common::linux_guest::initramfs(&init_script()).expect("initramfs"),
+    )
+    .expect("write the initramfs");
+    let mut child = env
+        .command()
+        .args(["vm", "run", "--name", "lx", "--memory", "256m", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1", "--json"])
+        .spawn()
+        .expect("stasis vm run --kernel");
+    if !exits_within(&mut child, Duration::from_secs(120)) {
+        let log = std::fs::read_to_string(env.state.join("vms/lx.log")).unwrap_or_default();
+        panic!("the guest did not end within 120 s; console:\n{log}");
+    }
+    let out = child.wait_with_output().expect("output");
+    let log = std::fs::read_to_string(env.state.join("vms/lx.log")).unwrap_or_default();
+    eprintln!("console:\n{log}");
+    let rep = json_of(&out, "vm run --kernel");
+    eprintln!("report: {rep}");
+    assert!(log.contains(BOOT_MARKER), "the guest's /init ran");
+    assert_eq!(rep["state"], "shutdown", "{rep}");
+    assert!(
+        rep["end"].as_str().is_some_and(|e| e.contains("reset")),
+        "{rep}"
+    );
+    assert!(env.ps().is_empty());
+}
+
+#[test]
+fn console_input_reaches_the_guests_serial_receiver() {
+    if !have_kvm("console_input_reaches_the_guests_serial_receiver") {
+        return;
+    }
+    let env = Env::new("vm-console-in");
+    start_demo(&env, "c");
+    let mut console = env
+        .command()
+        .args(["vm", "console", "c"])
+        .spawn()
+        .expect("stasis vm console");
+    {
+        use std::io::Write;
+        let mut stdin = console.stdin.take().expect("stdin");
+        // Ctrl-] detaches; what follows it is not sent.
+        stdin
+            .write_all(b"hello\x1dnot sent")
+            .expect("write to the console");
+    }
+    assert!(
+        exits_within(&mut console, Duration::from_secs(10)),
+        "the console did not detach on Ctrl-]"
+    );
+    let out = console.wait_with_output().expect("console output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("detached"), "{err}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("stasis demo guest up"),
+        "the console showed the log"
+    );
+    // The demo guest never reads its UART: the bytes wait in the receive FIFO.
+    let queued = || {
+        env.ps()
+            .first()
+            .and_then(|r| r["serial_rx"].as_u64())
+            .unwrap_or(0)
+    };
+    let started = Instant::now();
+    while queued() != 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "serial_rx is {}, not 5",
+            queued()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And they are part of a snapshot.
+    let img = image(&env, "c.img");
+    env.ok(&["checkpoint", "c", "-o", &img, "--leave-running"]);
+    let inspect = env.ok(&["image", "inspect", &img]);
+    assert!(inspect.contains("5 bytes queued"), "{inspect}");
+    env.ok(&["vm", "stop", "c"]);
+}
+
+/// Everything of a Linux boot but KVM_RUN, on whatever /dev/kvm this host has: irqchip and
+/// PIT, the boot vCPU's CPUID, MSRs, FPU, LAPIC, long-mode sregs and registers.
+#[test]
+fn debian_kernel_boot_vcpu_is_set_up() {
+    use stasis_runtime::kvm::linux;
+    use stasis_runtime::kvm::vm::Vm;
+    let test = "debian_kernel_boot_vcpu_is_set_up";
+    if !have_kvm(test) {
+        return;
+    }
+    let kernel = match common::linux_guest::debian_kernel() {
+        Ok(k) => k,
+        Err(why) => {
+            eprintln!("{test}: skipped: {why}");
+            return;
+        }
+    };
+    let mut vm = Vm::create("lx", 256 << 20).expect("create the VM");
+    vm.create_irqchip().expect("irqchip and PIT");
+    let vcpu = vm.create_vcpu(0).expect("vCPU");
+    let l = linux::load(&vm, &vcpu, &kernel, None, "console=ttyS0").expect("load");
+    let regs = vcpu.get_regs().expect("regs");
+    let sregs = vcpu.get_sregs().expect("sregs");
+    assert_eq!(regs.rip, l.entry);
+    assert_eq!(regs.rsi, linux::layout::ZERO_PAGE_ADDR);
+    assert_eq!(sregs.cs.selector, 0x10);
+    assert_eq!(sregs.cs.l, 1);
+    assert_eq!(sregs.ds.selector, 0x18);
+    assert_eq!(sregs.cr3, linux::tables::PML4_ADDR);
+    assert_eq!(sregs.efer & 0x500, 0x500, "LME and LMA");
+    let lapic = vcpu.get_lapic().expect("lapic");
+    let lvt0 = u32::from_le_bytes([0x350, 0x351, 0x352, 0x353].map(|i| lapic.regs[i] as u8));
+    assert_eq!(lvt0 & 0x700, 0x700, "LINT0 is ExtINT");
 }

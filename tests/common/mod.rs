@@ -8,6 +8,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod linux_guest;
 pub mod programs;
 pub mod unshared;
 #[allow(unused_imports)]

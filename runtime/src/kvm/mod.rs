@@ -1,7 +1,8 @@
 //! A small KVM virtual machine monitor: one VM per process, its guest memory in a memfd,
 //! vCPUs in 64-bit long mode set up by the VMM ([`vm`]), the vCPU run loop ([`vcpu`]), a
 //! 16550 serial console ([`serial`]), the demo guest's report device ([`report`]), the
-//! built-in demo guest ([`demo`]) and the VMM process with its control socket ([`vmm`]).
+//! built-in demo guest ([`demo`]), the Linux bzImage loader ([`linux`]), the console client
+//! ([`console`]) and the VMM process with its control socket ([`vmm`]).
 //!
 //! The VMM is written for two kinds of host: those with VMX/SVM, where KVM runs any guest,
 //! and those whose /dev/kvm is PVM (a software virtualizer: ring 0 of the guest is emulated
@@ -9,7 +10,9 @@
 //! PVM-aware). The demo guest runs on both: the VMM sets up long mode and page tables
 //! itself, and the guest's only ring-0 instruction is the `iretq` into its ring-3 workload.
 
+pub mod console;
 pub mod demo;
+pub mod linux;
 pub mod memory;
 pub mod report;
 pub mod serial;
@@ -63,6 +66,13 @@ pub enum KvmError {
         vm: String,
         path: PathBuf,
         what: String,
+    },
+    /// A kernel, initrd or command line that cannot be booted, and the file it is about.
+    #[error("VM {vm}: {}: {err}", file.display())]
+    Boot {
+        vm: String,
+        file: PathBuf,
+        err: linux::BootError,
     },
     #[error(transparent)]
     State(#[from] crate::container::ContainerError),

@@ -257,7 +257,7 @@ fn read_msrs(vm: &str, vcpu: &VcpuFd, indices: &[u32]) -> Result<(Vec<Msr>, Vec<
 }
 
 /// Writes MSRs in batches; returns those KVM refused.
-fn write_msrs(vm: &str, vcpu: &VcpuFd, all: &[Msr]) -> Result<Vec<u32>, KvmError> {
+pub(crate) fn write_msrs(vm: &str, vcpu: &VcpuFd, all: &[Msr]) -> Result<Vec<u32>, KvmError> {
     let mut refused = Vec::new();
     let mut i = 0;
     while i < all.len() {
@@ -283,8 +283,9 @@ fn write_msrs(vm: &str, vcpu: &VcpuFd, all: &[Msr]) -> Result<Vec<u32>, KvmError
 /// The VM-wide state: what the VM has, and the clock.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmState {
-    /// Whether the VM has an in-kernel irqchip (PIC/IOAPIC) and PIT; this VMM creates
-    /// neither, and a snapshot says so.
+    /// Whether the VM has an in-kernel irqchip (PIC/IOAPIC) and PIT (a Linux guest's VM
+    /// has both, the demo guest's neither). Their state is not saved yet, so a snapshot
+    /// that had them is refused on restore.
     pub irqchip: bool,
     pub pit: bool,
     /// KVM_GET_CLOCK's kvm_clock_data, empty if KVM refused it.
@@ -292,10 +293,10 @@ pub struct VmState {
 }
 
 impl VmState {
-    pub fn save(fd: &VmFd) -> Self {
+    pub fn save(fd: &VmFd, irqchip: bool) -> Self {
         VmState {
-            irqchip: false,
-            pit: false,
+            irqchip,
+            pit: irqchip,
             clock: fd.get_clock().map(|c| to_bytes(&c)).unwrap_or_default(),
         }
     }
@@ -305,7 +306,8 @@ impl VmState {
         if self.irqchip || self.pit {
             return Err(KvmError::invalid(
                 vm,
-                "the snapshot has an in-kernel irqchip/PIT, which this VMM does not create",
+                "the snapshot has an in-kernel irqchip/PIT (a Linux guest), whose state this VMM \
+                 does not save or restore yet",
             ));
         }
         if self.clock.is_empty() {

@@ -6,12 +6,13 @@
 //! EINTR) until the thread has left the loop; sending it repeatedly closes the race with a
 //! thread that checked the flag just before entering KVM_RUN.
 
+use super::console::lock;
 use super::report::{ReportDevice, SHUTDOWN_PORT};
 use super::serial::Serial;
 use super::KvmError;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -75,10 +76,18 @@ impl VmStatus {
     }
 }
 
+/// The i8042 keyboard controller's command port; 0xfe written to it resets the machine.
+pub const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
 /// The devices on the guest's I/O ports.
 pub struct Devices {
-    pub serial: Serial,
+    /// Shared with the control socket, which queues console input.
+    pub serial: Arc<Mutex<Serial>>,
     pub report: ReportDevice,
+    /// A Linux guest: KVM_EXIT_SHUTDOWN (a triple fault, which is how `reboot=t` resets)
+    /// ends it cleanly rather than as a failure.
+    pub linux: bool,
 }
 
 /// Why the run loop ended.
@@ -92,6 +101,8 @@ pub enum Ended {
     Stopped,
     /// The VMM asked the vCPU to pause (for a snapshot); it may run again.
     Paused,
+    /// The guest reset the machine, which ends the VM (this VMM does not reboot).
+    Reset(&'static str),
 }
 
 /// Runs `vcpu` until it ends (see [`Ended`]) or fails.
@@ -125,13 +136,16 @@ pub fn run(
         }
         match exit {
             VcpuExit::IoOut(port, data) => {
-                if dev.serial.handles(port) {
+                let mut serial = lock(&dev.serial);
+                if serial.handles(port) {
                     for b in data {
-                        dev.serial.write(port, *b);
+                        serial.write(port, *b);
                     }
                     status
                         .serial_bytes
-                        .store(dev.serial.transmitted, Ordering::Relaxed);
+                        .store(serial.transmitted, Ordering::Relaxed);
+                } else if port == I8042_COMMAND && data.first() == Some(&I8042_RESET) {
+                    return Ok(Ended::Reset("i8042 reset (0xfe to port 0x64)"));
                 } else if ReportDevice::handles(port) {
                     if dev.report.write(port, data) {
                         let (counter, checksum) = dev.report.last();
@@ -146,15 +160,19 @@ pub fn run(
                 // Other ports: ignored, as on a PC with nothing there.
             }
             VcpuExit::IoIn(port, data) => {
-                if dev.serial.handles(port) {
+                let mut serial = lock(&dev.serial);
+                if serial.handles(port) {
                     for b in data.iter_mut() {
-                        *b = dev.serial.read(port);
+                        *b = serial.read(port);
                     }
                 } else {
                     data.fill(0xff);
                 }
             }
             VcpuExit::Hlt => return Ok(Ended::Halted),
+            VcpuExit::Shutdown if dev.linux => {
+                return Ok(Ended::Reset("triple fault or shutdown (KVM_EXIT_SHUTDOWN)"))
+            }
             VcpuExit::Shutdown => {
                 return Err(KvmError::Guest {
                     vm: vm.to_string(),

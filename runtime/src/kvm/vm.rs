@@ -16,7 +16,8 @@
 use super::memory::GuestMemory;
 use super::KvmError;
 use kvm_bindings::{
-    kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_pit_config, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -45,12 +46,12 @@ pub const SEL_TSS: u16 = 0x28;
 /// RFLAGS bit 1 (always set) and IOPL=3.
 pub const RFLAGS_IOPL3: u64 = 0x2 | (3 << 12);
 
-const CR0_PE: u64 = 1;
+pub const CR0_PE: u64 = 1;
 const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
+pub const CR0_ET: u64 = 1 << 4;
 const CR0_NE: u64 = 1 << 5;
 const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
+pub const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
@@ -61,6 +62,8 @@ pub struct Vm {
     kvm: Kvm,
     pub fd: VmFd,
     pub mem: GuestMemory,
+    /// Whether it has an in-kernel irqchip and PIT ([`Vm::create_irqchip`]).
+    pub irqchip: bool,
 }
 
 impl Vm {
@@ -97,6 +100,7 @@ impl Vm {
             kvm,
             fd,
             mem,
+            irqchip: false,
         })
     }
 
@@ -195,59 +199,112 @@ impl Vm {
 
     /// Puts `vcpu` in 64-bit ring 0 with the VMM's GDT, TSS and page tables.
     pub fn enter_long_mode(&self, vcpu: &VcpuFd) -> Result<(), KvmError> {
-        let mut s = vcpu
-            .get_sregs()
-            .map_err(|e| KvmError::ioctl(&self.name, "KVM_GET_SREGS", e))?;
-        let seg = |selector: u16, type_: u8, l: u8, db: u8| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: (selector & 3) as u8,
-            db,
-            s: 1,
-            l,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        s.cs = seg(SEL_KERNEL_CS, 0xb, 1, 0);
-        let data = seg(SEL_KERNEL_DS, 0x3, 0, 1);
-        s.ds = data;
-        s.es = data;
-        s.fs = data;
-        s.gs = data;
-        s.ss = data;
-        s.tr = kvm_segment {
-            base: TSS_ADDR,
-            limit: TSS_LIMIT,
-            selector: SEL_TSS,
-            type_: 0xb,
-            present: 1,
-            s: 0,
-            g: 0,
-            ..seg(SEL_TSS, 0xb, 0, 0)
-        };
-        s.ldt = kvm_segment {
-            unusable: 1,
-            present: 0,
-            s: 0,
-            type_: 0x2,
-            ..seg(0, 0x2, 0, 0)
-        };
-        s.gdt.base = GDT_ADDR;
-        s.gdt.limit = 7 * 8 - 1;
-        s.idt.base = 0;
-        s.idt.limit = 0;
-        s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-        s.cr3 = PML4_ADDR;
-        s.cr4 = CR4_PAE;
-        s.efer = EFER_LME | EFER_LMA;
-        vcpu.set_sregs(&s)
-            .map_err(|e| KvmError::ioctl(&self.name, "KVM_SET_SREGS", e))
+        let tss = flat_segment(SEL_TSS, 0xb, 0, 0);
+        set_long_mode(
+            &self.name,
+            vcpu,
+            &LongMode {
+                code: SEL_KERNEL_CS,
+                data: SEL_KERNEL_DS,
+                tr: kvm_segment {
+                    base: TSS_ADDR,
+                    limit: TSS_LIMIT,
+                    s: 0,
+                    g: 0,
+                    ..tss
+                },
+                gdt_base: GDT_ADDR,
+                gdt_limit: 7 * 8 - 1,
+                cr0: CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
+                cr3: PML4_ADDR,
+            },
+        )
     }
+
+    /// Gives the VM an in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT, as a Linux
+    /// guest needs; before any vCPU is created. KVM_SET_TSS_ADDR puts the three pages VMX
+    /// needs for real mode just below the BIOS area at the top of 4 GiB, out of guest RAM.
+    pub fn create_irqchip(&mut self) -> Result<(), KvmError> {
+        self.fd
+            .set_tss_address(0xfffb_d000)
+            .map_err(|e| KvmError::ioctl(&self.name, "KVM_SET_TSS_ADDR", e))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(|e| KvmError::ioctl(&self.name, "KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd
+            .create_pit2(pit)
+            .map_err(|e| KvmError::ioctl(&self.name, "KVM_CREATE_PIT2", e))?;
+        self.irqchip = true;
+        Ok(())
+    }
+}
+
+/// A flat 4 GiB segment (base 0, page granular) with DPL from the selector's RPL.
+pub fn flat_segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: (selector & 3) as u8,
+        db,
+        s: 1,
+        l,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// What a vCPU entering 64-bit mode is given: its selectors (flat code and data), TR, GDT,
+/// CR0 and page tables.
+pub struct LongMode {
+    pub code: u16,
+    pub data: u16,
+    pub tr: kvm_segment,
+    pub gdt_base: u64,
+    pub gdt_limit: u16,
+    pub cr0: u64,
+    pub cr3: u64,
+}
+
+/// Sets `vcpu`'s segments and control registers for 64-bit mode as `m` says (no IDT:
+/// the guest loads its own before it enables interrupts).
+pub fn set_long_mode(vm: &str, vcpu: &VcpuFd, m: &LongMode) -> Result<(), KvmError> {
+    let mut s = vcpu
+        .get_sregs()
+        .map_err(|e| KvmError::ioctl(vm, "KVM_GET_SREGS", e))?;
+    s.cs = flat_segment(m.code, 0xb, 1, 0);
+    let data = flat_segment(m.data, 0x3, 0, 1);
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = m.tr;
+    s.ldt = kvm_segment {
+        unusable: 1,
+        present: 0,
+        s: 0,
+        type_: 0x2,
+        ..flat_segment(0, 0x2, 0, 0)
+    };
+    s.gdt.base = m.gdt_base;
+    s.gdt.limit = m.gdt_limit;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr0 = m.cr0;
+    s.cr3 = m.cr3;
+    s.cr4 = CR4_PAE;
+    s.efer = EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&s)
+        .map_err(|e| KvmError::ioctl(vm, "KVM_SET_SREGS", e))
 }
 
 /// The two words of a 64-bit available-TSS descriptor.

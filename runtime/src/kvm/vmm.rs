@@ -7,11 +7,14 @@
 //! Control protocol (version 1): a client connects, sends one line (`status` or `stop`)
 //! and reads one line of JSON, a [`VmReport`]; `stop` answers once the vCPU has left
 //! KVM_RUN and the VM is torn down. The snapshot commands (`dirty-log start`, `pause`) are
-//! described in [`super::snapshot`].
+//! described in [`super::snapshot`]; `console-input` (a stream of bytes for the guest's
+//! serial receiver) in [`super::console`].
 
+use super::console::{self, lock};
 use super::demo::{self, DemoConfig};
+use super::linux;
 use super::report::ReportDevice;
-use super::serial::{Serial, COM1};
+use super::serial::{Serial, COM1, COM1_IRQ};
 use super::snapshot::{self, Paused, Restore, Resumed, VmSnapshot};
 use super::state::{VcpuState, VmState};
 use super::vcpu::{self, Devices, Ended, VmStatus};
@@ -19,13 +22,13 @@ use super::vm::Vm;
 use super::{hardware_virtualization, KvmError};
 use crate::container::{check_name, process_alive, StateDir};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Version of [`VmRecord`] and of the control protocol.
@@ -114,33 +117,40 @@ pub struct VmReport {
     /// Where guest memory is mapped in the VMM (for reading it with process_vm_readv).
     #[serde(default)]
     pub mem_host_addr: u64,
+    /// Bytes of console input queued for the guest that it has not read yet.
+    #[serde(default)]
+    pub serial_rx: u64,
 }
 
 /// Refuses what this host or this VMM cannot run, before anything is created.
 pub fn check_config(cfg: &VmConfig) -> Result<(), KvmError> {
     let name = &cfg.name;
     check_name(name)?;
-    if let Guest::Kernel { kernel, .. } = &cfg.guest {
-        return Err(KvmError::Unsupported {
-            vm: name.clone(),
-            what: match hardware_virtualization() {
-                None => format!(
+    if let Guest::Kernel {
+        kernel,
+        initrd,
+        cmdline,
+    } = &cfg.guest
+    {
+        if hardware_virtualization().is_none() {
+            return Err(KvmError::Unsupported {
+                vm: name.clone(),
+                what: format!(
                     "cannot boot the Linux kernel {}: this host's CPU has no VMX or SVM \
                      (no vmx/svm flag in /proc/cpuinfo), so /dev/kvm is a software \
                      virtualizer (PVM) that cannot boot a stock Linux guest; use --guest demo",
                     kernel.display()
                 ),
-                Some(hw) => format!(
-                    "booting a Linux bzImage ({}) is not implemented yet (this host has {hw:?})",
-                    kernel.display()
-                ),
-            },
-        });
+            });
+        }
+        if cfg.restore.is_none() {
+            linux::check(name, kernel, initrd.as_deref(), cmdline, cfg.memory)?;
+        }
     }
     if cfg.vcpus != 1 {
         return Err(KvmError::invalid(
             name,
-            format!("--vcpus {}: the demo guest runs on one vCPU", cfg.vcpus),
+            format!("--vcpus {}: this VMM runs one vCPU", cfg.vcpus),
         ));
     }
     if !Path::new("/dev/kvm").exists() {
@@ -205,10 +215,15 @@ fn prepare(
         }
         vms.remove(name, true)?;
     }
-    let vm = Vm::create(name, cfg.memory)?;
+    let mut vm = Vm::create(name, cfg.memory)?;
+    let linux = matches!(cfg.guest, Guest::Kernel { .. }) && cfg.restore.is_none();
+    if linux {
+        // Before the vCPU: its local APIC is created with it.
+        vm.create_irqchip()?;
+    }
     let vcpu = vm.create_vcpu(0)?;
-    match &cfg.restore {
-        None => demo::load(
+    match (&cfg.restore, &cfg.guest) {
+        (None, Guest::Demo) => demo::load(
             &vm,
             &vcpu,
             &DemoConfig {
@@ -217,7 +232,17 @@ fn prepare(
                 step_delay: cfg.step_delay,
             },
         )?,
-        Some(r) => restore_state(&vm, &vcpu, r)?,
+        (
+            None,
+            Guest::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            },
+        ) => {
+            linux::load(&vm, &vcpu, kernel, initrd.as_deref(), cmdline)?;
+        }
+        (Some(r), _) => restore_state(&vm, &vcpu, r)?,
     }
     let log = vms.log_path(name);
     let file = std::fs::File::create(&log)
@@ -259,12 +284,14 @@ fn prepare(
     vms.write_as(name, &rec)?;
     let devices = match &cfg.restore {
         None => Devices {
-            serial: Serial::new(COM1, sinks),
+            serial: Arc::new(Mutex::new(Serial::new(COM1, sinks))),
             report: ReportDevice::new(demo::work_pages(cfg.memory), cfg.report_every, cfg.steps),
+            linux,
         },
         Some(r) => Devices {
-            serial: Serial::from_state(&r.snapshot.serial, sinks),
+            serial: Arc::new(Mutex::new(Serial::from_state(&r.snapshot.serial, sinks))),
             report: ReportDevice::from_state(&r.snapshot.report),
+            linux,
         },
     };
     Ok(Prepared {
@@ -310,6 +337,22 @@ fn restore_state(vm: &Vm, vcpu: &kvm_ioctls::VcpuFd, r: &Restore) -> Result<(), 
     Ok(())
 }
 
+/// What the control loop reports from: the record, the shared status and the UART.
+struct Reporter<'a> {
+    rec: &'a VmRecord,
+    status: &'a VmStatus,
+    serial: &'a Mutex<Serial>,
+    started: Instant,
+}
+
+impl Reporter<'_> {
+    fn report(&self, state: &str) -> VmReport {
+        let mut r = report_of(self.rec, self.status, self.started, state);
+        r.serial_rx = lock(self.serial).rx_pending() as u64;
+        r
+    }
+}
+
 fn report_of(rec: &VmRecord, st: &VmStatus, started: Instant, state: &str) -> VmReport {
     let up = started.elapsed();
     let counter = st.counter.load(Ordering::Relaxed);
@@ -333,6 +376,7 @@ fn report_of(rec: &VmRecord, st: &VmStatus, started: Instant, state: &str) -> Vm
         steps_per_sec: counter as f64 / up.as_secs_f64().max(1e-9),
         end: None,
         mem_host_addr: st.mem_host_addr.load(Ordering::Relaxed),
+        serial_rx: 0,
     }
 }
 
@@ -374,8 +418,8 @@ fn save_paused(
     }
     Ok(SavedState {
         vcpu: VcpuState::save(&vm.name, vm.kvm(), vcpu, 0)?,
-        vm: VmState::save(&vm.fd),
-        serial: devices.serial.state(),
+        vm: VmState::save(&vm.fd, vm.irqchip),
+        serial: lock(&devices.serial).state(),
         report: devices.report.state(),
         at,
     })
@@ -516,8 +560,6 @@ fn reply(conn: &mut UnixStream, rep: &VmReport) {
     }
 }
 
-/// Runs the VM in this process until it ends; `ready` (a pipe) is told "ok" once the VM
-/// is recorded and about to run, or the error that prevented it.
 /// What the starter of a VM hears on its ready pipe: `running` once the vCPU runs, then
 /// `ok` once a restored image's deferred check has passed (at once without one), or why not.
 struct Confirmation {
@@ -582,6 +624,8 @@ impl Confirmation {
     }
 }
 
+/// Runs the VM in this process until it ends; `ready` (a pipe) hears from a
+/// [`Confirmation`]: "running" and "ok", or the error that prevented either.
 fn serve(
     state: &StateDir,
     cfg: &VmConfig,
@@ -622,6 +666,15 @@ fn serve(
     let stop = Arc::new(AtomicBool::new(false));
     let pause = Arc::new(AtomicBool::new(false));
     let vm = Arc::new(vm);
+    if vm.irqchip {
+        let line = vm.clone();
+        lock(&devices.serial).set_irq(Box::new(move |level| {
+            // KVM_IRQ_LINE on a VM with an irqchip fails only for a bad GSI.
+            let _ = line.fd.set_irq_line(COM1_IRQ, level);
+        }));
+    }
+    let serial = devices.serial.clone();
+    let ended = Arc::new(AtomicBool::new(false));
     let (paused_tx, paused_rx) = mpsc::channel::<Result<SavedState, KvmError>>();
     let (cmd_tx, cmd_rx) = mpsc::channel::<VcpuCommand>();
     let started = Instant::now();
@@ -662,6 +715,12 @@ fn serve(
             .map_err(|e| KvmError::sys(&name, "spawn the vCPU thread", e))?
     };
     confirm.running();
+    let reporter = Reporter {
+        rec: &rec,
+        status: &status,
+        serial: &serial,
+        started,
+    };
     let mut waiting: Vec<UnixStream> = Vec::new();
     let mut dirty_logging = false;
     while !thread.is_finished() {
@@ -688,7 +747,7 @@ fn serve(
                         match r {
                             Ok(_) => {
                                 dirty_logging = true;
-                                reply(&mut conn, &report_of(&rec, &status, started, "running"));
+                                reply(&mut conn, &reporter.report("running"));
                             }
                             Err(e) => reply_error(&mut conn, &e),
                         }
@@ -707,7 +766,17 @@ fn serve(
                             waiting.push(conn);
                         }
                     }
-                    _ => reply(&mut conn, &report_of(&rec, &status, started, "running")),
+                    console::INPUT_COMMAND => {
+                        reply(&mut conn, &reporter.report("running"));
+                        let (serial, ended) = (serial.clone(), ended.clone());
+                        let spawned = std::thread::Builder::new()
+                            .name("console-input".into())
+                            .spawn(move || console::serve_input(conn, serial, ended));
+                        if let Err(e) = spawned {
+                            eprintln!("stasis: VM {name}: console input: {e}");
+                        }
+                    }
+                    _ => reply(&mut conn, &reporter.report("running")),
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -720,6 +789,7 @@ fn serve(
             }
         }
     }
+    ended.store(true, Ordering::SeqCst);
     let ended = thread.join().unwrap_or_else(|_| {
         Err(KvmError::Guest {
             vm: name.clone(),
@@ -738,10 +808,11 @@ fn serve(
             ("shutdown", format!("the guest shut down (code {code})"))
         }
         (Ok(Ended::Halted), _) => ("halted", "the guest halted".to_string()),
+        (Ok(Ended::Reset(how)), _) => ("shutdown", format!("the guest reset the machine: {how}")),
         (Ok(Ended::Stopped | Ended::Paused), _) => ("stopped", "stopped by the VMM".to_string()),
         (Err(e), _) => ("failed", e.to_string()),
     };
-    let mut rep = report_of(&rec, &status, started, state_word);
+    let mut rep = reporter.report(state_word);
     rep.end = Some(end);
     let vms = state.vms();
     let cleaned = vms.lock().and_then(|_lock| {
@@ -942,7 +1013,7 @@ fn ask(rec: &VmRecord, what: &str, timeout: Duration) -> Result<VmReport, KvmErr
 }
 
 /// Reads one answer line: a `T`, or the VMM's `{"error": ...}`.
-fn answer<T: serde::de::DeserializeOwned>(
+pub(crate) fn answer<T: serde::de::DeserializeOwned>(
     rec: &VmRecord,
     conn: &mut BufReader<UnixStream>,
     what: &str,
@@ -1047,33 +1118,4 @@ pub fn stop(state: &StateDir, name: &str, timeout: Duration) -> Result<VmReport,
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(rep)
-}
-
-/// Copies a VM's console log to `out`; with `follow`, keeps copying what the guest writes
-/// until the VM ends.
-pub fn console(
-    state: &StateDir,
-    name: &str,
-    follow: bool,
-    out: &mut dyn Write,
-) -> Result<(), KvmError> {
-    let rec = running(state, name)?;
-    let mut f = std::fs::File::open(&rec.log)
-        .map_err(|e| KvmError::sys(name, format!("open {}", rec.log.display()), e))?;
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| KvmError::sys(name, format!("read {}", rec.log.display()), e))?;
-        if n > 0 {
-            out.write_all(&buf[..n])
-                .and_then(|_| out.flush())
-                .map_err(|e| KvmError::sys(name, "write the console", e))?;
-            continue;
-        }
-        if !follow || !rec.alive() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
