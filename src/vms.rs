@@ -90,6 +90,10 @@ pub struct RunArgs {
     /// The demo guest's steps between reports.
     #[arg(long, hide = true, default_value_t = stasis_runtime::kvm::demo::REPORT_EVERY)]
     pub report_every: u64,
+    /// Give the demo guest an in-kernel irqchip and PIT it does not use (a Linux guest
+    /// always has them): their state goes through snapshots (tests).
+    #[arg(long, hide = true)]
+    pub irqchip: bool,
 }
 
 pub fn command(state: &StateDir, cmd: VmCommand) -> Result<i32> {
@@ -167,6 +171,7 @@ fn run(state: &StateDir, a: RunArgs) -> Result<i32> {
         report_every: a.report_every,
         steps: a.steps,
         step_delay: a.step_delay,
+        irqchip: a.irqchip,
         restore: None,
     };
     if a.detach {

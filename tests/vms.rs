@@ -692,3 +692,55 @@ fn debian_kernel_boot_vcpu_is_set_up() {
     let lvt0 = u32::from_le_bytes([0x350, 0x351, 0x352, 0x353].map(|i| lapic.regs[i] as u8));
     assert_eq!(lvt0 & 0x700, 0x700, "LINT0 is ExtINT");
 }
+
+#[test]
+fn vm_with_irqchip_and_pit_snapshot_restores() {
+    if !have_kvm("vm_with_irqchip_and_pit_snapshot_restores") {
+        return;
+    }
+    let env = Env::new("vm-irqchip");
+    env.ok(&[
+        "vm",
+        "run",
+        "--name",
+        "q",
+        "--memory",
+        "16m",
+        "--guest",
+        "demo",
+        "--detach",
+        "--irqchip",
+    ]);
+    wait_running(&env, "q");
+    let img = image(&env, "q.img");
+    env.ok(&["checkpoint", "q", "-o", &img, "--leave-running"]);
+    let inspect = env.ok(&["image", "inspect", &img]);
+    assert!(inspect.contains("irqchip yes, PIT yes"), "{inspect}");
+    let at_snapshot = {
+        let v: Value =
+            serde_json::from_str(&env.ok(&["image", "inspect", &img, "--json"])).expect("json");
+        v["inventory"]["vm"]["report_device"]["counter"]
+            .as_u64()
+            .expect("the counter at the snapshot")
+    };
+    env.ok(&["vm", "stop", "q"]);
+    env.ok(&["restore", &img, "--detach"]);
+    let started = Instant::now();
+    while counter_of(&env, "q") <= at_snapshot {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the restored guest never ran on from {at_snapshot}: {:?}",
+            env.ps()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stop: Value = serde_json::from_str(&env.ok(&["vm", "stop", "q", "--json"])).expect("stop");
+    assert_eq!(stop["errors"], 0, "{stop}");
+    // Its irqchip came back: a second snapshot of the restored VM has one again.
+    env.ok(&["restore", &img, "--detach"]);
+    wait_running(&env, "q");
+    let img2 = image(&env, "q2.img");
+    env.ok(&["checkpoint", "q", "-o", &img2]);
+    let inspect = env.ok(&["image", "inspect", &img2]);
+    assert!(inspect.contains("irqchip yes, PIT yes"), "{inspect}");
+}

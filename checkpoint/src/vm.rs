@@ -335,6 +335,8 @@ pub fn vm_to_proto(s: &VmSnapshot) -> proto::Vm {
         vcpus,
         irqchip: s.vm.irqchip,
         pit: s.vm.pit,
+        irqchips: s.vm.chips.clone(),
+        pit_state: s.vm.pit_state.clone(),
         clock: s.vm.clock.clone(),
         serial: Some(proto::VmSerial {
             base: u32::from(se.base),

@@ -117,17 +117,23 @@ pub fn snapshot_of(vm: &proto::Vm) -> Result<VmSnapshot, RestoreError> {
         .as_slice()
         .try_into()
         .map_err(|_| invalid(format!("report device latch has {} words", r.latch.len())))?;
+    let vm_state = VmState {
+        irqchip: vm.irqchip,
+        pit: vm.pit,
+        chips: vm.irqchips.clone(),
+        pit_state: vm.pit_state.clone(),
+        clock: vm.clock.clone(),
+    };
+    vm_state
+        .check(&vm.name)
+        .map_err(|e| invalid(e.to_string()))?;
     Ok(VmSnapshot {
         version: vmm::VERSION,
         name: vm.name.clone(),
         guest: vm.guest.clone(),
         memory: vm.memory_size,
         vcpus,
-        vm: VmState {
-            irqchip: vm.irqchip,
-            pit: vm.pit,
-            clock: vm.clock.clone(),
-        },
+        vm: vm_state,
         serial: SerialState {
             base: u16::try_from(se.base)
                 .map_err(|_| invalid(format!("serial base port {}", se.base)))?,
@@ -341,6 +347,7 @@ pub fn restore_vm(
         report_every: snapshot.report.every,
         steps: snapshot.report.limit,
         step_delay: 0,
+        irqchip: vm.irqchip,
         restore: Some(Restore {
             snapshot,
             fill: Arc::new(fill),

@@ -1,6 +1,7 @@
 //! Saving and setting back a vCPU's and a VM's KVM state: every register set KVM exposes
 //! (regs, sregs, fpu, xsave, xcrs, debug regs, lapic), every MSR KVM lists
-//! (KVM_GET_MSR_INDEX_LIST), vCPU events and MP state, and the VM's clock.
+//! (KVM_GET_MSR_INDEX_LIST), vCPU events and MP state; and the VM's clock, and with an
+//! in-kernel irqchip the PICs, the IOAPIC and the PIT.
 //!
 //! The register sets are kept as the bytes of KVM's own structures (the kernel ABI, stable
 //! across kernels), so nothing is lost in translation; [`VcpuState::summary`] decodes the
@@ -9,8 +10,9 @@
 
 use super::KvmError;
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -44,6 +46,10 @@ unsafe impl Pod for kvm_vcpu_events {}
 unsafe impl Pod for kvm_mp_state {}
 // SAFETY: as above.
 unsafe impl Pod for kvm_clock_data {}
+// SAFETY: as above (its union is of integer arrays and integer structs).
+unsafe impl Pod for kvm_irqchip {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_pit_state2 {}
 
 /// The bytes of a KVM structure.
 pub fn to_bytes<T: Pod>(v: &T) -> Vec<u8> {
@@ -284,31 +290,126 @@ pub(crate) fn write_msrs(vm: &str, vcpu: &VcpuFd, all: &[Msr]) -> Result<Vec<u32
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmState {
     /// Whether the VM has an in-kernel irqchip (PIC/IOAPIC) and PIT (a Linux guest's VM
-    /// has both, the demo guest's neither). Their state is not saved yet, so a snapshot
-    /// that had them is refused on restore.
+    /// has both, the demo guest's neither unless asked).
     pub irqchip: bool,
     pub pit: bool,
+    /// KVM_GET_IRQCHIP's struct kvm_irqchip for the master PIC, the slave PIC and the
+    /// IOAPIC, in that order; empty without an irqchip.
+    pub chips: Vec<Vec<u8>>,
+    /// KVM_GET_PIT2's struct kvm_pit_state2; empty without a PIT.
+    pub pit_state: Vec<u8>,
     /// KVM_GET_CLOCK's kvm_clock_data, empty if KVM refused it.
     pub clock: Vec<u8>,
 }
 
+/// One irqchip KVM_GET_IRQCHIP knows: its id, name, and the ioctls as errors name them.
+struct Chip {
+    id: u32,
+    what: &'static str,
+    get: &'static str,
+    set: &'static str,
+}
+
+/// The irqchips in the order [`VmState::chips`] holds them.
+const CHIPS: [Chip; 3] = [
+    Chip {
+        id: KVM_IRQCHIP_PIC_MASTER,
+        what: "master PIC",
+        get: "KVM_GET_IRQCHIP (master PIC)",
+        set: "KVM_SET_IRQCHIP (master PIC)",
+    },
+    Chip {
+        id: KVM_IRQCHIP_PIC_SLAVE,
+        what: "slave PIC",
+        get: "KVM_GET_IRQCHIP (slave PIC)",
+        set: "KVM_SET_IRQCHIP (slave PIC)",
+    },
+    Chip {
+        id: KVM_IRQCHIP_IOAPIC,
+        what: "IOAPIC",
+        get: "KVM_GET_IRQCHIP (IOAPIC)",
+        set: "KVM_SET_IRQCHIP (IOAPIC)",
+    },
+];
+
 impl VmState {
-    pub fn save(fd: &VmFd, irqchip: bool) -> Self {
-        VmState {
+    pub fn save(vm: &str, fd: &VmFd, irqchip: bool) -> Result<Self, KvmError> {
+        let mut chips = Vec::new();
+        let mut pit_state = Vec::new();
+        if irqchip {
+            for c in &CHIPS {
+                let mut chip = kvm_irqchip {
+                    chip_id: c.id,
+                    ..Default::default()
+                };
+                fd.get_irqchip(&mut chip)
+                    .map_err(|e| KvmError::ioctl(vm, c.get, e))?;
+                chips.push(to_bytes(&chip));
+            }
+            let pit = fd
+                .get_pit2()
+                .map_err(|e| KvmError::ioctl(vm, "KVM_GET_PIT2", e))?;
+            pit_state = to_bytes(&pit);
+        }
+        Ok(VmState {
             irqchip,
             pit: irqchip,
+            chips,
+            pit_state,
             clock: fd.get_clock().map(|c| to_bytes(&c)).unwrap_or_default(),
-        }
+        })
     }
 
-    /// Sets the clock back (only the time: flags KVM reports are not inputs).
-    pub fn restore(&self, vm: &str, fd: &VmFd) -> Result<(), KvmError> {
-        if self.irqchip || self.pit {
-            return Err(KvmError::invalid(
-                vm,
-                "the snapshot has an in-kernel irqchip/PIT (a Linux guest), whose state this VMM \
-                 does not save or restore yet",
+    /// Checks the sizes and the pairing of the saved structures (irqchip and PIT together,
+    /// as this VMM creates them).
+    pub fn check(&self, vm: &str) -> Result<(), KvmError> {
+        let bad = |what: String| Err(KvmError::invalid(vm, what));
+        if self.irqchip != self.pit {
+            return bad(format!(
+                "the snapshot has {} irqchip but {} PIT; this VMM creates both or neither",
+                if self.irqchip { "an" } else { "no" },
+                if self.pit { "a" } else { "no" }
             ));
+        }
+        let chips = if self.irqchip { CHIPS.len() } else { 0 };
+        if self.chips.len() != chips {
+            return bad(format!(
+                "the snapshot has {} irqchip states, expected {chips}",
+                self.chips.len()
+            ));
+        }
+        for (c, b) in CHIPS.iter().zip(&self.chips) {
+            match from_bytes::<kvm_irqchip>(b) {
+                Some(chip) if chip.chip_id == c.id => {}
+                _ => return bad(format!("{} state: wrong size or chip", c.what)),
+            }
+        }
+        if self.pit && from_bytes::<kvm_pit_state2>(&self.pit_state).is_none()
+            || !self.pit && !self.pit_state.is_empty()
+        {
+            return bad("PIT state: wrong size".into());
+        }
+        if !self.clock.is_empty() && from_bytes::<kvm_clock_data>(&self.clock).is_none() {
+            return bad("VM clock: wrong size".into());
+        }
+        Ok(())
+    }
+
+    /// Sets the irqchip, PIT and clock back (only the clock's time: the flags KVM reports
+    /// are not inputs). The VM must have been given its irqchip before its vCPUs.
+    pub fn restore(&self, vm: &str, fd: &VmFd) -> Result<(), KvmError> {
+        self.check(vm)?;
+        for (c, b) in CHIPS.iter().zip(&self.chips) {
+            let chip: kvm_irqchip =
+                from_bytes(b).ok_or_else(|| KvmError::invalid(vm, format!("{} state", c.what)))?;
+            fd.set_irqchip(&chip)
+                .map_err(|e| KvmError::ioctl(vm, c.set, e))?;
+        }
+        if self.pit {
+            let pit: kvm_pit_state2 =
+                from_bytes(&self.pit_state).ok_or_else(|| KvmError::invalid(vm, "PIT state"))?;
+            fd.set_pit2(&pit)
+                .map_err(|e| KvmError::ioctl(vm, "KVM_SET_PIT2", e))?;
         }
         if self.clock.is_empty() {
             return Ok(());
@@ -327,6 +428,80 @@ impl VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A VM with an irqchip and PIT on this host's KVM, or None (and why) without one.
+    fn vm_with_irqchip(name: &str) -> Option<super::super::vm::Vm> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("{name}: skipped: /dev/kvm does not exist");
+            return None;
+        }
+        let mut vm = match super::super::vm::Vm::create(name, 4 << 20) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("{name}: skipped: no VM: {e}");
+                return None;
+            }
+        };
+        if let Err(e) = vm.create_irqchip() {
+            eprintln!("{name}: skipped: no in-kernel irqchip: {e}");
+            return None;
+        }
+        Some(vm)
+    }
+
+    #[test]
+    fn irqchip_and_pit_state_go_into_a_fresh_vm() {
+        let Some(a) = vm_with_irqchip("irqchip-a") else {
+            return;
+        };
+        // Distinctive state: the master PIC's mask and vector base, PIT channel 0's count
+        // and mode.
+        let mut pic = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_PIC_MASTER,
+            ..Default::default()
+        };
+        a.fd.get_irqchip(&mut pic).expect("get PIC");
+        // SAFETY: chip 0 is a PIC: KVM filled the union's pic member.
+        let mut p = unsafe { pic.chip.pic };
+        p.imr = 0xfa;
+        p.irq_base = 0x30;
+        pic.chip.pic = p;
+        a.fd.set_irqchip(&pic).expect("set PIC");
+        let mut pit = a.fd.get_pit2().expect("get PIT");
+        pit.channels[0].count = 0x1234;
+        pit.channels[0].mode = 2;
+        a.fd.set_pit2(&pit).expect("set PIT");
+
+        let saved = VmState::save("irqchip-a", &a.fd, true).expect("save");
+        assert_eq!(saved.chips.len(), 3);
+        saved.check("irqchip-a").expect("check");
+        let Some(b) = vm_with_irqchip("irqchip-b") else {
+            return;
+        };
+        saved.restore("irqchip-b", &b.fd).expect("restore");
+        let again = VmState::save("irqchip-b", &b.fd, true).expect("save again");
+        assert_eq!(
+            again.chips, saved.chips,
+            "PIC and IOAPIC state carried over"
+        );
+        let pit_b: kvm_pit_state2 = from_bytes(&again.pit_state).expect("PIT bytes");
+        assert_eq!(pit_b.channels[0].count, 0x1234);
+        assert_eq!(pit_b.channels[0].mode, 2);
+        let chip: kvm_irqchip = from_bytes(&again.chips[0]).expect("PIC bytes");
+        // SAFETY: chip 0 is a PIC.
+        assert_eq!(unsafe { chip.chip.pic }.imr, 0xfa);
+
+        // Sizes and pairing are checked before anything is set.
+        let mut bad = saved.clone();
+        bad.chips.pop();
+        assert!(bad.check("t").is_err());
+        let mut bad = saved.clone();
+        bad.pit = false;
+        assert!(bad.check("t").is_err());
+        let mut bad = saved;
+        bad.pit_state.truncate(8);
+        assert!(bad.restore("irqchip-b", &b.fd).is_err());
+    }
 
     #[test]
     fn bytes_round_trip_and_size_checks() {

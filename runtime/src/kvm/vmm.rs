@@ -61,6 +61,9 @@ pub struct VmConfig {
     pub steps: u64,
     /// Iterations of a delay loop before each of the demo guest's steps (benchmarks).
     pub step_delay: u64,
+    /// Give the VM an in-kernel irqchip and PIT (always for a Linux guest; for the demo
+    /// guest, which uses neither, so their state goes through snapshots too).
+    pub irqchip: bool,
     /// Start from this snapshot instead of booting the guest.
     pub restore: Option<Restore>,
 }
@@ -216,8 +219,16 @@ fn prepare(
         vms.remove(name, true)?;
     }
     let mut vm = Vm::create(name, cfg.memory)?;
-    let linux = matches!(cfg.guest, Guest::Kernel { .. }) && cfg.restore.is_none();
-    if linux {
+    let irqchip = match &cfg.restore {
+        Some(r) => r.snapshot.vm.irqchip,
+        None => cfg.irqchip || matches!(cfg.guest, Guest::Kernel { .. }),
+    };
+    // A Linux guest (booted, or restored from a snapshot of one) ends on a reset too.
+    let linux = match &cfg.restore {
+        Some(r) => r.snapshot.guest != guest_name(&Guest::Demo),
+        None => matches!(cfg.guest, Guest::Kernel { .. }),
+    };
+    if irqchip {
         // Before the vCPU: its local APIC is created with it.
         vm.create_irqchip()?;
     }
@@ -418,7 +429,7 @@ fn save_paused(
     }
     Ok(SavedState {
         vcpu: VcpuState::save(&vm.name, vm.kvm(), vcpu, 0)?,
-        vm: VmState::save(&vm.fd, vm.irqchip),
+        vm: VmState::save(&vm.name, &vm.fd, vm.irqchip)?,
         serial: lock(&devices.serial).state(),
         report: devices.report.state(),
         at,
