@@ -9,8 +9,9 @@
 //!
 //! With `leave_running` the pause covers only what must be consistent: KVM's dirty log is
 //! turned on, all resident memory is copied into a staging buffer while the guest runs,
-//! then the vCPU is paused, only the pages written since are copied, and the guest runs on
-//! while the image is written from the staging buffer.
+//! then the pages written meanwhile are copied again, round after round, while that set
+//! shrinks; then the vCPU is paused, only the pages written since the last round are
+//! copied, and the guest runs on while the image is written from the staging buffer.
 
 use crate::error::CheckpointError;
 use crate::pages::{compact_runs, CHUNK_PAGES};
@@ -24,6 +25,12 @@ use stasis_runtime::memory::{self, Pagemap, PM_PRESENT, PM_SWAPPED};
 use stasis_runtime::PAGE_SIZE;
 use std::time::{Duration, Instant};
 
+/// At most this many pre-copy rounds after the first full copy.
+const MAX_PRECOPY_ROUNDS: u64 = 6;
+/// Pre-copy stops once a round found at most this many pages written (4 MiB: a few
+/// milliseconds to copy while paused).
+const PAUSE_COPY_PAGES: u64 = 1024;
+
 /// Measurements of one VM checkpoint (times in microseconds).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VmStats {
@@ -36,6 +43,10 @@ pub struct VmStats {
     pub vmm_pause_us: u64,
     /// Copying memory while the guest ran (leave_running).
     pub precopy_us: u64,
+    /// Rounds of copying the pages written during the previous one, after the first.
+    pub precopy_rounds: u64,
+    /// Pages those rounds copied again.
+    pub pages_recopied: u64,
     pub total_us: u64,
     pub pages_resident: u64,
     /// Pages written during the pre-copy, copied again while paused.
@@ -77,6 +88,24 @@ pub fn checkpoint_vm<S: ImageSink>(
         let mut staging = vec![0u8; usize_of(name, rep.memory)?];
         let t = Instant::now();
         copy_ranges(name, rep.pid, rep.mem_host_addr, &ranges, &mut staging)?;
+        // Pages written since are copied again while the guest runs, as long as that
+        // shrinks the set the pause has to copy.
+        let mut recopied: Vec<(u64, u64)> = Vec::new();
+        let mut last = u64::MAX;
+        while stats.precopy_rounds < MAX_PRECOPY_ROUNDS && last > PAUSE_COPY_PAGES {
+            let dirty = vmm::dirty_log_fetch(state, name)?;
+            let pages: u64 = dirty.iter().map(|r| r.1).sum();
+            let bytes: Vec<(u64, u64)> = dirty.iter().map(|&(p, n)| (p * PAGE_SIZE, n)).collect();
+            copy_ranges(name, rep.pid, rep.mem_host_addr, &bytes, &mut staging)?;
+            recopied = merge(&recopied, &bytes);
+            stats.precopy_rounds += 1;
+            stats.pages_recopied += pages;
+            if pages >= last {
+                break;
+            }
+            last = pages;
+        }
+        let ranges = merge(&ranges, &recopied);
         stats.precopy_us = micros(t.elapsed());
         let (session, paused) = vmm::pause(state, name)?;
         let dirty = paused.dirty.clone().unwrap_or_default();

@@ -11,8 +11,10 @@
 //! Control protocol (version 1, on the VM's socket, one line each way):
 //! - `dirty-log start`: KVM_MEM_LOG_DIRTY_PAGES on slot 0 (pre-copy begins); answers a
 //!   status report.
+//! - `dirty-log fetch` (while logging): answers a [`Dirty`], the pages written since the
+//!   last fetch or `dirty-log start` (each pre-copy round copies those while the guest runs).
 //! - `pause`: kicks the vCPU out of KVM_RUN, completes pending I/O, saves the vCPU, VM and
-//!   device state and (when logging) the dirty pages since `dirty-log start`, and answers a
+//!   device state and (when logging) the dirty pages since the last fetch, and answers a
 //!   [`Paused`]. The connection stays open: the next line is `resume` (answered with a
 //!   [`Resumed`]) or `stop` (the VM is torn down and its record removed; answered with the
 //!   final status report). A closed connection, a timeout or anything else resumes.
@@ -50,6 +52,13 @@ pub struct Paused {
     pub dirty: Option<Vec<(u64, u64)>>,
     /// Microseconds the VMM took to pause and save state (kick, KVM_GET_*, dirty log).
     pub pause_us: u64,
+}
+
+/// The answer to `dirty-log fetch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dirty {
+    /// Pages written since the last fetch (or `dirty-log start`), as (first page, pages).
+    pub runs: Vec<(u64, u64)>,
 }
 
 /// The answer to `resume`.

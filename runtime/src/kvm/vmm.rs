@@ -461,13 +461,16 @@ impl PauseControl<'_> {
             }
         };
         let at = saved.at;
+        // Dirty logging is turned off only once the guest runs again: changing the memory
+        // slot's flags takes KVM milliseconds (4-19 ms for 1 GiB here) that would otherwise
+        // all be pause.
         let dirty = if dirty_logging {
             let d = self.vm.dirty_log();
-            let _ = self.vm.set_dirty_logging(false);
             match d {
                 Ok(bitmap) => Some(snapshot::dirty_runs(&bitmap)),
                 Err(e) => {
                     self.resume();
+                    let _ = self.vm.set_dirty_logging(false);
                     reply_error(conn, &e);
                     return false;
                 }
@@ -500,12 +503,11 @@ impl PauseControl<'_> {
             return true;
         }
         self.resume();
-        send_json(
-            conn,
-            &Resumed {
-                paused_us: micros(at.elapsed()),
-            },
-        );
+        let paused_us = micros(at.elapsed());
+        if dirty_logging {
+            let _ = self.vm.set_dirty_logging(false);
+        }
+        send_json(conn, &Resumed { paused_us });
         false
     }
 
@@ -763,6 +765,22 @@ fn serve(
                             Err(e) => reply_error(&mut conn, &e),
                         }
                     }
+                    "dirty-log fetch" => {
+                        let r = if dirty_logging {
+                            vm.dirty_log()
+                        } else {
+                            Err(KvmError::invalid(&name, "the dirty log is not on"))
+                        };
+                        match r {
+                            Ok(bitmap) => send_json(
+                                &mut conn,
+                                &snapshot::Dirty {
+                                    runs: snapshot::dirty_runs(&bitmap),
+                                },
+                            ),
+                            Err(e) => reply_error(&mut conn, &e),
+                        }
+                    }
                     "pause" => {
                         let ctl = PauseControl {
                             vm: &vm,
@@ -791,7 +809,7 @@ fn serve(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
+                wait_readable(&listener, 20);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -1009,7 +1027,11 @@ pub fn list(state: &StateDir) -> Result<(Vec<VmRecord>, Vec<String>), KvmError> 
     Ok((live, stale))
 }
 
-fn ask(rec: &VmRecord, what: &str, timeout: Duration) -> Result<VmReport, KvmError> {
+fn ask<T: serde::de::DeserializeOwned>(
+    rec: &VmRecord,
+    what: &str,
+    timeout: Duration,
+) -> Result<T, KvmError> {
     let err = |what: String| KvmError::Control {
         vm: rec.name.clone(),
         path: rec.socket.clone(),
@@ -1043,6 +1065,27 @@ pub(crate) fn answer<T: serde::de::DeserializeOwned>(
         return Err(err(format!("{what}: {e}")));
     }
     serde_json::from_value(v).map_err(|e| err(format!("bad answer to {what}: {e}")))
+}
+
+/// Waits up to `ms` for a connection (or a signal), so a command is served at once rather
+/// than after a fixed sleep.
+fn wait_readable(listener: &UnixListener, ms: i32) {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; the result only says whether
+    // to accept again.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+}
+
+/// The guest pages written since the dirty log was turned on or last fetched (KVM's
+/// dirty log is fetched and cleared in one step), while the guest runs.
+pub fn dirty_log_fetch(state: &StateDir, name: &str) -> Result<Vec<(u64, u64)>, KvmError> {
+    let rec = running(state, name)?;
+    let d: snapshot::Dirty = ask(&rec, "dirty-log fetch", Duration::from_secs(5))?;
+    Ok(d.runs)
 }
 
 /// Turns on KVM's dirty log of the VM's memory (pre-copy starts now).
