@@ -18,6 +18,7 @@ pub mod report;
 pub mod serial;
 pub mod snapshot;
 pub mod state;
+pub mod threads;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

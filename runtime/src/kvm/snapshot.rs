@@ -1,4 +1,4 @@
-//! Snapshots from the VMM's side: pausing the vCPU and handing out its state, KVM's dirty
+//! Snapshots from the VMM's side: pausing every vCPU and handing out their state, KVM's dirty
 //! log of guest memory, and starting a VM from a saved state.
 //!
 //! Who writes the image: stasis, not the VMM. The VMM only pauses, reports state and dirty
@@ -11,8 +11,8 @@
 //! Control protocol (version 1, on the VM's socket, one line each way):
 //! - `dirty-log start`: KVM_MEM_LOG_DIRTY_PAGES on slot 0 (pre-copy begins); answers a
 //!   status report.
-//! - `pause`: kicks the vCPU out of KVM_RUN, completes pending I/O, saves the vCPU, VM and
-//!   device state and (when logging) the dirty pages since `dirty-log start`, and answers a
+//! - `pause`: kicks every vCPU out of KVM_RUN, completes their pending I/O, saves every
+//!   vCPU's state, then the VM and device state and (when logging) the dirty pages since `dirty-log start`, and answers a
 //!   [`Paused`]. The connection stays open: the next line is `resume` (answered with a
 //!   [`Resumed`]) or `stop` (the VM is torn down and its record removed; answered with the
 //!   final status report). A closed connection, a timeout or anything else resumes.
@@ -32,10 +32,12 @@ pub struct VmSnapshot {
     pub guest: String,
     /// Bytes of guest memory (one slot at guest-physical 0).
     pub memory: u64,
+    /// vCPU i at index i.
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialState,
-    pub report: ReportState,
+    /// Each vCPU's report device, in vCPU order (one per vCPU).
+    pub reports: Vec<ReportState>,
 }
 
 /// The answer to `pause`.
