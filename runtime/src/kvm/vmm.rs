@@ -6,7 +6,7 @@
 //! the socket `NAME.sock` beside it.
 //!
 //! Control protocol (version 1): a client connects, sends one line (`status` or `stop`)
-//! and reads one line of JSON, a [`VmReport`]; `stop` answers once the vCPU has left
+//! and reads one line of JSON, a [`VmReport`]; `stop` answers once every vCPU has left
 //! KVM_RUN and the VM is torn down. The snapshot commands (`dirty-log start`, `pause`) are
 //! described in [`super::snapshot`]; `console-input` (a stream of bytes for the guest's
 //! serial receiver) in [`super::console`].
