@@ -51,6 +51,7 @@ pub struct RunArgs {
     /// Guest memory (bytes, or with a suffix: 64m, 1g); a multiple of 2 MiB.
     #[arg(long, value_name = "SIZE")]
     pub memory: String,
+    /// vCPUs: the demo guest runs 1 to 8, each on its own slice of memory; a kernel, 1.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
     /// A Linux bzImage to boot (needs hardware virtualization, VMX or SVM).

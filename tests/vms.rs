@@ -1,6 +1,6 @@
 //! KVM VMs end to end: the built-in demo guest detached and in the foreground, its reports
 //! checked by the VMM, the console, a clean stop, and `--kernel` refused on a host without
-//! hardware virtualization.
+//! hardware virtualization; demo VMs of several vCPUs, snapshotted and restored.
 
 mod common;
 
@@ -441,6 +441,170 @@ fn vm_corrupt_image_and_other_memory_size_are_refused() {
     );
     wait_running(&env, "b");
     env.ok(&["vm", "stop", "b"]);
+}
+
+/// Each vCPU's counter of the VM `name` as `vm ps --json` shows it (empty if not running);
+/// checks that the top-level counter is their sum and that no report was wrong.
+fn vcpu_counters(env: &Env, name: &str) -> Vec<u64> {
+    let Some(row) = env.ps().into_iter().find(|r| r["name"] == name) else {
+        return Vec::new();
+    };
+    assert_eq!(row["errors"], 0, "{row}");
+    let counters: Vec<u64> = row["per_vcpu"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|c| c["counter"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        row["counter"].as_u64(),
+        Some(counters.iter().sum::<u64>()),
+        "{row}"
+    );
+    counters
+}
+
+/// Waits until every vCPU of `name` has reported, then until every one has moved on from
+/// there (each vCPU runs, not just some); returns the later counters.
+fn wait_all_progress(env: &Env, name: &str, vcpus: usize) -> Vec<u64> {
+    let started = Instant::now();
+    let mut first = vcpu_counters(env, name);
+    while first.len() != vcpus || first.contains(&0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: not every vCPU reported: {first:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        first = vcpu_counters(env, name);
+    }
+    loop {
+        let now = vcpu_counters(env, name);
+        if now.len() == vcpus && now.iter().zip(&first).all(|(n, f)| n > f) {
+            return now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: not every vCPU progressed: {first:?} then {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Each vCPU's counter in an image, from its report devices.
+fn image_counters(env: &Env, img: &str, vcpus: usize) -> Vec<u64> {
+    let v: Value =
+        serde_json::from_str(&env.ok(&["image", "inspect", img, "--json"])).expect("inspect");
+    let vm = &v["inventory"]["vm"];
+    assert_eq!(vm["vcpus"].as_array().map(Vec::len), Some(vcpus), "{vm}");
+    for (i, c) in vm["vcpus"].as_array().into_iter().flatten().enumerate() {
+        assert_eq!(c["id"].as_u64(), Some(i as u64), "{vm}");
+    }
+    let devs = vm["report_devices"].as_array().cloned().unwrap_or_default();
+    assert_eq!(devs.len(), vcpus, "{vm}");
+    devs.iter()
+        .map(|d| {
+            assert_eq!(d["errors"].as_u64().unwrap_or(0), 0, "{d}");
+            d["counter"].as_u64().unwrap_or(0)
+        })
+        .collect()
+}
+
+#[test]
+fn vcpus_out_of_range_are_refused() {
+    let env = Env::new("vm-vcpus-range");
+    for n in ["0", "9"] {
+        let out = env.run(&[
+            "vm", "run", "--name", "r", "--memory", "16m", "--guest", "demo", "--vcpus", n,
+            "--detach",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "--vcpus {n}: {err}");
+        assert!(err.contains(&format!("--vcpus {n}")), "{err}");
+        assert!(err.contains("1 to 8"), "{err}");
+        assert!(env.ps().is_empty(), "--vcpus {n}: nothing started");
+    }
+}
+
+#[test]
+fn four_vcpus_run_and_snapshot_twice_without_a_gap() {
+    if !have_kvm("four_vcpus_run_and_snapshot_twice_without_a_gap") {
+        return;
+    }
+    const N: usize = 4;
+    let env = Env::new("vm-vcpus-snap");
+    let steps = 4_000_000u64;
+    env.ok(&[
+        "vm",
+        "run",
+        "--name",
+        "m",
+        "--memory",
+        "16m",
+        "--guest",
+        "demo",
+        "--vcpus",
+        "4",
+        "--detach",
+        "--steps",
+        &steps.to_string(),
+    ]);
+    wait_all_progress(&env, "m", N);
+    let (img1, img2) = (image(&env, "m1.img"), image(&env, "m2.img"));
+
+    // 1: the VM stops with its checkpoint; every vCPU is restored and goes on from its own
+    // counter (the VMM's model of each vCPU counts any gap, repeat or bad checksum as an
+    // error, which vcpu_counters checks is 0).
+    let c1 = json_of(
+        &env.run(&["checkpoint", "m", "-o", &img1, "--json"]),
+        "cp 1",
+    );
+    assert_eq!(c1["vm"], "stopped", "{c1}");
+    assert!(
+        env.ps().is_empty(),
+        "the VM was stopped after the checkpoint"
+    );
+    let saved1 = image_counters(&env, &img1, N);
+    json_of(
+        &env.run(&["restore", &img1, "--detach", "--json"]),
+        "restore 1",
+    );
+    let now = wait_all_progress(&env, "m", N);
+    for (i, (n, s)) in now.iter().zip(&saved1).enumerate() {
+        assert!(
+            n > s,
+            "vCPU {i} went on from its image: {saved1:?} then {now:?}"
+        );
+    }
+
+    // 2: the VM runs on beside its checkpoint; the image, restored in the foreground, runs
+    // every vCPU to its step limit, each slice of memory then checked against its model.
+    let c2 = json_of(
+        &env.run(&["checkpoint", "m", "-o", &img2, "--leave-running", "--json"]),
+        "cp 2",
+    );
+    assert_eq!(c2["vm"], "running", "{c2}");
+    let saved2 = image_counters(&env, &img2, N);
+    for (i, (a, b)) in saved1.iter().zip(&saved2).enumerate() {
+        assert!(
+            b > a,
+            "vCPU {i} moved between the images: {saved1:?} then {saved2:?}"
+        );
+    }
+    wait_all_progress(&env, "m", N);
+    let rep = json_of(&env.run(&["vm", "stop", "m", "--json"]), "vm stop");
+    assert_eq!(rep["errors"], 0, "{rep}");
+    let r2 = json_of(&env.run(&["restore", &img2, "--json"]), "restore 2");
+    let rep = &r2["report"];
+    eprintln!("final report: {rep}");
+    assert_eq!(rep["state"], "shutdown", "{rep}");
+    assert_eq!(rep["errors"], 0, "{rep}");
+    assert_eq!(rep["counter"].as_u64(), Some(steps * N as u64), "{rep}");
+    let per = rep["per_vcpu"].as_array().cloned().unwrap_or_default();
+    assert_eq!(per.len(), N, "{rep}");
+    for (i, v) in per.iter().enumerate() {
+        assert_eq!(v["index"].as_u64(), Some(i as u64), "{rep}");
+        assert_eq!(v["counter"].as_u64(), Some(steps), "vCPU {i}: {rep}");
+        assert_eq!(v["errors"], 0, "vCPU {i}: {rep}");
+    }
+    assert!(env.ps().is_empty());
 }
 
 /// Whether `child` exits within `limit`; if not it is killed (it is this test's own).

@@ -1,4 +1,4 @@
-//! Checkpointing a KVM VM: its VMM pauses the vCPU and hands over the vCPU, VM and device
+//! Checkpointing a KVM VM: its VMM pauses every vCPU and hands over the vCPUs', VM and device
 //! state (see `stasis_runtime::kvm::snapshot`); stasis reads guest memory out of the VMM's
 //! address space with process_vm_readv and writes the image (memory as page space GUEST:
 //! zero pages recorded, not stored; chunks hashed, optionally compressed).
@@ -351,7 +351,22 @@ pub fn vm_to_proto(s: &VmSnapshot) -> proto::Vm {
             }
         })
         .collect();
-    let (se, r) = (&s.serial, &s.report);
+    let se = &s.serial;
+    let reports: Vec<proto::VmReportDevice> = s
+        .reports
+        .iter()
+        .map(|r| proto::VmReportDevice {
+            latch: r.latch.to_vec(),
+            pages: r.pages,
+            counter: r.counter,
+            checksum: r.checksum,
+            every: r.every,
+            limit: r.limit,
+            reports: r.reports,
+            errors: r.errors,
+            base: r.base,
+        })
+        .collect();
     proto::Vm {
         name: s.name.clone(),
         guest: s.guest.clone(),
@@ -379,16 +394,8 @@ pub fn vm_to_proto(s: &VmSnapshot) -> proto::Vm {
             rx: se.rx.clone(),
             transmitted: se.transmitted,
         }),
-        report: Some(proto::VmReportDevice {
-            latch: r.latch.to_vec(),
-            pages: r.pages,
-            counter: r.counter,
-            checksum: r.checksum,
-            every: r.every,
-            limit: r.limit,
-            reports: r.reports,
-            errors: r.errors,
-        }),
+        report: reports.first().cloned(),
+        vcpu_reports: reports,
     }
 }
 

@@ -17,7 +17,10 @@ pub struct VmReport {
     pub clock: bool,
     pub vcpus: Vec<VcpuReport>,
     pub serial: Option<proto::VmSerial>,
+    /// vCPU 0's report device (the only one of images written before multi-vCPU support).
     pub report_device: Option<proto::VmReportDevice>,
+    /// Every vCPU's report device, in vCPU order.
+    pub report_devices: Vec<proto::VmReportDevice>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,6 +72,11 @@ impl VmReport {
                 .collect(),
             serial: vm.serial.clone(),
             report_device: vm.report.clone(),
+            report_devices: if vm.vcpu_reports.is_empty() {
+                vm.report.iter().cloned().collect()
+            } else {
+                vm.vcpu_reports.clone()
+            },
         }
     }
 }
@@ -122,10 +130,10 @@ impl fmt::Display for VmReport {
                 s.transmitted
             )?;
         }
-        if let Some(r) = &self.report_device {
+        for (i, r) in self.report_devices.iter().enumerate() {
             writeln!(
                 f,
-                "  report dev   counter {} checksum {:#018x}, every {} steps, limit {}, {} reports, {} errors",
+                "  report dev {i} counter {} checksum {:#018x}, every {} steps, limit {}, {} reports, {} errors",
                 r.counter, r.checksum, r.every, r.limit, r.reports, r.errors
             )?;
         }

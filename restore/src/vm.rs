@@ -15,11 +15,13 @@ use crate::error::RestoreError;
 use stasis_image::proto::{self, Encoding, RunKind, SpaceKind};
 use stasis_image::{Image, PAGE_SIZE};
 use stasis_runtime::container::StateDir;
+use stasis_runtime::kvm::demo;
 use stasis_runtime::kvm::memory::GuestMemory;
 use stasis_runtime::kvm::report::ReportState;
 use stasis_runtime::kvm::serial::SerialState;
 use stasis_runtime::kvm::snapshot::{DeferredCheck, Restore, VmSnapshot};
 use stasis_runtime::kvm::state::{Msr, VcpuState, VmState};
+use stasis_runtime::kvm::vm::WORK_ADDR;
 use stasis_runtime::kvm::vmm::{self, Guest, VmConfig, VmRecord, VmReport};
 use std::fs::File;
 use std::path::Path;
@@ -108,15 +110,32 @@ pub fn snapshot_of(vm: &proto::Vm) -> Result<VmSnapshot, RestoreError> {
         .serial
         .as_ref()
         .ok_or_else(|| invalid(format!("VM {}: no serial device state", vm.name)))?;
-    let r = vm
-        .report
-        .as_ref()
-        .ok_or_else(|| invalid(format!("VM {}: no report device state", vm.name)))?;
-    let latch: [u32; 4] = r
-        .latch
-        .as_slice()
-        .try_into()
-        .map_err(|_| invalid(format!("report device latch has {} words", r.latch.len())))?;
+    for (i, c) in vcpus.iter().enumerate() {
+        if usize::try_from(c.id).ok() != Some(i) {
+            return Err(invalid(format!(
+                "VM {}: vCPU {i} of the image is numbered {}",
+                vm.name, c.id
+            )));
+        }
+    }
+    // Images written before multi-vCPU support have only `report`, of their one vCPU.
+    let reports: Vec<&proto::VmReportDevice> = if vm.vcpu_reports.is_empty() {
+        vm.report.iter().collect()
+    } else {
+        vm.vcpu_reports.iter().collect()
+    };
+    if reports.len() != vcpus.len() {
+        return Err(invalid(format!(
+            "VM {}: {} report devices for {} vCPUs",
+            vm.name,
+            reports.len(),
+            vcpus.len()
+        )));
+    }
+    let reports = reports
+        .into_iter()
+        .map(|r| report_state(vm, r))
+        .collect::<Result<Vec<_>, _>>()?;
     let vm_state = VmState {
         irqchip: vm.irqchip,
         pit: vm.pit,
@@ -147,16 +166,35 @@ pub fn snapshot_of(vm: &proto::Vm) -> Result<VmSnapshot, RestoreError> {
             rx: se.rx.clone(),
             transmitted: se.transmitted,
         },
-        report: ReportState {
-            latch,
-            pages: r.pages,
-            counter: r.counter,
-            checksum: r.checksum,
-            every: r.every,
-            limit: r.limit,
-            reports: r.reports,
-            errors: r.errors,
-        },
+        reports,
+    })
+}
+
+/// One vCPU's report device from its record; its work slice must lie in guest memory.
+fn report_state(vm: &proto::Vm, r: &proto::VmReportDevice) -> Result<ReportState, RestoreError> {
+    let latch: [u32; 4] = r
+        .latch
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid(format!("report device latch has {} words", r.latch.len())))?;
+    let base = if r.base == 0 { WORK_ADDR } else { r.base };
+    let end = r.pages.checked_mul(4096).and_then(|n| n.checked_add(base));
+    if base < WORK_ADDR || end.is_none_or(|e| e > vm.memory_size) {
+        return Err(invalid(format!(
+            "VM {}: a report device's work slice ({} pages at {:#x}) is outside guest memory",
+            vm.name, r.pages, r.base
+        )));
+    }
+    Ok(ReportState {
+        latch,
+        base: r.base,
+        pages: r.pages,
+        counter: r.counter,
+        checksum: r.checksum,
+        every: r.every,
+        limit: r.limit,
+        reports: r.reports,
+        errors: r.errors,
     })
 }
 
@@ -196,11 +234,12 @@ fn check_memory(image: &Image, vm: &proto::Vm) -> Result<(), RestoreError> {
             )));
         }
     }
-    if vm.vcpus.len() != 1 {
+    let n = vm.vcpus.len();
+    if !(1..=demo::MAX_VCPUS as usize).contains(&n) {
         return Err(RestoreError::Unsupported(format!(
-            "VM {}: {} vCPUs; this VMM runs 1",
+            "VM {}: {n} vCPUs; this VMM runs 1 to {}",
             vm.name,
-            vm.vcpus.len()
+            demo::MAX_VCPUS
         )));
     }
     Ok(())
@@ -342,10 +381,11 @@ pub fn restore_vm(
     let cfg = VmConfig {
         name: name.clone(),
         memory: vm.memory_size,
-        vcpus: 1,
+        vcpus: u32::try_from(snapshot.vcpus.len())
+            .map_err(|_| invalid(format!("VM {name}: too many vCPUs")))?,
         guest: Guest::Demo,
-        report_every: snapshot.report.every,
-        steps: snapshot.report.limit,
+        report_every: snapshot.reports.first().map_or(1, |r| r.every),
+        steps: snapshot.reports.first().map_or(0, |r| r.limit),
         step_delay: 0,
         irqchip: vm.irqchip,
         restore: Some(Restore {

@@ -3,14 +3,18 @@
  * `global_asm!` in runtime/src/kvm/demo.rs and copied by the VMM into guest memory at
  * DEMO_CODE. It is position-independent: only relative jumps and RIP-relative loads.
  *
- * The VMM starts the vCPU in 64-bit ring 0 at stasis_demo_entry with RSP pointing at an
- * iretq frame it built (RIP = stasis_demo_ring3, CS = user code, RFLAGS with IOPL=3, RSP,
- * SS = user data), so the only ring-0 instruction (emulated slowly under PVM) is the iretq.
- * Everything after runs in ring 3 at native speed and does its I/O with in/out (IOPL=3).
+ * The VMM starts every vCPU in 64-bit ring 0 at stasis_demo_entry with RSP pointing at an
+ * iretq frame it built for that vCPU (RIP = stasis_demo_ring3, CS = user code, RFLAGS with
+ * IOPL=3, RSP = its own ring-3 stack, SS = user data), so the only ring-0 instruction
+ * (emulated slowly under PVM) is the iretq. Everything after runs in ring 3 at native speed
+ * and does its I/O with in/out (the TSS's I/O bitmap opens every port). No SIPI: the VMM
+ * sets each vCPU's registers itself. vCPUs share nothing but the code: each works on its own
+ * slice of the work area.
  *
  * Registers on entry to ring 3 (set by the VMM):
- *   r12 = guest-physical (= virtual, identity mapped) base of the work area
- *   r13 = number of 4 KiB pages in the work area (> 0)
+ *   r10 = this vCPU's index (0 prints the banner; every report names it)
+ *   r12 = guest-physical (= virtual, identity mapped) base of this vCPU's work slice
+ *   r13 = number of 4 KiB pages in the slice (> 0)
  *   r14 = step limit (0: none)
  *   r15 = steps between reports (> 0)
  *   r8  = iterations of an empty delay loop before each step once the first pass over
@@ -23,8 +27,10 @@
  *   page p = c mod r13; old = first word of page p (what step c - r13 wrote there, or 0);
  *   checksum = rotl(checksum, 7) ^ old ^ v; word j of page p = v + j (j = 0..511); c += 1.
  * Every r15 steps (and at the limit) it reports (counter, checksum) on the report port as
- * four 32-bit writes: counter low, counter high, checksum low, checksum high (commits).
- * At the limit it writes 0 to the shutdown port.
+ * its index to the index port (0x714), then four 32-bit writes: counter low, counter high,
+ * checksum low, checksum high (commits). At the limit it writes 0 to the shutdown port.
+ * (Guests started before multi-vCPU support kept the pattern multiplier in r10 and wrote no
+ * index; their code travels in their images' memory, and the device accepts both.)
  */
     .section .rodata.stasis_demo_guest, "a"
     .globl stasis_demo_start, stasis_demo_end, stasis_demo_ring3
@@ -34,6 +40,8 @@ stasis_demo_entry:
     iretq
 
 stasis_demo_ring3:
+    test r10, r10
+    jnz .Ldemo_banner_done
     lea rsi, [rip + .Ldemo_banner]
     mov dx, 0x3f8
 .Ldemo_banner_loop:  mov al, byte ptr [rsi]
@@ -42,7 +50,7 @@ stasis_demo_ring3:
     out dx, al
     inc rsi
     jmp .Ldemo_banner_loop
-.Ldemo_banner_done:  movabs r10, 0x9E3779B97F4A7C15
+.Ldemo_banner_done:
 
 .Ldemo_step:  /* one step (the delay only after the first pass over the work area) */
     cmp rbx, r13
@@ -52,8 +60,9 @@ stasis_demo_ring3:
     jz .Ldemo_go
     dec rcx
     jmp .Ldemo_delay
-.Ldemo_go:  lea rax, [rbx + 1]
-    imul rax, r10
+.Ldemo_go:  lea rcx, [rbx + 1]
+    movabs rax, 0x9E3779B97F4A7C15
+    imul rax, rcx
     mov rdi, r11
     shl rdi, 12
     add rdi, r12
@@ -87,7 +96,10 @@ stasis_demo_ring3:
     out dx, al
     jmp .Ldemo_limit
 
-.Ldemo_report:  /* report (counter, checksum) */
+.Ldemo_report:  /* report (index, counter, checksum) */
+    mov dx, 0x714
+    mov eax, r10d
+    out dx, eax
     mov dx, 0x700
     mov eax, ebx
     out dx, eax

@@ -1,6 +1,13 @@
 //! The built-in demo guest: its code (runtime/guest/demo.S, assembled into this crate), the
-//! loader that places it and starts vCPU 0 in ring 3 through a one-instruction ring-0 stub,
-//! and the host's model of its workload, which checks every report it makes.
+//! loader that places it and starts every vCPU in ring 3 through a one-instruction ring-0
+//! stub, and the host's model of its workload, which checks every report it makes.
+//!
+//! With N vCPUs the work area is split into N disjoint slices of consecutive pages (the
+//! first `pages % N` slices one page longer), one per vCPU, so together they cover it all.
+//! vCPU i has its own iretq frame on the ring-0 stack ([`RING0_FRAME_STRIDE`] apart) and its
+//! own ring-3 stack ([`RING3_STACK_STRIDE`] apart); vCPU 0's are where a one-vCPU guest's
+//! always were. They share the GDT and the one TSS: the guest never enters ring 0 from ring
+//! 3 (no IDT, no interrupts), so the TSS is only read, for its I/O permission bitmap.
 
 use super::memory::GuestMemory;
 use super::vm::{self, Vm};
@@ -47,54 +54,83 @@ pub struct DemoConfig {
     pub step_delay: u64,
 }
 
+/// The most vCPUs the demo guest runs (its stacks are laid out for this many).
+pub const MAX_VCPUS: u32 = 8;
+/// Distance between two vCPUs' iretq frames on the ring-0 stack.
+const RING0_FRAME_STRIDE: u64 = 0x800;
+/// Distance between two vCPUs' ring-3 stack tops.
+const RING3_STACK_STRIDE: u64 = 0x2000;
+
 /// Number of work-area pages of a VM with `mem_size` bytes.
 pub fn work_pages(mem_size: u64) -> u64 {
     mem_size.saturating_sub(vm::WORK_ADDR) / 4096
 }
 
-/// Loads the guest into `vm`'s memory and sets up `vcpu` to start it.
-pub fn load(vm: &Vm, vcpu: &VcpuFd, cfg: &DemoConfig) -> Result<(), KvmError> {
+/// vCPU `i`'s slice of the work area of a VM with `mem_size` bytes and `n` vCPUs:
+/// (guest-physical base, pages).
+pub fn slice(mem_size: u64, n: u32, i: u32) -> (u64, u64) {
+    let (n, i) = (u64::from(n.max(1)), u64::from(i));
+    let total = work_pages(mem_size);
+    let (each, extra) = (total / n, total % n);
+    let first = i * each + i.min(extra);
+    (vm::WORK_ADDR + first * 4096, each + u64::from(i < extra))
+}
+
+/// Loads the guest into `vm`'s memory and sets up each of `vcpus` (vCPU i at index i) to
+/// start it on its own slice.
+pub fn load(vm: &Vm, vcpus: &[VcpuFd], cfg: &DemoConfig) -> Result<(), KvmError> {
     let (code, ring3) = code();
     if code.len() as u64 > vm::CODE_MAX || !vm.mem.write(vm::CODE_ADDR, code) {
         return Err(KvmError::invalid(&vm.name, "the demo guest does not fit"));
     }
-    let pages = work_pages(vm.mem.size());
-    if pages == 0 || cfg.report_every == 0 {
+    let n = u32::try_from(vcpus.len()).unwrap_or(u32::MAX);
+    if !(1..=MAX_VCPUS).contains(&n) {
         return Err(KvmError::invalid(
             &vm.name,
-            "the demo guest needs a work area and a report interval",
+            format!("the demo guest runs 1 to {MAX_VCPUS} vCPUs, not {n}"),
+        ));
+    }
+    if work_pages(vm.mem.size()) < u64::from(n) || cfg.report_every == 0 {
+        return Err(KvmError::invalid(
+            &vm.name,
+            "the demo guest needs a work page per vCPU and a report interval",
         ));
     }
     vm.build_tables()?;
-    vm.enter_long_mode(vcpu)?;
-    // The iretq frame on the ring-0 stack: RIP, CS, RFLAGS, RSP, SS.
-    let frame = vm::RING0_STACK_TOP - 5 * 8;
-    let words = [
-        vm::CODE_ADDR + ring3,
-        u64::from(vm::SEL_USER_CS),
-        vm::RFLAGS_IOPL3,
-        vm::RING3_STACK_TOP,
-        u64::from(vm::SEL_USER_DS),
-    ];
-    for (i, w) in words.iter().enumerate() {
-        if !vm.mem.write_u64(frame + 8 * i as u64, *w) {
-            return Err(KvmError::invalid(&vm.name, "no room for the ring-0 stack"));
+    for (i, vcpu) in (0..n).zip(vcpus) {
+        vm.enter_long_mode(vcpu)?;
+        let (base, pages) = slice(vm.mem.size(), n, i);
+        // The iretq frame on the ring-0 stack: RIP, CS, RFLAGS, RSP, SS.
+        let frame = vm::RING0_STACK_TOP - u64::from(i) * RING0_FRAME_STRIDE - 5 * 8;
+        let words = [
+            vm::CODE_ADDR + ring3,
+            u64::from(vm::SEL_USER_CS),
+            vm::RFLAGS_IOPL3,
+            vm::RING3_STACK_TOP - u64::from(i) * RING3_STACK_STRIDE,
+            u64::from(vm::SEL_USER_DS),
+        ];
+        for (k, w) in words.iter().enumerate() {
+            if !vm.mem.write_u64(frame + 8 * k as u64, *w) {
+                return Err(KvmError::invalid(&vm.name, "no room for the ring-0 stack"));
+            }
         }
+        let regs = kvm_regs {
+            rip: vm::CODE_ADDR,
+            rsp: frame,
+            rflags: 0x2,
+            r10: u64::from(i),
+            r12: base,
+            r13: pages,
+            r14: cfg.steps,
+            r15: cfg.report_every,
+            r9: cfg.report_every,
+            r8: cfg.step_delay,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs)
+            .map_err(|e| KvmError::ioctl(&vm.name, "KVM_SET_REGS", e))?;
     }
-    let regs = kvm_regs {
-        rip: vm::CODE_ADDR,
-        rsp: frame,
-        rflags: 0x2,
-        r12: vm::WORK_ADDR,
-        r13: pages,
-        r14: cfg.steps,
-        r15: cfg.report_every,
-        r9: cfg.report_every,
-        r8: cfg.step_delay,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs)
-        .map_err(|e| KvmError::ioctl(&vm.name, "KVM_SET_REGS", e))
+    Ok(())
 }
 
 /// The host's model of the guest's workload: from the counter alone it knows the checksum.
@@ -143,10 +179,10 @@ impl Model {
         Self::value(last).wrapping_add(j)
     }
 
-    /// Checks the work area of `mem` against the model: the first mismatching page.
-    pub fn check_memory(&self, mem: &GuestMemory) -> Option<u64> {
+    /// Checks the slice at `base` of `mem` against the model: the first mismatching page.
+    pub fn check_memory(&self, mem: &GuestMemory, slice: u64) -> Option<u64> {
         (0..self.pages).find(|&p| {
-            let base = vm::WORK_ADDR + p * 4096;
+            let base = slice + p * 4096;
             mem.read_u64(base) != Some(self.word(p, 0))
                 || mem.read_u64(base + 4088) != Some(self.word(p, 511))
         })
@@ -179,19 +215,38 @@ mod tests {
     }
 
     #[test]
+    fn slices_split_the_work_area() {
+        let mem = 16 << 20;
+        assert_eq!(slice(mem, 1, 0), (vm::WORK_ADDR, work_pages(mem)));
+        let total = work_pages(10 << 20);
+        let mut next = vm::WORK_ADDR;
+        for i in 0..7 {
+            let (base, pages) = slice(10 << 20, 7, i);
+            assert_eq!(base, next, "slice {i} follows the one before");
+            assert!(pages == total / 7 || pages == total / 7 + 1);
+            next = base + pages * 4096;
+        }
+        assert_eq!(next, vm::WORK_ADDR + total * 4096, "they cover it all");
+    }
+
+    #[test]
     fn memory_check_finds_a_stale_page() {
         let mem = GuestMemory::new("t", 2 << 20).expect("memfd");
         let mut m = Model::new(work_pages(mem.size()));
         assert_eq!(m.pages, 256);
-        assert_eq!(m.check_memory(&mem), None, "fresh memory is all zero");
+        assert_eq!(
+            m.check_memory(&mem, vm::WORK_ADDR),
+            None,
+            "fresh memory is all zero"
+        );
         m.advance_to(600);
         for p in 0..m.pages {
             for j in [0, 511] {
                 assert!(mem.write_u64(vm::WORK_ADDR + p * 4096 + j * 8, m.word(p, j)));
             }
         }
-        assert_eq!(m.check_memory(&mem), None);
+        assert_eq!(m.check_memory(&mem, vm::WORK_ADDR), None);
         assert!(mem.write_u64(vm::WORK_ADDR + 7 * 4096, Model::value(7)));
-        assert_eq!(m.check_memory(&mem), Some(7));
+        assert_eq!(m.check_memory(&mem, vm::WORK_ADDR), Some(7));
     }
 }

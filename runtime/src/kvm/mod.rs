@@ -1,5 +1,6 @@
 //! A small KVM virtual machine monitor: one VM per process, its guest memory in a memfd,
-//! vCPUs in 64-bit long mode set up by the VMM ([`vm`]), the vCPU run loop ([`vcpu`]), a
+//! vCPUs in 64-bit long mode set up by the VMM ([`vm`]), the vCPU run loop ([`vcpu`]) on one
+//! thread per vCPU ([`threads`]), a
 //! 16550 serial console ([`serial`]), the demo guest's report device ([`report`]), the
 //! built-in demo guest ([`demo`]), the Linux bzImage loader ([`linux`]), the console client
 //! ([`console`]) and the VMM process with its control socket ([`vmm`]).
@@ -18,6 +19,7 @@ pub mod report;
 pub mod serial;
 pub mod snapshot;
 pub mod state;
+pub mod threads;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -1,19 +1,34 @@
 //! The demo guest's report device: four 32-bit registers at ports 0x700..0x70f (counter
-//! low, counter high, checksum low, checksum high; writing the last commits a report), and
-//! the shutdown port 0x710. Every committed report is checked against the host's model of
-//! the workload: the counter must have advanced by exactly the report interval (or reached
-//! the step limit) and the checksum must be the model's.
+//! low, counter high, checksum low, checksum high; writing the last commits a report), the
+//! shutdown port 0x710 and the index port 0x714. Every committed report is checked against
+//! the host's model of the workload: the counter must have advanced by exactly the report
+//! interval (or reached the step limit) and the checksum must be the model's.
+//!
+//! Each vCPU has a device of its own (the VMM knows which vCPU made an I/O exit), with its
+//! own model of that vCPU's slice of the work area. A guest names its vCPU on the index port
+//! before each report; a report whose index is not the device's vCPU is an error. Guests
+//! started before multi-vCPU support (restored from older images) never write the index
+//! port, so a report without one is accepted.
 
 use super::demo::Model;
+use super::vm;
 use serde::{Deserialize, Serialize};
 
 pub const REPORT_PORT: u16 = 0x700;
 pub const SHUTDOWN_PORT: u16 = 0x710;
+pub const INDEX_PORT: u16 = 0x714;
 
 /// The device's registers and what it has seen.
 #[derive(Debug, Clone)]
 pub struct ReportDevice {
+    /// The vCPU whose reports this device checks.
+    pub index: u32,
     latch: [u32; 4],
+    /// The index the guest wrote for the report being latched (not kept in snapshots: a
+    /// report split by a snapshot goes unchecked for its index, nothing worse).
+    index_latch: Option<u32>,
+    /// Guest-physical base of the vCPU's work slice.
+    base: u64,
     model: Model,
     every: u64,
     limit: u64,
@@ -27,6 +42,10 @@ pub struct ReportDevice {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportState {
     pub latch: [u32; 4],
+    /// Guest-physical base of the vCPU's work slice; 0 (images of one vCPU written before
+    /// multi-vCPU support) means the whole work area at [`super::vm::WORK_ADDR`].
+    #[serde(default)]
+    pub base: u64,
     pub pages: u64,
     pub counter: u64,
     pub checksum: u64,
@@ -40,6 +59,7 @@ impl ReportDevice {
     pub fn state(&self) -> ReportState {
         ReportState {
             latch: self.latch,
+            base: self.base,
             pages: self.model.pages,
             counter: self.model.counter,
             checksum: self.model.checksum,
@@ -52,9 +72,12 @@ impl ReportDevice {
 
     /// The device as saved (its error count carries over: a restored VM that had errors
     /// still reports them).
-    pub fn from_state(s: &ReportState) -> Self {
+    pub fn from_state(index: u32, s: &ReportState) -> Self {
         ReportDevice {
+            index,
             latch: s.latch,
+            index_latch: None,
+            base: if s.base == 0 { vm::WORK_ADDR } else { s.base },
             model: Model {
                 pages: s.pages,
                 counter: s.counter,
@@ -68,9 +91,13 @@ impl ReportDevice {
         }
     }
 
-    pub fn new(pages: u64, every: u64, limit: u64) -> Self {
+    /// The device of vCPU `index`, whose slice is `pages` pages at `base`.
+    pub fn new(index: u32, base: u64, pages: u64, every: u64, limit: u64) -> Self {
         ReportDevice {
+            index,
             latch: [0; 4],
+            index_latch: None,
+            base,
             model: Model::new(pages),
             every,
             limit,
@@ -81,7 +108,7 @@ impl ReportDevice {
     }
 
     pub fn handles(port: u16) -> bool {
-        (REPORT_PORT..REPORT_PORT + 16).contains(&port)
+        (REPORT_PORT..REPORT_PORT + 16).contains(&port) || port == INDEX_PORT
     }
 
     /// The counter and checksum of the last report.
@@ -92,6 +119,11 @@ impl ReportDevice {
     /// The host's model of the workload at the last report.
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// Guest-physical base of the vCPU's work slice.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Records an error found outside a report (e.g. in guest memory).
@@ -107,6 +139,10 @@ impl ReportDevice {
             self.error(format!("a {}-byte write to port {port:#x}", data.len()));
             return false;
         };
+        if port == INDEX_PORT {
+            self.index_latch = Some(u32::from_le_bytes(word));
+            return false;
+        }
         if !port.is_multiple_of(4) || reg >= 4 {
             self.error(format!("a write to unaligned port {port:#x}"));
             return false;
@@ -117,6 +153,15 @@ impl ReportDevice {
         }
         let counter = u64::from(self.latch[0]) | (u64::from(self.latch[1]) << 32);
         let checksum = u64::from(self.latch[2]) | (u64::from(self.latch[3]) << 32);
+        if let Some(i) = self.index_latch.take() {
+            if i != self.index {
+                self.error(format!(
+                    "report {}: vCPU {} reported as vCPU {i}",
+                    self.reports + 1,
+                    self.index
+                ));
+            }
+        }
         self.commit(counter, checksum);
         true
     }
@@ -161,7 +206,7 @@ mod tests {
     #[test]
     fn checks_counter_and_checksum() {
         let mut truth = Model::new(5);
-        let mut d = ReportDevice::new(5, 4, 10);
+        let mut d = ReportDevice::new(0, vm::WORK_ADDR, 5, 4, 10);
         truth.advance_to(4);
         assert!(report(&mut d, 4, truth.checksum));
         truth.advance_to(8);
@@ -170,7 +215,7 @@ mod tests {
         assert!(report(&mut d, 10, truth.checksum), "the limit ends early");
         assert_eq!((d.reports, d.errors), (3, 0));
 
-        let mut d = ReportDevice::new(5, 4, 0);
+        let mut d = ReportDevice::new(0, vm::WORK_ADDR, 5, 4, 0);
         assert!(report(&mut d, 4, 1234));
         assert_eq!(d.errors, 1, "bad checksum");
         truth = Model::new(5);
@@ -184,5 +229,24 @@ mod tests {
         truth.advance_to(8);
         report(&mut d, 8, truth.checksum);
         assert_eq!(d.errors, 3, "and it resynchronizes");
+    }
+
+    #[test]
+    fn a_report_names_its_vcpu() {
+        let mut truth = Model::new(5);
+        let mut d = ReportDevice::new(2, vm::WORK_ADDR, 5, 4, 0);
+        truth.advance_to(4);
+        assert!(!d.write(INDEX_PORT, &2u32.to_le_bytes()));
+        assert!(report(&mut d, 4, truth.checksum));
+        assert_eq!(d.errors, 0, "its own index");
+        truth.advance_to(8);
+        assert!(report(&mut d, 8, truth.checksum));
+        assert_eq!(d.errors, 0, "no index (an older guest): accepted");
+        truth.advance_to(12);
+        assert!(!d.write(INDEX_PORT, &1u32.to_le_bytes()));
+        assert!(report(&mut d, 12, truth.checksum));
+        assert_eq!(d.errors, 1, "another vCPU's index");
+        let back = ReportDevice::from_state(2, &d.state());
+        assert_eq!((back.base(), back.last()), (vm::WORK_ADDR, d.last()));
     }
 }

@@ -1,4 +1,4 @@
-//! Snapshots from the VMM's side: pausing the vCPU and handing out its state, KVM's dirty
+//! Snapshots from the VMM's side: pausing every vCPU and handing out their state, KVM's dirty
 //! log of guest memory, and starting a VM from a saved state.
 //!
 //! Who writes the image: stasis, not the VMM. The VMM only pauses, reports state and dirty
@@ -13,8 +13,9 @@
 //!   status report.
 //! - `dirty-log fetch` (while logging): answers a [`Dirty`], the pages written since the
 //!   last fetch or `dirty-log start` (each pre-copy round copies those while the guest runs).
-//! - `pause`: kicks the vCPU out of KVM_RUN, completes pending I/O, saves the vCPU, VM and
-//!   device state and (when logging) the dirty pages since the last fetch, and answers a
+//! - `pause`: kicks every vCPU out of KVM_RUN, completes their pending I/O, saves every
+//!   vCPU's state, then the VM and device state and (when logging) the dirty pages since the
+//!   last fetch, and answers a
 //!   [`Paused`]. The connection stays open: the next line is `resume` (answered with a
 //!   [`Resumed`]) or `stop` (the VM is torn down and its record removed; answered with the
 //!   final status report). A closed connection, a timeout or anything else resumes.
@@ -34,10 +35,12 @@ pub struct VmSnapshot {
     pub guest: String,
     /// Bytes of guest memory (one slot at guest-physical 0).
     pub memory: u64,
+    /// vCPU i at index i.
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialState,
-    pub report: ReportState,
+    /// Each vCPU's report device, in vCPU order (one per vCPU).
+    pub reports: Vec<ReportState>,
 }
 
 /// The answer to `pause`.

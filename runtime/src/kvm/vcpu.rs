@@ -46,14 +46,32 @@ pub fn install_handler(
     }
 }
 
-/// What the VM is doing and has done, shared between the vCPU thread and the control
-/// socket.
+/// One vCPU's demo workload as its report device last saw it.
 #[derive(Debug, Default)]
-pub struct VmStatus {
+pub struct VcpuStatus {
     pub counter: AtomicU64,
     pub checksum: AtomicU64,
     pub reports: AtomicU64,
     pub errors: AtomicU64,
+}
+
+impl VcpuStatus {
+    /// Publishes what `dev` has seen.
+    pub fn publish(&self, dev: &ReportDevice) {
+        let (counter, checksum) = dev.last();
+        self.counter.store(counter, Ordering::Relaxed);
+        self.checksum.store(checksum, Ordering::Relaxed);
+        self.reports.store(dev.reports, Ordering::Relaxed);
+        self.errors.store(dev.errors, Ordering::Relaxed);
+    }
+}
+
+/// What the VM is doing and has done, shared between the vCPU threads and the control
+/// socket.
+#[derive(Debug, Default)]
+pub struct VmStatus {
+    /// One per vCPU, in vCPU order.
+    pub vcpus: Vec<VcpuStatus>,
     pub serial_bytes: AtomicU64,
     pub exits: AtomicU64,
     /// Microseconds from the first KVM_RUN to the guest's first port I/O (its ring-0 setup
@@ -65,9 +83,23 @@ pub struct VmStatus {
 }
 
 impl VmStatus {
-    /// Publishes the report device's error count and last error.
-    pub fn take_errors(&self, dev: &ReportDevice) {
-        self.errors.store(dev.errors, Ordering::Relaxed);
+    /// The status of a VM with `vcpus` vCPUs, before any runs.
+    pub fn new(vcpus: usize) -> Self {
+        VmStatus {
+            vcpus: (0..vcpus).map(|_| VcpuStatus::default()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Publishes what a vCPU's report device has seen, its last error included.
+    pub fn take_report(&self, dev: &ReportDevice) {
+        let Some(v) = usize::try_from(dev.index)
+            .ok()
+            .and_then(|i| self.vcpus.get(i))
+        else {
+            return;
+        };
+        v.publish(dev);
         if dev.errors > 0 {
             if let Ok(mut e) = self.last_error.lock() {
                 e.clone_from(&dev.last_error);
@@ -80,10 +112,11 @@ impl VmStatus {
 pub const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 
-/// The devices on the guest's I/O ports.
+/// The devices on the guest's I/O ports, as one vCPU's thread sees them.
 pub struct Devices {
-    /// Shared with the control socket, which queues console input.
+    /// Shared with the other vCPUs and the control socket, which queues console input.
     pub serial: Arc<Mutex<Serial>>,
+    /// This vCPU's own.
     pub report: ReportDevice,
     /// A Linux guest: KVM_EXIT_SHUTDOWN (a triple fault, which is how `reboot=t` resets)
     /// ends it cleanly rather than as a failure.
@@ -147,12 +180,9 @@ pub fn run(
                 } else if port == I8042_COMMAND && data.first() == Some(&I8042_RESET) {
                     return Ok(Ended::Reset("i8042 reset (0xfe to port 0x64)"));
                 } else if ReportDevice::handles(port) {
-                    if dev.report.write(port, data) {
-                        let (counter, checksum) = dev.report.last();
-                        status.counter.store(counter, Ordering::Relaxed);
-                        status.checksum.store(checksum, Ordering::Relaxed);
-                        status.reports.store(dev.report.reports, Ordering::Relaxed);
-                        status.take_errors(&dev.report);
+                    let committed = dev.report.write(port, data);
+                    if committed || dev.report.errors > 0 {
+                        status.take_report(&dev.report);
                     }
                 } else if port == SHUTDOWN_PORT {
                     return Ok(Ended::Shutdown(data.first().copied().unwrap_or(0)));

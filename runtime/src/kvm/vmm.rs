@@ -1,11 +1,12 @@
-//! The VMM process of one VM: it owns the VM, runs its vCPU on a thread, writes the serial
+//! The VMM process of one VM: it owns the VM, runs each vCPU on a thread of its own
+//! ([`super::threads`]), writes the serial
 //! console to the VM's log (and the terminal in the foreground), and answers on a unix
 //! control socket. Its record, `STATE/vms/NAME.json`, names its PID and start time and is
 //! believed only while that process lives, like a container's; the log is `NAME.log` and
 //! the socket `NAME.sock` beside it.
 //!
 //! Control protocol (version 1): a client connects, sends one line (`status` or `stop`)
-//! and reads one line of JSON, a [`VmReport`]; `stop` answers once the vCPU has left
+//! and reads one line of JSON, a [`VmReport`]; `stop` answers once every vCPU has left
 //! KVM_RUN and the VM is torn down. The snapshot commands (`dirty-log start`, `pause`) are
 //! described in [`super::snapshot`]; `console-input` (a stream of bytes for the guest's
 //! serial receiver) in [`super::console`].
@@ -16,7 +17,8 @@ use super::linux;
 use super::report::ReportDevice;
 use super::serial::{Serial, COM1, COM1_IRQ};
 use super::snapshot::{self, Paused, Restore, Resumed, VmSnapshot};
-use super::state::{VcpuState, VmState};
+use super::state::VmState;
+use super::threads::VcpuThreads;
 use super::vcpu::{self, Devices, Ended, VmStatus};
 use super::vm::Vm;
 use super::{hardware_virtualization, KvmError};
@@ -25,10 +27,9 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Version of [`VmRecord`] and of the control protocol.
@@ -53,6 +54,7 @@ pub struct VmConfig {
     pub name: String,
     /// Bytes of guest memory.
     pub memory: u64,
+    /// 1 to [`demo::MAX_VCPUS`] for the demo guest, 1 for a Linux kernel.
     pub vcpus: u32,
     pub guest: Guest,
     /// The demo guest's steps between reports.
@@ -91,6 +93,17 @@ impl VmRecord {
     }
 }
 
+/// One vCPU's demo workload, as its report device last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuReport {
+    pub index: u32,
+    /// Steps done by this vCPU, on its own slice of the work area.
+    pub counter: u64,
+    pub checksum: u64,
+    pub reports: u64,
+    pub errors: u64,
+}
+
 /// A VM's state as its VMM reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmReport {
@@ -102,11 +115,15 @@ pub struct VmReport {
     pub guest: String,
     pub memory: u64,
     pub vcpus: u32,
-    /// The demo guest's step counter at its last report.
+    /// The demo guest's steps at the vCPUs' last reports, summed over its vCPUs (with one
+    /// vCPU: its counter; once memory is filled, at least the work area's pages).
     pub counter: u64,
+    /// vCPU 0's checksum at its last report (each vCPU's is in `per_vcpu`).
     pub checksum: u64,
+    /// Summed over the vCPUs.
     pub reports: u64,
-    /// Reports that did not match the host's model of the workload.
+    /// Reports (or memory checks) that did not match the host's model of the workload,
+    /// summed over the vCPUs.
     pub errors: u64,
     pub last_error: Option<String>,
     pub serial_bytes: u64,
@@ -123,6 +140,9 @@ pub struct VmReport {
     /// Bytes of console input queued for the guest that it has not read yet.
     #[serde(default)]
     pub serial_rx: u64,
+    /// Each vCPU's counter and checksum, in vCPU order.
+    #[serde(default)]
+    pub per_vcpu: Vec<VcpuReport>,
 }
 
 /// Refuses what this host or this VMM cannot run, before anything is created.
@@ -150,10 +170,21 @@ pub fn check_config(cfg: &VmConfig) -> Result<(), KvmError> {
             linux::check(name, kernel, initrd.as_deref(), cmdline, cfg.memory)?;
         }
     }
-    if cfg.vcpus != 1 {
+    let max = match cfg.guest {
+        Guest::Demo => demo::MAX_VCPUS,
+        Guest::Kernel { .. } => 1,
+    };
+    if !(1..=max).contains(&cfg.vcpus) {
         return Err(KvmError::invalid(
             name,
-            format!("--vcpus {}: this VMM runs one vCPU", cfg.vcpus),
+            format!(
+                "--vcpus {}: this VMM runs 1 to {max} vCPUs for the {} guest",
+                cfg.vcpus,
+                match cfg.guest {
+                    Guest::Demo => "demo",
+                    Guest::Kernel { .. } => "Linux",
+                }
+            ),
         ));
     }
     if !Path::new("/dev/kvm").exists() {
@@ -195,13 +226,13 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The VM, set up and recorded, before its vCPU runs.
+/// The VM, set up and recorded, before its vCPUs run.
 struct Prepared {
     vm: Vm,
-    vcpu: kvm_ioctls::VcpuFd,
+    /// vCPU i at index i, each with its devices.
+    vcpus: Vec<(kvm_ioctls::VcpuFd, Devices)>,
     rec: VmRecord,
     listener: UnixListener,
-    devices: Devices,
 }
 
 fn prepare(
@@ -232,11 +263,13 @@ fn prepare(
         // Before the vCPU: its local APIC is created with it.
         vm.create_irqchip()?;
     }
-    let vcpu = vm.create_vcpu(0)?;
+    let vcpus = (0..cfg.vcpus)
+        .map(|i| vm.create_vcpu(u64::from(i)))
+        .collect::<Result<Vec<_>, _>>()?;
     match (&cfg.restore, &cfg.guest) {
         (None, Guest::Demo) => demo::load(
             &vm,
-            &vcpu,
+            &vcpus,
             &DemoConfig {
                 report_every: cfg.report_every,
                 steps: cfg.steps,
@@ -251,9 +284,12 @@ fn prepare(
                 cmdline,
             },
         ) => {
-            linux::load(&vm, &vcpu, kernel, initrd.as_deref(), cmdline)?;
+            let [vcpu] = vcpus.as_slice() else {
+                return Err(KvmError::invalid(name, "a Linux guest runs one vCPU"));
+            };
+            linux::load(&vm, vcpu, kernel, initrd.as_deref(), cmdline)?;
         }
-        (Some(r), _) => restore_state(&vm, &vcpu, r)?,
+        (Some(r), _) => restore_state(&vm, &vcpus, r)?,
     }
     let log = vms.log_path(name);
     let file = std::fs::File::create(&log)
@@ -293,29 +329,50 @@ fn prepare(
         socket,
     };
     vms.write_as(name, &rec)?;
-    let devices = match &cfg.restore {
-        None => Devices {
-            serial: Arc::new(Mutex::new(Serial::new(COM1, sinks))),
-            report: ReportDevice::new(demo::work_pages(cfg.memory), cfg.report_every, cfg.steps),
-            linux,
-        },
-        Some(r) => Devices {
-            serial: Arc::new(Mutex::new(Serial::from_state(&r.snapshot.serial, sinks))),
-            report: ReportDevice::from_state(&r.snapshot.report),
-            linux,
-        },
-    };
+    let serial = Arc::new(Mutex::new(match &cfg.restore {
+        None => Serial::new(COM1, sinks),
+        Some(r) => Serial::from_state(&r.snapshot.serial, sinks),
+    }));
+    let vcpus = (0..cfg.vcpus)
+        .zip(vcpus)
+        .map(|(i, fd)| {
+            let report = match &cfg.restore {
+                None => {
+                    let (base, pages) = demo::slice(cfg.memory, cfg.vcpus, i);
+                    ReportDevice::new(i, base, pages, cfg.report_every, cfg.steps)
+                }
+                // restore_state checked there is one per vCPU.
+                Some(r) => {
+                    let s = usize::try_from(i)
+                        .ok()
+                        .and_then(|i| r.snapshot.reports.get(i))
+                        .cloned()
+                        .unwrap_or_default();
+                    ReportDevice::from_state(i, &s)
+                }
+            };
+            let serial = serial.clone();
+            (
+                fd,
+                Devices {
+                    serial,
+                    report,
+                    linux,
+                },
+            )
+        })
+        .collect();
     Ok(Prepared {
         vm,
-        vcpu,
+        vcpus,
         rec,
         listener,
-        devices,
     })
 }
 
-/// Puts a snapshot's memory and state into a fresh VM and vCPU.
-fn restore_state(vm: &Vm, vcpu: &kvm_ioctls::VcpuFd, r: &Restore) -> Result<(), KvmError> {
+/// Puts a snapshot's memory and state into a fresh VM and its vCPUs (all of them before
+/// any runs).
+fn restore_state(vm: &Vm, vcpus: &[kvm_ioctls::VcpuFd], r: &Restore) -> Result<(), KvmError> {
     let snap = &r.snapshot;
     if snap.memory != vm.mem.size() {
         return Err(KvmError::invalid(
@@ -327,23 +384,35 @@ fn restore_state(vm: &Vm, vcpu: &kvm_ioctls::VcpuFd, r: &Restore) -> Result<(), 
             ),
         ));
     }
-    let [cpu] = snap.vcpus.as_slice() else {
+    if snap.vcpus.len() != vcpus.len() || snap.reports.len() != vcpus.len() {
         return Err(KvmError::invalid(
             &vm.name,
             format!(
-                "the snapshot has {} vCPUs; this VMM runs 1",
-                snap.vcpus.len()
+                "the snapshot has {} vCPUs and {} report devices; the VM {} vCPUs",
+                snap.vcpus.len(),
+                snap.reports.len(),
+                vcpus.len()
             ),
         ));
-    };
+    }
+    for (i, cpu) in snap.vcpus.iter().enumerate() {
+        if usize::try_from(cpu.id).ok() != Some(i) {
+            return Err(KvmError::invalid(
+                &vm.name,
+                format!("the snapshot's vCPU {i} is numbered {}", cpu.id),
+            ));
+        }
+    }
     (r.fill)(&vm.name, &vm.mem).map_err(|e| KvmError::invalid(&vm.name, e))?;
     snap.vm.restore(&vm.name, &vm.fd)?;
-    let refused = cpu.restore(&vm.name, vcpu)?;
-    if !refused.is_empty() {
-        eprintln!(
-            "stasis: VM {}: KVM refused to set MSRs {refused:x?}",
-            vm.name
-        );
+    for (cpu, vcpu) in snap.vcpus.iter().zip(vcpus) {
+        let refused = cpu.restore(&vm.name, vcpu)?;
+        if !refused.is_empty() {
+            eprintln!(
+                "stasis: VM {}: KVM refused to set MSRs {refused:x?} of vCPU {}",
+                vm.name, cpu.id
+            );
+        }
     }
     Ok(())
 }
@@ -366,7 +435,18 @@ impl Reporter<'_> {
 
 fn report_of(rec: &VmRecord, st: &VmStatus, started: Instant, state: &str) -> VmReport {
     let up = started.elapsed();
-    let counter = st.counter.load(Ordering::Relaxed);
+    let per_vcpu: Vec<VcpuReport> = (0u32..)
+        .zip(&st.vcpus)
+        .map(|(index, v)| VcpuReport {
+            index,
+            counter: v.counter.load(Ordering::Relaxed),
+            checksum: v.checksum.load(Ordering::Relaxed),
+            reports: v.reports.load(Ordering::Relaxed),
+            errors: v.errors.load(Ordering::Relaxed),
+        })
+        .collect();
+    let sum = |f: fn(&VcpuReport) -> u64| per_vcpu.iter().map(f).fold(0u64, u64::saturating_add);
+    let counter = sum(|v| v.counter);
     VmReport {
         version: VERSION,
         name: rec.name.clone(),
@@ -376,9 +456,9 @@ fn report_of(rec: &VmRecord, st: &VmStatus, started: Instant, state: &str) -> Vm
         memory: rec.memory,
         vcpus: rec.vcpus,
         counter,
-        checksum: st.checksum.load(Ordering::Relaxed),
-        reports: st.reports.load(Ordering::Relaxed),
-        errors: st.errors.load(Ordering::Relaxed),
+        checksum: per_vcpu.first().map_or(0, |v| v.checksum),
+        reports: sum(|v| v.reports),
+        errors: sum(|v| v.errors),
         last_error: st.last_error.lock().ok().and_then(|e| e.clone()),
         serial_bytes: st.serial_bytes.load(Ordering::Relaxed),
         exits: st.exits.load(Ordering::Relaxed),
@@ -388,79 +468,47 @@ fn report_of(rec: &VmRecord, st: &VmStatus, started: Instant, state: &str) -> Vm
         end: None,
         mem_host_addr: st.mem_host_addr.load(Ordering::Relaxed),
         serial_rx: 0,
+        per_vcpu,
     }
 }
 
-/// What the vCPU thread tells the control loop once paused.
-struct SavedState {
-    vcpu: VcpuState,
-    vm: VmState,
-    serial: super::serial::SerialState,
-    report: super::report::ReportState,
-    at: Instant,
-}
-
-/// What the control loop tells a paused vCPU thread.
-enum VcpuCommand {
-    Resume,
-    Stop,
-}
-
-/// On the vCPU thread, out of KVM_RUN: completes the I/O the last exit left pending (a
-/// KVM_RUN with immediate_exit, so RIP is past the `in`/`out`), then saves all state.
-fn save_paused(
-    vm: &Vm,
-    vcpu: &mut kvm_ioctls::VcpuFd,
-    devices: &Devices,
-) -> Result<SavedState, KvmError> {
-    let at = Instant::now();
-    vcpu.set_kvm_immediate_exit(1);
-    let flushed = vcpu.run().map(|_| ());
-    vcpu.set_kvm_immediate_exit(0);
-    match flushed {
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-        Err(e) => return Err(KvmError::ioctl(&vm.name, "KVM_RUN (immediate exit)", e)),
-        Ok(()) => {
-            return Err(KvmError::Guest {
-                vm: vm.name.clone(),
-                what: "KVM_RUN with immediate_exit entered the guest".into(),
-            })
-        }
-    }
-    Ok(SavedState {
-        vcpu: VcpuState::save(&vm.name, vm.kvm(), vcpu, 0)?,
-        vm: VmState::save(&vm.name, &vm.fd, vm.irqchip)?,
-        serial: lock(&devices.serial).state(),
-        report: devices.report.state(),
-        at,
-    })
-}
-
-/// The control loop's side of `pause`: everything it needs to pause the vCPU thread.
+/// The control loop's side of `pause`: everything it needs to pause the vCPU threads.
 struct PauseControl<'a> {
     vm: &'a Vm,
     rec: &'a VmRecord,
-    pause: &'a AtomicBool,
-    thread: &'a std::thread::JoinHandle<Result<Ended, KvmError>>,
-    paused_rx: &'a mpsc::Receiver<Result<SavedState, KvmError>>,
-    cmd_tx: &'a mpsc::Sender<VcpuCommand>,
+    serial: &'a Mutex<Serial>,
+    threads: &'a VcpuThreads,
 }
 
 /// How long a paused VM waits for `resume` or `stop` before resuming by itself.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl PauseControl<'_> {
-    /// Pauses the vCPU, answers a [`Paused`], then waits for `resume` or `stop`; returns
+    /// Pauses every vCPU, answers a [`Paused`], then waits for `resume` or `stop`; returns
     /// true for `stop` (the caller tears the VM down and answers).
     fn serve(&self, conn: &mut UnixStream, dirty_logging: bool) -> bool {
-        let saved = match self.pause_vcpu() {
+        let saved = match self.threads.pause_all() {
             Ok(s) => s,
             Err(e) => {
                 reply_error(conn, &e);
                 return false;
             }
         };
-        let at = saved.at;
+        // Every vCPU is out of KVM_RUN: the VM-wide state and the shared UART are still.
+        let vm_state = match VmState::save(&self.vm.name, &self.vm.fd, self.vm.irqchip) {
+            Ok(v) => v,
+            Err(e) => {
+                self.threads.resume_all();
+                reply_error(conn, &e);
+                return false;
+            }
+        };
+        let serial = lock(self.serial).state();
+        let at = saved
+            .iter()
+            .map(|s| s.at)
+            .min()
+            .unwrap_or_else(Instant::now);
         // Dirty logging is turned off only once the guest runs again: changing the memory
         // slot's flags takes KVM milliseconds (4-19 ms for 1 GiB here) that would otherwise
         // all be pause.
@@ -469,7 +517,7 @@ impl PauseControl<'_> {
             match d {
                 Ok(bitmap) => Some(snapshot::dirty_runs(&bitmap)),
                 Err(e) => {
-                    self.resume();
+                    self.threads.resume_all();
                     let _ = self.vm.set_dirty_logging(false);
                     reply_error(conn, &e);
                     return false;
@@ -478,16 +526,17 @@ impl PauseControl<'_> {
         } else {
             None
         };
+        let (vcpus, reports) = saved.into_iter().map(|s| (s.vcpu, s.report)).unzip();
         let paused = Paused {
             snapshot: VmSnapshot {
                 version: VERSION,
                 name: self.rec.name.clone(),
                 guest: self.rec.guest.clone(),
                 memory: self.rec.memory,
-                vcpus: vec![saved.vcpu],
-                vm: saved.vm,
-                serial: saved.serial,
-                report: saved.report,
+                vcpus,
+                vm: vm_state,
+                serial,
+                reports,
             },
             pid: self.rec.pid,
             mem_host_addr: self.vm.mem.host_addr(),
@@ -499,53 +548,16 @@ impl PauseControl<'_> {
         let mut line = String::new();
         let _ = BufReader::new(&mut *conn).read_line(&mut line);
         if line.trim() == "stop" {
-            let _ = self.cmd_tx.send(VcpuCommand::Stop);
+            self.threads.stop_paused();
             return true;
         }
-        self.resume();
+        self.threads.resume_all();
         let paused_us = micros(at.elapsed());
         if dirty_logging {
             let _ = self.vm.set_dirty_logging(false);
         }
         send_json(conn, &Resumed { paused_us });
         false
-    }
-
-    fn pause_vcpu(&self) -> Result<SavedState, KvmError> {
-        self.pause.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.thread.is_finished() {
-                self.pause.store(false, Ordering::SeqCst);
-                return Err(KvmError::Guest {
-                    vm: self.rec.name.clone(),
-                    what: "the guest ended before it could be paused".into(),
-                });
-            }
-            // SAFETY: the thread has not been joined (the caller holds its handle), so its
-            // pthread_t is valid; the signal's handler is a no-op.
-            unsafe { libc::pthread_kill(self.thread.as_pthread_t(), vcpu::KICK_SIGNAL) };
-            match self.paused_rx.recv_timeout(Duration::from_micros(500)) {
-                Ok(Ok(s)) => return Ok(s),
-                Ok(Err(e)) => {
-                    self.resume();
-                    return Err(e);
-                }
-                Err(_) if Instant::now() > deadline => {
-                    self.pause.store(false, Ordering::SeqCst);
-                    return Err(KvmError::Guest {
-                        vm: self.rec.name.clone(),
-                        what: "the vCPU did not leave KVM_RUN within 10 s".into(),
-                    });
-                }
-                Err(_) => {}
-            }
-        }
-    }
-
-    fn resume(&self) {
-        self.pause.store(false, Ordering::SeqCst);
-        let _ = self.cmd_tx.send(VcpuCommand::Resume);
     }
 }
 
@@ -659,74 +671,46 @@ fn serve(
     };
     let Prepared {
         vm,
-        mut vcpu,
+        vcpus,
         rec,
         listener,
-        mut devices,
     } = p;
-    let status = Arc::new(VmStatus::default());
+    let status = Arc::new(VmStatus::new(vcpus.len()));
     status
         .mem_host_addr
         .store(vm.mem.host_addr(), Ordering::Relaxed);
-    // A restored VM carries on from its snapshot's last report.
-    let (counter, checksum) = devices.report.last();
-    status.counter.store(counter, Ordering::Relaxed);
-    status.checksum.store(checksum, Ordering::Relaxed);
-    status
-        .reports
-        .store(devices.report.reports, Ordering::Relaxed);
-    status.take_errors(&devices.report);
+    // A restored VM carries on from its snapshot's last reports.
+    for (_, d) in &vcpus {
+        status.take_report(&d.report);
+    }
+    let Some(serial) = vcpus.first().map(|(_, d)| d.serial.clone()) else {
+        return Err(KvmError::invalid(&name, "a VM needs a vCPU"));
+    };
     let stop = Arc::new(AtomicBool::new(false));
-    let pause = Arc::new(AtomicBool::new(false));
     let vm = Arc::new(vm);
     if vm.irqchip {
         let line = vm.clone();
-        lock(&devices.serial).set_irq(Box::new(move |level| {
+        lock(&serial).set_irq(Box::new(move |level| {
             // KVM_IRQ_LINE on a VM with an irqchip fails only for a bad GSI.
             let _ = line.fd.set_irq_line(COM1_IRQ, level);
         }));
     }
-    let serial = devices.serial.clone();
     let ended = Arc::new(AtomicBool::new(false));
-    let (paused_tx, paused_rx) = mpsc::channel::<Result<SavedState, KvmError>>();
-    let (cmd_tx, cmd_rx) = mpsc::channel::<VcpuCommand>();
     let started = Instant::now();
-    let thread = {
-        let (status, stop, pause, vm_name) =
-            (status.clone(), stop.clone(), pause.clone(), name.clone());
-        let vm = vm.clone();
-        std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(move || {
-                let r = loop {
-                    let r = vcpu::run(&vm_name, &mut vcpu, &mut devices, &status, &stop, &pause);
-                    if !matches!(r, Ok(Ended::Paused)) {
-                        break r;
-                    }
-                    let _ = paused_tx.send(save_paused(&vm, &mut vcpu, &devices));
-                    match cmd_rx.recv() {
-                        Ok(VcpuCommand::Resume) => continue,
-                        Ok(VcpuCommand::Stop) | Err(_) => break Ok(Ended::Stopped),
-                    }
-                };
-                if let Ok(Ended::Shutdown(_)) = r {
-                    // The guest stopped right after its last report: all of its memory
-                    // must be what the model says.
-                    let model = *devices.report.model();
-                    if let Some(p) = model.check_memory(&vm.mem) {
-                        devices.report.error(format!(
-                            "guest memory: work page {p} differs from the model at counter {}",
-                            model.counter
-                        ));
-                        status.take_errors(&devices.report);
-                    }
-                }
-                drop(vcpu);
-                drop(vm);
-                r
-            })
-            .map_err(|e| KvmError::sys(&name, "spawn the vCPU thread", e))?
-    };
+    let mut threads = VcpuThreads::new(&name, stop.clone());
+    for (fd, devices) in vcpus {
+        if let Err(e) = threads.spawn(&vm, fd, devices, &status) {
+            // The vCPUs already started must not outlive the error.
+            stop.store(true, Ordering::SeqCst);
+            while !threads.all_finished() {
+                threads.kick_all();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = threads.join();
+            confirm.say(&e.to_string());
+            return Err(e);
+        }
+    }
     confirm.running();
     let reporter = Reporter {
         rec: &rec,
@@ -736,14 +720,12 @@ fn serve(
     };
     let mut waiting: Vec<UnixStream> = Vec::new();
     let mut dirty_logging = false;
-    while !thread.is_finished() {
+    while !threads.all_finished() {
         if SIGNALLED.load(Ordering::SeqCst) || confirm.poll(false) {
             stop.store(true, Ordering::SeqCst);
         }
         if stop.load(Ordering::SeqCst) {
-            // SAFETY: the thread has not been joined (is_finished was false just now, and a
-            // finished thread's pthread_t stays valid until join); the handler is a no-op.
-            unsafe { libc::pthread_kill(thread.as_pthread_t(), vcpu::KICK_SIGNAL) };
+            threads.kick_all();
         }
         match listener.accept() {
             Ok((mut conn, _)) => {
@@ -785,10 +767,8 @@ fn serve(
                         let ctl = PauseControl {
                             vm: &vm,
                             rec: &rec,
-                            pause: &pause,
-                            thread: &thread,
-                            paused_rx: &paused_rx,
-                            cmd_tx: &cmd_tx,
+                            serial: &serial,
+                            threads: &threads,
                         };
                         if ctl.serve(&mut conn, std::mem::take(&mut dirty_logging)) {
                             stop.store(true, Ordering::SeqCst);
@@ -819,12 +799,7 @@ fn serve(
         }
     }
     ended.store(true, Ordering::SeqCst);
-    let ended = thread.join().unwrap_or_else(|_| {
-        Err(KvmError::Guest {
-            vm: name.clone(),
-            what: "the vCPU thread panicked".into(),
-        })
-    });
+    let ended = threads.join();
     // A guest that ended before its image was checked has not been confirmed either.
     confirm.poll(true);
     let unverified = confirm.failed.take().map(|what| KvmError::Unverified {
