@@ -184,7 +184,7 @@ impl VcpuState {
     /// Sets the state back into a fresh vCPU, in the order KVM needs: sregs (modes) before
     /// regs, fpu then xsave (which supersedes it), xcrs, debug regs, MSRs, lapic, events
     /// (pending exceptions/NMIs, which depend on the modes), MP state last. Returns the
-    /// MSRs KVM refused to set.
+    /// MSRs KVM refused to set that do not already hold their saved value.
     pub fn restore(&self, vm: &str, vcpu: &VcpuFd) -> Result<Vec<u32>, KvmError> {
         self.check(vm)?;
         let bad = |what: &str| KvmError::invalid(vm, format!("vCPU {what}: wrong size"));
@@ -204,6 +204,16 @@ impl VcpuState {
         let dr: kvm_debugregs = from_bytes(&self.debugregs).ok_or_else(|| bad("debugregs"))?;
         vcpu.set_debug_regs(&dr).map_err(io("KVM_SET_DEBUGREGS"))?;
         let refused = write_msrs(vm, vcpu, &self.msrs)?;
+        // A refused MSR that already holds the saved value lost nothing (KVM refuses writes
+        // of some paravirtual MSRs the guest never enabled, even of their reset value).
+        let (now, _) = read_msrs(vm, vcpu, &refused)?;
+        let refused: Vec<u32> = refused
+            .into_iter()
+            .filter(|i| {
+                let saved = self.msrs.iter().find(|m| m.index == *i).map(|m| m.value);
+                now.iter().find(|m| m.index == *i).map(|m| m.value) != saved
+            })
+            .collect();
         if !self.lapic.is_empty() {
             let lapic: kvm_lapic_state = from_bytes(&self.lapic).ok_or_else(|| bad("lapic"))?;
             vcpu.set_lapic(&lapic).map_err(io("KVM_SET_LAPIC"))?;
