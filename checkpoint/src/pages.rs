@@ -4,13 +4,13 @@
 //! of a private file mapping only the pages the process modified; shared anonymous memory
 //! through /proc/PID/map_files, once per object). [`dump`] reads them in large batches with
 //! process_vm_readv (or /proc/PID/mem for mappings without read permission), drops zero
-//! pages, and hands each batch to a writer thread so reading and hashing/compressing/writing
-//! overlap.
+//! pages, hashes and compresses each batch on the reading thread, and hands it to one writer
+//! thread that only writes, so reading, encoding and writing overlap.
 
 use crate::error::CheckpointError;
 use crate::Progress;
 use stasis_image::proto::{self, RunKind, SpaceKind, VmaKind};
-use stasis_image::{ImageWriter, WriteStats};
+use stasis_image::{ChunkEncoder, EncodedChunk, ImageWriter, WriteStats};
 use stasis_runtime::memory::{self, Pagemap, ProcMem, PM_FILE_OR_SHARED, PM_PRESENT, PM_SWAPPED};
 use stasis_runtime::PAGE_SIZE;
 use std::collections::BTreeMap;
@@ -259,14 +259,20 @@ fn data_ranges(file: &File, path: &str, end: u64) -> Result<Vec<(u64, u64)>, Che
     Ok(out)
 }
 
-/// One batch handed to the writer thread.
+/// One batch of pages read: their runs and the DATA pages.
 struct Batch {
-    /// blake3 of `data`, computed on the reading thread.
-    hash: [u8; 32],
     space: SpaceKind,
     space_id: u64,
     runs: Vec<proto::PageRun>,
     data: Vec<u8>,
+}
+
+/// A batch hashed and compressed on its reading thread, handed to the writer thread.
+struct Encoded {
+    space: SpaceKind,
+    space_id: u64,
+    runs: Vec<proto::PageRun>,
+    chunk: EncodedChunk,
 }
 
 /// Reads the planned pages and writes them as chunks; finishes the image.
@@ -284,7 +290,7 @@ pub fn dump<W: Write + Send>(
         }
     }
     let groups = batches(&plan.segments);
-    // Readers (process_vm_readv + zero check + hash) on every core but one's worth, feeding
+    // Readers (process_vm_readv + zero check + hash + compression) on every core but one's worth, feeding
     // one writer; the image's page index is sorted on open, so chunk order does not matter.
     let readers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -293,25 +299,26 @@ pub fn dump<W: Write + Send>(
         .min(groups.len().max(1));
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
-    let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    // Buffers (page data, compressed data) the writer gives back for the readers to reuse.
+    let pool: Mutex<Vec<(Vec<u8>, Vec<u8>)>> = Mutex::new(Vec::new());
+    let compression = writer.compression();
     // Set by a failing reader: the writer must then not finish the image, or a stream would
     // carry a complete-looking image with pages missing.
     let failed = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel::<Batch>(readers + 1);
+        let (tx, rx) = mpsc::sync_channel::<Encoded>(readers + 1);
         let pool_ref = &pool;
         let failed_ref = &failed;
         let writer_thread = scope.spawn(move || -> Result<(W, WriteStats), CheckpointError> {
             for batch in rx {
-                writer.write_chunk_prehashed(
+                writer.write_encoded_chunk(
                     batch.space,
                     plan.image_space_id(batch.space, batch.space_id),
                     &batch.runs,
-                    &batch.data,
-                    batch.hash,
+                    &batch.chunk,
                 )?;
                 if let Ok(mut p) = pool_ref.lock() {
-                    p.push(batch.data);
+                    p.push(batch.chunk.into_buffers());
                 }
             }
             if failed_ref.load(Ordering::SeqCst) {
@@ -327,6 +334,7 @@ pub fn dump<W: Write + Send>(
                 let tx = tx.clone();
                 let (groups, next, done, procmem) = (&groups, &next, &done, &procmem);
                 scope.spawn(move || -> Result<(), CheckpointError> {
+                    let mut encoder = ChunkEncoder::new(compression)?;
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(group) = groups.get(i) else {
@@ -339,7 +347,7 @@ pub fn dump<W: Write + Send>(
                         }
                         let pages: u64 = group.iter().map(|s| s.pages).sum();
                         let len = (pages * PAGE_SIZE) as usize;
-                        let mut buf = pool_ref
+                        let (mut buf, zbuf) = pool_ref
                             .lock()
                             .ok()
                             .and_then(|mut p| p.pop())
@@ -351,7 +359,17 @@ pub fn dump<W: Write + Send>(
                             return Err(e);
                         }
                         let batch = compact(group, buf);
-                        if tx.send(batch).is_err() {
+                        let encoded = encoder.encode(batch.data, zbuf).inspect_err(|_| {
+                            failed_ref.store(true, Ordering::SeqCst);
+                            next.store(usize::MAX / 2, Ordering::Relaxed);
+                        })?;
+                        let encoded = Encoded {
+                            space: batch.space,
+                            space_id: batch.space_id,
+                            runs: batch.runs,
+                            chunk: encoded,
+                        };
+                        if tx.send(encoded).is_err() {
                             return Ok(()); // the writer failed; its error is reported below
                         }
                         let d = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
@@ -477,7 +495,6 @@ fn read_zero_filled(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()
 fn compact(group: &[Segment], buf: Vec<u8>) -> Batch {
     let (runs, buf) = compact_runs(group.iter().map(|s| (s.addr, s.pages)), buf);
     Batch {
-        hash: stasis_image::hash_pages(&buf),
         space: group[0].space,
         space_id: group[0].space_id,
         runs,

@@ -49,6 +49,7 @@
 
 pub mod chunk;
 pub mod compression;
+pub mod encode;
 pub mod error;
 pub mod frame;
 pub mod inspect;
@@ -63,6 +64,7 @@ pub mod writer;
 
 pub use chunk::ChunkRef;
 pub use compression::Compression;
+pub use encode::{ChunkEncoder, EncodedChunk};
 pub use error::ImageError;
 pub use frame::FrameKind;
 pub use reader::{Image, PageLocation};

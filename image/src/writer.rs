@@ -6,6 +6,7 @@ use prost::Message;
 
 use crate::chunk::{check_runs, SpanSet};
 use crate::compression::Compression;
+use crate::encode::{ChunkEncoder, EncodedChunk};
 use crate::error::ImageError;
 use crate::frame::{
     encode_file_header, hash, EndPayload, FrameHeader, FrameKind, FRAME_HEADER_LEN,
@@ -43,6 +44,15 @@ pub struct WriteStats {
     pub image_bytes: u64,
 }
 
+/// A chunk's data and its PAGE_DATA payload, both hashed.
+struct Payload<'a> {
+    raw: &'a [u8],
+    raw_hash: [u8; 32],
+    encoding: Encoding,
+    payload: &'a [u8],
+    payload_hash: [u8; 32],
+}
+
 /// A random 128-bit image id, 32 lowercase hex digits.
 pub fn new_image_id() -> Result<String, ImageError> {
     let mut id = [0u8; 16];
@@ -62,8 +72,7 @@ pub struct ImageWriter<W: Write> {
     pos: u64,
     frames: u64,
     failed: bool,
-    compression: Compression,
-    compressor: Option<zstd::bulk::Compressor<'static>>,
+    encoder: ChunkEncoder,
     scratch: Vec<u8>,
     inventory: proto::Inventory,
     index: proto::ImageIndex,
@@ -102,24 +111,13 @@ impl<W: Write> ImageWriter<W> {
         if inv.image_id.is_empty() {
             inv.image_id = new_image_id()?;
         }
-        let compressor = match compression {
-            Compression::None => None,
-            Compression::Zstd(level) => {
-                Some(
-                    zstd::bulk::Compressor::new(level).map_err(|e| ImageError::InvalidInput {
-                        op: OP,
-                        reason: format!("zstd level {level}: {e}"),
-                    })?,
-                )
-            }
-        };
+        let encoder = ChunkEncoder::new(compression)?;
         let mut w = Self {
             out: BufWriter::with_capacity(256 << 10, out),
             pos: 0,
             frames: 0,
             failed: false,
-            compression,
-            compressor,
+            encoder,
             scratch: Vec::new(),
             inventory: inv,
             index: proto::ImageIndex::default(),
@@ -140,7 +138,7 @@ impl<W: Write> ImageWriter<W> {
 
     /// The compression this writer uses.
     pub fn compression(&self) -> Compression {
-        self.compression
+        self.encoder.compression()
     }
 
     /// Bytes written so far (the file offset of the next frame).
@@ -178,32 +176,68 @@ impl<W: Write> ImageWriter<W> {
         runs: &[proto::PageRun],
         data: &[u8],
     ) -> Result<ChunkStats, ImageError> {
-        self.write_chunk_inner(space, space_id, runs, data, None)
+        let raw_hash = hash(data);
+        // Taken out of self so the payload can borrow it while frames are written.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = match self.encoder.compress(data, &mut scratch) {
+            Ok(encoding) => {
+                let (payload, payload_hash) = match encoding {
+                    Encoding::Zstd => (&scratch[..], hash(&scratch)),
+                    _ => (data, raw_hash),
+                };
+                let data = Payload {
+                    raw: data,
+                    raw_hash,
+                    encoding,
+                    payload,
+                    payload_hash,
+                };
+                self.write_chunk_inner(space, space_id, runs, data)
+            }
+            Err(e) => Err(e),
+        };
+        self.scratch = scratch;
+        result
     }
 
-    /// Like [`ImageWriter::write_chunk`], with `raw_hash` = [`crate::hash_pages`]`(data)`
-    /// already computed by the caller (typically on the thread that read the pages, so the
-    /// writer thread only compresses and writes). A wrong hash makes an image that fails
-    /// verification.
-    pub fn write_chunk_prehashed(
+    /// Like [`ImageWriter::write_chunk`], for data already hashed and compressed by a
+    /// [`ChunkEncoder`] (typically on the threads that read the pages, so the writer only
+    /// writes). The encoder must use this writer's compression; the frames are the ones
+    /// `write_chunk` writes for the same data.
+    pub fn write_encoded_chunk(
         &mut self,
         space: SpaceKind,
         space_id: u64,
         runs: &[proto::PageRun],
-        data: &[u8],
-        raw_hash: [u8; 32],
+        chunk: &EncodedChunk,
     ) -> Result<ChunkStats, ImageError> {
-        debug_assert_eq!(raw_hash, hash(data));
-        self.write_chunk_inner(space, space_id, runs, data, Some(raw_hash))
+        if chunk.compression != self.compression() {
+            return Err(ImageError::InvalidInput {
+                op: "write_chunk",
+                reason: format!(
+                    "chunk encoded with compression {}, image uses {}",
+                    chunk.compression,
+                    self.compression()
+                ),
+            });
+        }
+        let data = Payload {
+            raw: &chunk.raw,
+            raw_hash: chunk.raw_hash,
+            encoding: chunk.encoding,
+            payload: chunk.payload(),
+            payload_hash: chunk.payload_hash,
+        };
+        self.write_chunk_inner(space, space_id, runs, data)
     }
 
+    /// Checks the chunk and writes it.
     fn write_chunk_inner(
         &mut self,
         space: SpaceKind,
         space_id: u64,
         runs: &[proto::PageRun],
-        data: &[u8],
-        raw_hash: Option<[u8; 32]>,
+        data: Payload<'_>,
     ) -> Result<ChunkStats, ImageError> {
         const OP: &str = "write_chunk";
         let invalid = |reason: String| ImageError::InvalidInput { op: OP, reason };
@@ -218,38 +252,18 @@ impl<W: Write> ImageWriter<W> {
         }
         let t = check_runs(runs, self.inventory.parent.is_some()).map_err(invalid)?;
         let raw_len = t.data_pages * PAGE;
-        if data.len() as u64 != raw_len {
+        if data.raw.len() as u64 != raw_len {
             return Err(invalid(format!(
                 "data is {} bytes, runs have {} data pages ({raw_len} bytes)",
-                data.len(),
+                data.raw.len(),
                 t.data_pages
             )));
         }
         self.spans
             .check(space, space_id, t.vaddr_start, t.vaddr_end)
             .map_err(invalid)?;
-
-        let raw_hash = raw_hash.unwrap_or_else(|| hash(data));
-        let mut encoding = Encoding::Raw;
-        // Taken out of self so the payload can borrow it while frames are written.
-        let mut scratch = std::mem::take(&mut self.scratch);
-        if let (Some(c), false) = (self.compressor.as_mut(), data.is_empty()) {
-            scratch.clear();
-            scratch.reserve(zstd::zstd_safe::compress_bound(data.len()));
-            match c.compress_to_buffer(data, &mut scratch) {
-                Ok(n) if (n as u64) < raw_len => encoding = Encoding::Zstd,
-                Ok(_) => {}
-                Err(e) => {
-                    self.scratch = scratch;
-                    return Err(invalid(format!("zstd compression failed: {e}")));
-                }
-            }
-        }
-        let (payload, payload_hash): (&[u8], [u8; 32]) = match encoding {
-            Encoding::Zstd => (&scratch, hash(&scratch)),
-            _ => (data, raw_hash),
-        };
-        let stored = payload.len() as u64;
+        let encoding = data.encoding;
+        let stored = data.payload.len() as u64;
         let record = proto::PageChunk {
             space: space as i32,
             space_id,
@@ -257,12 +271,11 @@ impl<W: Write> ImageWriter<W> {
             encoding: encoding as i32,
             raw_len,
             stored_len: stored,
-            raw_hash: raw_hash.to_vec(),
+            raw_hash: data.raw_hash.to_vec(),
         }
         .encode_to_vec();
-        let result = self.emit_chunk(&record, encoding, payload, payload_hash);
-        self.scratch = scratch;
-        let (chunk_offset, data_frame) = result?;
+        let (chunk_offset, data_frame) =
+            self.emit_chunk(&record, encoding, data.payload, data.payload_hash)?;
         self.spans.add(space, space_id, t.vaddr_start, t.vaddr_end);
         self.index.chunks.push(proto::ChunkIndexEntry {
             space: space as i32,

@@ -5,7 +5,8 @@
 //! until it runs again, with raw and zstd page data. The image lives in /dev/shm (page cache).
 //! The baseline copies the same amount of memory into freshly allocated memory: these VMs
 //! give out fresh memory slowly and erratically, so every figure is also shown as a ratio to
-//! the baseline's median from the same run. Every restored process checks its own data.
+//! the baseline's median from the same run (measured once before each run of each row).
+//! Every restored process checks its own data.
 //!
 //! Also a process with 4 threads x 16 MiB (wl-threads) and a tree of 10 processes x 8 MiB
 //! (wl-counter --procs 10), unless --no-threads / --no-tree.
@@ -366,17 +367,20 @@ fn main() {
         .map(|i| (i * 31 + 7) as u8)
         .collect();
     for case in &cases {
-        let mut base: Vec<f64> = (0..args.runs).map(|_| baseline(case.mib, &src)).collect();
-        let b = median(&mut base);
         for compress in ["none", "zstd"] {
             let mut s = Samples::default();
+            // Measured before each run, so the baseline sees the same machine state (other
+            // load, free memory) as the run it is compared with.
+            let mut base = Vec::new();
             for _ in 0..args.runs {
+                base.push(baseline(case.mib, &src));
                 if let Err(e) = one_run(case, compress, &img, &mut s) {
                     eprintln!("stasis-bench: {}, {compress}: {e}", case.label);
                     failed = true;
                     break;
                 }
             }
+            let b = median(&mut base);
             let c = median(&mut s.checkpoint);
             let r = median(&mut s.restore);
             println!(
