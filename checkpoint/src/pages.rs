@@ -32,6 +32,16 @@ enum ReadVia {
     ProcMem,
     /// pread of the shared memory object (index into `DumpPlan::objects`).
     Object(usize),
+    /// A VM's guest memory (addresses are guest-physical), from [`DumpPlan::guest`].
+    Guest,
+}
+
+/// Where a VM's guest memory is read from.
+pub enum GuestSource {
+    /// Straight out of the (paused) VMM process, where guest address 0 is mapped at `host`.
+    Vmm { pid: i32, host: u64 },
+    /// A copy taken while the guest ran (guest address = offset).
+    Staged(Vec<u8>),
 }
 
 /// Consecutive pages to save.
@@ -52,6 +62,8 @@ pub struct DumpPlan {
     /// its own pid namespace): host PID → PID recorded in the image.
     process_ids: BTreeMap<u64, u64>,
     objects: Vec<(String, File)>,
+    /// The VM and the source of `ReadVia::Guest` segments.
+    guest: Option<(String, GuestSource)>,
     pub pages_total: u64,
     pub pages_skipped: u64,
 }
@@ -93,12 +105,36 @@ pub fn plan(
         segments,
         process_ids: BTreeMap::new(),
         objects,
+        guest: None,
         pages_total,
         pages_skipped: skipped,
     })
 }
 
 impl DumpPlan {
+    /// Saves the `ranges` ((guest-physical address, pages), ascending) of a VM's memory as
+    /// page space GUEST 0.
+    pub fn guest(vm: &str, ranges: &[(u64, u64)], source: GuestSource) -> DumpPlan {
+        let segments: Vec<Segment> = ranges
+            .iter()
+            .map(|&(addr, pages)| Segment {
+                space: SpaceKind::Guest,
+                space_id: 0,
+                addr,
+                pages,
+                via: ReadVia::Guest,
+            })
+            .collect();
+        DumpPlan {
+            pages_total: segments.iter().map(|s| s.pages).sum(),
+            segments,
+            process_ids: BTreeMap::new(),
+            objects: Vec::new(),
+            guest: Some((vm.to_string(), source)),
+            pages_skipped: 0,
+        }
+    }
+
     /// Records process spaces under other ids than the PIDs they are read through: host
     /// PID → image PID (identical pairs may be left out).
     pub fn set_process_ids(&mut self, ids: BTreeMap<u64, u64>) {
@@ -460,6 +496,7 @@ fn read_group(
                 at += len;
             }
         }
+        ReadVia::Guest => read_guest(plan.guest.as_ref(), group, buf)?,
         ReadVia::Object(i) => {
             let (path, file) = &plan.objects[i];
             let mut at = 0;
@@ -470,6 +507,45 @@ fn read_group(
                 at += len;
             }
         }
+    }
+    Ok(())
+}
+
+/// Reads guest memory segments back to back into `buf`.
+fn read_guest(
+    guest: Option<&(String, GuestSource)>,
+    group: &[Segment],
+    buf: &mut [u8],
+) -> Result<(), CheckpointError> {
+    let name = guest.map_or("", |g| g.0.as_str());
+    let outside = |addr: u64| CheckpointError::Vm {
+        name: name.to_string(),
+        what: format!("guest page {addr:#x} is outside guest memory"),
+    };
+    match guest.map(|g| &g.1) {
+        Some(GuestSource::Vmm { pid, host }) => {
+            let remote: Vec<memory::Remote> = group
+                .iter()
+                .map(|s| (host + s.addr, (s.pages * PAGE_SIZE) as usize))
+                .collect();
+            memory::read_remote(*pid, &remote, buf).map_err(|e| CheckpointError::Vm {
+                name: name.to_string(),
+                what: format!("reading guest memory at {:#x}: {e}", group[0].addr),
+            })?;
+        }
+        Some(GuestSource::Staged(staged)) => {
+            let mut at = 0;
+            for s in group {
+                let len = (s.pages * PAGE_SIZE) as usize;
+                let from = usize::try_from(s.addr).map_err(|_| outside(s.addr))?;
+                let src = staged
+                    .get(from..from + len)
+                    .ok_or_else(|| outside(s.addr))?;
+                buf[at..at + len].copy_from_slice(src);
+                at += len;
+            }
+        }
+        None => return Err(outside(group[0].addr)),
     }
     Ok(())
 }

@@ -14,10 +14,10 @@
 //! copied, and the guest runs on while the image is written from the staging buffer.
 
 use crate::error::CheckpointError;
-use crate::pages::{compact_runs, CHUNK_PAGES};
+use crate::pages::{DumpPlan, GuestSource};
 use crate::sink::ImageSink;
-use stasis_image::proto::{self, SpaceKind};
-use stasis_image::{Compression, ImageWriter, WriteStats};
+use stasis_image::proto;
+use stasis_image::{Compression, ImageWriter};
 use stasis_runtime::container::StateDir;
 use stasis_runtime::kvm::snapshot::VmSnapshot;
 use stasis_runtime::kvm::vmm;
@@ -138,19 +138,15 @@ pub fn checkpoint_vm<S: ImageSink>(
     inventory.kind = proto::WorkloadKind::Vm as i32;
     inventory.vm = Some(vm_to_proto(&paused.snapshot));
     let writer = ImageWriter::new(sink, &inventory, compression)?;
-    let (mut sink, ws) = match &staging {
-        Some(buf) => write_memory(name, writer, &ranges, |gpa, out| {
-            let off = usize_of(name, gpa)?;
-            let src = buf
-                .get(off..off + out.len())
-                .ok_or_else(|| vm_err(name, format!("page {gpa:#x} outside guest memory")))?;
-            out.copy_from_slice(src);
-            Ok(())
-        })?,
-        None => write_memory(name, writer, &ranges, |gpa, out| {
-            read_guest(name, paused.pid, paused.mem_host_addr, gpa, out)
-        })?,
+    let source = match staging {
+        Some(buf) => GuestSource::Staged(buf),
+        None => GuestSource::Vmm {
+            pid: paused.pid,
+            host: paused.mem_host_addr,
+        },
     };
+    let plan = DumpPlan::guest(name, &ranges, source);
+    let (mut sink, ws) = crate::pages::dump(&plan, writer, &|_, _| {})?;
     sink.commit()
         .map_err(|e| CheckpointError::Io(format!("VM {name}: commit image"), e))?;
     stats.vm = "running".into();
@@ -269,48 +265,6 @@ fn merge(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out.into_iter()
         .map(|(s, e)| (s, (e - s) / PAGE_SIZE))
         .collect()
-}
-
-/// Writes the ranges as GUEST chunks of up to [`CHUNK_PAGES`] pages; finishes the image.
-fn write_memory<W: std::io::Write>(
-    name: &str,
-    mut writer: ImageWriter<W>,
-    ranges: &[(u64, u64)],
-    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), CheckpointError>,
-) -> Result<(W, WriteStats), CheckpointError> {
-    let mut batch: Vec<(u64, u64)> = Vec::new();
-    let mut batch_pages = 0;
-    let mut flush = |batch: &mut Vec<(u64, u64)>, writer: &mut ImageWriter<W>| {
-        let pages: u64 = batch.iter().map(|r| r.1).sum();
-        let mut buf = vec![0u8; usize_of(name, pages * PAGE_SIZE)?];
-        let mut at = 0usize;
-        for &(gpa, n) in batch.iter() {
-            let len = usize_of(name, n * PAGE_SIZE)?;
-            read(gpa, &mut buf[at..at + len])?;
-            at += len;
-        }
-        let (runs, data) = compact_runs(batch.iter().copied(), buf);
-        batch.clear();
-        writer.write_chunk(SpaceKind::Guest, 0, &runs, &data)?;
-        Ok::<(), CheckpointError>(())
-    };
-    for &(gpa, pages) in ranges {
-        let mut done = 0;
-        while done < pages {
-            let n = (pages - done).min(CHUNK_PAGES - batch_pages);
-            batch.push((gpa + done * PAGE_SIZE, n));
-            batch_pages += n;
-            done += n;
-            if batch_pages == CHUNK_PAGES {
-                flush(&mut batch, &mut writer)?;
-                batch_pages = 0;
-            }
-        }
-    }
-    if !batch.is_empty() {
-        flush(&mut batch, &mut writer)?;
-    }
-    Ok(writer.finish()?)
 }
 
 /// The image record of a paused VM's state.
