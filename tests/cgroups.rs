@@ -56,7 +56,10 @@ fn hierarchy(needs: &[Controller]) -> Option<Hierarchy> {
     let h = match Hierarchy::detect() {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("SKIP: cannot read the cgroup mounts: {e}");
+            common::skip(
+                module_path!(),
+                &format!("cannot read the cgroup mounts: {e}"),
+            );
             return None;
         }
     };
@@ -83,7 +86,10 @@ fn v1_only(needs: &[Controller]) -> Option<Hierarchy> {
         .collect();
     let h = Hierarchy::from_mountinfo(&v1).ok()?;
     if let Some(c) = needs.iter().find(|&&c| h.root_of(c).is_none()) {
-        eprintln!("SKIP (v1 part): no v1 {} mount", c.v1_name());
+        common::skip(
+            module_path!(),
+            &format!("the v1 part: no v1 {} mount", c.v1_name()),
+        );
         return None;
     }
     Some(h)
@@ -134,7 +140,7 @@ fn python() -> Option<PathBuf> {
             String::from_utf8_lossy(&o.stdout).trim().to_string(),
         )),
         _ => {
-            eprintln!("SKIP: python3 is not available");
+            common::skip(module_path!(), "python3 is not available");
             None
         }
     }
@@ -668,7 +674,7 @@ fn io_limits_are_set_read_back_and_throttle_direct_reads() {
                     .filter(|e| !e.file_name().to_string_lossy().starts_with("zram"))
                     .find_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
             }) else {
-                eprintln!("SKIP: no block device to set a throttle on");
+                common::skip(module_path!(), "no block device to set a throttle on");
                 return;
             };
             let (maj, min) = dev.trim().split_once(':').expect("MAJ:MIN");

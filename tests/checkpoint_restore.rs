@@ -140,7 +140,10 @@ fn chrooted_process_keeps_its_root_and_cwd() {
         .arg(&root)
         .status();
     if !st.is_ok_and(|s| s.success()) {
-        eprintln!("SKIP: cannot bind-mount / (needs root and mount(8))");
+        common::skip(
+            module_path!(),
+            "cannot bind-mount / (needs root and mount(8))",
+        );
         return;
     }
     let _guard = BindRoot(root.clone());

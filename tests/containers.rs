@@ -22,9 +22,12 @@ fn rootfs() -> Option<&'static Path> {
             .output()
             .ok()?;
         if !out.status.success() {
-            eprintln!(
-                "skipped: scripts/mkrootfs failed: {}",
-                String::from_utf8_lossy(&out.stderr)
+            common::skip(
+                "containers with a root filesystem",
+                &format!(
+                    "scripts/mkrootfs failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             );
             return None;
         }

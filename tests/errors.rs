@@ -20,7 +20,7 @@ fn python(code: &str) -> Option<std::process::Child> {
     {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("SKIP: python3 is not available ({e})");
+            common::skip(module_path!(), &format!("python3 is not available ({e})"));
             return None;
         }
     };

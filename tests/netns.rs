@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 fn can_run() -> bool {
     // SAFETY: geteuid takes no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: network namespaces and veths need root");
+        common::skip(module_path!(), "network namespaces and veths need root");
         return false;
     }
     have_with("ip", "-V") && have_with("unshare", "--version")
@@ -480,13 +480,19 @@ fn a_forward_drop_policy_is_reported_and_blocks_only_container_to_container_traf
         nft("add chain ip filter FORWARD { type filter hook forward priority 0; policy drop; }");
         let status = netns::ensure_bridge(&bridge).expect("ensure_bridge again");
         if nf.as_deref().map(str::trim) != Some("1") {
-            eprintln!("SKIP (in part): br_netfilter is not active here, so FORWARD does not see bridged traffic");
+            common::skip(
+                module_path!(),
+                "in part: br_netfilter is not active here, so FORWARD does not see bridged traffic",
+            );
             assert!(status.filtering.is_empty(), "{status:?}");
             return;
         }
         assert_eq!(status.filtering.len(), 1, "{status:?}");
         let finding = &status.filtering[0];
-        assert!(finding.contains("ip filter FORWARD") && finding.contains("no rule"), "{finding}");
+        assert!(
+            finding.contains("ip filter FORWARD") && finding.contains("no rule"),
+            "{finding}"
+        );
         eprintln!("reported: {finding}");
         // Container to container is dropped; the host still reaches both (not forwarded).
         assert!(a_to_b().is_err());

@@ -488,7 +488,10 @@ impl Drop for TestCgroup {
 fn the_whole_tree_is_in_the_given_cgroups() {
     let name = format!("stasis-test-pidns-{}", std::process::id());
     let Some(cg) = TestCgroup::make(&name) else {
-        eprintln!("SKIP: no cgroup hierarchy to make {name} in");
+        common::skip(
+            module_path!(),
+            &format!("no cgroup hierarchy to make {name} in"),
+        );
         return;
     };
     let dir = scratch("pidns-cgroup");

@@ -19,11 +19,17 @@ use std::time::Instant;
 fn can_run() -> bool {
     // SAFETY: geteuid takes no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: IPC namespaces, setns and the next_id sysctls need root");
+        common::skip(
+            module_path!(),
+            "IPC namespaces, setns and the next_id sysctls need root",
+        );
         return false;
     }
     if !std::path::Path::new("/proc/sys/kernel/msg_next_id").exists() {
-        eprintln!("SKIP: this kernel has no CONFIG_CHECKPOINT_RESTORE (no msg_next_id)");
+        common::skip(
+            module_path!(),
+            "this kernel has no CONFIG_CHECKPOINT_RESTORE (no msg_next_id)",
+        );
         return false;
     }
     common::have("unshare")

@@ -121,7 +121,10 @@ fn queues(img: &std::path::Path) -> (u64, u64) {
 
 fn connection_survives(host: &str) {
     if !can_lock() {
-        eprintln!("skipped: needs python3 and nft (Debian packages python3, nftables)");
+        common::skip(
+            host,
+            "needs python3 and nft (Debian packages python3, nftables)",
+        );
         return;
     }
     init();
@@ -189,7 +192,10 @@ fn ipv6_connection_survives_checkpoint_kill_restore() {
 #[test]
 fn connection_goes_on_after_leave_running() {
     if !can_lock() {
-        eprintln!("skipped: needs python3 and nft");
+        common::skip(
+            "tcp",
+            "needs python3 and nft (Debian packages python3, nftables)",
+        );
         return;
     }
     init();

@@ -14,7 +14,7 @@ fn have_kvm(test: &str) -> bool {
     if std::path::Path::new("/dev/kvm").exists() {
         return true;
     }
-    eprintln!("{test}: skipped: /dev/kvm does not exist on this host");
+    common::skip(test, "/dev/kvm does not exist on this host");
     false
 }
 
@@ -197,9 +197,9 @@ fn demo_guest_foreground_with_a_step_limit() {
 #[test]
 fn kernel_boot_without_hardware_virtualization_is_refused() {
     if host_has_hw_virt() {
-        eprintln!(
-            "kernel_boot_without_hardware_virtualization_is_refused: skipped: this host has \
-             VMX/SVM, so --kernel is not refused for lack of it"
+        common::skip(
+            "kernel_boot_without_hardware_virtualization_is_refused",
+            "this host has VMX/SVM, so --kernel is not refused for lack of it",
         );
         return;
     }
@@ -641,7 +641,7 @@ fn real_debian_kernel_parses_and_lays_out_in_256_mib() {
     let kernel = match common::linux_guest::debian_kernel() {
         Ok(k) => k,
         Err(why) => {
-            eprintln!("real_debian_kernel_parses_and_lays_out_in_256_mib: skipped: {why}");
+            common::skip("real_debian_kernel_parses_and_lays_out_in_256_mib", &why);
             return;
         }
     };
@@ -716,9 +716,10 @@ fn real_debian_kernel_parses_and_lays_out_in_256_mib() {
 fn debian_kernel_boots_to_init_and_resets_cleanly() {
     let test = "debian_kernel_boots_to_init_and_resets_cleanly";
     if stasis_runtime::kvm::hardware_virtualization().is_none() {
-        eprintln!(
-            "{test}: skipped: this host's CPU has no VMX/SVM, so /dev/kvm (if any) is a \
-             software virtualizer (PVM) that cannot boot a stock Linux kernel"
+        common::skip(
+            test,
+            "this host's CPU has no VMX/SVM, so /dev/kvm (if any) is a software virtualizer \
+             (PVM) that cannot boot a stock Linux kernel",
         );
         return;
     }
@@ -728,7 +729,7 @@ fn debian_kernel_boots_to_init_and_resets_cleanly() {
     let kernel = match common::linux_guest::debian_kernel() {
         Ok(k) => k,
         Err(why) => {
-            eprintln!("{test}: skipped: {why}");
+            common::skip(test, &why);
             return;
         }
     };
@@ -835,7 +836,7 @@ fn debian_kernel_boot_vcpu_is_set_up() {
     let kernel = match common::linux_guest::debian_kernel() {
         Ok(k) => k,
         Err(why) => {
-            eprintln!("{test}: skipped: {why}");
+            common::skip(test, &why);
             return;
         }
     };

@@ -297,6 +297,14 @@ pub fn kill(pid: i32) {
     unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
+/// Says that and why a test is skipped, where the suite's log shows it: eprintln! output
+/// of a passing test is captured and dropped by the harness, a write to the standard error
+/// stream itself is not.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
 /// Whether `program --version` runs; says why the test is skipped if not.
 pub fn have(program: &str) -> bool {
     have_with(program, "--version")
@@ -312,7 +320,7 @@ pub fn have_with(program: &str, version_flag: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("SKIP: {program} is not available");
+        skip(program, "is not available");
     }
     ok
 }

@@ -441,19 +441,24 @@ mod tests {
 
     /// A VM with an irqchip and PIT on this host's KVM, or None (and why) without one.
     fn vm_with_irqchip(name: &str) -> Option<super::super::vm::Vm> {
+        // Straight to standard error: the harness drops eprintln! output of passing tests.
+        let skip = |why: String| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {name}: {why}");
+        };
         if !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("{name}: skipped: /dev/kvm does not exist");
+            skip("/dev/kvm does not exist".into());
             return None;
         }
         let mut vm = match super::super::vm::Vm::create(name, 4 << 20) {
             Ok(vm) => vm,
             Err(e) => {
-                eprintln!("{name}: skipped: no VM: {e}");
+                skip(format!("no VM: {e}"));
                 return None;
             }
         };
         if let Err(e) = vm.create_irqchip() {
-            eprintln!("{name}: skipped: no in-kernel irqchip: {e}");
+            skip(format!("no in-kernel irqchip: {e}"));
             return None;
         }
         Some(vm)
