@@ -248,10 +248,17 @@ fn counter_of(env: &Env, name: &str) -> u64 {
 
 /// Starts a detached 16 MiB demo VM and waits for its first report.
 fn start_demo(env: &Env, name: &str) {
-    env.ok(&[
-        "vm", "run", "--name", name, "--memory", "16m", "--guest", "demo", "--detach",
-    ]);
+    run_demo(env, name, "16m", &[]);
     wait_running(env, name);
+}
+
+/// Starts a detached demo guest with `memory` and the `extra` arguments of `vm run`.
+fn run_demo(env: &Env, name: &str, memory: &str, extra: &[&str]) {
+    let mut args = vec![
+        "vm", "run", "--name", name, "--memory", memory, "--guest", "demo", "--detach",
+    ];
+    args.extend_from_slice(extra);
+    env.ok(&args);
 }
 
 /// Waits until the VM has made its first report.
@@ -273,19 +280,7 @@ fn vm_snapshot_restore_twice_runs_on_without_a_gap() {
     }
     let env = Env::new("vm-snap-twice");
     let steps = 6_000_000u64;
-    env.ok(&[
-        "vm",
-        "run",
-        "--name",
-        "s",
-        "--memory",
-        "16m",
-        "--guest",
-        "demo",
-        "--detach",
-        "--steps",
-        &steps.to_string(),
-    ]);
+    run_demo(&env, "s", "16m", &["--steps", &steps.to_string()]);
     wait_running(&env, "s");
     let (img1, img2) = (image(&env, "s1.img"), image(&env, "s2.img"));
     let c1 = json_of(
@@ -531,21 +526,12 @@ fn four_vcpus_run_and_snapshot_twice_without_a_gap() {
     const N: usize = 4;
     let env = Env::new("vm-vcpus-snap");
     let steps = 4_000_000u64;
-    env.ok(&[
-        "vm",
-        "run",
-        "--name",
+    run_demo(
+        &env,
         "m",
-        "--memory",
         "16m",
-        "--guest",
-        "demo",
-        "--vcpus",
-        "4",
-        "--detach",
-        "--steps",
-        &steps.to_string(),
-    ]);
+        &["--vcpus", "4", "--steps", &steps.to_string()],
+    );
     wait_all_progress(&env, "m", N);
     let (img1, img2) = (image(&env, "m1.img"), image(&env, "m2.img"));
 
@@ -864,18 +850,7 @@ fn vm_with_irqchip_and_pit_snapshot_restores() {
         return;
     }
     let env = Env::new("vm-irqchip");
-    env.ok(&[
-        "vm",
-        "run",
-        "--name",
-        "q",
-        "--memory",
-        "16m",
-        "--guest",
-        "demo",
-        "--detach",
-        "--irqchip",
-    ]);
+    run_demo(&env, "q", "16m", &["--irqchip"]);
     wait_running(&env, "q");
     let img = image(&env, "q.img");
     env.ok(&["checkpoint", "q", "-o", &img, "--leave-running"]);
@@ -917,23 +892,19 @@ fn vm_leave_running_precopy_rounds_keep_memory_exact() {
     }
     let env = Env::new("vm-precopy");
     let steps = 40_000u64;
-    env.ok(&[
-        "vm",
-        "run",
-        "--name",
+    run_demo(
+        &env,
         "p",
-        "--memory",
         "32m",
-        "--guest",
-        "demo",
-        "--detach",
-        "--steps",
-        &steps.to_string(),
-        "--report-every",
-        "1024",
-        "--step-delay",
-        "200000",
-    ]);
+        &[
+            "--steps",
+            &steps.to_string(),
+            "--report-every",
+            "1024",
+            "--step-delay",
+            "200000",
+        ],
+    );
     // Past one pass over its memory, so every page has been written once.
     let started = Instant::now();
     while counter_of(&env, "p") < 10_000 {
