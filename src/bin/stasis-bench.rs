@@ -22,6 +22,8 @@
 
 #[path = "stasis-bench/criu.rs"]
 mod criu;
+#[path = "stasis-bench/floor.rs"]
+mod floor;
 #[path = "stasis-bench/vm.rs"]
 mod vm;
 
@@ -330,8 +332,20 @@ fn await_pass(
     }
 }
 
-/// The CRIU table: CRIU's medians from the same runs, and stasis/CRIU (target <= 0.80).
-fn print_criu(path: &Path, version: &str, rows: Vec<(String, f64, f64, f64, criu::Samples)>) {
+/// One row of the CRIU table: the same runs' baseline and stasis medians, and CRIU's and the
+/// floor's samples.
+struct CriuRow {
+    label: String,
+    baseline: f64,
+    checkpoint: f64,
+    restore: f64,
+    criu: criu::Samples,
+    floor: floor::Samples,
+}
+
+/// The CRIU table: CRIU's medians from the same runs, and stasis/CRIU (target <= 0.80); then
+/// the floor under a raw checkpoint (see `floor`).
+fn print_criu(path: &Path, version: &str, rows: Vec<CriuRow>) {
     println!();
     println!(
         "CRIU {version} ({}), same runs, raw pages; x = ratio to the baseline median; stasis/CRIU target <= 0.80",
@@ -351,7 +365,16 @@ fn print_criu(path: &Path, version: &str, rows: Vec<(String, f64, f64, f64, criu
     );
     let mut eintr = 0;
     let mut runs = 0;
-    for (label, b, c, r, mut cs) in rows {
+    let mut floors = Vec::new();
+    for row in rows {
+        let CriuRow {
+            label,
+            baseline: b,
+            checkpoint: c,
+            restore: r,
+            criu: mut cs,
+            floor: mut fs,
+        } = row;
         eintr += cs.eintr;
         runs += cs.restore.len();
         let cc = median(&mut cs.checkpoint);
@@ -368,10 +391,53 @@ fn print_criu(path: &Path, version: &str, rows: Vec<(String, f64, f64, f64, criu
             r / cr,
             median(&mut cs.size_mib)
         );
+        let (w, rd, h) = (
+            median(&mut fs.write),
+            median(&mut fs.read),
+            median(&mut fs.hash),
+        );
+        floors.push((label, w, rd, h, cc, c));
     }
+    print_floor(floors);
     if eintr > 0 {
         println!(
             "({eintr} of {runs} CRIU restores resumed the workload's nanosleep with EINTR, as CRIU does for a task in restart_syscall; all its other checks passed)"
+        );
+    }
+}
+
+/// The floor table: (label, write, read, hash, CRIU checkpoint, stasis checkpoint) medians.
+fn print_floor(rows: Vec<(String, f64, f64, f64, f64, f64)>) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!();
+    println!(
+        "Floor of a raw checkpoint on {cores} cores, same runs: one pass of write (into a new file in the image dir), read (process_vm_readv) and hash (blake3); floor = max(write, (write+read+hash)/cores)"
+    );
+    println!(
+        "{:>14} | {:>7} {:>7} {:>7} | {:>7} | {:>9} {:>9} | {:>11} {:>11}",
+        "workload",
+        "write",
+        "read",
+        "hash",
+        "floor",
+        "0.8xCRIU",
+        "stasis",
+        "stasis/floor",
+        "CRIU/floor"
+    );
+    for (label, w, rd, h, criu, stasis) in rows {
+        let f = floor::floor(w, rd, h, cores);
+        println!(
+            "{:>14} | {:>7.1} {:>7.1} {:>7.1} | {:>7.1} | {:>9.1} {:>9.1} | {:>11.2} {:>11.2}",
+            label,
+            w,
+            rd,
+            h,
+            f,
+            0.8 * criu,
+            stasis,
+            stasis / f,
+            criu / f
         );
     }
 }
@@ -451,7 +517,6 @@ fn main() {
     let src: Vec<u8> = (0..(max << 20) as usize)
         .map(|i| (i * 31 + 7) as u8)
         .collect();
-    // (label, baseline, stasis checkpoint, stasis restore, CRIU's samples) per CRIU row.
     let mut criu_rows = Vec::new();
     for case in &cases {
         for compress in ["none", "zstd"] {
@@ -461,6 +526,7 @@ fn main() {
                 .as_deref()
                 .filter(|_| case.criu && compress == "none");
             let mut cs = criu::Samples::default();
+            let mut fs = floor::Samples::default();
             let mut criu_ok = true;
             // Measured before each run, so the baseline sees the same machine state (other
             // load, free memory) as the run it is compared with.
@@ -469,9 +535,12 @@ fn main() {
                 base.push(baseline(case.mib, &src));
                 // CRIU runs in the same loop, first in every other run, so that neither tool
                 // always follows the other's freeing of its image and process.
-                let mut run_criu = |cs: &mut criu::Samples| {
+                let mut run_criu = |cs: &mut criu::Samples, fs: &mut floor::Samples| {
                     if let (Some(path), true) = (criu_path, criu_ok) {
-                        if let Err(e) = criu::one_run(path, case, &args.dir, cs) {
+                        let r = criu::one_run(path, case, &args.dir, cs).and_then(|()| {
+                            floor::one_run(&src[..(case.mib << 20) as usize], &args.dir, fs)
+                        });
+                        if let Err(e) = r {
                             eprintln!("stasis-bench: {}, CRIU: {e}", case.label);
                             failed = true;
                             criu_ok = false;
@@ -479,7 +548,7 @@ fn main() {
                     }
                 };
                 if i % 2 == 1 {
-                    run_criu(&mut cs);
+                    run_criu(&mut cs, &mut fs);
                 }
                 if let Err(e) = one_run(case, compress, &img, &mut s) {
                     eprintln!("stasis-bench: {}, {compress}: {e}", case.label);
@@ -487,14 +556,21 @@ fn main() {
                     break;
                 }
                 if i % 2 == 0 {
-                    run_criu(&mut cs);
+                    run_criu(&mut cs, &mut fs);
                 }
             }
             let b = median(&mut base);
             let c = median(&mut s.checkpoint);
             let r = median(&mut s.restore);
             if criu_path.is_some() {
-                criu_rows.push((case.label.clone(), b, c, r, cs));
+                criu_rows.push(CriuRow {
+                    label: case.label.clone(),
+                    baseline: b,
+                    checkpoint: c,
+                    restore: r,
+                    criu: cs,
+                    floor: fs,
+                });
             }
             println!(
                 "{:>14} {:>5} | {:>9.1} | {:>10.1} {:>6.2} | {:>9.1} | {:>10.1} {:>6.2} | {:>9.1} {:>9.1}",
