@@ -57,6 +57,12 @@ enum Command {
         /// Page data encoding: none (raw, page-aligned, mappable) or zstd[:LEVEL].
         #[arg(long, default_value = "none")]
         compress: Compression,
+        /// A VM with --leave-running: the most memory (e.g. 512M, 2G, max) stasis may take
+        /// for the copy of guest memory that lets the guest run while its image is written.
+        /// A guest with more resident memory stays paused until the image is written, then
+        /// runs on. Default: half of MemAvailable.
+        #[arg(long, value_name = "SIZE")]
+        staging_limit: Option<String>,
         /// Print statistics as JSON.
         #[arg(long)]
         json: bool,
@@ -183,10 +189,24 @@ pub fn run(cli: Cli) -> Result<i32> {
             leave_running,
             tcp_established,
             compress,
+            staging_limit,
             json,
         } => {
             if vms::is_vm(&state, &target) {
-                return vms::checkpoint(&state, &target, &output, leave_running, compress, json);
+                let staging_limit = staging_limit
+                    .as_deref()
+                    .map(stasis_runtime::cgroups::parse_size)
+                    .transpose()
+                    .context("--staging-limit")?;
+                let opts = stasis_checkpoint::vm::VmCheckpointOptions {
+                    leave_running,
+                    compression: compress,
+                    staging_limit,
+                };
+                return vms::checkpoint(&state, &target, &output, opts, json);
+            }
+            if let Some(l) = staging_limit {
+                bail!("--staging-limit {l}: {target} is not a VM (the limit is for VM snapshots)");
             }
             let opts = stasis_checkpoint::Options {
                 leave_running,

@@ -253,8 +253,7 @@ pub fn checkpoint(
     state: &StateDir,
     name: &str,
     output: &std::path::Path,
-    leave_running: bool,
-    compression: stasis_image::Compression,
+    opts: stasis_checkpoint::vm::VmCheckpointOptions,
     json: bool,
 ) -> Result<i32> {
     if output.as_os_str() == "-" {
@@ -262,7 +261,7 @@ pub fn checkpoint(
     }
     let sink = stasis_checkpoint::FileSink::create(output)
         .with_context(|| format!("creating {}", output.display()))?;
-    let stats = stasis_checkpoint::vm::checkpoint_vm(state, name, leave_running, compression, sink)
+    let stats = stasis_checkpoint::vm::checkpoint_vm(state, name, opts, sink)
         .with_context(|| format!("checkpointing VM {name}"))?;
     if json {
         report::json(&stats)?;
@@ -290,6 +289,13 @@ pub fn checkpoint(
         report::bytes(stats.bytes_stored),
         stats.compression
     );
+    if opts.leave_running && !stats.staged {
+        crate::outln!(
+            "  paused while its memory was written: {} resident is more than the staging limit {} (--staging-limit)",
+            report::bytes(stats.pages_resident * stasis_runtime::PAGE_SIZE),
+            report::bytes(stats.staging_limit)
+        );
+    }
     Ok(exit::OK)
 }
 

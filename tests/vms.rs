@@ -329,20 +329,46 @@ fn vm_leave_running_snapshot_restored_beside_the_original() {
     if !have_kvm("vm_leave_running_snapshot_restored_beside_the_original") {
         return;
     }
-    let env = Env::new("vm-snap-live");
+    let c = leave_running_beside("vm-snap-live", &[]);
+    assert_eq!(c["staged"], true, "{c}");
+    assert!(c["staging_limit"].as_u64() > Some(16 << 20), "{c}");
+    assert!(c["precopy_us"].as_u64() > Some(0), "{c}");
+}
+
+/// Over the staging limit the guest stays paused while its memory is written, and still
+/// runs on afterwards.
+#[test]
+fn vm_leave_running_over_the_staging_limit_pauses_and_runs_on() {
+    if !have_kvm("vm_leave_running_over_the_staging_limit_pauses_and_runs_on") {
+        return;
+    }
+    let c = leave_running_beside("vm-snap-unstaged", &["--staging-limit", "1M"]);
+    assert_eq!(c["staged"], false, "{c}");
+    assert_eq!(c["staging_limit"].as_u64(), Some(1 << 20), "{c}");
+    assert_eq!(c["precopy_us"].as_u64(), Some(0), "{c}");
+    assert!(
+        c["pages_resident"].as_u64() > Some(256),
+        "more than 1 MiB resident: {c}"
+    );
+}
+
+/// Snapshots a running 16 MiB demo guest with `checkpoint --leave-running` and `extra`,
+/// restores the image beside it as "copy", and checks both run on without errors; returns
+/// the checkpoint's statistics.
+fn leave_running_beside(test: &str, extra: &[&str]) -> Value {
+    let env = Env::new(test);
     start_demo(&env, "orig");
     let img = image(&env, "live.img");
-    let c = json_of(
-        &env.run(&[
-            "checkpoint",
-            "orig",
-            "-o",
-            &img,
-            "--leave-running",
-            "--json",
-        ]),
-        "checkpoint --leave-running",
-    );
+    let mut args = vec![
+        "checkpoint",
+        "orig",
+        "-o",
+        &img,
+        "--leave-running",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let c = json_of(&env.run(&args), "checkpoint --leave-running");
     eprintln!("checkpoint: {c}");
     assert_eq!(c["vm"], "running");
     assert!(c["pause_us"].as_u64() > Some(0));
@@ -372,6 +398,7 @@ fn vm_leave_running_snapshot_restored_beside_the_original() {
         assert!(rep["counter"].as_u64() > Some(0));
     }
     assert!(env.ps().is_empty());
+    c
 }
 
 #[test]

@@ -12,6 +12,9 @@
 //! then the pages written meanwhile are copied again, round after round, while that set
 //! shrinks; then the vCPU is paused, only the pages written since the last round are
 //! copied, and the guest runs on while the image is written from the staging buffer.
+//! The staging buffer holds the guest's resident memory, so it is bounded (by default half
+//! of MemAvailable): a guest with more resident memory stays paused while its memory is
+//! written, as without `leave_running`, and runs on once the image is committed.
 
 use crate::error::CheckpointError;
 use crate::pages::{DumpPlan, GuestSource};
@@ -59,6 +62,22 @@ pub struct VmStats {
     pub compression: String,
     /// "stopped" or "running".
     pub vm: String,
+    /// Whether guest memory was staged so the guest could run while the image was written
+    /// (leave_running); false when its resident memory exceeded `staging_limit`.
+    pub staged: bool,
+    /// The most memory staging could take (leave_running), bytes.
+    pub staging_limit: u64,
+}
+
+/// How to checkpoint a VM.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmCheckpointOptions {
+    /// Let the VM run on afterwards instead of stopping it.
+    pub leave_running: bool,
+    pub compression: Compression,
+    /// With `leave_running`: the most memory (bytes) the copy of guest memory that lets the
+    /// guest run while its image is written may take. None: half of MemAvailable.
+    pub staging_limit: Option<u64>,
 }
 
 fn vm_err(name: &str, what: impl Into<String>) -> CheckpointError {
@@ -72,17 +91,28 @@ fn vm_err(name: &str, what: impl Into<String>) -> CheckpointError {
 pub fn checkpoint_vm<S: ImageSink>(
     state: &StateDir,
     name: &str,
-    leave_running: bool,
-    compression: Compression,
+    opts: VmCheckpointOptions,
     sink: S,
 ) -> Result<VmStats, CheckpointError> {
+    let VmCheckpointOptions {
+        leave_running,
+        compression,
+        ..
+    } = opts;
     let start = Instant::now();
     let mut stats = VmStats {
         name: name.to_string(),
         compression: compression.to_string(),
         ..Default::default()
     };
-    let (session, paused, staging, ranges) = if leave_running {
+    if leave_running {
+        stats.staging_limit = match opts.staging_limit {
+            Some(limit) => limit,
+            None => stasis_runtime::procfs::mem_available()? / 2,
+        };
+        stats.staged = staging_fits(state, name, stats.staging_limit)?;
+    }
+    let (session, paused, staging, ranges) = if stats.staged {
         let rep = vmm::dirty_log_start(state, name)?;
         let ranges = resident_ranges(name, rep.pid, rep.mem_host_addr, rep.memory)?;
         let mut staging = vec![0u8; usize_of(name, rep.memory)?];
@@ -151,9 +181,13 @@ pub fn checkpoint_vm<S: ImageSink>(
         .map_err(|e| CheckpointError::Io(format!("VM {name}: commit image"), e))?;
     stats.vm = "running".into();
     if let Some(session) = session {
-        session.stop(Duration::from_secs(10))?;
+        if leave_running {
+            session.resume()?;
+        } else {
+            session.stop(Duration::from_secs(10))?;
+            stats.vm = "stopped".into();
+        }
         stats.pause_us = micros(t_pause.elapsed()) + paused.pause_us;
-        stats.vm = "stopped".into();
     }
     stats.pages_data = ws.data_pages;
     stats.pages_zero = ws.zero_pages;
@@ -162,6 +196,14 @@ pub fn checkpoint_vm<S: ImageSink>(
     stats.image_bytes = ws.image_bytes;
     stats.total_us = micros(start.elapsed());
     Ok(stats)
+}
+
+/// Whether the resident memory of VM `name` fits in `limit` bytes of staging.
+fn staging_fits(state: &StateDir, name: &str, limit: u64) -> Result<bool, CheckpointError> {
+    let rep = vmm::query(state, name)?;
+    let ranges = resident_ranges(name, rep.pid, rep.mem_host_addr, rep.memory)?;
+    let pages: u64 = ranges.iter().map(|r| r.1).sum();
+    Ok(pages.saturating_mul(PAGE_SIZE) <= limit)
 }
 
 fn micros(d: Duration) -> u64 {

@@ -6,6 +6,7 @@
 mod fd;
 mod limits;
 mod maps;
+mod meminfo;
 mod stat;
 mod status;
 mod timers;
@@ -15,6 +16,7 @@ pub use fd::{
 };
 pub use limits::{parse_limits, read_limits, Limit};
 pub use maps::{parse_maps, parse_smaps_flags, read_maps, read_smaps_flags, MapEntry};
+pub use meminfo::{mem_available, parse_mem_available};
 pub use stat::{parse_stat, read_stat, Stat};
 pub use status::{parse_status, read_status, Status};
 pub use timers::{parse_timers, read_timers, TimerInfo};
