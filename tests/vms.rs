@@ -352,6 +352,50 @@ fn vm_leave_running_over_the_staging_limit_pauses_and_runs_on() {
     );
 }
 
+/// The dirty log a snapshot turned on is turned off again when that snapshot goes away
+/// before pausing the VM (it failed, or its process died), and only one snapshot at a time
+/// may track the VM's dirty pages.
+#[test]
+fn vm_dirty_log_of_a_vanished_snapshot_is_turned_off() {
+    if !have_kvm("vm_dirty_log_of_a_vanished_snapshot_is_turned_off") {
+        return;
+    }
+    use stasis_runtime::container::StateDir;
+    use stasis_runtime::kvm::vmm;
+    let env = Env::new("vm-dirty-owner");
+    start_demo(&env, "d");
+    let state = StateDir::new(&env.state);
+    let (session, _) = vmm::dirty_log_start(&state, "d").expect("dirty-log start");
+    vmm::dirty_log_fetch(&state, "d").expect("fetch while the session lives");
+    let second = vmm::dirty_log_start(&state, "d");
+    assert!(
+        second
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("already tracking")),
+        "a second snapshot must be refused: {:?}",
+        second.map(|_| ())
+    );
+    drop(session);
+    let started = Instant::now();
+    while vmm::dirty_log_fetch(&state, "d").is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the dirty log stayed on after its session closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A new snapshot may start again, and works.
+    let img = image(&env, "after.img");
+    let c = json_of(
+        &env.run(&["checkpoint", "d", "-o", &img, "--leave-running", "--json"]),
+        "checkpoint --leave-running after the vanished session",
+    );
+    assert_eq!(c["vm"], "running", "{c}");
+    assert_eq!(c["staged"], true, "{c}");
+    let rep = json_of(&env.run(&["vm", "stop", "d", "--json"]), "vm stop");
+    assert_eq!(rep["errors"], 0, "{rep}");
+}
+
 /// Snapshots a running 16 MiB demo guest with `checkpoint --leave-running` and `extra`,
 /// restores the image beside it as "copy", and checks both run on without errors; returns
 /// the checkpoint's statistics.

@@ -113,7 +113,9 @@ pub fn checkpoint_vm<S: ImageSink>(
         stats.staged = staging_fits(state, name, stats.staging_limit)?;
     }
     let (session, paused, staging, ranges) = if stats.staged {
-        let rep = vmm::dirty_log_start(state, name)?;
+        // Held until the pause takes the log; dropped on an error first, it turns the log
+        // off again.
+        let (dirty_log, rep) = vmm::dirty_log_start(state, name)?;
         let ranges = resident_ranges(name, rep.pid, rep.mem_host_addr, rep.memory)?;
         let mut staging = vec![0u8; usize_of(name, rep.memory)?];
         let t = Instant::now();
@@ -138,6 +140,7 @@ pub fn checkpoint_vm<S: ImageSink>(
         let ranges = merge(&ranges, &recopied);
         stats.precopy_us = micros(t.elapsed());
         let (session, paused) = vmm::pause(state, name)?;
+        drop(dirty_log);
         let dirty = paused.dirty.clone().unwrap_or_default();
         stats.pages_dirty = dirty.iter().map(|r| r.1).sum();
         let dirty_bytes: Vec<(u64, u64)> = dirty.iter().map(|&(p, n)| (p * PAGE_SIZE, n)).collect();

@@ -8,10 +8,10 @@
 //! virsh console does); the escape byte itself is not sent.
 
 use super::serial::Serial;
-use super::vmm::{answer, running, VmRecord, VmReport};
+use super::vmm::{running, VmRecord, VmReport};
 use super::KvmError;
 use crate::container::StateDir;
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -112,19 +112,9 @@ pub fn console(
 
 /// Opens a console input stream to a running VM.
 fn open_input(rec: &VmRecord) -> Result<UnixStream, KvmError> {
-    let err = |what: String| KvmError::Control {
-        vm: rec.name.clone(),
-        path: rec.socket.clone(),
-        what,
-    };
-    let mut conn = UnixStream::connect(&rec.socket).map_err(|e| err(format!("connect: {e}")))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| err(format!("set timeout: {e}")))?;
-    conn.write_all(format!("{INPUT_COMMAND}\n").as_bytes())
-        .map_err(|e| err(format!("send {INPUT_COMMAND}: {e}")))?;
-    let mut reader = BufReader::new(conn);
-    let _: VmReport = answer(rec, &mut reader, INPUT_COMMAND)?;
-    Ok(reader.into_inner())
+    let (conn, answered) = super::vmm::command(rec, INPUT_COMMAND, Duration::from_secs(5))?;
+    let _: VmReport = answered?;
+    Ok(conn.into_inner())
 }
 
 /// Forwards `input` to `conn` until its end, an error, or the escape byte (then sets

@@ -24,7 +24,7 @@ use super::vm::Vm;
 use super::{hardware_virtualization, KvmError};
 use crate::container::{check_name, process_alive, StateDir};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -720,9 +720,21 @@ fn serve(
     };
     let mut waiting: Vec<UnixStream> = Vec::new();
     let mut dirty_logging = false;
+    // The connection of the snapshot that turned the dirty log on: once it closes before
+    // that snapshot paused the VM (the snapshot failed or its process died), the log is
+    // turned off again, so a failed snapshot leaves the VM as fast as it was.
+    let mut dirty_owner: Option<UnixStream> = None;
     while !threads.all_finished() {
         if SIGNALLED.load(Ordering::SeqCst) || confirm.poll(false) {
             stop.store(true, Ordering::SeqCst);
+        }
+        if dirty_owner.as_ref().is_some_and(closed) {
+            dirty_owner = None;
+            if std::mem::take(&mut dirty_logging) {
+                if let Err(e) = vm.set_dirty_logging(false) {
+                    eprintln!("stasis: VM {name}: turning the dirty log off: {e}");
+                }
+            }
         }
         if stop.load(Ordering::SeqCst) {
             threads.kick_all();
@@ -738,11 +750,21 @@ fn serve(
                         waiting.push(conn);
                     }
                     "dirty-log start" => {
-                        let r = vm.set_dirty_logging(true).and_then(|()| vm.dirty_log());
+                        let r = if dirty_owner.is_some() {
+                            Err(KvmError::invalid(
+                                &name,
+                                "another snapshot is already tracking its dirty pages",
+                            ))
+                        } else {
+                            vm.set_dirty_logging(true).and_then(|()| vm.dirty_log())
+                        };
                         match r {
                             Ok(_) => {
                                 dirty_logging = true;
                                 reply(&mut conn, &reporter.report("running"));
+                                if conn.set_nonblocking(true).is_ok() {
+                                    dirty_owner = Some(conn);
+                                }
                             }
                             Err(e) => reply_error(&mut conn, &e),
                         }
@@ -770,6 +792,7 @@ fn serve(
                             serial: &serial,
                             threads: &threads,
                         };
+                        dirty_owner = None;
                         if ctl.serve(&mut conn, std::mem::take(&mut dirty_logging)) {
                             stop.store(true, Ordering::SeqCst);
                             waiting.push(conn);
@@ -1007,6 +1030,17 @@ fn ask<T: serde::de::DeserializeOwned>(
     what: &str,
     timeout: Duration,
 ) -> Result<T, KvmError> {
+    command(rec, what, timeout)?.1
+}
+
+/// Sends the control command `what` to the VM's VMM on a new connection and reads its
+/// answer (waiting up to `timeout`); returns the connection (for commands whose session
+/// lives on it) and the answer.
+pub(crate) fn command<T: serde::de::DeserializeOwned>(
+    rec: &VmRecord,
+    what: &str,
+    timeout: Duration,
+) -> Result<(BufReader<UnixStream>, Result<T, KvmError>), KvmError> {
     let err = |what: String| KvmError::Control {
         vm: rec.name.clone(),
         path: rec.socket.clone(),
@@ -1017,7 +1051,9 @@ fn ask<T: serde::de::DeserializeOwned>(
         .map_err(|e| err(format!("set timeout: {e}")))?;
     conn.write_all(format!("{what}\n").as_bytes())
         .map_err(|e| err(format!("send {what}: {e}")))?;
-    answer(rec, &mut BufReader::new(conn), what)
+    let mut conn = BufReader::new(conn);
+    let answered = answer(rec, &mut conn, what);
+    Ok((conn, answered))
 }
 
 /// Reads one answer line: a `T`, or the VMM's `{"error": ...}`.
@@ -1042,6 +1078,20 @@ pub(crate) fn answer<T: serde::de::DeserializeOwned>(
     serde_json::from_value(v).map_err(|e| err(format!("bad answer to {what}: {e}")))
 }
 
+/// Whether the peer of a non-blocking connection has closed it (or it failed).
+fn closed(conn: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    let mut conn = conn;
+    match conn.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
+    }
+}
+
 /// Waits up to `ms` for a connection (or a signal), so a command is served at once rather
 /// than after a fixed sleep.
 fn wait_readable(listener: &UnixListener, ms: i32) {
@@ -1063,13 +1113,29 @@ pub fn dirty_log_fetch(state: &StateDir, name: &str) -> Result<Vec<(u64, u64)>, 
     Ok(d.runs)
 }
 
-/// Turns on KVM's dirty log of the VM's memory (pre-copy starts now).
-pub fn dirty_log_start(state: &StateDir, name: &str) -> Result<VmReport, KvmError> {
-    ask(
+/// Dirty logging turned on by [`dirty_log_start`]: dropped before the VM is paused, it
+/// turns the log off again (the VMM sees its connection close).
+pub struct DirtyLogSession {
+    _conn: UnixStream,
+}
+
+/// Turns on KVM's dirty log of the VM's memory (pre-copy starts now). One snapshot at a
+/// time: refused while another holds its session.
+pub fn dirty_log_start(
+    state: &StateDir,
+    name: &str,
+) -> Result<(DirtyLogSession, VmReport), KvmError> {
+    let (conn, rep) = command(
         &running(state, name)?,
         "dirty-log start",
         Duration::from_secs(5),
-    )
+    )?;
+    Ok((
+        DirtyLogSession {
+            _conn: conn.into_inner(),
+        },
+        rep?,
+    ))
 }
 
 /// A paused VM, waiting for [`PauseSession::resume`] or [`PauseSession::stop`]; dropped,
@@ -1082,18 +1148,8 @@ pub struct PauseSession {
 /// Pauses a VM's vCPU and returns its state (see [`super::snapshot`]).
 pub fn pause(state: &StateDir, name: &str) -> Result<(PauseSession, Paused), KvmError> {
     let rec = running(state, name)?;
-    let err = |what: String| KvmError::Control {
-        vm: rec.name.clone(),
-        path: rec.socket.clone(),
-        what,
-    };
-    let mut conn = UnixStream::connect(&rec.socket).map_err(|e| err(format!("connect: {e}")))?;
-    conn.set_read_timeout(Some(Duration::from_secs(15)))
-        .map_err(|e| err(format!("set timeout: {e}")))?;
-    conn.write_all(b"pause\n")
-        .map_err(|e| err(format!("send pause: {e}")))?;
-    let mut conn = BufReader::new(conn);
-    let paused: Paused = answer(&rec, &mut conn, "pause")?;
+    let (conn, paused) = command(&rec, "pause", Duration::from_secs(15))?;
+    let paused: Paused = paused?;
     Ok((PauseSession { rec, conn }, paused))
 }
 
