@@ -751,6 +751,196 @@ fn system_v_ipc_objects_come_back_with_their_ids_and_contents() {
     );
 }
 
+/// tests/workloads/c/shm-attach.c built static into `dir`; None (said why) without gcc.
+fn shm_attach_program(dir: &Path) -> Option<PathBuf> {
+    if !have("gcc") {
+        return None;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads/c/shm-attach.c");
+    let bin = dir.join("shm-attach");
+    let out = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("gcc");
+    if !out.status.success() {
+        common::skip(
+            "System V attachments",
+            &format!(
+                "gcc -static failed (no static libc?): {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        );
+        return None;
+    }
+    Some(bin)
+}
+
+/// The /SYSV mappings of `pid` as (start, end, perms, segment id, name), by address.
+fn sysv_maps(pid: i32) -> Vec<(u64, u64, String, u64, String)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    maps.lines()
+        .filter(|l| l.contains("/SYSV"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (a, b) = f[0].split_once('-').expect("range");
+            let hex = |x: &str| u64::from_str_radix(x, 16).expect("hex");
+            (
+                hex(a),
+                hex(b),
+                f[1].to_string(),
+                f[4].parse().expect("inode"),
+                f[5].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `len` bytes of `pid`'s memory at `addr`.
+fn peek(pid: i32, addr: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    let mut buf = vec![0u8; len];
+    mem.read_exact_at(&mut buf, addr).expect("read mem");
+    buf
+}
+
+#[test]
+fn system_v_attachments_come_back_at_their_addresses_and_stay_shared() {
+    let Some(root) = rootfs() else { return };
+    let Some(_) = shm_attach_program(&root.join("bin")) else {
+        return;
+    };
+    let mut env = Env::new("ct-shmat");
+    let pid = env.run(
+        "shm",
+        &["--rootfs", root.to_str().expect("path")],
+        &["/bin/shm-attach"],
+    );
+    wait_for("shm-attach ready", Duration::from_secs(10), || {
+        env.log("shm").contains("ready")
+    });
+    let before = sysv_maps(pid);
+    // p: three mappings (rw, r after mprotect, rw) of one attach; q: read-only; r: doomed.
+    assert_eq!(before.len(), 5, "{before:?}");
+    let img = env.state.join("shm.img");
+    env.ok(&["checkpoint", "shm", "-o", img.to_str().expect("path")]);
+    env.ok(&["restore", "--detach", img.to_str().expect("path")]);
+    let new_pid = env.pid_of("shm").expect("restored");
+    let after = sysv_maps(new_pid);
+    // A segment removed while attached is keyless: it comes back named /SYSV00000000.
+    let key_of_live = |maps: &[(u64, u64, String, u64, String)]| -> Vec<_> {
+        maps.iter()
+            .map(|m| {
+                (
+                    m.0,
+                    m.1,
+                    m.2.clone(),
+                    m.3,
+                    m.4 != "/SYSV00005161" && m.4 != "/SYSV00000000",
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        key_of_live(&after),
+        key_of_live(&before),
+        "the same attachments at the same addresses"
+    );
+    assert_eq!(
+        after.iter().filter(|m| m.4 == "/SYSV00005160").count(),
+        4,
+        "{after:?}"
+    );
+    let main = |m: &&(u64, u64, String, u64, String)| m.4 == "/SYSV00005160";
+    let p = before
+        .iter()
+        .find(|m| main(m) && m.2.starts_with("rw-s"))
+        .expect("p")
+        .0;
+    let id = before.iter().find(main).expect("segment 0x5160").3 as i32;
+    assert_eq!(&peek(new_pid, p, 10), b"first page");
+    assert_eq!(&peek(new_pid, p + 3 * 4096, 9), b"last page");
+    let doomed = before
+        .iter()
+        .find(|m| m.3 != id as u64)
+        .expect("the doomed segment's mapping");
+    assert_eq!(&peek(new_pid, doomed.0, 6), b"doomed");
+    // Written through an attachment of our own, seen through both of the process's.
+    let q = before
+        .iter()
+        .find(|m| m.3 == id as u64 && m.1 - m.0 == 4 * 4096)
+        .expect("q: the whole read-only attachment")
+        .0;
+    let (nattch, doomed_mode) = in_ipc_ns(new_pid, || {
+        // SAFETY: System V calls in the container's namespace on ids it holds; our own
+        // attachment is written within its 4 pages and detached again.
+        unsafe {
+            assert_eq!(libc::shmget(0x5160, 0, 0), id, "segment id");
+            let ours = libc::shmat(id, std::ptr::null(), 0) as *mut u8;
+            assert_ne!(ours as isize, -1);
+            std::ptr::copy_nonoverlapping(b"from outside".as_ptr(), ours.add(8192), 12);
+            libc::shmdt(ours.cast());
+            let mut ds: libc::shmid_ds = std::mem::zeroed();
+            assert_eq!(libc::shmctl(id, libc::IPC_STAT, &mut ds), 0);
+            let mut dd: libc::shmid_ds = std::mem::zeroed();
+            assert_eq!(libc::shmctl(doomed.3 as i32, libc::IPC_STAT, &mut dd), 0);
+            (ds.shm_nattch, dd.shm_perm.mode)
+        }
+    });
+    assert_eq!(&peek(new_pid, p + 8192, 12), b"from outside");
+    assert_eq!(&peek(new_pid, q + 8192, 12), b"from outside");
+    // As before the checkpoint: the kernel counts each mapping of a split attachment.
+    assert_eq!(
+        nattch, 4,
+        "the restored process's four mappings of the segment"
+    );
+    assert_ne!(
+        doomed_mode as u32 & stasis_runtime::sysvipc::SHM_DEST,
+        0,
+        "removed while attached, as before"
+    );
+}
+
+/// In the host's IPC namespace an attached segment is refused up front, and the process
+/// runs on.
+#[test]
+fn system_v_attachment_outside_a_container_is_refused() {
+    let dir = scratch("shmat-host");
+    let Some(bin) = shm_attach_program(&dir) else {
+        return;
+    };
+    let mut child = std::process::Command::new(&bin)
+        .arg("rmid")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("shm-attach");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("ready");
+    assert_eq!(line.trim(), "ready");
+    let pid = child.id().to_string();
+    let out = run_stasis(&[
+        "checkpoint",
+        &pid,
+        "-o",
+        dir.join("x.img").to_str().expect("p"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("host's IPC namespace"), "{err}");
+    assert!(
+        sysv_maps(child.id() as i32).len() == 5,
+        "still attached and running"
+    );
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+}
+
 #[test]
 fn refusals_leave_the_container_as_it_was() {
     let Some(root) = rootfs() else { return };

@@ -128,6 +128,7 @@ pub fn checkpoint_tree<S: ImageSink>(
         for f in frozen.procs.iter_mut() {
             procs.push(collect::collect_process(f, &mut ghosts)?);
         }
+        vmas::check_sysv_namespace(&procs, opts.container.is_some())?;
         procs.extend(frozen.zombies.iter().map(tree::Zombie::to_proto));
         // A detached container's standard I/O leads only to its log.
         descs::link(
@@ -153,6 +154,7 @@ pub fn checkpoint_tree<S: ImageSink>(
         if let Some(c) = &opts.container {
             // Its IPC namespace's objects, read now that nothing in it runs.
             let ipc = stasis_runtime::sysvipc::capture(pid)?;
+            vmas::check_sysv_attaches(&procs, &ipc.shm)?;
             inventory.kind = stasis_image::proto::WorkloadKind::Container as i32;
             inventory.container = Some(stasis_image::proto::Container {
                 ipc: Some(container::ipc_to_proto(&ipc)),

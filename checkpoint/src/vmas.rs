@@ -43,9 +43,8 @@ fn classify_one(
         n if n.starts_with("[anon:") && !m.shared => (VmaKind::AnonPrivate, None),
         "/dev/zero (deleted)" if m.shared => (VmaKind::AnonShared, None),
         n if n.starts_with("[anon_shmem:") && m.shared => (VmaKind::AnonShared, None),
-        n if n.starts_with("/SYSV") => {
-            return Err(unsupported("System V shared memory is not supported yet"))
-        }
+        // Checked against the captured IPC namespace later (check_sysv_*).
+        n if n.starts_with("/SYSV") && m.shared => (VmaKind::SysvShm, None),
         n if is_ghost_link(n) => {
             let proc_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
             ghost_id = ghosts.register(pid, &proc_path, n)?;
@@ -102,7 +101,118 @@ fn classify_one(
             0
         },
         ghost_id,
+        // A SysV segment's inode number is its id.
+        sysv_shmid: if kind == VmaKind::SysvShm {
+            u32::try_from(m.inode).map_err(|_| unsupported("segment id out of range"))?
+        } else {
+            0
+        },
     })
+}
+
+/// Mappings of System V shared memory are kept only in a container's own IPC namespace,
+/// whose segments are captured into the image with it; anywhere else they are refused,
+/// before anything changes. `procs` are by host PID.
+pub fn check_sysv_namespace(
+    procs: &[proto::Process],
+    container: bool,
+) -> Result<(), CheckpointError> {
+    let mut tree_ns = None;
+    for p in procs {
+        let Some(v) = p.vmas.iter().find(|v| v.kind() == VmaKind::SysvShm) else {
+            continue;
+        };
+        let pid = p.pid as i32;
+        let refuse = |why: &str| {
+            CheckpointError::unsupported(
+                pid,
+                format!("mapping {:#x}-{:#x} {:?}: {why}", v.start, v.end, v.name),
+            )
+        };
+        if !container {
+            return Err(refuse(
+                "System V shared memory of the host's IPC namespace is not supported (a \
+                 container's own IPC namespace is: run the workload with `stasis run`)",
+            ));
+        }
+        let ns = stasis_runtime::pidns::ns_id(pid, "ipc")?;
+        if ns == stasis_runtime::pidns::ns_id(std::process::id() as i32, "ipc")? {
+            return Err(refuse(
+                "System V shared memory of stasis's own IPC namespace is not supported",
+            ));
+        }
+        if *tree_ns.get_or_insert(ns) != ns {
+            return Err(refuse(
+                "System V shared memory of a second IPC namespace in the container",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every System V mapping must be part of a whole attach of a captured segment: the
+/// mappings of one attach (split by mprotect) run without a gap from offset 0 to the end of
+/// the segment (its size rounded up to pages).
+pub fn check_sysv_attaches(
+    procs: &[proto::Process],
+    shm: &[stasis_runtime::sysvipc::ShmSegment],
+) -> Result<(), CheckpointError> {
+    for p in procs {
+        let refuse = |v: &proto::Vma, why: String| {
+            CheckpointError::unsupported(
+                p.pid as i32,
+                format!("mapping {:#x}-{:#x} {:?}: {why}", v.start, v.end, v.name),
+            )
+        };
+        // (segment, base, end so far) of the attach being followed.
+        let mut open: Option<(u32, u64, u64)> = None;
+        let close = |open: Option<(u32, u64, u64)>,
+                     v: &proto::Vma|
+         -> Result<(), CheckpointError> {
+            let Some((id, base, end)) = open else {
+                return Ok(());
+            };
+            let seg = shm
+                .iter()
+                .find(|s| s.perm.id >= 0 && s.perm.id as u32 == id)
+                .ok_or_else(|| {
+                    refuse(
+                        v,
+                        format!("segment {id} is not in the container's IPC namespace"),
+                    )
+                })?;
+            let whole = seg.size.div_ceil(4096) * 4096;
+            if end - base != whole {
+                return Err(refuse(
+                    v,
+                    format!("only part of segment {id} ({whole} bytes) is mapped: partly detached attachments are not supported"),
+                ));
+            }
+            Ok(())
+        };
+        for v in p.vmas.iter().filter(|v| v.kind() == VmaKind::SysvShm) {
+            let base = v.start.checked_sub(v.pgoff);
+            match (open, base) {
+                (Some((id, b, end)), Some(base)) if id == v.sysv_shmid && b == base && end == v.start => {
+                    open = Some((id, b, v.end));
+                }
+                (_, Some(base)) if v.pgoff == 0 => {
+                    close(open, v)?;
+                    open = Some((v.sysv_shmid, base, v.end));
+                }
+                _ => {
+                    return Err(refuse(
+                        v,
+                        "the start of this attachment is unmapped: partly detached attachments are not supported".into(),
+                    ))
+                }
+            }
+        }
+        if let Some(v) = p.vmas.iter().rev().find(|v| v.kind() == VmaKind::SysvShm) {
+            close(open, v)?;
+        }
+    }
+    Ok(())
 }
 
 /// Identity of a file from its metadata.

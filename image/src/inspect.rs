@@ -255,6 +255,8 @@ pub struct VmaReport {
     pub name: String,
     pub vm_flags: Vec<String>,
     pub shmem_id: u64,
+    /// For SYSV_SHM: the segment's id.
+    pub sysv_shmid: u32,
     pub file: Option<proto::FileId>,
 }
 
@@ -462,6 +464,7 @@ fn process_report(p: &proto::Process, pages: PageCounts) -> ProcessReport {
                 name: v.name.clone(),
                 vm_flags: v.vm_flags.clone(),
                 shmem_id: v.shmem_id,
+                sysv_shmid: v.sysv_shmid,
                 file: v.file,
             })
             .collect(),

@@ -668,6 +668,32 @@ impl Builder<'_> {
                         fixups.push((v.start, len, v.prot));
                     }
                 }
+                VmaKind::SysvShm => {
+                    // The segment was recreated with its id in the container's IPC
+                    // namespace; its first mapping attaches it whole (validated), the
+                    // others are parts of that attachment with their own protections.
+                    if v.pgoff == 0 {
+                        let mut flags = 0u64;
+                        if !v.vm_flags.iter().any(|f| f == "mw") {
+                            flags |= libc::SHM_RDONLY as u64;
+                        }
+                        if v.vm_flags.iter().any(|f| f == "me") {
+                            flags |= libc::SHM_EXEC as u64;
+                        }
+                        let at = self.call(
+                            "shmat",
+                            libc::SYS_shmat,
+                            &[u64::from(v.sysv_shmid), v.start, flags],
+                        )?;
+                        if at != v.start {
+                            return Err(RestoreError::Invalid(format!(
+                                "process {}: System V segment {} attached at {at:#x}, not {:#x}",
+                                p.pid, v.sysv_shmid, v.start
+                            )));
+                        }
+                    }
+                    fixups.push((v.start, len, v.prot));
+                }
                 VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => {}
                 VmaKind::Unspecified => {
                     return Err(RestoreError::Invalid(format!(

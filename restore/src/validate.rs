@@ -215,8 +215,58 @@ pub fn process(
         )));
     }
     check_vmas(pid, &p.vmas)?;
+    check_sysv_vmas(image, p)?;
     check_vdso(p)?;
     check_files(p, ghosts, opts)?;
+    Ok(())
+}
+
+/// A System V shared memory mapping must lie within a segment of the image's IPC
+/// namespace (only container images carry one), and the first mapping of each attach (which
+/// restore attaches whole) must start at offset 0.
+fn check_sysv_vmas(image: &Image, p: &proto::Process) -> Result<(), RestoreError> {
+    let invalid = |v: &proto::Vma, what: String| {
+        RestoreError::Invalid(format!(
+            "process {}: mapping {:#x}-{:#x}: {what}",
+            p.pid, v.start, v.end
+        ))
+    };
+    let shm = image
+        .inventory()
+        .container
+        .as_ref()
+        .and_then(|c| c.ipc.as_ref())
+        .map(|i| i.shm.as_slice())
+        .unwrap_or_default();
+    let mut attach_end = 0;
+    for v in p.vmas.iter().filter(|v| v.kind() == VmaKind::SysvShm) {
+        let seg = shm
+            .iter()
+            .find(|s| {
+                s.perm
+                    .as_ref()
+                    .is_some_and(|perm| perm.id == v.sysv_shmid as i32)
+            })
+            .ok_or_else(|| {
+                invalid(
+                    v,
+                    format!("System V segment {} is not in the image", v.sysv_shmid),
+                )
+            })?;
+        let whole = seg.size.div_ceil(4096).saturating_mul(4096);
+        let len = v.end - v.start;
+        if v.pgoff.checked_add(len).is_none_or(|end| end > whole) {
+            return Err(invalid(
+                v,
+                format!("offset {:#x} is beyond segment {}", v.pgoff, v.sysv_shmid),
+            ));
+        }
+        if v.pgoff == 0 {
+            attach_end = v.start.saturating_add(whole);
+        } else if v.end > attach_end {
+            return Err(invalid(v, "not part of an attachment from offset 0".into()));
+        }
+    }
     Ok(())
 }
 
