@@ -903,17 +903,11 @@ fn system_v_attachments_come_back_at_their_addresses_and_stay_shared() {
     );
 }
 
-/// In the host's IPC namespace an attached segment is refused up front, and the process
-/// runs on.
-#[test]
-fn system_v_attachment_outside_a_container_is_refused() {
-    let dir = scratch("shmat-host");
-    let Some(bin) = shm_attach_program(&dir) else {
-        return;
-    };
-    let mut child = std::process::Command::new(&bin)
-        .arg("rmid")
-        .stdout(std::process::Stdio::piped())
+/// tests/workloads/c/shm-attach.c started in `mode` on the host (standard I/O only);
+/// returns once it is ready.
+fn start_shm_attach(bin: &Path, mode: &str) -> std::process::Child {
+    let mut child = clean(bin.to_str().expect("path"))
+        .arg(mode)
         .spawn()
         .expect("shm-attach");
     let mut line = String::new();
@@ -923,22 +917,119 @@ fn system_v_attachment_outside_a_container_is_refused() {
     )
     .expect("ready");
     assert_eq!(line.trim(), "ready");
+    child
+}
+
+/// A segment of the host's IPC namespace removed while attached ends with its processes:
+/// refused up front, and the process runs on.
+#[test]
+fn system_v_attachment_removed_on_the_host_is_refused() {
+    let dir = scratch("shmat-rmid");
+    let Some(bin) = shm_attach_program(&dir) else {
+        return;
+    };
+    let mut child = start_shm_attach(&bin, "rmid");
     let pid = child.id().to_string();
-    let out = run_stasis(&[
-        "checkpoint",
-        &pid,
-        "-o",
-        dir.join("x.img").to_str().expect("p"),
-    ]);
+    let img = dir.join("x.img");
+    let out = run_stasis(&["checkpoint", &pid, "-o", img.to_str().expect("p")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{err}");
-    assert!(err.contains("host's IPC namespace"), "{err}");
-    assert!(
-        sysv_maps(child.id() as i32).len() == 5,
-        "still attached and running"
-    );
+    assert!(err.contains("removed while attached"), "{err}");
+    assert_eq!(sysv_maps(child.id() as i32).len(), 4, "still attached");
     child.kill().expect("kill");
     child.wait().expect("reap");
+}
+
+/// A plain process tree's segments stay in the host's IPC namespace, like shared files:
+/// restore attaches the same segment again, at the same addresses.
+#[test]
+fn system_v_attachment_on_the_host_is_attached_again() {
+    let dir = scratch("shmat-host");
+    let Some(bin) = shm_attach_program(&dir) else {
+        return;
+    };
+    let mut child = start_shm_attach(&bin, "host");
+    let pid = child.id() as i32;
+    // Killed at the end, or if the test fails first (the original, then the restored
+    // process: the same PID).
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill takes no pointers; the PID is this test's program.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let kill = Kill(pid);
+    let before = sysv_maps(pid);
+    assert_eq!(before.len(), 4, "{before:?}");
+    let id = before[0].3 as i32;
+    // Removed whatever happens (it lives on until the last detach).
+    struct Remove(i32);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            // SAFETY: IPC_RMID of the segment this test's program made; no pointers.
+            unsafe { libc::shmctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
+        }
+    }
+    let remove = Remove(id);
+    let img = dir.join("host.img");
+    stasis_ok(&[
+        "checkpoint",
+        &pid.to_string(),
+        "-o",
+        img.to_str().expect("p"),
+    ]);
+    child.wait().expect("reap the original");
+    let inspect = stasis_ok(&["image", "inspect", img.to_str().expect("p"), "--json"]);
+    let v: Value = serde_json::from_str(&inspect).expect("inspect json");
+    assert!(
+        v["processes"][0]["vmas"]
+            .as_array()
+            .expect("vmas")
+            .iter()
+            .any(|m| m["kind"] == "SYSV_SHM" && m["sysv_shmid"] == id),
+        "{inspect}"
+    );
+    // The restored process keeps stasis's standard output: not a pipe we would wait on.
+    let restored = std::process::Command::new(stasis())
+        .args(["restore", img.to_str().expect("p"), "--detach"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("stasis restore");
+    assert!(restored.success(), "restore --detach");
+    assert_eq!(
+        sysv_maps(pid),
+        before,
+        "the same attachments at the same addresses"
+    );
+    let p = before
+        .iter()
+        .find(|m| m.2.starts_with("rw-s"))
+        .expect("p")
+        .0;
+    assert_eq!(&peek(pid, p, 10), b"first page");
+    assert_eq!(&peek(pid, p + 3 * 4096, 9), b"last page");
+    // SAFETY: our own attachment of the segment, written within its 4 pages, detached.
+    unsafe {
+        let ours = libc::shmat(id, std::ptr::null(), 0) as *mut u8;
+        assert_ne!(ours as isize, -1);
+        std::ptr::copy_nonoverlapping(b"from outside".as_ptr(), ours.add(8192), 12);
+        libc::shmdt(ours.cast());
+    }
+    assert_eq!(&peek(pid, p + 8192, 12), b"from outside");
+    drop(kill);
+    reap_orphans(&[pid]);
+    // Once the segment is gone, restoring the image is refused before anything starts.
+    drop(remove);
+    let out = run_stasis(&["restore", img.to_str().expect("p"), "--detach"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("no longer exists"), "{err}");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "nothing was started"
+    );
 }
 
 #[test]

@@ -55,6 +55,16 @@ fn perm_to_proto(p: &sysvipc::IpcPerm) -> proto::IpcPerm {
     }
 }
 
+/// A System V segment in image form.
+pub fn shm_to_proto(s: &sysvipc::ShmSegment) -> proto::SysvShm {
+    proto::SysvShm {
+        perm: Some(perm_to_proto(&s.perm)),
+        size: s.size,
+        data: s.data.clone(),
+        attached: s.attached,
+    }
+}
+
 /// The System V IPC objects in image form.
 pub fn ipc_to_proto(o: &sysvipc::IpcObjects) -> proto::SysvIpc {
     let l = &o.limits;
@@ -68,16 +78,7 @@ pub fn ipc_to_proto(o: &sysvipc::IpcObjects) -> proto::SysvIpc {
         msgmnb: l.msgmnb,
         msgmni: l.msgmni,
         sem_limits: l.sem.to_vec(),
-        shm: o
-            .shm
-            .iter()
-            .map(|s| proto::SysvShm {
-                perm: Some(perm_to_proto(&s.perm)),
-                size: s.size,
-                data: s.data.clone(),
-                attached: s.attached,
-            })
-            .collect(),
+        shm: o.shm.iter().map(shm_to_proto).collect(),
         sem: o
             .sem
             .iter()

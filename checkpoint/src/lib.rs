@@ -128,7 +128,10 @@ pub fn checkpoint_tree<S: ImageSink>(
         for f in frozen.procs.iter_mut() {
             procs.push(collect::collect_process(f, &mut ghosts)?);
         }
-        vmas::check_sysv_namespace(&procs, opts.container.is_some())?;
+        let host_shm = vmas::check_sysv_namespace(&procs, opts.container.is_some())?;
+        if opts.container.is_none() {
+            vmas::check_sysv_attaches(&procs, &host_shm)?;
+        }
         procs.extend(frozen.zombies.iter().map(tree::Zombie::to_proto));
         // A detached container's standard I/O leads only to its log.
         descs::link(
@@ -151,6 +154,7 @@ pub fn checkpoint_tree<S: ImageSink>(
         let tp = Instant::now();
         let mut inventory =
             collect::inventory(pids.image_pid(pid)?, pids.is_namespace(), &opts.compression);
+        inventory.host_sysv_shm = host_shm.iter().map(container::shm_to_proto).collect();
         if let Some(c) = &opts.container {
             // Its IPC namespace's objects, read now that nothing in it runs.
             let ipc = stasis_runtime::sysvipc::capture(pid)?;

@@ -110,44 +110,69 @@ fn classify_one(
     })
 }
 
-/// Mappings of System V shared memory are kept only in a container's own IPC namespace,
-/// whose segments are captured into the image with it; anywhere else they are refused,
-/// before anything changes. `procs` are by host PID.
+/// Where the System V segments a tree has attached live, checked before anything changes.
+/// A container's are in its own IPC namespace, captured into the image with it. A plain
+/// tree's are in the host's (stasis's own) namespace: they are kept by reference, like
+/// shared files, and returned (no contents); one removed while attached ends with its
+/// processes, so it is refused. `procs` are by host PID.
 pub fn check_sysv_namespace(
     procs: &[proto::Process],
     container: bool,
-) -> Result<(), CheckpointError> {
+) -> Result<Vec<stasis_runtime::sysvipc::ShmSegment>, CheckpointError> {
+    let own = stasis_runtime::pidns::ns_id(std::process::id() as i32, "ipc")?;
     let mut tree_ns = None;
+    let mut host = Vec::new();
     for p in procs {
-        let Some(v) = p.vmas.iter().find(|v| v.kind() == VmaKind::SysvShm) else {
-            continue;
-        };
-        let pid = p.pid as i32;
-        let refuse = |why: &str| {
-            CheckpointError::unsupported(
-                pid,
-                format!("mapping {:#x}-{:#x} {:?}: {why}", v.start, v.end, v.name),
-            )
-        };
-        if !container {
-            return Err(refuse(
-                "System V shared memory of the host's IPC namespace is not supported (a \
-                 container's own IPC namespace is: run the workload with `stasis run`)",
-            ));
-        }
-        let ns = stasis_runtime::pidns::ns_id(pid, "ipc")?;
-        if ns == stasis_runtime::pidns::ns_id(std::process::id() as i32, "ipc")? {
-            return Err(refuse(
-                "System V shared memory of stasis's own IPC namespace is not supported",
-            ));
-        }
-        if *tree_ns.get_or_insert(ns) != ns {
-            return Err(refuse(
-                "System V shared memory of a second IPC namespace in the container",
-            ));
+        for v in p.vmas.iter().filter(|v| v.kind() == VmaKind::SysvShm) {
+            let pid = p.pid as i32;
+            let refuse = |why: String| {
+                CheckpointError::unsupported(
+                    pid,
+                    format!("mapping {:#x}-{:#x} {:?}: {why}", v.start, v.end, v.name),
+                )
+            };
+            let ns = stasis_runtime::pidns::ns_id(pid, "ipc")?;
+            if *tree_ns.get_or_insert(ns) != ns {
+                return Err(refuse(
+                    "System V shared memory of a second IPC namespace in the tree".into(),
+                ));
+            }
+            if container {
+                if ns == own {
+                    return Err(refuse(
+                        "the container shares stasis's IPC namespace, whose System V \
+                         shared memory it cannot take along"
+                            .into(),
+                    ));
+                }
+                continue;
+            }
+            if ns != own {
+                return Err(refuse(
+                    "System V shared memory of an IPC namespace other than the host's is \
+                     kept only for containers (stasis run)"
+                        .into(),
+                ));
+            }
+            let id = v.sysv_shmid as i32;
+            if host
+                .iter()
+                .any(|s: &stasis_runtime::sysvipc::ShmSegment| s.perm.id == id)
+            {
+                continue;
+            }
+            let seg = stasis_runtime::sysvipc::shm_segment(id)?
+                .ok_or_else(|| refuse(format!("System V segment {id} is gone")))?;
+            if seg.perm.mode & stasis_runtime::sysvipc::SHM_DEST != 0 {
+                return Err(refuse(format!(
+                    "System V segment {id} was removed while attached: it ends with its \
+                     processes, and only a container's own segments are saved with it"
+                )));
+            }
+            host.push(seg);
         }
     }
-    Ok(())
+    Ok(host)
 }
 
 /// Every System V mapping must be part of a whole attach of a captured segment: the
@@ -178,7 +203,7 @@ pub fn check_sysv_attaches(
                 .ok_or_else(|| {
                     refuse(
                         v,
-                        format!("segment {id} is not in the container's IPC namespace"),
+                        format!("segment {id} is not among the tree's saved segments"),
                     )
                 })?;
             let whole = seg.size.div_ceil(4096) * 4096;

@@ -221,9 +221,10 @@ pub fn process(
     Ok(())
 }
 
-/// A System V shared memory mapping must lie within a segment of the image's IPC
-/// namespace (only container images carry one), and the first mapping of each attach (which
-/// restore attaches whole) must start at offset 0.
+/// A System V shared memory mapping must lie within a segment of the image: of its
+/// container's IPC namespace, or of the host's (then that segment must still be here, the
+/// same key and size, not removed), and the first mapping of each attach (which restore
+/// attaches whole) must start at offset 0.
 fn check_sysv_vmas(image: &Image, p: &proto::Process) -> Result<(), RestoreError> {
     let invalid = |v: &proto::Vma, what: String| {
         RestoreError::Invalid(format!(
@@ -231,13 +232,12 @@ fn check_sysv_vmas(image: &Image, p: &proto::Process) -> Result<(), RestoreError
             p.pid, v.start, v.end
         ))
     };
-    let shm = image
-        .inventory()
-        .container
-        .as_ref()
-        .and_then(|c| c.ipc.as_ref())
-        .map(|i| i.shm.as_slice())
-        .unwrap_or_default();
+    let inv = image.inventory();
+    let container = inv.container.as_ref().and_then(|c| c.ipc.as_ref());
+    let shm = match container {
+        Some(ipc) => ipc.shm.as_slice(),
+        None => inv.host_sysv_shm.as_slice(),
+    };
     let mut attach_end = 0;
     for v in p.vmas.iter().filter(|v| v.kind() == VmaKind::SysvShm) {
         let seg = shm
@@ -263,11 +263,43 @@ fn check_sysv_vmas(image: &Image, p: &proto::Process) -> Result<(), RestoreError
         }
         if v.pgoff == 0 {
             attach_end = v.start.saturating_add(whole);
+            if container.is_none() {
+                check_host_segment(p.pid, seg)?;
+            }
         } else if v.end > attach_end {
             return Err(invalid(v, "not part of an attachment from offset 0".into()));
         }
     }
     Ok(())
+}
+
+/// The host's segment the image names is still here: same id, key and size, not removed.
+fn check_host_segment(pid: u32, seg: &proto::SysvShm) -> Result<(), RestoreError> {
+    let Some(perm) = seg.perm.as_ref() else {
+        return Err(RestoreError::Invalid(format!(
+            "process {pid}: a System V segment without ids"
+        )));
+    };
+    let now = stasis_runtime::sysvipc::shm_segment(perm.id)?;
+    let what = format!(
+        "process {pid}: System V segment {} (key {:#010x}, {} bytes) of this host",
+        perm.id, perm.key as u32, seg.size
+    );
+    match now {
+        None => Err(RestoreError::Unsupported(format!(
+            "{what} no longer exists"
+        ))),
+        Some(s) if s.perm.key != perm.key || s.size != seg.size => {
+            Err(RestoreError::Unsupported(format!(
+                "{what} is another segment now (key {:#010x}, {} bytes)",
+                s.perm.key as u32, s.size
+            )))
+        }
+        Some(s) if s.perm.mode & stasis_runtime::sysvipc::SHM_DEST != 0 => Err(
+            RestoreError::Unsupported(format!("{what} has been removed")),
+        ),
+        Some(_) => Ok(()),
+    }
 }
 
 fn check_vmas(pid: i32, vmas: &[proto::Vma]) -> Result<(), RestoreError> {

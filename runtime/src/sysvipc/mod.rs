@@ -270,6 +270,20 @@ impl MsgQueue {
     }
 }
 
+/// Segment `id` of the calling thread's IPC namespace as /proc/sysvipc/shm shows it (no
+/// contents), if there is one.
+pub fn shm_segment(id: i32) -> Result<Option<ShmSegment>> {
+    Ok(table::read(Kind::Shm)?
+        .into_iter()
+        .find(|r| r.perm.id == id)
+        .map(|r| ShmSegment {
+            perm: r.perm,
+            size: r.size,
+            data: Vec::new(),
+            attached: r.count,
+        }))
+}
+
 /// Saves the SysV IPC objects and IPC limits of the IPC namespace of process `pid`, leaving
 /// them as they were (but for the attach/detach times of segments; see the module
 /// documentation). The processes of the namespace should be frozen meanwhile: objects are

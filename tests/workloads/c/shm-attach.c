@@ -1,12 +1,15 @@
 /* shm-attach: holds System V shared memory attached, for the container tests.
  *
- * Segment 0x5160 (3 pages + 100 bytes, so 4 pages mapped) is attached read-write with
+ * A segment of 3 pages + 100 bytes (so 4 pages mapped) is attached read-write with
  * "first page" at offset 0 and "last page" at 3 pages, then its second page is made
  * read-only (the attachment becomes three mappings); it is attached a second time read-only.
- * Segment 0x5161 (1 page) is attached with "doomed" in it and removed while attached.
- * With the argument "rmid" every segment is removed at once (it lives until the process
- * exits), so a test on the host's namespace leaves nothing behind. Then it waits forever.
- * Prints "ready" once all is in place. Built static by the tests (gcc -static).
+ * Modes (the first argument):
+ * - "container" (default): the segment has key 0x5160, and segment 0x5161 (1 page) is
+ *   attached with "doomed" in it and removed while attached;
+ * - "host": the segment is IPC_PRIVATE (nothing else; the test removes it);
+ * - "rmid": as "host", then removed at once (it lives until the process exits).
+ * Prints "ready" once all is in place, then waits forever. Built static by the tests
+ * (gcc -static).
  */
 #include <stdio.h>
 #include <string.h>
@@ -16,8 +19,9 @@
 
 int main(int argc, char **argv)
 {
-    int rmid = argc > 1 && strcmp(argv[1], "rmid") == 0;
-    int id = shmget(0x5160, 3 * 4096 + 100, IPC_CREAT | 0600);
+    const char *mode = argc > 1 ? argv[1] : "container";
+    int container = strcmp(mode, "container") == 0;
+    int id = shmget(container ? 0x5160 : IPC_PRIVATE, 3 * 4096 + 100, IPC_CREAT | 0600);
     if (id < 0)
         return 1;
     char *p = shmat(id, NULL, 0);
@@ -30,16 +34,18 @@ int main(int argc, char **argv)
     char *q = shmat(id, NULL, SHM_RDONLY);
     if (q == (void *)-1)
         return 4;
-    int doomed = shmget(0x5161, 4096, IPC_CREAT | 0600);
-    if (doomed < 0)
-        return 5;
-    char *r = shmat(doomed, NULL, 0);
-    if (r == (void *)-1)
-        return 6;
-    strcpy(r, "doomed");
-    if (shmctl(doomed, IPC_RMID, NULL) != 0)
-        return 7;
-    if (rmid && shmctl(id, IPC_RMID, NULL) != 0)
+    if (container) {
+        int doomed = shmget(0x5161, 4096, IPC_CREAT | 0600);
+        if (doomed < 0)
+            return 5;
+        char *r = shmat(doomed, NULL, 0);
+        if (r == (void *)-1)
+            return 6;
+        strcpy(r, "doomed");
+        if (shmctl(doomed, IPC_RMID, NULL) != 0)
+            return 7;
+    }
+    if (strcmp(mode, "rmid") == 0 && shmctl(id, IPC_RMID, NULL) != 0)
         return 8;
     printf("ready\n");
     fflush(stdout);
