@@ -101,7 +101,8 @@ pub fn check_tree(kind: RootKind, pids: &[i32]) -> Result<(), CheckpointError> {
 /// Refuses a whole-namespace tree (root `root`, processes `members`) when its namespace
 /// holds a process that is not in the tree: one that joined it from outside (setns, as
 /// nsenter and `docker exec` do) is a child of a process outside, and the image would
-/// silently lack it.
+/// silently lack it. The tree may still be running: a process of the namespace whose
+/// parent is in it too was born (or reparented) in the tree after `members` was read.
 pub fn check_whole(root: i32, members: &[i32]) -> Result<(), CheckpointError> {
     let ns = pidns::ns_id(root, "pid").map_err(|_| CheckpointError::NoSuchProcess(root))?;
     let dir = std::fs::read_dir("/proc").map_err(|e| CheckpointError::Io("/proc".into(), e))?;
@@ -110,6 +111,12 @@ pub fn check_whole(root: i32, members: &[i32]) -> Result<(), CheckpointError> {
             continue;
         };
         if members.contains(&pid) || pidns::ns_id(pid, "pid").ok() != Some(ns) {
+            continue;
+        }
+        let parent_inside = procfs::read_stat(pid)
+            .ok()
+            .is_none_or(|s| pidns::ns_id(s.ppid, "pid").ok() == Some(ns));
+        if parent_inside {
             continue;
         }
         let status = procfs::read_status(pid).ok();
