@@ -250,3 +250,70 @@ pub fn file_id(meta: &std::fs::Metadata) -> proto::FileId {
         mode: meta.mode(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stasis_runtime::sysvipc::{IpcPerm, ShmSegment};
+
+    fn seg(id: i32, size: u64) -> ShmSegment {
+        ShmSegment {
+            perm: IpcPerm {
+                id,
+                mode: 0o600,
+                ..Default::default()
+            },
+            size,
+            data: Vec::new(),
+            attached: 1,
+        }
+    }
+
+    fn vma(start: u64, pages: u64, id: u32, pgoff: u64) -> proto::Vma {
+        proto::Vma {
+            start,
+            end: start + pages * 4096,
+            kind: VmaKind::SysvShm as i32,
+            pgoff,
+            sysv_shmid: id,
+            ..Default::default()
+        }
+    }
+
+    fn check(vmas: Vec<proto::Vma>) -> Result<(), CheckpointError> {
+        let p = proto::Process {
+            pid: 7,
+            vmas,
+            ..Default::default()
+        };
+        // Segment 1: 3 pages + 100 bytes (4 pages mapped); segment 2: one page.
+        check_sysv_attaches(&[p], &[seg(1, 3 * 4096 + 100), seg(2, 4096)])
+    }
+
+    #[test]
+    fn whole_attachments_in_pieces_pass() {
+        let base = 0x7f00_0000_0000;
+        // Segment 1 split in three by mprotect, again whole elsewhere, then segment 2.
+        let pieces = vec![
+            vma(base, 1, 1, 0),
+            vma(base + 0x1000, 1, 1, 0x1000),
+            vma(base + 0x2000, 2, 1, 0x2000),
+            vma(base + 0x4000, 4, 1, 0),
+            vma(base + 0x8000, 1, 2, 0),
+        ];
+        assert!(check(pieces).is_ok());
+    }
+
+    #[test]
+    fn partly_detached_or_unknown_segments_are_refused() {
+        let base = 0x7f00_0000_0000;
+        // The last page unmapped.
+        assert!(check(vec![vma(base, 3, 1, 0)]).is_err());
+        // The first page unmapped.
+        assert!(check(vec![vma(base + 0x1000, 3, 1, 0x1000)]).is_err());
+        // A gap in the middle.
+        assert!(check(vec![vma(base, 1, 1, 0), vma(base + 0x2000, 2, 1, 0x2000)]).is_err());
+        // A segment the image does not hold.
+        assert!(check(vec![vma(base, 1, 9, 0)]).is_err());
+    }
+}

@@ -120,7 +120,7 @@ pub struct IpcObjects {
 }
 
 /// What every object has: its key, id, permissions and owners.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpcPerm {
     /// The key it was made with; 0 (IPC_PRIVATE) for none.
     pub key: i32,
