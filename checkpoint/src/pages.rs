@@ -457,9 +457,9 @@ pub fn dump<W: Write + Send>(
 ///
 /// Raw pages leave the writer as much work as a reader (the page cache's allocation and copy
 /// against process_vm_readv's copy and the hash), so the readers get one core fewer than the
-/// machine has: on 2 cores one reader beat two by 10-13% for 1 GiB (the threads no longer
-/// take turns on a core). Compression makes a reader several times slower than the writer,
-/// so it gets every core.
+/// machine has: on 2 cores one reader beat two by 6-8% in the pages phase of 1 GiB (401
+/// against 425-435 ms, medians of 9), as the threads no longer take turns on a core.
+/// Compression makes a reader several times slower than the writer, so it gets every core.
 fn reader_count(cores: usize, compression: Compression) -> usize {
     let cores = cores.max(1);
     match compression {
