@@ -105,18 +105,25 @@ pub fn checkpoint_vm<S: ImageSink>(
         compression: compression.to_string(),
         ..Default::default()
     };
+    // With leave_running the dirty log goes on before the resident pages are listed (no
+    // write in between is missed), and that one list also decides whether staging fits.
+    let mut to_stage = None;
     if leave_running {
         stats.staging_limit = match opts.staging_limit {
             Some(limit) => limit,
             None => stasis_runtime::procfs::mem_available()? / 2,
         };
-        stats.staged = staging_fits(state, name, stats.staging_limit)?;
-    }
-    let (session, paused, staging, ranges) = if stats.staged {
-        // Held until the pause takes the log; dropped on an error first, it turns the log
-        // off again.
+        // Held until the pause takes the log; dropped first (over the limit, or on an
+        // error), it turns the log off again.
         let (dirty_log, rep) = vmm::dirty_log_start(state, name)?;
         let ranges = resident_ranges(name, rep.pid, rep.mem_host_addr, rep.memory)?;
+        let resident: u64 = ranges.iter().map(|r| r.1).sum();
+        stats.staged = resident.saturating_mul(PAGE_SIZE) <= stats.staging_limit;
+        if stats.staged {
+            to_stage = Some((dirty_log, rep, ranges));
+        }
+    }
+    let (session, paused, staging, ranges) = if let Some((dirty_log, rep, ranges)) = to_stage {
         let mut staging = vec![0u8; usize_of(name, rep.memory)?];
         let t = Instant::now();
         copy_ranges(name, rep.pid, rep.mem_host_addr, &ranges, &mut staging)?;
@@ -199,14 +206,6 @@ pub fn checkpoint_vm<S: ImageSink>(
     stats.image_bytes = ws.image_bytes;
     stats.total_us = micros(start.elapsed());
     Ok(stats)
-}
-
-/// Whether the resident memory of VM `name` fits in `limit` bytes of staging.
-fn staging_fits(state: &StateDir, name: &str, limit: u64) -> Result<bool, CheckpointError> {
-    let rep = vmm::query(state, name)?;
-    let ranges = resident_ranges(name, rep.pid, rep.mem_host_addr, rep.memory)?;
-    let pages: u64 = ranges.iter().map(|r| r.1).sum();
-    Ok(pages.saturating_mul(PAGE_SIZE) <= limit)
 }
 
 fn micros(d: Duration) -> u64 {
