@@ -952,14 +952,7 @@ fn system_v_attachment_on_the_host_is_attached_again() {
     let pid = child.id() as i32;
     // Killed at the end, or if the test fails first (the original, then the restored
     // process: the same PID).
-    struct Kill(i32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            // SAFETY: kill takes no pointers; the PID is this test's program.
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
-        }
-    }
-    let kill = Kill(pid);
+    let kill = KillOnDrop(pid);
     let before = sysv_maps(pid);
     assert_eq!(before.len(), 4, "{before:?}");
     let id = before[0].3 as i32;

@@ -98,23 +98,6 @@ fn wait_ready(dir: &Path, port: u16) {
     }
 }
 
-/// The postmaster's children (its background processes).
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let after = s.rsplit_once(')')?.1.to_string();
-                    after.split_whitespace().nth(1)?.parse::<i32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
-}
-
 /// The children's command lines (their names, e.g. "postgres: checkpointer"), sorted.
 fn names(pids: &[i32]) -> Vec<String> {
     let mut names: Vec<String> = pids
@@ -174,14 +157,14 @@ fn postgres_keeps_its_data_across_checkpoint_kill_restore() {
     // The backend of the last psql session exits on its own shortly after it, and is
     // reaped by the postmaster (a zombie's command line is empty).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while names(&children(pid))
+    while names(&descendants(pid))
         .iter()
         .any(|n| n.is_empty() || n.contains("[local]"))
     {
         assert!(Instant::now() < deadline, "the psql backend stayed");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let tree = children(pid);
+    let tree = descendants(pid);
     let before = names(&tree);
     assert!(before.len() >= 4, "background processes: {before:?}");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
@@ -205,7 +188,7 @@ fn postgres_keeps_its_data_across_checkpoint_kill_restore() {
 
     assert!(running_untraced(pid), "the restored postmaster runs");
     assert_eq!(
-        names(&children(pid)),
+        names(&descendants(pid)),
         before,
         "the same background processes"
     );
