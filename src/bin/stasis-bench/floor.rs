@@ -7,7 +7,7 @@
 //!   one writer at a time (tmpfs holds the inode lock across a write), so this is a floor for
 //!   a single-file image however many threads there are.
 //! - read: process_vm_readv of the bytes into a 4 MiB buffer, one thread (pinning the pages
-//!   and copying them), as stasis reads a stopped process.
+//!   and copying them), through the same call stasis reads a stopped process with.
 //! - hash: [`ChunkEncoder`] on 4 MiB chunks, raw (blake3, the image format's chunk hash).
 //!
 //! CRIU pays read (as vmsplice's pinning, without the copy) and write; stasis pays all three,
@@ -52,27 +52,12 @@ fn write_pass(src: &[u8], path: &Path) -> Result<f64, String> {
 
 fn read_pass(src: &[u8]) -> Result<f64, String> {
     let mut buf = vec![0u8; PIECE];
-    // SAFETY: getpid takes no arguments and cannot fail.
-    let me = unsafe { libc::getpid() };
+    let me = std::process::id() as i32;
     let t = Instant::now();
     for piece in src.chunks(PIECE) {
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: piece.len(),
-        };
-        let remote = libc::iovec {
-            iov_base: piece.as_ptr() as *mut libc::c_void,
-            iov_len: piece.len(),
-        };
-        // SAFETY: both iovecs describe live memory of this process: `buf` holds PIECE >=
-        // piece.len() writable bytes, and `piece` is readable for its length.
-        let n = unsafe { libc::process_vm_readv(me, &local, 1, &remote, 1, 0) };
-        if n != piece.len() as isize {
-            return Err(format!(
-                "process_vm_readv of our own memory: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        let remote = [(piece.as_ptr() as u64, piece.len())];
+        stasis_runtime::memory::read_remote(me, &remote, &mut buf[..piece.len()])
+            .map_err(|e| format!("process_vm_readv of our own memory: {e}"))?;
     }
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     std::hint::black_box(&buf);
