@@ -64,10 +64,13 @@ fn hierarchy(needs: &[Controller]) -> Option<Hierarchy> {
         }
     };
     if let Some(c) = needs.iter().find(|&&c| h.root_of(c).is_none()) {
-        eprintln!(
-            "SKIP: this machine has no {} controller:\n{}",
-            c.v1_name(),
-            h.describe()
+        common::skip(
+            module_path!(),
+            &format!(
+                "this machine has no {} controller:\n{}",
+                c.v1_name(),
+                h.describe()
+            ),
         );
         return None;
     }
@@ -78,13 +81,25 @@ fn hierarchy(needs: &[Controller]) -> Option<Hierarchy> {
 /// of freezing and killing where cgroup2 would be used; `None` (with the reason) if some of
 /// `needs` is not mounted as v1.
 fn v1_only(needs: &[Controller]) -> Option<Hierarchy> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let text = match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(t) => t,
+        Err(e) => {
+            common::skip(module_path!(), &format!("cannot read the mounts: {e}"));
+            return None;
+        }
+    };
     let v1: String = text
         .lines()
         .filter(|l| !l.contains(" - cgroup2 "))
         .map(|l| format!("{l}\n"))
         .collect();
-    let h = Hierarchy::from_mountinfo(&v1).ok()?;
+    let h = match Hierarchy::from_mountinfo(&v1) {
+        Ok(h) => h,
+        Err(e) => {
+            common::skip(module_path!(), &format!("no v1 cgroup mounts: {e}"));
+            return None;
+        }
+    };
     if let Some(c) = needs.iter().find(|&&c| h.root_of(c).is_none()) {
         common::skip(
             module_path!(),
@@ -98,6 +113,8 @@ fn v1_only(needs: &[Controller]) -> Option<Hierarchy> {
 /// Makes `stasis/test-NAME-PID` in `h`.
 fn make(h: &Hierarchy, name: &str) -> Guard {
     let rel = format!("stasis/test-{name}-{}", std::process::id());
+    // Before the first cgroup: the `stasis` parents made here go again at exit.
+    common::cleanup::register();
     Guard(Cgroup::create(h, &rel).unwrap_or_else(|e| panic!("create {rel}: {e}")))
 }
 
@@ -218,6 +235,14 @@ impl Drop for Proc {
         // SAFETY: kill takes no pointers; the pid is this test's own child, not yet reaped.
         unsafe { libc::kill(self.pid(), libc::SIGKILL) };
         let _ = self.child.wait();
+    }
+}
+
+/// Waits until `done` holds, at most `limit` (the caller asserts what it needs after).
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -419,33 +444,57 @@ fn cpu_hog_is_held_to_a_quarter_cpu() {
     let _a = spin(&capped);
     let _b = spin(&free);
     std::thread::sleep(Duration::from_millis(300));
-    let rates = std::thread::scope(|s| {
-        let a = s.spawn(|| cpu_rate(&capped, Duration::from_secs(2)));
-        let b = s.spawn(|| cpu_rate(&free, Duration::from_secs(2)));
-        (a.join().expect("a"), b.join().expect("b"))
-    });
+    // The cap can only be seen to bite when the machine has room for more than a quarter
+    // CPU: the unlimited hog shows whether it had. On a machine busy with other work it is
+    // measured again (a few times, bounded), and never passes the cap in any of them.
+    let mut rates = (0.0, 0.0);
+    for attempt in 1..=3 {
+        rates = std::thread::scope(|s| {
+            let a = s.spawn(|| cpu_rate(&capped, Duration::from_secs(2)));
+            let b = s.spawn(|| cpu_rate(&free, Duration::from_secs(2)));
+            (a.join().expect("a"), b.join().expect("b"))
+        });
+        eprintln!(
+            "attempt {attempt}: cpus=0.25: {:.3} CPUs; unlimited: {:.3} CPUs",
+            rates.0, rates.1
+        );
+        assert!(
+            rates.0 <= 0.25 * 1.15 + 0.01,
+            "capped hog used {:.3} CPUs",
+            rates.0
+        );
+        if rates.1 >= 0.5 {
+            break;
+        }
+    }
     let st = capped.stats().expect("stats");
     eprintln!(
-        "cpus=0.25: {:.3} CPUs; unlimited: {:.3} CPUs; throttled {:?} periods, {:?} ns",
-        rates.0, rates.1, st.cpu_throttled_periods, st.cpu_throttled_ns
+        "throttled {:?} periods, {:?} ns",
+        st.cpu_throttled_periods, st.cpu_throttled_ns
     );
-    assert!(
-        rates.0 <= 0.25 * 1.15 + 0.01,
-        "capped hog used {:.3} CPUs",
-        rates.0
-    );
-    assert!(
-        rates.0 >= 0.15,
-        "capped hog hardly ran: {:.3} CPUs",
-        rates.0
-    );
-    // The machine may be shared; the uncapped hog must still clearly get more.
-    assert!(
-        rates.1 >= 0.5 && rates.1 >= 2.0 * rates.0,
-        "the unlimited hog should have about one CPU: {:.3}",
-        rates.1
-    );
-    assert!(st.cpu_throttled_periods.unwrap_or(0) > 0, "{st:?}");
+    if rates.1 >= 0.5 {
+        assert!(
+            rates.0 >= 0.15,
+            "capped hog hardly ran: {:.3} CPUs",
+            rates.0
+        );
+        // The uncapped hog, under the same load, must clearly get more.
+        assert!(
+            rates.1 >= 2.0 * rates.0,
+            "the unlimited hog should get far more than a quarter CPU: {:.3}",
+            rates.1
+        );
+        assert!(st.cpu_throttled_periods.unwrap_or(0) > 0, "{st:?}");
+    } else {
+        common::skip(
+            module_path!(),
+            &format!(
+                "in part: the machine is too busy to show the cap biting (an unlimited hog \
+                 got only {:.3} CPUs); only that the capped one stayed under it was checked",
+                rates.1
+            ),
+        );
+    }
     assert!(st.cpu_user_ns.unwrap_or(0) > 0, "{st:?}");
     let back = capped.read_limits().expect("read limits");
     assert_eq!(back.cpus, Some(0.25));
@@ -582,7 +631,9 @@ fn stats_freeze_thaw_kill_and_remove() {
     let pids = cg.pids().expect("pids");
     assert_eq!(pids.len(), 4, "hog, sh and two sleeps: {pids:?}");
     assert!(pids.contains(&hog.pid()));
-    std::thread::sleep(Duration::from_millis(300));
+    // The hog's CPU time shows in the stats (as fast as a busy machine lets it run).
+    let used = |cg: &Cgroup| cg.stats().expect("stats").cpu_usage_ns.unwrap_or(0);
+    wait_until(Duration::from_secs(20), || used(&cg) > 100_000_000);
     let s = cg.stats().expect("stats");
     let json = serde_json::to_string(&s).expect("stats as JSON");
     eprintln!("stats: {json}");
@@ -595,10 +646,20 @@ fn stats_freeze_thaw_kill_and_remove() {
     cg.freeze().expect("freeze");
     let frozen = cpu_rate(&cg, Duration::from_millis(400));
     cg.thaw().expect("thaw");
-    let thawed = cpu_rate(&cg, Duration::from_millis(400));
-    eprintln!("CPUs used frozen: {frozen:.4}, thawed: {thawed:.3}");
+    let (u0, t0) = (used(&cg), Instant::now());
+    // Thawed, the hog runs again: 50 ms of CPU, which takes it a fifth of a second on an
+    // idle CPU and longer on a busy machine, never while frozen.
+    wait_until(Duration::from_secs(20), || used(&cg) > u0 + 50_000_000);
+    let thawed = (used(&cg) - u0) as f64 / t0.elapsed().as_nanos() as f64;
+    eprintln!(
+        "CPUs used frozen: {frozen:.4}, thawed: {thawed:.3} (over {:?})",
+        t0.elapsed()
+    );
     assert!(frozen < 0.01, "frozen tasks used {frozen:.4} CPUs");
-    assert!(thawed > 0.3, "thawed hog used only {thawed:.3} CPUs");
+    assert!(
+        used(&cg) > u0 + 50_000_000,
+        "the thawed hog did not run: {thawed:.3} CPUs"
+    );
 
     let err = cg.remove().expect_err("busy");
     assert!(
@@ -617,21 +678,21 @@ fn stats_freeze_thaw_kill_and_remove() {
 struct Loop(PathBuf);
 
 impl Loop {
-    fn new(file: &Path) -> Option<Loop> {
-        std::fs::write(file, vec![7u8; 4 << 20]).ok()?;
+    /// A loop device over `file` (made here), or why there is none.
+    fn new(file: &Path) -> Result<Loop, String> {
+        std::fs::write(file, vec![7u8; 4 << 20]).map_err(|e| format!("write {file:?}: {e}"))?;
         let out = Command::new("losetup")
             .args(["-f", "--show"])
             .arg(file)
             .output()
-            .ok()?;
+            .map_err(|e| format!("losetup: {e}"))?;
         if !out.status.success() {
-            eprintln!(
+            return Err(format!(
                 "no loop device: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
+            ));
         }
-        Some(Loop(PathBuf::from(
+        Ok(Loop(PathBuf::from(
             String::from_utf8_lossy(&out.stdout).trim().to_string(),
         )))
     }
@@ -643,11 +704,16 @@ impl Drop for Loop {
     }
 }
 
-/// Reads 2 MiB from `dev` with O_DIRECT in `cg`; the time it took.
+/// What each throttled read reads: 2 MiB in 32 O_DIRECT reads of 64 KiB.
+const READ_BYTES: u64 = 2 * MIB;
+const READ_OPS: u64 = 32;
+
+/// Reads [`READ_BYTES`] from `dev` with O_DIRECT in `cg`; the time it took.
 fn direct_read(dev: &Path, cg: &Cgroup) -> Duration {
     let mut cmd = Command::new("dd");
     cmd.arg(format!("if={}", dev.display()))
-        .args(["of=/dev/null", "bs=64k", "count=32", "iflag=direct"])
+        .args(["of=/dev/null", "bs=64k", "iflag=direct"])
+        .arg(format!("count={READ_OPS}"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -658,6 +724,19 @@ fn direct_read(dev: &Path, cg: &Cgroup) -> Duration {
     t.elapsed()
 }
 
+/// The io limits are written, read back, seen by the kernel, and hold a reader to its rate.
+///
+/// What is measured, and why only that: the throttle is proved by time (2 MiB at 1 MiB/s
+/// cannot take under about 2 s less one throttle slice, where the same read unthrottled
+/// takes milliseconds) and by the kernel's own limit file. The cgroup's read counters are
+/// checked only across the throttled read, as a difference: with v1 blkio (this machine),
+/// `blkio.throttle.io_service_bytes` and `io_serviced` are counted by blk-throttle itself
+/// and only on a disk where throttling has been switched on, which Linux (since 6.10) does
+/// when a first throttle rule is set for that disk. On a fresh loop device the unthrottled
+/// read before the limit is therefore not counted at all (the suite's first run after a
+/// boot saw 2 MiB where 4 were expected, and every later run on the same device 4 MiB). The
+/// counters themselves are exact when read (per-CPU sums; cgroup2's io.stat is flushed on
+/// read), so the difference across the throttled read is at least what it read.
 #[test]
 fn io_limits_are_set_read_back_and_throttle_direct_reads() {
     let Some(h) = hierarchy(&[Controller::Io]) else {
@@ -667,16 +746,23 @@ fn io_limits_are_set_read_back_and_throttle_direct_reads() {
     let lo = Loop::new(&dir.join("disk"));
     // Without a loop device, the settings are still checked on a real disk of this machine.
     let dev = match &lo {
-        Some(l) => stasis_runtime::cgroups::block_device(&l.0).expect("stat loop device"),
-        None => {
+        Ok(l) => stasis_runtime::cgroups::block_device(&l.0).expect("stat loop device"),
+        Err(why) => {
             let Some(dev) = std::fs::read_dir("/sys/block").ok().and_then(|d| {
                 d.flatten()
                     .filter(|e| !e.file_name().to_string_lossy().starts_with("zram"))
                     .find_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
             }) else {
-                common::skip(module_path!(), "no block device to set a throttle on");
+                common::skip(
+                    module_path!(),
+                    &format!("no block device to set a throttle on ({why})"),
+                );
                 return;
             };
+            common::skip(
+                module_path!(),
+                &format!("in part: the throttle is not measured, only set ({why})"),
+            );
             let (maj, min) = dev.trim().split_once(':').expect("MAJ:MIN");
             (maj.parse().expect("major"), min.parse().expect("minor"))
         }
@@ -691,10 +777,14 @@ fn io_limits_are_set_read_back_and_throttle_direct_reads() {
     .into_iter()
     .map(|(kind, value)| IoLimit { dev, kind, value })
     .collect();
-    if let Some(l) = &lo {
+    // At 1 MiB/s the read takes 2 s; blk-throttle lets at most about one slice (100 ms)
+    // through early. Half of it leaves room for any timer slack and still fails by far
+    // without the limit.
+    let throttled_at_least = Duration::from_millis(1000);
+    if let Ok(l) = &lo {
         let t = direct_read(&l.0, &cg);
         eprintln!("2 MiB O_DIRECT from {} unthrottled: {t:?}", l.0.display());
-        assert!(t < Duration::from_millis(900), "{t:?} without a throttle");
+        assert!(t < throttled_at_least, "{t:?} without a throttle");
     }
     cg.apply(&Limits {
         io: want.clone(),
@@ -705,29 +795,46 @@ fn io_limits_are_set_read_back_and_throttle_direct_reads() {
     let (version, root) = h.root_of(Controller::Io).expect("io");
     let file =
         |name: &str| std::fs::read_to_string(root.join(cg.rel()).join(name)).expect("read io file");
+    let (maj, min) = dev;
     match version {
-        Version::V1 => assert_eq!(
-            file("blkio.throttle.read_bps_device").trim(),
-            format!("{}:{} 1048576", dev.0, dev.1)
-        ),
-        Version::V2 => assert!(file("io.max").contains("rbps=1048576 wbps=2097152")),
-    }
-    match &lo {
-        Some(l) => {
-            let t = direct_read(&l.0, &cg);
-            let s = cg.stats().expect("stats");
-            eprintln!(
-                "2 MiB O_DIRECT at 1 MiB/s: {t:?}; read {:?} bytes in {:?} ops",
-                s.io_read_bytes, s.io_read_ops
-            );
-            assert!(t >= Duration::from_millis(900), "throttled read took {t:?}");
-            assert!(s.io_read_bytes.unwrap_or(0) >= 4 * MIB, "{s:?}");
+        Version::V1 => {
+            for (name, value) in [
+                ("blkio.throttle.read_bps_device", MIB),
+                ("blkio.throttle.write_bps_device", 2 * MIB),
+                ("blkio.throttle.read_iops_device", 1000),
+                ("blkio.throttle.write_iops_device", 200),
+            ] {
+                assert_eq!(file(name).trim(), format!("{maj}:{min} {value}"), "{name}");
+            }
         }
-        None => eprintln!(
-            "throttle not measured: no loop device to read from (losetup failed); only the \
-             setting was checked on {}:{}",
-            dev.0, dev.1
+        Version::V2 => assert!(
+            file("io.max").contains(&format!(
+                "{maj}:{min} rbps=1048576 wbps=2097152 riops=1000 wiops=200"
+            )),
+            "io.max: {}",
+            file("io.max")
         ),
+    }
+    if let Ok(l) = &lo {
+        let before = cg.stats().expect("stats");
+        let t = direct_read(&l.0, &cg);
+        let after = cg.stats().expect("stats");
+        let delta = |f: fn(&stasis_runtime::cgroups::Stats) -> Option<u64>| {
+            f(&after)
+                .unwrap_or(0)
+                .saturating_sub(f(&before).unwrap_or(0))
+        };
+        let (bytes, ops) = (delta(|s| s.io_read_bytes), delta(|s| s.io_read_ops));
+        eprintln!("2 MiB O_DIRECT at 1 MiB/s: {t:?}; counted {bytes} bytes in {ops} reads");
+        assert!(
+            t >= throttled_at_least,
+            "the read at 1 MiB/s took only {t:?}: the limit does not hold"
+        );
+        assert!(t < Duration::from_secs(60), "throttled read took {t:?}");
+        assert!(
+            bytes >= READ_BYTES && ops >= READ_OPS,
+            "the throttled read was counted as {bytes} bytes in {ops} reads: {after:?}"
+        );
     }
     // Lifted, nothing is left set.
     cg.apply(&Limits {
@@ -742,7 +849,9 @@ fn io_limits_are_set_read_back_and_throttle_direct_reads() {
     })
     .expect("lift");
     assert_eq!(cg.read_limits().expect("read").io, vec![]);
+    if version == Version::V1 {
+        assert_eq!(file("blkio.throttle.read_bps_device").trim(), "");
+    }
     drop(cg);
     drop(lo);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,6 +15,7 @@ fn rootfs() -> Option<&'static Path> {
     static ROOT: OnceLock<Option<PathBuf>> = OnceLock::new();
     ROOT.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("stasis-test-rootfs-{}", std::process::id()));
+        common::cleanup::remove_at_exit(&dir);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkrootfs");
         let out = std::process::Command::new("bash")
             .arg(&script)

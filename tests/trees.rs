@@ -516,13 +516,17 @@ fn tree_in_own_cgroup(hierarchy: &str) {
     };
     let cg = base.join(format!("stasis-test-{}", std::process::id()));
     if std::fs::create_dir(&cg).is_err() || !cg.join(probe).exists() {
-        eprintln!(
-            "SKIP: cannot make a cgroup with a freezer under {}",
-            base.display()
+        common::skip(
+            module_path!(),
+            &format!(
+                "cannot make a cgroup with a freezer under {}",
+                base.display()
+            ),
         );
         let _ = std::fs::remove_dir(&cg);
         return;
     }
+    let _cg_guard = CgroupDir(cg.clone());
     let procs =
         std::ffi::CString::new(cg.join("cgroup.procs").to_str().expect("utf8")).expect("path");
     let dir = scratch(&format!("cg{hierarchy}"));
@@ -563,8 +567,38 @@ fn tree_in_own_cgroup(hierarchy: &str) {
     p.expect_pass("verify", "after restore");
     p.expect_pass("check", "after restore");
     assert!(r.wait().expect("stasis restore").success());
-    let _ = std::fs::remove_dir(&cg);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A cgroup directory this test made: what is still in it (the test's own workload, a
+/// failing test's restored tree) is killed, by PID, and the directory removed when dropped.
+struct CgroupDir(std::path::PathBuf);
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+            let pids: Vec<i32> = procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            // A frozen task dies only once thawed.
+            let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+            let _ = std::fs::write(self.0.join("cgroup.freeze"), "0");
+            for &p in &pids {
+                kill(p);
+            }
+            reap_orphans(&pids);
+            if std::fs::remove_dir(&self.0).is_ok()
+                || !self.0.exists()
+                || Instant::now() >= deadline
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 #[test]

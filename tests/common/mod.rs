@@ -8,6 +8,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod cleanup;
 pub mod linux_guest;
 pub mod programs;
 pub mod unshared;
@@ -16,14 +17,19 @@ pub use programs::*;
 #[allow(unused_imports)]
 pub use unshared::*;
 
+/// The parent of the product's container cgroups below each hierarchy's root.
+pub const CGROUP_PARENT: &str = "stasis";
+
 /// The stasis binary under test.
 pub fn stasis() -> &'static str {
+    cleanup::register();
     env!("CARGO_BIN_EXE_stasis")
 }
 
 /// Becomes a child subreaper once, so processes restored with --detach (orphaned when
 /// `stasis restore` exits) are reparented to this test process and can be reaped by PID.
 pub fn init() {
+    cleanup::register();
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes no pointers.
@@ -64,11 +70,13 @@ pub fn workload(name: &str) -> PathBuf {
     path
 }
 
-/// A scratch directory for one test.
+/// A scratch directory for one test, removed when the test process exits (see
+/// [`cleanup`]), whether its tests passed or not.
 pub fn scratch(test: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("stasis-test-{}-{}", test, std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
+    cleanup::remove_tree_one_fs(&d);
     std::fs::create_dir_all(&d).expect("create scratch dir");
+    cleanup::remove_at_exit(&d);
     d
 }
 
@@ -147,6 +155,7 @@ pub fn start_as_other_user(
     use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("stasis-shared-bin-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create shared bin dir");
+    cleanup::remove_at_exit(&dir);
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
     let copy = dir.join(name);
     if !copy.exists() {
@@ -297,12 +306,52 @@ pub fn kill(pid: i32) {
     unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
-/// Says that and why a test is skipped, where the suite's log shows it: eprintln! output
-/// of a passing test is captured and dropped by the harness, a write to the standard error
-/// stream itself is not.
+/// Says that and why a test is skipped (all of it, or a part: then `why` says "in part"),
+/// where the suite's log shows it: eprintln! output of a passing test is captured and
+/// dropped by the harness, a write to the standard error stream itself is not.
+///
+/// The line is `SKIPPED BINARY::TEST: WHY`, naming the running test (the harness names each
+/// test's thread after it), whatever `test` says; a `test` that is not the test's or the
+/// binary's name (a program, "postgres") goes into the reason. scripts/test counts these
+/// lines, so one test says `SKIPPED` once: a second call from the same test says "also".
 pub fn skip(test: &str, why: &str) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .map(|f| match f.rsplit_once('-') {
+            Some((name, hash)) if hash.bytes().all(|b| b.is_ascii_hexdigit()) => name.to_string(),
+            _ => f,
+        })
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let running = thread.name().filter(|n| *n != "main");
+    let name = match running {
+        Some(r) => format!("{bin}::{r}"),
+        None if test == bin => bin.clone(),
+        None => format!("{bin}::{test}"),
+    };
+    let why = if test == bin || running.is_none_or(|r| r.ends_with(test)) {
+        why.to_string()
+    } else {
+        format!("{test}: {why}")
+    };
+    let first = {
+        let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !said.contains(&name);
+        if first {
+            said.push(name.clone());
+        }
+        first
+    };
+    // One write, so the line is not torn by the harness's own output.
+    let line = if first {
+        format!("SKIPPED {name}: {why}\n")
+    } else {
+        format!("also skipped in {name}: {why}\n")
+    };
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// Whether `program --version` runs; says why the test is skipped if not.
