@@ -10,6 +10,8 @@ mod vms;
 use clap::Parser;
 
 fn main() {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = stasis_runtime::failpoints::setup();
     let cli = cli::Cli::parse();
     let code = match cli::run(cli) {
         Ok(code) => code,

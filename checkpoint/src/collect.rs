@@ -137,7 +137,13 @@ pub fn collect_process(
             ),
         ));
     }
-    let q = query_by_injection(frozen, syscall_ip, &status, &timers)?;
+    // Whatever the injection did to the threads is put back at once, not at the end: if
+    // stasis dies during the long pages phase, the process runs on as it was.
+    let q = query_by_injection(frozen, syscall_ip, &status, &timers);
+    let put_back = frozen.put_back();
+    let q = q?;
+    put_back?;
+    stasis_runtime::failpoints::hit("injected-process");
     let shared_pending = ptrace::peek_siginfo(pid, true)?;
     let mut threads = Vec::with_capacity(frozen.threads().len());
     for (i, t) in frozen.threads().iter().enumerate() {
@@ -483,13 +489,23 @@ fn query_by_injection(
         Ok(_) => query_threads(frozen, &mut inj, syscall_ip, scratch),
         Err(_) => Ok(Vec::new()),
     };
+    frozen.defer_signals(pid, inj.take_deferred());
+    let requeued = match (&result, &per_thread) {
+        (Ok(_), Ok(_)) => frozen.requeue_deferred(pid, &mut inj, scratch + SIGINFO_SLOT),
+        _ => Ok(()),
+    };
     let unmap = inj.call("munmap(scratch)", libc::SYS_munmap, &[scratch, SCRATCH_LEN]);
     frozen.defer_signals(pid, inj.take_deferred());
     let mut out = result?;
     out.threads = per_thread?;
+    requeued?;
     unmap?;
     Ok(out)
 }
+
+/// Where in the scratch area a suppressed signal's siginfo is put to be queued again (past
+/// the per-thread area of query_threads, 16 KiB + MAX_THREADS * 32).
+const SIGINFO_SLOT: u64 = 65536 - 128;
 
 /// Asks every thread for what only it can tell (its sigaltstack and clear-child-tid
 /// address), each through an injector of its own, into the scratch area at 16 KiB.
@@ -521,6 +537,8 @@ fn query_threads(
             let r = ask(&mut inj, slot);
             frozen.defer_signals(tid, inj.take_deferred());
             r?;
+            frozen.requeue_deferred(tid, &mut inj, scratch + SIGINFO_SLOT)?;
+            frozen.defer_signals(tid, inj.take_deferred());
         }
     }
     let mut raw = vec![0u8; tids.len() * PER_SIZE as usize];

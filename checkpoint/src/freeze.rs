@@ -3,11 +3,14 @@
 use crate::error::CheckpointError;
 use stasis_runtime::inject::Injector;
 use stasis_runtime::ptrace::{self, Regs, ResumeIn, Stop};
-use stasis_runtime::{procfs, sys, RuntimeError};
+use stasis_runtime::{procfs, seccomp, sys, RuntimeError};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Most threads one process may have for a checkpoint.
 pub const MAX_THREADS: usize = 1024;
+
+/// The ptrace options every thread is seized with.
+pub const SEIZE_OPTIONS: libc::c_int = libc::PTRACE_O_TRACESYSGOOD;
 
 /// How long killed threads may take to die.
 const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -17,6 +20,9 @@ pub struct StoppedThread {
     pub tid: i32,
     pub regs: Regs,
     pub sigmask: u64,
+    /// Its seccomp mode (0 none, 1 strict, 2 filter), read once it was stopped; its
+    /// filters are suspended for our injected syscalls while it is seized.
+    pub seccomp: u32,
     /// Registers or mask were changed (injection) and must be put back.
     touched: bool,
 }
@@ -84,7 +90,7 @@ impl Frozen {
                 let stop = if pre.tids.remove(&tid).is_some() {
                     ptrace::wait_interrupted(tid)
                 } else {
-                    ptrace::seize_and_stop(tid, libc::PTRACE_O_TRACESYSGOOD)
+                    ptrace::seize_and_stop(tid, SEIZE_OPTIONS)
                 };
                 match stop {
                     Ok(infos) => frozen.deferred.extend(infos.into_iter().map(|i| (tid, i))),
@@ -101,10 +107,17 @@ impl Frozen {
                     tid,
                     regs,
                     sigmask,
+                    seccomp: 0,
                     touched: false,
                 });
             }
         }
+        // Only now that no thread of it runs (TSYNC lets one thread install filters in
+        // all): injected syscalls must never meet the workload's seccomp filters.
+        for t in frozen.threads.iter_mut() {
+            t.seccomp = suspend_seccomp(pid, t.tid)?;
+        }
+        stasis_runtime::failpoints::hit("frozen-process");
         frozen.threads.sort_by_key(|t| (t.tid != pid, t.tid));
         if frozen.threads.first().map(|t| t.tid) != Some(pid) {
             return Err(CheckpointError::unsupported(
@@ -144,6 +157,73 @@ impl Frozen {
         Ok(Injector::new(tid, syscall_ip)?)
     }
 
+    /// Puts back, right after a process's injected syscalls, what injection changed in its
+    /// threads (registers, rewound as [`Frozen::resume`] does, and signal masks): from then
+    /// on every thread is in a state it can run on if stasis dies and the kernel detaches it.
+    pub fn put_back(&mut self) -> Result<(), RuntimeError> {
+        let mut first_err = None;
+        for t in self.threads.iter_mut().filter(|t| t.touched) {
+            match put_back_thread(t, self.stopped) {
+                Ok(()) => t.touched = false,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Queues the signals suppressed in thread `tid` again, now, with their original siginfo:
+    /// rt_tgsigqueueinfo injected into the thread itself (the kernel lets a thread queue any
+    /// siginfo to itself), through the 128-byte scratch slot at `slot`. They stay pending
+    /// (blocked while injecting) and are saved as pending with the rest of the queue; if
+    /// stasis dies they are delivered as if nothing had happened. SIGSTOP, which cannot be
+    /// blocked, is left for [`Frozen::resume`].
+    pub fn requeue_deferred(
+        &mut self,
+        tid: i32,
+        inj: &mut Injector,
+        slot: u64,
+    ) -> Result<(), CheckpointError> {
+        if !self.deferred.iter().any(|(d, _)| *d == tid) {
+            return Ok(());
+        }
+        let pid = self.pid;
+        let own = |t: i32| -> Result<u64, CheckpointError> {
+            let path = format!("/proc/{pid}/task/{t}/status");
+            let status = procfs::parse_status(&path, &procfs::read_text(&path)?)?;
+            status
+                .own_pid()
+                .map(|p| p as u64)
+                .ok_or_else(|| CheckpointError::unsupported(pid, format!("{path} has no NSpid")))
+        };
+        let (ns_tgid, ns_tid) = (own(pid)?, own(tid)?);
+        let mut keep = Vec::new();
+        let mut failed = None;
+        for (d, info) in std::mem::take(&mut self.deferred) {
+            let sig = ptrace::siginfo_signo(&info);
+            if failed.is_some() || d != tid || sig == libc::SIGSTOP || sig == libc::SIGKILL {
+                keep.push((d, info));
+                continue;
+            }
+            let queued = stasis_runtime::memory::write_remote(tid, &[(slot, info.len())], &info)
+                .and_then(|()| {
+                    inj.call(
+                        "rt_tgsigqueueinfo(suppressed signal)",
+                        libc::SYS_rt_tgsigqueueinfo,
+                        &[ns_tgid, ns_tid, sig as u64, slot],
+                    )
+                });
+            if let Err(e) = queued {
+                // Not queued: resume() sends it, or the image records it, as before.
+                keep.push((d, info));
+                failed = Some(e);
+            }
+        }
+        self.deferred = keep;
+        failed.map_or(Ok(()), |e| Err(e.into()))
+    }
+
     /// Records signals an injector in thread `tid` suppressed.
     pub fn defer_signals(&mut self, tid: i32, sigs: Vec<Vec<u8>>) {
         self.deferred.extend(sigs.into_iter().map(|s| (tid, s)));
@@ -171,18 +251,7 @@ impl Frozen {
         for t in &self.threads {
             let r = (|| {
                 if t.touched {
-                    // A job-control-stopped task gets its registers back untouched: the
-                    // queued SIGSTOP takes it through the kernel's own signal path, whose
-                    // restart logic rewinds an interrupted syscall when it is continued.
-                    // Rewinding here as well would leave it stopped on the edge of
-                    // restart_syscall, a state a later checkpoint could not restore.
-                    let regs = if self.stopped {
-                        t.regs
-                    } else {
-                        ptrace::rewind_interrupted_syscall(&t.regs, ResumeIn::SameTask)
-                    };
-                    ptrace::set_regs(t.tid, &regs)?;
-                    ptrace::set_sigmask(t.tid, t.sigmask)?;
+                    put_back_thread(t, self.stopped)?;
                 }
                 // Queued again as plain signals (the kernel does not let another process
                 // forge their original siginfo).
@@ -245,6 +314,49 @@ impl Frozen {
         }
         Ok(())
     }
+}
+
+/// Registers and signal mask of a thread as it can run on them.
+fn put_back_thread(t: &StoppedThread, job_stopped: bool) -> Result<(), RuntimeError> {
+    // A job-control-stopped task gets its registers back untouched: it is continued through
+    // the kernel's own signal path (the SIGSTOP resume() queues, or the group stop the
+    // kernel puts it back into if stasis dies), whose restart logic rewinds an interrupted
+    // syscall when it is continued. Rewinding here as well would leave it stopped on the
+    // edge of restart_syscall, a state a later checkpoint could not restore.
+    let regs = if job_stopped {
+        t.regs
+    } else {
+        ptrace::rewind_interrupted_syscall(&t.regs, ResumeIn::SameTask)
+    };
+    ptrace::set_regs(t.tid, &regs)?;
+    ptrace::set_sigmask(t.tid, t.sigmask)
+}
+
+/// Reads the seccomp mode of a stopped thread and, if it has one, has its filters (or its
+/// strict mode) suspended for our injected syscalls (PTRACE_O_SUSPEND_SECCOMP; the kernel
+/// lifts that when we detach, or when stasis dies). Refused before anything is injected
+/// where that is not possible.
+fn suspend_seccomp(pid: i32, tid: i32) -> Result<u32, CheckpointError> {
+    let mode = seccomp::mode(pid, tid)?.mode;
+    if mode == 0 {
+        return Ok(0);
+    }
+    ptrace::set_options(tid, SEIZE_OPTIONS | seccomp::PTRACE_O_SUSPEND_SECCOMP).map_err(|e| {
+        let what = if mode == seccomp::MODE_STRICT {
+            "strict mode"
+        } else {
+            "filter mode"
+        };
+        CheckpointError::unsupported(
+            pid,
+            format!(
+                "thread {tid} runs in seccomp {what}, and its filters cannot be suspended for \
+                 stasis's injected syscalls (PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN and \
+                 a kernel built with CONFIG_CHECKPOINT_RESTORE): {e}"
+            ),
+        )
+    })?;
+    Ok(mode)
 }
 
 impl Drop for Frozen {

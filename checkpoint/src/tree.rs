@@ -95,7 +95,11 @@ fn preseize(fz: &Freezer, pre: &mut PreSeized) -> Result<(), CheckpointError> {
             _ => {}
         }
     }
+    // If stasis dies while the cgroup is frozen, the guard thaws it.
+    let (file, thaw) = fz.thaw_write();
+    let guard = stasis_runtime::guard::Guard::arm(&[(&file, thaw)])?;
     fz.freeze(Duration::from_secs(5))?;
+    stasis_runtime::failpoints::hit("preseize-frozen");
     let seized = (|| -> Result<(), CheckpointError> {
         // A job-stopped task cannot fork; and seizing it while the v1 freezer holds it
         // would wait for it to trap, which it cannot do until thawed. It is seized later.
@@ -103,7 +107,7 @@ fn preseize(fz: &Freezer, pre: &mut PreSeized) -> Result<(), CheckpointError> {
         let procs: Vec<i32> = fz.procs()?.into_iter().filter(|p| !skip(p)).collect();
         for p in procs {
             for tid in procfs::read_tids(p).unwrap_or_default() {
-                match ptrace::seize(tid, libc::PTRACE_O_TRACESYSGOOD) {
+                match ptrace::seize(tid, crate::freeze::SEIZE_OPTIONS) {
                     Ok(()) => {}
                     Err(e) if e.errno() == Some(libc::ESRCH) => continue,
                     Err(e) => return Err(e.into()),
@@ -117,6 +121,8 @@ fn preseize(fz: &Freezer, pre: &mut PreSeized) -> Result<(), CheckpointError> {
     let thawed = fz.thaw();
     seized?;
     thawed?;
+    // Dropped instead on an error above: the guard then thaws it once more.
+    guard.disarm()?;
     Ok(())
 }
 

@@ -15,7 +15,9 @@ pub mod cgroup {
 pub mod cgroups;
 pub mod container;
 pub mod error;
+pub mod failpoints;
 pub mod files;
+pub mod guard;
 pub mod inet;
 pub mod inject;
 pub mod kvm;
@@ -25,6 +27,7 @@ pub mod netns;
 pub mod pidns;
 pub mod procfs;
 pub mod ptrace;
+pub mod seccomp;
 pub mod spawn;
 pub mod sys;
 pub mod sysvipc;

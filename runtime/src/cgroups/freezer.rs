@@ -115,6 +115,15 @@ impl Freezer {
         }
     }
 
+    /// The file and the value that thaw the cgroup, for a guard process that writes them
+    /// if stasis dies while the cgroup is frozen (runtime::guard).
+    pub fn thaw_write(&self) -> (PathBuf, &'static [u8]) {
+        match self {
+            Freezer::V2(d) => (d.join("cgroup.freeze"), b"0"),
+            Freezer::V1(d) => (d.join("freezer.state"), b"THAWED"),
+        }
+    }
+
     /// For reports: "cgroup2 /sys/fs/cgroup/..." or "cgroup v1 freezer ...".
     pub fn describe(&self) -> String {
         match self {
