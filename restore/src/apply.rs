@@ -29,12 +29,14 @@ const MADVISE_FLAGS: [(&str, i32); 5] = [
 ];
 
 /// Creates the tree, builds every process and lets them all run; returns what was written
-/// and the root's PID as the restorer sees it. On failure every process created is killed
-/// and reaped.
+/// and the root's PID as the restorer sees it. `unlock` lets the tree's TCP connections back
+/// onto the network once everything is built and before anything runs. On failure every
+/// process created is killed and reaped.
 pub fn apply(
     image: &Image,
     procs: &[&proto::Process],
     plan: crate::plan::Plan,
+    unlock: &dyn Fn() -> Result<(), RuntimeError>,
 ) -> Result<(Written, i32), RestoreError> {
     let root = procs.first().map_or(0, |p| p.pid as i32);
     let tree = spawn::spawn_tree(&plan.spec).map_err(|source| RestoreError::Apply {
@@ -78,6 +80,11 @@ pub fn apply(
             let w = r?;
             written.pages += w.pages;
             written.bytes += w.bytes;
+        }
+        // Unlocked while still in repair mode: if that fails, they close without a word
+        // when the tree is killed, and stay locked for another restore.
+        if !plan.tcp.is_empty() {
+            unlock().map_err(RestoreError::NetworkUnlock)?;
         }
         // Connections leave repair mode last: from now on they may send.
         for (fd, unsent, what) in &plan.tcp {

@@ -20,6 +20,14 @@ pub enum RestoreError {
     /// A container could not be restored (named, with the reason); what was made is gone.
     #[error("restoring container {name}: {what}")]
     Container { name: String, what: String },
+    /// The rebuilt TCP connections could not be unlocked: the restored processes were killed
+    /// before they ran, and their connections stay locked for another try.
+    #[error(
+        "the restored TCP connections could not be let back onto the network ({0}); the \
+         restored processes were killed before running, the connections stay locked (nft table \
+         `inet stasis`) and the image is unchanged: fix the cause and restore again"
+    )]
+    NetworkUnlock(RuntimeError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     /// Starting a restored VM failed (the error names the VM).

@@ -175,26 +175,21 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
         }
     }
     let pid_wait_us = tw.elapsed().as_micros() as u64;
-    let (written, pid) = apply::apply(image, &procs, plan)?;
-    // Held until every process has mapped its objects (apply returns after that).
-    drop((ghosts, shmem));
-    // The connections run again: let their packets through (a checkpoint that killed the
-    // tree left them locked).
-    // The lock is in the namespace the connections are in: the one the tree joined.
+    // The connections are let back onto the network (a checkpoint that killed the tree left
+    // them locked) in the namespace they are in, the one the tree joined, before anything
+    // runs; a restore that cannot unlock them fails.
     let tcp = tcp_tuples(&procs);
-    let mut warnings = Vec::new();
-    let unlocked = match net {
+    let unlock = || match net {
         Some(net) => {
             stasis_runtime::sys::in_net_namespace(net, || stasis_runtime::netlock::unlock(&tcp))
                 .and_then(|r| r)
         }
         None => stasis_runtime::netlock::unlock(&tcp),
     };
-    if let Err(e) = unlocked {
-        warnings.push(format!(
-            "the restored TCP connections may still be locked off the network: {e}"
-        ));
-    }
+    let (written, pid) = apply::apply(image, &procs, plan, &unlock)?;
+    // Held until every process has mapped its objects (apply returns after that).
+    drop((ghosts, shmem));
+    let warnings = Vec::new();
     Ok(Stats {
         tcp_connections: tcp.len() as u64,
         warnings,

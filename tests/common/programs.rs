@@ -281,3 +281,18 @@ impl Drop for KillTreeOnDrop {
         drop(guards);
     }
 }
+
+/// `stasis checkpoint PID -o IMG EXTRA... --json`, which must succeed; returns its stats.
+pub fn checkpoint_stats(pid: i32, img: &Path, extra: &[&str]) -> serde_json::Value {
+    let pid = pid.to_string();
+    let mut args = vec![
+        "checkpoint",
+        &pid,
+        "-o",
+        img.to_str().expect("utf8"),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = stasis_ok(&args);
+    serde_json::from_str(&out).expect("checkpoint --json")
+}
