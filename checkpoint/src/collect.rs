@@ -113,7 +113,8 @@ pub fn collect_process(
     check_threads(pid, status.threads)?;
     let stat = procfs::read_stat(pid)?;
     let maps = procfs::read_smaps_flags(pid)?;
-    let vmas = vmas::classify(pid, &maps, ghosts)?;
+    let mut vmas = vmas::classify(pid, &maps, ghosts)?;
+    crate::mmflags::find_guards(pid, &mut vmas)?;
     let fds = fds::collect_fds(pid, ghosts)?;
 
     let vdso = maps.iter().find(|m| m.name == "[vdso]");
@@ -139,11 +140,13 @@ pub fn collect_process(
     }
     // Whatever the injection did to the threads is put back at once, not at the end: if
     // stasis dies during the long pages phase, the process runs on as it was.
-    let q = query_by_injection(frozen, syscall_ip, &status, &timers);
+    let q = query_by_injection(frozen, syscall_ip, &status, &timers)
+        .and_then(|q| crate::mmflags::query(frozen, syscall_ip).map(|m| (q, m)));
     let put_back = frozen.put_back();
-    let q = q?;
+    let (q, mmq) = q?;
     put_back?;
     stasis_runtime::failpoints::hit("injected-process");
+    let (loginuid, audit_sessionid) = crate::mmflags::audit_ids(pid)?;
     let shared_pending = ptrace::peek_siginfo(pid, true)?;
     let mut threads = Vec::with_capacity(frozen.threads().len());
     for (i, t) in frozen.threads().iter().enumerate() {
@@ -252,6 +255,11 @@ pub fn collect_process(
         stopped: frozen.was_stopped(),
         child_subreaper: q.child_subreaper,
         pdeathsig: q.pdeathsig,
+        thp_disabled: mmq.thp_disable,
+        mlockall_future: mmq.mlockall_future,
+        membarrier_registrations: mmq.membarrier,
+        loginuid,
+        audit_sessionid,
         ..Default::default()
     })
 }

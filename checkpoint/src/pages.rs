@@ -11,7 +11,9 @@ use crate::error::CheckpointError;
 use crate::Progress;
 use stasis_image::proto::{self, RunKind, SpaceKind, VmaKind};
 use stasis_image::{ChunkEncoder, Compression, EncodedChunk, ImageWriter, WriteStats};
-use stasis_runtime::memory::{self, Pagemap, ProcMem, PM_FILE_OR_SHARED, PM_PRESENT, PM_SWAPPED};
+use stasis_runtime::memory::{
+    self, Pagemap, ProcMem, PM_FILE_OR_SHARED, PM_GUARD, PM_PRESENT, PM_SWAPPED,
+};
 use stasis_runtime::PAGE_SIZE;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -199,8 +201,10 @@ fn plan_process<'a>(
         let mut run: Option<Segment> = None;
         for (i, e) in entries.iter().enumerate() {
             let addr = vma.start + i as u64 * PAGE_SIZE;
-            let wanted = e & PM_SWAPPED != 0
-                || (e & PM_PRESENT != 0 && (keep_file_pages || e & PM_FILE_OR_SHARED == 0));
+            // A guard page (reported as swapped) has no contents: vmas.guards has it.
+            let wanted = e & PM_GUARD == 0
+                && (e & PM_SWAPPED != 0
+                    || (e & PM_PRESENT != 0 && (keep_file_pages || e & PM_FILE_OR_SHARED == 0)));
             if !wanted {
                 skipped += 1;
                 if let Some(r) = run.take() {

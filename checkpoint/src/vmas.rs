@@ -107,6 +107,8 @@ fn classify_one(
         } else {
             0
         },
+        // Found by crate::mmflags::find_guards.
+        guards: Vec::new(),
     })
 }
 

@@ -20,14 +20,6 @@ const SCR_GROUPS: u64 = 32768;
 const SCR_MISC: u64 = 40960;
 const MAX_STRING: usize = 16383;
 
-const MADVISE_FLAGS: [(&str, i32); 5] = [
-    ("dd", libc::MADV_DONTDUMP),
-    ("dc", libc::MADV_DONTFORK),
-    ("wf", libc::MADV_WIPEONFORK),
-    ("hg", libc::MADV_HUGEPAGE),
-    ("nh", libc::MADV_NOHUGEPAGE),
-];
-
 /// Creates the tree, builds every process and lets them all run; returns what was written
 /// and the root's PID as the restorer sees it. `unlock` lets the tree's TCP connections back
 /// onto the network once everything is built and before anything runs. On failure every
@@ -263,6 +255,7 @@ impl Builder<'_> {
         }
         let written = pages::write_pages(image, p, self.pid)?;
         self.finish_vmas(&fixups)?;
+        crate::mmflags::after_contents(p, &mut |n, nr, a| self.call(n, nr, a))?;
         self.set_sigactions(p)?;
         self.create_threads(p)?;
         self.in_each_thread(p, |b, t, main| b.set_thread_state(p, t, main))?;
@@ -309,6 +302,7 @@ impl Builder<'_> {
             }
         }
         let main_regs = final_regs_of(t)?;
+        crate::mmflags::lock_future(p, &mut |n, nr, a| self.call(n, nr, a))?;
         // Remove the trampoline; the main thread holds at that munmap's exit, where the
         // final registers replace the injected ones. The other threads are stopped with
         // their final registers already and never run trampoline code again.
@@ -636,10 +630,7 @@ impl Builder<'_> {
             let fixed = libc::MAP_FIXED_NOREPLACE as u64;
             match v.kind() {
                 VmaKind::AnonPrivate => {
-                    let mut flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | fixed;
-                    if v.vm_flags.iter().any(|f| f == "gd") {
-                        flags |= libc::MAP_GROWSDOWN as u64;
-                    }
+                    let flags = crate::mmflags::anon_private_flags(v) | fixed;
                     self.mmap(v.start, len, rw, flags, u64::MAX, 0)?;
                     fixups.push((v.start, len, v.prot));
                 }
@@ -652,9 +643,8 @@ impl Builder<'_> {
                 }
                 VmaKind::FilePrivate | VmaKind::FileShared => {
                     let shared = v.kind() == VmaKind::FileShared;
-                    let writable = v.prot & libc::PROT_WRITE as u32 != 0;
-                    let oflags = if shared && writable {
-                        libc::O_RDWR
+                    let oflags = if shared {
+                        crate::mmflags::shared_file_access(v)
                     } else {
                         libc::O_RDONLY
                     };
@@ -709,16 +699,7 @@ impl Builder<'_> {
                     )))
                 }
             }
-            for (code, advice) in MADVISE_FLAGS {
-                if v.vm_flags.iter().any(|f| f == code)
-                    && !matches!(
-                        v.kind(),
-                        VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall
-                    )
-                {
-                    self.call("madvise", libc::SYS_madvise, &[v.start, len, advice as u64])?;
-                }
-            }
+            crate::mmflags::advise(v, &mut |n, nr, a| self.call(n, nr, a))?;
         }
         Ok(fixups)
     }

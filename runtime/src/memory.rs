@@ -16,6 +16,74 @@ pub const PM_SWAPPED: u64 = 1 << 62;
 pub const PM_FILE_OR_SHARED: u64 = 1 << 61;
 pub const PM_EXCLUSIVE: u64 = 1 << 56;
 pub const PM_SOFT_DIRTY: u64 = 1 << 55;
+/// A MADV_GUARD_INSTALL guard page (PM_GUARD_REGION, kernel 6.15+).
+pub const PM_GUARD: u64 = 1 << 58;
+
+/// What this kernel tells about MADV_GUARD_INSTALL guard pages (probed once, on a mapping
+/// of stasis's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardSupport {
+    /// No guard pages: madvise(MADV_GUARD_INSTALL) is unknown (before 6.13).
+    None,
+    /// Guard pages exist, but pagemap does not report them (6.13, 6.14).
+    Unreported,
+    /// pagemap reports them (PM_GUARD); `flagged`: smaps marks every mapping that may hold
+    /// some with VmFlags `gu`, so only those need a pagemap scan.
+    Reported { flagged: bool },
+}
+
+/// madvise advice that installs guard pages.
+pub const MADV_GUARD_INSTALL: i32 = 102;
+
+/// Probes (once per process) how guard pages show on this kernel.
+pub fn guard_support() -> GuardSupport {
+    static ONCE: std::sync::OnceLock<GuardSupport> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(probe_guards)
+}
+
+fn probe_guards() -> GuardSupport {
+    let len = 2 * PAGE_SIZE as usize;
+    // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
+    let at = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if at == libc::MAP_FAILED {
+        return GuardSupport::Unreported;
+    }
+    let start = at as u64;
+    let guard = start + PAGE_SIZE;
+    // SAFETY: the second page of the mapping just made, which nothing else uses.
+    let result =
+        if unsafe { libc::madvise(guard as *mut libc::c_void, 4096, MADV_GUARD_INSTALL) } != 0 {
+            GuardSupport::None
+        } else {
+            let pid = std::process::id() as i32;
+            let mut entries = Vec::new();
+            let reported = Pagemap::open(pid)
+                .and_then(|pm| pm.read(guard, guard + PAGE_SIZE, &mut entries))
+                .is_ok()
+                && entries.first().is_some_and(|e| e & PM_GUARD != 0);
+            let flagged = crate::procfs::read_smaps_flags(pid).is_ok_and(|maps| {
+                maps.iter()
+                    .any(|m| m.start <= guard && guard < m.end && m.has_flag("gu"))
+            });
+            if reported {
+                GuardSupport::Reported { flagged }
+            } else {
+                GuardSupport::Unreported
+            }
+        };
+    // SAFETY: unmaps only the probe mapping made above.
+    unsafe { libc::munmap(at, len) };
+    result
+}
 
 /// /proc/PID/pagemap, open for repeated lookups.
 pub struct Pagemap {
