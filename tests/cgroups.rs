@@ -112,7 +112,16 @@ fn v1_only(needs: &[Controller]) -> Option<Hierarchy> {
 
 /// Makes `stasis/test-NAME-PID` in `h`.
 fn make(h: &Hierarchy, name: &str) -> Guard {
-    let rel = format!("stasis/test-{name}-{}", std::process::id());
+    make_rel(h, format!("stasis/test-{name}-{}", std::process::id()))
+}
+
+/// Makes `stasis-test-NAME-PID` below the roots of `h`: a sibling of the machine's other
+/// work, for a CPU weight that is to count against it.
+fn make_top(h: &Hierarchy, name: &str) -> Guard {
+    make_rel(h, format!("stasis-test-{name}-{}", std::process::id()))
+}
+
+fn make_rel(h: &Hierarchy, rel: String) -> Guard {
     // Before the first cgroup: the `stasis` parents made here go again at exit.
     common::cleanup::register();
     Guard(Cgroup::create(h, &rel).unwrap_or_else(|e| panic!("create {rel}: {e}")))
@@ -432,14 +441,23 @@ fn cpu_hog_is_held_to_a_quarter_cpu() {
         return;
     };
     let _heavy = heavy();
-    let capped = make(&h, "cpu-cap");
+    // Both hogs have the highest CPU weight, beside the machine's other work (not below the
+    // `stasis` parent, whose weight is the default): on a machine busy with other work the
+    // unlimited one still gets most of a CPU, and the capped one would, but for its cap.
+    let capped = make_top(&h, "cpu-cap");
     capped
         .apply(&Limits {
             cpus: Some(0.25),
+            cpu_weight: Some(10_000),
             ..Limits::default()
         })
         .expect("apply cpus 0.25");
-    let free = make(&h, "cpu-free");
+    let free = make_top(&h, "cpu-free");
+    free.apply(&Limits {
+        cpu_weight: Some(10_000),
+        ..Limits::default()
+    })
+    .expect("apply cpu weight");
     // Side by side: both hogs run at once, so both see the same machine load.
     let _a = spin(&capped);
     let _b = spin(&free);

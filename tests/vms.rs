@@ -299,7 +299,11 @@ fn vm_snapshot_restore_twice_runs_on_without_a_gap() {
     );
     assert_eq!(r1["record"]["name"], "s");
     let before = counter_of(&env, "s");
-    std::thread::sleep(Duration::from_millis(300));
+    // Bounded, not a fixed sleep: on a busy machine the guest may take a while to report.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter_of(&env, "s") <= before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(counter_of(&env, "s") > before, "the restored guest runs");
     let c2 = json_of(
         &env.run(&[
