@@ -70,8 +70,8 @@ impl Injector {
         if let Some((regs, mask)) = self.put_back {
             ptrace::set_regs(self.pid, &regs)?;
             ptrace::set_sigmask(self.pid, mask)?;
-            crate::failpoints::hit("between-injected-syscalls");
         }
+        crate::failpoints::hit("between-injected-syscalls");
         Ok(ran?.rax as i64)
     }
 
