@@ -143,8 +143,11 @@ impl Frozen {
     }
 
     /// An injector running syscalls in thread `tid` through the `syscall` instruction at
-    /// `syscall_ip`. All signals are blocked in that thread while it is used.
+    /// `syscall_ip`. All signals are blocked in that thread while each call runs; between
+    /// calls it has its own registers (rewound as [`Frozen::resume`] does) and signal mask,
+    /// so if stasis dies, the kernel lets it run on as it was.
     pub fn injector(&mut self, tid: i32, syscall_ip: u64) -> Result<Injector, CheckpointError> {
+        let stopped = self.stopped;
         let t = self
             .threads
             .iter_mut()
@@ -153,8 +156,9 @@ impl Frozen {
                 CheckpointError::unsupported(self.pid, format!("thread {tid} is not stopped"))
             })?;
         t.touched = true;
-        ptrace::set_sigmask(tid, !0)?;
-        Ok(Injector::new(tid, syscall_ip)?)
+        let regs = runnable_regs(t, stopped);
+        ptrace::set_regs(tid, &regs)?;
+        Ok(Injector::putting_back(tid, syscall_ip, regs, t.sigmask)?)
     }
 
     /// Puts back, right after a process's injected syscalls, what injection changed in its
@@ -316,19 +320,23 @@ impl Frozen {
     }
 }
 
-/// Registers and signal mask of a thread as it can run on them.
-fn put_back_thread(t: &StoppedThread, job_stopped: bool) -> Result<(), RuntimeError> {
+/// The registers a stopped thread is given back, to run on from any stop.
+fn runnable_regs(t: &StoppedThread, job_stopped: bool) -> Regs {
     // A job-control-stopped task gets its registers back untouched: it is continued through
     // the kernel's own signal path (the SIGSTOP resume() queues, or the group stop the
     // kernel puts it back into if stasis dies), whose restart logic rewinds an interrupted
     // syscall when it is continued. Rewinding here as well would leave it stopped on the
     // edge of restart_syscall, a state a later checkpoint could not restore.
-    let regs = if job_stopped {
+    if job_stopped {
         t.regs
     } else {
         ptrace::rewind_interrupted_syscall(&t.regs, ResumeIn::SameTask)
-    };
-    ptrace::set_regs(t.tid, &regs)?;
+    }
+}
+
+/// Registers and signal mask of a thread as it can run on them.
+fn put_back_thread(t: &StoppedThread, job_stopped: bool) -> Result<(), RuntimeError> {
+    ptrace::set_regs(t.tid, &runnable_regs(t, job_stopped))?;
     ptrace::set_sigmask(t.tid, t.sigmask)
 }
 

@@ -170,7 +170,12 @@ pub fn checkpoint_tree<S: ImageSink>(
         for p in &procs {
             writer.write_process(p)?;
         }
-        let dumped = pages::dump(&plan, writer, progress)?;
+        // A failpoint for tests at every progress report of the pages phase.
+        let report = |done: u64, total: u64| {
+            stasis_runtime::failpoints::hit("pages-progress");
+            progress(done, total)
+        };
+        let dumped = pages::dump(&plan, writer, &report)?;
         let (mut sink, ws) = dumped;
         if let Some(sig) = stasis_runtime::sys::termination_pending() {
             return Err(CheckpointError::Interrupted(sig));
@@ -180,6 +185,7 @@ pub fn checkpoint_tree<S: ImageSink>(
         sink.commit()
             .map_err(|e| CheckpointError::Io("commit image".into(), e))?;
         let commit_us = tm.elapsed().as_micros() as u64;
+        stasis_runtime::failpoints::hit("image-committed");
         let stats = Stats {
             pid,
             processes: procs.len() as u64,

@@ -4,7 +4,8 @@
 //! address space (in the vDSO at checkpoint, in the restorer's trampoline page at restore);
 //! PTRACE_SYSCALL then stops it at syscall entry and exit, and the result is read from rax.
 //! No code is written into the tracee. `orig_rax` is set to -1 so the kernel's syscall-restart
-//! logic never rewrites the injected registers.
+//! logic never rewrites the injected registers. At checkpoint, the thread gets its own
+//! registers and signal mask back after every call ([`Injector::putting_back`]).
 
 use crate::error::{Result, RuntimeError};
 use crate::ptrace::{self, Regs, Stop};
@@ -16,6 +17,8 @@ pub struct Injector {
     base: Regs,
     /// Signals (their siginfo) whose delivery stops were suppressed while injecting.
     deferred: Vec<Vec<u8>>,
+    /// Registers and signal mask put back after every call (see [`Injector::putting_back`]).
+    put_back: Option<(Regs, u64)>,
 }
 
 impl Injector {
@@ -28,7 +31,19 @@ impl Injector {
             syscall_ip,
             base,
             deferred: Vec::new(),
+            put_back: None,
         })
+    }
+
+    /// Like [`Injector::new`] for a live process whose tracer may die at any moment: all
+    /// signals are blocked only while each call runs, and after each call the thread gets
+    /// `regs` and `sigmask` back, so between calls it is always in a state it can run on
+    /// (the kernel detaches the tracees of a tracer that dies, and they run on at once).
+    /// What is left is the time one call takes to run.
+    pub fn putting_back(pid: i32, syscall_ip: u64, regs: Regs, sigmask: u64) -> Result<Self> {
+        let mut inj = Self::new(pid, syscall_ip)?;
+        inj.put_back = Some((regs, sigmask));
+        Ok(inj)
     }
 
     /// The tracee's pid.
@@ -45,10 +60,19 @@ impl Injector {
     /// is left in that syscall's exit stop, where a caller may set final registers (restore
     /// does so after the trampoline's own munmap).
     pub fn raw(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
-        self.enter(nr, args)?;
-        self.step_to_syscall_stop("syscall exit")?;
-        let regs = ptrace::get_regs(self.pid)?;
-        Ok(regs.rax as i64)
+        if self.put_back.is_some() {
+            ptrace::set_sigmask(self.pid, !0)?;
+        }
+        let ran = self
+            .enter(nr, args)
+            .and_then(|()| self.step_to_syscall_stop("syscall exit"))
+            .and_then(|()| ptrace::get_regs(self.pid));
+        if let Some((regs, mask)) = self.put_back {
+            ptrace::set_regs(self.pid, &regs)?;
+            ptrace::set_sigmask(self.pid, mask)?;
+        }
+        crate::failpoints::hit("between-injected-syscalls");
+        Ok(ran?.rax as i64)
     }
 
     /// Runs one syscall; a negative result becomes an error naming `name`.
