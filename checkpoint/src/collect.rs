@@ -253,6 +253,11 @@ pub fn collect_process(
         shared_pending: pending_records(shared_pending),
         posix_timers: q.posix_timers,
         stopped: frozen.was_stopped(),
+        stop_signal: if frozen.was_stopped() {
+            frozen.stop_signal() as u32
+        } else {
+            0
+        },
         child_subreaper: q.child_subreaper,
         pdeathsig: q.pdeathsig,
         thp_disabled: mmq.thp_disable,

@@ -37,6 +37,8 @@ pub struct Frozen {
     deferred: Vec<(i32, Vec<u8>)>,
     /// Stopped by job control before we came: it must be stopped again when we leave.
     stopped: bool,
+    /// The signal that stopped it (when `stopped`).
+    stop_signal: i32,
     done: bool,
 }
 
@@ -70,6 +72,7 @@ impl Frozen {
             threads: Vec::new(),
             deferred: Vec::new(),
             stopped,
+            stop_signal: libc::SIGSTOP,
             done: false,
         };
         let mut seen = BTreeSet::new();
@@ -88,12 +91,17 @@ impl Frozen {
                     ));
                 }
                 let stop = if pre.tids.remove(&tid).is_some() {
-                    ptrace::wait_interrupted(tid)
+                    ptrace::wait_interrupted_sig(tid)
                 } else {
-                    ptrace::seize_and_stop(tid, SEIZE_OPTIONS)
+                    ptrace::seize_and_stop_sig(tid, SEIZE_OPTIONS)
                 };
                 match stop {
-                    Ok(infos) => frozen.deferred.extend(infos.into_iter().map(|i| (tid, i))),
+                    Ok((infos, sig)) => {
+                        if tid == pid && stopped && is_stop_signal(sig) {
+                            frozen.stop_signal = sig;
+                        }
+                        frozen.deferred.extend(infos.into_iter().map(|i| (tid, i)))
+                    }
                     // A thread that exited meanwhile needs nothing.
                     Err(e) if e.errno() == Some(libc::ESRCH) && tid != pid => continue,
                     Err(e) => {
@@ -140,6 +148,11 @@ impl Frozen {
     /// Whether job control had stopped the process before it was frozen.
     pub fn was_stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// The signal that job-control-stopped it (SIGSTOP if it was not stopped).
+    pub fn stop_signal(&self) -> i32 {
+        self.stop_signal
     }
 
     /// An injector running syscalls in thread `tid` through the `syscall` instruction at
@@ -248,7 +261,7 @@ impl Frozen {
         // Injection ran it out of its job-control stop: queue SIGSTOP before detaching so
         // it stops again before running any of its own code.
         if self.stopped {
-            if let Err(e) = sys::kill(self.pid, libc::SIGSTOP) {
+            if let Err(e) = sys::kill(self.pid, self.stop_signal) {
                 first_err.get_or_insert(e);
             }
         }
@@ -371,6 +384,14 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = self.resume();
     }
+}
+
+/// Whether `sig` is one of the signals that job-control-stop a process.
+pub fn is_stop_signal(sig: i32) -> bool {
+    matches!(
+        sig,
+        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+    )
 }
 
 /// Threads seized and interrupted while their cgroup was frozen, not yet waited for. Dropped

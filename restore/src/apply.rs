@@ -89,13 +89,13 @@ pub fn apply(
         // before anything else runs; then children before parents, the root last.
         let stopped = |b: &Builder| procs.iter().any(|p| p.pid as i32 == b.ns_pid && p.stopped);
         for b in built.iter().filter(|b| stopped(b)) {
-            b.release(true)?;
+            b.release(job_stop_signal(procs, b.ns_pid))?;
         }
         for b in built.iter().filter(|b| stopped(b)) {
             b.wait_job_stopped()?;
         }
         for b in built.iter().rev().filter(|b| !stopped(b)) {
-            b.release(false)?;
+            b.release(0)?;
         }
         Ok(())
     })();
@@ -113,6 +113,22 @@ pub fn apply(
             tree.kill(&threads);
             Err(e)
         }
+    }
+}
+
+/// The signal that job-control-stopped process `ns_pid` (SIGSTOP for images that do not
+/// say).
+fn job_stop_signal(procs: &[&proto::Process], ns_pid: i32) -> i32 {
+    match procs.iter().find(|p| p.pid as i32 == ns_pid) {
+        Some(p)
+            if matches!(
+                p.stop_signal as i32,
+                libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+            ) =>
+        {
+            p.stop_signal as i32
+        }
+        _ => libc::SIGSTOP,
     }
 }
 
@@ -256,6 +272,8 @@ impl Builder<'_> {
         let written = pages::write_pages(image, p, self.pid)?;
         self.finish_vmas(&fixups)?;
         crate::mmflags::after_contents(p, &mut |n, nr, a| self.call(n, nr, a))?;
+        // Before the threads are made (they inherit it) and the credentials dropped.
+        self.set_loginuid(p)?;
         self.set_sigactions(p)?;
         self.create_threads(p)?;
         self.in_each_thread(p, |b, t, main| b.set_thread_state(p, t, main))?;
@@ -324,11 +342,13 @@ impl Builder<'_> {
         Ok(written)
     }
 
-    /// Lets the built process run (stopped again first if job control had stopped it).
-    fn release(&self, stopped: bool) -> Result<(), RestoreError> {
-        if stopped {
-            // Delivered on the way out of the ptrace stop: it stops before running.
-            stasis_runtime::sys::kill(self.pid, libc::SIGSTOP).map_err(|e| self.err(e))?;
+    /// Lets the built process run, stopped again first by `stop_signal` (nonzero) if job
+    /// control had stopped it.
+    fn release(&self, stop_signal: i32) -> Result<(), RestoreError> {
+        if stop_signal != 0 {
+            // Delivered on the way out of the ptrace stop: it stops before running, and its
+            // parent's waitpid(WUNTRACED) reports the same signal as before.
+            stasis_runtime::sys::kill(self.pid, stop_signal).map_err(|e| self.err(e))?;
         }
         for inj in &self.extra {
             ptrace::detach(inj.pid(), 0).map_err(|e| self.err(e))?;
@@ -1020,28 +1040,20 @@ impl Builder<'_> {
                 p.pid
             )));
         }
-        const SECBIT_KEEP_CAPS: u32 = 1 << 4;
-        const SECBIT_KEEP_CAPS_LOCKED: u32 = 1 << 5;
+        const SECBIT_NO_SETUID_FIXUP: u32 = 1 << 2;
         const PR_CAP_AMBIENT: u64 = 47;
         const PR_CAP_AMBIENT_RAISE: u64 = 2;
         const PR_CAP_AMBIENT_CLEAR_ALL: u64 = 4;
+        /// The *_LOCKED bits of every securebit.
+        const SECBITS_LOCKS: u32 = 0b1010_1010_1010;
         let prctl = libc::SYS_prctl;
-        if c.securebits != 0 {
-            self.call(
+        let set_securebits = |b: &mut Self, bits: u32| {
+            b.call(
                 "prctl(PR_SET_SECUREBITS)",
                 prctl,
-                &[libc::PR_SET_SECUREBITS as u64, c.securebits as u64],
-            )?;
-        }
-        let keep_for_uid_change =
-            !ids_same && c.cap_permitted != 0 && c.securebits & SECBIT_KEEP_CAPS_LOCKED == 0;
-        if keep_for_uid_change {
-            self.call(
-                "prctl(PR_SET_KEEPCAPS)",
-                prctl,
-                &[libc::PR_SET_KEEPCAPS as u64, 1],
-            )?;
-        }
+                &[libc::PR_SET_SECUREBITS as u64, bits as u64],
+            )
+        };
         for cap in 0..64u64 {
             if me.cap_bnd & (1 << cap) != 0 && c.cap_bounding & (1 << cap) == 0 {
                 self.call(
@@ -1052,28 +1064,16 @@ impl Builder<'_> {
             }
         }
         if !ids_same {
-            let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-            let at = if groups.is_empty() {
-                0
-            } else {
-                self.poke(SCR_GROUPS, &groups)?
-            };
-            self.call(
-                "setgroups",
-                libc::SYS_setgroups,
-                &[c.groups.len() as u64, at],
+            // The ids change with the capabilities left alone (no setuid fixup), so every
+            // one of the four ids of each set can be given; capset sets the final ones.
+            set_securebits(
+                self,
+                (c.securebits & !SECBITS_LOCKS) | SECBIT_NO_SETUID_FIXUP,
             )?;
-            let (g, u) = (&c.gids, &c.uids);
-            self.call(
-                "setresgid",
-                libc::SYS_setresgid,
-                &[g[0] as u64, g[1] as u64, g[2] as u64],
-            )?;
-            self.call(
-                "setresuid",
-                libc::SYS_setresuid,
-                &[u[0] as u64, u[1] as u64, u[2] as u64],
-            )?;
+            self.set_ids(c)?;
+        }
+        if c.securebits != 0 || !ids_same {
+            set_securebits(self, c.securebits)?;
         }
         // capset v3: header {version, pid}, then two {effective, permitted, inheritable}.
         let mut cap = Vec::with_capacity(32);
@@ -1100,12 +1100,81 @@ impl Builder<'_> {
                 )?;
             }
         }
-        if keep_for_uid_change && c.securebits & SECBIT_KEEP_CAPS == 0 {
-            self.call(
-                "prctl(PR_SET_KEEPCAPS)",
-                prctl,
-                &[libc::PR_SET_KEEPCAPS as u64, 0],
-            )?;
+        Ok(())
+    }
+
+    /// The audit login uid: only a task itself may write its /proc/PID/loginuid (with
+    /// CAP_AUDIT_CONTROL once it is set), so the new process does, unless it inherited the
+    /// right one from the restorer. (The audit session id cannot be chosen: the kernel
+    /// gives a new one.)
+    fn set_loginuid(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        let Some(uid) = p.loginuid else {
+            return Ok(());
+        };
+        let own = procfs::read_text("/proc/self/loginuid").map_err(|e| self.err(e))?;
+        if own.trim().parse::<u32>().ok() == Some(uid) {
+            return Ok(());
+        }
+        let path = self.poke_str("/proc/self/loginuid")?;
+        let text = uid.to_string();
+        let data = self.poke(SCR_MISC, text.as_bytes())?;
+        let fd = self.call(
+            "openat(/proc/self/loginuid)",
+            libc::SYS_openat,
+            &[
+                libc::AT_FDCWD as u64,
+                path,
+                (libc::O_WRONLY | libc::O_CLOEXEC) as u64,
+            ],
+        )?;
+        let written = self.call(
+            "write(/proc/self/loginuid)",
+            libc::SYS_write,
+            &[fd, data, text.len() as u64],
+        );
+        self.call("close", libc::SYS_close, &[fd])?;
+        written?;
+        Ok(())
+    }
+
+    /// Supplementary groups, then real, effective, saved and filesystem gid and uid; each
+    /// fs id is read back (setfsuid(2) reports no error).
+    fn set_ids(&mut self, c: &proto::Credentials) -> Result<(), RestoreError> {
+        let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+        let at = if groups.is_empty() {
+            0
+        } else {
+            self.poke(SCR_GROUPS, &groups)?
+        };
+        self.call(
+            "setgroups",
+            libc::SYS_setgroups,
+            &[c.groups.len() as u64, at],
+        )?;
+        let (g, u) = (&c.gids, &c.uids);
+        self.call(
+            "setresgid",
+            libc::SYS_setresgid,
+            &[g[0] as u64, g[1] as u64, g[2] as u64],
+        )?;
+        self.call("setfsgid", libc::SYS_setfsgid, &[g[3] as u64])?;
+        self.call(
+            "setresuid",
+            libc::SYS_setresuid,
+            &[u[0] as u64, u[1] as u64, u[2] as u64],
+        )?;
+        self.call("setfsuid", libc::SYS_setfsuid, &[u[3] as u64])?;
+        let fsgid = self.call("setfsgid(-1)", libc::SYS_setfsgid, &[u32::MAX as u64])?;
+        let fsuid = self.call("setfsuid(-1)", libc::SYS_setfsuid, &[u32::MAX as u64])?;
+        if (fsuid, fsgid) != (u64::from(u[3]), u64::from(g[3])) {
+            return Err(self.err(RuntimeError::Protocol {
+                op: "setfsuid/setfsgid",
+                pid: self.pid,
+                what: format!(
+                    "fs ids are {fsuid}/{fsgid}, not {}/{} as in the image",
+                    u[3], g[3]
+                ),
+            }));
         }
         Ok(())
     }

@@ -656,9 +656,7 @@ fn link_tree(procs: &[&proto::Process], specs: &mut [ProcSpec]) -> Result<(), Re
         };
         specs[parent].children.push(i);
         let pp = procs[parent];
-        if p.zombie {
-            continue;
-        }
+        // A zombie too: it takes its session and group before it exits.
         if p.sid != p.pid && p.sid != pp.sid {
             return Err(unsupported(format!(
                 "it is in session {} but its parent {} is in session {}",

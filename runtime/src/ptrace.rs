@@ -239,18 +239,31 @@ pub fn detach(pid: i32, sig: i32) -> Result<()> {
 /// Seizes `pid` and brings it into an interrupt stop. Signal-delivery stops that come first
 /// are suppressed and their siginfos returned, so the caller can queue them again.
 pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<Vec<Vec<u8>>> {
+    seize_and_stop_sig(pid, options).map(|(deferred, _)| deferred)
+}
+
+/// Like [`seize_and_stop`]; also returns the signal of the stop (see
+/// [`wait_interrupted_sig`]).
+pub fn seize_and_stop_sig(pid: i32, options: libc::c_int) -> Result<(Vec<Vec<u8>>, i32)> {
     seize(pid, options)?;
     interrupt(pid)?;
-    wait_interrupted(pid)
+    wait_interrupted_sig(pid)
 }
 
 /// Waits until a task seized and interrupted by us stops; signals it was about to take
 /// (suppressed) are returned as their siginfo.
 pub fn wait_interrupted(pid: i32) -> Result<Vec<Vec<u8>>> {
+    wait_interrupted_sig(pid).map(|(deferred, _)| deferred)
+}
+
+/// Like [`wait_interrupted`]; also returns the signal of the PTRACE_EVENT_STOP: SIGTRAP
+/// for an interrupt, the signal that stopped it (SIGSTOP, SIGTSTP, ...) for a task in a
+/// job-control stop.
+pub fn wait_interrupted_sig(pid: i32) -> Result<(Vec<Vec<u8>>, i32)> {
     let mut deferred = Vec::new();
     loop {
         match wait_stop(pid)? {
-            Stop::EventStop(_) => return Ok(deferred),
+            Stop::EventStop(sig) => return Ok((deferred, sig)),
             Stop::Signal(sig) => {
                 deferred.push(stopped_signal_info(pid, sig)?);
                 cont(pid, 0)?;

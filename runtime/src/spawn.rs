@@ -542,26 +542,6 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
             report(ctl, step, index, *libc::__errno_location());
             libc::_exit(127);
         };
-        if let Some(exit) = p.exit {
-            match exit {
-                Exit::Code(c) => libc::_exit(c),
-                Exit::Signal(sig) => {
-                    // No core file: a zombie's status is all that is wanted.
-                    let none = libc::rlimit {
-                        rlim_cur: 0,
-                        rlim_max: 0,
-                    };
-                    libc::setrlimit(libc::RLIMIT_CORE, &none);
-                    libc::signal(sig, libc::SIG_DFL);
-                    let mut set: libc::sigset_t = std::mem::zeroed();
-                    libc::sigemptyset(&mut set);
-                    libc::sigaddset(&mut set, sig);
-                    libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-                    libc::kill(libc::getpid(), sig);
-                    libc::_exit(128 + sig);
-                }
-            }
-        }
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         if libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut()) != 0 {
@@ -598,6 +578,27 @@ unsafe fn child_main(spec: &TreeSpec, idx: usize, wr: i32, max_target: i32) -> !
                     fail(wr, STEP_SETPGID, 0);
                 }
                 libc::sched_yield();
+            }
+        }
+        // A zombie exits as soon as it is in its session and group.
+        if let Some(exit) = p.exit {
+            match exit {
+                Exit::Code(c) => libc::_exit(c),
+                Exit::Signal(sig) => {
+                    // No core file: a zombie's status is all that is wanted.
+                    let none = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    libc::setrlimit(libc::RLIMIT_CORE, &none);
+                    libc::signal(sig, libc::SIG_DFL);
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, sig);
+                    libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                    libc::kill(libc::getpid(), sig);
+                    libc::_exit(128 + sig);
+                }
             }
         }
         if p.subreaper && libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0 {

@@ -174,3 +174,20 @@ pub fn nanosleep_ms(ms: u64) -> Result<(), String> {
         Err(os_err(&format!("nanosleep({ms} ms) returned {r}")))
     }
 }
+
+/// Forks; the child runs `f` and `_exit`s with its result. Returns the child's pid. Only
+/// for single-threaded workloads.
+pub fn fork_run(f: impl FnOnce() -> i32) -> Result<i32, String> {
+    // SAFETY: the caller is single-threaded, so the child is a consistent copy; it runs
+    // `f` and _exits without returning into the parent's code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(os_err("fork"));
+    }
+    if pid == 0 {
+        let code = f();
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    Ok(pid)
+}

@@ -35,6 +35,8 @@ const REGION_PAGES: usize = 8;
 const MADV_GUARD_INSTALL: i32 = 102;
 const MAP_DROPPABLE: i32 = 0x08;
 const MLOCK_ONFAULT: u64 = 1;
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: i32 = 1 << 3;
+const MEMBARRIER_REGISTER_PRIVATE_EXPEDITED: i32 = 1 << 4;
 const GUARDS: std::ops::Range<usize> = 2..4;
 /// memfd pages the process writes privately; the others it reads (2, 3) or never touches.
 const MEMFD_WRITTEN: [usize; 2] = [0, 1];
@@ -278,6 +280,20 @@ fn setup(ctx: &mut Ctx) -> Result<State, String> {
     // SAFETY: prctl without pointers.
     let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     errno_of(r as i64, "prctl(PR_SET_THP_DISABLE)")?;
+    // SAFETY: membarrier without pointers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_REGISTER_PRIVATE_EXPEDITED,
+            0,
+            0,
+        )
+    };
+    errno_of(r, "membarrier(REGISTER_PRIVATE_EXPEDITED)")?;
+    // Last: every mapping made from now on comes locked (on fault).
+    // SAFETY: mlockall without pointers.
+    let r = unsafe { libc::mlockall(libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+    errno_of(r as i64, "mlockall(MCL_FUTURE | MCL_ONFAULT)")?;
     Ok(State {
         ps,
         seed,
@@ -333,16 +349,7 @@ fn smaps_flags() -> Result<Vec<(usize, usize, Vec<String>)>, String> {
 
 /// Runs `f` in a forked child; returns its raw wait status.
 fn in_child(f: impl FnOnce() -> i32) -> Result<i32, String> {
-    // SAFETY: the workload is single-threaded; the child only reads memory and _exits.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(sys::os_err("fork"));
-    }
-    if pid == 0 {
-        let code = f();
-        // SAFETY: _exit ends the child without running the parent's exit handlers.
-        unsafe { libc::_exit(code) };
-    }
+    let pid = sys::fork_run(f)?;
     let mut st = 0;
     // SAFETY: st is a valid c_int.
     if unsafe { libc::waitpid(pid, &mut st, 0) } != pid {
@@ -426,6 +433,53 @@ fn check(s: &State, r: &mut Report) {
     // SAFETY: prctl without pointers.
     let thp = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
     r.eq("PR_GET_THP_DISABLE", 1, thp);
+    // SAFETY: membarrier without pointers; it fails with EPERM unless registered.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) };
+    r.eq(
+        "membarrier(PRIVATE_EXPEDITED) after REGISTER_PRIVATE_EXPEDITED (errno)",
+        0,
+        if rc == 0 { 0 } else { sys::errno() },
+    );
+    check_lock_future(ps, r);
+}
+
+/// After mlockall(MCL_FUTURE | MCL_ONFAULT) a new mapping comes locked on fault.
+fn check_lock_future(ps: usize, r: &mut Report) {
+    // SAFETY: a fresh mapping at a kernel-chosen address, unmapped again below.
+    let at = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            ps,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if at == libc::MAP_FAILED {
+        r.fail(sys::os_err("mmap of a fresh page"));
+        return;
+    }
+    let a = at as usize;
+    if let Some(maps) = r.ok(smaps_flags()) {
+        let flags: Vec<&str> = maps
+            .iter()
+            .find(|m| m.0 <= a && a < m.1)
+            .map(|m| {
+                m.2.iter()
+                    .map(String::as_str)
+                    .filter(|f| ["lo", "lf"].contains(f))
+                    .collect()
+            })
+            .unwrap_or_default();
+        r.eq(
+            "VmFlags of a page mapped after mlockall(MCL_FUTURE | MCL_ONFAULT)",
+            vec!["lo", "lf"],
+            flags,
+        );
+    }
+    // SAFETY: unmaps only the page mapped above.
+    unsafe { libc::munmap(at, ps) };
 }
 
 fn check_fork(s: &State, r: &mut Report) {
