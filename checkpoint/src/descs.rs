@@ -23,7 +23,8 @@ pub fn link(procs: &mut [proto::Process], closed: bool) -> Result<(), Checkpoint
     settle_shared_tables(procs)?;
     let files = assign_desc_ids(procs)?;
     settle_pipes(procs, closed)?;
-    settle_unix_pairs(procs, &files)
+    settle_unix_pairs(procs, &files)?;
+    crate::locks::collect(procs)
 }
 
 /// Both ends of every unix socket pair must be in the tree; what is queued for each end is

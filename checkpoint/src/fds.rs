@@ -224,6 +224,14 @@ fn classify(
         return Err(unsupported("a special file"));
     }
     if is_ghost_link(&target) {
+        if let Some(path) = linked_elsewhere(pid, fd, &target)? {
+            let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+                .map_err(|e| CheckpointError::Io(format!("stat fd {fd} of PID {pid}"), e))?;
+            out.kind = FdKind::Regular as i32;
+            out.path = path;
+            out.file = Some(file_id(&meta));
+            return Ok(out);
+        }
         out.kind = FdKind::Regular as i32;
         out.path = target.clone();
         out.ghost_id = ghosts.register(pid, &format!("/proc/{pid}/fd/{fd}"), &target)?;
@@ -260,6 +268,44 @@ fn classify(
     }
 }
 
+/// For a file unlinked from the name fd `fd` of `pid` had opened it by (`link`) but still
+/// linked under another name (link(2) before the unlink): that name. Its contents must not
+/// be copied as a deleted file's: the fd and the other name are one file, and restore must
+/// open that same file again. None for a memfd or a file with no link left; a name that
+/// cannot be found is refused.
+fn linked_elsewhere(pid: i32, fd: i32, link: &str) -> Result<Option<String>, CheckpointError> {
+    use std::os::unix::fs::MetadataExt;
+    if link.starts_with("/memfd:") {
+        return Ok(None);
+    }
+    let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+        .map_err(|e| CheckpointError::Io(format!("stat fd {fd} of PID {pid}"), e))?;
+    if meta.nlink() == 0 || !meta.is_file() {
+        return Ok(None);
+    }
+    let refuse = |why: String| {
+        CheckpointError::unsupported(
+            pid,
+            format!(
+                "fd {fd} is {link}, unlinked but still linked elsewhere ({} links), and its                  other name cannot be found ({why})",
+                meta.nlink()
+            ),
+        )
+    };
+    let copy = files::take_copy(pid, fd)?;
+    let (kind, handle) = files::file_handle(&copy, &format!("fd {fd} of PID {pid}"))
+        .map_err(|e| refuse(e.to_string()))?;
+    let dev = meta.dev();
+    let sdev = (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev));
+    let path =
+        files::path_of_handle(pid, sdev, kind, &handle).map_err(|e| refuse(e.to_string()))?;
+    let same = std::fs::metadata(&path).is_ok_and(|m| m.dev() == dev && m.ino() == meta.ino());
+    if path.ends_with(" (deleted)") || !path.starts_with('/') || !same {
+        return Err(refuse(format!("the kernel names it {path}")));
+    }
+    Ok(Some(path))
+}
+
 /// Whether a socket bound to path `name` (abstract names start with NUL) by a process of
 /// `pid` (whose root is `root`) no longer has its socket file there: unlinked, or replaced by
 /// another file. The path is looked up as that process sees it.
@@ -292,7 +338,6 @@ fn event_fd(pid: i32, fd: i32, kind: &str, out: &mut proto::Fd) -> Result<(), Ch
     let missing = |what: &str| {
         CheckpointError::unsupported(pid, format!("fd {fd} ({kind}): fdinfo has no {what}"))
     };
-    let ns = |(s, n): (u64, u64)| s.saturating_mul(1_000_000_000).saturating_add(n);
     match kind {
         "eventfd" => {
             out.kind = FdKind::Eventfd as i32;
@@ -301,13 +346,7 @@ fn event_fd(pid: i32, fd: i32, kind: &str, out: &mut proto::Fd) -> Result<(), Ch
         }
         "timerfd" => {
             out.kind = FdKind::Timerfd as i32;
-            out.timerfd = Some(proto::TimerFd {
-                clockid: e.clockid.ok_or_else(|| missing("clockid"))?,
-                ticks: e.ticks,
-                value_ns: ns(e.it_value),
-                interval_ns: ns(e.it_interval),
-                settime_flags: e.settime_flags,
-            });
+            out.timerfd = Some(timer_fd(pid, fd, &e, missing("clockid"))?);
         }
         "signalfd" => {
             out.kind = FdKind::Signalfd as i32;
@@ -366,6 +405,30 @@ fn event_fd(pid: i32, fd: i32, kind: &str, out: &mut proto::Fd) -> Result<(), Ch
         }
     }
     Ok(())
+}
+
+/// A timerfd's state. fdinfo shows 0 left for a periodic timer that expired and was not
+/// read since (the kernel re-arms it lazily, on the next read or timerfd_gettime): read as
+/// such it would come back disarmed. timerfd_gettime on a copy of the description moves it
+/// on to its next expiry, counting the missed ones into its ticks, as the process's own next
+/// read would; the ticks are read after that.
+fn timer_fd(
+    pid: i32,
+    fd: i32,
+    e: &procfs::EventInfo,
+    no_clock: CheckpointError,
+) -> Result<proto::TimerFd, CheckpointError> {
+    let clockid = e.clockid.ok_or(no_clock)?;
+    let copy = files::take_copy(pid, fd)?;
+    let (value_ns, interval_ns) = files::timerfd_time(&copy, &format!("fd {fd} of PID {pid}"))?;
+    let after = procfs::read_event_info(pid, fd)?;
+    Ok(proto::TimerFd {
+        clockid,
+        ticks: after.ticks,
+        value_ns,
+        interval_ns,
+        settime_flags: after.settime_flags,
+    })
 }
 
 /// Fills in `out` if fd `fd` is a listening TCP socket with no connection waiting to be

@@ -54,6 +54,11 @@ impl Ghosts {
             size: meta.size(),
             mode: meta.mode(),
             seals,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            atime_ns: meta.atime() * 1_000_000_000 + meta.atime_nsec(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            has_attrs: true,
         });
         self.sources.push((id, proc_path.to_string()));
         self.by_inode.insert((meta.dev(), meta.ino()), id);

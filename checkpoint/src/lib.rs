@@ -15,6 +15,7 @@ pub mod error;
 pub mod fds;
 pub mod freeze;
 pub mod ghosts;
+pub mod locks;
 pub mod mmflags;
 pub mod pages;
 pub mod pidns;

@@ -73,6 +73,25 @@ pub fn apply(
             written.pages += w.pages;
             written.bytes += w.bytes;
         }
+        // Every file is open and mapped for good now: locks, then signal owners, then the
+        // trampolines go.
+        let image_proc = |b: &Builder| {
+            procs
+                .iter()
+                .copied()
+                .find(|p| p.pid as i32 == b.ns_pid)
+                .ok_or_else(|| RestoreError::Invalid(format!("process {} is unknown", b.ns_pid)))
+        };
+        for pass in [crate::locks::Pass::Locks, crate::locks::Pass::Owners] {
+            for b in built.iter_mut() {
+                let p = image_proc(b)?;
+                b.take_locks(procs, p, pass)?;
+            }
+        }
+        for b in built.iter_mut() {
+            let p = image_proc(b)?;
+            b.finish(p)?;
+        }
         // Unlocked while still in repair mode: if that fails, they close without a word
         // when the tree is killed, and stay locked for another restore.
         if !plan.tcp.is_empty() {
@@ -242,7 +261,6 @@ impl Builder<'_> {
         ctl_fd: i32,
         epolls_done: &mut std::collections::BTreeSet<u32>,
     ) -> Result<Written, RestoreError> {
-        let t = &p.threads[0];
         // The child inherited our rseq registration; drop it before its memory goes away.
         if let Some(r) = ptrace::get_rseq(self.pid).map_err(|e| self.err(e))? {
             self.call(
@@ -319,6 +337,30 @@ impl Builder<'_> {
                 ptrace::set_regs(tid, &final_regs_of(th)?).map_err(|e| self.err(e))?;
             }
         }
+        Ok(written)
+    }
+
+    /// Takes back the locks, leases or signal owners of `p` (see [`crate::locks`]).
+    fn take_locks(
+        &mut self,
+        procs: &[&proto::Process],
+        p: &proto::Process,
+        pass: crate::locks::Pass,
+    ) -> Result<(), RestoreError> {
+        let mut t = crate::locks::Target {
+            inj: &mut self.inj,
+            pid: self.pid,
+            scratch: self.scratch + SCR_MISC,
+        };
+        crate::locks::take(&mut t, procs, p, pass)
+    }
+
+    /// Removes the trampoline and sets the final registers of the main thread.
+    fn finish(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
+        let t = p
+            .threads
+            .first()
+            .ok_or_else(|| RestoreError::Invalid(format!("process {} has no thread", p.pid)))?;
         let main_regs = final_regs_of(t)?;
         crate::mmflags::lock_future(p, &mut |n, nr, a| self.call(n, nr, a))?;
         // Remove the trampoline; the main thread holds at that munmap's exit, where the
@@ -339,7 +381,7 @@ impl Builder<'_> {
             )));
         }
         ptrace::set_regs(self.pid, &main_regs).map_err(|e| self.err(e))?;
-        Ok(written)
+        Ok(())
     }
 
     /// Lets the built process run, stopped again first by `stop_signal` (nonzero) if job
@@ -674,9 +716,20 @@ impl Builder<'_> {
                         (v.prot | rw, libc::MAP_PRIVATE as u64 | fixed)
                     };
                     if v.ghost_id != 0 {
-                        // Its fd was kept (opened for reading and writing).
+                        // Its fd was kept (opened for reading and writing). A mapping holds
+                        // the file it was made from: one that may never write is made from a
+                        // read-only open, or the file would stay open for writing (and
+                        // execve of a memfd fail with ETXTBSY) as it did not before.
                         let fd = self.kept_fd(None, Some(v.ghost_id))?;
-                        self.mmap(v.start, len, map.0, map.1, fd, v.pgoff)?;
+                        let may_write =
+                            shared && (writable || v.vm_flags.iter().any(|f| f == "mw"));
+                        if may_write {
+                            self.mmap(v.start, len, map.0, map.1, fd, v.pgoff)?;
+                        } else {
+                            let path = format!("/proc/self/fd/{fd}");
+                            let open = ("openat(mapped ghost file)", path.as_str(), libc::O_RDONLY);
+                            self.mmap_file(open, v, map)?;
+                        }
                     } else {
                         let open = ("openat(mapped file)", v.path.as_str(), oflags);
                         self.mmap_file(open, v, map)?;
@@ -732,6 +785,16 @@ impl Builder<'_> {
         flags: i32,
     ) -> Result<u64, RestoreError> {
         let at = self.poke_str(path)?;
+        // O_NOATIME: mapping a file counts as reading it, and the restore must not change
+        // its access time; only the file's owner (or CAP_FOWNER) may ask for that.
+        let quiet = (flags | libc::O_CLOEXEC | libc::O_NOATIME) as u64;
+        let rc = self
+            .inj
+            .raw(libc::SYS_openat, &[libc::AT_FDCWD as u64, at, quiet, 0])
+            .map_err(|e| self.err(e))?;
+        if rc >= 0 {
+            return Ok(rc as u64);
+        }
         let flags = (flags | libc::O_CLOEXEC) as u64;
         self.call(
             what,

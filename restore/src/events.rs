@@ -39,6 +39,27 @@ fn timespec(ns: u64) -> libc::timespec {
     }
 }
 
+/// When timerfd `t` expires next, as timerfd_settime takes it: its remaining time, or for a
+/// timer set absolute (TFD_TIMER_ABSTIME, perhaps with TFD_TIMER_CANCEL_ON_SET) the same
+/// instant as an absolute time on its clock, so a later change of that clock acts on it as
+/// before. None if the clock cannot be read.
+fn timer_expiry(t: &proto::TimerFd) -> Option<(libc::c_int, libc::timespec)> {
+    let flags =
+        t.settime_flags as libc::c_int & (libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET);
+    if flags & libc::TFD_TIMER_ABSTIME == 0 {
+        return Some((0, timespec(t.value_ns)));
+    }
+    let mut now = timespec(0);
+    // SAFETY: clock_gettime writes one timespec to a local.
+    if unsafe { libc::clock_gettime(t.clockid, &mut now) } != 0 {
+        return None;
+    }
+    let now_ns = (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64);
+    Some((flags, timespec(now_ns.saturating_add(t.value_ns))))
+}
+
 /// Creates the object in this process (close-on-exec); names on the filesystem (inotify
 /// watches, unix socket paths) are under `opts`'s root.
 pub fn create(
@@ -71,13 +92,16 @@ pub fn create(
             let fd = unsafe { libc::timerfd_create(t.clockid, libc::TFD_CLOEXEC) };
             let fd = own(fd, p, f, "timerfd_create")?;
             if t.value_ns > 0 {
+                let (flags, value) =
+                    timer_expiry(t).ok_or_else(|| failed(p, f, "clock_gettime"))?;
                 let its = libc::itimerspec {
                     it_interval: timespec(t.interval_ns),
-                    it_value: timespec(t.value_ns),
+                    it_value: value,
                 };
                 // SAFETY: its is a valid itimerspec; no old value wanted.
-                let rc =
-                    unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &its, std::ptr::null_mut()) };
+                let rc = unsafe {
+                    libc::timerfd_settime(fd.as_raw_fd(), flags, &its, std::ptr::null_mut())
+                };
                 if rc != 0 {
                     return Err(failed(p, f, "timerfd_settime"));
                 }

@@ -75,6 +75,7 @@ pub fn recreate(
                 at += len;
             }
         }
+        set_attrs(&file, g).map_err(what)?;
         if g.memfd && g.seals != 0 {
             // SAFETY: fcntl(F_ADD_SEALS) on an fd we own takes no pointers.
             if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, g.seals as libc::c_int) }
@@ -136,4 +137,34 @@ fn unlinked_file(g: &proto::GhostFile, at: &std::path::Path) -> Result<File, Res
                 })
         }
     }
+}
+
+/// Gives the recreated file the owner, mode and times the old one had (a memfd is made 0777
+/// and a file created here gets the restorer's owner and umask). The owner first: chown
+/// clears set-id bits. The times last, after every write.
+fn set_attrs(file: &File, g: &proto::GhostFile) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    let check = |rc: libc::c_int| {
+        if rc != 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    if g.has_attrs {
+        // SAFETY: fchown on an fd we own takes no pointers.
+        check(unsafe { libc::fchown(fd, g.uid, g.gid) })?;
+    }
+    // SAFETY: fchmod on an fd we own takes no pointers.
+    check(unsafe { libc::fchmod(fd, (g.mode & 0o7777) as libc::mode_t) })?;
+    if g.has_attrs {
+        let ts = |ns: i64| libc::timespec {
+            tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t,
+            tv_nsec: ns.rem_euclid(1_000_000_000) as libc::c_long,
+        };
+        let times = [ts(g.atime_ns), ts(g.mtime_ns)];
+        // SAFETY: times is an array of two timespecs, as futimens reads.
+        check(unsafe { libc::futimens(fd, times.as_ptr()) })?;
+    }
+    Ok(())
 }

@@ -24,6 +24,7 @@ pub mod container;
 pub mod error;
 pub mod events;
 pub mod ghosts;
+pub mod locks;
 pub mod mmflags;
 pub mod pages;
 pub mod plan;

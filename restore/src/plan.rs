@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// File status flags F_SETFL can change.
+/// File status flags F_SETFL can change. O_ASYNC is not among them: it is set by the
+/// process that holds the fd (crate::locks), so that its signals carry that fd's number.
 const SETFL_MASK: u32 =
-    (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME) as u32;
+    (libc::O_APPEND | libc::O_NONBLOCK | libc::O_DIRECT | libc::O_NOATIME) as u32;
 
 /// Scratch memory after the trampoline's code page.
 pub const SCRATCH_LEN: u64 = 64 * 1024;
@@ -395,7 +396,7 @@ impl Descs {
             }
         }
         let status = (f.flags & SETFL_MASK) as i32;
-        let open_flags = (f.flags & !(libc::O_CLOEXEC as u32)) as i32;
+        let open_flags = (f.flags & !((libc::O_CLOEXEC | libc::O_ASYNC) as u32)) as i32;
         let fd = match f.kind() {
             FdKind::Regular | FdKind::CharDevice => {
                 let path = if f.ghost_id != 0 {

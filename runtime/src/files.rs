@@ -223,3 +223,84 @@ pub fn path_of_handle(pid: i32, sdev: u64, handle_type: i32, handle: &[u8]) -> R
         .map_err(|e| RuntimeError::sys("readlink", what.clone(), e))?;
     Ok(path.to_string_lossy().into_owned())
 }
+
+/// fcntl commands the libc crate lacks on this target (asm-generic/fcntl.h).
+pub const F_SETSIG: i32 = 10;
+pub const F_GETSIG: i32 = 11;
+pub const F_SETOWN_EX: i32 = 15;
+pub const F_GETOWN_EX: i32 = 16;
+
+/// `struct f_owner_ex` of F_GETOWN_EX/F_SETOWN_EX: F_OWNER_TID (0), F_OWNER_PID (1) or
+/// F_OWNER_PGRP (2), and the id.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OwnerEx {
+    pub kind: i32,
+    pub pid: i32,
+}
+
+/// Who gets the signals of open file description `fd` (F_GETOWN_EX: type and pid, in this
+/// process's pid namespace; pid 0 for none) and which signal (F_GETSIG; 0 is SIGIO).
+pub fn signal_owner(fd: &OwnedFd, what: &str) -> Result<(i32, i32, i32)> {
+    let mut owner = OwnerEx::default();
+    // SAFETY: F_GETOWN_EX writes one struct f_owner_ex to a local.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), F_GETOWN_EX, &mut owner) } < 0 {
+        return Err(RuntimeError::last_os("fcntl(F_GETOWN_EX)", what));
+    }
+    // SAFETY: fcntl(F_GETSIG) takes no pointers.
+    let sig = unsafe { libc::fcntl(fd.as_raw_fd(), F_GETSIG) };
+    if sig < 0 {
+        return Err(RuntimeError::last_os("fcntl(F_GETSIG)", what));
+    }
+    Ok((owner.kind, owner.pid, sig))
+}
+
+/// timerfd_gettime(2) of timerfd `fd`: (remaining ns, interval ns). Unlike fdinfo, which
+/// shows 0 left for a periodic timer that expired and was not read since, this moves such a
+/// timer on to its next expiry (counting the missed ones in its ticks, as a read would).
+pub fn timerfd_time(fd: &OwnedFd, what: &str) -> Result<(u64, u64)> {
+    let mut its = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+    };
+    // SAFETY: timerfd_gettime writes one itimerspec to a local.
+    if unsafe { libc::timerfd_gettime(fd.as_raw_fd(), &mut its) } < 0 {
+        return Err(RuntimeError::last_os("timerfd_gettime", what));
+    }
+    let ns = |t: libc::timespec| (t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64;
+    Ok((ns(its.it_value), ns(its.it_interval)))
+}
+
+/// A file handle (name_to_handle_at) of the file open at `fd`: (handle type, bytes).
+pub fn file_handle(fd: &OwnedFd, what: &str) -> Result<(i32, Vec<u8>)> {
+    const MAX_HANDLE_SZ: usize = 128;
+    // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes.
+    let mut buf = vec![0u8; 8 + MAX_HANDLE_SZ];
+    buf[..4].copy_from_slice(&(MAX_HANDLE_SZ as u32).to_ne_bytes());
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: buf is a file_handle with room for MAX_HANDLE_SZ bytes; mount_id is a local;
+    // the empty path with AT_EMPTY_PATH names `fd` itself.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr(),
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(RuntimeError::last_os("name_to_handle_at", what));
+    }
+    let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let kind = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let bytes = buf.get(8..8 + len).unwrap_or_default().to_vec();
+    Ok((kind, bytes))
+}

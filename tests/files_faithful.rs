@@ -1,0 +1,70 @@
+//! Files restored as they were (issue 14): POSIX, flock and OFD locks and leases taken again
+//! by their owners, signal owners (F_SETOWN_EX, F_SETSIG, O_ASYNC), a periodic timerfd that
+//! had expired unread, memfd and deleted files with their mode, owner and times, a file
+//! unlinked but linked elsewhere, and times of open and mapped files left alone. Each is
+//! checked by the workload itself, locks from a process that shares nothing with it.
+
+mod common;
+
+use common::*;
+use std::os::fd::AsRawFd;
+
+#[test]
+fn locks_leases_signal_owners_and_timerfd_survive_two_rounds() {
+    init();
+    round_trip("wl-locks", &[], &[]);
+}
+
+#[test]
+fn file_modes_owners_times_and_links_survive_two_rounds() {
+    init();
+    round_trip("wl-fileattrs", &[], &[]);
+}
+
+/// A lock someone else took while the workload was away makes the restore fail, naming it,
+/// before the workload runs; once it is given up the restore succeeds.
+#[test]
+fn a_lock_taken_by_someone_else_fails_the_restore() {
+    init();
+    let dir = scratch("locks-taken");
+    let mut wl = start("wl-locks", &[]);
+    wl.pipes.expect_pass("verify", "before checkpoint");
+    let pid = wl.pid.to_string();
+    let img = dir.join("1.img");
+    let imgs = img.to_str().expect("utf8");
+    let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+    let p_path = format!("{tmp}/stasis-wl-locks-{pid}-P");
+    stasis_ok(&["checkpoint", &pid, "-o", imgs]);
+    wl.child.wait().expect("reap original");
+    // The workload removes its files only when it exits after a check: P is still there.
+    let p = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p_path)
+        .expect("open P");
+    // SAFETY: an all-zero flock is valid; fcntl on our own fd.
+    let rc = unsafe {
+        let mut l: libc::flock = std::mem::zeroed();
+        l.l_type = libc::F_WRLCK as i16;
+        l.l_whence = libc::SEEK_SET as i16;
+        l.l_start = 0;
+        l.l_len = 1;
+        libc::fcntl(p.as_raw_fd(), libc::F_SETLK, &l)
+    };
+    assert_eq!(rc, 0, "taking the lock in the test");
+    let out = stasis_fails(
+        &["restore", imgs, "--detach"],
+        4,
+        "POSIX write lock on bytes 0..100",
+    );
+    assert!(out.contains("fd 10"), "the error names the fd: {out}");
+    assert!(
+        !running_untraced(wl.pid),
+        "the workload must not run after a failed restore"
+    );
+    drop(p);
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.expect_pass("check", "after restore");
+    assert!(r.wait().expect("stasis restore").success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
