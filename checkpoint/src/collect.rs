@@ -249,6 +249,10 @@ pub fn collect_process(
         sched: Some(sched_state(pid, stat.nice)?),
         oom_score_adj: read_oom_score_adj(pid)?,
         no_new_privs: q.no_new_privs,
+        security_recorded: vec![
+            proto::SecurityState::Credentials as i32,
+            proto::SecurityState::NoNewPrivs as i32,
+        ],
         dumpable: q.dumpable,
         shared_pending: pending_records(shared_pending),
         posix_timers: q.posix_timers,

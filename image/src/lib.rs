@@ -52,6 +52,8 @@ pub mod compression;
 pub mod encode;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inspect;
 pub mod inspect_vm;
 pub mod limits;

@@ -108,6 +108,34 @@ pub(crate) fn frame_at(
     Ok((hdr, &bytes[p..p + hdr.len as usize]))
 }
 
+/// Why the last 96 bytes are not an END frame, found by walking the frame headers from the
+/// start: the file ends inside a frame or before END (truncated), a header on the way is
+/// corrupt, or bytes follow END. None when the walk reaches an END that ends the file (the
+/// END frame itself is what is wrong).
+fn why_no_end(bytes: &[u8]) -> Option<ImageError> {
+    let file_len = bytes.len() as u64;
+    let mut offset = FILE_HEADER_LEN as u64;
+    loop {
+        if offset == file_len {
+            return Some(ImageError::Truncated {
+                offset,
+                what: "END frame",
+                needed: END_FRAME_LEN as u64,
+                available: 0,
+            });
+        }
+        let (hdr, _) = match frame_at(bytes, offset, None) {
+            Ok(f) => f,
+            Err(e) => return Some(e),
+        };
+        let next = offset + FRAME_HEADER_LEN as u64 + hdr.len;
+        if hdr.kind == FrameKind::End {
+            return (next != file_len).then_some(ImageError::TrailingData { offset: next });
+        }
+        offset = next;
+    }
+}
+
 /// Reads, hash-checks and decodes the protobuf record at `offset`.
 fn record_at<M: prost::Message + Default>(
     bytes: &[u8],
@@ -177,9 +205,12 @@ impl Image {
             });
         }
         let end_offset = file_len - END_FRAME_LEN as u64;
-        let (end_hdr, end_payload) = frame_at(bytes, end_offset, Some(FrameKind::End))?;
-        end_hdr.check_payload(end_offset, end_payload)?;
-        let end = EndPayload::parse(end_payload, end_offset)?;
+        let end = frame_at(bytes, end_offset, Some(FrameKind::End))
+            .and_then(|(hdr, payload)| {
+                hdr.check_payload(end_offset, payload)?;
+                EndPayload::parse(payload, end_offset)
+            })
+            .map_err(|e| why_no_end(bytes).unwrap_or(e))?;
 
         // INDEX immediately precedes END.
         let index_offset = end.index_offset;

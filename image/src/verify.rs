@@ -56,6 +56,18 @@ impl Image {
         self.walk_frames().map(|(report, _)| report)
     }
 
+    /// Every chunk whose page data does not check (hash, zstd), in file order, each error
+    /// naming the chunk's frame offset. Chunks are checked in parallel; unlike
+    /// [`Image::verify`] this does not stop at the first bad one, so a reader can say which
+    /// chunks are corrupt.
+    pub fn corrupt_chunks(&self) -> Vec<ImageError> {
+        self.chunks()
+            .par_iter()
+            .with_max_len(1)
+            .filter_map(|c| self.verify_chunk(c).err())
+            .collect()
+    }
+
     /// Hash-checks (and for zstd decodes) one chunk's page data.
     pub fn verify_chunk(&self, chunk: &ChunkRef) -> Result<(), ImageError> {
         let (ours, payload) = self.chunk_payload(chunk, "verify_chunk")?;

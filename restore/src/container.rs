@@ -277,6 +277,7 @@ pub fn restore_container(
         .transpose()?;
     // Every byte is checked before anything is made.
     image.verify().map_err(RestoreError::Image)?;
+    crate::validate::security(image)?;
     let lock = state.lock().map_err(|e| err(&name, e))?;
     ct::claim_name(state, &name).map_err(|e| match e {
         ct::ContainerError::Exists(_) | ct::ContainerError::BadName(_) => {

@@ -5,8 +5,10 @@ use stasis_runtime::RuntimeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    /// (Not the error's `source`: its text is already in this one's, and a reader printing
+    /// the chain would say it twice.)
     #[error("image is invalid: {0}")]
-    Image(#[from] ImageError),
+    Image(ImageError),
     /// The image is well-formed but describes something inconsistent.
     #[error("image is invalid: {0}")]
     Invalid(String),
@@ -33,4 +35,10 @@ pub enum RestoreError {
     /// Starting a restored VM failed (the error names the VM).
     #[error(transparent)]
     Vm(#[from] stasis_runtime::kvm::KvmError),
+}
+
+impl From<ImageError> for RestoreError {
+    fn from(e: ImageError) -> Self {
+        RestoreError::Image(e)
+    }
 }

@@ -23,6 +23,8 @@ pub mod apply;
 pub mod container;
 pub mod error;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ghosts;
 pub mod locks;
 pub mod mmflags;

@@ -9,6 +9,14 @@ use stasis_runtime::sys::{self, PidUse};
 use stasis_runtime::unix_queue::MAX_FDS_PER_MESSAGE;
 use std::time::{Duration, Instant};
 
+pub mod security;
+
+/// The security state of every process of the image is there and well formed (see
+/// [`security`]); checked before anything is created.
+pub fn security(image: &Image) -> Result<(), RestoreError> {
+    security::check_image(image)
+}
+
 /// Highest user address on x86_64 with 4-level paging.
 pub const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 
@@ -167,6 +175,7 @@ pub fn process(
         }
         return Ok(());
     }
+    security::check_process(p)?;
     for pipe in &p.pipes {
         if pipe.data.len() > pipe.size as usize || pipe.size > 1 << 30 {
             return Err(invalid(format!(
@@ -585,8 +594,22 @@ fn check_in_flight_file(
     Ok(())
 }
 
+/// Who hears why a restore waits for a PID (see [`on_pid_wait`]).
+static PID_WAIT_NOTICE: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+/// Whether the notice was given (once per process: a tree waits for all its PIDs together).
+static PID_WAIT_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// How long restore waits for a PID before it says why.
+const PID_WAIT_QUIET: Duration = Duration::from_millis(100);
+
+/// Has `notice` told, once, why a restore waits for a PID that is still a zombie (longer than
+/// a moment): e.g. a CLI prints it, so a wait of seconds is not a silent hang.
+pub fn on_pid_wait(notice: fn(&str)) {
+    let _ = PID_WAIT_NOTICE.set(notice);
+}
+
 /// Waits (bounded) until `pid` is free: a just-killed original may still be a zombie.
 pub fn wait_pid_free(pid: i32, bound: Duration) -> Result<(), RestoreError> {
+    use std::sync::atomic::Ordering;
     let start = Instant::now();
     loop {
         match sys::pid_use(pid) {
@@ -594,6 +617,16 @@ pub fn wait_pid_free(pid: i32, bound: Duration) -> Result<(), RestoreError> {
             PidUse::Taken { comm, state } => {
                 if state != 'Z' && state != 'X' || start.elapsed() >= bound {
                     return Err(RestoreError::PidTaken { pid, comm, state });
+                }
+                if start.elapsed() >= PID_WAIT_QUIET && !PID_WAIT_SAID.swap(true, Ordering::Relaxed)
+                {
+                    if let Some(notice) = PID_WAIT_NOTICE.get() {
+                        notice(&format!(
+                            "waiting for PID {pid} to be released by its parent ({comm} is a \
+                             zombie until its parent reaps it; at most {:.0} s)",
+                            bound.as_secs_f64()
+                        ));
+                    }
                 }
             }
         }
