@@ -721,8 +721,7 @@ impl Builder<'_> {
                         // read-only open, or the file would stay open for writing (and
                         // execve of a memfd fail with ETXTBSY) as it did not before.
                         let fd = self.kept_fd(None, Some(v.ghost_id))?;
-                        let may_write =
-                            shared && (writable || v.vm_flags.iter().any(|f| f == "mw"));
+                        let may_write = shared && oflags == libc::O_RDWR;
                         if may_write {
                             self.mmap(v.start, len, map.0, map.1, fd, v.pgoff)?;
                         } else {
