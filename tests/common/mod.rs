@@ -312,7 +312,8 @@ pub fn kill(pid: i32) {
 ///
 /// The line is `SKIPPED BINARY::TEST: WHY`, naming the running test (the harness names each
 /// test's thread after it), whatever `test` says; a `test` that is not the test's or the
-/// binary's name (a program, "postgres") goes into the reason. scripts/test counts these
+/// binary's name (a program, "postgres") goes into the reason unless the reason names it
+/// already. scripts/test counts these
 /// lines, so one test says `SKIPPED` once: a second call from the same test says "also".
 pub fn skip(test: &str, why: &str) {
     use std::io::Write;
@@ -332,7 +333,7 @@ pub fn skip(test: &str, why: &str) {
         None if test == bin => bin.clone(),
         None => format!("{bin}::{test}"),
     };
-    let why = if test == bin || running.is_none_or(|r| r.ends_with(test)) {
+    let why = if test == bin || why.contains(test) || running.is_none_or(|r| r.ends_with(test)) {
         why.to_string()
     } else {
         format!("{test}: {why}")
@@ -369,7 +370,7 @@ pub fn have_with(program: &str, version_flag: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        skip(program, "is not available");
+        skip(program, &format!("{program} is not available"));
     }
     ok
 }
