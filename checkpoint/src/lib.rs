@@ -15,6 +15,7 @@ pub mod error;
 pub mod fds;
 pub mod freeze;
 pub mod ghosts;
+pub mod membership;
 pub mod pages;
 pub mod pidns;
 pub mod sink;
@@ -132,6 +133,7 @@ pub fn checkpoint_tree<S: ImageSink>(
         if opts.container.is_none() {
             vmas::check_sysv_attaches(&procs, &host_shm)?;
         }
+        membership::record(&mut procs)?;
         procs.extend(frozen.zombies.iter().map(tree::Zombie::to_proto));
         // A detached container's standard I/O leads only to its log.
         descs::link(
