@@ -50,6 +50,7 @@ pub fn precheck(pid: i32) -> Result<RootKind, CheckpointError> {
         }
     }
     crate::pidns::check_tree(kind, &members)?;
+    crate::pidns::check_namespaces(pid, &members)?;
     if kind != RootKind::Ours {
         crate::pidns::check_whole(pid, &members)?;
     }

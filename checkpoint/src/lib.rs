@@ -17,6 +17,7 @@ pub mod freeze;
 pub mod ghosts;
 pub mod locks;
 pub mod mmflags;
+pub mod membership;
 pub mod pages;
 pub mod pidns;
 pub mod sink;
@@ -134,6 +135,7 @@ pub fn checkpoint_tree<S: ImageSink>(
         if opts.container.is_none() {
             vmas::check_sysv_attaches(&procs, &host_shm)?;
         }
+        membership::record(&mut procs)?;
         procs.extend(frozen.zombies.iter().map(tree::Zombie::to_proto));
         // A detached container's standard I/O leads only to its log.
         descs::link(

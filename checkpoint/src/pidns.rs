@@ -98,6 +98,91 @@ pub fn check_tree(kind: RootKind, pids: &[i32]) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// The namespaces every task of a tree must share with its root: restore creates every
+/// process in the namespaces it puts the root in, so a task with one of its own would come
+/// back inside its parent's, its isolation silently gone. (Pid namespaces are
+/// [`check_tree`]'s.)
+const SHARED: [&str; 7] = ["mnt", "net", "uts", "ipc", "user", "cgroup", "time"];
+
+/// What the namespace of each kind is for.
+fn ns_name(kind: &str) -> &'static str {
+    match kind {
+        "mnt" => "mount",
+        "net" => "network",
+        "uts" => "UTS (host name)",
+        "ipc" => "IPC",
+        "user" => "user",
+        "cgroup" => "cgroup",
+        _ => "time",
+    }
+}
+
+/// (device, inode) of /proc/PID/task/TID/ns/KIND; None if it cannot be read (the task is
+/// gone, or a zombie).
+fn task_ns(pid: i32, tid: i32, kind: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(format!("/proc/{pid}/task/{tid}/ns/{kind}")).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// Refuses a tree (root `root`, processes `pids`) in which a task (a process or one of its
+/// threads) is in another mount, network, UTS, IPC, user, cgroup or time namespace than the
+/// root, or has made a time namespace for its future children: restore would bring it back
+/// in the root's, without a word. Names the process, the namespace and how to tell.
+pub fn check_namespaces(root: i32, pids: &[i32]) -> Result<(), CheckpointError> {
+    let want: Vec<(&str, Option<(u64, u64)>)> = SHARED
+        .iter()
+        .map(|&k| (k, task_ns(root, root, k)))
+        .collect();
+    for &pid in pids {
+        let comm = || {
+            procfs::read_text(&format!("/proc/{pid}/comm"))
+                .map(|c| c.trim_end().to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        for tid in procfs::read_tids(pid).unwrap_or_default() {
+            let who = if tid == pid {
+                format!("process {pid} ({})", comm())
+            } else {
+                format!("thread {tid} of process {pid} ({})", comm())
+            };
+            for (kind, root_ns) in &want {
+                let (Some(theirs), Some(root_ns)) = (task_ns(pid, tid, kind), root_ns) else {
+                    continue;
+                };
+                if theirs != *root_ns {
+                    return Err(CheckpointError::unsupported(
+                        pid,
+                        format!(
+                            "{who} is in a {} namespace of its own ({kind}:[{}]), not the tree \
+                             root's ({kind}:[{}]); a restore would put it in the root's, so \
+                             nested {} namespaces are not supported",
+                            ns_name(kind),
+                            theirs.1,
+                            root_ns.1,
+                            ns_name(kind)
+                        ),
+                    ));
+                }
+            }
+            let time = task_ns(pid, tid, "time");
+            let kids = task_ns(pid, tid, "time_for_children");
+            if let (Some(t), Some(k)) = (time, kids) {
+                if t != k {
+                    return Err(CheckpointError::unsupported(
+                        pid,
+                        format!(
+                            "{who} has made a new time namespace for its children \
+                             (unshare(CLONE_NEWTIME)); a restore could not make it again"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a whole-namespace tree (root `root`, processes `members`) when its namespace
 /// holds a process that is not in the tree: one that joined it from outside (setns, as
 /// nsenter and `docker exec` do) is a child of a process outside, and the image would
@@ -159,6 +244,7 @@ impl PidView {
             .chain(tree.zombies.iter().map(|z| z.pid))
             .collect();
         check_tree(kind, &hosts)?;
+        check_namespaces(root, &hosts)?;
         if kind == RootKind::Ours {
             return Ok(PidView { root, names: None });
         }

@@ -21,14 +21,18 @@ const SCR_MISC: u64 = 40960;
 const MAX_STRING: usize = 16383;
 
 /// Creates the tree, builds every process and lets them all run; returns what was written
-/// and the root's PID as the restorer sees it. `unlock` lets the tree's TCP connections back
-/// onto the network once everything is built and before anything runs. On failure every
-/// process created is killed and reaped.
+/// and the root's PID as the restorer sees it. Each process is put in its cgroups first
+/// (`cgroups`); `unlock` lets the tree's TCP connections back onto the network once
+/// everything is built and before anything runs. On failure every process created is killed
+/// and reaped.
 pub fn apply(
     image: &Image,
     procs: &[&proto::Process],
     plan: crate::plan::Plan,
-    unlock: &dyn Fn() -> Result<(), RuntimeError>,
+    (cgroups, unlock): (
+        &crate::cgroups::Placement,
+        &dyn Fn() -> Result<(), RuntimeError>,
+    ),
 ) -> Result<(Written, i32), RestoreError> {
     let root = procs.first().map_or(0, |p| p.pid as i32);
     let tree = spawn::spawn_tree(&plan.spec).map_err(|source| RestoreError::Apply {
@@ -44,6 +48,10 @@ pub fn apply(
     // Epoll descriptions whose watches are added (once, by the first process holding one).
     let mut epolls_done = std::collections::BTreeSet::new();
     let result = (|| {
+        // Before any memory is written, so it is charged where it was.
+        for s in &tree.procs {
+            cgroups.place(s.ns_pid, s.pid)?;
+        }
         for (k, s) in tree.procs.iter().enumerate() {
             let p = procs
                 .iter()

@@ -20,6 +20,7 @@
 //! [`Options::root`] where the image's paths are found.
 
 pub mod apply;
+pub mod cgroups;
 pub mod container;
 pub mod error;
 pub mod events;
@@ -158,6 +159,7 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
         validate::process(image, p, &ghost_files, opts)?;
     }
     validate::unix_pairs(&procs, opts)?;
+    let cgroups = cgroups::plan(&procs, opts)?;
     let ghosts = ghosts::recreate(image, &procs, opts)?;
     let shmem = shmem::recreate(image, &procs)?;
     // Sockets are made in the network namespace the tree will be in.
@@ -190,7 +192,7 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
         }
         None => stasis_runtime::netlock::unlock(&tcp),
     };
-    let (written, pid) = apply::apply(image, &procs, plan, &unlock)?;
+    let (written, pid) = apply::apply(image, &procs, plan, (&cgroups, &unlock))?;
     // Held until every process has mapped its objects (apply returns after that).
     drop((ghosts, shmem));
     let warnings = Vec::new();

@@ -48,6 +48,7 @@ pub mod freezer;
 pub mod hierarchy;
 mod io;
 pub mod limits;
+pub mod membership;
 mod memory;
 mod pids;
 pub mod stats;
