@@ -1,6 +1,6 @@
 //! Memory state beyond page contents, put back by injected syscalls: flags a mapping is made
 //! with (MAP_DROPPABLE, MAP_NORESERVE), madvise flags, and, once the contents are written
-//! and the protections final, guard pages, mlock, mlockall(MCL_FUTURE),
+//! and the protections final, guard pages, mlock, mseal, mlockall(MCL_FUTURE),
 //! PR_SET_THP_DISABLE and membarrier registrations.
 
 use crate::error::RestoreError;
@@ -24,6 +24,8 @@ const ADVICE: [(&str, i32); 8] = [
 /// pressure (VmFlags `dp`; it implies `wf`, `dd` and `nr`).
 const MAP_DROPPABLE: u64 = 0x08;
 const MLOCK_ONFAULT: u64 = 1;
+/// mseal(2) (6.10+; VmFlags `sl`).
+const SYS_MSEAL: libc::c_long = 462;
 const MCL_FUTURE: u32 = 2;
 const MCL_ONFAULT: u32 = 4;
 /// membarrier(2) REGISTER_* commands, each re-made when the image lists it.
@@ -118,6 +120,10 @@ pub fn after_contents(p: &proto::Process, call: &mut Call) -> Result<(), Restore
         } else {
             call("mlock", libc::SYS_mlock, &[v.start, len])?;
         }
+    }
+    // Sealed last among the mappings: nothing may change them afterwards.
+    for v in p.vmas.iter().filter(|v| !special(v) && has(v, "sl")) {
+        call("mseal", SYS_MSEAL, &[v.start, v.end - v.start, 0])?;
     }
     if p.thp_disabled != 0 {
         call(
