@@ -6,8 +6,11 @@ use stasis_image::proto::{self, VmaKind};
 use stasis_runtime::procfs::{self, MapEntry};
 use std::os::unix::fs::MetadataExt;
 
-/// VmFlags codes restore re-applies with madvise/mmap flags; others are informational.
-pub const KEPT_FLAGS: [&str; 7] = ["gd", "dd", "dc", "wf", "hg", "nh", "lo"];
+/// VmFlags codes restore re-applies (mmap flags, madvise, mlock, mseal, the access mode of
+/// a shared file); others are informational.
+pub const KEPT_FLAGS: [&str; 15] = [
+    "gd", "dd", "dc", "wf", "hg", "nh", "sr", "rr", "mg", "nr", "dp", "lo", "lf", "sl", "mw",
+];
 
 /// Classifies every mapping; an unsupported one is an error naming it.
 pub fn classify(
@@ -34,6 +37,14 @@ fn classify_one(
             format!("mapping {:#x}-{:#x} {:?}: {why}", m.start, m.end, m.name),
         )
     };
+    if m.has_flag("ss") {
+        return Err(unsupported(
+            "a shadow stack (x86 CET user shadow stack) cannot be restored",
+        ));
+    }
+    if m.has_flag("ht") {
+        return Err(unsupported("hugetlb memory cannot be restored"));
+    }
     let (kind, file) = match m.name.as_str() {
         "[vdso]" => (VmaKind::Vdso, None),
         "[vvar]" => (VmaKind::Vvar, None),

@@ -224,6 +224,7 @@ pub fn process(
         )));
     }
     check_vmas(pid, &p.vmas)?;
+    crate::mmflags::validate(p)?;
     check_sysv_vmas(image, p)?;
     check_vdso(p)?;
     check_files(p, ghosts, opts)?;

@@ -10,6 +10,7 @@
 //!   `MADV_RANDOM` (`rr`), `MADV_MERGEABLE` (`mg`, when KSM is built in), `MAP_NORESERVE`
 //!   (`nr`), `MAP_DROPPABLE` (`dp`, kernel 6.11+; a forked child reads zeros);
 //!   every region's set of these flags must be exactly what it was (none gained or lost);
+//! - an `mseal`ed region (`sl`, kernel 6.10+);
 //! - `MADV_GUARD_INSTALL` guard pages (kernel 6.13+) in the middle of a filled region: the
 //!   other pages keep their data, pagemap still reports the guards (bit 58, 6.15+), and a
 //!   forked child touching one dies of SIGSEGV;
@@ -27,14 +28,15 @@ use stasis_workloads::{sys, Ctx, Report, Spec};
 use std::os::fd::AsRawFd;
 
 /// The VmFlags codes compared exactly per region.
-const WATCHED: [&str; 12] = [
-    "lo", "lf", "wf", "dc", "dd", "hg", "nh", "sr", "rr", "mg", "nr", "dp",
+const WATCHED: [&str; 13] = [
+    "lo", "lf", "wf", "dc", "dd", "hg", "nh", "sr", "rr", "mg", "nr", "dp", "sl",
 ];
 const SLOT_PAGES: usize = 16;
 const REGION_PAGES: usize = 8;
 const MADV_GUARD_INSTALL: i32 = 102;
 const MAP_DROPPABLE: i32 = 0x08;
 const MLOCK_ONFAULT: u64 = 1;
+const SYS_MSEAL: libc::c_long = 462;
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED: i32 = 1 << 3;
 const MEMBARRIER_REGISTER_PRIVATE_EXPEDITED: i32 = 1 << 4;
 const GUARDS: std::ops::Range<usize> = 2..4;
@@ -44,6 +46,8 @@ const MEMFD_PAGES: usize = 8;
 
 struct Region {
     what: &'static str,
+    /// Its slot, which keys its data pattern.
+    slot: u64,
     addr: usize,
     flags: Vec<&'static str>,
     /// Its data is checked (not for droppable memory, which the kernel may drop).
@@ -96,9 +100,9 @@ fn madvise(addr: usize, len: usize, advice: i32, what: &str) -> Result<(), Strin
     errno_of(r as i64, what).map(|_| ())
 }
 
-fn fill(r: &Region, ps: usize, seed: u64, id: u64) {
+fn fill(r: &Region, ps: usize, seed: u64) {
     for p in 0..REGION_PAGES {
-        pattern::fill(words(r.addr, ps, p), key(seed, &[id, p as u64]));
+        pattern::fill(words(r.addr, ps, p), key(seed, &[r.slot + 1, p as u64]));
     }
 }
 
@@ -162,6 +166,7 @@ fn setup(ctx: &mut Ctx) -> Result<State, String> {
         let a = mmap_at(slot(i), len, rw, anon | extra, -1)?;
         regions.push(Region {
             what,
+            slot: i as u64,
             addr: a,
             flags,
             filled: true,
@@ -182,8 +187,9 @@ fn setup(ctx: &mut Ctx) -> Result<State, String> {
     add("noreserve", 11, libc::MAP_NORESERVE, vec!["nr"])?;
     let merge = add("mergeable", 12, 0, vec!["mg"])?;
     let guard = add("guarded", 13, 0, vec![])?;
-    for (i, r) in regions.iter().enumerate() {
-        fill(r, ps, seed, i as u64 + 1);
+    let sealed = add("sealed", 21, 0, vec!["sl"])?;
+    for r in &regions {
+        fill(r, ps, seed);
     }
     // SAFETY: mlock/mlock2 on this program's own mappings.
     errno_of(unsafe { libc::mlock(locked as _, len) } as i64, "mlock")?;
@@ -201,6 +207,11 @@ fn setup(ctx: &mut Ctx) -> Result<State, String> {
         infos.push("MADV_MERGEABLE unsupported (no KSM): not checked");
         regions.retain(|r| r.addr != merge);
     }
+    // SAFETY: mseal of our own mapping, which stays as it is from now on.
+    if unsafe { libc::syscall(SYS_MSEAL, sealed, len, 0) } != 0 {
+        infos.push("mseal unsupported (kernel < 6.10): not checked");
+        regions.retain(|r| r.addr != sealed);
+    }
     let mut wipes = vec![wipe];
     // SAFETY: MAP_FIXED into our own reservation.
     let dp = unsafe {
@@ -216,6 +227,7 @@ fn setup(ctx: &mut Ctx) -> Result<State, String> {
     if dp != libc::MAP_FAILED {
         regions.push(Region {
             what: "droppable",
+            slot: 14,
             addr: dp as usize,
             flags: vec!["wf", "dd", "nr", "dp"],
             filled: false,
@@ -367,7 +379,7 @@ fn check(s: &State, r: &mut Report) {
         return;
     };
     let len = REGION_PAGES * ps;
-    for (i, reg) in s.regions.iter().enumerate() {
+    for reg in &s.regions {
         let Some((st, en, flags)) = smaps.iter().find(|m| m.0 <= reg.addr && reg.addr < m.1) else {
             r.fail(format!("{} region {:#x} is not mapped", reg.what, reg.addr));
             continue;
@@ -389,14 +401,14 @@ fn check(s: &State, r: &mut Report) {
             want,
             got,
         );
-        if reg.filled && i < 14 {
+        if reg.filled {
             for p in 0..REGION_PAGES {
                 if s.guard == Some(reg.addr) && GUARDS.contains(&p) {
                     continue;
                 }
                 if let Some((w, e, g)) = pattern::first_mismatch(
                     words(reg.addr, ps, p),
-                    key(s.seed, &[i as u64 + 1, p as u64]),
+                    key(s.seed, &[reg.slot + 1, p as u64]),
                 ) {
                     r.fail(format!(
                         "{} page {p} word {w}: expected {e:#x}, got {g:#x}",
