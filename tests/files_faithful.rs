@@ -68,3 +68,26 @@ fn a_lock_taken_by_someone_else_fails_the_restore() {
     assert!(r.wait().expect("stasis restore").success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A child blocked in F_SETLKW and flock on its parent's locks is blocked again after
+/// restore (its call restarts and finds the locks held) and gets each lock once the parent
+/// gives it up.
+#[test]
+fn a_child_waiting_for_a_lock_waits_again_after_restore() {
+    init();
+    let dir = scratch("lockwait");
+    let mut wl = start("wl-lockwait", &[]);
+    wl.pipes.expect_pass("verify", "before checkpoint");
+    let pid = wl.pid.to_string();
+    let img = dir.join("1.img");
+    let imgs = img.to_str().expect("utf8");
+    let tree = descendants(wl.pid);
+    stasis_ok(&["checkpoint", &pid, "-o", imgs]);
+    wl.child.wait().expect("reap original");
+    reap_orphans(&tree);
+    let (mut r, mut pipes) = restore(&img, false);
+    pipes.expect_pass("verify", "after restore");
+    pipes.expect_pass("check", "after restore");
+    assert!(r.wait().expect("stasis restore").success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
