@@ -11,6 +11,7 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    stasis_restore::validate::on_pid_wait(|why| eprintln!("stasis: {why}"));
     let code = match cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

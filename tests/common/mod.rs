@@ -8,9 +8,12 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod images;
 pub mod linux_guest;
 pub mod programs;
 pub mod unshared;
+#[allow(unused_imports)]
+pub use images::*;
 #[allow(unused_imports)]
 pub use programs::*;
 #[allow(unused_imports)]
