@@ -19,12 +19,30 @@ Exit codes:
      unsupported feature
   128+N  checkpoint interrupted by signal N (Ctrl-C: 130); the process was left as it was";
 
-/// Checkpoint, restore and live-migrate Linux workloads.
+const ABOUT: &str = "Checkpoint and restore Linux workloads: process trees, containers and small \
+KVM VMs";
+
+const LONG_ABOUT: &str = "\
+Checkpoint and restore Linux workloads: process trees, containers and small KVM VMs.
+
+stasis freezes a workload, writes everything it is into one image file, and recreates it from
+that file later or elsewhere on this machine. It also runs the containers and VMs it saves.
+Live migration between hosts and rebootless kernel updates are planned, not there yet.";
+
+/// The command line.
 #[derive(Parser)]
-#[command(name = "stasis", version, about, after_help = AFTER_HELP)]
+#[command(
+    name = "stasis",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP
+)]
 pub struct Cli {
-    /// Where the container runtime keeps its records (also STASIS_STATE_DIR).
-    #[arg(long, global = true, env = "STASIS_STATE_DIR", default_value = stasis_runtime::container::DEFAULT_STATE_DIR)]
+    /// Where containers and VMs are recorded, given before the command (also
+    /// STASIS_STATE_DIR). Used by run, ps, stats, exec, set, freeze, thaw, stop, rm, vm, and
+    /// checkpoint/restore of containers and VMs.
+    #[arg(long, env = "STASIS_STATE_DIR", default_value = stasis_runtime::container::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -32,12 +50,12 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Save a running process into an image file (like `criu dump`).
+    /// Save a running process tree, container or VM into an image file (like `criu dump`).
     ///
-    /// The process is stopped with ptrace, its registers, memory, files and signal state are
-    /// written to IMAGE, and only once the image is completely written and synced is the
-    /// process killed (default) or let run on (--leave-running). If anything fails, the
-    /// process is resumed exactly as it was.
+    /// The workload is stopped (ptrace, its cgroup's freezer, or the VMM), its registers,
+    /// memory, files and signal state are written to the image, and only once the image is
+    /// completely written and synced is it killed (default) or let run on (--leave-running).
+    /// If anything fails, it is resumed exactly as it was.
     Checkpoint {
         /// PID of the process tree's root, or the name of a container or a VM.
         #[arg(value_name = "PID|NAME")]
@@ -67,15 +85,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Recreate a process from an image, with its original PID.
+    /// Restore a process tree (with its original PIDs), a container or a VM from an image.
     ///
-    /// The whole image is verified and the PID checked free before anything is created.
-    /// Without --detach stasis waits for the restored process and exits with its status;
+    /// The whole image is verified and the PIDs checked free before anything is created.
+    /// Without --detach stasis waits for the restored workload and exits with its status;
     /// standard input/output that was a terminal or pipe is taken from stasis's own.
     Restore {
-        /// Image file.
+        /// Image file (of a process tree, a container or a VM).
         image: PathBuf,
-        /// Leave the restored process running and exit (prints its PID).
+        /// Leave the restored workload running and exit (prints its PID or name).
         #[arg(short, long)]
         detach: bool,
         /// Restore a container image under this name (default: the name it had). It gets
@@ -105,37 +123,51 @@ enum Command {
     /// Without --detach stasis waits for it, passes Ctrl-C and SIGTERM on to it, removes it
     /// when it exits and exits with its status.
     Run(containers::RunArgs),
-    /// List running containers (stale records of dead ones are cleaned up).
+    /// List running containers (the records of dead ones are removed; their logs are kept).
     Ps {
+        /// Print the list as JSON.
         #[arg(long)]
         json: bool,
     },
     /// CPU, memory, pids and I/O of a container, from its cgroup.
     Stats {
+        /// The container's name.
         name: String,
+        /// Print the statistics as JSON ("no limit" is null).
         #[arg(long)]
         json: bool,
     },
     /// Run a command inside a running container (all its namespaces and its cgroup).
     Exec {
+        /// The container's name.
         name: String,
+        /// The command and its arguments, after "--".
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
     /// Change a running container's limits live; only the limits given change.
     Set {
+        /// The container's name.
         name: String,
         #[command(flatten)]
         limits: containers::LimitArgs,
+        /// Print the container's record as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Freeze every process of a container (cgroup freezer).
-    Freeze { name: String },
+    Freeze {
+        /// The container's name.
+        name: String,
+    },
     /// Thaw a frozen container.
-    Thaw { name: String },
+    Thaw {
+        /// The container's name.
+        name: String,
+    },
     /// Stop a container: SIGTERM to its init, SIGKILL to all after --timeout; then remove it.
     Stop {
+        /// The container's name.
         name: String,
         /// Seconds to wait after SIGTERM.
         #[arg(long, default_value_t = 10.0)]
@@ -143,7 +175,9 @@ enum Command {
     },
     /// Remove a container's record, cgroup and network (a running one only with --force).
     Rm {
+        /// The container's name.
         name: String,
+        /// Remove it even if it runs (its processes are killed).
         #[arg(short, long)]
         force: bool,
     },
@@ -164,7 +198,11 @@ enum Command {
 #[derive(Subcommand)]
 enum ImageCommand {
     /// Show everything in an image: processes, registers, mappings, fds, pages, chunks.
+    ///
+    /// Every chunk of page data is hash-checked too: corrupt ones are named on standard error
+    /// (and under "corrupt" in the JSON) and stasis exits with 3.
     Inspect {
+        /// Image file.
         image: PathBuf,
         /// Machine-readable JSON.
         #[arg(long)]
@@ -174,6 +212,7 @@ enum ImageCommand {
     Verify {
         /// Image file, or "-" to read a stream from standard input.
         image: PathBuf,
+        /// Print the result as JSON ({"ok": false, "error": ...} for a bad image).
         #[arg(long)]
         json: bool,
     },
@@ -206,7 +245,9 @@ pub fn run(cli: Cli) -> Result<i32> {
                 return vms::checkpoint(&state, &target, &output, opts, json);
             }
             if let Some(l) = staging_limit {
-                bail!("--staging-limit {l}: {target} is not a VM (the limit is for VM snapshots)");
+                return Err(exit::usage(format!(
+                    "--staging-limit {l}: {target} is not a VM (the limit is for VM snapshots)"
+                )));
             }
             let opts = stasis_checkpoint::Options {
                 leave_running,
@@ -235,7 +276,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             },
         ),
         Command::Image(ImageCommand::Inspect { image, json }) => inspect(image, json),
-        Command::Image(ImageCommand::Verify { image, json }) => verify(image, json),
+        Command::Image(ImageCommand::Verify { image, json }) => verify(&image, json),
         Command::Demo { json } => demo::run(json),
         Command::Run(a) => containers::run(&state, a),
         Command::Ps { json } => containers::ps(&state, json),
@@ -299,11 +340,19 @@ fn checkpoint(
     if json {
         report::json(&stats)?;
     } else if output.as_os_str() != "-" {
+        let what = match target.parse::<i32>() {
+            Ok(_) => format!("PID {}", stats.pid),
+            Err(_) => format!("container {target}"),
+        };
         crate::outln!(
-            "checkpointed PID {} into {} ({}), process {}",
-            stats.pid,
+            "checkpointed {what} into {} ({}), {} {}",
             output.display(),
             report::bytes(stats.image_bytes),
+            if what.starts_with("PID") {
+                "process"
+            } else {
+                "container"
+            },
             stats.process
         );
         if stats.tcp_connections > 0 {
@@ -395,25 +444,43 @@ fn restore(
         };
         return vms::restore(state, image, &path, &opts);
     }
+    let is_container = stasis_restore::container::container_of(&image).is_some();
+    let kind = if is_container {
+        "a container image"
+    } else {
+        "an image of a process tree"
+    };
+    let not_for = |flag: String, for_what: &str| {
+        exit::usage(format!(
+            "{flag} is for {for_what}, but {} is {kind}",
+            path.display()
+        ))
+    };
     if let Some(m) = memory {
-        bail!("--memory {m}: {} is not a VM image", path.display());
+        return Err(not_for(format!("--memory {m}"), "VM images"));
+    }
+    if verify_first {
+        return Err(not_for("--verify-first".into(), "VM images"));
     }
     let mut container = None;
-    let stats = if stasis_restore::container::container_of(&image).is_some() {
-        let (stats, rec) = stasis_restore::container::restore_container(
+    let restored = if is_container {
+        stasis_restore::container::restore_container(
             &image,
             state,
             name.as_deref(),
             &stasis_restore::Options::default(),
-        )?;
-        container = Some(rec);
-        stats
+        )
+        .map(|(stats, rec)| {
+            container = Some(rec);
+            stats
+        })
     } else {
         if let Some(n) = name {
-            bail!("--name {n}: {} is not a container image", path.display());
+            return Err(not_for(format!("--name {n}"), "container and VM images"));
         }
-        stasis_restore::restore_tree(&image, &stasis_restore::Options::default())?
+        stasis_restore::restore_tree(&image, &stasis_restore::Options::default())
     };
+    let stats = restored.map_err(|e| restore_error(&path, e))?;
     drop(image);
     let pid = stats.pid;
     for w in &stats.warnings {
@@ -468,56 +535,133 @@ fn restore(
     Ok(status)
 }
 
+/// One message naming the image and the reason: "image PATH is invalid: ..." for a bad
+/// image, "restoring PATH: ..." otherwise (the exit code still follows the error's kind).
+fn restore_error(path: &std::path::Path, e: stasis_restore::RestoreError) -> anyhow::Error {
+    use stasis_restore::RestoreError;
+    match e {
+        RestoreError::Image(e) => bad_image(path, e),
+        RestoreError::Invalid(what) => {
+            anyhow::Error::new(exit::BadImage(what)).context(invalid_msg(path))
+        }
+        e => anyhow::Error::new(e).context(format!("restoring {}", path.display())),
+    }
+}
+
+fn invalid_msg(path: &std::path::Path) -> String {
+    format!("image {} is invalid", path.display())
+}
+
+/// An image error as "image PATH is invalid: <what and where>", or (a file that cannot be
+/// opened or read) as the I/O error naming the file.
+fn bad_image(path: &std::path::Path, e: stasis_image::ImageError) -> anyhow::Error {
+    match e {
+        e @ stasis_image::ImageError::File { .. } => e.into(),
+        e => anyhow::Error::new(e).context(invalid_msg(path)),
+    }
+}
+
+/// The image's contents, and every chunk of page data checked: a corrupt chunk is named and
+/// makes the exit code 3, after everything that could be read was shown.
 fn inspect(path: PathBuf, json: bool) -> Result<i32> {
+    #[derive(Serialize)]
+    struct Inspected {
+        #[serde(flatten)]
+        report: stasis_image::inspect::InspectReport,
+        /// What does not check, each naming its offset (empty: all is well).
+        corrupt: Vec<String>,
+    }
     let image = open_image(&path)?;
+    let mut corrupt: Vec<String> = image
+        .verify_structure()
+        .err()
+        .map(|e| e.to_string())
+        .into_iter()
+        .collect();
+    corrupt.extend(image.corrupt_chunks().iter().map(|e| e.to_string()));
     let rep = stasis_image::inspect::report(&image);
     if json {
-        report::json(&rep)?;
+        report::json(&Inspected {
+            report: rep,
+            corrupt: corrupt.clone(),
+        })?;
     } else {
         report::out(&rep.to_string());
     }
-    Ok(exit::OK)
-}
-
-fn verify(path: PathBuf, json: bool) -> Result<i32> {
-    if path.as_os_str() == "-" {
-        // A stream (e.g. `stasis checkpoint PID -o - | stasis image verify -`).
-        let rep = stasis_image::verify_stream(std::io::BufReader::with_capacity(
-            1 << 20,
-            std::io::stdin().lock(),
-        ))
-        .context("image on standard input is invalid")?;
-        if json {
-            report::json(&rep)?;
-        } else {
-            crate::outln!("-: OK ({} frames, {} bytes)", rep.frames, rep.file_bytes);
-        }
+    if corrupt.is_empty() {
         return Ok(exit::OK);
     }
-    let image = open_image(&path)?;
-    let rep = image
-        .verify()
-        .with_context(|| format!("verifying {}", path.display()))?;
-    if json {
-        report::json(&rep)?;
-    } else {
+    for c in &corrupt {
+        eprintln!("stasis: image {} is corrupt: {c}", path.display());
+    }
+    Err(exit::BadImage(format!(
+        "{} of its frames do not check (listed above); what was shown of them is not to be \
+         trusted",
+        corrupt.len()
+    )))
+    .context(invalid_msg(&path))
+}
+
+/// What `image verify --json` prints.
+#[derive(Serialize)]
+struct Verified {
+    file: String,
+    ok: bool,
+    #[serde(flatten)]
+    report: Option<stasis_image::VerifyReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn verify(path: &std::path::Path, json: bool) -> Result<i32> {
+    let checked = verify_report(path);
+    if !json {
+        let rep = checked?;
         crate::outln!(
             "{}: OK ({} frames, {} bytes)",
             path.display(),
             rep.frames,
-            image.file_len()
+            rep.file_bytes
         );
+        return Ok(exit::OK);
     }
-    Ok(exit::OK)
+    let (report, error, code) = match checked {
+        Ok(rep) => (Some(rep), None, exit::OK),
+        Err(e) => {
+            let code = exit::code_for(&e);
+            (None, Some(format!("{e:#}")), code)
+        }
+    };
+    let failed = error.is_some();
+    report::json(&Verified {
+        file: path.display().to_string(),
+        ok: !failed,
+        report,
+        error: error.clone(),
+    })?;
+    if let Some(e) = error {
+        eprintln!("stasis: error: {e}");
+    }
+    Ok(code)
+}
+
+/// Verifies the image at `path` ("-": a stream on standard input).
+fn verify_report(path: &std::path::Path) -> Result<stasis_image::VerifyReport> {
+    if path.as_os_str() == "-" {
+        // A stream (e.g. `stasis checkpoint PID -o - | stasis image verify -`).
+        return stasis_image::verify_stream(std::io::BufReader::with_capacity(
+            1 << 20,
+            std::io::stdin().lock(),
+        ))
+        .map_err(|e| bad_image(path, e));
+    }
+    let image = open_image(path)?;
+    let mut rep = image.verify().map_err(|e| bad_image(path, e))?;
+    rep.file_bytes = image.file_len();
+    Ok(rep)
 }
 
 /// Opens an image; a corrupt one is reported as "image PATH is invalid: <what and where>".
 pub(crate) fn open_image(path: &std::path::Path) -> Result<Image> {
-    match Image::open(path) {
-        Ok(i) => Ok(i),
-        Err(e @ stasis_image::ImageError::File { .. }) => Err(e.into()),
-        Err(e) => {
-            Err(anyhow::Error::new(e).context(format!("image {} is invalid", path.display())))
-        }
-    }
+    Image::open(path).map_err(|e| bad_image(path, e))
 }

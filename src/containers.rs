@@ -188,7 +188,13 @@ impl From<&Record> for Listed {
 pub fn ps(state: &StateDir, json: bool) -> Result<i32> {
     let (live, stale) = ct::list(state)?;
     for s in &stale {
-        eprintln!("stasis: removed the stale record of container {s} (its process was gone)");
+        let log = state.log_path(s);
+        let kept = if log.exists() {
+            format!("; its output is kept in {}", log.display())
+        } else {
+            String::new()
+        };
+        eprintln!("stasis: container {s} had exited: removed its record{kept}");
     }
     let rows: Vec<Listed> = live.iter().map(Listed::from).collect();
     if json {
@@ -232,17 +238,73 @@ pub fn stats(state: &StateDir, name: &str, json: bool) -> Result<i32> {
         stats,
     };
     if json {
-        report::json(&rep)?;
+        let mut v = serde_json::to_value(&rep)?;
+        no_limit_as(&mut v, &serde_json::Value::Null);
+        report::json(&v)?;
     } else {
-        let v = serde_json::to_value(&rep.stats)?;
+        let mut v = serde_json::to_value(&rep.stats)?;
+        no_limit_as(&mut v, &serde_json::Value::from("max"));
         crate::outln!("container {} (pid {})", rep.name, rep.pid);
         if let Some(m) = v.as_object() {
             for (k, v) in m {
-                crate::outln!("  {k:<24} {v}");
+                match v.as_str() {
+                    Some(s) => crate::outln!("  {k:<24} {s}"),
+                    None => crate::outln!("  {k:<24} {v}"),
+                }
             }
         }
     }
     Ok(exit::OK)
+}
+
+/// Replaces every "no limit" value (u64::MAX, the kernel's "max") with `with`.
+fn no_limit_as(v: &mut serde_json::Value, with: &serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) if n.as_u64() == Some(u64::MAX) => *v = with.clone(),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| no_limit_as(x, with)),
+        serde_json::Value::Object(o) => o.values_mut().for_each(|x| no_limit_as(x, with)),
+        _ => {}
+    }
+}
+
+/// The limits as a line of text: "memory 128.0 MiB, cpus 1, io read_bps 8:0 1048576".
+fn limits_text(l: &Limits) -> String {
+    let amount = |n: u64, bytes: bool| match n {
+        u64::MAX => "max".to_string(),
+        n if bytes => report::bytes(n),
+        n => n.to_string(),
+    };
+    let mut parts = Vec::new();
+    if let Some(m) = l.memory {
+        parts.push(format!("memory {}", amount(m, true)));
+    }
+    if let Some(m) = l.swap {
+        parts.push(format!("swap {}", amount(m, true)));
+    }
+    if let Some(c) = l.cpus {
+        parts.push(format!("cpus {c}"));
+    }
+    if let Some(w) = l.cpu_weight {
+        parts.push(format!("cpu weight {w}"));
+    }
+    if let Some(p) = l.pids {
+        parts.push(format!("pids {}", amount(p, false)));
+    }
+    for io in &l.io {
+        let kind = serde_json::to_value(io.kind)
+            .ok()
+            .and_then(|k| k.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let (major, minor) = io.dev;
+        parts.push(format!(
+            "io {kind} {major}:{minor} {}",
+            amount(io.value, false)
+        ));
+    }
+    if parts.is_empty() {
+        return "no limits".into();
+    }
+    parts.join(", ")
 }
 
 pub fn set(state: &StateDir, name: &str, limits: &LimitArgs, json: bool) -> Result<i32> {
@@ -251,7 +313,7 @@ pub fn set(state: &StateDir, name: &str, limits: &LimitArgs, json: bool) -> Resu
     if json {
         report::json(&Listed::from(&rec))?;
     } else {
-        crate::outln!("{name}: {}", serde_json::to_string(&rec.limits)?);
+        crate::outln!("{name}: {}", limits_text(&rec.limits));
     }
     Ok(exit::OK)
 }

@@ -9,14 +9,52 @@ use stasis_runtime::kvm::KvmError;
 pub const OK: i32 = 0;
 /// The operation failed (the workload was left as it was).
 pub const FAILED: i32 = 1;
+/// Usage error: arguments that do not parse or do not fit (clap exits with 2 by itself).
+pub const USAGE: i32 = 2;
 /// The image is corrupt, truncated or not an image.
 pub const BAD_IMAGE: i32 = 3;
 /// Refused before anything changed: no such process, PID taken, or an unsupported feature.
 pub const REFUSED: i32 = 4;
 
+/// The image is not a valid one (the text says what is wrong); exit code 3.
+#[derive(Debug)]
+pub struct BadImage(pub String);
+
+impl std::fmt::Display for BadImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadImage {}
+
+/// Options that do not fit together or do not apply (e.g. to the kind of an image); exit
+/// code 2, like the errors clap finds.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A usage error saying `what`.
+pub fn usage(what: String) -> anyhow::Error {
+    Usage(what).into()
+}
+
 /// The exit code for an error.
 pub fn code_for(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if cause.downcast_ref::<Usage>().is_some() {
+            return USAGE;
+        }
+        if cause.downcast_ref::<BadImage>().is_some() {
+            return BAD_IMAGE;
+        }
         if let Some(e) = cause.downcast_ref::<CheckpointError>() {
             return match e {
                 CheckpointError::Kvm(k) => kvm_code(k),
@@ -49,8 +87,12 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<KvmError>() {
             return kvm_code(e);
         }
-        if cause.downcast_ref::<stasis_image::ImageError>().is_some() {
-            return BAD_IMAGE;
+        if let Some(e) = cause.downcast_ref::<stasis_image::ImageError>() {
+            // A file that cannot be opened or read is no verdict on an image.
+            return match e {
+                stasis_image::ImageError::File { .. } => FAILED,
+                _ => BAD_IMAGE,
+            };
         }
     }
     FAILED

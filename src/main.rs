@@ -13,6 +13,7 @@ fn main() {
     #[cfg(feature = "failpoints")]
     let _failpoints = stasis_runtime::failpoints::setup();
     let cli = cli::Cli::parse();
+    stasis_restore::validate::on_pid_wait(|why| eprintln!("stasis: {why}"));
     let code = match cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

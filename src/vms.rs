@@ -20,21 +20,25 @@ pub enum VmCommand {
     Run(RunArgs),
     /// List running VMs with the demo guest's counter and error count.
     Ps {
+        /// Print the list as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Stop a VM cleanly and remove its record.
     Stop {
+        /// The VM's name.
         name: String,
         /// Seconds to wait for the VMM to tear the VM down.
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
+        /// Print the VM's final report as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Attach to a VM's serial console: show its log as it grows and send standard input
     /// to the guest (a terminal in raw mode), until Ctrl-] detaches or the VM ends.
     Console {
+        /// The VM's name.
         name: String,
         /// Print what the console has shown so far and exit (no input is sent).
         #[arg(long)]
@@ -44,6 +48,7 @@ pub enum VmCommand {
 
 /// `stasis vm run`.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["kernel", "guest"])))]
 pub struct RunArgs {
     /// Name of the VM (unique on this host).
     #[arg(long)]
@@ -55,15 +60,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
     /// A Linux bzImage to boot (needs hardware virtualization, VMX or SVM).
-    #[arg(
-        long,
-        value_name = "BZIMAGE",
-        conflicts_with = "guest",
-        required_unless_present = "guest"
-    )]
+    #[arg(long, value_name = "BZIMAGE", conflicts_with = "guest")]
     pub kernel: Option<PathBuf>,
+    /// An initramfs for --kernel.
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
+    /// The kernel command line for --kernel.
     #[arg(
         long,
         value_name = "S",

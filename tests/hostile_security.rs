@@ -95,17 +95,8 @@ fn cases() -> Vec<(&'static str, Edit)> {
 #[test]
 fn missing_or_malformed_security_state_is_refused_before_anything_is_created() {
     let dir = scratch("hostilesec");
-    let mut wl = start("wl-sleep", &[]);
-    let pid = wl.pid;
-    let img = dir.join("real.img");
-    stasis_ok(&[
-        "checkpoint",
-        &pid.to_string(),
-        "-o",
-        img.to_str().expect("utf8"),
-    ]);
-    wl.child.wait().expect("reap the original");
-    let real = Image::open(&img).expect("open the real image");
+    let (pid, bytes) = sleeper_image("hostilesec-real");
+    let real = Image::from_bytes(bytes).expect("read the real image");
     let bad = dir.join("bad.img");
     let bads = bad.to_str().expect("utf8");
     for (needle, edit) in cases() {

@@ -98,14 +98,29 @@ pub fn mutations(img: &[u8]) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// Every file of a corpus directory with its bytes, sorted by name.
-pub fn corpus(dir: &std::path::Path) -> std::io::Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let bytes = std::fs::read(&path)?;
-        files.push((path, bytes));
+/// Fewer inputs than this in a committed corpus means it was lost.
+pub const MIN_CORPUS: usize = 20;
+
+/// Every file of a corpus directory with its bytes, sorted by name; an error names the
+/// directory (missing, unreadable, or holding fewer than [`MIN_CORPUS`] files).
+pub fn corpus(dir: &std::path::Path) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>, String> {
+    let read = || -> std::io::Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let bytes = std::fs::read(&path)?;
+            files.push((path, bytes));
+        }
+        files.sort();
+        Ok(files)
+    };
+    let files = read().map_err(|e| format!("corpus {}: {e}", dir.display()))?;
+    if files.len() < MIN_CORPUS {
+        return Err(format!(
+            "corpus {} holds {} inputs, fewer than {MIN_CORPUS}: it was lost",
+            dir.display(),
+            files.len()
+        ));
     }
-    files.sort();
     Ok(files)
 }

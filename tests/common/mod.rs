@@ -9,9 +9,12 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 pub mod cleanup;
+pub mod images;
 pub mod linux_guest;
 pub mod programs;
 pub mod unshared;
+#[allow(unused_imports)]
+pub use images::*;
 #[allow(unused_imports)]
 pub use programs::*;
 #[allow(unused_imports)]

@@ -40,7 +40,7 @@ pub fn running(state: &StateDir, name: &str) -> Result<Record, ContainerError> {
         return Ok(rec);
     }
     let _lock = state.lock()?;
-    clean(state, &rec, false)?;
+    clean(state, &rec, true)?;
     Err(ContainerError::NoSuch(name.to_string()))
 }
 
@@ -60,7 +60,8 @@ pub fn list(state: &StateDir) -> Result<(Vec<Record>, Vec<String>), ContainerErr
             // Checked again under the lock: another stasis may have replaced it.
             if let Some(r) = state.read(&name)? {
                 if !r.alive() {
-                    clean(state, &r, false)?;
+                    // Its log stays: it says why it ended (`ps` tells where it is).
+                    clean(state, &r, true)?;
                     stale.push(name);
                 }
             }

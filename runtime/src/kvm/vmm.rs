@@ -842,10 +842,12 @@ fn serve(
     let mut rep = reporter.report(state_word);
     rep.end = Some(end);
     let vms = state.vms();
+    // A restore that failed leaves nothing behind, not even the log of a VM that never was.
+    let keep_log = cfg.restore.is_none() || (unverified.is_none() && ended.is_ok());
     let cleaned = vms.lock().and_then(|_lock| {
         let _ = std::fs::remove_file(&rec.socket);
         match vms.read_as::<VmRecord>(&name)? {
-            Some(r) if r.pid == rec.pid => vms.remove(&name, true),
+            Some(r) if r.pid == rec.pid => vms.remove(&name, keep_log),
             _ => Ok(()),
         }
     });
@@ -872,7 +874,34 @@ pub fn run_foreground(state: &StateDir, cfg: &VmConfig, quiet: bool) -> Result<V
     } else {
         vec![Box::new(std::io::stdout())]
     };
-    serve(state, cfg, sinks, None)
+    let ready = match (&cfg.restore, quiet) {
+        (Some(_), false) => Some(announce_running(&cfg.name)?),
+        _ => None,
+    };
+    serve(state, cfg, sinks, ready)
+}
+
+/// A ready pipe for a VM restored in the foreground: once the VMM says the restored guest
+/// runs (and its image checked), the user hears so on standard error, as a process restore
+/// says it, instead of nothing until the VM stops.
+fn announce_running(vm: &str) -> Result<OwnedFd, KvmError> {
+    let (r, w) = pipe(vm)?;
+    let name = vm.to_string();
+    std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            let lines = BufReader::new(std::fs::File::from(r)).lines();
+            for line in lines.map_while(Result::ok) {
+                if line == "ok" {
+                    eprintln!(
+                        "stasis: restored VM {name}; it runs (its console follows; Ctrl-C stops it)"
+                    );
+                    break;
+                }
+            }
+        })
+        .map_err(|e| KvmError::sys(vm, "spawn the announcing thread", e))?;
+    Ok(w)
 }
 
 fn pipe(vm: &str) -> Result<(OwnedFd, OwnedFd), KvmError> {
@@ -927,6 +956,9 @@ pub fn run_detached(state: &StateDir, cfg: &VmConfig) -> Result<Detached, KvmErr
                 let log = state.vms().log_path(name);
                 match serve(state, cfg, Vec::new(), Some(w)) {
                     Ok(_) => 0,
+                    // A VM of that name runs: the log is its, not ours to write in (the
+                    // starter hears why on the ready pipe).
+                    Err(KvmError::Exists(_)) => 1,
                     Err(e) => {
                         if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&log) {
                             let _ = writeln!(f, "\nstasis: VMM error: {e}");
