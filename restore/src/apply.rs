@@ -667,9 +667,17 @@ impl Builder<'_> {
                         (v.prot | rw, libc::MAP_PRIVATE as u64 | fixed)
                     };
                     if v.ghost_id != 0 {
-                        // Its fd was kept (opened for reading and writing).
+                        // Its fd was kept (opened for reading and writing); a shared
+                        // mapping of a file opened read-only comes from a read-only
+                        // reopening, so it cannot become writable.
                         let fd = self.kept_fd(None, Some(v.ghost_id))?;
-                        self.mmap(v.start, len, map.0, map.1, fd, v.pgoff)?;
+                        if shared && oflags == libc::O_RDONLY {
+                            let path = format!("/proc/self/fd/{fd}");
+                            let open = ("openat(ghost file, read-only)", path.as_str(), oflags);
+                            self.mmap_file(open, v, map)?;
+                        } else {
+                            self.mmap(v.start, len, map.0, map.1, fd, v.pgoff)?;
+                        }
                     } else {
                         let open = ("openat(mapped file)", v.path.as_str(), oflags);
                         self.mmap_file(open, v, map)?;
