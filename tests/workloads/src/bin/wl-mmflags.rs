@@ -67,6 +67,8 @@ struct State {
     memfd2: (usize, usize),
     rw_views: (usize, usize),
     ro_view: usize,
+    /// A shared read-only mapping of a deleted file opened read-only.
+    deleted_view: usize,
     files: Vec<std::path::PathBuf>,
     infos: Vec<&'static str>,
 }
@@ -289,6 +291,10 @@ fn setup(ctx: &mut Ctx) -> Result<State, String> {
     )?;
     let ro_path = tmp_file(ctx, "readonly", 2, ps)?;
     map_file(&ro_path, false, &[(slot(18), libc::PROT_READ)], ps)?;
+    // A deleted file, opened read-only, mapped shared: only the mapping holds it.
+    let gone = tmp_file(ctx, "deleted", 2, ps)?;
+    map_file(&gone, false, &[(slot(22), libc::PROT_READ)], ps)?;
+    std::fs::remove_file(&gone).map_err(|e| format!("unlink {}: {e}", gone.display()))?;
     // SAFETY: prctl without pointers.
     let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     errno_of(r as i64, "prctl(PR_SET_THP_DISABLE)")?;
@@ -317,6 +323,7 @@ fn setup(ctx: &mut Ctx) -> Result<State, String> {
         memfd_map,
         rw_views: (slot(16), slot(17)),
         ro_view: slot(18),
+        deleted_view: slot(22),
         memfd2: (shared2, private2),
         files: vec![rw_path, ro_path],
         infos,
@@ -610,14 +617,16 @@ fn check_files(s: &State, r: &mut Report) {
             mprotect(ro_view, 2 * ps, libc::PROT_READ),
         );
     }
-    let e = mprotect(s.ro_view, 2 * ps, rw);
-    r.eq(
-        "mprotect(PROT_WRITE) of a file opened O_RDONLY (errno)",
-        libc::EACCES,
-        e,
-    );
-    if e == 0 {
-        mprotect(s.ro_view, 2 * ps, libc::PROT_READ);
+    for (what, view) in [("a file", s.ro_view), ("a deleted file", s.deleted_view)] {
+        let e = mprotect(view, 2 * ps, rw);
+        r.eq(
+            &format!("mprotect(PROT_WRITE) of {what} opened O_RDONLY (errno)"),
+            libc::EACCES,
+            e,
+        );
+        if e == 0 {
+            mprotect(view, 2 * ps, libc::PROT_READ);
+        }
     }
     for f in &s.files {
         r.ensure(f.exists(), || format!("{} is gone", f.display()));
