@@ -91,3 +91,27 @@ fn a_child_waiting_for_a_lock_waits_again_after_restore() {
     assert!(r.wait().expect("stasis restore").success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A description whose signals go to a process outside the tree cannot be restored as it
+/// was: the checkpoint is refused naming the process, the fd and the owner, and the workload
+/// runs on untouched.
+#[test]
+fn a_signal_owner_outside_the_tree_is_refused() {
+    init();
+    let dir = scratch("owner-outside");
+    let mut wl = start("wl-locks", &["--owner-outside"]);
+    let pid = wl.pid.to_string();
+    let img = dir.join("1.img");
+    let imgs = img.to_str().expect("utf8");
+    let me = std::process::id();
+    let err = stasis_fails(
+        &["checkpoint", &pid, "-o", imgs],
+        4,
+        &format!("fd 11 sends its signals (F_SETOWN) to process {me}"),
+    );
+    assert!(err.contains(&pid), "the error names the process: {err}");
+    wl.pipes
+        .expect_pass("check", "after the refused checkpoint");
+    wl.child.wait().expect("reap workload");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,6 +11,9 @@
 //! that it has expired with ticks pending whenever it is checkpointed. SIGUSR1 and SIGUSR2 are
 //! blocked, so their arrival is read with sigtimedwait.
 //!
+//! With `--owner-outside`, fd 11's signal owner is the workload's parent (outside any tree
+//! checkpointed from the workload): the checkpoint must be refused.
+//!
 //! Checks (repeatable): a child process (forked for the check, opening the files by path, so
 //! it shares no lock with this process) must see: F_GETLK on P report the write lock on 0..100
 //! and the read lock from 200 held by this pid, and nothing on 100..200; flock(LOCK_NB) on F
@@ -398,8 +401,21 @@ fn check_timer(r: &mut Report) {
 }
 
 fn main() {
-    let mut ctx = Ctx::start("wl-locks", &Spec::default());
+    let mut ctx = Ctx::start(
+        "wl-locks",
+        &Spec {
+            flags: &["--owner-outside"],
+            values: &[],
+        },
+    );
     let files = setup(&mut ctx);
+    if ctx.args.flag("--owner-outside") {
+        // The file's signals go to whoever started us, outside the checkpointed tree.
+        // SAFETY: fcntl(F_SETOWN) on our own fd takes no pointers.
+        let rc = unsafe { libc::fcntl(F, libc::F_SETOWN, libc::getppid()) };
+        let rc = sys::cvt(rc, "F_SETOWN(parent)").map(|_| ());
+        ctx.setup(rc);
+    }
     let files = ctx.setup(files);
     ctx.ready();
     loop {
