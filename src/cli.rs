@@ -549,6 +549,9 @@ fn restore_error(path: &std::path::Path, e: stasis_restore::RestoreError) -> any
 }
 
 fn invalid_msg(path: &std::path::Path) -> String {
+    if path.as_os_str() == "-" {
+        return "the image on standard input is invalid".into();
+    }
     format!("image {} is invalid", path.display())
 }
 

@@ -194,7 +194,7 @@ pub fn ps(state: &StateDir, json: bool) -> Result<i32> {
         } else {
             String::new()
         };
-        eprintln!("stasis: container {s} had exited: removed its record{kept}");
+        eprintln!("stasis: removed the stale record of container {s} (its process was gone){kept}");
     }
     let rows: Vec<Listed> = live.iter().map(Listed::from).collect();
     if json {
