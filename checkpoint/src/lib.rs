@@ -18,6 +18,7 @@ pub mod ghosts;
 pub mod pages;
 pub mod pidns;
 pub mod sink;
+pub mod sockets;
 pub mod tcp;
 pub mod tree;
 pub mod vm;

@@ -27,6 +27,7 @@ pub mod ghosts;
 pub mod pages;
 pub mod plan;
 pub mod shmem;
+pub mod sockets;
 pub mod validate;
 pub mod vm;
 

@@ -25,6 +25,8 @@ pub mod netns;
 pub mod pidns;
 pub mod procfs;
 pub mod ptrace;
+pub mod sock_diag;
+pub mod sockopt;
 pub mod spawn;
 pub mod sys;
 pub mod sysvipc;
