@@ -2,6 +2,7 @@
 
 use crate::error::CheckpointError;
 use crate::ghosts::{is_ghost_link, Ghosts};
+use crate::sockets;
 use crate::vmas::file_id;
 use stasis_image::proto::{self, FdKind};
 use stasis_runtime::unix_diag::{self, UnixSocket};
@@ -146,6 +147,8 @@ fn classify(
                 out.kind = FdKind::UnixPair as i32;
                 out.socket_id = ino;
                 out.socket_peer = s.peer;
+                let copy = files::take_copy(pid, fd)?;
+                sockets::save_state(pid, fd, &copy, &mut out, Some(s.shutdown))?;
                 Ok(out)
             }
             // TCP_LISTEN = 10: a listener on a name; TCP_CLOSE = 7: unconnected, bound to a
@@ -172,12 +175,17 @@ fn classify(
                     FdKind::UnixBound
                 };
                 out.kind = kind as i32;
+                let dir = sockets::relative_dir(pid, fd, s)?;
+                let deleted = dir.is_none() && unix_name_deleted((pid, root), &s.name, s.vfs_ino);
                 out.unix_listen = Some(proto::UnixListen {
                     name: s.name.clone(),
                     sock_type: s.sock_type as u32,
                     backlog: if listening { s.wqueue } else { 0 },
-                    deleted: unix_name_deleted((pid, root), &s.name, s.vfs_ino),
+                    deleted,
+                    dir: dir.unwrap_or_default(),
                 });
+                let (copy, shutdown) = (files::take_copy(pid, fd)?, Some(s.shutdown));
+                sockets::save_state(pid, fd, &copy, &mut out, shutdown)?;
                 Ok(out)
             }
             Some(_) => Err(unsupported(
@@ -189,7 +197,9 @@ fn classify(
                 if tcp_listener(pid, fd, &copy, &mut out)?
                     || udp_socket(pid, fd, &copy, &mut out)?
                     || tcp_connection(ino, &copy, &mut out)
+                    || sockets::tcp_socket(&copy, &mut out)
                 {
+                    sockets::save_state(pid, fd, &copy, &mut out, None)?;
                     Ok(out)
                 } else if let Some(st) = tcp_repair::state(&copy).filter(|&s| s != 7) {
                     // Not CLOSE (unconnected, named by socket_kind): a connection opening or
@@ -458,7 +468,7 @@ fn tcp_listener(
         port: l.addr.port() as u32,
         ipv6: l.addr.is_ipv6(),
         backlog: l.backlog,
-        options: sock_opts(&l.options),
+        options: Vec::new(),
     });
     Ok(true)
 }
@@ -490,7 +500,7 @@ fn udp_socket(
         port: u.local.port() as u32,
         peer_ip: u.peer.map(|p| p.ip().to_string()).unwrap_or_default(),
         peer_port: u.peer.map_or(0, |p| p.port() as u32),
-        options: sock_opts(&u.options),
+        options: Vec::new(),
     });
     Ok(true)
 }
@@ -514,14 +524,6 @@ fn tcp_connection(ino: u64, copy: &OwnedFd, out: &mut proto::Fd) -> bool {
         ..Default::default()
     });
     true
-}
-
-/// Socket options as the image records them.
-fn sock_opts(options: &[(i32, i32, i32)]) -> Vec<proto::SockOpt> {
-    options
-        .iter()
-        .map(|&(level, name, value)| proto::SockOpt { level, name, value })
-        .collect()
 }
 
 /// Marks standard I/O fds open on the runtime's log file `(dev, ino)` as inherited.

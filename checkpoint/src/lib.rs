@@ -21,6 +21,7 @@ pub mod membership;
 pub mod pages;
 pub mod pidns;
 pub mod sink;
+pub mod sockets;
 pub mod tcp;
 pub mod tree;
 pub mod vm;

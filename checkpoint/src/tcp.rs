@@ -81,7 +81,12 @@ fn to_proto(c: &Connection) -> proto::TcpConnection {
         options: c
             .options
             .iter()
-            .map(|&(level, name, value)| proto::SockOpt { level, name, value })
+            .map(|&(level, name, value)| proto::SockOpt {
+                level,
+                name,
+                value,
+                data: Vec::new(),
+            })
             .collect(),
     }
 }

@@ -913,6 +913,9 @@ fn socket_summary(f: &proto::Fd) -> String {
         );
     }
     if let Some(t) = &f.tcp_listen {
+        if f.kind == proto::FdKind::TcpSocket as i32 {
+            return format!("tcp, not connected, bound to {}", addr(&t.ip, t.port));
+        }
         return format!("tcp listening on {}", addr(&t.ip, t.port));
     }
     if let Some(u) = &f.udp {

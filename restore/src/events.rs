@@ -146,6 +146,7 @@ pub fn create(
             )
         }
         FdKind::TcpListen => tcp_listener(p, f),
+        FdKind::TcpSocket => tcp_socket(p, f),
         FdKind::Udp => udp_socket(p, f),
         FdKind::UnixListen | FdKind::UnixBound => unix_listener(p, f, opts),
         FdKind::Inotify => {
@@ -266,6 +267,7 @@ fn inet_socket(
         "socket",
     )?;
     let raw = fd.as_raw_fd();
+    // Images before the option table kept a few options per kind of socket.
     for o in options {
         if inet::set_option(raw, o.level, o.name, o.value).is_err() {
             return Err(failed(
@@ -275,11 +277,18 @@ fn inet_socket(
             ));
         }
     }
-    // SAFETY: ss holds a valid address of `len` bytes.
-    if unsafe { libc::bind(raw, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
+    crate::sockets::set_options(p, f, raw, false)?;
+    // An unbound socket (port 0 on no address) stays unbound.
+    let unbound = port == 0 && socket_addr(p, ip, port)?.ip().is_unspecified();
+    let bind = || {
+        // SAFETY: ss holds a valid address of `len` bytes.
+        unsafe { libc::bind(raw, (&ss as *const libc::sockaddr_storage).cast(), len) }
+    };
+    if !unbound && bind() != 0 {
         return Err(failed(p, f, &format!("bind to {ip} port {port}")));
     }
     then(raw)?;
+    crate::sockets::shut_down(p, f, raw)?;
     Ok(fd)
 }
 
@@ -296,6 +305,19 @@ fn tcp_listener(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreErr
         if unsafe { libc::listen(fd, t.backlog.min(65535) as i32) } != 0 {
             return Err(failed(p, f, "listen"));
         }
+        Ok(())
+    })
+}
+
+/// A TCP socket that neither listened nor was connected, bound again if it was.
+fn tcp_socket(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, RestoreError> {
+    let t = f.tcp_listen.as_ref().ok_or_else(|| {
+        RestoreError::Invalid(format!(
+            "process {}: TCP socket fd {} has no state",
+            p.pid, f.fd
+        ))
+    })?;
+    inet_socket(p, f, libc::SOCK_STREAM, (&t.ip, t.port), &t.options, |_| {
         Ok(())
     })
 }
@@ -329,6 +351,14 @@ fn unix_listener(
     f: &proto::Fd,
     opts: &crate::Options,
 ) -> Result<OwnedFd, RestoreError> {
+    // A relative name is bound from the directory it was bound in (the working directory
+    // when the image predates that record).
+    let dir = f.unix_listen.as_ref().map_or("", |u| u.dir.as_str());
+    if !dir.is_empty() {
+        return crate::sockets::in_dir(opts.root_dir(), dir, || unix_listener_here(p, f)).map_err(
+            |e| RestoreError::Unsupported(format!("process {}: fd {}: {e}", p.pid, f.fd)),
+        );
+    }
     let Some(root) = opts.root_dir() else {
         return unix_listener_here(p, f);
     };
@@ -349,7 +379,10 @@ fn unix_listener_here(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, Rest
     if !listening && u.name.is_empty() {
         // SAFETY: socket takes no pointers.
         let fd = unsafe { libc::socket(libc::AF_UNIX, u.sock_type as i32 | libc::SOCK_CLOEXEC, 0) };
-        return own(fd, p, f, "socket(AF_UNIX)");
+        let fd = own(fd, p, f, "socket(AF_UNIX)")?;
+        crate::sockets::set_options(p, f, fd.as_raw_fd(), false)?;
+        crate::sockets::shut_down(p, f, fd.as_raw_fd())?;
+        return Ok(fd);
     }
     // SAFETY: sockaddr_un is plain data, filled below.
     let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -403,6 +436,7 @@ fn unix_listener_here(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, Rest
     let fd = own(fd, p, f, "socket(AF_UNIX)")?;
     let len = (std::mem::size_of::<libc::sa_family_t>() + name.len()) as libc::socklen_t;
     let raw = fd.as_raw_fd();
+    crate::sockets::set_options(p, f, raw, false)?;
     // SAFETY: sa holds a valid address of `len` bytes.
     let bound = unsafe { libc::bind(raw, (&sa as *const libc::sockaddr_un).cast(), len) } == 0
         // SAFETY: listen takes no pointers.
@@ -410,6 +444,7 @@ fn unix_listener_here(p: &proto::Process, f: &proto::Fd) -> Result<OwnedFd, Rest
     if !bound {
         return Err(failed(p, f, "bind/listen"));
     }
+    crate::sockets::shut_down(p, f, raw)?;
     if let Some(path) = path.filter(|_| u.deleted) {
         std::fs::remove_file(path).map_err(|e| {
             RestoreError::Unsupported(format!(
@@ -430,6 +465,7 @@ pub fn tcp_connection(
     let c = connection(p, f)?;
     let fd = tcp_repair::rebuild(&c, &format!("process {} fd {}", p.pid, f.fd))
         .map_err(|e| RestoreError::Unsupported(format!("recreating a TCP connection: {e}")))?;
+    crate::sockets::set_options(p, f, fd.as_raw_fd(), true)?;
     Ok((fd, c.unsent_bytes().to_vec()))
 }
 

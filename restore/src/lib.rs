@@ -32,6 +32,7 @@ pub mod mmflags;
 pub mod pages;
 pub mod plan;
 pub mod shmem;
+pub mod sockets;
 pub mod validate;
 pub mod vm;
 

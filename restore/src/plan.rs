@@ -110,6 +110,7 @@ pub fn plan(
             d.refill_unix_pair(p, pair, opts, ghosts)?;
         }
     }
+    d.finish_unix_pairs(procs)?;
     link_tree(procs, &mut specs)?;
     let len = stasis_runtime::PAGE_SIZE + SCRATCH_LEN;
     let trampoline = find_trampoline(procs, len)?;
@@ -356,6 +357,25 @@ impl Descs {
         Ok(())
     }
 
+    /// Gives each end of the tree's socket pairs its options, filter and shutdown state,
+    /// once its queue is refilled: a receiving end with SO_PASSCRED set would have the
+    /// refilled messages carry the restorer's credentials, and one shut down takes none.
+    fn finish_unix_pairs(&self, procs: &[&proto::Process]) -> Result<(), RestoreError> {
+        let mut done = std::collections::BTreeSet::new();
+        for p in procs {
+            for f in p.fds.iter().filter(|f| f.kind() == FdKind::UnixPair) {
+                let Some(&fd) = self.sockets.get(&f.socket_id) else {
+                    continue;
+                };
+                if done.insert(f.socket_id) {
+                    crate::sockets::set_options(p, f, fd, false)?;
+                    crate::sockets::shut_down(p, f, fd)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Our fd for a file in flight on unix socket `pair.id` or its peer: a description the
     /// tree's fds have (prepared already), or a file opened again.
     fn in_flight(
@@ -486,6 +506,7 @@ impl Descs {
             | FdKind::Epoll
             | FdKind::Inotify
             | FdKind::TcpListen
+            | FdKind::TcpSocket
             | FdKind::UnixListen
             | FdKind::UnixBound
             | FdKind::Udp => {

@@ -13,11 +13,10 @@ pub struct Listener {
     pub backlog: u32,
     /// Connections established but not accepted yet.
     pub waiting: u32,
-    /// (level, option, value) of the options restored with it.
-    pub options: Vec<(i32, i32, i32)>,
 }
 
-/// The options saved and set again (each an int).
+/// The options TCP_REPAIR's record of a connection keeps (each an int); every other
+/// socket's options are the whole table of [`crate::sockopt`].
 pub const OPTIONS: [(i32, i32); 5] = [
     (libc::SOL_SOCKET, libc::SO_REUSEADDR),
     (libc::SOL_SOCKET, libc::SO_REUSEPORT),
@@ -152,7 +151,8 @@ pub fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t
     (ss, len as libc::socklen_t)
 }
 
-pub(crate) fn get_int(fd: i32, level: i32, name: i32) -> Option<i32> {
+/// An int socket option, None if the socket has no such option.
+pub fn get_int(fd: i32, level: i32, name: i32) -> Option<i32> {
     let mut v: libc::c_int = 0;
     let mut len = 4 as libc::socklen_t;
     // SAFETY: writes one c_int to a local.
@@ -184,12 +184,10 @@ pub fn listener(fd: &OwnedFd, what: &str) -> Result<Option<Listener>> {
     // sacked. For a listener, unacked is the accept queue and sacked its limit.
     let info = tcp_info(raw, what)?;
     let word = |o: usize| u32::from_ne_bytes([info[o], info[o + 1], info[o + 2], info[o + 3]]);
-    let options = options_of(raw, domain);
     Ok(Some(Listener {
         addr,
         backlog: word(28),
         waiting: word(24),
-        options,
     }))
 }
 
@@ -288,6 +286,11 @@ pub(crate) fn sockaddr_of(raw: i32, peer: bool) -> Option<SocketAddr> {
     parse_sockaddr(&ss)
 }
 
+/// getsockname of an IPv4 or IPv6 socket (the unspecified address and port 0 if unbound).
+pub fn local_address(raw: i32) -> Option<SocketAddr> {
+    sockaddr_of(raw, false)
+}
+
 fn local_addr(raw: i32, what: &str) -> Result<SocketAddr> {
     sockaddr_of(raw, false).ok_or_else(|| RuntimeError::last_os("getsockname", what))
 }
@@ -299,7 +302,6 @@ pub struct Udp {
     pub peer: Option<SocketAddr>,
     /// Bytes of datagrams waiting to be read.
     pub queued: u32,
-    pub options: Vec<(i32, i32, i32)>,
 }
 
 /// Describes `fd` if it is a UDP socket (IPv4 or IPv6).
@@ -315,11 +317,9 @@ pub fn udp(fd: &OwnedFd, what: &str) -> Result<Option<Udp>> {
     if unsafe { libc::ioctl(raw, libc::FIONREAD, &mut queued) } < 0 {
         return Err(RuntimeError::last_os("ioctl(FIONREAD)", what));
     }
-    let options = options_of(raw, domain);
     Ok(Some(Udp {
         local: local_addr(raw, what)?,
         peer: sockaddr_of(raw, true),
         queued: queued.max(0) as u32,
-        options,
     }))
 }

@@ -28,6 +28,8 @@ pub mod pidns;
 pub mod procfs;
 pub mod ptrace;
 pub mod seccomp;
+pub mod sock_diag;
+pub mod sockopt;
 pub mod spawn;
 pub mod sys;
 pub mod sysvipc;

@@ -214,10 +214,11 @@ pub fn peek_queue(fd: &OwnedFd, stream: bool, what: &str) -> Result<Vec<Queued>>
     if unsafe { libc::ioctl(raw, libc::FIONREAD, &mut queued) } < 0 {
         return Err(RuntimeError::last_os("ioctl(SIOCINQ)", what));
     }
+    // The process's own peek offset (-1: none) is set back afterwards.
+    let was = crate::inet::get_int(raw, libc::SOL_SOCKET, SO_PEEK_OFF).unwrap_or(-1);
     set_peek_off(raw, 0, what)?;
     let out = peek_all(raw, stream, queued.max(0) as usize, what);
-    // Back to normal reads for the process.
-    let reset = set_peek_off(raw, -1, what);
+    let reset = set_peek_off(raw, was, what);
     let out = out?;
     reset?;
     Ok(out)
