@@ -173,6 +173,10 @@ fn start_ns(tag: &str) -> NsTree {
 /// finds its root from outside.
 fn start_in_ns(program: &str, unshare_args: &[&str], tag: &str) -> NsTree {
     let tag = format!("pidns{}{tag}", std::process::id());
+    // The workload's data file, left behind when the test kills the workload.
+    common::cleanup::remove_at_exit(
+        &std::env::temp_dir().join(format!("stasis-wl-pidns-{tag}.dat")),
+    );
     let wl = workload(program);
     let argv = [wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
     let (t, ready) = spawn_in_ns(unshare_args, &argv, &tag, "READY ");
