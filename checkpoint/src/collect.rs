@@ -15,7 +15,7 @@ pub fn precheck(pid: i32) -> Result<RootKind, CheckpointError> {
     if pid <= 0 {
         return Err(CheckpointError::NoSuchProcess(pid));
     }
-    let status = procfs::read_status(pid).map_err(|_| CheckpointError::NoSuchProcess(pid))?;
+    let status = procfs::read_status(pid).map_err(|e| CheckpointError::from_proc(pid, e))?;
     if status.tgid != pid {
         return Err(CheckpointError::unsupported(
             pid,
@@ -58,12 +58,24 @@ pub fn precheck(pid: i32) -> Result<RootKind, CheckpointError> {
         if p != pid && procfs::read_stat(p).map_or(true, |s| s.state == 'Z') {
             continue; // gone, or a zombie (nothing open)
         }
-        match fds::collect_fds(p, &mut crate::ghosts::Ghosts::default()) {
-            Err(CheckpointError::NoSuchProcess(_)) if p != pid => continue,
-            r => r?,
-        };
+        precheck_fds(p)?;
     }
     Ok(kind)
+}
+
+/// The files of running process `pid`, checked for kinds that cannot be checkpointed. The
+/// process changes them meanwhile (an fd closed between listing and reading it, a socket
+/// gone before it is looked up): only a refusal seen twice in a row counts, and any other
+/// error is left to the check of the frozen process, whose state is the one that counts.
+fn precheck_fds(pid: i32) -> Result<(), CheckpointError> {
+    let mut refusal = None;
+    for _ in 0..2 {
+        match fds::collect_fds(pid, &mut crate::ghosts::Ghosts::default()) {
+            Err(e @ CheckpointError::Unsupported { .. }) => refusal = Some(e),
+            _ => return Ok(()),
+        }
+    }
+    refusal.map_or(Ok(()), Err)
 }
 
 fn check_threads(pid: i32, threads: u64) -> Result<(), CheckpointError> {

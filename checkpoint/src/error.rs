@@ -47,4 +47,13 @@ impl CheckpointError {
             what: what.into(),
         }
     }
+
+    /// A failed read of process `pid`'s /proc entry, as what it is: the process is gone
+    /// (ENOENT, ESRCH), or the error itself (a permission error says so, with the path).
+    pub(crate) fn from_proc(pid: i32, e: RuntimeError) -> Self {
+        match e.errno() {
+            Some(libc::ENOENT) | Some(libc::ESRCH) => CheckpointError::NoSuchProcess(pid),
+            _ => e.into(),
+        }
+    }
 }

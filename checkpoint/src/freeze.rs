@@ -53,6 +53,31 @@ fn seize_error(pid: i32, e: RuntimeError) -> CheckpointError {
     }
 }
 
+/// Whether seizing and stopping thread `tid` of `pid` failed because it exited: ESRCH, an
+/// exit seen while waiting for it to stop, or EPERM from a thread that is already dead
+/// (ptrace refuses a task whose exit_state is set).
+fn thread_gone(pid: i32, tid: i32, e: &RuntimeError) -> bool {
+    let dead = || {
+        procfs::read_text(&format!("/proc/{pid}/task/{tid}/stat"))
+            .ok()
+            .and_then(|t| {
+                t.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .chars()
+                    .next()
+            })
+            .is_none_or(|state| matches!(state, 'Z' | 'X' | 'x'))
+    };
+    match e.errno() {
+        Some(libc::ESRCH) => true,
+        Some(libc::EPERM) => dead(),
+        _ => matches!(e, RuntimeError::Protocol { op: "seize", what, .. }
+            if what.contains("exited") || what.contains("killed")),
+    }
+}
+
 impl Frozen {
     /// Seizes and stops every thread of `pid`, again and again until no new thread appears
     /// (a running thread may create threads while others are being stopped).
@@ -77,7 +102,7 @@ impl Frozen {
         };
         let mut seen = BTreeSet::new();
         loop {
-            let tids = procfs::read_tids(pid).map_err(|_| CheckpointError::NoSuchProcess(pid))?;
+            let tids = procfs::read_tids(pid).map_err(|e| CheckpointError::from_proc(pid, e))?;
             let new: Vec<i32> = tids.into_iter().filter(|t| !seen.contains(t)).collect();
             if new.is_empty() {
                 break;
@@ -102,8 +127,9 @@ impl Frozen {
                         }
                         frozen.deferred.extend(infos.into_iter().map(|i| (tid, i)))
                     }
-                    // A thread that exited meanwhile needs nothing.
-                    Err(e) if e.errno() == Some(libc::ESRCH) && tid != pid => continue,
+                    // A thread that exited meanwhile (before it was seized, or while it was
+                    // being stopped) needs nothing.
+                    Err(e) if tid != pid && thread_gone(pid, tid, &e) => continue,
                     Err(e) => {
                         let _ = ptrace::detach(tid, 0);
                         return Err(seize_error(pid, e));

@@ -29,9 +29,9 @@ pub enum RootKind {
 /// Classifies the root `pid`, refusing a root that is in another pid namespace without being
 /// its init.
 pub fn root_kind(pid: i32) -> Result<RootKind, CheckpointError> {
-    let status = procfs::read_status(pid).map_err(|_| CheckpointError::NoSuchProcess(pid))?;
+    let status = procfs::read_status(pid).map_err(|e| CheckpointError::from_proc(pid, e))?;
     let ours = pidns::own_pid_ns()?;
-    let theirs = pidns::ns_id(pid, "pid").map_err(|_| CheckpointError::NoSuchProcess(pid))?;
+    let theirs = pidns::ns_id(pid, "pid").map_err(|e| CheckpointError::from_proc(pid, e))?;
     if theirs == ours || status.ns_depth() == 0 {
         return Ok(RootKind::Ours);
     }
@@ -189,7 +189,7 @@ pub fn check_namespaces(root: i32, pids: &[i32]) -> Result<(), CheckpointError> 
 /// silently lack it. The tree may still be running: a process of the namespace whose
 /// parent is in it too was born (or reparented) in the tree after `members` was read.
 pub fn check_whole(root: i32, members: &[i32]) -> Result<(), CheckpointError> {
-    let ns = pidns::ns_id(root, "pid").map_err(|_| CheckpointError::NoSuchProcess(root))?;
+    let ns = pidns::ns_id(root, "pid").map_err(|e| CheckpointError::from_proc(root, e))?;
     let dir = std::fs::read_dir("/proc").map_err(|e| CheckpointError::Io("/proc".into(), e))?;
     for d in dir.flatten() {
         let Some(pid) = d.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {

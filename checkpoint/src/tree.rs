@@ -129,7 +129,7 @@ fn preseize(fz: &Freezer, pre: &mut PreSeized) -> Result<(), CheckpointError> {
 /// The children (thread-group ids) of every thread of `pid`.
 pub(crate) fn children_of(pid: i32) -> Result<Vec<i32>, CheckpointError> {
     let mut out = Vec::new();
-    for tid in procfs::read_tids(pid).map_err(|_| CheckpointError::NoSuchProcess(pid))? {
+    for tid in procfs::read_tids(pid).map_err(|e| CheckpointError::from_proc(pid, e))? {
         let text = procfs::read_text(&format!("/proc/{pid}/task/{tid}/children"))?;
         out.extend(
             text.split_whitespace()
@@ -139,6 +139,39 @@ pub(crate) fn children_of(pid: i32) -> Result<Vec<i32>, CheckpointError> {
     out.sort_unstable();
     out.dedup();
     Ok(out)
+}
+
+/// How long a child that could not be stopped may take to become a zombie.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
+
+/// After a child could not be stopped: Some(its zombie's stat) once it is a zombie, Some(None)
+/// if it is gone, None if it is alive and well (so the failure was not its exit).
+fn exited_meanwhile(pid: i32) -> Option<Option<procfs::Stat>> {
+    let deadline = std::time::Instant::now() + EXIT_GRACE;
+    loop {
+        match procfs::read_stat(pid) {
+            Ok(s) if s.state == 'Z' => return Some(Some(s)),
+            Err(_) => return Some(None),
+            // Exiting (PF_EXITING) but not a zombie yet: ptrace refuses it with ESRCH.
+            Ok(_) if std::time::Instant::now() < deadline && exiting(pid) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(_) => return None,
+        }
+    }
+}
+
+/// Whether `pid` is on its way out: its main thread is gone from /proc/PID/task, or it is
+/// marked exiting (a flag of /proc/PID/stat's field 9, PF_EXITING).
+fn exiting(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let flags = procfs::read_text(&format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| {
+            let rest = t.rsplit_once(')')?.1.to_string();
+            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+        });
+    flags.is_none_or(|f| f & PF_EXITING != 0)
 }
 
 impl FrozenTree {
@@ -177,13 +210,15 @@ impl FrozenTree {
                     Ok(frozen) => tree.procs.push(frozen),
                     Err(e) => {
                         // It exited while being stopped: its parent is frozen, so it is a
-                        // zombie now, and saved as one.
-                        match procfs::read_stat(child) {
-                            Ok(s) if s.state == 'Z' => {
+                        // zombie now (or in a moment: it may still be on its way out), and
+                        // saved as one; gone entirely if its parent ignores SIGCHLD.
+                        match exited_meanwhile(child) {
+                            Some(Some(s)) => {
                                 tree.zombies.push(Zombie::from_stat(child, s));
                                 continue;
                             }
-                            _ => {}
+                            Some(None) => continue,
+                            None => {}
                         }
                         return Err(match e {
                             CheckpointError::Unsupported { pid, what } => {
