@@ -109,6 +109,12 @@ fn own_ids() -> String {
     }
 }
 
+/// PR_SET_PDEATHSIG(SIGKILL): a child never outlives the root (a failed test leaves none).
+fn die_with_parent() {
+    // SAFETY: prctl without pointers.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+}
+
 fn ids_child_main(cmd: std::fs::File, mut answer: std::fs::File) -> i32 {
     // SAFETY: plain id-changing calls on this process; their results are checked.
     let ok = unsafe {
@@ -122,6 +128,8 @@ fn ids_child_main(cmd: std::fs::File, mut answer: std::fs::File) -> i32 {
         libc::setfsgid(GIDS[3]);
         libc::setfsuid(UIDS[3]);
     }
+    // After the ids (changing them clears it): dies with the root, also after a failure.
+    die_with_parent();
     let first = if ok {
         own_ids()
     } else {
@@ -167,6 +175,7 @@ fn setup() -> Result<State, String> {
         unsafe { libc::setpgid(0, 0) };
     };
     let block = || -> i32 {
+        die_with_parent();
         loop {
             // SAFETY: pause takes no arguments.
             unsafe { libc::pause() };
