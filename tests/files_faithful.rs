@@ -115,3 +115,20 @@ fn a_signal_owner_outside_the_tree_is_refused() {
     wl.child.wait().expect("reap workload");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A checkpoint that leaves the workload running changes nothing it can see of its files:
+/// reading a deleted file's contents must not give it a new access time.
+#[test]
+fn a_checkpoint_leaves_the_times_of_files_alone() {
+    init();
+    let dir = scratch("fileattrs-leave");
+    let mut wl = start("wl-fileattrs", &[]);
+    let pid = wl.pid.to_string();
+    let img = dir.join("1.img");
+    let imgs = img.to_str().expect("utf8");
+    stasis_ok(&["checkpoint", &pid, "--leave-running", "-o", imgs]);
+    wl.pipes
+        .expect_pass("check", "after a --leave-running checkpoint");
+    wl.child.wait().expect("reap workload");
+    let _ = std::fs::remove_dir_all(&dir);
+}
