@@ -8,6 +8,36 @@ mod common;
 
 use common::*;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+/// Removes a test's scratch directory and the files its workload (`pid`) made in the temp
+/// directory; if the test failed, also kills the workload (it may still be running).
+struct Leftovers {
+    dir: PathBuf,
+    pid: i32,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut tree = descendants(self.pid);
+            tree.push(self.pid);
+            for &p in &tree {
+                kill(p);
+            }
+            reap_orphans(&tree);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let tmp = std::env::temp_dir();
+        let mine = format!("-{}-", self.pid);
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("stasis-wl-") && name.contains(&mine) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
 
 #[test]
 fn locks_leases_signal_owners_and_timerfd_survive_two_rounds() {
@@ -28,6 +58,10 @@ fn a_lock_taken_by_someone_else_fails_the_restore() {
     init();
     let dir = scratch("locks-taken");
     let mut wl = start("wl-locks", &[]);
+    let _leftovers = Leftovers {
+        dir: dir.clone(),
+        pid: wl.pid,
+    };
     wl.pipes.expect_pass("verify", "before checkpoint");
     let pid = wl.pid.to_string();
     let img = dir.join("1.img");
@@ -77,6 +111,10 @@ fn a_child_waiting_for_a_lock_waits_again_after_restore() {
     init();
     let dir = scratch("lockwait");
     let mut wl = start("wl-lockwait", &[]);
+    let _leftovers = Leftovers {
+        dir: dir.clone(),
+        pid: wl.pid,
+    };
     wl.pipes.expect_pass("verify", "before checkpoint");
     let pid = wl.pid.to_string();
     let img = dir.join("1.img");
@@ -100,6 +138,10 @@ fn a_signal_owner_outside_the_tree_is_refused() {
     init();
     let dir = scratch("owner-outside");
     let mut wl = start("wl-locks", &["--owner-outside"]);
+    let _leftovers = Leftovers {
+        dir: dir.clone(),
+        pid: wl.pid,
+    };
     let pid = wl.pid.to_string();
     let img = dir.join("1.img");
     let imgs = img.to_str().expect("utf8");
@@ -112,6 +154,27 @@ fn a_signal_owner_outside_the_tree_is_refused() {
     assert!(err.contains(&pid), "the error names the process: {err}");
     wl.pipes
         .expect_pass("check", "after the refused checkpoint");
+    wl.child.wait().expect("reap workload");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A checkpoint that leaves the workload running changes nothing it can see of its files:
+/// reading a deleted file's contents must not give it a new access time.
+#[test]
+fn a_checkpoint_leaves_the_times_of_files_alone() {
+    init();
+    let dir = scratch("fileattrs-leave");
+    let mut wl = start("wl-fileattrs", &[]);
+    let _leftovers = Leftovers {
+        dir: dir.clone(),
+        pid: wl.pid,
+    };
+    let pid = wl.pid.to_string();
+    let img = dir.join("1.img");
+    let imgs = img.to_str().expect("utf8");
+    stasis_ok(&["checkpoint", &pid, "--leave-running", "-o", imgs]);
+    wl.pipes
+        .expect_pass("check", "after a --leave-running checkpoint");
     wl.child.wait().expect("reap workload");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -80,3 +80,23 @@ fn seals_of(proc_path: &str) -> Result<u32, CheckpointError> {
     }
     Ok(seals as u32)
 }
+
+/// Opens a file-like object (a ghost file or shared memory, through /proc) for reading its
+/// contents without changing its access time, which the workload could see (it runs on
+/// after a --leave-running checkpoint). O_NOATIME needs the file's owner or CAP_FOWNER;
+/// without them it is opened plainly.
+pub fn open_quietly(path: &str) -> Result<std::fs::File, CheckpointError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |flags: i32| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    open(libc::O_NOATIME)
+        .or_else(|e| match e.raw_os_error() {
+            Some(libc::EPERM) => open(0),
+            _ => Err(e),
+        })
+        .map_err(|e| CheckpointError::Io(format!("open {path}"), e))
+}

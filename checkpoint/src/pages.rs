@@ -269,7 +269,7 @@ fn add_object(
     path: String,
     end: u64,
 ) -> Result<(), CheckpointError> {
-    let file = File::open(&path).map_err(|e| CheckpointError::Io(format!("open {path}"), e))?;
+    let file = crate::ghosts::open_quietly(&path)?;
     for (off, len) in data_ranges(&file, &path, end)? {
         segments.push(Segment {
             space,
