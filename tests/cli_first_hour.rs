@@ -421,21 +421,7 @@ impl Vms {
 
 impl Drop for Vms {
     fn drop(&mut self) {
-        for e in std::fs::read_dir(self.0.join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if e.path().extension().is_some_and(|x| x == "json") {
-                let rec: Option<Value> = std::fs::read(e.path())
-                    .ok()
-                    .and_then(|t| serde_json::from_slice(&t).ok());
-                if let Some(pid) = rec.and_then(|r| r["pid"].as_i64()) {
-                    // SAFETY: kill takes no pointers; the pid is a VMM this test started.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-            }
-        }
+        kill_vmms(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -12,12 +12,15 @@ pub mod images;
 pub mod linux_guest;
 pub mod programs;
 pub mod unshared;
+pub mod vmm;
 #[allow(unused_imports)]
 pub use images::*;
 #[allow(unused_imports)]
 pub use programs::*;
 #[allow(unused_imports)]
 pub use unshared::*;
+#[allow(unused_imports)]
+pub use vmm::*;
 
 /// The stasis binary under test.
 pub fn stasis() -> &'static str {
