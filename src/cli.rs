@@ -96,8 +96,8 @@ enum Command {
         /// Leave the restored workload running and exit (prints its PID or name).
         #[arg(short, long)]
         detach: bool,
-        /// Restore a container image under this name (default: the name it had). It gets
-        /// fresh namespaces, so it can run beside the original.
+        /// A container or VM image: restore it under this name (default: the name it had). A
+        /// container gets fresh namespaces, so it can run beside the original.
         #[arg(long)]
         name: Option<String>,
         /// A VM image: the memory size the restored VM must have (refused if the image's

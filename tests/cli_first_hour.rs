@@ -421,21 +421,7 @@ impl Vms {
 
 impl Drop for Vms {
     fn drop(&mut self) {
-        for e in std::fs::read_dir(self.0.join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if e.path().extension().is_some_and(|x| x == "json") {
-                let rec: Option<Value> = std::fs::read(e.path())
-                    .ok()
-                    .and_then(|t| serde_json::from_slice(&t).ok());
-                if let Some(pid) = rec.and_then(|r| r["pid"].as_i64()) {
-                    // SAFETY: kill takes no pointers; the pid is a VMM this test started.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-            }
-        }
+        kill_vmms(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -519,7 +505,13 @@ fn a_restored_vm_in_the_foreground_says_it_runs_and_a_failed_one_leaves_no_log()
             let _ = tx.send(line);
         }
     });
-    let said = rx.recv_timeout(Duration::from_secs(20));
+    // The first line that says it (a warning may come before it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let said = std::iter::from_fn(|| {
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()
+    })
+    .find(|l| l.contains("restored VM"));
     let running = vms
         .cmd()
         .args(["vm", "ps", "--json"])
@@ -528,7 +520,7 @@ fn a_restored_vm_in_the_foreground_says_it_runs_and_a_failed_one_leaves_no_log()
         .unwrap_or(false);
     let _ = vms.cmd().args(["vm", "stop", "fg"]).output();
     let _ = child.wait();
-    let said = said.expect("nothing said while the restored VM runs");
+    let said = said.expect("no word that the restored VM runs while it runs");
     assert!(said.contains("restored VM fg"), "{said}");
     assert!(running, "the VM should run when that is said");
 }

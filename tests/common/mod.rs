@@ -13,12 +13,15 @@ pub mod images;
 pub mod linux_guest;
 pub mod programs;
 pub mod unshared;
+pub mod vmm;
 #[allow(unused_imports)]
 pub use images::*;
 #[allow(unused_imports)]
 pub use programs::*;
 #[allow(unused_imports)]
 pub use unshared::*;
+#[allow(unused_imports)]
+pub use vmm::*;
 
 /// The parent of the product's container cgroups below each hierarchy's root.
 pub const CGROUP_PARENT: &str = "stasis";
