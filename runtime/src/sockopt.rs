@@ -29,6 +29,10 @@ enum Scope {
     /// IPv4 and IPv6 sockets (IPPROTO_IP options work on both).
     Inet,
     Ipv6,
+    /// IPv4 and IPv6 sockets that are not streams: the kernel refuses multicast options
+    /// on TCP (an accepted connection reads back the TTL and interface of its SYN there).
+    Multicast,
+    Multicast6,
     Tcp,
 }
 
@@ -149,16 +153,26 @@ const TABLE: &[Opt] = &[
     },
     opt(IP, libc::IP_TOS, "IP_TOS", Scope::Inet),
     opt(IP, libc::IP_TTL, "IP_TTL", Scope::Inet),
-    opt(IP, libc::IP_MULTICAST_TTL, "IP_MULTICAST_TTL", Scope::Inet),
+    opt(
+        IP,
+        libc::IP_MULTICAST_TTL,
+        "IP_MULTICAST_TTL",
+        Scope::Multicast,
+    ),
     opt(
         IP,
         libc::IP_MULTICAST_LOOP,
         "IP_MULTICAST_LOOP",
-        Scope::Inet,
+        Scope::Multicast,
     ),
     // The interface's address (4 bytes); one chosen by index only reads back as 0.
-    opt(IP, libc::IP_MULTICAST_IF, "IP_MULTICAST_IF", Scope::Inet),
-    opt(IP, IP_MULTICAST_ALL, "IP_MULTICAST_ALL", Scope::Inet),
+    opt(
+        IP,
+        libc::IP_MULTICAST_IF,
+        "IP_MULTICAST_IF",
+        Scope::Multicast,
+    ),
+    opt(IP, IP_MULTICAST_ALL, "IP_MULTICAST_ALL", Scope::Multicast),
     opt(IP, libc::IP_RECVERR, "IP_RECVERR", Scope::Inet),
     opt(IP, IP_RECVERR_RFC4884, "IP_RECVERR_RFC4884", Scope::Inet),
     opt(IP, libc::IP_PKTINFO, "IP_PKTINFO", Scope::Inet),
@@ -202,21 +216,26 @@ const TABLE: &[Opt] = &[
         IP6,
         libc::IPV6_MULTICAST_HOPS,
         "IPV6_MULTICAST_HOPS",
-        Scope::Ipv6,
+        Scope::Multicast6,
     ),
     opt(
         IP6,
         libc::IPV6_MULTICAST_LOOP,
         "IPV6_MULTICAST_LOOP",
-        Scope::Ipv6,
+        Scope::Multicast6,
     ),
     opt(
         IP6,
         libc::IPV6_MULTICAST_IF,
         "IPV6_MULTICAST_IF",
-        Scope::Ipv6,
+        Scope::Multicast6,
     ),
-    opt(IP6, IPV6_MULTICAST_ALL, "IPV6_MULTICAST_ALL", Scope::Ipv6),
+    opt(
+        IP6,
+        IPV6_MULTICAST_ALL,
+        "IPV6_MULTICAST_ALL",
+        Scope::Multicast6,
+    ),
     opt(IP6, libc::IPV6_RECVERR, "IPV6_RECVERR", Scope::Ipv6),
     opt(IP6, libc::IPV6_RECVPKTINFO, "IPV6_RECVPKTINFO", Scope::Ipv6),
     opt(
@@ -339,12 +358,14 @@ fn identity(raw: RawFd, what: &str) -> Result<(i32, i32, i32)> {
     ))
 }
 
-fn applies(scope: Scope, (domain, _, proto): (i32, i32, i32)) -> bool {
+fn applies(scope: Scope, (domain, ty, proto): (i32, i32, i32)) -> bool {
     let inet = domain == libc::AF_INET || domain == libc::AF_INET6;
     match scope {
         Scope::Any => true,
         Scope::Inet => inet,
         Scope::Ipv6 => domain == libc::AF_INET6,
+        Scope::Multicast => inet && ty != libc::SOCK_STREAM,
+        Scope::Multicast6 => domain == libc::AF_INET6 && ty != libc::SOCK_STREAM,
         Scope::Tcp => inet && proto == libc::IPPROTO_TCP,
     }
 }
