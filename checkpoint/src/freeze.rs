@@ -287,7 +287,7 @@ impl Frozen {
         // Injection ran it out of its job-control stop: queue SIGSTOP before detaching so
         // it stops again before running any of its own code.
         if self.stopped {
-            if let Err(e) = sys::kill(self.pid, self.stop_signal) {
+            if let Err(e) = sys::kill(self.pid, libc::SIGSTOP) {
                 first_err.get_or_insert(e);
             }
         }
