@@ -11,7 +11,6 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const USAGE: i32 = 2;
@@ -130,8 +129,8 @@ fn process_image(dir: &Path) -> PathBuf {
 
 #[test]
 fn options_that_do_not_fit_the_image_are_usage_errors() {
-    let dir = scratch("fh-usage");
-    let img = process_image(&dir);
+    let dir = ScratchDir::new("fh-usage");
+    let img = process_image(&dir.0);
     let imgs = img.to_str().expect("utf8");
     for (flag, value) in [
         ("--name", Some("copy")),
@@ -154,15 +153,14 @@ fn options_that_do_not_fit_the_image_are_usage_errors() {
         "1G",
     ]);
     assert_eq!(out.status.code(), Some(USAGE), "{}", text(&out).1);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn restore_says_why_it_waits_for_a_pid() {
-    let dir = scratch("fh-pidwait");
+    let dir = ScratchDir::new("fh-pidwait");
     let mut wl = start("wl-sleep", &[]);
     let pid = wl.pid;
-    let img = dir.join("w.img");
+    let img = dir.0.join("w.img");
     stasis_ok(&[
         "checkpoint",
         &pid.to_string(),
@@ -187,32 +185,27 @@ fn restore_says_why_it_waits_for_a_pid() {
     assert_eq!(stdout.lines().next(), Some(pid.to_string().as_str()));
     let needle = format!("waiting for PID {pid} to be released by its parent");
     assert_eq!(err.matches(&needle).count(), 1, "said once: {err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---- containers ----
 
 /// The busybox root filesystem from scripts/mkrootfs, as the README makes it (no extra
-/// files); None (skipped) when it cannot be built here.
-fn rootfs() -> Option<&'static Path> {
-    static ROOT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("stasis-fh-rootfs-{}", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkrootfs");
-        let out = Command::new("bash").arg(&script).arg(&dir).output().ok()?;
-        if !out.status.success() {
-            skip(
-                "containers of the first hour",
-                &format!(
-                    "scripts/mkrootfs failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            );
-            return None;
-        }
-        Some(dir)
-    })
-    .as_deref()
+/// files), in `dir` (removed with it); None (skipped) when it cannot be built here.
+fn rootfs(dir: &Path) -> Option<PathBuf> {
+    let root = dir.join("rootfs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mkrootfs");
+    let out = Command::new("bash").arg(&script).arg(&root).output().ok()?;
+    if !out.status.success() {
+        skip(
+            "containers of the first hour",
+            &format!(
+                "scripts/mkrootfs failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        );
+        return None;
+    }
+    Some(root)
 }
 
 /// A state directory and the containers started in it, removed at the end (also on failure).
@@ -270,8 +263,8 @@ fn http_get(addr: &str) -> Option<String> {
 
 #[test]
 fn the_readme_container_example_works_as_written() {
-    let Some(root) = rootfs() else { return };
     let mut c = Containers::new("fh-readme");
+    let Some(root) = rootfs(&c.state) else { return };
     let name = format!("web{}", std::process::id() % 100000);
     c.names.push(name.clone());
     let rootfs = root.to_str().expect("utf8");
@@ -335,8 +328,8 @@ fn the_readme_container_example_works_as_written() {
 
 #[test]
 fn a_dead_containers_log_is_kept_and_ps_says_where() {
-    let Some(root) = rootfs() else { return };
     let mut c = Containers::new("fh-deadlog");
+    let Some(root) = rootfs(&c.state) else { return };
     let name = format!("dies{}", std::process::id() % 100000);
     c.names.push(name.clone());
     let rootfs = root.to_str().expect("utf8");

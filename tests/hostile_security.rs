@@ -94,10 +94,10 @@ fn cases() -> Vec<(&'static str, Edit)> {
 
 #[test]
 fn missing_or_malformed_security_state_is_refused_before_anything_is_created() {
-    let dir = scratch("hostilesec");
+    let dir = ScratchDir::new("hostilesec");
     let (pid, bytes) = sleeper_image("hostilesec-real");
     let real = Image::from_bytes(bytes).expect("read the real image");
-    let bad = dir.join("bad.img");
+    let bad = dir.0.join("bad.img");
     let bads = bad.to_str().expect("utf8");
     for (needle, edit) in cases() {
         std::fs::write(&bad, rewrite(&real, &*edit)).expect("write the crafted image");
@@ -125,5 +125,4 @@ fn missing_or_malformed_security_state_is_refused_before_anything_is_created() {
     let (mut r, mut p) = restore(&bad, false);
     p.expect_pass("check", "after restoring the unchanged rewrite");
     assert!(r.wait().expect("stasis restore").success());
-    let _ = std::fs::remove_dir_all(&dir);
 }

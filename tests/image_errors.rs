@@ -21,26 +21,20 @@ fn good_image() -> &'static [u8] {
 
 /// A scratch file holding `bytes`; removed with its directory when dropped.
 struct ImageFile {
-    dir: PathBuf,
+    _dir: ScratchDir,
     path: PathBuf,
 }
 
 impl ImageFile {
     fn new(test: &str, bytes: &[u8]) -> ImageFile {
-        let dir = scratch(test);
-        let path = dir.join("x.img");
+        let dir = ScratchDir::new(test);
+        let path = dir.0.join("x.img");
         std::fs::write(&path, bytes).expect("write the image");
-        ImageFile { dir, path }
+        ImageFile { _dir: dir, path }
     }
 
     fn arg(&self) -> &str {
         self.path.to_str().expect("utf8")
-    }
-}
-
-impl Drop for ImageFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
