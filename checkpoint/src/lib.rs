@@ -17,6 +17,7 @@ pub mod freeze;
 pub mod ghosts;
 pub mod pages;
 pub mod pidns;
+pub mod seccomp;
 pub mod sink;
 pub mod tcp;
 pub mod tree;

@@ -26,6 +26,7 @@ pub mod events;
 pub mod ghosts;
 pub mod pages;
 pub mod plan;
+pub mod seccomp;
 pub mod shmem;
 pub mod validate;
 pub mod vm;
