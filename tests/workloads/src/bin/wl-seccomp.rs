@@ -15,6 +15,7 @@
 
 use std::sync::mpsc;
 
+use stasis_workloads::peer::{answer, fork_peer};
 use stasis_workloads::{sys, Ctx, Report, Spec};
 
 const PRCTL_ERRNO: i32 = libc::EOPNOTSUPP;
@@ -118,74 +119,6 @@ fn check_here(filtered: bool) -> Vec<String> {
     bad
 }
 
-/// A process answering over a pipe pair: one byte asks, "1" or "0<why>" answers.
-struct Peer {
-    pid: i32,
-    cmd: i32,
-    res: i32,
-}
-
-impl Peer {
-    fn ask(&self) -> Result<(), String> {
-        sys::write_all(self.cmd, b"c")?;
-        let mut buf = [0u8; 512];
-        // SAFETY: reads into a local buffer.
-        let n = unsafe { libc::read(self.res, buf.as_mut_ptr().cast(), buf.len()) };
-        match n {
-            n if n >= 1 && buf[0] == b'1' => Ok(()),
-            n if n >= 1 => Err(String::from_utf8_lossy(&buf[1..n as usize]).into_owned()),
-            _ => Err(sys::os_err("no answer")),
-        }
-    }
-}
-
-fn pipes(ctx: &mut Ctx) -> ([i32; 2], [i32; 2]) {
-    let mut cmd = [0i32; 2];
-    let mut res = [0i32; 2];
-    // SAFETY: valid arrays for pipe2.
-    let ok = unsafe {
-        libc::pipe2(cmd.as_mut_ptr(), libc::O_CLOEXEC) == 0
-            && libc::pipe2(res.as_mut_ptr(), libc::O_CLOEXEC) == 0
-    };
-    if !ok {
-        let e = sys::os_err("pipe2");
-        ctx.fail_exit(&format!("setup: {e}"));
-    }
-    (cmd, res)
-}
-
-/// Forks a peer running `serve(cmd_read, res_write)` (which never returns).
-fn fork_peer(ctx: &mut Ctx, serve: impl FnOnce(i32, i32)) -> Peer {
-    let (cmd, res) = pipes(ctx);
-    // SAFETY: the child only runs `serve`, then _exits.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        let e = sys::os_err("fork");
-        ctx.fail_exit(&format!("setup: {e}"));
-    }
-    if pid == 0 {
-        // SAFETY: closing the parent's ends in the child; prctl takes no pointers.
-        unsafe {
-            libc::close(cmd[1]);
-            libc::close(res[0]);
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-        }
-        serve(cmd[0], res[1]);
-        // SAFETY: ends the child.
-        unsafe { libc::_exit(0) };
-    }
-    // SAFETY: closing our copies of the child's ends.
-    unsafe {
-        libc::close(cmd[0]);
-        libc::close(res[1]);
-    }
-    Peer {
-        pid,
-        cmd: cmd[1],
-        res: res[0],
-    }
-}
-
 fn main() {
     let mut ctx = Ctx::start(
         "wl-seccomp",
@@ -244,13 +177,7 @@ fn main() {
             let mut b = [0u8; 1];
             // SAFETY: reads one byte from our command pipe.
             while unsafe { libc::read(cmd, b.as_mut_ptr().cast(), 1) } == 1 {
-                let bad = check_here(true);
-                let answer = if bad.is_empty() {
-                    "1".to_string()
-                } else {
-                    format!("0{}", bad.join("; "))
-                };
-                let _ = sys::write_all(res, answer.as_bytes());
+                let _ = sys::write_all(res, answer(&check_here(true)).as_bytes());
             }
         })
     });
