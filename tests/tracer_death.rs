@@ -63,6 +63,7 @@ fn failpoints_built(test: &str) -> bool {
     // checkpoint passes, on a small process of our own, and see whether it did.
     let mut wl = start("wl-survivor", &["--mib", "1", "--threads", "1"]);
     let dir = scratch(&format!("{test}-probe"));
+    let _cleanup = RemoveDir(dir.clone());
     let img = dir.join("probe.img");
     let st = Command::new(stasis())
         .args(["checkpoint", &wl.pid.to_string(), "--leave-running", "-o"])
@@ -75,7 +76,6 @@ fn failpoints_built(test: &str) -> bool {
     wl.pipes.expect_pass("verify", "probe workload");
     wl.pipes.send("check");
     let _ = wl.child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
     let built = st.signal() == Some(libc::SIGKILL);
     if !built {
         skip(
@@ -191,10 +191,20 @@ impl Drop for OwnCgroup {
     }
 }
 
+/// Removes a scratch directory when dropped (a failing test too).
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Kills stasis at every point of `kills` during checkpoints of a wl-survivor started with
 /// `args`, checks the workload after each, then checkpoints and restores it normally.
 fn survive(test: &str, args: &[&str], kills: &[(Kill, bool)], cgroup: Option<&OwnCgroup>) {
     let dir = scratch(test);
+    let _cleanup = RemoveDir(dir.clone());
     let spawn = || match cgroup {
         Some(cg) => start_with("wl-survivor", args, |c| cg.join(c)),
         None => start("wl-survivor", args),

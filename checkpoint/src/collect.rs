@@ -176,7 +176,10 @@ pub fn collect_process(
         let (robust_list, robust_list_len) = ptrace::get_robust_list(tid)?;
         let name = procfs::read_text(&format!("/proc/{pid}/task/{tid}/comm"))?;
         let per = &q.threads[i];
+        let (seccomp_mode, seccomp_filters) = crate::seccomp::collect(pid, tid, t.seccomp)?;
         threads.push(proto::Thread {
+            seccomp_mode,
+            seccomp_filters,
             tid: tid as u32,
             regs: Some(regs_to_proto(&regs_for_image(pid, &t.regs))),
             xstate: ptrace::get_xstate(tid)?,

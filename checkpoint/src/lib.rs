@@ -20,6 +20,7 @@ pub mod mmflags;
 pub mod membership;
 pub mod pages;
 pub mod pidns;
+pub mod seccomp;
 pub mod sink;
 pub mod sockets;
 pub mod tcp;

@@ -316,6 +316,17 @@ impl Builder<'_> {
             let at = self.poke_str(&p.root)?;
             self.call("chroot", libc::SYS_chroot, &[at])?;
         }
+        // seccomp while the restorer's credentials still allow it; suspended for the rest.
+        if crate::seccomp::any(p) {
+            let mut injs: Vec<&mut Injector> = std::iter::once(&mut self.inj)
+                .chain(self.extra.iter_mut())
+                .collect();
+            let opts =
+                libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE;
+            let r = crate::seccomp::install(p, &mut injs, opts);
+            drop(injs);
+            r.map_err(|e| self.err(e))?;
+        }
         // Credentials and no_new_privs belong to each thread.
         self.in_each_thread(p, |b, _, _| {
             b.set_creds(p)?;

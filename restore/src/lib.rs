@@ -31,6 +31,7 @@ pub mod locks;
 pub mod mmflags;
 pub mod pages;
 pub mod plan;
+pub mod seccomp;
 pub mod shmem;
 pub mod sockets;
 pub mod validate;

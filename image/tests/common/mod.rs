@@ -62,6 +62,11 @@ pub fn process(pid: u32, threads: u32) -> proto::Process {
                 clear_child_tid: 0x7f00_0000_2d10 + u64::from(t),
                 robust_list: 0x7f00_0000_2a20,
                 robust_list_len: 24,
+                seccomp_mode: 2,
+                seccomp_filters: vec![proto::SeccompFilter {
+                    insns: vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f],
+                    flags: 2,
+                }],
             })
             .collect(),
         mm: Some(proto::MmState {

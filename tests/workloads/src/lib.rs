@@ -115,6 +115,7 @@
 pub mod ipc;
 pub mod maps;
 pub mod pattern;
+pub mod peer;
 pub mod proto;
 pub mod report;
 pub mod sys;

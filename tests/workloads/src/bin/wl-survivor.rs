@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use stasis_workloads::pattern;
+use stasis_workloads::peer::{answer, fork_peer, Peer};
 use stasis_workloads::{sys, Ctx, Report, Spec};
 
 static RECEIVED: AtomicU64 = AtomicU64::new(0);
@@ -165,7 +166,7 @@ fn main() {
         words,
         key: ctx.seed,
     };
-    let children: Vec<Child> = (0..nchildren).map(|_| fork_child(&mut ctx, data)).collect();
+    let children: Vec<Peer> = (0..nchildren).map(|_| fork_child(&mut ctx, data)).collect();
     if signals {
         // SAFETY: a zeroed sigaction with a plain handler and SA_RESTART.
         unsafe {
@@ -265,85 +266,31 @@ fn check_signals(r: &mut Report) {
     SENDING.store(true, Ordering::SeqCst);
 }
 
-/// A forked child checking its own copy of the data: one byte asks, one answers.
-struct Child {
-    pid: i32,
-    cmd: i32,
-    res: i32,
-}
-
-impl Child {
-    fn ask(&self) -> Result<(), String> {
-        sys::write_all(self.cmd, b"c")?;
-        let mut b = [0u8; 1];
-        let mut msg = [0u8; 256];
-        // SAFETY: reads into local buffers.
-        let n = unsafe { libc::read(self.res, b.as_mut_ptr().cast(), 1) };
-        match (n, b[0]) {
-            (1, b'1') => Ok(()),
-            (1, _) => {
-                // SAFETY: as above.
-                let m = unsafe { libc::read(self.res, msg.as_mut_ptr().cast(), msg.len()) };
-                Err(String::from_utf8_lossy(&msg[..m.max(0) as usize]).into_owned())
-            }
-            _ => Err(sys::os_err("no answer")),
-        }
-    }
-}
-
-fn fork_child(ctx: &mut Ctx, d: Data) -> Child {
-    let mut cmd = [0i32; 2];
-    let mut res = [0i32; 2];
-    // SAFETY: valid arrays for pipe2.
-    let ok = unsafe {
-        libc::pipe2(cmd.as_mut_ptr(), libc::O_CLOEXEC) == 0
-            && libc::pipe2(res.as_mut_ptr(), libc::O_CLOEXEC) == 0
-    };
-    if !ok {
-        let e = sys::os_err("pipe2");
-        ctx.fail_exit(&format!("setup: {e}"));
-    }
-    // SAFETY: still single-threaded; the child runs its own loop and never returns.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        let e = sys::os_err("fork");
-        ctx.fail_exit(&format!("setup: {e}"));
-    }
-    if pid == 0 {
-        // SAFETY: prctl takes no pointers; fcntl on our own pipe.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-            libc::fcntl(cmd[0], libc::F_SETFL, libc::O_NONBLOCK);
-        }
-        let mut failure: Option<String> = None;
+/// A forked child checking its own copy of the data, asked over its pipes.
+fn fork_child(ctx: &mut Ctx, d: Data) -> Peer {
+    fork_peer(ctx, |cmd, res| {
+        // SAFETY: fcntl on our own pipe.
+        unsafe { libc::fcntl(cmd, libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut bad: Vec<String> = Vec::new();
         let mut at = 0;
-        let step = 1 << 15;
         loop {
-            let end = (at + step).min(d.words);
+            let end = (at + (1 << 15)).min(d.words);
             if let Some(e) = check_part(&d, at, end) {
-                failure.get_or_insert(e);
+                if bad.is_empty() {
+                    bad.push(e);
+                }
             }
             at = if end >= d.words { 0 } else { end };
             let mut b = [0u8; 1];
             // SAFETY: reads one byte from our nonblocking command pipe.
-            if unsafe { libc::read(cmd[0], b.as_mut_ptr().cast(), 1) } == 1 {
-                let answer = match &failure {
-                    None => "1".to_string(),
-                    Some(e) => format!("0{e}"),
-                };
-                let _ = sys::write_all(res[1], answer.as_bytes());
+            match unsafe { libc::read(cmd, b.as_mut_ptr().cast(), 1) } {
+                1 => {
+                    let _ = sys::write_all(res, answer(&bad).as_bytes());
+                }
+                0 => return, // the parent is gone
+                _ => {}
             }
             let _ = sys::nanosleep_ms(1);
         }
-    }
-    // SAFETY: closing our copies of the child's ends.
-    unsafe {
-        libc::close(cmd[0]);
-        libc::close(res[1]);
-    }
-    Child {
-        pid,
-        cmd: cmd[1],
-        res: res[0],
-    }
+    })
 }
