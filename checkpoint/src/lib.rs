@@ -114,6 +114,9 @@ pub fn checkpoint_tree<S: ImageSink>(
 ) -> Result<Stats, CheckpointError> {
     let t0 = Instant::now();
     let kind = collect::precheck(pid)?;
+    if kind == pidns::RootKind::Ours && opts.container.is_none() {
+        pidns::check_root_namespaces(pid)?;
+    }
     // Declared before `frozen` so it is dropped after it: a Ctrl-C during the checkpoint
     // takes effect only once the process has been resumed or killed.
     let _signals = stasis_runtime::sys::TerminationSignalsBlocked::new()?;
