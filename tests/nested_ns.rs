@@ -82,6 +82,40 @@ fn child_in_its_own_ipc_namespace_is_refused() {
     refused("--ipc", "IPC", "ipc");
 }
 
+/// A tree whose root itself has a namespace of its own (and is no container or pid
+/// namespace init) would come back in the restorer's: refused too.
+#[test]
+fn root_in_its_own_network_namespace_is_refused() {
+    if !have("unshare") {
+        return;
+    }
+    init();
+    let dir = scratch("nested-root-net");
+    let (child, _) = start_ready("echo ready; exec unshare --net sleep 1000", &[], &dir);
+    let root = child.id() as i32;
+    let _guard = KillOnDrop(root);
+    // The root is sleep in its own network namespace once unshare has exec'd it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{root}/comm")).unwrap_or_default() != "sleep\n" {
+        assert!(std::time::Instant::now() < deadline, "sleep did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let img = dir.join("root.img");
+    let err = stasis_fails(
+        &[
+            "checkpoint",
+            &root.to_string(),
+            "-o",
+            img.to_str().expect("utf8"),
+        ],
+        4,
+        "network namespace of its own",
+    );
+    assert!(err.contains(&format!("process {root} (sleep)")), "{err}");
+    assert!(!img.exists() && running_untraced(root));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A cgroup of this test in one hierarchy (cgroup2 or a v1 one), removed when dropped.
 struct TestCgroup {
     dir: PathBuf,

@@ -38,17 +38,7 @@ pub fn precheck(pid: i32) -> Result<RootKind, CheckpointError> {
     let kind = crate::pidns::root_kind(pid)?;
     // The whole tree as it is now: its namespaces first, then its files (unsupported ones
     // are refused before freezing; collect() checks again while frozen).
-    let mut todo = vec![pid];
-    let mut members = Vec::new();
-    while let Some(p) = todo.pop() {
-        if members.len() >= crate::tree::MAX_PROCESSES {
-            break;
-        }
-        members.push(p);
-        if let Ok(kids) = crate::tree::children_of(p) {
-            todo.extend(kids);
-        }
-    }
+    let members = crate::tree::members(pid);
     crate::pidns::check_tree(kind, &members)?;
     crate::pidns::check_namespaces(pid, &members)?;
     if kind != RootKind::Ours {
@@ -66,11 +56,17 @@ pub fn precheck(pid: i32) -> Result<RootKind, CheckpointError> {
 /// The files of running process `pid`, checked for kinds that cannot be checkpointed. The
 /// process changes them meanwhile (an fd closed between listing and reading it, a socket
 /// gone before it is looked up): only a refusal seen twice in a row counts, and any other
-/// error is left to the check of the frozen process, whose state is the one that counts.
+/// error is left to the check of the frozen process, whose state is the one that counts. A
+/// listener's queue is left to it too: it may drain (see crate::tcp::Hold).
 fn precheck_fds(pid: i32) -> Result<(), CheckpointError> {
     let mut refusal = None;
     for _ in 0..2 {
         match fds::collect_fds(pid, &mut crate::ghosts::Ghosts::default()) {
+            Err(CheckpointError::Unsupported { what, .. })
+                if what.contains(fds::WAITING_TO_BE_ACCEPTED) =>
+            {
+                return Ok(())
+            }
             Err(e @ CheckpointError::Unsupported { .. }) => refusal = Some(e),
             _ => return Ok(()),
         }

@@ -441,6 +441,10 @@ fn timer_fd(
     })
 }
 
+/// How the refusal of a listener with queued connections says so: the state the checkpoint
+/// holds new connections and drains such queues to avoid (see crate::tcp::Hold).
+pub(crate) const WAITING_TO_BE_ACCEPTED: &str = "connections waiting to be accepted";
+
 /// Fills in `out` if fd `fd` is a listening TCP socket with no connection waiting to be
 /// accepted (those would be lost); false for any other socket.
 fn tcp_listener(
@@ -456,8 +460,9 @@ fn tcp_listener(
         return Err(CheckpointError::unsupported(
             pid,
             format!(
-                "fd {fd} is a TCP listener on {} with {} connections waiting to be accepted \
-                 (not supported yet)",
+                "fd {fd} is a TCP listener on {} with {} {WAITING_TO_BE_ACCEPTED} (not \
+                 supported yet; with --tcp-established new connections are held until its \
+                 queue is empty)",
                 l.addr, l.waiting
             ),
         ));

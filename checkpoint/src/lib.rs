@@ -118,10 +118,22 @@ pub fn checkpoint_tree<S: ImageSink>(
 ) -> Result<Stats, CheckpointError> {
     let t0 = Instant::now();
     let kind = collect::precheck(pid)?;
+    if kind == pidns::RootKind::Ours && opts.container.is_none() {
+        pidns::check_root_namespaces(pid)?;
+    }
     // Declared before `frozen` so it is dropped after it: a Ctrl-C during the checkpoint
     // takes effect only once the process has been resumed or killed.
     let _signals = stasis_runtime::sys::TerminationSignalsBlocked::new()?;
-    let mut frozen = tree::FrozenTree::freeze(pid)?;
+    // Declared before `frozen`, so released after the tree is resumed: new connections to
+    // the tree's listeners wait until then, and the tree is frozen with their queues empty.
+    let hold = match opts.tcp_established {
+        true => tcp::Hold::start(pid, &tree::members(pid))?,
+        false => None,
+    };
+    let mut frozen = match &hold {
+        Some(h) => h.freeze_drained(|| tree::FrozenTree::freeze(pid))?,
+        None => tree::FrozenTree::freeze(pid)?,
+    };
     let freeze_us = t0.elapsed().as_micros() as u64;
     let t_frozen = Instant::now();
 
@@ -161,6 +173,9 @@ pub fn checkpoint_tree<S: ImageSink>(
         let mut inventory =
             collect::inventory(pids.image_pid(pid)?, pids.is_namespace(), &opts.compression);
         inventory.host_sysv_shm = host_shm.iter().map(container::shm_to_proto).collect();
+        if let (Some(h), false) = (&hold, opts.leave_running) {
+            inventory.held_ports = h.ports().iter().map(|&p| u32::from(p)).collect();
+        }
         if let Some(c) = &opts.container {
             // Its IPC namespace's objects, read now that nothing in it runs.
             let ipc = stasis_runtime::sysvipc::capture(pid)?;
@@ -225,6 +240,7 @@ pub fn checkpoint_tree<S: ImageSink>(
                     r.release_running();
                 }
                 frozen.resume()?;
+                drop(hold);
                 stats.process = "running".into();
             } else {
                 let tk = Instant::now();
@@ -233,6 +249,10 @@ pub fn checkpoint_tree<S: ImageSink>(
                 // locked until restored.
                 if let Some(r) = repaired {
                     r.release_killed();
+                }
+                // New connections wait for the restored listeners.
+                if let Some(h) = hold {
+                    h.keep();
                 }
                 stats.kill_us = tk.elapsed().as_micros() as u64;
                 stats.process = "killed".into();

@@ -183,6 +183,39 @@ pub fn check_namespaces(root: i32, pids: &[i32]) -> Result<(), CheckpointError> 
     Ok(())
 }
 
+/// Refuses a tree in stasis's own pid namespace (not a container's, whose namespaces the
+/// container restore makes) whose root `root` is in a namespace of another kind than
+/// stasis's: restore would create it in the restorer's, its isolation silently gone.
+pub fn check_root_namespaces(root: i32) -> Result<(), CheckpointError> {
+    use std::os::unix::fs::MetadataExt;
+    let comm = procfs::read_text(&format!("/proc/{root}/comm"))
+        .map(|c| c.trim_end().to_string())
+        .unwrap_or_else(|_| "?".into());
+    for kind in SHARED {
+        let own = std::fs::metadata(format!("/proc/thread-self/ns/{kind}"))
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        let theirs = task_ns(root, root, kind);
+        if let (Some(own), Some(theirs)) = (own, theirs) {
+            if own != theirs {
+                return Err(CheckpointError::unsupported(
+                    root,
+                    format!(
+                        "process {root} ({comm}) is in a {} namespace of its own ({kind}:[{}]), \
+                         not stasis's ({kind}:[{}]); a restore would put it in the restorer's, \
+                         so only a container (stasis run) or a whole pid namespace may have \
+                         namespaces of its own",
+                        ns_name(kind),
+                        theirs.1,
+                        own.1
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a whole-namespace tree (root `root`, processes `members`) when its namespace
 /// holds a process that is not in the tree: one that joined it from outside (setns, as
 /// nsenter and `docker exec` do) is a child of a process outside, and the image would

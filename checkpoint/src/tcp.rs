@@ -156,3 +156,184 @@ pub fn repair(
         lock,
     }))
 }
+
+/// Most attempts at freezing a tree whose listeners all have empty queues.
+const HOLD_ATTEMPTS: usize = 10;
+/// How long to wait for the listeners' queues to drain before each attempt.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// New connections to the tree's TCP listeners, held back (their SYNs dropped by the network
+/// lock, in the tree's network namespace) while the tree is frozen: a busy server's accept
+/// queue drains and stays empty, so it is checkpointed every time without a client seeing an
+/// error (a client's SYN is sent again a second or so later). Released when dropped, unless
+/// [`Hold::keep`] leaves it for the restore.
+pub struct Hold {
+    root: i32,
+    ports: Vec<u16>,
+    /// The socket inodes of the tree's listeners.
+    inodes: std::collections::BTreeSet<u64>,
+    /// The tree's network namespace when it is not stasis's own.
+    netns: Option<std::fs::File>,
+    held: Option<netlock::Held>,
+}
+
+/// One line of /proc/PID/net/tcp{,6}: (state, local port, rx_queue, inode).
+fn net_tcp(root: i32) -> Vec<(u8, u16, u64, u64)> {
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = files_text(&format!("/proc/{root}/net/{table}"));
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(queues), Some(inode)) =
+                (f.get(1), f.get(3), f.get(4), f.get(9))
+            else {
+                continue;
+            };
+            let port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            let rx = queues
+                .split(':')
+                .nth(1)
+                .and_then(|q| u64::from_str_radix(q, 16).ok());
+            if let (Ok(state), Some(port), Some(rx), Ok(inode)) =
+                (u8::from_str_radix(state, 16), port, rx, inode.parse())
+            {
+                out.push((state, port, rx, inode));
+            }
+        }
+    }
+    out
+}
+
+fn files_text(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Socket inodes of every fd of `pids`.
+fn socket_inodes(pids: &[i32]) -> std::collections::BTreeSet<u64> {
+    let mut out = std::collections::BTreeSet::new();
+    for p in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            let inode = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok());
+            out.extend(inode);
+        }
+    }
+    out
+}
+
+const LISTEN: u8 = 0x0a;
+const SYN_RECV: u8 = 0x03;
+
+impl Hold {
+    /// Holds new connections to every TCP listener of the tree of `root` (processes `pids`);
+    /// None if it has none.
+    pub fn start(root: i32, pids: &[i32]) -> Result<Option<Hold>, CheckpointError> {
+        let sockets = socket_inodes(pids);
+        let listeners: Vec<(u16, u64)> = net_tcp(root)
+            .into_iter()
+            .filter(|&(state, _, _, inode)| state == LISTEN && sockets.contains(&inode))
+            .map(|(_, port, _, inode)| (port, inode))
+            .collect();
+        if listeners.is_empty() {
+            return Ok(None);
+        }
+        let own = stasis_runtime::pidns::ns_id(std::process::id() as i32, "net")?;
+        let theirs = stasis_runtime::pidns::ns_id(root, "net")
+            .map_err(|e| CheckpointError::from_proc(root, e))?;
+        let netns = if own == theirs {
+            None
+        } else {
+            Some(stasis_runtime::sys::open_ns(root, "net")?)
+        };
+        let mut hold = Hold {
+            root,
+            ports: listeners.iter().map(|l| l.0).collect(),
+            inodes: listeners.iter().map(|l| l.1).collect(),
+            netns,
+            held: None,
+        };
+        let _in = hold.enter()?;
+        hold.held = Some(netlock::hold(&hold.ports)?);
+        Ok(Some(hold))
+    }
+
+    fn enter(&self) -> Result<Option<stasis_runtime::sys::InNetns>, CheckpointError> {
+        Ok(match &self.netns {
+            Some(ns) => Some(stasis_runtime::sys::InNetns::enter_file(
+                ns,
+                &format!("/proc/{}/ns/net", self.root),
+            )?),
+            None => None,
+        })
+    }
+
+    /// The ports held.
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// Whether no connection waits in a listener's accept queue and none is being set up
+    /// (SYN-RECV) to a held port. With the tree frozen and new SYNs dropped, nothing can
+    /// be added to them any more.
+    pub fn drained(&self) -> bool {
+        net_tcp(self.root).iter().all(|&(state, port, rx, inode)| {
+            let queued = state == LISTEN && self.inodes.contains(&inode) && rx > 0;
+            let coming = state == SYN_RECV && self.ports.contains(&port);
+            !queued && !coming
+        })
+    }
+
+    /// Waits (bounded) for [`Hold::drained`] while the tree runs.
+    fn wait_drained(&self) {
+        let deadline = std::time::Instant::now() + DRAIN_WAIT;
+        while !self.drained() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// Freezes the tree of the root once its listeners have drained: a tree frozen with a
+    /// connection still queued is resumed and tried again, a bounded number of times (the
+    /// last frozen tree is returned; collecting it then refuses the queued connection).
+    pub fn freeze_drained(
+        &self,
+        freeze: impl Fn() -> Result<crate::tree::FrozenTree, CheckpointError>,
+    ) -> Result<crate::tree::FrozenTree, CheckpointError> {
+        for _ in 1..HOLD_ATTEMPTS {
+            self.wait_drained();
+            let frozen = freeze()?;
+            if self.drained() {
+                return Ok(frozen);
+            }
+            drop(frozen); // resumed: let the server accept what is queued
+        }
+        self.wait_drained();
+        freeze()
+    }
+
+    /// Leaves the ports held after this process is gone (the tree was killed; its restore
+    /// lets new connections through once the listeners are back).
+    pub fn keep(mut self) {
+        if let Some(h) = self.held.take() {
+            h.keep();
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(h) = self.held.take() {
+            let _in = self.enter();
+            drop(h);
+        }
+    }
+}

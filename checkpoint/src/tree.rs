@@ -126,6 +126,23 @@ fn preseize(fz: &Freezer, pre: &mut PreSeized) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// The processes of the tree of `root` as they are now (it may be running): root first,
+/// at most [`MAX_PROCESSES`].
+pub(crate) fn members(root: i32) -> Vec<i32> {
+    let mut todo = vec![root];
+    let mut members = Vec::new();
+    while let Some(p) = todo.pop() {
+        if members.len() >= MAX_PROCESSES {
+            break;
+        }
+        members.push(p);
+        if let Ok(kids) = children_of(p) {
+            todo.extend(kids);
+        }
+    }
+    members
+}
+
 /// The children (thread-group ids) of every thread of `pid`.
 pub(crate) fn children_of(pid: i32) -> Result<Vec<i32>, CheckpointError> {
     let mut out = Vec::new();

@@ -101,10 +101,9 @@ pub fn apply(
             b.finish(p)?;
         }
         // Unlocked while still in repair mode: if that fails, they close without a word
-        // when the tree is killed, and stay locked for another restore.
-        if !plan.tcp.is_empty() {
-            unlock().map_err(RestoreError::NetworkUnlock)?;
-        }
+        // when the tree is killed, and stay locked for another restore. (Nothing to do,
+        // and nft not needed, for a tree without locked connections or held listeners.)
+        unlock().map_err(RestoreError::NetworkUnlock)?;
         // Connections leave repair mode last: from now on they may send.
         for (fd, unsent, what) in &plan.tcp {
             tcp_repair::finish(std::os::fd::AsRawFd::as_raw_fd(fd), unsent, what).map_err(|e| {

@@ -187,12 +187,19 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
     // them locked) in the namespace they are in, the one the tree joined, before anything
     // runs; a restore that cannot unlock them fails.
     let tcp = tcp_tuples(&procs);
+    // Ports whose new connections the checkpoint held for the listeners.
+    let held: Vec<u16> = image
+        .inventory()
+        .held_ports
+        .iter()
+        .filter_map(|&p| u16::try_from(p).ok())
+        .collect();
     let unlock = || match net {
-        Some(net) => {
-            stasis_runtime::sys::in_net_namespace(net, || stasis_runtime::netlock::unlock(&tcp))
-                .and_then(|r| r)
-        }
-        None => stasis_runtime::netlock::unlock(&tcp),
+        Some(net) => stasis_runtime::sys::in_net_namespace(net, || {
+            stasis_runtime::netlock::unlock_all(&tcp, &held)
+        })
+        .and_then(|r| r),
+        None => stasis_runtime::netlock::unlock_all(&tcp, &held),
     };
     let (written, pid) = apply::apply(image, &procs, plan, (&cgroups, &unlock))?;
     // Held until every process has mapped its objects (apply returns after that).

@@ -27,7 +27,7 @@ const TABLE: &str = "inet stasis";
 
 /// The sets and chains stasis makes in its table (anything else in it is somebody else's,
 /// and keeps the table).
-const SETS: [&str; 2] = ["conn4", "conn6"];
+const SETS: [&str; 3] = ["conn4", "conn6", "hold"];
 const CHAINS: [&str; 2] = ["lock_in", "lock_out"];
 
 /// The file every stasis process locks (flock, exclusive) while it changes the table.
@@ -66,7 +66,8 @@ fn preamble() -> String {
     let mut s = format!(
         "add table {TABLE}\n\
          add set {TABLE} conn4 {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; }}\n\
-         add set {TABLE} conn6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; }}\n"
+         add set {TABLE} conn6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; }}\n\
+         add set {TABLE} hold {{ type inet_service; }}\n"
     );
     for (chain, hook) in [("lock_in", "input"), ("lock_out", "output")] {
         s.push_str(&format!(
@@ -76,7 +77,21 @@ fn preamble() -> String {
              add rule {TABLE} {chain} ip6 saddr . tcp sport . ip6 daddr . tcp dport @conn6 drop\n"
         ));
     }
+    // New connections to a held listener wait: their SYNs are dropped (the client sends
+    // them again after a second or so) while the listener's queue drains.
+    s.push_str(&format!(
+        "add rule {TABLE} lock_in tcp dport @hold tcp flags & (syn | ack) == syn drop\n"
+    ));
     s
+}
+
+/// `add element ...` / `delete element ...` lines for held listener ports, each once.
+fn hold_elements(verb: &str, ports: &[u16]) -> String {
+    let ports: BTreeSet<u16> = ports.iter().copied().collect();
+    ports
+        .iter()
+        .map(|p| format!("{verb} element {TABLE} hold {{ {p} }}\n"))
+        .collect()
 }
 
 /// An IPv4 address written as IPv4-mapped IPv6 travels as IPv4.
@@ -175,16 +190,17 @@ fn nft(script: &str, what: &str) -> Result<()> {
     .map(drop)
 }
 
-/// Connections locked by [`lock`]: unlocked when dropped, unless [`Held::keep`] leaves them
-/// locked for their restore.
+/// Connections locked by [`lock`] (or listener ports held by [`hold`]): unlocked when
+/// dropped, unless [`Held::keep`] leaves them locked for their restore.
 #[must_use = "dropping the lock unlocks the connections at once"]
-pub struct Held(Vec<Tuple>);
+pub struct Held(Vec<Tuple>, Vec<u16>);
 
 impl Held {
     /// Leaves the connections locked after this process is gone (their workload was killed;
     /// `stasis restore` unlocks them).
     pub fn keep(mut self) {
         self.0.clear();
+        self.1.clear();
     }
 }
 
@@ -192,7 +208,7 @@ impl Drop for Held {
     fn drop(&mut self) {
         // Best effort: the workload runs on either way; a lock left behind is named in the
         // nft table `inet stasis` for the operator.
-        let _ = unlock(&self.0);
+        let _ = unlock_all(&self.0, &self.1);
     }
 }
 
@@ -205,18 +221,40 @@ pub fn lock(conns: &[Tuple]) -> Result<Held> {
             "locking the network",
         )?;
     }
-    Ok(Held(conns.to_vec()))
+    Ok(Held(conns.to_vec(), Vec::new()))
+}
+
+/// Holds new connections to the TCP listeners on `ports` from now on: their SYNs are
+/// dropped, so a client waits (and retransmits) instead of being refused or queued.
+pub fn hold(ports: &[u16]) -> Result<Held> {
+    if !ports.is_empty() {
+        let _serial = Serial::take()?;
+        nft(
+            &(preamble() + &hold_elements("add", ports)),
+            "holding new connections to listeners",
+        )?;
+    }
+    Ok(Held(Vec::new(), ports.to_vec()))
 }
 
 /// Lets the packets of `conns` pass again (connections that were not locked are fine), and
 /// removes the table if that was the last lock in it.
 pub fn unlock(conns: &[Tuple]) -> Result<()> {
-    if conns.is_empty() {
+    unlock_all(conns, &[])
+}
+
+/// [`unlock`] `conns` and let new connections to the listeners on `ports` through again.
+pub fn unlock_all(conns: &[Tuple], ports: &[u16]) -> Result<()> {
+    if conns.is_empty() && ports.is_empty() {
         return Ok(());
     }
     let serial = Serial::take()?;
     // Adding before deleting, in one transaction, makes deleting an absent element harmless.
-    let script = preamble() + &elements("add", conns) + &elements("delete", conns);
+    let script = preamble()
+        + &elements("add", conns)
+        + &hold_elements("add", ports)
+        + &elements("delete", conns)
+        + &hold_elements("delete", ports);
     nft(&script, "unlocking the network")?;
     remove_if_empty(&serial)
 }
