@@ -216,12 +216,40 @@ pub fn peek_queue(fd: &OwnedFd, stream: bool, what: &str) -> Result<Vec<Queued>>
     }
     // The process's own peek offset (-1: none) is set back afterwards.
     let was = crate::inet::get_int(raw, libc::SOL_SOCKET, SO_PEEK_OFF).unwrap_or(-1);
-    set_peek_off(raw, 0, what)?;
-    let out = peek_all(raw, stream, queued.max(0) as usize, what);
+    let out = peek_head(raw, stream, what).and_then(|head| {
+        set_peek_off(raw, 0, what)?;
+        let rest = peek_all(raw, stream, queued.max(0) as usize, what)?;
+        Ok(head.into_iter().chain(rest).collect())
+    });
     let reset = set_peek_off(raw, was, what);
     let out = out?;
     reset?;
     Ok(out)
+}
+
+/// The first datagram if it is empty, read without a peek offset. Peeking at an offset
+/// skips an empty datagram once it has been peeked (by the process, or by this very
+/// call: the kernel marks it), so one at the head would be lost with the files it carries
+/// and every later message would seem to carry the files of the one before. None for a
+/// stream, an empty queue, or a head with bytes (the walk at offset 0 finds that one).
+fn peek_head(raw: RawFd, stream: bool, what: &str) -> Result<Option<Queued>> {
+    if stream {
+        return Ok(None);
+    }
+    set_peek_off(raw, -1, what)?;
+    let mut byte = [0u8; 1];
+    let mut iov = [libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: byte.len(),
+    }];
+    let p = peek_into(raw, &mut iov, what)?;
+    Ok(match p.n {
+        Ok(0) if p.flags & libc::MSG_TRUNC == 0 => Some(Queued {
+            data: Vec::new(),
+            fds: p.fds,
+        }),
+        _ => None,
+    })
 }
 
 fn peek_all(raw: RawFd, stream: bool, queued: usize, what: &str) -> Result<Vec<Queued>> {
@@ -398,6 +426,21 @@ mod tests {
         // SAFETY: reads into a local buffer.
         let n = unsafe { libc::recv(b.as_raw_fd(), buf.as_mut_ptr().cast(), 7, 0) };
         assert_eq!(n, 7);
+    }
+
+    #[test]
+    fn an_empty_datagram_already_peeked_is_not_lost() {
+        let (a, b) = pair(libc::SOCK_DGRAM);
+        let (x, _y) = pair(libc::SOCK_DGRAM);
+        let (z, _w) = pair(libc::SOCK_DGRAM);
+        send_message(a.as_raw_fd(), b"", &[x.as_raw_fd()], "t").unwrap();
+        send_message(a.as_raw_fd(), b"two", &[z.as_raw_fd()], "t").unwrap();
+        for _ in 0..2 {
+            // The process (or an earlier checkpoint) peeks first.
+            let q = peek_queue(&b, false, "t").unwrap();
+            let shape: Vec<(&[u8], usize)> = q.iter().map(|m| (&m.data[..], m.fds.len())).collect();
+            assert_eq!(shape, [(&b""[..], 1), (&b"two"[..], 1)]);
+        }
     }
 
     #[test]

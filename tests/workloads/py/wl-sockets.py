@@ -244,6 +244,16 @@ def scm():
     ln.listen(1)
     a.sendmsg([b"M"], rights(x.fileno(), u.fileno(), p.fileno(), t.fileno(), ln.fileno()))
     a.sendmsg([b"N"], rights(q.fileno(), y.fileno()))
+    # An empty datagram carrying a socket, already peeked by the process, then another.
+    d1, d2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    e1 = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    e1.bind("\0stasis-scm-e1-%d" % os.getpid())
+    e2 = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    e2.bind("\0stasis-scm-e2-%d" % os.getpid())
+    d1.sendmsg([b""], rights(e1.fileno()))
+    d1.sendmsg([b"e"], rights(e2.fileno()))
+    d2.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_PEEK)
+    empties = [e1.getsockname(), e2.getsockname()]
     names = [u.getsockname(), t.getsockname(), ln.getsockname()]
     gr, gw = os.pipe()
     pid = os.fork()
@@ -269,6 +279,12 @@ def scm():
     os.close(gr)
     wait_go()
     os.write(gw, b"g")
+    d2.settimeout(5)
+    try:
+        got = [socket.socket(fileno=k).getsockname() for _ in range(2) for k in recv_fds(d2)]
+        check(got == empties, f"datagrams carried {got}, not {empties}")
+    except OSError as e:
+        fails.append(f"receiving the datagrams with sockets: {e}")
     _, st = os.waitpid(pid, 0)
     check(st == 0, f"the child found its sockets wrong (status {st})")
     finish()
