@@ -264,6 +264,7 @@ pub fn collect_process(
         security_recorded: vec![
             proto::SecurityState::Credentials as i32,
             proto::SecurityState::NoNewPrivs as i32,
+            proto::SecurityState::Seccomp as i32,
         ],
         dumpable: q.dumpable,
         shared_pending: pending_records(shared_pending),

@@ -42,6 +42,12 @@ pub const RULES: &[Rule] = &[
         // A bool: any value is well formed; what matters is that it was recorded.
         check: |_| Ok(()),
     },
+    Rule {
+        kind: SecurityState::Seccomp,
+        field: "seccomp",
+        // Each thread's mode and filters (crate::seccomp bounds and checks them).
+        check: |p| crate::seccomp::validate(p).map_err(|e| e.to_string()),
+    },
 ];
 
 /// Checks the security state of every process of the image (zombies run no more and carry
