@@ -19,6 +19,7 @@ pub mod files;
 pub mod inet;
 pub mod inject;
 pub mod kvm;
+mod mcast;
 pub mod memory;
 pub mod netlock;
 pub mod netns;
