@@ -21,6 +21,7 @@ pub mod guard;
 pub mod inet;
 pub mod inject;
 pub mod kvm;
+mod mcast;
 pub mod memory;
 pub mod netlock;
 pub mod netns;

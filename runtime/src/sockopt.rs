@@ -96,7 +96,6 @@ const TCP_ULP: i32 = 31;
 const TCP_FASTOPEN_NO_COOKIE: i32 = 34;
 const TCP_INQ: i32 = 36;
 const TCP_TX_DELAY: i32 = 37;
-const MCAST_MSFILTER: i32 = 48;
 
 /// The options that make a socket behave as it does. SO_SNDBUF and SO_RCVBUF are kept as
 /// the value to set (half what getsockopt reports); see [`set`].
@@ -457,7 +456,9 @@ pub fn read(pid: i32, fd: &OwnedFd, established: bool, what: &str) -> Result<Sta
         Err(why) => state.refused.push(why),
     }
     if id.0 == libc::AF_INET || id.0 == libc::AF_INET6 {
-        state.refused.extend(memberships(pid, raw, id.0));
+        state
+            .refused
+            .extend(crate::mcast::memberships(pid, raw, id.0));
     }
     Ok(state)
 }
@@ -531,85 +532,6 @@ pub fn attach_filter(fd: RawFd, f: &Filter) -> std::io::Result<()> {
         set(fd, SOL, SO_LOCK_FILTER, 1, &[])?;
     }
     Ok(())
-}
-
-/// Multicast groups the socket has joined, which cannot be given back: each group its
-/// network namespace is in is asked about (MCAST_MSFILTER answers only for a member).
-fn memberships(pid: i32, raw: RawFd, domain: i32) -> Vec<String> {
-    let (file, level) = if domain == libc::AF_INET {
-        ("igmp", IP)
-    } else {
-        ("igmp6", IP6)
-    };
-    // The groups of the process's network namespace (the socket's, as a rule).
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (ifindex, group) in groups(&text, domain) {
-        // struct group_filter: u32 interface, (pad), sockaddr_storage group, u32 fmode,
-        // u32 numsrc, then sources.
-        let mut gf = [0u8; 8 + 128 + 8 + 128];
-        gf[0..4].copy_from_slice(&ifindex.to_ne_bytes());
-        gf[8..10].copy_from_slice(&(domain as u16).to_ne_bytes());
-        if domain == libc::AF_INET {
-            gf[12..16].copy_from_slice(&group[..4]);
-        } else {
-            gf[16..32].copy_from_slice(&group);
-        }
-        let mut len = gf.len() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most len bytes into a local buffer.
-        let r = unsafe {
-            libc::getsockopt(raw, level, MCAST_MSFILTER, gf.as_mut_ptr().cast(), &mut len)
-        };
-        if r == 0 {
-            let addr = if domain == libc::AF_INET {
-                std::net::Ipv4Addr::new(group[0], group[1], group[2], group[3]).to_string()
-            } else {
-                std::net::Ipv6Addr::from(group).to_string()
-            };
-            out.push(format!(
-                "it is a member of multicast group {addr} (interface {ifindex}), which is \
-                 not supported yet"
-            ));
-        }
-    }
-    out
-}
-
-/// (interface index, group address bytes) of /proc/net/igmp or igmp6.
-fn groups(text: &str, domain: i32) -> Vec<(u32, [u8; 16])> {
-    let mut out = Vec::new();
-    let mut index = 0u32;
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if domain == libc::AF_INET6 {
-            // "1 lo ff020000000000000000000000000001 1 0000000C 0"
-            if let (Some(i), Some(g)) = (fields.first(), fields.get(2)) {
-                if let (Ok(i), true) = (i.parse::<u32>(), g.len() == 32) {
-                    let mut a = [0u8; 16];
-                    for (k, b) in a.iter_mut().enumerate() {
-                        *b = u8::from_str_radix(&g[2 * k..2 * k + 2], 16).unwrap_or(0);
-                    }
-                    out.push((i, a));
-                }
-            }
-            continue;
-        }
-        if !line.starts_with(char::is_whitespace) {
-            // "1\tlo        :     1      V3": an interface.
-            index = fields.first().and_then(|i| i.parse().ok()).unwrap_or(0);
-        } else if let Some(g) = fields.first().filter(|g| g.len() == 8) {
-            // "\t\t\t\t010000E0     1 0:00000000\t\t0": the address as the kernel stores
-            // it, printed as a native integer.
-            if let Ok(v) = u32::from_str_radix(g, 16) {
-                let mut a = [0u8; 16];
-                a[..4].copy_from_slice(&v.to_ne_bytes());
-                out.push((index, a));
-            }
-        }
-    }
-    out
 }
 
 /// Sets one option as [`read`] saved it: `data` if not empty, else the int `value`.
@@ -729,15 +651,5 @@ mod tests {
                 .filter,
             Some(f)
         );
-    }
-
-    #[test]
-    fn igmp_lines_give_interface_and_group() {
-        let text = "Idx\tDevice    : Count Querier\tGroup    Users Timer\tReporter\n\
-                    1\tlo        :     1      V3\n\t\t\t\t010000E0     1 0:00000000\t\t0\n";
-        let g = groups(text, libc::AF_INET);
-        assert_eq!(g.len(), 1);
-        assert_eq!(g[0].0, 1);
-        assert_eq!(&g[0].1[..4], &0x010000E0u32.to_ne_bytes());
     }
 }
