@@ -150,6 +150,7 @@ impl Frozen {
         // all): injected syscalls must never meet the workload's seccomp filters.
         for t in frozen.threads.iter_mut() {
             t.seccomp = suspend_seccomp(pid, t.tid)?;
+            t.regs.rip = rseq_abort_ip(pid, t.tid, &t.regs).unwrap_or(t.regs.rip);
         }
         stasis_runtime::failpoints::hit("frozen-process");
         frozen.threads.sort_by_key(|t| (t.tid != pid, t.tid));
@@ -377,6 +378,30 @@ fn runnable_regs(t: &StoppedThread, job_stopped: bool) -> Regs {
 fn put_back_thread(t: &StoppedThread, job_stopped: bool) -> Result<(), RuntimeError> {
     ptrace::set_regs(t.tid, &runnable_regs(t, job_stopped))?;
     ptrace::set_sigmask(t.tid, t.sigmask)
+}
+
+/// Where a thread stopped inside an rseq critical section goes on: the kernel aborts the
+/// section (jumps to its abort handler) when the thread returns to user mode after being
+/// scheduled out, which a stopped thread was. Injected syscalls would make the kernel see the
+/// injection's ip instead and just clear the section pointer, so the thread would resume
+/// inside it unaborted; the abort is done here instead, as the kernel would (and as CRIU
+/// does). None: not in a critical section (or nothing readable to tell).
+fn rseq_abort_ip(pid: i32, tid: i32, regs: &Regs) -> Option<u64> {
+    let rseq = ptrace::get_rseq(tid).ok()??;
+    // struct rseq: cpu_id_start u32, cpu_id u32, rseq_cs u64, ...
+    let mut word = [0u8; 8];
+    stasis_runtime::memory::read_remote(pid, &[(rseq.abi_pointer + 8, 8)], &mut word).ok()?;
+    let cs = u64::from_ne_bytes(word);
+    if cs == 0 {
+        return None;
+    }
+    // struct rseq_cs: version u32, flags u32, start_ip, post_commit_offset, abort_ip (u64).
+    let mut desc = [0u8; 32];
+    stasis_runtime::memory::read_remote(pid, &[(cs, 32)], &mut desc).ok()?;
+    let field = |o: usize| desc[o..o + 8].try_into().ok().map(u64::from_ne_bytes);
+    let (start, len, abort) = (field(8)?, field(16)?, field(24)?);
+    let inside = regs.rip >= start && regs.rip - start < len;
+    (inside && (regs.orig_rax as i64) < 0).then_some(abort)
 }
 
 /// Reads the seccomp mode of a stopped thread and, if it has one, has its filters (or its

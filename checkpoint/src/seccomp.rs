@@ -31,6 +31,16 @@ pub fn collect(
                 }
                 _ => e.into(),
             })?;
+            if let Some(i) = filters.iter().position(|f| returns_user_notif(&f.insns)) {
+                return Err(CheckpointError::unsupported(
+                    pid,
+                    format!(
+                        "thread {tid} has a seccomp filter (number {i}, oldest first) that \
+                         hands syscalls to a supervisor (SECCOMP_RET_USER_NOTIF); its listener \
+                         cannot be restored"
+                    ),
+                ));
+            }
             if filters.is_empty() {
                 return Err(CheckpointError::unsupported(
                     pid,
@@ -52,5 +62,33 @@ pub fn collect(
             pid,
             format!("thread {tid} has an unknown seccomp mode {other}"),
         )),
+    }
+}
+
+/// Whether a classic BPF program can return SECCOMP_RET_USER_NOTIF (a `ret #k` with it).
+fn returns_user_notif(insns: &[u8]) -> bool {
+    const RET_K: u16 = 0x06;
+    const SECCOMP_RET_USER_NOTIF: u32 = 0x7fc0_0000;
+    const SECCOMP_RET_ACTION_FULL: u32 = 0xffff_0000;
+    insns.chunks_exact(8).any(|i| {
+        let code = u16::from_ne_bytes([i[0], i[1]]);
+        let k = u32::from_ne_bytes([i[4], i[5], i[6], i[7]]);
+        code == RET_K && k & SECCOMP_RET_ACTION_FULL == SECCOMP_RET_USER_NOTIF
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_user_notification_returns() {
+        let ret = |k: u32| [&[6u8, 0, 0, 0][..], &k.to_ne_bytes()[..]].concat();
+        let allow = ret(0x7fff_0000);
+        assert!(!returns_user_notif(&allow));
+        assert!(returns_user_notif(
+            &[allow.clone(), ret(0x7fc0_0000)].concat()
+        ));
+        assert!(!returns_user_notif(&[allow, ret(0x0005_0001)].concat()));
     }
 }
