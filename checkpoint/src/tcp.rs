@@ -263,7 +263,13 @@ impl Hold {
             held: None,
         };
         let _in = hold.enter()?;
-        hold.held = Some(netlock::hold(&hold.ports)?);
+        match netlock::hold(&hold.ports) {
+            Ok(h) => hold.held = Some(h),
+            // Without nft nothing is held (a listener with a queue is refused as before):
+            // only established connections make the lock a requirement.
+            Err(stasis_runtime::RuntimeError::Unsupported(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
         Ok(Some(hold))
     }
 
