@@ -45,7 +45,9 @@ fn no_such_pid() {
 #[test]
 fn socket_fd_is_refused_and_left_running() {
     init();
-    let code = "import socket,time\ns=socket.socket()\nprint('ready',flush=True)\ntime.sleep(300)";
+    // A netlink socket: a kind stasis cannot recreate (unconnected TCP sockets it can).
+    let code = "import socket,time\ns=socket.socket(socket.AF_NETLINK,socket.SOCK_RAW,0)\n\
+                print('ready',flush=True)\ntime.sleep(300)";
     let Some(mut child) = python(code) else {
         return;
     };
@@ -53,7 +55,7 @@ fn socket_fd_is_refused_and_left_running() {
     let err = stasis_fails(
         &["checkpoint", &pid, "-o", "/tmp/stasis-sock.img"],
         REFUSED,
-        "is an unconnected TCP (IPv4) socket",
+        "is a netlink socket",
     );
     assert!(err.contains("fd 3"), "the error must name the fd: {err}");
     assert!(running_untraced(child.id() as i32));
@@ -390,7 +392,8 @@ fn a_child_with_a_socket_is_refused_and_the_tree_left_running() {
     init();
     let code = "import subprocess,time\n\
                 c = subprocess.Popen(['python3', '-c', \
-                  'import socket,time\\ns=socket.socket()\\nprint(1,flush=True)\\ntime.sleep(300)'], \
+                  'import socket,time\\ns=socket.socket(socket.AF_NETLINK,socket.SOCK_RAW,0)\\n\
+                  print(1,flush=True)\\ntime.sleep(300)'], \
                   stdout=subprocess.PIPE)\n\
                 c.stdout.readline()\n\
                 print('ready',flush=True)\ntime.sleep(300)";
@@ -404,7 +407,7 @@ fn a_child_with_a_socket_is_refused_and_the_tree_left_running() {
     let err = stasis_fails(
         &["checkpoint", &pid.to_string(), "-o", "/tmp/stasis-tree.img"],
         REFUSED,
-        "is an unconnected TCP (IPv4) socket",
+        "is a netlink socket",
     );
     assert!(
         err.contains(&format!("PID {kid}")) && err.contains("fd 3"),

@@ -55,7 +55,23 @@ fn cases() -> Vec<(&'static str, Edit)> {
             }),
         ),
         (
-            "security_recorded: entry 2 is 77",
+            "seccomp: missing",
+            Box::new(|p| {
+                p.security_recorded
+                    .retain(|&k| k != SecurityState::Seccomp as i32)
+            }),
+        ),
+        (
+            "seccomp: mode 2 with 0 filters",
+            Box::new(|p| {
+                if let Some(t) = p.threads.first_mut() {
+                    t.seccomp_mode = 2;
+                    t.seccomp_filters.clear();
+                }
+            }),
+        ),
+        (
+            "security_recorded: entry 3 is 77",
             Box::new(|p| p.security_recorded.push(77)),
         ),
         ("uids has 3 ids", Box::new(|p| creds(p).uids.truncate(3))),

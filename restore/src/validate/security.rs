@@ -46,7 +46,12 @@ pub const RULES: &[Rule] = &[
         kind: SecurityState::Seccomp,
         field: "seccomp",
         // Each thread's mode and filters (crate::seccomp bounds and checks them).
-        check: |p| crate::seccomp::validate(p).map_err(|e| e.to_string()),
+        check: |p| {
+            crate::seccomp::validate(p).map_err(|e| match e {
+                RestoreError::Invalid(what) => what,
+                e => e.to_string(),
+            })
+        },
     },
 ];
 
@@ -193,6 +198,7 @@ mod tests {
             security_recorded: vec![
                 SecurityState::Credentials as i32,
                 SecurityState::NoNewPrivs as i32,
+                SecurityState::Seccomp as i32,
             ],
             ..Default::default()
         }
@@ -205,6 +211,7 @@ mod tests {
         let cases: Vec<(&str, Breaker)> = vec![
             ("creds: missing", |p| p.creds = None),
             ("no_new_privs: missing", |p| p.security_recorded.truncate(1)),
+            ("seccomp: missing", |p| p.security_recorded.truncate(2)),
             ("creds: missing", |p| {
                 p.security_recorded.remove(0);
             }),
