@@ -23,6 +23,8 @@ enum Kill {
     After(Duration),
     /// stasis kills itself at this failpoint (a FAILPOINTS value).
     At(&'static str),
+    /// Not killed: stasis runs with this FAILPOINTS value (sleeps only) and completes.
+    Slowed(&'static str),
 }
 
 /// Delays of the time sweep on a large process: its pages phase (a kill in the few
@@ -94,7 +96,7 @@ fn checkpoint_killed(pid: i32, img: &Path, leave_running: bool, kill: &Kill) -> 
     if leave_running {
         cmd.arg("--leave-running");
     }
-    if let Kill::At(fp) = kill {
+    if let Kill::At(fp) | Kill::Slowed(fp) = kill {
         cmd.env("FAILPOINTS", fp);
     }
     // Its own process group: the test kills it alone, by PID.
@@ -108,12 +110,14 @@ fn checkpoint_killed(pid: i32, img: &Path, leave_running: bool, kill: &Kill) -> 
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     }
     let st = child.wait().expect("waiting for stasis");
-    if let Kill::At(fp) = kill {
-        assert_eq!(
+    match kill {
+        Kill::At(fp) => assert_eq!(
             st.signal(),
             Some(libc::SIGKILL),
             "stasis did not die at failpoint {fp}: {st}"
-        );
+        ),
+        Kill::Slowed(fp) => assert!(st.success(), "stasis failed with {fp}: {st}"),
+        Kill::After(_) => {}
     }
     st.signal() == Some(libc::SIGKILL)
 }
@@ -370,5 +374,49 @@ fn a_tree_in_its_own_cgroup_is_never_left_frozen_when_stasis_dies() {
         ],
         &kills,
         Some(&cg),
+    );
+}
+
+#[test]
+fn a_signal_taken_while_being_seized_is_neither_lost_nor_delivered_twice() {
+    let test = "a_signal_taken_while_being_seized_is_neither_lost_nor_delivered_twice";
+    if !failpoints_built(test) {
+        return;
+    }
+    // stasis sleeps between seizing each thread and interrupting it, so the running thread
+    // takes one of the signals queued every millisecond (a signal-delivery stop: the kernel
+    // has already taken it out of the queue); then it dies at a later point, or completes.
+    const SEIZE: &str = "seized-thread=sleep(30)";
+    let kills: Vec<(Kill, bool)> = [
+        (
+            Kill::At("seized-thread=sleep(30);frozen-process=return"),
+            true,
+        ),
+        (
+            Kill::At("seized-thread=sleep(30);frozen-process=return"),
+            false,
+        ),
+        (
+            Kill::At("seized-thread=sleep(30);between-injected-syscalls=return"),
+            true,
+        ),
+        (
+            Kill::At("seized-thread=sleep(30);injected-process=return"),
+            false,
+        ),
+        (
+            Kill::At("seized-thread=sleep(30);image-committed=return"),
+            true,
+        ),
+        (Kill::Slowed(SEIZE), true),
+        (Kill::Slowed(SEIZE), false),
+    ]
+    .into_iter()
+    .collect();
+    survive(
+        "death-seize-signal",
+        &["--mib", "8", "--threads", "2", "--signals"],
+        &kills,
+        None,
     );
 }

@@ -32,8 +32,9 @@ pub struct StoppedThread {
 pub struct Frozen {
     pid: i32,
     threads: Vec<StoppedThread>,
-    /// (tid, siginfo) of signals whose delivery stops were suppressed; queued again on
-    /// resume, or saved as pending in the image.
+    /// (tid, siginfo) of signals whose delivery stops were suppressed while injecting
+    /// (signals a blocked mask cannot hold off); queued again on resume, or saved as
+    /// pending in the image.
     deferred: Vec<(i32, Vec<u8>)>,
     /// Stopped by job control before we came: it must be stopped again when we leave.
     stopped: bool,
@@ -116,17 +117,20 @@ impl Frozen {
                     ));
                 }
                 let stop = if pre.tids.remove(&tid).is_some() {
-                    ptrace::wait_interrupted_sig(tid)
+                    ptrace::wait_interrupted(tid)
                 } else {
-                    ptrace::seize_and_stop_sig(tid, SEIZE_OPTIONS)
+                    ptrace::seize_and_stop(tid, SEIZE_OPTIONS)
                 };
                 match stop {
-                    Ok((infos, sig)) => {
-                        if tid == pid && stopped && is_stop_signal(sig) {
+                    // A stop signal here: the process is in a job-control stop, one it was
+                    // in before, or one a stop signal delivered while seizing began.
+                    Ok(sig) if is_stop_signal(sig) => {
+                        frozen.stopped = true;
+                        if tid == pid {
                             frozen.stop_signal = sig;
                         }
-                        frozen.deferred.extend(infos.into_iter().map(|i| (tid, i)))
                     }
+                    Ok(_) => {}
                     // A thread that exited meanwhile (before it was seized, or while it was
                     // being stopped) needs nothing.
                     Err(e) if tid != pid && thread_gone(pid, tid, &e) => continue,
@@ -446,8 +450,8 @@ pub fn is_stop_signal(sig: i32) -> bool {
 }
 
 /// Threads seized and interrupted while their cgroup was frozen, not yet waited for. Dropped
-/// with threads left in it, those are waited for, given back the signals held up while they
-/// stopped, and detached.
+/// with threads left in it, those are waited for (a signal they take meanwhile is delivered)
+/// and detached.
 #[derive(Default)]
 pub struct PreSeized {
     /// tid → its process.
@@ -458,12 +462,8 @@ pub struct PreSeized {
 
 impl Drop for PreSeized {
     fn drop(&mut self) {
-        for (&tid, &tgid) in &self.tids {
-            if let Ok(infos) = ptrace::wait_interrupted(tid) {
-                for info in infos {
-                    let _ = sys::tgkill(tgid, tid, ptrace::siginfo_signo(&info));
-                }
-            }
+        for &tid in self.tids.keys() {
+            let _ = ptrace::wait_interrupted(tid);
             let _ = ptrace::detach(tid, 0);
         }
     }

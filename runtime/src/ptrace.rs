@@ -236,37 +236,36 @@ pub fn detach(pid: i32, sig: i32) -> Result<()> {
     check("ptrace(PTRACE_DETACH)", pid, rc).map(drop)
 }
 
-/// Seizes `pid` and brings it into an interrupt stop. Signal-delivery stops that come first
-/// are suppressed and their siginfos returned, so the caller can queue them again.
-pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<Vec<Vec<u8>>> {
-    seize_and_stop_sig(pid, options).map(|(deferred, _)| deferred)
-}
-
-/// Like [`seize_and_stop`]; also returns the signal of the stop (see
-/// [`wait_interrupted_sig`]).
-pub fn seize_and_stop_sig(pid: i32, options: libc::c_int) -> Result<(Vec<Vec<u8>>, i32)> {
+/// Seizes `pid` and brings it into an interrupt stop (see [`wait_interrupted`]); returns the
+/// signal of that stop.
+pub fn seize_and_stop(pid: i32, options: libc::c_int) -> Result<i32> {
     seize(pid, options)?;
+    // A test can hold stasis here (FAILPOINTS="seized-thread=sleep(30)") so that the
+    // seized, still running, tracee takes a signal before it is interrupted.
+    crate::failpoints::hit("seized-thread");
     interrupt(pid)?;
-    wait_interrupted_sig(pid)
+    wait_interrupted(pid)
 }
 
-/// Waits until a task seized and interrupted by us stops; signals it was about to take
-/// (suppressed) are returned as their siginfo.
-pub fn wait_interrupted(pid: i32) -> Result<Vec<Vec<u8>>> {
-    wait_interrupted_sig(pid).map(|(deferred, _)| deferred)
-}
-
-/// Like [`wait_interrupted`]; also returns the signal of the PTRACE_EVENT_STOP: SIGTRAP
-/// for an interrupt, the signal that stopped it (SIGSTOP, SIGTSTP, ...) for a task in a
-/// job-control stop.
-pub fn wait_interrupted_sig(pid: i32) -> Result<(Vec<Vec<u8>>, i32)> {
-    let mut deferred = Vec::new();
+/// Waits until a task seized and interrupted by us stops, and returns the signal of the
+/// PTRACE_EVENT_STOP: SIGTRAP for an interrupt, the signal that stopped it (SIGSTOP,
+/// SIGTSTP, ...) for a task in a job-control stop.
+///
+/// A signal the task takes first (a signal-delivery stop: the kernel has already taken it
+/// out of its queue) is delivered as the kernel would have without us, siginfo and all: the
+/// interrupt stops the task once its handler frame is set up (as CRIU does).
+/// Nothing of it is held only in stasis's memory, where it would be lost if stasis died.
+pub fn wait_interrupted(pid: i32) -> Result<i32> {
     loop {
         match wait_stop(pid)? {
-            Stop::EventStop(sig) => return Ok((deferred, sig)),
+            Stop::EventStop(sig) => return Ok(sig),
             Stop::Signal(sig) => {
-                deferred.push(stopped_signal_info(pid, sig)?);
-                cont(pid, 0)?;
+                cont(pid, sig)?;
+                // The kernel keeps an interrupt asked for during this stop pending, but a
+                // stop it entered after the request answered that request: ask again, so
+                // it cannot run on. A second trap this may leave pending is taken by the
+                // injector (it steps over event stops) or cleared by the detach.
+                interrupt(pid)?;
             }
             Stop::Exited(code) => {
                 return Err(RuntimeError::Protocol {

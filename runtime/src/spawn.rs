@@ -353,7 +353,7 @@ pub fn spawn_tree(spec: &TreeSpec) -> Result<SpawnedTree> {
             ),
         });
     }
-    // Every signal is blocked in the new processes; a stop for one is only passed over.
+    // Every signal is blocked in the new processes: only SIGKILL could come first.
     for s in &tree.procs {
         ptrace::seize_and_stop(s.pid, libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL)?;
     }

@@ -15,7 +15,7 @@
 //! wrong, every child answers the same way, and (`--signals`) once sending stops, the
 //! handler has seen exactly as many signals as were queued.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,8 @@ use stasis_workloads::{sys, Ctx, Report, Spec};
 
 static RECEIVED: AtomicU64 = AtomicU64::new(0);
 static SENT: AtomicU64 = AtomicU64::new(0);
-static SENDING: AtomicBool = AtomicBool::new(true);
+/// Whether the sender thread queues signals (its lock is held while it sends one).
+static SENDING: Mutex<bool> = Mutex::new(true);
 
 extern "C" fn on_rt(_: libc::c_int) {
     RECEIVED.fetch_add(1, Ordering::SeqCst);
@@ -176,13 +177,18 @@ fn main() {
             libc::sigaction(libc::SIGRTMIN(), &sa, std::ptr::null_mut());
         }
         std::thread::spawn(|| loop {
-            if SENDING.load(Ordering::SeqCst) {
-                let val = libc::sigval {
-                    sival_ptr: std::ptr::null_mut(),
-                };
-                // SAFETY: sigqueue to ourselves with a plain value.
-                if unsafe { libc::sigqueue(libc::getpid(), libc::SIGRTMIN(), val) } == 0 {
-                    SENT.fetch_add(1, Ordering::SeqCst);
+            {
+                // Held across the check, the send and the count: check_signals sees every
+                // signal it counts sent, and none sent after it stopped the sender.
+                let sending = SENDING.lock().unwrap_or_else(|e| e.into_inner());
+                if *sending {
+                    let val = libc::sigval {
+                        sival_ptr: std::ptr::null_mut(),
+                    };
+                    // SAFETY: sigqueue to ourselves with a plain value.
+                    if unsafe { libc::sigqueue(libc::getpid(), libc::SIGRTMIN(), val) } == 0 {
+                        SENT.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -253,8 +259,7 @@ fn main() {
 
 /// Stops sending, waits for every queued signal to arrive, and starts again.
 fn check_signals(r: &mut Report) {
-    SENDING.store(false, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(5));
+    *SENDING.lock().unwrap_or_else(|e| e.into_inner()) = false;
     let sent = SENT.load(Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(3);
     while RECEIVED.load(Ordering::SeqCst) < sent && Instant::now() < deadline {
@@ -263,7 +268,7 @@ fn check_signals(r: &mut Report) {
     let got = RECEIVED.load(Ordering::SeqCst);
     r.eq("SIGRTMIN received vs queued", sent, got);
     r.info(format!("{sent} signals queued and received"));
-    SENDING.store(true, Ordering::SeqCst);
+    *SENDING.lock().unwrap_or_else(|e| e.into_inner()) = true;
 }
 
 /// A forked child checking its own copy of the data, asked over its pipes.
