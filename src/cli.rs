@@ -54,8 +54,9 @@ enum Command {
     ///
     /// The workload is stopped (ptrace, its cgroup's freezer, or the VMM), its registers,
     /// memory, files and signal state are written to the image, and only once the image is
-    /// completely written and synced is it killed (default) or let run on (--leave-running).
-    /// If anything fails, it is resumed exactly as it was.
+    /// completely written and synced is it killed (default). With --leave-running it runs on
+    /// as soon as every page is written out of it, while the image is synced. If anything
+    /// fails, it is resumed exactly as it was.
     Checkpoint {
         /// PID of the process tree's root, or the name of a container or a VM.
         #[arg(value_name = "PID|NAME")]
@@ -63,7 +64,8 @@ enum Command {
         /// Image file to write ("-" streams it to standard output).
         #[arg(short, long)]
         output: PathBuf,
-        /// Let the process run on after the checkpoint instead of killing it.
+        /// Let the process run on after the checkpoint instead of killing it (resumed
+        /// before the image is synced: its frozen time does not include the disk's).
         #[arg(long)]
         leave_running: bool,
         /// Keep established TCP connections (as criu's --tcp-established): their packets

@@ -59,35 +59,6 @@ const POINTS: [&str; 9] = [
     "image-committed=return",
 ];
 
-/// Whether stasis was built with failpoints (says so and skips those points if not).
-fn failpoints_built(test: &str) -> bool {
-    // A build without the feature ignores FAILPOINTS: ask stasis to die at a point every
-    // checkpoint passes, on a small process of our own, and see whether it did.
-    let mut wl = start("wl-survivor", &["--mib", "1", "--threads", "1"]);
-    let dir = scratch(&format!("{test}-probe"));
-    let _cleanup = RemoveDir(dir.clone());
-    let img = dir.join("probe.img");
-    let st = Command::new(stasis())
-        .args(["checkpoint", &wl.pid.to_string(), "--leave-running", "-o"])
-        .arg(&img)
-        .env("FAILPOINTS", "frozen-process=return")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("running stasis");
-    wl.pipes.expect_pass("verify", "probe workload");
-    wl.pipes.send("check");
-    let _ = wl.child.wait();
-    let built = st.signal() == Some(libc::SIGKILL);
-    if !built {
-        skip(
-            test,
-            "stasis was built without --features stasis/failpoints: the failpoint kills are not run",
-        );
-    }
-    built
-}
-
 /// Runs `stasis checkpoint PID` and kills it as `kill` says; returns whether stasis died
 /// before finishing (false: it completed first).
 fn checkpoint_killed(pid: i32, img: &Path, leave_running: bool, kill: &Kill) -> bool {

@@ -6,7 +6,8 @@
 //! memory layout, files and signal state; [`descs`] finds the open file descriptions and pipes
 //! the processes share and saves the bytes sitting in pipes; [`pages`] streams the memory
 //! into the image writer. Only after the image is completely written and committed (synced)
-//! are the processes killed or let run on.
+//! are the processes killed; let run on (`leave_running`), they are resumed once every page is
+//! written out of them, and the image is synced while they run.
 
 pub mod collect;
 pub mod container;
@@ -108,8 +109,10 @@ pub fn peak_rss_kib() -> u64 {
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 /// Checkpoints the process tree rooted at `pid` into `sink`. On success the image is
-/// committed, and then every process is killed (default) or resumed (`leave_running`). On
-/// failure every process is resumed exactly as it was, and nothing is left behind in the sink.
+/// committed, and then every process is killed (default); with `leave_running` every process
+/// is resumed once its pages are written out, before the commit (an error committing then
+/// leaves them running). On failure every process is resumed exactly as it was, and nothing
+/// is left behind in the sink.
 pub fn checkpoint_tree<S: ImageSink>(
     pid: i32,
     opts: &Options,
@@ -186,6 +189,8 @@ pub fn checkpoint_tree<S: ImageSink>(
                 ..c.clone()
             });
         }
+        let mut sink = sink;
+        sink.write_behind(!opts.leave_running);
         let mut writer = ImageWriter::new(sink, &inventory, opts.compression)?;
         for p in &procs {
             writer.write_process(p)?;
@@ -201,11 +206,12 @@ pub fn checkpoint_tree<S: ImageSink>(
             return Err(CheckpointError::Interrupted(sig));
         }
         let pages_us = tp.elapsed().as_micros() as u64;
-        let tm = Instant::now();
-        sink.commit()
-            .map_err(|e| CheckpointError::Io("commit image".into(), e))?;
-        let commit_us = tm.elapsed().as_micros() as u64;
-        stasis_runtime::failpoints::hit("image-committed");
+        // Killed only once the image is durable; left running, it is resumed first (every
+        // page is already out of it) and the image is synced while it runs.
+        let commit_us = match opts.leave_running {
+            true => 0,
+            false => commit(&mut sink)?,
+        };
         let stats = Stats {
             pid,
             processes: procs.len() as u64,
@@ -233,14 +239,17 @@ pub fn checkpoint_tree<S: ImageSink>(
     })();
 
     match result {
-        Ok((mut stats, _sink, repaired)) => {
+        Ok((mut stats, mut sink, repaired)) => {
             if opts.leave_running {
                 // Out of repair mode before the processes can touch their sockets.
                 if let Some(r) = repaired {
                     r.release_running();
                 }
                 frozen.resume()?;
+                stats.frozen_us = t_frozen.elapsed().as_micros() as u64;
                 drop(hold);
+                // Runs on if this fails; the partial image is removed with the sink.
+                stats.commit_us = commit(&mut sink)?;
                 stats.process = "running".into();
             } else {
                 let tk = Instant::now();
@@ -259,7 +268,9 @@ pub fn checkpoint_tree<S: ImageSink>(
             }
             stats.peak_rss_kib = peak_rss_kib();
             stats.freeze_us = freeze_us;
-            stats.frozen_us = t_frozen.elapsed().as_micros() as u64;
+            if !opts.leave_running {
+                stats.frozen_us = t_frozen.elapsed().as_micros() as u64;
+            }
             stats.total_us = t0.elapsed().as_micros() as u64;
             Ok(stats)
         }
@@ -281,4 +292,16 @@ pub fn checkpoint_tree<S: ImageSink>(
             Err(e)
         }
     }
+}
+
+/// Makes the image durable and visible under its name; returns how long that took (us).
+fn commit<S: ImageSink>(sink: &mut S) -> Result<u64, CheckpointError> {
+    let tm = Instant::now();
+    // Tests hold stasis here (FAILPOINTS="image-syncing=sleep(N)") to see the workload's state
+    // while its image is being synced.
+    stasis_runtime::failpoints::hit("image-syncing");
+    sink.commit()
+        .map_err(|e| CheckpointError::Io("commit image".into(), e))?;
+    stasis_runtime::failpoints::hit("image-committed");
+    Ok(tm.elapsed().as_micros() as u64)
 }
