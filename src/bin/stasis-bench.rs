@@ -2,7 +2,9 @@
 //!
 //! For each memory size, a `wl-counter --mib N` process holding N MiB of non-zero random data
 //! is checkpointed (killed), checkpointed with --leave-running (frozen time), and restored
-//! until it runs again, with raw and zstd page data. The image lives in /dev/shm (page cache).
+//! until it runs again, with raw and zstd page data. The image lives in /dev/shm (page cache),
+//! or in `--dir`; a dir on a disk gets the disk rows of [`disk`] (synced file system before
+//! each timed run, CRIU's dump with and without syncing its image, the fsync in the floor).
 //! The baseline copies the same amount of memory into freshly allocated memory: these VMs
 //! give out fresh memory slowly and erratically, so every figure is also shown as a ratio to
 //! the baseline's median from the same run (measured once before each run of each row).
@@ -22,6 +24,8 @@
 
 #[path = "stasis-bench/criu.rs"]
 mod criu;
+#[path = "stasis-bench/disk.rs"]
+mod disk;
 #[path = "stasis-bench/floor.rs"]
 mod floor;
 #[path = "stasis-bench/vm.rs"]
@@ -246,8 +250,17 @@ struct Samples {
     rss_mib: Vec<f64>,
 }
 
-fn one_run(case: &Case, compress: &str, img: &Path, s: &mut Samples) -> Result<(), String> {
+/// One run of a row; `disk`: the image dir when it is on a disk (synced before each timed
+/// checkpoint, see [`disk`]).
+fn one_run(
+    case: &Case,
+    compress: &str,
+    img: &Path,
+    disk: Option<&Path>,
+    s: &mut Samples,
+) -> Result<(), String> {
     let imgs = img.to_str().ok_or("path")?;
+    let settle = || disk.inspect(|d| disk::settle(d));
     // Frozen time of --leave-running.
     let mut w = start_workload(case)?;
     let pid = w.pid.to_string();
@@ -264,6 +277,7 @@ fn one_run(case: &Case, compress: &str, img: &Path, s: &mut Samples) -> Result<(
         args.extend_from_slice(extra);
         stasis(&args, Stdio::null(), Stdio::piped())
     };
+    settle();
     let (_, _, out) = checkpoint(&["--leave-running"])?;
     s.frozen.push(json_u64(&out, "frozen_us") / 1000.0);
     // Freeing the old image inside the next checkpoint's commit would be charged to it.
@@ -273,6 +287,7 @@ fn one_run(case: &Case, compress: &str, img: &Path, s: &mut Samples) -> Result<(
     // time (the kernel's restart block is not readable), and comes back with EINTR.
     std::thread::sleep(Duration::from_millis(150));
     // Checkpoint and kill.
+    settle();
     let (ms, _, out) = checkpoint(&[])?;
     let _ = w.child.wait();
     reap_orphans();
@@ -344,22 +359,28 @@ struct CriuRow {
 }
 
 /// The CRIU table: CRIU's medians from the same runs, and stasis/CRIU (target <= 0.80); then
-/// the floor under a raw checkpoint (see `floor`).
-fn print_criu(path: &Path, version: &str, rows: Vec<CriuRow>) {
+/// the floor under a raw checkpoint (see `floor`). `durable`: the image dir is on a disk,
+/// where CRIU's row also shows its dump followed by the fsync of its image files ("+sync").
+fn print_criu(path: &Path, version: &str, rows: Vec<CriuRow>, durable: bool) {
     println!();
     println!(
         "CRIU {version} ({}), same runs, raw pages; x = ratio to the baseline median; stasis/CRIU target <= 0.80",
         path.display()
     );
+    if durable {
+        println!("On a disk CRIU leaves its image unsynced: +sync is its dump and then the fsync of its image files, what a durable image costs it");
+    }
     println!(
-        "{:>14} | {:>9} | {:>10} {:>6} | {:>10} {:>6} | {:>11} {:>11} | {:>9}",
+        "{:>14} | {:>9} | {:>10} {:>6} | {:>9} | {:>10} {:>6} | {:>11} {:>11} {:>11} | {:>9}",
         "workload",
         "baseline",
         "checkpoint",
         "x",
+        "+sync",
         "restore",
         "x",
         "ckpt s/CRIU",
+        "s/CRIU+sync",
         "rest s/CRIU",
         "image MiB"
     );
@@ -379,26 +400,45 @@ fn print_criu(path: &Path, version: &str, rows: Vec<CriuRow>) {
         runs += cs.restore.len();
         let cc = median(&mut cs.checkpoint);
         let cr = median(&mut cs.restore);
+        // Per run, so the median is of whole durable dumps.
+        let mut synced: Vec<f64> = cs
+            .checkpoint
+            .iter()
+            .zip(&cs.sync)
+            .map(|(d, s)| d + s)
+            .collect();
+        let (plus_sync, ratio_sync) = match durable {
+            true => {
+                let m = median(&mut synced);
+                (format!("{m:.1}"), format!("{:.2}", c / m))
+            }
+            false => ("-".into(), "-".into()),
+        };
         println!(
-            "{:>14} | {:>9.1} | {:>10.1} {:>6.2} | {:>10.1} {:>6.2} | {:>11.2} {:>11.2} | {:>9.1}",
+            "{:>14} | {:>9.1} | {:>10.1} {:>6.2} | {:>9} | {:>10.1} {:>6.2} | {:>11.2} {:>11} {:>11.2} | {:>9.1}",
             label,
             b,
             cc,
             cc / b,
+            plus_sync,
             cr,
             cr / b,
             c / cc,
+            ratio_sync,
             r / cr,
             median(&mut cs.size_mib)
         );
-        let (w, rd, h) = (
-            median(&mut fs.write),
-            median(&mut fs.read),
-            median(&mut fs.hash),
-        );
-        floors.push((label, w, rd, h, cc, c));
+        floors.push(FloorRow {
+            label,
+            write: median(&mut fs.write),
+            read: median(&mut fs.read),
+            hash: median(&mut fs.hash),
+            fsync: median(&mut fs.fsync),
+            criu: cc,
+            stasis: c,
+        });
     }
-    print_floor(floors);
+    print_floor(floors, durable);
     if eintr > 0 {
         println!(
             "({eintr} of {runs} CRIU restores resumed the workload's nanosleep with EINTR, as CRIU does for a task in restart_syscall; all its other checks passed)"
@@ -406,17 +446,33 @@ fn print_criu(path: &Path, version: &str, rows: Vec<CriuRow>) {
     }
 }
 
-/// The floor table: (label, write, read, hash, CRIU checkpoint, stasis checkpoint) medians.
-fn print_floor(rows: Vec<(String, f64, f64, f64, f64, f64)>) {
+/// One row of the floor table: the passes', CRIU's and stasis's checkpoint medians.
+struct FloorRow {
+    label: String,
+    write: f64,
+    read: f64,
+    hash: f64,
+    fsync: f64,
+    criu: f64,
+    stasis: f64,
+}
+
+/// The floor table (see `floor`); `durable` adds the fsync pass.
+fn print_floor(rows: Vec<FloorRow>, durable: bool) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!();
+    let fsync = match durable {
+        true => " and fsync (of that file)",
+        false => "",
+    };
     println!(
-        "Floor of a raw checkpoint on {cores} cores, same runs: one pass of write (into a new file in the image dir), read (process_vm_readv) and hash (blake3); floor = max(write, (write+read+hash)/cores)"
+        "Floor of a raw checkpoint on {cores} cores, same runs: one pass of write (into a new file in the image dir){fsync}, read (process_vm_readv) and hash (blake3); floor = max(write+fsync, (write+read+hash)/cores)"
     );
     println!(
-        "{:>14} | {:>7} {:>7} {:>7} | {:>7} | {:>9} {:>9} | {:>11} {:>11}",
+        "{:>14} | {:>7} {:>7} {:>7} {:>7} | {:>7} | {:>9} {:>9} | {:>11} {:>11}",
         "workload",
         "write",
+        "fsync",
         "read",
         "hash",
         "floor",
@@ -425,19 +481,20 @@ fn print_floor(rows: Vec<(String, f64, f64, f64, f64, f64)>) {
         "stasis/floor",
         "CRIU/floor"
     );
-    for (label, w, rd, h, criu, stasis) in rows {
-        let f = floor::floor(w, rd, h, cores);
+    for r in rows {
+        let f = floor::floor(r.write, r.read, r.hash, r.fsync, cores);
         println!(
-            "{:>14} | {:>7.1} {:>7.1} {:>7.1} | {:>7.1} | {:>9.1} {:>9.1} | {:>11.2} {:>11.2}",
-            label,
-            w,
-            rd,
-            h,
+            "{:>14} | {:>7.1} {:>7.1} {:>7.1} {:>7.1} | {:>7.1} | {:>9.1} {:>9.1} | {:>11.2} {:>11.2}",
+            r.label,
+            r.write,
+            r.fsync,
+            r.read,
+            r.hash,
             f,
-            0.8 * criu,
-            stasis,
-            stasis / f,
-            criu / f
+            0.8 * r.criu,
+            r.stasis,
+            r.stasis / f,
+            r.criu / f
         );
     }
 }
@@ -463,7 +520,17 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let durable = match disk::on_disk(&args.dir) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("stasis-bench: --dir: {e}");
+            std::process::exit(2);
+        }
+    };
     println!("stasis-bench: {} runs each, image in {}; times in ms, medians; x = ratio to the baseline median", args.runs, args.dir.display());
+    if durable {
+        println!("The image dir is on a disk: each timed checkpoint starts with its file system synced; stasis's checkpoint (kill) includes the fsync of its image before the kill, its --leave-running resumes the workload first and syncs after (frozen excludes it)");
+    }
     println!(
         "{:>14} {:>5} | {:>9} | {:>10} {:>6} | {:>9} | {:>10} {:>6} | {:>9} {:>9}",
         "workload",
@@ -537,8 +604,13 @@ fn main() {
                 // always follows the other's freeing of its image and process.
                 let mut run_criu = |cs: &mut criu::Samples, fs: &mut floor::Samples| {
                     if let (Some(path), true) = (criu_path, criu_ok) {
-                        let r = criu::one_run(path, case, &args.dir, cs).and_then(|()| {
-                            floor::one_run(&src[..(case.mib << 20) as usize], &args.dir, fs)
+                        let r = criu::one_run(path, case, &args.dir, durable, cs).and_then(|()| {
+                            floor::one_run(
+                                &src[..(case.mib << 20) as usize],
+                                &args.dir,
+                                durable,
+                                fs,
+                            )
                         });
                         if let Err(e) = r {
                             eprintln!("stasis-bench: {}, CRIU: {e}", case.label);
@@ -550,7 +622,8 @@ fn main() {
                 if i % 2 == 1 {
                     run_criu(&mut cs, &mut fs);
                 }
-                if let Err(e) = one_run(case, compress, &img, &mut s) {
+                let disk = durable.then_some(args.dir.as_path());
+                if let Err(e) = one_run(case, compress, &img, disk, &mut s) {
                     eprintln!("stasis-bench: {}, {compress}: {e}", case.label);
                     failed = true;
                     break;
@@ -588,7 +661,7 @@ fn main() {
         }
     }
     if let (Some(path), Some(version)) = (&args.criu, &criu_version) {
-        print_criu(path, version, criu_rows);
+        print_criu(path, version, criu_rows, durable);
     }
     if args.vms {
         let base = |mib: u64| {

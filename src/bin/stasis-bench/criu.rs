@@ -29,6 +29,8 @@ pub struct Samples {
     pub checkpoint: Vec<f64>,
     pub restore: Vec<f64>,
     pub size_mib: Vec<f64>,
+    /// On a disk: fsync of the image files after the dump (CRIU does not sync its image).
+    pub sync: Vec<f64>,
     /// Runs whose restored workload reported only CRIU's nanosleep EINTR.
     pub eintr: usize,
 }
@@ -76,20 +78,35 @@ fn only_sleep_eintr(line: &str) -> bool {
 }
 
 /// Checkpoints and restores one `case` workload with CRIU, images in a folder in `dir`.
-pub fn one_run(criu: &Path, case: &Case, dir: &Path, s: &mut Samples) -> Result<(), String> {
+pub fn one_run(
+    criu: &Path,
+    case: &Case,
+    dir: &Path,
+    durable: bool,
+    s: &mut Samples,
+) -> Result<(), String> {
     let imgs: PathBuf = dir.join(format!("stasis-bench-criu-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&imgs);
     std::fs::create_dir_all(&imgs).map_err(|e| format!("{}: {e}", imgs.display()))?;
-    let result = run_in(criu, case, &imgs, s);
+    let result = run_in(criu, case, &imgs, durable, s);
     let _ = std::fs::remove_dir_all(&imgs);
     result
 }
 
-fn run_in(criu: &Path, case: &Case, imgs: &Path, s: &mut Samples) -> Result<(), String> {
+fn run_in(
+    criu: &Path,
+    case: &Case,
+    imgs: &Path,
+    durable: bool,
+    s: &mut Samples,
+) -> Result<(), String> {
     let d = imgs.to_str().ok_or("path")?;
     let mut w = start_workload(case)?;
     let (stdin_id, stdout_id) = (pipe_id(w.pid, 0)?, pipe_id(w.pid, 1)?);
     let pid = w.pid.to_string();
+    if durable {
+        super::disk::settle(imgs);
+    }
     let mut dump = Command::new(criu);
     dump.args(["dump", "-t", &pid, "-D", d, "--shell-job", "-o", "dump.log"])
         .stdin(Stdio::null())
@@ -102,6 +119,12 @@ fn run_in(criu: &Path, case: &Case, imgs: &Path, s: &mut Samples) -> Result<(), 
     reap_orphans();
     let (ms, _, _) = dumped.map_err(|e| format!("{e}\n{}", log_tail(imgs, "dump.log")))?;
     s.checkpoint.push(ms);
+    if std::env::var_os("STASIS_BENCH_VERBOSE").is_some() {
+        eprintln!("CRIU dump {ms:.1} ms");
+    }
+    if durable {
+        s.sync.push(super::disk::sync_files(imgs)?);
+    }
     let pages: u64 = std::fs::read_dir(imgs)
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok())

@@ -10,9 +10,13 @@
 //!   and copying them), through the same call stasis reads a stopped process with.
 //! - hash: [`ChunkEncoder`] on 4 MiB chunks, raw (blake3, the image format's chunk hash).
 //!
+//! - fsync (an image dir on a disk only): the fsync of that file after the write, the
+//!   device's share of a durable image.
+//!
 //! CRIU pays read (as vmsplice's pinning, without the copy) and write; stasis pays all three,
-//! spread over the machine's cores. So no stasis checkpoint can beat
-//! max(write, (write + read + hash) / cores): the "floor" column.
+//! spread over the machine's cores, and on a disk the fsync (it may overlap the other passes:
+//! stasis starts writeback while it writes). So no stasis checkpoint can beat
+//! max(write + fsync, (write + read + hash) / cores): the "floor" column.
 
 use stasis_image::{ChunkEncoder, Compression};
 use std::io::Write;
@@ -27,27 +31,38 @@ pub struct Samples {
     pub write: Vec<f64>,
     pub read: Vec<f64>,
     pub hash: Vec<f64>,
+    pub fsync: Vec<f64>,
 }
 
 /// Measures the three passes over `src` once and adds them to `s`.
-pub fn one_run(src: &[u8], dir: &Path, s: &mut Samples) -> Result<(), String> {
+pub fn one_run(src: &[u8], dir: &Path, durable: bool, s: &mut Samples) -> Result<(), String> {
     let path = dir.join(format!("stasis-bench-floor-{}", std::process::id()));
-    let write = write_pass(src, &path);
+    let write = write_pass(src, &path, durable);
     let _ = std::fs::remove_file(&path);
-    s.write.push(write?);
+    let (write, fsync) = write?;
+    s.write.push(write);
+    s.fsync.push(fsync);
     s.read.push(read_pass(src)?);
     s.hash.push(hash_pass(src)?);
     Ok(())
 }
 
-fn write_pass(src: &[u8], path: &Path) -> Result<f64, String> {
+/// The write pass, and (`durable`) the fsync after it; milliseconds.
+fn write_pass(src: &[u8], path: &Path, durable: bool) -> Result<(f64, f64), String> {
     let t = Instant::now();
     let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
     for piece in src.chunks(PIECE) {
         f.write_all(piece)
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
-    Ok(t.elapsed().as_secs_f64() * 1000.0)
+    let write = t.elapsed().as_secs_f64() * 1000.0;
+    if !durable {
+        return Ok((write, 0.0));
+    }
+    let t = Instant::now();
+    f.sync_all()
+        .map_err(|e| format!("fsync {}: {e}", path.display()))?;
+    Ok((write, t.elapsed().as_secs_f64() * 1000.0))
 }
 
 fn read_pass(src: &[u8]) -> Result<f64, String> {
@@ -81,7 +96,8 @@ fn hash_pass(src: &[u8]) -> Result<f64, String> {
     Ok(ns as f64 / 1e6)
 }
 
-/// The floor of a raw stasis checkpoint on `cores` cores, from the three medians.
-pub fn floor(write: f64, read: f64, hash: f64, cores: usize) -> f64 {
-    write.max((write + read + hash) / cores.max(1) as f64)
+/// The floor of a raw stasis checkpoint on `cores` cores, from the passes' medians (fsync 0
+/// where the image is not on a disk).
+pub fn floor(write: f64, read: f64, hash: f64, fsync: f64, cores: usize) -> f64 {
+    (write + fsync).max((write + read + hash) / cores.max(1) as f64)
 }
