@@ -9,9 +9,7 @@ use common::clean;
 use stasis_runtime::cgroups::{
     Cgroup, Controller, Hierarchy, IoKind, IoLimit, Limits, Version, UNLIMITED,
 };
-use std::ffi::CString;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -127,32 +125,9 @@ fn make_rel(h: &Hierarchy, rel: String) -> Guard {
     Guard(Cgroup::create(h, &rel).unwrap_or_else(|e| panic!("create {rel}: {e}")))
 }
 
-/// Makes `cmd`'s child join `cg` before it execs (it writes "0" into each cgroup.procs).
+/// Makes `cmd`'s child join `cg` before it execs.
 fn join(cmd: &mut Command, cg: &Cgroup) {
-    let files: Vec<CString> = cg
-        .procs_files()
-        .iter()
-        .map(|p| CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in a path"))
-        .collect();
-    // SAFETY: runs between fork and exec; open, write and close are async-signal-safe and
-    // the paths were built before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            for f in &files {
-                let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-            }
-            Ok(())
-        });
-    }
+    common::join_cgroups_before_exec(cmd, &cg.procs_files());
 }
 
 /// The real python3 binary (not a shim that would run more processes in the cgroup).

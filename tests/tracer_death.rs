@@ -129,30 +129,7 @@ impl OwnCgroup {
 
     /// Makes `cmd`'s child join the cgroup before it execs.
     fn join(&self, cmd: &mut Command) {
-        let file = std::ffi::CString::new(
-            self.0
-                .join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )
-        .expect("no NUL in a path");
-        // SAFETY: runs between fork and exec; open, write and close are async-signal-safe
-        // and the path was built before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
+        join_cgroups_before_exec(cmd, &[self.0.join("cgroup.procs")]);
     }
 }
 

@@ -389,18 +389,7 @@ fn query_by_injection(
     const PRCTL_AT: u64 = 2432;
     let pid = frozen.pid();
     let mut inj = frozen.injector(pid, syscall_ip)?;
-    let scratch = inj.call(
-        "mmap(scratch)",
-        libc::SYS_mmap,
-        &[
-            0,
-            SCRATCH_LEN,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
+    let scratch = inj.mmap_anon("mmap(scratch)", SCRATCH_LEN)?;
     let result = (|| -> Result<_, RuntimeError> {
         let sigs = signals_to_query(status);
         for &sig in &sigs {

@@ -137,18 +137,7 @@ fn install_filter(
     extra_flags: u64,
 ) -> Result<(), RuntimeError> {
     let len = (16 + f.insns.len()).next_multiple_of(4096) as u64;
-    let at = inj.call(
-        "mmap(seccomp filter)",
-        libc::SYS_mmap,
-        &[
-            0,
-            len,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
+    let at = inj.mmap_anon("mmap(seccomp filter)", len)?;
     // struct sock_fprog { unsigned short len; struct sock_filter *filter; }, then the program.
     let mut buf = Vec::with_capacity(16 + f.insns.len());
     buf.extend_from_slice(&((f.insns.len() / INSN_SIZE) as u64).to_ne_bytes());

@@ -88,6 +88,23 @@ impl Injector {
         Ok(rc as u64)
     }
 
+    /// Maps `len` bytes of private anonymous read-write memory in the tracee (a scratch area
+    /// for an injected call's arguments); `name` names the call in errors.
+    pub fn mmap_anon(&mut self, name: &'static str, len: u64) -> Result<u64> {
+        self.call(
+            name,
+            libc::SYS_mmap,
+            &[
+                0,
+                len,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )
+    }
+
     fn enter(&mut self, nr: libc::c_long, args: &[u64]) -> Result<()> {
         let mut regs = self.base;
         regs.rip = self.syscall_ip;

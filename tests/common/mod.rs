@@ -492,3 +492,34 @@ pub fn failpoints_built(test: &str) -> bool {
     }
     built
 }
+
+/// Makes `cmd`'s child join the cgroups whose `cgroup.procs` files are `procs_files` before
+/// it execs (it writes "0" into each).
+pub fn join_cgroups_before_exec(cmd: &mut Command, procs_files: &[PathBuf]) {
+    use std::os::unix::process::CommandExt;
+    let files: Vec<std::ffi::CString> = procs_files
+        .iter()
+        .map(|p| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL in a path")
+        })
+        .collect();
+    // SAFETY: runs between fork and exec; open, write and close are async-signal-safe and
+    // the paths were built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for f in &files {
+                let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+            }
+            Ok(())
+        });
+    }
+}
