@@ -1248,3 +1248,73 @@ fn a_foreground_container_keeps_writing_to_its_callers_pipe_after_a_restore() {
     assert_eq!(st.code(), Some(137), "{st:?}");
     assert!(env.ps().is_empty());
 }
+
+#[test]
+fn a_container_runs_on_when_stasis_dies_during_its_checkpoint() {
+    use std::os::unix::process::ExitStatusExt;
+    let test = "a_container_runs_on_when_stasis_dies_during_its_checkpoint";
+    let Some(root) = rootfs() else { return };
+    if !failpoints_built(test) {
+        return;
+    }
+    let mut env = Env::new("ct-death");
+    let r = root.to_str().expect("path");
+    let file = root.join("tmp/ct-death.counts");
+    let _ = std::fs::remove_file(&file);
+    env.run(
+        "death",
+        &["--rootfs", r, "--memory", "96m"],
+        &[
+            "/bin/sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i >> /tmp/ct-death.counts; sleep 0.02; done",
+        ],
+    );
+    let img = env.state.join("death.img");
+    let img_s = img.to_str().expect("path");
+    // Frozen through its cgroup (only the guard can thaw it then), mid-injection, in the
+    // pages phase, and with the image committed but the container not yet killed.
+    for (fp, leave) in [
+        ("preseize-frozen=return", false),
+        ("frozen-process=return", true),
+        ("between-injected-syscalls=3*off->return", false),
+        ("injected-process=return", false),
+        ("pages-progress=return", true),
+        ("image-committed=return", false),
+    ] {
+        let what = format!("{fp} (leave-running {leave})");
+        let before = assert_sequence(&file);
+        let mut args = env.args(&["checkpoint", "death", "-o", img_s]);
+        if leave {
+            args.push("--leave-running");
+        }
+        let st = std::process::Command::new(stasis())
+            .args(&args)
+            .env("FAILPOINTS", fp)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("running stasis");
+        assert_eq!(
+            st.signal(),
+            Some(libc::SIGKILL),
+            "{what}: stasis did not die"
+        );
+        // It runs on, counting without a gap, and is still the one container listed.
+        wait_for(&what, Duration::from_secs(10), || {
+            assert_sequence(&file) > before + 5
+        });
+        assert_eq!(env.ps().len(), 1, "{what}: {:?}", env.ps());
+        let _ = std::fs::remove_file(&img);
+    }
+    // A normal checkpoint and restore still work.
+    env.ok(&["checkpoint", "death", "-o", img_s]);
+    assert!(env.ps().is_empty(), "still listed after the checkpoint");
+    let stopped_at = assert_sequence(&file);
+    assert_eq!(env.ok(&["restore", "--detach", img_s]).trim(), "death");
+    wait_for(
+        "counting after the restore",
+        Duration::from_secs(10),
+        || assert_sequence(&file) > stopped_at + 5,
+    );
+}
