@@ -350,8 +350,10 @@ impl Builder<'_> {
         for (i, th) in p.threads.iter().enumerate() {
             let tid = self.tids[i];
             ptrace::set_xstate(tid, &th.xstate).map_err(|e| self.err(e))?;
-            ptrace::set_sigmask(tid, th.sigmask).map_err(|e| self.err(e))?;
+            // The main thread's mask is set in finish(), after its last injected call: with a
+            // signal unblocked there, a pending one would be taken at that call's signal stop.
             if i > 0 {
+                ptrace::set_sigmask(tid, th.sigmask).map_err(|e| self.err(e))?;
                 ptrace::set_regs(tid, &final_regs_of(th)?).map_err(|e| self.err(e))?;
             }
         }
@@ -373,7 +375,7 @@ impl Builder<'_> {
         crate::locks::take(&mut t, procs, p, pass)
     }
 
-    /// Removes the trampoline and sets the final registers of the main thread.
+    /// Removes the trampoline and sets the final registers and signal mask of the main thread.
     fn finish(&mut self, p: &proto::Process) -> Result<(), RestoreError> {
         let t = p
             .threads
@@ -399,6 +401,10 @@ impl Builder<'_> {
             )));
         }
         ptrace::set_regs(self.pid, &main_regs).map_err(|e| self.err(e))?;
+        // Only now, with nothing left to inject: every signal stayed blocked through the
+        // injected calls, and the pending ones are delivered once it runs (the kernel looks
+        // at the queues again when a thread leaves its ptrace stop).
+        ptrace::set_sigmask(self.pid, t.sigmask).map_err(|e| self.err(e))?;
         Ok(())
     }
 
