@@ -281,3 +281,40 @@ fn a_stopped_process_stays_stopped() {
     p.expect_pass("check", "continued after restore");
     common::reap(wl.pid);
 }
+
+#[test]
+fn a_signal_pending_and_unblocked_in_the_image_is_delivered_once_after_restore() {
+    // A job-control-stopped process takes no signal but SIGKILL and SIGCONT: one sent to it
+    // now waits in its queue, unblocked, and is saved so. Restored, it must be delivered once
+    // the process is continued (the restore once lost it: the main thread got its final mask
+    // before its last injected calls, took the signal at one of them, and the injector
+    // suppressed it).
+    let dir = common::scratch("pending-unblocked");
+    let mut wl = common::start("wl-signal", &[]);
+    let pid = wl.pid.to_string();
+    wl.pipes.expect_pass("verify", "before the checkpoint");
+    // SAFETY: kill takes no pointers; the pid is the workload this test started.
+    unsafe { libc::kill(wl.pid, libc::SIGSTOP) };
+    wait_state(wl.pid, 'T');
+    // SAFETY: as above.
+    unsafe { libc::kill(wl.pid, libc::SIGUSR1) };
+    let img = dir.join("p.img");
+    common::stasis_ok(&["checkpoint", &pid, "-o", img.to_str().expect("utf8")]);
+    wl.child.wait().expect("reap");
+    let (mut r, mut p) = common::restore(&img, true);
+    assert!(r.wait().expect("restore").success());
+    wait_state(wl.pid, 'T');
+    // SAFETY: as above (the restored process has the same pid).
+    unsafe { libc::kill(wl.pid, libc::SIGCONT) };
+    p.send("verify");
+    let info = p.expect_line(&["INFO ", "PASS ", "FAIL "]);
+    let line = p.expect_line(&["PASS ", "FAIL "]);
+    assert!(line.starts_with("PASS "), "after the restore: {line}");
+    assert!(
+        info.contains("SIGUSR1 handled 3 times") && info.contains("(1 from outside)"),
+        "the SIGUSR1 pending in the image was not delivered exactly once: {info}"
+    );
+    p.send("check");
+    let _ = p.expect_line(&["PASS ", "FAIL "]);
+    common::reap(wl.pid);
+}
