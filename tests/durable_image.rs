@@ -57,6 +57,20 @@ fn wait_pages_written(stasis: &mut Child, img: &Path, what: &str) {
     }
 }
 
+/// Asserts that the image is not in place yet, then that stasis succeeds and leaves it
+/// committed (in place, no partial file).
+fn assert_commits_only_now(stasis: &mut Child, img: &Path) {
+    assert!(!img.exists(), "the image is in place before it was synced");
+    assert!(
+        stasis.wait().expect("stasis").success(),
+        "stasis checkpoint failed"
+    );
+    assert!(
+        img.exists() && !partial(img).exists(),
+        "the image was not committed"
+    );
+}
+
 #[test]
 fn leave_running_resumes_the_workload_before_its_image_is_synced() {
     let test = "leave_running_resumes_the_workload_before_its_image_is_synced";
@@ -84,15 +98,7 @@ fn leave_running_resumes_the_workload_before_its_image_is_synced() {
         st.try_wait().expect("try_wait").is_none(),
         "stasis finished its sync before the workload had answered (held 4 s)"
     );
-    assert!(!img.exists(), "the image is in place before it was synced");
-    assert!(
-        st.wait().expect("stasis").success(),
-        "stasis checkpoint failed"
-    );
-    assert!(
-        img.exists() && !partial(&img).exists(),
-        "the image was not committed"
-    );
+    assert_commits_only_now(&mut st, &img);
     // The original ends (its PIDs are the image's), and the image restores.
     wl.pipes
         .expect_pass("check", "the workload after the checkpoint");
@@ -128,15 +134,7 @@ fn a_killed_workload_dies_only_after_its_image_is_synced_and_in_place() {
         !stat.is_empty() && !stat.contains(") Z "),
         "the workload died before its image was synced: {stat:?}"
     );
-    assert!(!img.exists(), "the image is in place before it was synced");
-    assert!(
-        st.wait().expect("stasis").success(),
-        "stasis checkpoint failed"
-    );
-    assert!(
-        img.exists() && !partial(&img).exists(),
-        "the image was not committed"
-    );
+    assert_commits_only_now(&mut st, &img);
     let mut child = wl.child;
     let _ = child.wait();
     std::mem::forget(guard);
