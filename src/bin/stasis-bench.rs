@@ -398,15 +398,16 @@ fn print_criu(path: &Path, version: &str, rows: Vec<CriuRow>, durable: bool) {
         } = row;
         eintr += cs.eintr;
         runs += cs.restore.len();
-        let cc = median(&mut cs.checkpoint);
-        let cr = median(&mut cs.restore);
-        // Per run, so the median is of whole durable dumps.
+        // Per run, so the median is of whole durable dumps (paired before `median` sorts
+        // the dump times in place).
         let mut synced: Vec<f64> = cs
             .checkpoint
             .iter()
             .zip(&cs.sync)
             .map(|(d, s)| d + s)
             .collect();
+        let cc = median(&mut cs.checkpoint);
+        let cr = median(&mut cs.restore);
         let (plus_sync, ratio_sync) = match durable {
             true => {
                 let m = median(&mut synced);
