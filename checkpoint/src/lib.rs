@@ -116,7 +116,7 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 pub fn checkpoint_tree<S: ImageSink>(
     pid: i32,
     opts: &Options,
-    sink: S,
+    mut sink: S,
     progress: Progress<'_>,
 ) -> Result<Stats, CheckpointError> {
     let t0 = Instant::now();
@@ -189,7 +189,6 @@ pub fn checkpoint_tree<S: ImageSink>(
                 ..c.clone()
             });
         }
-        let mut sink = sink;
         sink.write_behind(!opts.leave_running);
         let mut writer = ImageWriter::new(sink, &inventory, opts.compression)?;
         for p in &procs {
@@ -264,13 +263,11 @@ pub fn checkpoint_tree<S: ImageSink>(
                     h.keep();
                 }
                 stats.kill_us = tk.elapsed().as_micros() as u64;
+                stats.frozen_us = t_frozen.elapsed().as_micros() as u64;
                 stats.process = "killed".into();
             }
             stats.peak_rss_kib = peak_rss_kib();
             stats.freeze_us = freeze_us;
-            if !opts.leave_running {
-                stats.frozen_us = t_frozen.elapsed().as_micros() as u64;
-            }
             stats.total_us = t0.elapsed().as_micros() as u64;
             Ok(stats)
         }
