@@ -233,31 +233,33 @@ pub fn run(cli: Cli) -> Result<i32> {
             staging_limit,
             json,
         } => {
-            if vms::is_vm(&state, &target) {
-                let staging_limit = staging_limit
+            let is_vm = stasis_workload::is_vm(&state, &target);
+            let staging_limit = match (staging_limit, is_vm) {
+                (Some(l), false) => {
+                    return Err(exit::usage(format!(
+                        "--staging-limit {l}: {target} is not a VM (the limit is for VM snapshots)"
+                    )))
+                }
+                (l, _) => l
                     .as_deref()
                     .map(stasis_runtime::cgroups::parse_size)
                     .transpose()
-                    .context("--staging-limit")?;
-                let opts = stasis_checkpoint::vm::VmCheckpointOptions {
+                    .context("--staging-limit")?,
+            };
+            let opts = stasis_workload::SourceOptions {
+                tree: stasis_checkpoint::Options {
+                    leave_running,
+                    compression: compress,
+                    tcp_established,
+                    ..Default::default()
+                },
+                vm: stasis_checkpoint::vm::VmCheckpointOptions {
                     leave_running,
                     compression: compress,
                     staging_limit,
-                };
-                return vms::checkpoint(&state, &target, &output, opts, json);
-            }
-            if let Some(l) = staging_limit {
-                return Err(exit::usage(format!(
-                    "--staging-limit {l}: {target} is not a VM (the limit is for VM snapshots)"
-                )));
-            }
-            let opts = stasis_checkpoint::Options {
-                leave_running,
-                compression: compress,
-                tcp_established,
-                ..Default::default()
+                },
             };
-            checkpoint(&state, &target, output, opts, json)
+            checkpoint(&state, &target, output, &opts, json)
         }
         Command::Restore {
             image,
@@ -316,35 +318,48 @@ fn checkpoint(
     state: &stasis_runtime::container::StateDir,
     target: &str,
     output: PathBuf,
-    opts: stasis_checkpoint::Options,
+    opts: &stasis_workload::SourceOptions,
     json: bool,
 ) -> Result<i32> {
-    let bar = report::progress_bar(json || output.as_os_str() == "-", "checkpoint");
+    let leave_running = opts.tree.leave_running;
+    let mut w = stasis_workload::open(state, target, opts)?;
+    let to_stdout = output.as_os_str() == "-";
+    if to_stdout && w.kind() == stasis_workload::Kind::Vm {
+        anyhow::bail!("VM {target}: a VM image must go to a file (-o PATH), not a stream");
+    }
+    let bar = report::progress_bar(json || to_stdout, "checkpoint");
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
     };
-    let stats = if output.as_os_str() == "-" {
+    let checkpointed = if to_stdout {
         if std::io::stdout().is_terminal() {
             bail!("refusing to write an image to a terminal; redirect standard output");
         }
         let out = std::os::fd::AsFd::as_fd(&std::io::stdout())
             .try_clone_to_owned()
             .context("duplicating standard output")?;
-        let sink = StreamSink::new(std::fs::File::from(out));
-        checkpoint_into(state, target, &opts, sink, &progress)?
+        let mut sink = StreamSink::new(std::fs::File::from(out));
+        stasis_workload::checkpoint(w.as_mut(), &mut sink, leave_running, &progress)
     } else {
-        let sink =
+        let mut sink =
             FileSink::create(&output).with_context(|| format!("creating {}", output.display()))?;
-        checkpoint_into(state, target, &opts, sink, &progress)?
+        stasis_workload::checkpoint(w.as_mut(), &mut sink, leave_running, &progress)
     };
     bar.finish_and_clear();
+    let report = checkpointed.with_context(|| format!("checkpointing {}", w.describe()))?;
+    let stats = match report {
+        stasis_workload::Report::Vm(stats) => {
+            return vms::checkpointed(&stats, &output, &opts.vm, json);
+        }
+        stasis_workload::Report::Tree(stats) => stats,
+    };
     if json {
         report::json(&stats)?;
-    } else if output.as_os_str() != "-" {
-        let what = match target.parse::<i32>() {
-            Ok(_) => format!("PID {}", stats.pid),
-            Err(_) => format!("container {target}"),
+    } else if !to_stdout {
+        let what = match w.kind() {
+            stasis_workload::Kind::Container => format!("container {target}"),
+            _ => format!("PID {}", stats.pid),
         };
         crate::outln!(
             "checkpointed {what} into {} ({}), {} {}",
@@ -361,7 +376,7 @@ fn checkpoint(
             crate::outln!(
                 "  {} established TCP connections kept{}",
                 stats.tcp_connections,
-                if opts.leave_running {
+                if leave_running {
                     ""
                 } else {
                     " (locked off the network until restored)"
@@ -385,22 +400,6 @@ fn checkpoint(
         );
     }
     Ok(exit::OK)
-}
-
-/// Checkpoints a process tree (TARGET is a PID) or a container (a name).
-fn checkpoint_into<S: stasis_checkpoint::ImageSink>(
-    state: &stasis_runtime::container::StateDir,
-    target: &str,
-    opts: &stasis_checkpoint::Options,
-    sink: S,
-    progress: stasis_checkpoint::Progress<'_>,
-) -> Result<stasis_checkpoint::Stats> {
-    Ok(match target.parse::<i32>() {
-        Ok(pid) => stasis_checkpoint::checkpoint_tree(pid, opts, sink, progress)?,
-        Err(_) => {
-            stasis_checkpoint::container::checkpoint_container(state, target, opts, sink, progress)?
-        }
-    })
 }
 
 #[derive(Serialize)]

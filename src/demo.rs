@@ -109,14 +109,18 @@ pub fn run(json: bool) -> Result<i32> {
     if !json {
         crate::outln!("checkpointing PID {pid} into {} ...", image_path.display());
     }
-    let sink = FileSink::create(&image_path)?;
+    let mut sink = FileSink::create(&image_path)?;
     let opts = stasis_checkpoint::Options {
         leave_running: false,
         compression: Compression::None,
         tcp_established: false,
         ..Default::default()
     };
-    let cstats = stasis_checkpoint::checkpoint_tree(pid, &opts, sink, &|_, _| {})?;
+    let mut tree = stasis_workload::TreeSource::process_tree(pid, &opts);
+    let cstats = match stasis_workload::checkpoint(&mut tree, &mut sink, false, &|_, _| {})? {
+        stasis_workload::Report::Tree(s) => s,
+        stasis_workload::Report::Vm(_) => bail!("PID {pid} was checkpointed as a VM"),
+    };
     // stasis reaped it already when it is both tracer and parent; otherwise reap it here.
     let _ = child.wait();
     // Everything the original printed before it was killed.

@@ -4,6 +4,7 @@ use stasis_checkpoint::CheckpointError;
 use stasis_restore::RestoreError;
 use stasis_runtime::container::ContainerError;
 use stasis_runtime::kvm::KvmError;
+use stasis_workload::WorkloadError;
 
 /// Success.
 pub const OK: i32 = 0;
@@ -55,15 +56,15 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<BadImage>().is_some() {
             return BAD_IMAGE;
         }
-        if let Some(e) = cause.downcast_ref::<CheckpointError>() {
+        if let Some(e) = cause.downcast_ref::<WorkloadError>() {
             return match e {
-                CheckpointError::Kvm(k) => kvm_code(k),
-                CheckpointError::NoSuchProcess(_)
-                | CheckpointError::NoSuchContainer(_)
-                | CheckpointError::Unsupported { .. } => REFUSED,
-                CheckpointError::Interrupted(sig) => 128 + sig,
-                _ => FAILED,
+                WorkloadError::Checkpoint(e) => checkpoint_code(e),
+                WorkloadError::Unsupported { .. } => REFUSED,
+                WorkloadError::OutOfOrder { .. } | WorkloadError::Commit { .. } => FAILED,
             };
+        }
+        if let Some(e) = cause.downcast_ref::<CheckpointError>() {
+            return checkpoint_code(e);
         }
         if let Some(e) = cause.downcast_ref::<RestoreError>() {
             return match e {
@@ -96,6 +97,17 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         }
     }
     FAILED
+}
+
+fn checkpoint_code(e: &CheckpointError) -> i32 {
+    match e {
+        CheckpointError::Kvm(k) => kvm_code(k),
+        CheckpointError::NoSuchProcess(_)
+        | CheckpointError::NoSuchContainer(_)
+        | CheckpointError::Unsupported { .. } => REFUSED,
+        CheckpointError::Interrupted(sig) => 128 + sig,
+        _ => FAILED,
+    }
 }
 
 fn kvm_code(e: &KvmError) -> i32 {

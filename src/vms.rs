@@ -244,31 +244,18 @@ fn ps(state: &StateDir, json: bool) -> Result<i32> {
     Ok(exit::OK)
 }
 
-/// Whether `target` names a VM (a record under STATE/vms, live or not).
-pub fn is_vm(state: &StateDir, target: &str) -> bool {
-    stasis_runtime::container::check_name(target).is_ok()
-        && state.vms().file_path(target, "json").exists()
-}
-
-/// `stasis checkpoint NAME` of a VM.
-pub fn checkpoint(
-    state: &StateDir,
-    name: &str,
+/// Reports a VM checkpoint.
+pub fn checkpointed(
+    stats: &stasis_checkpoint::vm::VmStats,
     output: &std::path::Path,
-    opts: stasis_checkpoint::vm::VmCheckpointOptions,
+    opts: &stasis_checkpoint::vm::VmCheckpointOptions,
     json: bool,
 ) -> Result<i32> {
-    if output.as_os_str() == "-" {
-        anyhow::bail!("VM {name}: a VM image must go to a file (-o PATH), not a stream");
-    }
-    let sink = stasis_checkpoint::FileSink::create(output)
-        .with_context(|| format!("creating {}", output.display()))?;
-    let stats = stasis_checkpoint::vm::checkpoint_vm(state, name, opts, sink)
-        .with_context(|| format!("checkpointing VM {name}"))?;
     if json {
-        report::json(&stats)?;
+        report::json(stats)?;
         return Ok(exit::OK);
     }
+    let name = &stats.name;
     crate::outln!(
         "checkpointed VM {name} into {} ({}), VM {}",
         output.display(),

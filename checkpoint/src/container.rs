@@ -3,7 +3,8 @@
 //! runtime's record — in the image's inventory.
 
 use crate::error::CheckpointError;
-use crate::{checkpoint_tree, ImageSink, Options, Progress, Stats};
+use crate::session::TreeSession;
+use crate::{ImageSink, Options, Progress, Stats};
 use stasis_image::proto;
 use stasis_runtime::cgroups::{IoKind, Limits};
 use stasis_runtime::container::{self as ct, setup, NetMode, Record, StateDir};
@@ -206,42 +207,144 @@ pub fn describe(rec: &Record) -> Result<proto::Container, CheckpointError> {
     })
 }
 
-/// Checkpoints container `name`. Its sockets are read from inside its network namespace.
-/// Once the image is committed the container is killed and removed (cgroup, veth, record),
-/// unless `leave_running`.
-pub fn checkpoint_container<S: ImageSink>(
-    state: &StateDir,
-    name: &str,
-    opts: &Options,
-    sink: S,
-    progress: Progress<'_>,
-) -> Result<Stats, CheckpointError> {
-    let rec = ct::running(state, name).map_err(|e| match e {
-        ct::ContainerError::NoSuch(n) => CheckpointError::NoSuchContainer(n),
-        e => err(name, e),
-    })?;
-    let mut opts = opts.clone();
-    opts.container = Some(describe(&rec)?);
-    if let Some(log) = &rec.log {
-        use std::os::unix::fs::MetadataExt;
-        if let Ok(m) = std::fs::metadata(log) {
-            opts.stdio_log = Some((m.dev(), m.ino()));
+/// A container being checkpointed: its tree's [`TreeSession`] plus its record. Every step
+/// runs in the container's network namespace (its sockets are read, its connections locked
+/// and unlocked there); the thread's own namespace is back when each step returns.
+pub struct ContainerSession {
+    state: StateDir,
+    rec: Record,
+    /// Its network namespace, opened while it ran (None: it shares the host's).
+    netns: Option<std::fs::File>,
+    /// None once resumed or killed.
+    tree: Option<TreeSession>,
+}
+
+impl ContainerSession {
+    /// Freezes the running container `name` (see [`TreeSession::freeze`]); `opts` gets the
+    /// container's description.
+    pub fn freeze(state: &StateDir, name: &str, opts: &Options) -> Result<Self, CheckpointError> {
+        let rec = ct::running(state, name).map_err(|e| match e {
+            ct::ContainerError::NoSuch(n) => CheckpointError::NoSuchContainer(n),
+            e => err(name, e),
+        })?;
+        let mut opts = opts.clone();
+        opts.container = Some(describe(&rec)?);
+        if let Some(log) = &rec.log {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = std::fs::metadata(log) {
+                opts.stdio_log = Some((m.dev(), m.ino()));
+            }
+        }
+        let netns = match rec.net {
+            NetMode::Host => None,
+            _ => Some(sys::open_ns(rec.pid, "net")?),
+        };
+        let tree = {
+            let _in = enter(&netns, rec.pid)?;
+            TreeSession::freeze(rec.pid, &opts)?
+        };
+        Ok(ContainerSession {
+            state: state.clone(),
+            rec,
+            netns,
+            tree: Some(tree),
+        })
+    }
+
+    /// The container's name.
+    pub fn name(&self) -> &str {
+        &self.rec.name
+    }
+
+    /// The tree's session (None once resumed or killed).
+    pub fn tree(&self) -> Option<&TreeSession> {
+        self.tree.as_ref()
+    }
+
+    fn session(&mut self) -> Result<&mut TreeSession, CheckpointError> {
+        let name = self.rec.name.clone();
+        self.tree
+            .as_mut()
+            .ok_or_else(|| err(&name, "it is no longer frozen"))
+    }
+
+    /// See [`TreeSession::write`].
+    pub fn write<S: ImageSink>(
+        &mut self,
+        sink: S,
+        progress: Progress<'_>,
+    ) -> Result<S, CheckpointError> {
+        let _in = enter(&self.netns, self.rec.pid)?;
+        self.session()?.write(sink, progress)
+    }
+
+    /// Records how long committing the image took.
+    pub fn set_commit_us(&mut self, us: u64) {
+        if let Some(t) = self.tree.as_mut() {
+            t.set_commit_us(us);
         }
     }
-    let stats = {
-        let _in_ns = match rec.net {
-            NetMode::Host => None,
-            _ => Some(sys::InNetns::enter(rec.pid)?),
+
+    /// See [`TreeSession::resume`].
+    pub fn resume(&mut self) -> Result<Stats, CheckpointError> {
+        let _in = enter(&self.netns, self.rec.pid)?;
+        let tree = self
+            .tree
+            .take()
+            .ok_or_else(|| err(&self.rec.name, "it is not frozen"))?;
+        tree.resume()
+    }
+
+    /// See [`TreeSession::kill`]; then what is left of the container (cgroup, veth, record)
+    /// is removed.
+    pub fn kill(&mut self) -> Result<Stats, CheckpointError> {
+        let stats = {
+            let _in = enter(&self.netns, self.rec.pid)?;
+            let tree = self
+                .tree
+                .take()
+                .ok_or_else(|| err(&self.rec.name, "it is not frozen"))?;
+            tree.kill()?
         };
-        checkpoint_tree(rec.pid, &opts, sink, progress)?
-    };
-    if !opts.leave_running {
-        ct::retire(state, name).map_err(|e| {
+        ct::retire(&self.state, &self.rec.name).map_err(|e| {
             err(
-                name,
+                &self.rec.name,
                 format!("the image is written and the container killed, but removing what is left of it failed: {e}"),
             )
         })?;
+        Ok(stats)
     }
-    Ok(stats)
+
+    /// See [`TreeSession::abandon`].
+    pub fn abandon(&mut self, cause: CheckpointError) -> CheckpointError {
+        let Some(tree) = self.tree.take() else {
+            return cause;
+        };
+        match enter(&self.netns, self.rec.pid) {
+            Ok(_in) => tree.abandon(cause),
+            // Resumed anyway; its connections are unlocked where this thread is.
+            Err(e) => {
+                let _ = tree.abandon(cause);
+                e
+            }
+        }
+    }
+}
+
+impl Drop for ContainerSession {
+    fn drop(&mut self) {
+        // Resumed (and its connections unlocked) in its own network namespace.
+        if let Some(tree) = self.tree.take() {
+            let _in = enter(&self.netns, self.rec.pid);
+            drop(tree);
+        }
+    }
+}
+
+/// Enters the container's network namespace, if it has one of its own.
+fn enter(netns: &Option<std::fs::File>, pid: i32) -> Result<Option<sys::InNetns>, CheckpointError> {
+    Ok(match netns {
+        Some(f) => Some(sys::InNetns::enter_file(f, &format!("/proc/{pid}/ns/net"))?),
+        None => None,
+    })
 }

@@ -18,6 +18,18 @@ pub trait ImageSink: Write + Send {
     fn write_behind(&mut self, _on: bool) {}
 }
 
+/// A sink lent for a while (the workload interface writes through `&mut dyn ImageSink` and
+/// its caller commits).
+impl<T: ImageSink + ?Sized> ImageSink for &mut T {
+    fn commit(&mut self) -> io::Result<()> {
+        (**self).commit()
+    }
+
+    fn write_behind(&mut self, on: bool) {
+        (**self).write_behind(on)
+    }
+}
+
 /// Bytes written between two starts of writeback.
 const WRITE_BEHIND_WINDOW: u64 = 8 << 20;
 

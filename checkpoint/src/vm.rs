@@ -87,125 +87,315 @@ fn vm_err(name: &str, what: impl Into<String>) -> CheckpointError {
     }
 }
 
-/// Checkpoints the running VM `name` into `sink`.
-pub fn checkpoint_vm<S: ImageSink>(
-    state: &StateDir,
-    name: &str,
-    opts: VmCheckpointOptions,
-    sink: S,
-) -> Result<VmStats, CheckpointError> {
-    let VmCheckpointOptions {
-        leave_running,
-        compression,
-        ..
-    } = opts;
-    let start = Instant::now();
-    let mut stats = VmStats {
-        name: name.to_string(),
-        compression: compression.to_string(),
-        ..Default::default()
-    };
-    // With leave_running the dirty log goes on before the resident pages are listed (no
-    // write in between is missed), and that one list also decides whether staging fits.
-    let mut to_stage = None;
-    if leave_running {
-        stats.staging_limit = match opts.staging_limit {
-            Some(limit) => limit,
-            None => stasis_runtime::procfs::mem_available()? / 2,
-        };
-        // Held until the pause takes the log; dropped first (over the limit, or on an
-        // error), it turns the log off again.
-        let (dirty_log, rep) = vmm::dirty_log_start(state, name)?;
-        let ranges = resident_ranges(name, rep.pid, rep.mem_host_addr, rep.memory)?;
-        let resident: u64 = ranges.iter().map(|r| r.1).sum();
-        stats.staged = resident.saturating_mul(PAGE_SIZE) <= stats.staging_limit;
-        if stats.staged {
-            to_stage = Some((dirty_log, rep, ranges));
-        }
-    }
-    let (session, paused, staging, ranges) = if let Some((dirty_log, rep, ranges)) = to_stage {
-        let mut staging = vec![0u8; usize_of(name, rep.memory)?];
-        let t = Instant::now();
-        copy_ranges(name, rep.pid, rep.mem_host_addr, &ranges, &mut staging)?;
-        // Pages written since are copied again while the guest runs, as long as that
-        // shrinks the set the pause has to copy.
-        let mut recopied: Vec<(u64, u64)> = Vec::new();
-        let mut last = u64::MAX;
-        while stats.precopy_rounds < MAX_PRECOPY_ROUNDS && last > PAUSE_COPY_PAGES {
-            let dirty = vmm::dirty_log_fetch(state, name)?;
-            let pages: u64 = dirty.iter().map(|r| r.1).sum();
-            let bytes: Vec<(u64, u64)> = dirty.iter().map(|&(p, n)| (p * PAGE_SIZE, n)).collect();
-            copy_ranges(name, rep.pid, rep.mem_host_addr, &bytes, &mut staging)?;
-            recopied = merge(&recopied, &bytes);
-            stats.precopy_rounds += 1;
-            stats.pages_recopied += pages;
-            if pages >= last {
-                break;
-            }
-            last = pages;
-        }
-        let ranges = merge(&ranges, &recopied);
-        stats.precopy_us = micros(t.elapsed());
-        let (session, paused) = vmm::pause(state, name)?;
-        drop(dirty_log);
-        let dirty = paused.dirty.clone().unwrap_or_default();
-        stats.pages_dirty = dirty.iter().map(|r| r.1).sum();
-        let dirty_bytes: Vec<(u64, u64)> = dirty.iter().map(|&(p, n)| (p * PAGE_SIZE, n)).collect();
-        let copied = copy_ranges(
-            name,
-            paused.pid,
-            paused.mem_host_addr,
-            &dirty_bytes,
-            &mut staging,
-        );
-        let resumed = session.resume()?;
-        copied?;
-        stats.pause_us = resumed.paused_us;
-        (None, paused, Some(staging), merge(&ranges, &dirty_bytes))
-    } else {
-        let (session, paused) = vmm::pause(state, name)?;
-        // Dropping the session on an error below resumes the VM.
-        let snap = &paused.snapshot;
-        let ranges = resident_ranges(name, paused.pid, paused.mem_host_addr, snap.memory)?;
-        (Some(session), paused, None, ranges)
-    };
-    stats.memory = paused.snapshot.memory;
-    stats.vmm_pause_us = paused.pause_us;
-    stats.pages_resident = ranges.iter().map(|r| r.1).sum();
-    let t_pause = Instant::now();
+/// The dirty log of a VM whose memory is being copied while it runs, and where the copy
+/// goes.
+struct Tracking {
+    /// Held until the pause takes the log; dropped first, it turns the log off again.
+    log: vmm::DirtyLogSession,
+    /// The VMM process and where guest memory is mapped in it.
+    pid: i32,
+    host: u64,
+    /// Guest memory as far as it was copied: every range in `copied`.
+    staging: Vec<u8>,
+    /// The resident memory ((gpa, pages)) the first round copies; later rounds copy what
+    /// the dirty log says was written since the round before.
+    pending: Vec<(u64, u64)>,
+    /// Ranges copied so far, merged.
+    copied: Vec<(u64, u64)>,
+    /// Pages the last round copied (u64::MAX before the first).
+    last: u64,
+}
 
-    let mut inventory = crate::collect::inventory(0, false, &compression);
-    inventory.kind = proto::WorkloadKind::Vm as i32;
-    inventory.vm = Some(vm_to_proto(&paused.snapshot));
-    let writer = ImageWriter::new(sink, &inventory, compression)?;
-    let source = match staging {
-        Some(buf) => GuestSource::Staged(buf),
-        None => GuestSource::Vmm {
-            pid: paused.pid,
-            host: paused.mem_host_addr,
-        },
-    };
-    let plan = DumpPlan::guest(name, &ranges, source);
-    let (mut sink, ws) = crate::pages::dump(&plan, writer, &|_, _| {})?;
-    sink.commit()
-        .map_err(|e| CheckpointError::Io(format!("VM {name}: commit image"), e))?;
-    stats.vm = "running".into();
-    if let Some(session) = session {
-        if leave_running {
-            session.resume()?;
-        } else {
-            session.stop(Duration::from_secs(10))?;
-            stats.vm = "stopped".into();
-        }
-        stats.pause_us = micros(t_pause.elapsed()) + paused.pause_us;
+/// A paused VM: its state and how to let it go.
+struct Pause {
+    /// None once the VM runs again (it was resumed with its state captured).
+    session: Option<vmm::PauseSession>,
+    paused: stasis_runtime::kvm::snapshot::Paused,
+    /// Guest memory ranges ((gpa, pages)) the image holds.
+    ranges: Vec<(u64, u64)>,
+    /// A copy of those ranges, when the VM may run while its image is written.
+    staging: Option<Vec<u8>>,
+    at: Instant,
+}
+
+/// A VM being checkpointed, one step at a time (see the module documentation): tracked and
+/// copied while it runs ([`VmSession::start_dirty_tracking`], [`VmSession::copy_round`]),
+/// paused ([`VmSession::freeze`]), written ([`VmSession::write`]), then resumed or stopped.
+/// Dropped while paused, the VM resumes.
+pub struct VmSession {
+    state: StateDir,
+    name: String,
+    opts: VmCheckpointOptions,
+    start: Instant,
+    stats: VmStats,
+    tracking: Option<Tracking>,
+    pause: Option<Pause>,
+}
+
+/// One round of copying changed guest memory while the VM runs.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Round {
+    pub pages: u64,
+    pub us: u64,
+}
+
+impl VmSession {
+    /// A session for the running VM `name` (nothing is done to it yet).
+    pub fn open(
+        state: &StateDir,
+        name: &str,
+        opts: VmCheckpointOptions,
+    ) -> Result<Self, CheckpointError> {
+        vmm::running(state, name).map_err(|e| vm_err(name, e.to_string()))?;
+        Ok(VmSession {
+            state: state.clone(),
+            name: name.to_string(),
+            opts,
+            start: Instant::now(),
+            stats: VmStats {
+                name: name.to_string(),
+                compression: opts.compression.to_string(),
+                ..Default::default()
+            },
+            tracking: None,
+            pause: None,
+        })
     }
-    stats.pages_data = ws.data_pages;
-    stats.pages_zero = ws.zero_pages;
-    stats.bytes_raw = ws.raw_bytes;
-    stats.bytes_stored = ws.stored_bytes;
-    stats.image_bytes = ws.image_bytes;
-    stats.total_us = micros(start.elapsed());
-    Ok(stats)
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What has been measured so far.
+    pub fn stats(&self) -> &VmStats {
+        &self.stats
+    }
+
+    /// Turns on KVM's dirty log and lists the resident memory for the first round (no
+    /// write after this is missed). Returns the resident memory, bytes.
+    pub fn start_dirty_tracking(&mut self) -> Result<u64, CheckpointError> {
+        if self.pause.is_some() || self.tracking.is_some() {
+            return Err(vm_err(
+                &self.name,
+                "dirty tracking starts while the VM runs, once",
+            ));
+        }
+        let (log, rep) = vmm::dirty_log_start(&self.state, &self.name)?;
+        let pending = resident_ranges(&self.name, rep.pid, rep.mem_host_addr, rep.memory)?;
+        let resident: u64 = pending.iter().map(|r| r.1).sum();
+        self.tracking = Some(Tracking {
+            log,
+            pid: rep.pid,
+            host: rep.mem_host_addr,
+            staging: Vec::new(),
+            pending,
+            copied: Vec::new(),
+            last: u64::MAX,
+        });
+        self.stats.memory = rep.memory;
+        Ok(resident.saturating_mul(PAGE_SIZE))
+    }
+
+    /// Copies what changed since the last round (all resident memory, the first time) into
+    /// the session's staging memory while the VM runs.
+    pub fn copy_round(&mut self) -> Result<Round, CheckpointError> {
+        let name = self.name.clone();
+        let memory = self.stats.memory;
+        let t = self
+            .tracking
+            .as_mut()
+            .ok_or_else(|| vm_err(&name, "a round needs dirty tracking started"))?;
+        let began = Instant::now();
+        let first = t.last == u64::MAX;
+        let bytes: Vec<(u64, u64)> = match first {
+            true => {
+                t.staging = vec![0u8; usize_of(&name, memory)?];
+                std::mem::take(&mut t.pending)
+            }
+            false => vmm::dirty_log_fetch(&self.state, &name)?
+                .iter()
+                .map(|&(p, n)| (p * PAGE_SIZE, n))
+                .collect(),
+        };
+        copy_ranges(&name, t.pid, t.host, &bytes, &mut t.staging)?;
+        t.copied = merge(&t.copied, &bytes);
+        let pages: u64 = bytes.iter().map(|r| r.1).sum();
+        t.last = pages;
+        if !first {
+            self.stats.precopy_rounds += 1;
+            self.stats.pages_recopied += pages;
+        }
+        let us = micros(began.elapsed());
+        self.stats.precopy_us += us;
+        Ok(Round { pages, us })
+    }
+
+    /// Whether another round is worth it: the last one copied more than a pause can copy
+    /// quickly, fewer than the one before, and the round limit is not reached.
+    fn converging(&self, before: u64) -> bool {
+        self.tracking.as_ref().is_some_and(|t| {
+            t.last < before
+                && t.last > PAUSE_COPY_PAGES
+                && self.stats.precopy_rounds < MAX_PRECOPY_ROUNDS
+        })
+    }
+
+    /// Pauses the VM. Left running (`leave_running`) with resident memory within the
+    /// staging limit, its memory is first copied while it runs, round after round, and the
+    /// pause copies only what changed since: the whole state is then captured
+    /// ([`VmSession::captured`]) and the VM may run on while its image is written.
+    pub fn freeze(&mut self) -> Result<(), CheckpointError> {
+        if self.pause.is_some() {
+            return Err(vm_err(&self.name, "it is paused already"));
+        }
+        if self.opts.leave_running && self.tracking.is_none() {
+            self.stats.staging_limit = match self.opts.staging_limit {
+                Some(limit) => limit,
+                None => stasis_runtime::procfs::mem_available()? / 2,
+            };
+            let resident = self.start_dirty_tracking()?;
+            self.stats.staged = resident <= self.stats.staging_limit;
+            if !self.stats.staged {
+                // Turned off again: the VM is paused while its memory is written.
+                self.tracking = None;
+            } else {
+                let mut before = u64::MAX;
+                loop {
+                    self.copy_round()?;
+                    if !self.converging(before) {
+                        break;
+                    }
+                    before = self.tracking.as_ref().map_or(0, |t| t.last);
+                }
+            }
+        }
+        let (session, paused) = vmm::pause(&self.state, &self.name)?;
+        let at = Instant::now();
+        self.stats.memory = paused.snapshot.memory;
+        self.stats.vmm_pause_us = paused.pause_us;
+        let (ranges, staging) = match self.tracking.take() {
+            Some(mut t) => {
+                drop(t.log);
+                self.stats.staged = true;
+                let dirty = paused.dirty.clone().unwrap_or_default();
+                self.stats.pages_dirty = dirty.iter().map(|r| r.1).sum();
+                let bytes: Vec<(u64, u64)> =
+                    dirty.iter().map(|&(p, n)| (p * PAGE_SIZE, n)).collect();
+                let copied = copy_ranges(
+                    &self.name,
+                    paused.pid,
+                    paused.mem_host_addr,
+                    &bytes,
+                    &mut t.staging,
+                );
+                if let Err(e) = copied {
+                    // Dropping the session resumes the VM.
+                    drop(session);
+                    return Err(e);
+                }
+                (merge(&t.copied, &bytes), Some(t.staging))
+            }
+            None => (
+                resident_ranges(
+                    &self.name,
+                    paused.pid,
+                    paused.mem_host_addr,
+                    paused.snapshot.memory,
+                )?,
+                None,
+            ),
+        };
+        self.stats.pages_resident = ranges.iter().map(|r| r.1).sum();
+        self.pause = Some(Pause {
+            session: Some(session),
+            paused,
+            ranges,
+            staging,
+            at,
+        });
+        Ok(())
+    }
+
+    /// Whether the paused VM's whole state (memory included) is held by this session, so
+    /// the VM may run again before its image is written.
+    pub fn captured(&self) -> bool {
+        self.pause.as_ref().is_some_and(|p| p.staging.is_some())
+    }
+
+    /// Writes the image of the VM as it was paused into `sink` (not committed).
+    pub fn write<S: ImageSink>(&mut self, sink: S) -> Result<S, CheckpointError> {
+        let name = self.name.clone();
+        let p = self
+            .pause
+            .as_mut()
+            .ok_or_else(|| vm_err(&name, "its image is written once it is paused"))?;
+        let compression = self.opts.compression;
+        let mut inventory = crate::collect::inventory(0, false, &compression);
+        inventory.kind = proto::WorkloadKind::Vm as i32;
+        inventory.vm = Some(vm_to_proto(&p.paused.snapshot));
+        let writer = ImageWriter::new(sink, &inventory, compression)?;
+        let source = match p.staging.take() {
+            Some(buf) => GuestSource::Staged(buf),
+            None => GuestSource::Vmm {
+                pid: p.paused.pid,
+                host: p.paused.mem_host_addr,
+            },
+        };
+        let plan = DumpPlan::guest(&name, &p.ranges, source);
+        let (sink, ws) = crate::pages::dump(&plan, writer, &|_, _| {})?;
+        let s = &mut self.stats;
+        s.pages_data = ws.data_pages;
+        s.pages_zero = ws.zero_pages;
+        s.bytes_raw = ws.raw_bytes;
+        s.bytes_stored = ws.stored_bytes;
+        s.image_bytes = ws.image_bytes;
+        Ok(sink)
+    }
+
+    fn pause_session(&mut self) -> Result<(vmm::PauseSession, Instant, u64), CheckpointError> {
+        let name = self.name.clone();
+        let p = self
+            .pause
+            .as_mut()
+            .ok_or_else(|| vm_err(&name, "it is not paused"))?;
+        let session = p
+            .session
+            .take()
+            .ok_or_else(|| vm_err(&name, "it runs again already"))?;
+        Ok((session, p.at, p.paused.pause_us))
+    }
+
+    /// Lets the paused VM run on.
+    pub fn resume(&mut self) -> Result<VmStats, CheckpointError> {
+        let (session, at, vmm_us) = self.pause_session()?;
+        let resumed = session.resume()?;
+        self.stats.pause_us = match self.stats.staged {
+            true => resumed.paused_us,
+            false => micros(at.elapsed()) + vmm_us,
+        };
+        self.stats.vm = "running".into();
+        Ok(self.finish())
+    }
+
+    /// Stops the paused VM (only once its image is committed); its VMM removes its record.
+    pub fn stop(&mut self) -> Result<VmStats, CheckpointError> {
+        let (session, at, vmm_us) = self.pause_session()?;
+        session.stop(Duration::from_secs(10))?;
+        self.stats.pause_us = micros(at.elapsed()) + vmm_us;
+        self.stats.vm = "stopped".into();
+        Ok(self.finish())
+    }
+
+    /// Records that the checkpoint ended now (its image committed).
+    pub fn end(&mut self) {
+        self.stats.total_us = micros(self.start.elapsed());
+    }
+
+    fn finish(&mut self) -> VmStats {
+        self.stats.total_us = micros(self.start.elapsed());
+        self.stats.clone()
+    }
 }
 
 fn micros(d: Duration) -> u64 {

@@ -1,0 +1,201 @@
+//! The workload interface (stasis-workload) used directly, as live migration and the kernel
+//! update use it: a verb a kind of workload cannot do, or one out of order, is an error that
+//! names the workload and the verb and changes nothing; freeze, resume and the checkpoint
+//! sequence work on a real process tree and a real VM.
+
+mod common;
+
+use stasis_checkpoint::{FileSink, ImageSink, Options};
+use stasis_runtime::container::StateDir;
+use stasis_workload::{Report, Source, Verb, WorkloadError};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Whether `pid` exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(") ")?.1.chars().next()? != 'Z'))
+        .unwrap_or(false)
+}
+
+fn assert_refused(r: Result<(), WorkloadError>, verb: Verb, who: &str, reason: &str) {
+    let e = r.expect_err("the verb was refused");
+    let text = e.to_string();
+    let right_verb = matches!(
+        &e,
+        WorkloadError::Unsupported { verb: v, .. } | WorkloadError::OutOfOrder { verb: v, .. }
+            if *v == verb
+    );
+    assert!(right_verb, "{verb:?}: {e:?}");
+    assert!(
+        text.contains(who) && text.contains(reason),
+        "{verb:?}: {text:?} names neither {who:?} nor {reason:?}"
+    );
+}
+
+#[test]
+fn a_process_tree_refuses_what_it_cannot_do_and_runs_on_untouched() {
+    common::init();
+    let mut wl = common::start("wl-counter", &["--quiet", "--mib", "4"]);
+    let who = format!("PID {}", wl.pid);
+    let mut src = stasis_workload::TreeSource::process_tree(wl.pid, &Options::default());
+    let tracking = src.start_dirty_tracking();
+    assert_refused(tracking, Verb::StartDirtyTracking, &who, "not implemented");
+    let round = src.copy_round().map(|_| ());
+    assert_refused(round, Verb::CopyRound, &who, "not implemented");
+    // Nothing but freeze fits a workload that runs.
+    assert_refused(src.resume(), Verb::Resume, &who, "not frozen");
+    assert_refused(src.discard(), Verb::Discard, &who, "not frozen");
+    let mut sink = Vec::new();
+    let mut sink = stasis_checkpoint::StreamSink::new(&mut sink);
+    let wrote = src.write_state(&mut sink, &|_, _| {});
+    assert_refused(wrote, Verb::WriteState, &who, "not frozen");
+    drop(sink);
+    assert!(common::running_untraced(wl.pid), "refusals touched it");
+
+    src.freeze().expect("freeze");
+    assert!(!common::running_untraced(wl.pid), "frozen, it still runs");
+    assert_refused(src.freeze(), Verb::Freeze, &who, "frozen already");
+    // Never ended before a copy of it exists.
+    assert_refused(src.discard(), Verb::Discard, &who, "no copy");
+    assert!(alive(wl.pid), "a refused discard ended it");
+    src.resume().expect("resume");
+    assert!(common::running_untraced(wl.pid), "resumed, it does not run");
+    wl.pipes.expect_pass("check", "after freeze and resume");
+    common::kill(wl.pid);
+    let _ = wl.child.wait();
+}
+
+#[test]
+fn the_checkpoint_sequence_of_a_process_tree_restores() {
+    common::init();
+    let dir = common::scratch("workload-seq");
+    let mut wl = common::start("wl-counter", &["--quiet", "--mib", "8", "--procs", "2"]);
+    wl.pipes.expect_pass("verify", "before the checkpoint");
+    let pid = wl.pid;
+    let tree = common::descendants(pid);
+    let img = dir.join("tree.img");
+    let mut sink = FileSink::create(&img).expect("image file");
+    let mut src = stasis_workload::TreeSource::process_tree(pid, &Options::default());
+    let report = stasis_workload::checkpoint(&mut src, &mut sink, false, &|_, _| {})
+        .expect("checkpoint through the interface");
+    let Report::Tree(s) = report else {
+        panic!("a process tree reported as a VM")
+    };
+    eprintln!("checkpoint: {s:?}");
+    assert_eq!(s.process, "killed");
+    assert_eq!(s.processes, 2);
+    assert!(s.pages_data >= 2 * 8 * 256, "{s:?}");
+    assert!(s.commit_us > 0 && s.kill_us > 0, "{s:?}");
+    // Committed before the kill: the image is whole.
+    common::stasis_ok(&["image", "verify", img.to_str().expect("utf8")]);
+    // Killed, and reaped by its tracer (this test is also its parent).
+    let _ = wl.child.wait();
+    common::reap_orphans(&tree);
+    assert!(!alive(pid), "the original runs on after its discard");
+    let (mut r, mut p) = common::restore(&img, false);
+    p.expect_pass("check", "after the restore");
+    assert!(r.wait().expect("stasis restore").success());
+}
+
+/// A VM answers every verb: tracked and copied while it runs, paused with its state
+/// captured, resumed before its image is written; the image restores beside it.
+#[test]
+fn a_vm_answers_every_verb_and_its_image_restores_beside_it() {
+    const TEST: &str = "a_vm_answers_every_verb_and_its_image_restores_beside_it";
+    if !std::path::Path::new("/dev/kvm").exists() {
+        common::skip(TEST, "/dev/kvm does not exist on this host");
+        return;
+    }
+    let state = common::scratch("workload-vm");
+    struct Vmms(std::path::PathBuf);
+    impl Drop for Vmms {
+        fn drop(&mut self) {
+            common::kill_vmms(&self.0);
+        }
+    }
+    let _vmms = Vmms(state.clone());
+    let stasis = |args: &[&str]| {
+        let out = Command::new(common::stasis())
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .expect("running stasis");
+        assert!(
+            out.status.success(),
+            "stasis {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    let run = [
+        "vm", "run", "--name", "orig", "--memory", "16m", "--guest", "demo", "--detach",
+    ];
+    stasis(&run);
+    let counter = |name: &str| {
+        stasis(&["vm", "ps", "--json"])
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == name).cloned())
+            .and_then(|r| r["counter"].as_u64())
+            .unwrap_or(0)
+    };
+    let wait_progress = |name: &str, from: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counter(name) <= from {
+            assert!(Instant::now() < deadline, "VM {name} makes no progress");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_progress("orig", 0);
+
+    let sd = StateDir::new(&state);
+    let opts = stasis_checkpoint::vm::VmCheckpointOptions::default();
+    let mut src = stasis_workload::VmSource::open(&sd, "orig", opts).expect("open the VM");
+    assert_refused(src.discard(), Verb::Discard, "VM orig", "no copy");
+    src.start_dirty_tracking().expect("start dirty tracking");
+    let first = src.copy_round().expect("first round");
+    let second = src.copy_round().expect("second round");
+    eprintln!("rounds: {first:?} {second:?}");
+    assert!(
+        first.pages > 0,
+        "the first round copies the resident memory"
+    );
+    src.freeze().expect("pause");
+    assert!(
+        src.captured(),
+        "tracked and copied, the paused VM is captured"
+    );
+    src.resume().expect("resume before writing");
+    let at = counter("orig");
+    let img = state.join("vm.img");
+    let mut sink = FileSink::create(&img).expect("image file");
+    src.write_state(&mut sink, &|_, _| {})
+        .expect("write the captured state");
+    sink.commit().expect("commit");
+    src.committed(0);
+    let Report::Vm(s) = src.report() else {
+        panic!("a VM reported as a process tree")
+    };
+    eprintln!("checkpoint: {s:?}");
+    assert_eq!((s.vm.as_str(), s.staged), ("running", true), "{s:?}");
+    assert!(s.precopy_rounds >= 1 && s.pages_data > 0, "{s:?}");
+    // Running again, it is not paused: nothing to stop.
+    assert!(src.discard().is_err(), "a running VM was discarded");
+    wait_progress("orig", at);
+
+    stasis(&[
+        "restore",
+        img.to_str().expect("utf8"),
+        "--name",
+        "copy",
+        "--detach",
+        "--json",
+    ]);
+    wait_progress("copy", 0);
+    for name in ["orig", "copy"] {
+        let rep = stasis(&["vm", "stop", name, "--json"]);
+        assert_eq!(rep["errors"], 0, "{name}: {rep}");
+    }
+}

@@ -1,0 +1,334 @@
+//! The three kinds of [`Source`]: each wraps the checkpoint crate's session of its kind and
+//! keeps track of where in its life the workload is.
+
+use crate::{Kind, Report, Round, Source, Verb, WorkloadError};
+use stasis_checkpoint::container::ContainerSession;
+use stasis_checkpoint::vm::{VmCheckpointOptions, VmSession, VmStats};
+use stasis_checkpoint::{CheckpointError, ImageSink, Options, Progress, Stats, TreeSession};
+use stasis_runtime::container::StateDir;
+
+/// Why a process tree or a container cannot be tracked yet.
+const NO_PROCESS_TRACKING: &str =
+    "dirty tracking of processes (userfaultfd write-protect) is not implemented yet";
+
+/// Why a workload is not discarded.
+const NO_COPY: &str = "no copy of it exists yet (its image is not committed)";
+
+fn unsupported(w: &dyn Source, verb: Verb, why: &str) -> WorkloadError {
+    WorkloadError::Unsupported {
+        workload: w.describe(),
+        verb,
+        why: why.to_string(),
+    }
+}
+
+fn out_of_order(w: &dyn Source, verb: Verb, why: &'static str) -> WorkloadError {
+    WorkloadError::OutOfOrder {
+        workload: w.describe(),
+        verb,
+        why,
+    }
+}
+
+/// Figures of a tree that ran on before its image was committed: the commit came after.
+fn add_commit(s: &mut Stats, us: u64) {
+    s.commit_us = us;
+    s.total_us += us;
+}
+
+/// What a [`TreeSource`] checkpoints.
+enum Target {
+    /// The process tree rooted at this PID.
+    Pid(i32),
+    /// The container of this name.
+    Container { state: StateDir, name: String },
+}
+
+/// A frozen process tree, alone or as a container's.
+enum Session {
+    Tree(Box<TreeSession>),
+    Container(Box<ContainerSession>),
+}
+
+impl Session {
+    fn write(
+        &mut self,
+        sink: &mut dyn ImageSink,
+        progress: Progress<'_>,
+    ) -> Result<(), CheckpointError> {
+        match self {
+            Session::Tree(t) => t.write(sink, progress).map(drop),
+            Session::Container(c) => c.write(sink, progress).map(drop),
+        }
+    }
+
+    fn resume(self) -> Result<Stats, CheckpointError> {
+        match self {
+            Session::Tree(t) => t.resume(),
+            Session::Container(mut c) => c.resume(),
+        }
+    }
+
+    fn kill(self) -> Result<Stats, CheckpointError> {
+        match self {
+            Session::Tree(t) => t.kill(),
+            Session::Container(mut c) => c.kill(),
+        }
+    }
+
+    fn abandon(self, cause: CheckpointError) -> CheckpointError {
+        match self {
+            Session::Tree(t) => t.abandon(cause),
+            Session::Container(mut c) => c.abandon(cause),
+        }
+    }
+
+    fn set_commit_us(&mut self, us: u64) {
+        match self {
+            Session::Tree(t) => t.set_commit_us(us),
+            Session::Container(c) => c.set_commit_us(us),
+        }
+    }
+
+    fn stats(&self) -> Option<&Stats> {
+        match self {
+            Session::Tree(t) => Some(t.stats()),
+            Session::Container(c) => c.tree().map(TreeSession::stats),
+        }
+    }
+}
+
+/// A process tree (named by its root's PID) or a container (by its name).
+pub struct TreeSource {
+    target: Target,
+    opts: Options,
+    session: Option<Session>,
+    /// Its figures once it was resumed or killed.
+    done: Option<Stats>,
+    /// Whether its copy exists (see [`Source::committed`]).
+    copy_exists: bool,
+}
+
+impl TreeSource {
+    /// The process tree rooted at `pid`.
+    pub fn process_tree(pid: i32, opts: &Options) -> Self {
+        Self::new(Target::Pid(pid), opts)
+    }
+
+    /// The container `name`.
+    pub fn container(state: &StateDir, name: &str, opts: &Options) -> Self {
+        let target = Target::Container {
+            state: state.clone(),
+            name: name.to_string(),
+        };
+        Self::new(target, opts)
+    }
+
+    fn new(target: Target, opts: &Options) -> Self {
+        TreeSource {
+            target,
+            opts: opts.clone(),
+            session: None,
+            done: None,
+            copy_exists: false,
+        }
+    }
+
+    /// Its session, taken out for a verb that ends it.
+    fn take_frozen(&mut self, verb: Verb) -> Result<Session, WorkloadError> {
+        self.session
+            .take()
+            .ok_or_else(|| out_of_order(self, verb, "it is not frozen"))
+    }
+}
+
+impl Source for TreeSource {
+    fn kind(&self) -> Kind {
+        match self.target {
+            Target::Pid(_) => Kind::ProcessTree,
+            Target::Container { .. } => Kind::Container,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.target {
+            Target::Pid(pid) => format!("PID {pid}"),
+            Target::Container { name, .. } => format!("container {name}"),
+        }
+    }
+
+    fn freeze(&mut self) -> Result<(), WorkloadError> {
+        if self.session.is_some() || self.done.is_some() {
+            return Err(out_of_order(self, Verb::Freeze, "it was frozen already"));
+        }
+        self.session = Some(match &self.target {
+            Target::Pid(pid) => Session::Tree(Box::new(TreeSession::freeze(*pid, &self.opts)?)),
+            Target::Container { state, name } => {
+                Session::Container(Box::new(ContainerSession::freeze(state, name, &self.opts)?))
+            }
+        });
+        Ok(())
+    }
+
+    fn start_dirty_tracking(&mut self) -> Result<(), WorkloadError> {
+        Err(unsupported(
+            self,
+            Verb::StartDirtyTracking,
+            NO_PROCESS_TRACKING,
+        ))
+    }
+
+    fn copy_round(&mut self) -> Result<Round, WorkloadError> {
+        Err(unsupported(self, Verb::CopyRound, NO_PROCESS_TRACKING))
+    }
+
+    fn captured(&self) -> bool {
+        false
+    }
+
+    fn write_state(
+        &mut self,
+        sink: &mut dyn ImageSink,
+        progress: Progress<'_>,
+    ) -> Result<(), WorkloadError> {
+        let mut session = self.take_frozen(Verb::WriteState)?;
+        let written = session.write(sink, progress);
+        self.session = Some(session);
+        Ok(written?)
+    }
+
+    fn resume(&mut self) -> Result<(), WorkloadError> {
+        self.done = Some(self.take_frozen(Verb::Resume)?.resume()?);
+        Ok(())
+    }
+
+    fn discard(&mut self) -> Result<(), WorkloadError> {
+        if self.session.is_some() && !self.copy_exists {
+            return Err(out_of_order(self, Verb::Discard, NO_COPY));
+        }
+        self.done = Some(self.take_frozen(Verb::Discard)?.kill()?);
+        Ok(())
+    }
+
+    fn abandon(&mut self, cause: WorkloadError) -> WorkloadError {
+        match (self.session.take(), cause) {
+            (Some(s), WorkloadError::Checkpoint(e)) => s.abandon(e).into(),
+            (Some(s), cause) => {
+                // Resumed; the cause is what is reported.
+                let _ = s.resume();
+                cause
+            }
+            (None, cause) => cause,
+        }
+    }
+
+    fn committed(&mut self, us: u64) {
+        self.copy_exists = true;
+        match (&mut self.session, &mut self.done) {
+            (_, Some(d)) => add_commit(d, us),
+            (Some(s), None) => s.set_commit_us(us),
+            (None, None) => {}
+        }
+    }
+
+    fn report(&self) -> Report {
+        let frozen = self.session.as_ref().and_then(Session::stats).cloned();
+        let pid = match self.target {
+            Target::Pid(pid) => pid,
+            Target::Container { .. } => 0,
+        };
+        Report::Tree(self.done.clone().or(frozen).unwrap_or(Stats {
+            pid,
+            ..Default::default()
+        }))
+    }
+}
+
+/// A VM, named by its name.
+pub struct VmSource {
+    session: VmSession,
+    copy_exists: bool,
+}
+
+impl VmSource {
+    /// The running VM `name` (refused, naming it, if there is none).
+    pub fn open(
+        state: &StateDir,
+        name: &str,
+        opts: VmCheckpointOptions,
+    ) -> Result<Self, WorkloadError> {
+        Ok(VmSource {
+            session: VmSession::open(state, name, opts)?,
+            copy_exists: false,
+        })
+    }
+}
+
+impl Source for VmSource {
+    fn kind(&self) -> Kind {
+        Kind::Vm
+    }
+
+    fn describe(&self) -> String {
+        format!("VM {}", self.session.name())
+    }
+
+    fn freeze(&mut self) -> Result<(), WorkloadError> {
+        Ok(self.session.freeze()?)
+    }
+
+    fn start_dirty_tracking(&mut self) -> Result<(), WorkloadError> {
+        self.session.start_dirty_tracking()?;
+        Ok(())
+    }
+
+    fn copy_round(&mut self) -> Result<Round, WorkloadError> {
+        let r = self.session.copy_round()?;
+        Ok(Round {
+            pages: r.pages,
+            us: r.us,
+        })
+    }
+
+    fn captured(&self) -> bool {
+        self.session.captured()
+    }
+
+    fn write_state(
+        &mut self,
+        sink: &mut dyn ImageSink,
+        _progress: Progress<'_>,
+    ) -> Result<(), WorkloadError> {
+        self.session.write(sink)?;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), WorkloadError> {
+        self.session.resume()?;
+        Ok(())
+    }
+
+    fn discard(&mut self) -> Result<(), WorkloadError> {
+        if !self.copy_exists {
+            return Err(out_of_order(self, Verb::Discard, NO_COPY));
+        }
+        self.session.stop()?;
+        Ok(())
+    }
+
+    fn abandon(&mut self, cause: WorkloadError) -> WorkloadError {
+        // Resumed if paused (a VM already running again is left so).
+        let _ = self.session.resume();
+        cause
+    }
+
+    fn committed(&mut self, _us: u64) {
+        self.copy_exists = true;
+        self.session.end();
+    }
+
+    fn report(&self) -> Report {
+        let s: VmStats = self.session.stats().clone();
+        Report::Vm(s)
+    }
+}
