@@ -434,55 +434,49 @@ fn restore(
         json,
     } = flags;
     let image = open_image(&path)?;
-    if stasis_restore::vm::vm_of(&image).is_some() {
-        let opts = vms::RestoreArgs {
-            name: name.as_deref(),
-            memory: memory.as_deref(),
-            detach,
-            json,
-            verify_first,
-            started,
-        };
-        return vms::restore(state, image, &path, &opts);
-    }
-    let is_container = stasis_restore::container::container_of(&image).is_some();
-    let kind = if is_container {
-        "a container image"
-    } else {
-        "an image of a process tree"
-    };
+    let kind = stasis_workload::destination::kind_of(&image);
     let not_for = |flag: String, for_what: &str| {
+        let kind = match kind {
+            stasis_workload::Kind::Container => "a container image",
+            _ => "an image of a process tree",
+        };
         exit::usage(format!(
             "{flag} is for {for_what}, but {} is {kind}",
             path.display()
         ))
     };
-    if let Some(m) = memory {
-        return Err(not_for(format!("--memory {m}"), "VM images"));
-    }
-    if verify_first {
-        return Err(not_for("--verify-first".into(), "VM images"));
-    }
-    let mut container = None;
-    let restored = if is_container {
-        stasis_restore::container::restore_container(
-            &image,
-            state,
-            name.as_deref(),
-            &stasis_restore::Options::default(),
-        )
-        .map(|(stats, rec)| {
-            container = Some(rec);
-            stats
-        })
-    } else {
-        if let Some(n) = name {
-            return Err(not_for(format!("--name {n}"), "container and VM images"));
+    if kind != stasis_workload::Kind::Vm {
+        if let Some(m) = memory {
+            return Err(not_for(format!("--memory {m}"), "VM images"));
         }
-        stasis_restore::restore_tree(&image, &stasis_restore::Options::default())
+        if verify_first {
+            return Err(not_for("--verify-first".into(), "VM images"));
+        }
+    }
+    if let (stasis_workload::Kind::ProcessTree, Some(n)) = (kind, &name) {
+        return Err(not_for(format!("--name {n}"), "container and VM images"));
+    }
+    let opts = stasis_workload::BuildOptions {
+        name: name.as_deref(),
+        tree: stasis_restore::Options::default(),
+        vm_memory: memory
+            .as_deref()
+            .map(stasis_runtime::cgroups::parse_size)
+            .transpose()
+            .context("--memory")?,
+        vm_detach: detach,
+        vm_quiet: json,
+        vm_verify_first: verify_first,
+        started,
     };
-    let stats = restored.map_err(|e| restore_error(&path, e))?;
-    drop(image);
+    let image = std::sync::Arc::new(image);
+    let restored = stasis_workload::build(state, image, &path, opts, None)
+        .map_err(|e| restore_error(&path, e))?;
+    let (stats, container) = match restored {
+        stasis_workload::Restored::Vm(stats) => return vms::restored(&stats, json),
+        stasis_workload::Restored::Tree(stats) => (stats, None),
+        stasis_workload::Restored::Container(stats, rec) => (stats, Some(rec)),
+    };
     let pid = stats.pid;
     for w in &stats.warnings {
         eprintln!("stasis: warning: {w}");
@@ -538,8 +532,12 @@ fn restore(
 
 /// One message naming the image and the reason: "image PATH is invalid: ..." for a bad
 /// image, "restoring PATH: ..." otherwise (the exit code still follows the error's kind).
-fn restore_error(path: &std::path::Path, e: stasis_restore::RestoreError) -> anyhow::Error {
+fn restore_error(path: &std::path::Path, e: stasis_workload::WorkloadError) -> anyhow::Error {
     use stasis_restore::RestoreError;
+    let e = match e {
+        stasis_workload::WorkloadError::Restore(e) => e,
+        e => return anyhow::Error::new(e).context(format!("restoring {}", path.display())),
+    };
     match e {
         RestoreError::Image(e) => bad_image(path, e),
         RestoreError::Invalid(what) => {

@@ -59,6 +59,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<WorkloadError>() {
             return match e {
                 WorkloadError::Checkpoint(e) => checkpoint_code(e),
+                WorkloadError::Restore(e) => restore_code(e),
                 WorkloadError::Unsupported { .. } => REFUSED,
                 WorkloadError::OutOfOrder { .. } | WorkloadError::Commit { .. } => FAILED,
             };
@@ -67,12 +68,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
             return checkpoint_code(e);
         }
         if let Some(e) = cause.downcast_ref::<RestoreError>() {
-            return match e {
-                RestoreError::Vm(k) => kvm_code(k),
-                RestoreError::Image(_) | RestoreError::Invalid(_) => BAD_IMAGE,
-                RestoreError::Unsupported(_) | RestoreError::PidTaken { .. } => REFUSED,
-                _ => FAILED,
-            };
+            return restore_code(e);
         }
         if let Some(e) = cause.downcast_ref::<ContainerError>() {
             return match e {
@@ -106,6 +102,15 @@ fn checkpoint_code(e: &CheckpointError) -> i32 {
         | CheckpointError::NoSuchContainer(_)
         | CheckpointError::Unsupported { .. } => REFUSED,
         CheckpointError::Interrupted(sig) => 128 + sig,
+        _ => FAILED,
+    }
+}
+
+fn restore_code(e: &RestoreError) -> i32 {
+    match e {
+        RestoreError::Vm(k) => kvm_code(k),
+        RestoreError::Image(_) | RestoreError::Invalid(_) => BAD_IMAGE,
+        RestoreError::Unsupported(_) | RestoreError::PidTaken { .. } => REFUSED,
         _ => FAILED,
     }
 }

@@ -288,46 +288,17 @@ pub fn checkpointed(
     Ok(exit::OK)
 }
 
-/// What `stasis restore` of a VM image was asked for.
-pub struct RestoreArgs<'a> {
-    pub name: Option<&'a str>,
-    pub memory: Option<&'a str>,
-    pub detach: bool,
-    pub json: bool,
-    pub verify_first: bool,
-    pub started: std::time::Instant,
-}
-
-/// `stasis restore IMAGE` of a VM image.
-pub fn restore(
-    state: &StateDir,
-    image: stasis_image::Image,
-    path: &std::path::Path,
-    a: &RestoreArgs<'_>,
-) -> Result<i32> {
-    let memory = a
-        .memory
-        .map(stasis_runtime::cgroups::parse_size)
-        .transpose()
-        .context("--memory")?;
-    let opts = stasis_restore::vm::VmRestoreOptions {
-        name: a.name,
-        memory,
-        detach: a.detach,
-        quiet: a.json,
-        verify_first: a.verify_first,
-        started: a.started,
-    };
-    let stats = stasis_restore::vm::restore_vm(std::sync::Arc::new(image), path, state, &opts)
-        .with_context(|| format!("restoring VM image {}", path.display()))?;
-    if a.json {
-        report::json(&stats)?;
+/// Reports a VM restore: its record's name (detached) or the guest's final report
+/// (foreground; exit 1 if the guest found errors).
+pub fn restored(stats: &stasis_restore::vm::VmRestoreStats, json: bool) -> Result<i32> {
+    if json {
+        report::json(stats)?;
     } else if let Some(rec) = &stats.record {
         crate::outln!("{}", rec.name);
     }
     match &stats.report {
         Some(rep) => {
-            if !a.json {
+            if !json {
                 eprintln!("stasis: VM {}: {}", rep.name, summary(rep));
             }
             Ok(if rep.errors == 0 {

@@ -7,8 +7,11 @@ mod common;
 
 use stasis_checkpoint::{FileSink, ImageSink, Options};
 use stasis_runtime::container::StateDir;
-use stasis_workload::{Report, Source, Verb, WorkloadError};
+use stasis_workload::{BuildOptions, Go, Report, Restored, Source, Verb, WorkloadError};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Whether `pid` exists and is not a zombie.
@@ -97,6 +100,103 @@ fn the_checkpoint_sequence_of_a_process_tree_restores() {
     let (mut r, mut p) = common::restore(&img, false);
     p.expect_pass("check", "after the restore");
     assert!(r.wait().expect("stasis restore").success());
+}
+
+/// Build options for a process tree whose standard input and output are new pipes; returns
+/// them, and the pipe ends the tree gets (closed here once it is built).
+fn tree_build_options() -> (BuildOptions<'static>, common::Pipes, [OwnedFd; 2]) {
+    let (r_in, w_in) = std::io::pipe().expect("pipe");
+    let (r_out, w_out) = std::io::pipe().expect("pipe");
+    let mut tree = stasis_restore::Options::default();
+    tree.inherit_fds.insert(0, r_in.as_raw_fd());
+    tree.inherit_fds.insert(1, w_out.as_raw_fd());
+    let opts = BuildOptions {
+        name: None,
+        tree,
+        vm_memory: None,
+        vm_detach: false,
+        vm_quiet: false,
+        vm_verify_first: false,
+        started: Instant::now(),
+    };
+    let pipes = common::Pipes {
+        stdin: OwnedFd::from(w_in).into(),
+        stdout: std::io::BufReader::new(OwnedFd::from(r_out).into()),
+    };
+    (opts, pipes, [r_in.into(), w_out.into()])
+}
+
+fn open_image(path: &Path) -> Arc<stasis_image::Image> {
+    Arc::new(stasis_image::Image::open(path).expect("open image"))
+}
+
+/// The receiving side: a tree built from an image is held whole and stopped until the
+/// workflow decides; discarded, nothing of it is left (and the image can be built again);
+/// resumed, it runs on and passes its checks.
+#[test]
+fn a_tree_built_from_an_image_is_held_stopped_then_discarded_or_resumed() {
+    common::init();
+    let dir = common::scratch("workload-build");
+    let mut wl = common::start("wl-counter", &["--quiet", "--mib", "4"]);
+    wl.pipes.expect_pass("verify", "before the checkpoint");
+    let pid = wl.pid;
+    let img = dir.join("tree.img");
+    let mut sink = FileSink::create(&img).expect("image file");
+    let mut src = stasis_workload::TreeSource::process_tree(pid, &Options::default());
+    stasis_workload::checkpoint(&mut src, &mut sink, false, &|_, _| {}).expect("checkpoint");
+    let _ = wl.child.wait();
+    let state = StateDir::new(dir.join("state"));
+
+    // Seen while held: (its PID, whether it ran).
+    let seen: Arc<Mutex<Vec<(i32, bool)>>> = Arc::default();
+    let decide = |go: Go| -> stasis_workload::OnHeld {
+        let seen = seen.clone();
+        Arc::new(move |h: &stasis_workload::Held| {
+            seen.lock()
+                .expect("lock")
+                .push((h.pid, common::running_untraced(h.pid)));
+            go.clone()
+        })
+    };
+    let (opts, _pipes, ends) = tree_build_options();
+    let discard = Go::Discard("the test discards it".into());
+    let built = stasis_workload::build(&state, open_image(&img), &img, opts, Some(decide(discard)));
+    drop(ends);
+    let err = built.expect_err("a discarded build is an error");
+    assert!(
+        matches!(
+            err,
+            WorkloadError::Restore(stasis_restore::RestoreError::Discarded(_))
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("the test discards it"), "{err}");
+    let held = seen.lock().expect("lock").clone();
+    assert_eq!(
+        held,
+        vec![(pid, false)],
+        "held once, stopped, under its PID"
+    );
+    assert!(!alive(pid), "a discarded tree left its root behind");
+    common::stasis_ok(&["image", "verify", img.to_str().expect("utf8")]);
+
+    let (opts, mut pipes, ends) = tree_build_options();
+    let built = stasis_workload::build(
+        &state,
+        open_image(&img),
+        &img,
+        opts,
+        Some(decide(Go::Resume)),
+    );
+    drop(ends);
+    let Restored::Tree(stats) = built.expect("build, hold, resume") else {
+        panic!("a process tree came back as something else")
+    };
+    assert_eq!(stats.pid, pid);
+    assert_eq!(seen.lock().expect("lock").len(), 2);
+    pipes.expect_pass("check", "after being held and resumed");
+    common::kill(pid);
+    common::reap(pid);
 }
 
 /// A VM answers every verb: tracked and copied while it runs, paused with its state
@@ -194,6 +294,31 @@ fn a_vm_answers_every_verb_and_its_image_restores_beside_it() {
         "--json",
     ]);
     wait_progress("copy", 0);
+    // Holding a restored VM stopped is not there yet: refused, naming it, nothing started.
+    let opts = BuildOptions {
+        name: Some("held"),
+        tree: stasis_restore::Options::default(),
+        vm_memory: None,
+        vm_detach: true,
+        vm_quiet: true,
+        vm_verify_first: false,
+        started: Instant::now(),
+    };
+    let never: stasis_workload::OnHeld = Arc::new(|_| Go::Resume);
+    let held = stasis_workload::build(&sd, open_image(&img), &img, opts, Some(never));
+    let err = held.expect_err("a held VM build is refused");
+    assert!(
+        matches!(
+            err,
+            WorkloadError::Unsupported {
+                verb: Verb::Build,
+                ..
+            }
+        ) && err.to_string().contains("VM held"),
+        "{err}"
+    );
+    let names = stasis(&["vm", "ps", "--json"]);
+    assert_eq!(names.as_array().map(Vec::len), Some(2), "{names}");
     for name in ["orig", "copy"] {
         let rep = stasis(&["vm", "stop", name, "--json"]);
         assert_eq!(rep["errors"], 0, "{name}: {rep}");

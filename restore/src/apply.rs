@@ -29,9 +29,10 @@ pub fn apply(
     image: &Image,
     procs: &[&proto::Process],
     plan: crate::plan::Plan,
-    (cgroups, unlock): (
+    (cgroups, unlock, hold): (
         &crate::cgroups::Placement,
         &dyn Fn() -> Result<(), RuntimeError>,
+        Option<&crate::Hold>,
     ),
 ) -> Result<(Written, i32), RestoreError> {
     let root = procs.first().map_or(0, |p| p.pid as i32);
@@ -99,6 +100,14 @@ pub fn apply(
         for b in built.iter_mut() {
             let p = image_proc(b)?;
             b.finish(p)?;
+        }
+        // Whole and stopped: the workflow decides whether it runs.
+        if let Some(h) = hold {
+            let held = crate::Held {
+                pid: host_root,
+                processes: built.len() as u64,
+            };
+            (h.0)(&held)?;
         }
         // Unlocked while still in repair mode: if that fails, they close without a word
         // when the tree is killed, and stay locked for another restore. (Nothing to do,

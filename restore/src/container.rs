@@ -355,6 +355,7 @@ pub fn restore_container(
         let mut o = Options {
             inherit_fds: opts.inherit_fds.clone(),
             pid_wait: opts.pid_wait,
+            hold: opts.hold.clone(),
             ..Default::default()
         };
         if let Some((_, f)) = &log {

@@ -30,6 +30,9 @@ pub enum RestoreError {
          `inet stasis`) and the image is unchanged: fix the cause and restore again"
     )]
     NetworkUnlock(RuntimeError),
+    /// The workflow discarded the restored workload before it ran (see `Options::hold`).
+    #[error("discarded before it ran: {0}")]
+    Discarded(String),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     /// Starting a restored VM failed (the error names the VM).

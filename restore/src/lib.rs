@@ -68,6 +68,32 @@ pub struct Options {
     /// (their executable and mapped files, their cwd and chroot) resolves in their own mount
     /// namespace: `root` should name that namespace's root, as seen from the restorer.
     pub root: Option<PathBuf>,
+    /// Called once the whole tree is built and stopped, before anything of it runs and
+    /// before its TCP connections are unlocked (see [`Hold`]).
+    pub hold: Option<Hold>,
+}
+
+/// A restored tree, whole and stopped, that nothing of has run yet.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// The root's PID as this process sees it.
+    pub pid: i32,
+    pub processes: u64,
+}
+
+/// The decision over a [`Held`] tree, made on the restoring thread (it is the tracer of
+/// every stopped thread): Ok lets the tree run; an error (e.g. [`RestoreError::Discarded`])
+/// kills it before it ran, undoes what the restore made, and is what the restore returns.
+#[derive(Clone)]
+pub struct Hold(pub std::sync::Arc<HoldFn>);
+
+/// The function of a [`Hold`].
+pub type HoldFn = dyn Fn(&Held) -> Result<(), RestoreError> + Send + Sync;
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hold(..)")
+    }
 }
 
 /// The namespaces and cgroups the root of a pid-namespace image enters, in this order, right
@@ -101,6 +127,7 @@ impl Default for Options {
             pid_wait: Duration::from_secs(10),
             pid_namespace: None,
             root: None,
+            hold: None,
         }
     }
 }
@@ -201,7 +228,8 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
         .and_then(|r| r),
         None => stasis_runtime::netlock::unlock_all(&tcp, &held),
     };
-    let (written, pid) = apply::apply(image, &procs, plan, (&cgroups, &unlock))?;
+    let (written, pid) =
+        apply::apply(image, &procs, plan, (&cgroups, &unlock, opts.hold.as_ref()))?;
     // Held until every process has mapped its objects (apply returns after that).
     drop((ghosts, shmem));
     let warnings = Vec::new();

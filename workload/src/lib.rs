@@ -1,7 +1,8 @@
 //! One interface over every kind of workload stasis handles: a process tree, a container
 //! (a process tree with its namespaces, cgroup and network) and a KVM VM.
 //!
-//! A live workload on this host is a [`Source`]. It answers the verbs every workflow is
+//! A live workload on this host is a [`Source`]; the receiving side builds one from an image
+//! and holds it stopped until it is resumed or discarded ([`destination`]). It answers the verbs every workflow is
 //! made of: freeze (pause); start dirty tracking and copy a round of changed memory while it
 //! runs; write its final state into an image sink; resume; discard. `checkpoint` is one
 //! sequence of those verbs ([`checkpoint`]); live migration and the kernel update are
@@ -11,8 +12,10 @@
 //! A source is used from the thread that opened it: for process trees that thread is the
 //! tracer of every frozen thread (ptrace is per thread), so sources are not `Send`.
 
+pub mod destination;
 mod sources;
 
+pub use destination::{build, BuildOptions, Go, Held, OnHeld, Restored};
 pub use sources::{TreeSource, VmSource};
 
 use serde::Serialize;
@@ -49,6 +52,8 @@ pub enum Verb {
     WriteState,
     Resume,
     Discard,
+    /// Build it from an image and hold it stopped (the receiving side).
+    Build,
 }
 
 impl fmt::Display for Verb {
@@ -60,6 +65,7 @@ impl fmt::Display for Verb {
             Verb::WriteState => "write its state",
             Verb::Resume => "resume",
             Verb::Discard => "discard",
+            Verb::Build => "build it from an image",
         })
     }
 }
@@ -83,6 +89,8 @@ pub enum WorkloadError {
     },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Restore(#[from] stasis_restore::RestoreError),
     /// The image could not be made durable (the workload was not discarded).
     #[error("{workload}: committing the image: {source}")]
     Commit {
