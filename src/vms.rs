@@ -178,7 +178,7 @@ fn run(state: &StateDir, a: RunArgs) -> Result<i32> {
         restore: None,
     };
     if a.detach {
-        let rec = vmm::run_detached(state, &cfg)
+        let rec = vmm::run_detached(state, &cfg, None)
             .with_context(|| format!("starting VM {}", a.name))?
             .record;
         if a.json {

@@ -294,32 +294,65 @@ fn a_vm_answers_every_verb_and_its_image_restores_beside_it() {
         "--json",
     ]);
     wait_progress("copy", 0);
-    // Holding a restored VM stopped is not there yet: refused, naming it, nothing started.
-    let opts = BuildOptions {
-        name: Some("held"),
-        tree: stasis_restore::Options::default(),
-        vm_memory: None,
-        vm_detach: true,
-        vm_quiet: true,
-        vm_verify_first: false,
-        started: Instant::now(),
-    };
-    let never: stasis_workload::OnHeld = Arc::new(|_| Go::Resume);
-    let held = stasis_workload::build(&sd, open_image(&img), &img, opts, Some(never));
-    let err = held.expect_err("a held VM build is refused");
-    assert!(
-        matches!(
-            err,
-            WorkloadError::Unsupported {
-                verb: Verb::Build,
-                ..
+    // Built and held: no vCPU thread runs until the decision. Discarded, nothing is left;
+    // resumed, it runs beside the others.
+    let vcpus_seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+    for go in [Go::Discard("the test discards it".into()), Go::Resume] {
+        let opts = BuildOptions {
+            name: Some("held"),
+            tree: stasis_restore::Options::default(),
+            vm_memory: None,
+            vm_detach: true,
+            vm_quiet: true,
+            vm_verify_first: false,
+            started: Instant::now(),
+        };
+        let seen = vcpus_seen.clone();
+        let decide: stasis_workload::OnHeld = Arc::new(move |h: &stasis_workload::Held| {
+            let vcpus = std::fs::read_dir(format!("/proc/{}/task", h.pid))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("vcpu"))
+                })
+                .count();
+            seen.lock().expect("lock").push(vcpus);
+            go.clone()
+        });
+        let built = stasis_workload::build(&sd, open_image(&img), &img, opts, Some(decide));
+        let rows = stasis(&["vm", "ps", "--json"]);
+        let names: Vec<&str> = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        match built {
+            Err(WorkloadError::Restore(stasis_restore::RestoreError::Discarded(why))) => {
+                assert!(why.contains("the test discards it"), "{why}");
+                assert!(
+                    !names.contains(&"held"),
+                    "a discarded VM is listed: {names:?}"
+                );
             }
-        ) && err.to_string().contains("VM held"),
-        "{err}"
+            Ok(Restored::Vm(_)) => {
+                assert!(
+                    names.contains(&"held"),
+                    "a resumed VM is not listed: {names:?}"
+                );
+                wait_progress("held", 0);
+            }
+            other => panic!("build of a held VM: {other:?}"),
+        }
+    }
+    assert_eq!(
+        *vcpus_seen.lock().expect("lock"),
+        vec![0, 0],
+        "vCPUs ran while held"
     );
-    let names = stasis(&["vm", "ps", "--json"]);
-    assert_eq!(names.as_array().map(Vec::len), Some(2), "{names}");
-    for name in ["orig", "copy"] {
+    for name in ["orig", "copy", "held"] {
         let rep = stasis(&["vm", "stop", name, "--json"]);
         assert_eq!(rep["errors"], 0, "{name}: {rep}");
     }

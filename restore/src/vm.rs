@@ -325,6 +325,9 @@ pub struct VmRestoreOptions<'a> {
     pub verify_first: bool,
     /// When the restore began (the time origin of the stats; before the image was opened).
     pub started: Instant,
+    /// Called once the VM is built and before its guest runs (detached only; see
+    /// [`crate::Hold`]).
+    pub hold: Option<&'a crate::Hold>,
 }
 
 /// Verifies the image, then starts the VM from it.
@@ -335,6 +338,11 @@ pub fn restore_vm(
     opts: &VmRestoreOptions<'_>,
 ) -> Result<VmRestoreStats, RestoreError> {
     let start = opts.started;
+    if opts.hold.is_some() && !opts.detach {
+        return Err(RestoreError::Unsupported(
+            "a VM held before its guest runs must run detached".into(),
+        ));
+    }
     let vm = vm_of(&image)
         .ok_or_else(|| invalid("not a VM image (no VM record)"))?
         .clone();
@@ -406,7 +414,23 @@ pub fn restore_vm(
         ..Default::default()
     };
     if opts.detach {
-        let d = vmm::run_detached(state, &cfg)?;
+        // The hold's own error, if it discarded the VM.
+        let refused = std::cell::RefCell::new(None);
+        let decide = |pid: i32| {
+            let held = crate::Held { pid, processes: 1 };
+            match opts.hold.map(|h| (h.0)(&held)) {
+                Some(Err(e)) => {
+                    *refused.borrow_mut() = Some(e);
+                    false
+                }
+                _ => true,
+            }
+        };
+        let hold = opts.hold.map(|_| &decide as &dyn Fn(i32) -> bool);
+        let d = match vmm::run_detached(state, &cfg, hold) {
+            Ok(d) => d,
+            Err(e) => return Err(refused.take().unwrap_or(RestoreError::Vm(e))),
+        };
         stats.total_us = start.elapsed().as_micros() as u64;
         stats.running_us = d.running_at.duration_since(start).as_micros() as u64;
         stats.record = Some(d.record);

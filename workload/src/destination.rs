@@ -112,16 +112,15 @@ pub fn build(
             Ok(Restored::Container(stats, rec))
         }
         Kind::Vm => {
-            if tree.hold.is_some() {
+            if tree.hold.is_some() && !opts.vm_detach {
                 return Err(WorkloadError::Unsupported {
                     workload: describe(&image, name),
                     verb: Verb::Build,
-                    why: "holding a restored VM stopped before its guest runs is not \
-                          implemented yet"
-                        .into(),
+                    why: "a VM held before its guest runs must run detached".into(),
                 });
             }
             let vm = VmRestoreOptions {
+                hold: tree.hold.as_ref(),
                 name,
                 memory: opts.vm_memory,
                 detach: opts.vm_detach,

@@ -49,6 +49,9 @@ pub enum KvmError {
     /// This host cannot do what was asked, and why.
     #[error("VM {vm}: {what}")]
     Unsupported { vm: String, what: String },
+    /// A VM built and held before its guest ran was discarded, as its starter asked.
+    #[error("VM {vm}: discarded before its guest ran")]
+    Discarded { vm: String },
     /// The guest did something the VMM does not handle.
     #[error("VM {vm}: the guest stopped: {what}")]
     Guest { vm: String, what: String },

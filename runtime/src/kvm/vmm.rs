@@ -650,12 +650,14 @@ impl Confirmation {
 }
 
 /// Runs the VM in this process until it ends; `ready` (a pipe) hears from a
-/// [`Confirmation`]: "running" and "ok", or the error that prevented either.
+/// [`Confirmation`]: "running" and "ok", or the error that prevented either. With `go` (a
+/// pipe), the VM is held once built, before any vCPU runs: `ready` hears "held PID", and
+/// the guest runs only if "go" comes on `go`; anything else removes the VM.
 fn serve(
     state: &StateDir,
     cfg: &VmConfig,
     sinks: Vec<Box<dyn Write + Send>>,
-    ready: Option<OwnedFd>,
+    (ready, go): (Option<OwnedFd>, Option<OwnedFd>),
 ) -> Result<VmReport, KvmError> {
     let name = cfg.name.clone();
     let mut confirm = Confirmation::new(ready);
@@ -675,6 +677,16 @@ fn serve(
         rec,
         listener,
     } = p;
+    if let Some(go) = go {
+        confirm.say(&format!("held {}", rec.pid));
+        let mut line = String::new();
+        let _ = BufReader::new(std::fs::File::from(go)).read_line(&mut line);
+        if line.trim() != "go" {
+            drop(listener);
+            remove_record(state, &rec, false)?;
+            return Err(KvmError::Discarded { vm: name });
+        }
+    }
     let status = Arc::new(VmStatus::new(vcpus.len()));
     status
         .mem_host_addr
@@ -841,16 +853,9 @@ fn serve(
     };
     let mut rep = reporter.report(state_word);
     rep.end = Some(end);
-    let vms = state.vms();
     // A restore that failed leaves nothing behind, not even the log of a VM that never was.
     let keep_log = cfg.restore.is_none() || (unverified.is_none() && ended.is_ok());
-    let cleaned = vms.lock().and_then(|_lock| {
-        let _ = std::fs::remove_file(&rec.socket);
-        match vms.read_as::<VmRecord>(&name)? {
-            Some(r) if r.pid == rec.pid => vms.remove(&name, keep_log),
-            _ => Ok(()),
-        }
-    });
+    let cleaned = remove_record(state, &rec, keep_log);
     for mut conn in waiting {
         reply(&mut conn, &rep);
     }
@@ -863,6 +868,18 @@ fn serve(
     ended?;
     cleaned?;
     Ok(rep)
+}
+
+/// Removes the VM's control socket and record (if still its own), and its log unless
+/// `keep_log`.
+fn remove_record(state: &StateDir, rec: &VmRecord, keep_log: bool) -> Result<(), KvmError> {
+    let vms = state.vms();
+    let _lock = vms.lock()?;
+    let _ = std::fs::remove_file(&rec.socket);
+    match vms.read_as::<VmRecord>(&rec.name)? {
+        Some(r) if r.pid == rec.pid => Ok(vms.remove(&rec.name, keep_log)?),
+        _ => Ok(()),
+    }
 }
 
 /// Runs the VM in this process, its console on standard output (unless `quiet`), until
@@ -878,7 +895,7 @@ pub fn run_foreground(state: &StateDir, cfg: &VmConfig, quiet: bool) -> Result<V
         (Some(_), false) => Some(announce_running(&cfg.name)?),
         _ => None,
     };
-    serve(state, cfg, sinks, ready)
+    serve(state, cfg, sinks, (ready, None))
 }
 
 /// A ready pipe for a VM restored in the foreground: once the VMM says the restored guest
@@ -940,21 +957,33 @@ fn null_stdio() {
 
 /// Starts the VM in a detached VMM process (double fork, new session) and returns its
 /// record once it runs (and a restored VM's image passed its check), or the error that
-/// stopped it.
-pub fn run_detached(state: &StateDir, cfg: &VmConfig) -> Result<Detached, KvmError> {
+/// stopped it. With `hold`, the VM is built and held before any vCPU runs, and `hold` is
+/// called with its VMM's PID: the guest runs if it says true, else the VM is removed and
+/// this returns [`KvmError::Discarded`].
+pub fn run_detached(
+    state: &StateDir,
+    cfg: &VmConfig,
+    hold: Option<&dyn Fn(i32) -> bool>,
+) -> Result<Detached, KvmError> {
     check_config(cfg)?;
     let name = cfg.name.as_str();
     let (r, w) = pipe(name)?;
+    let go = hold.map(|_| pipe(name)).transpose()?;
     let child = fork(name)?;
     if child == 0 {
         drop(r);
+        // Only the VMM reads `go`; the starter's end must close with the starter.
+        let go = go.map(|(r, w)| {
+            drop(w);
+            r
+        });
         // SAFETY: setsid in the child, which leads no group; no pointers.
         unsafe { libc::setsid() };
         let code = match fork(name) {
             Ok(0) => {
                 null_stdio();
                 let log = state.vms().log_path(name);
-                match serve(state, cfg, Vec::new(), Some(w)) {
+                match serve(state, cfg, Vec::new(), (Some(w), go)) {
                     Ok(_) => 0,
                     // A VM of that name runs: the log is its, not ours to write in (the
                     // starter hears why on the ready pipe).
@@ -974,6 +1003,10 @@ pub fn run_detached(state: &StateDir, cfg: &VmConfig) -> Result<Detached, KvmErr
         unsafe { libc::_exit(code) };
     }
     drop(w);
+    let go = go.map(|(r, w)| {
+        drop(r);
+        w
+    });
     let mut st = 0;
     // SAFETY: waiting for the intermediate child we just forked; `st` is a valid pointer.
     unsafe { libc::waitpid(child, &mut st, 0) };
@@ -985,7 +1018,21 @@ pub fn run_detached(state: &StateDir, cfg: &VmConfig) -> Result<Detached, KvmErr
             .map(Option::unwrap_or_default)
             .map_err(|e| KvmError::sys(name, "read the VMM's start message", e))
     };
-    let first = line()?;
+    let mut first = line()?;
+    if let (Some(held), Some(hold), Some(go)) = (first.strip_prefix("held "), hold, go) {
+        let pid = held.parse().unwrap_or(0);
+        if !hold(pid) {
+            // Closed without "go": the VMM removes the VM; its end closes the ready pipe.
+            drop(go);
+            while !line()?.is_empty() {}
+            return Err(KvmError::Discarded {
+                vm: name.to_string(),
+            });
+        }
+        let mut go = std::fs::File::from(go);
+        writeln!(go, "go").map_err(|e| KvmError::sys(name, "tell the held VMM to go", e))?;
+        first = line()?;
+    }
     let running_at = Instant::now();
     if first != "running" {
         return Err(start_error(name, &first, "started"));
