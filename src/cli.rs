@@ -16,7 +16,9 @@ Exit codes:
   2  usage error
   3  the image is corrupt, truncated or not a stasis image
   4  refused before anything changed: no such process or container, PID or name in use, or an
-     unsupported feature
+     unsupported feature; a migration the receiver refused or could not be reached for
+  5  a migration committed but the destination never confirmed: the source is left stopped;
+     the message says how to settle it
   128+N  checkpoint interrupted by signal N (Ctrl-C: 130); the process was left as it was";
 
 const ABOUT: &str = "Checkpoint and restore Linux workloads: process trees, containers and small \
@@ -26,8 +28,10 @@ const LONG_ABOUT: &str = "\
 Checkpoint and restore Linux workloads: process trees, containers and small KVM VMs.
 
 stasis freezes a workload, writes everything it is into one image file, and recreates it from
-that file later or elsewhere on this machine. It also runs the containers and VMs it saves.
-Live migration between hosts and rebootless kernel updates are planned, not there yet.";
+that file later or elsewhere on this machine. It also runs the containers and VMs it saves,
+and moves process trees and containers live to another host (`stasis migrate` to a
+`stasis receive`; one stop-and-copy round over plain TCP today). Rebootless kernel updates are
+planned, not there yet.";
 
 /// The command line.
 #[derive(Parser)]
@@ -192,6 +196,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running process tree or container to another host (like CRIU's page-server
+    /// migration, with the destination's copy held and verified before the source lets go).
+    ///
+    /// The workload is frozen here, its image streams to the receiver, which verifies it,
+    /// builds it and holds it stopped; only then does this side commit, and only once the
+    /// destination says it runs is the copy here killed. Any failure before the commit
+    /// resumes it here as it was (exit 1, or 4 if refused before anything was frozen); a
+    /// commit never confirmed leaves it stopped here and says how to settle it (exit 5).
+    Migrate(crate::migration::MigrateArgs),
+    /// Accept migrations (long-running; logs to standard error; see contrib/stasis-receive.service).
+    ///
+    /// Each migration runs in a worker process of its own: the image is stored under the
+    /// state directory, checked like any image `restore` reads, built and held stopped until
+    /// the source commits, then resumed. Nothing is left of one that fails or is aborted.
+    Receive(crate::migration::ReceiveArgs),
+    /// One received migration (internal; its connection on fd 3).
+    #[command(hide = true, name = "receive-worker")]
+    ReceiveWorker(crate::migration::WorkerArgs),
     /// The demo's counter workload (internal).
     #[command(hide = true, name = "__demo-counter")]
     DemoCounter,
@@ -310,6 +332,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Vm(cmd) => vms::command(&state, cmd),
+        Command::Migrate(a) => crate::migration::migrate(&state, a),
+        Command::Receive(a) => crate::migration::receive(&state, a),
+        Command::ReceiveWorker(a) => crate::migration::worker(&state, a),
         Command::DemoCounter => demo::counter(),
     }
 }

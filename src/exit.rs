@@ -1,6 +1,7 @@
 //! Exit codes, documented in `stasis --help`.
 
 use stasis_checkpoint::CheckpointError;
+use stasis_migrate::MigrateError;
 use stasis_restore::RestoreError;
 use stasis_runtime::container::ContainerError;
 use stasis_runtime::kvm::KvmError;
@@ -16,6 +17,9 @@ pub const USAGE: i32 = 2;
 pub const BAD_IMAGE: i32 = 3;
 /// Refused before anything changed: no such process, PID taken, or an unsupported feature.
 pub const REFUSED: i32 = 4;
+/// A migration committed, but the destination never confirmed: the source is left frozen
+/// for the operator to settle (the message says how).
+pub const UNSETTLED: i32 = 5;
 
 /// The image is not a valid one (the text says what is wrong); exit code 3.
 #[derive(Debug)]
@@ -42,6 +46,23 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
+/// Refused before anything changed (exit code 4), saying `what`.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// A refusal saying `what`.
+pub fn refused(what: String) -> anyhow::Error {
+    Refused(what).into()
+}
+
 /// A usage error saying `what`.
 pub fn usage(what: String) -> anyhow::Error {
     Usage(what).into()
@@ -56,13 +77,19 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<BadImage>().is_some() {
             return BAD_IMAGE;
         }
+        if cause.downcast_ref::<Refused>().is_some() {
+            return REFUSED;
+        }
+        if let Some(e) = cause.downcast_ref::<MigrateError>() {
+            match e {
+                MigrateError::Refused { .. } => return REFUSED,
+                MigrateError::Unsettled { .. } => return UNSETTLED,
+                MigrateError::Workload(w) => return workload_code(w),
+                _ => return FAILED,
+            }
+        }
         if let Some(e) = cause.downcast_ref::<WorkloadError>() {
-            return match e {
-                WorkloadError::Checkpoint(e) => checkpoint_code(e),
-                WorkloadError::Restore(e) => restore_code(e),
-                WorkloadError::Unsupported { .. } => REFUSED,
-                WorkloadError::OutOfOrder { .. } | WorkloadError::Commit { .. } => FAILED,
-            };
+            return workload_code(e);
         }
         if let Some(e) = cause.downcast_ref::<CheckpointError>() {
             return checkpoint_code(e);
@@ -93,6 +120,17 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         }
     }
     FAILED
+}
+
+fn workload_code(e: &WorkloadError) -> i32 {
+    match e {
+        WorkloadError::Checkpoint(e) => checkpoint_code(e),
+        WorkloadError::Restore(e) => restore_code(e),
+        WorkloadError::Unsupported { .. } => REFUSED,
+        WorkloadError::OutOfOrder { .. }
+        | WorkloadError::Commit { .. }
+        | WorkloadError::Workflow { .. } => FAILED,
+    }
 }
 
 fn checkpoint_code(e: &CheckpointError) -> i32 {

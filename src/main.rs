@@ -4,6 +4,7 @@ mod cli;
 mod containers;
 mod demo;
 mod exit;
+mod migration;
 mod report;
 mod vms;
 

@@ -32,46 +32,6 @@ const LAYOUT: [Ids; 5] = [
     (5, 4, 4, 4),
 ];
 
-/// A wl-pidns tree under `unshare --pid --fork`.
-struct NsTree {
-    /// The unshare process (our child); it ends when the tree's root does.
-    unshare: Child,
-    /// The tree's root (PID 1 inside) as we see it, and a pidfd of it: it is unshare's
-    /// child, not ours, so only the pidfd is sure to name it once it may have died.
-    root: i32,
-    root_fd: OwnedFd,
-    pipes: Pipes,
-}
-
-impl Drop for NsTree {
-    fn drop(&mut self) {
-        // Killing a namespace's init ends every process in it.
-        // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.root_fd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        let _ = self.unshare.wait();
-    }
-}
-
-fn pidfd_of(pid: i32) -> OwnedFd {
-    // SAFETY: pidfd_open takes no pointers.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    assert!(
-        fd >= 0,
-        "pidfd_open({pid}): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: pidfd_open just returned this fd; we own it.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
 /// A restored tree whose root is our child (or was reparented to us): killed and reaped
 /// when dropped unless [`Restored::finish`] ended it. Its PID cannot be reused before we
 /// reap it, so killing it by PID is safe.
@@ -167,55 +127,6 @@ fn host_of(root: i32, ns_pid: i32) -> i32 {
 /// Starts `unshare --pid --fork wl-pidns` and finds its root from outside.
 fn start_ns(tag: &str) -> NsTree {
     start_in_ns("wl-pidns", &[], tag)
-}
-
-/// Starts `unshare --pid --fork UNSHARE_ARGS... WORKLOAD` (PID 1 of a new namespace) and
-/// finds its root from outside.
-fn start_in_ns(program: &str, unshare_args: &[&str], tag: &str) -> NsTree {
-    let tag = format!("pidns{}{tag}", std::process::id());
-    // The workload's data file, left behind when the test kills the workload.
-    common::cleanup::remove_at_exit(
-        &std::env::temp_dir().join(format!("stasis-wl-pidns-{tag}.dat")),
-    );
-    let wl = workload(program);
-    let argv = [wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
-    let (t, ready) = spawn_in_ns(unshare_args, &argv, &tag, "READY ");
-    assert_eq!(ready, "READY 1");
-    t
-}
-
-/// Starts `unshare --pid --fork UNSHARE_ARGS... ARGV...` (STASIS_WL_TAG=`tag`), waits for
-/// its first line starting with `ready` (or FAIL), and finds its root from outside.
-fn spawn_in_ns(
-    unshare_args: &[&str],
-    argv: &[&std::ffi::OsStr],
-    tag: &str,
-    ready: &str,
-) -> (NsTree, String) {
-    init();
-    let mut unshare = clean("unshare")
-        .args(["--pid", "--fork"])
-        .args(unshare_args)
-        .args(argv)
-        .env("STASIS_WL_TAG", tag)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("unshare");
-    let mut pipes = Pipes {
-        stdin: unshare.stdin.take().expect("stdin"),
-        stdout: BufReader::new(unshare.stdout.take().expect("stdout")),
-    };
-    let line = pipes.expect_line(&[ready, "FAIL "]);
-    let root = ns_init_below(unshare.id() as i32);
-    let t = NsTree {
-        unshare,
-        root,
-        root_fd: pidfd_of(root),
-        pipes,
-    };
-    (t, line)
 }
 
 /// Sends `verify` and returns the INFO line, asserting the answer is PASS.
@@ -580,14 +491,6 @@ fn checkpoint_refused(pid: i32, test: &str, needle: &str) -> String {
     assert!(!out.exists(), "no image is left behind");
     let _ = std::fs::remove_dir_all(&dir);
     err
-}
-
-/// The descendant of `pid` that is PID 1 of a pid namespace below ours.
-fn ns_init_below(pid: i32) -> i32 {
-    descendants(pid)
-        .into_iter()
-        .find(|&d| ns_ids(d).is_some_and(|i| i.0 == 1))
-        .expect("a pid namespace's init")
 }
 
 const UNIX_LISTENER_PY: &str = r#"

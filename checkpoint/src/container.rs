@@ -315,6 +315,16 @@ impl ContainerSession {
         Ok(stats)
     }
 
+    /// See [`TreeSession::leave_stopped`]; its record, cgroup and network stay.
+    pub fn leave_stopped(&mut self) -> Result<Vec<i32>, CheckpointError> {
+        let _in = enter(&self.netns, self.rec.pid)?;
+        let tree = self
+            .tree
+            .take()
+            .ok_or_else(|| err(&self.rec.name, "it is not frozen"))?;
+        tree.leave_stopped()
+    }
+
     /// See [`TreeSession::abandon`].
     pub fn abandon(&mut self, cause: CheckpointError) -> CheckpointError {
         let Some(tree) = self.tree.take() else {

@@ -218,6 +218,26 @@ impl TreeSession {
         Ok(self.finish())
     }
 
+    /// Leaves the tree stopped when this process lets go of it, for an operator to settle (a
+    /// migration whose outcome is unknown): every process gets SIGSTOP before it is
+    /// detached, so it stops before running any of its own code; its connections stay in
+    /// repair mode and locked, so they send nothing; new connections to its listeners stay
+    /// held. Returns the PIDs of its processes.
+    pub fn leave_stopped(mut self) -> Result<Vec<i32>, CheckpointError> {
+        let pids: Vec<i32> = self.frozen.procs.iter().map(|f| f.pid()).collect();
+        for &p in &pids {
+            stasis_runtime::sys::kill(p, libc::SIGSTOP)?;
+        }
+        if let Some(r) = self.repaired.take() {
+            r.release_killed();
+        }
+        if let Some(h) = self.hold.take() {
+            h.keep();
+        }
+        self.frozen.resume()?;
+        Ok(pids)
+    }
+
     /// Gives up after `cause`: every process resumes as it was. Returns the error to
     /// report (a Ctrl-C that stopped the checkpoint is reported as such, not left pending).
     pub fn abandon(mut self, cause: CheckpointError) -> CheckpointError {

@@ -9,13 +9,17 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 pub mod cleanup;
+pub mod hosts;
 pub mod images;
 pub mod linux_guest;
+pub mod nstree;
 pub mod programs;
 pub mod unshared;
 pub mod vmm;
 #[allow(unused_imports)]
 pub use images::*;
+#[allow(unused_imports)]
+pub use nstree::*;
 #[allow(unused_imports)]
 pub use programs::*;
 #[allow(unused_imports)]

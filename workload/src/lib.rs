@@ -54,6 +54,7 @@ pub enum Verb {
     Discard,
     /// Build it from an image and hold it stopped (the receiving side).
     Build,
+    LeaveFrozen,
 }
 
 impl fmt::Display for Verb {
@@ -66,6 +67,7 @@ impl fmt::Display for Verb {
             Verb::Resume => "resume",
             Verb::Discard => "discard",
             Verb::Build => "build it from an image",
+            Verb::LeaveFrozen => "leave it frozen",
         })
     }
 }
@@ -91,6 +93,9 @@ pub enum WorkloadError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Restore(#[from] stasis_restore::RestoreError),
+    /// The workflow around the verbs failed (a connection lost, a peer that refused).
+    #[error("{workload}: {why}")]
+    Workflow { workload: String, why: String },
     /// The image could not be made durable (the workload was not discarded).
     #[error("{workload}: committing the image: {source}")]
     Commit {
@@ -150,6 +155,11 @@ pub trait Source {
     /// Ends it for good: killed, its cgroup, veth and record removed, a VM stopped. Refused
     /// until [`Source::committed`] said that its copy exists.
     fn discard(&mut self) -> Result<(), WorkloadError>;
+
+    /// Leaves it frozen after this process is gone, neither resumed nor discarded, for an
+    /// operator to settle (a migration that committed but never heard back); returns how to
+    /// settle it.
+    fn leave_frozen(&mut self) -> Result<String, WorkloadError>;
 
     /// Gives up after `cause`: resumes it as it was if it is frozen, and returns the error
     /// to report.

@@ -76,6 +76,13 @@ impl Session {
         }
     }
 
+    fn leave_stopped(self) -> Result<Vec<i32>, CheckpointError> {
+        match self {
+            Session::Tree(t) => t.leave_stopped(),
+            Session::Container(mut c) => c.leave_stopped(),
+        }
+    }
+
     fn abandon(self, cause: CheckpointError) -> CheckpointError {
         match self {
             Session::Tree(t) => t.abandon(cause),
@@ -210,6 +217,21 @@ impl Source for TreeSource {
         Ok(())
     }
 
+    fn leave_frozen(&mut self) -> Result<String, WorkloadError> {
+        let pids = self.take_frozen(Verb::LeaveFrozen)?.leave_stopped()?;
+        let list: Vec<String> = pids.iter().map(i32::to_string).collect();
+        let list = list.join(" ");
+        let connections = match self.opts.tcp_established {
+            true => " Its TCP connections stay in repair mode and locked (nft table `inet stasis`), so it must not be resumed if it had any.",
+            false => "",
+        };
+        Ok(format!(
+            "{} is stopped (SIGSTOP). If the destination's copy runs, end this one: kill -KILL {list}. \
+             If it does not, let this one run on: kill -CONT {list}.{connections}",
+            self.describe()
+        ))
+    }
+
     fn abandon(&mut self, cause: WorkloadError) -> WorkloadError {
         match (self.session.take(), cause) {
             (Some(s), WorkloadError::Checkpoint(e)) => s.abandon(e).into(),
@@ -314,6 +336,14 @@ impl Source for VmSource {
         }
         self.session.stop()?;
         Ok(())
+    }
+
+    fn leave_frozen(&mut self) -> Result<String, WorkloadError> {
+        Err(unsupported(
+            self,
+            Verb::LeaveFrozen,
+            "a paused VM resumes when stasis lets go of it",
+        ))
     }
 
     fn abandon(&mut self, cause: WorkloadError) -> WorkloadError {

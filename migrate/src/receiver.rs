@@ -1,0 +1,315 @@
+//! The destination side of one migration (run by a worker process of `stasis receive`):
+//! hears the source out, stores the image it is sent (bounded), opens it with the reader
+//! that protects `restore`, builds the workload and holds it stopped until the source
+//! commits, then resumes it and says so. Anything else (an abort, a source that goes away
+//! or stalls, a bad image, a build that fails) leaves nothing of the workload here.
+
+use crate::protocol::{self, Frame, Message};
+use crate::MigrateError;
+use serde::Serialize;
+use stasis_runtime::container::StateDir;
+use stasis_workload::{BuildOptions, Go, Held, Restored, WorkloadError};
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How to receive.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    pub state: StateDir,
+    /// Where images being received are stored (removed once done).
+    pub incoming: PathBuf,
+    /// The largest image accepted.
+    pub max_image_bytes: u64,
+    /// How long to wait for the source at each step (its image, its commit).
+    pub timeout: Duration,
+    /// Restored process trees get this process's standard input, output and error where
+    /// their image marks them inherited; otherwise /dev/null.
+    pub inherit_stdio: bool,
+}
+
+/// What one received migration did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Received {
+    pub workload: String,
+    pub kind: String,
+    /// Its PID here (a tree's root, a VM's VMM).
+    pub pid: i32,
+    pub image_bytes: u64,
+    /// From the end of the image until it was held.
+    pub build_us: u64,
+    pub total_us: u64,
+}
+
+/// The image file being received, removed when dropped.
+struct Incoming(PathBuf);
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Receives one migration over `conn`.
+pub fn receive_one(conn: TcpStream, opts: &ReceiveOptions) -> Result<Received, MigrateError> {
+    let t0 = Instant::now();
+    let peer = conn
+        .peer_addr()
+        .map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+    let protocol_err = |source| MigrateError::Protocol {
+        peer: peer.clone(),
+        source,
+    };
+    let mut conn = conn;
+    conn.set_read_timeout(Some(opts.timeout))
+        .map_err(|e| protocol_err(e.into()))?;
+    let (kind, workload, name) =
+        match protocol::recv_control(&mut conn, "hello").map_err(protocol_err)? {
+            Message::Hello {
+                protocol: p,
+                version,
+                kind,
+                workload,
+                name,
+            } => {
+                if p != protocol::PROTOCOL || version != protocol::VERSION {
+                    let reason = format!(
+                        "this receiver speaks {} version {}, not {p} version {version}",
+                        protocol::PROTOCOL,
+                        protocol::VERSION
+                    );
+                    let _ = protocol::send(
+                        &mut conn,
+                        &Message::Refused {
+                            reason: reason.clone(),
+                        },
+                    );
+                    return Err(MigrateError::Receive {
+                        workload,
+                        peer,
+                        what: reason,
+                    });
+                }
+                (kind, workload, name)
+            }
+            m => {
+                return Err(protocol_err(protocol::ProtocolError::Unexpected {
+                    got: protocol::name_of(&m),
+                    expected: "hello",
+                }))
+            }
+        };
+    let fail = |what: String| MigrateError::Receive {
+        workload: workload.clone(),
+        peer: peer.clone(),
+        what,
+    };
+    if let Some(reason) = refusal(opts, &kind, name.as_deref()) {
+        let _ = protocol::send(
+            &mut conn,
+            &Message::Refused {
+                reason: reason.clone(),
+            },
+        );
+        return Err(fail(format!("refused: {reason}")));
+    }
+    protocol::send(&mut conn, &Message::Ready).map_err(protocol_err)?;
+
+    let (incoming, image_bytes) = match store_image(&mut conn, opts) {
+        Ok(v) => v,
+        Err(Stored::Aborted(reason)) => return Err(fail(format!("the source aborted: {reason}"))),
+        Err(Stored::Protocol(e)) => return Err(protocol_err(e)),
+        Err(Stored::Bad(what)) => {
+            let _ = protocol::send(
+                &mut conn,
+                &Message::Failed {
+                    reason: what.clone(),
+                },
+            );
+            return Err(fail(what));
+        }
+    };
+    let tb = Instant::now();
+    let built = build(&conn, opts, &incoming.0, &kind, name.as_deref());
+    let build_us = tb.elapsed().as_micros() as u64;
+    drop(incoming);
+    let pid = match built {
+        Ok(Restored::Tree(s)) | Ok(Restored::Container(s, _)) => s.pid,
+        Ok(Restored::Vm(s)) => s.record.as_ref().map_or(0, |r| r.pid),
+        Err(WorkloadError::Restore(stasis_restore::RestoreError::Discarded(why))) => {
+            return Err(fail(format!("discarded before it ran: {why}")))
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            let _ = protocol::send(
+                &mut conn,
+                &Message::Failed {
+                    reason: reason.clone(),
+                },
+            );
+            return Err(fail(reason));
+        }
+    };
+    stasis_runtime::failpoints::hit("receive-resumed");
+    protocol::send(&mut conn, &Message::Resumed).map_err(protocol_err)?;
+    Ok(Received {
+        workload,
+        kind,
+        pid,
+        image_bytes,
+        build_us,
+        total_us: t0.elapsed().as_micros() as u64,
+    })
+}
+
+/// Why a workload must be refused before the source freezes it, if it must.
+fn refusal(opts: &ReceiveOptions, kind: &str, name: Option<&str>) -> Option<String> {
+    match (kind, name) {
+        ("process-tree", None) => None,
+        ("process-tree", Some(n)) => Some(format!("a process tree takes no name ({n})")),
+        ("container" | "vm", None) => Some(format!("a {kind} needs a name")),
+        ("container", Some(n)) => stasis_runtime::container::running(&opts.state, n)
+            .is_ok()
+            .then(|| format!("a container named {n} runs here")),
+        ("vm", Some(n)) => stasis_runtime::kvm::vmm::running(&opts.state, n)
+            .is_ok()
+            .then(|| format!("a VM named {n} runs here")),
+        (k, _) => Some(format!("unknown kind of workload {k:?}")),
+    }
+}
+
+/// Why storing the image stopped.
+enum Stored {
+    Aborted(String),
+    Protocol(protocol::ProtocolError),
+    /// The image is not acceptable (too large, cut short, not what was announced).
+    Bad(String),
+}
+
+/// Stores the image frames up to `image-end` and checks them against it.
+fn store_image(conn: &mut TcpStream, opts: &ReceiveOptions) -> Result<(Incoming, u64), Stored> {
+    std::fs::create_dir_all(&opts.incoming)
+        .map_err(|e| Stored::Bad(format!("creating {}: {e}", opts.incoming.display())))?;
+    let path = opts.incoming.join(format!("{}.img", std::process::id()));
+    let incoming = Incoming(path.clone());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| Stored::Bad(format!("creating {}: {e}", path.display())))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut hash = blake3::Hasher::new();
+    let mut bytes = 0u64;
+    loop {
+        match protocol::recv(conn).map_err(Stored::Protocol)? {
+            Frame::Image(data) => {
+                bytes += data.len() as u64;
+                if bytes > opts.max_image_bytes {
+                    return Err(Stored::Bad(format!(
+                        "the image is larger than this receiver takes ({} bytes)",
+                        opts.max_image_bytes
+                    )));
+                }
+                hash.update(&data);
+                out.write_all(&data)
+                    .map_err(|e| Stored::Bad(format!("storing the image: {e}")))?;
+            }
+            Frame::Control(Message::ImageEnd {
+                bytes: said,
+                blake3,
+            }) => {
+                if said != bytes || blake3 != hash.finalize().to_hex().as_str() {
+                    return Err(Stored::Bad(format!(
+                        "the image is not what was sent ({bytes} bytes received, {said} announced, or its hash differs)"
+                    )));
+                }
+                out.flush()
+                    .map_err(|e| Stored::Bad(format!("storing the image: {e}")))?;
+                return Ok((incoming, bytes));
+            }
+            Frame::Control(Message::Abort { reason }) => return Err(Stored::Aborted(reason)),
+            Frame::Control(m) => {
+                return Err(Stored::Protocol(protocol::ProtocolError::Unexpected {
+                    got: protocol::name_of(&m),
+                    expected: "image bytes or image-end",
+                }))
+            }
+        }
+    }
+}
+
+/// Builds the workload of the stored image and holds it until the source commits.
+fn build(
+    conn: &TcpStream,
+    opts: &ReceiveOptions,
+    path: &Path,
+    kind: &str,
+    name: Option<&str>,
+) -> Result<Restored, WorkloadError> {
+    let refused = |why: String| WorkloadError::Workflow {
+        workload: path.display().to_string(),
+        why,
+    };
+    let image = stasis_image::Image::open(path)
+        .map_err(|e| refused(format!("the image is invalid: {e}")))?;
+    let image_kind = serde_json::to_value(stasis_workload::destination::kind_of(&image))
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    if image_kind != kind {
+        return Err(refused(format!(
+            "the source announced a {kind} but sent an image of a {image_kind}"
+        )));
+    }
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| refused(format!("opening /dev/null: {e}")))?;
+    let mut tree = stasis_restore::Options::default();
+    if !opts.inherit_stdio {
+        for fd in 0..3 {
+            tree.inherit_fds.insert(fd, null.as_raw_fd());
+        }
+    }
+    let conn = Arc::new(Mutex::new(
+        conn.try_clone()
+            .map_err(|e| refused(format!("sharing the connection: {e}")))?,
+    ));
+    let timeout = opts.timeout;
+    let on_held: stasis_workload::OnHeld = Arc::new(move |held: &Held| {
+        let Ok(mut conn) = conn.lock() else {
+            return Go::Discard("the connection's lock was poisoned".into());
+        };
+        stasis_runtime::failpoints::hit("receive-held");
+        if let Err(e) = protocol::send(&mut *conn, &Message::Held { pid: held.pid }) {
+            return Go::Discard(format!("telling the source it is held: {e}"));
+        }
+        let _ = conn.set_read_timeout(Some(timeout));
+        match protocol::recv_control(&mut *conn, "commit") {
+            Ok(Message::Commit) => Go::Resume,
+            Ok(Message::Abort { reason }) => Go::Discard(format!("the source aborted: {reason}")),
+            Ok(m) => Go::Discard(format!("the source sent {}", protocol::name_of(&m))),
+            Err(e) => Go::Discard(format!("no commit from the source: {e}")),
+        }
+    });
+    let opts_build = BuildOptions {
+        name,
+        tree,
+        vm_memory: None,
+        vm_detach: true,
+        vm_quiet: true,
+        vm_verify_first: true,
+        started: Instant::now(),
+    };
+    stasis_workload::build(
+        &opts.state,
+        Arc::new(image),
+        path,
+        opts_build,
+        Some(on_held),
+    )
+}

@@ -1,0 +1,314 @@
+//! `stasis migrate` to `stasis receive` between two simulated hosts (two network namespaces
+//! joined by a veth pair, each with its own state directory): a process tree that is a whole
+//! pid namespace (wl-pidns, self-checking) moves and passes its checks on the destination;
+//! every failure before the commit leaves it running on the source and nothing on the
+//! destination; a commit that is never confirmed leaves the source stopped, never running
+//! beside the destination's copy.
+
+mod common;
+
+use common::hosts::{Host, TwoHosts};
+use common::{NsTree, Pipes};
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn start_tree(tag: &str) -> NsTree {
+    common::start_in_ns("wl-pidns", &[], &format!("mig{tag}"))
+}
+
+/// `verify` must pass (wl-pidns prints an INFO line first).
+fn verify(pipes: &mut Pipes, what: &str) {
+    pipes.send("verify");
+    let info = pipes.expect_line(&["INFO ", "PASS ", "FAIL "]);
+    let answer = pipes.expect_line(&["PASS ", "FAIL "]);
+    assert!(answer.starts_with("PASS "), "{what}: {answer} ({info})");
+}
+
+/// Whether `pid` exists and is not a zombie; its state letter if so.
+fn state_of(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit_once(") ")?.1.chars().next()?;
+    (state != 'Z').then_some(state)
+}
+
+fn alive(pid: i32) -> bool {
+    state_of(pid).is_some()
+}
+
+/// `stasis receive` on host `host`, its standard input and output pipes of the test (the
+/// trees it restores inherit them), its log in a file.
+struct Receiver {
+    child: Child,
+    pipes: Pipes,
+    url: String,
+    log: PathBuf,
+    incoming: PathBuf,
+}
+
+impl Receiver {
+    fn start(host: &Host, failpoints: Option<&str>) -> Receiver {
+        let port = 40000 + std::process::id() % 20000;
+        let listen = format!("{}:{port}", host.ip);
+        std::fs::create_dir_all(&host.state).expect("state dir");
+        let log = host.state.join("receive.log");
+        let mut cmd = host.stasis(&[
+            "receive",
+            "--listen",
+            &listen,
+            "--insecure",
+            "--inherit-stdio",
+            "--timeout",
+            "20",
+        ]);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        if let Some(f) = failpoints {
+            cmd.env("FAILPOINTS", f);
+        }
+        let mut child = cmd.spawn().expect("stasis receive");
+        let pipes = Pipes {
+            stdin: child.stdin.take().expect("stdin"),
+            stdout: BufReader::new(child.stdout.take().expect("stdout")),
+        };
+        let rx = Receiver {
+            child,
+            pipes,
+            url: format!("tcp://{listen}"),
+            log,
+            incoming: host.state.join("incoming"),
+        };
+        rx.wait_log("listening on");
+        rx
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until its log says `what`.
+    fn wait_log(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "the receiver never said {what:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Images left under its state directory.
+    fn images_left(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.incoming)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        // SIGTERM: it stops accepting and finishes what is under way.
+        // SAFETY: kill takes no pointers; the pid is the receiver this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `stasis migrate ROOT --to URL --insecure --json` on host `host`.
+fn migrate(host: &Host, root: i32, url: &str, failpoints: Option<&str>) -> Output {
+    let mut cmd = host.stasis(&[
+        "migrate",
+        &root.to_string(),
+        "--to",
+        url,
+        "--insecure",
+        "--json",
+        "--timeout",
+        "20",
+    ]);
+    if let Some(f) = failpoints {
+        cmd.env("FAILPOINTS", f);
+    }
+    cmd.output().expect("stasis migrate")
+}
+
+/// Processes running `wl-pidns` that are not in `tree` (what a destination left behind).
+fn other_wl_pidns(tree: &NsTree) -> Vec<i32> {
+    let ours: Vec<i32> = common::descendants(tree.unshare.id() as i32);
+    let exe = common::workload("wl-pidns");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|x| x == exe))
+        .filter(|p| alive(*p) && !ours.contains(p))
+        .collect()
+}
+
+/// Waits (bounded) until the destination holds nothing: no process, no image.
+fn wait_destination_empty(rx: &Receiver, tree: &NsTree) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (procs, images) = (other_wl_pidns(tree), rx.images_left());
+        if procs.is_empty() && images.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the destination kept processes {procs:?} and images {images:?}: {}",
+            rx.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_pid_namespace_tree_moves_to_the_other_host_and_passes_its_checks() {
+    let hosts = TwoHosts::new("migrate-moves");
+    let mut rx = Receiver::start(&hosts.b, None);
+    let mut tree = start_tree("moves");
+    verify(&mut tree.pipes, "before the migration");
+    let out = migrate(&hosts.a, tree.root, &rx.url, None);
+    assert!(out.status.success(), "migrate: {}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    eprintln!("migrate: {r}");
+    let dest = r["destination_pid"].as_i64().expect("destination_pid") as i32;
+    assert!(r["downtime_us"].as_u64() > Some(0), "{r}");
+    assert_eq!(r["checkpoint"]["process"], "killed", "{r}");
+    // The source's copy is gone (its unshare ends with it), the destination's runs.
+    let _ = tree.unshare.wait();
+    assert!(!alive(tree.root), "the source's copy runs on");
+    rx.wait_log("migration received");
+    verify(&mut rx.pipes, "on the destination");
+    verify(&mut rx.pipes, "on the destination, again");
+    assert!(rx.images_left().is_empty(), "{:?}", rx.images_left());
+    common::kill(dest);
+    common::reap(dest);
+}
+
+#[test]
+fn with_no_receiver_nothing_is_frozen() {
+    let hosts = TwoHosts::new("migrate-noreceiver");
+    let mut tree = start_tree("norx");
+    let url = format!("tcp://{}:9", hosts.b.ip);
+    let out = migrate(&hosts.a, tree.root, &url, None);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no receiver"), "{}", stderr(&out));
+    assert!(common::running_untraced(tree.root));
+    verify(&mut tree.pipes, "after a migration with no receiver");
+}
+
+#[test]
+fn a_receiver_killed_while_holding_it_leaves_the_source_running_and_nothing_behind() {
+    const TEST: &str =
+        "a_receiver_killed_while_holding_it_leaves_the_source_running_and_nothing_behind";
+    if !common::failpoints_built(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-rxdies");
+    let rx = Receiver::start(&hosts.b, Some("receive-held=return"));
+    let mut tree = start_tree("rxdies");
+    let out = migrate(&hosts.a, tree.root, &rx.url, None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("waiting for the destination to hold it"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        common::running_untraced(tree.root),
+        "the source was not resumed"
+    );
+    verify(&mut tree.pipes, "after the receiver died");
+    wait_destination_empty(&rx, &tree);
+}
+
+#[test]
+fn a_source_killed_before_the_commit_runs_on_and_the_destination_discards_its_copy() {
+    const TEST: &str =
+        "a_source_killed_before_the_commit_runs_on_and_the_destination_discards_its_copy";
+    if !common::failpoints_built(TEST) {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let hosts = TwoHosts::new("migrate-srcdies");
+    let rx = Receiver::start(&hosts.b, None);
+    let mut tree = start_tree("srcdies");
+    let out = migrate(
+        &hosts.a,
+        tree.root,
+        &rx.url,
+        Some("migrate-before-commit=return"),
+    );
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", stderr(&out));
+    verify(&mut tree.pipes, "after its migrator died");
+    assert!(common::running_untraced(tree.root));
+    rx.wait_log("discarded before it ran");
+    wait_destination_empty(&rx, &tree);
+}
+
+#[test]
+fn a_commit_never_confirmed_leaves_the_source_stopped_not_running_beside_the_copy() {
+    const TEST: &str =
+        "a_commit_never_confirmed_leaves_the_source_stopped_not_running_beside_the_copy";
+    if !common::failpoints_built(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-unsettled");
+    let mut rx = Receiver::start(&hosts.b, Some("receive-resumed=return"));
+    let tree = start_tree("unsettled");
+    let out = migrate(&hosts.a, tree.root, &rx.url, None);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    let root = tree.root.to_string();
+    assert!(
+        err.contains(&format!("kill -KILL {root}")) && err.contains(&format!("kill -CONT {root}")),
+        "{err}"
+    );
+    // Stopped, not running, and nobody's tracee.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state_of(tree.root) != Some('T') {
+        assert!(
+            Instant::now() < deadline,
+            "source state {:?}",
+            state_of(tree.root)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The destination's copy runs (it was resumed before its worker died).
+    verify(&mut rx.pipes, "the destination's copy");
+    let dest = other_wl_pidns(&tree)
+        .into_iter()
+        .find(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"))
+            })
+        })
+        .expect("the destination's root");
+    // Settled as the message says: the destination runs it, so the source's copy ends.
+    common::kill(tree.root);
+    drop(tree);
+    common::kill(dest);
+    common::reap(dest);
+}
