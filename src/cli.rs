@@ -30,7 +30,7 @@ Checkpoint and restore Linux workloads: process trees, containers and small KVM 
 stasis freezes a workload, writes everything it is into one image file, and recreates it from
 that file later or elsewhere on this machine. It also runs the containers and VMs it saves,
 and moves process trees and containers live to another host (`stasis migrate` to a
-`stasis receive`; one stop-and-copy round over plain TCP today). Rebootless kernel updates are
+`stasis receive`, over mutual TLS; one stop-and-copy round today). Rebootless kernel updates are
 planned, not there yet.";
 
 /// The command line.

@@ -82,7 +82,8 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         }
         if let Some(e) = cause.downcast_ref::<MigrateError>() {
             match e {
-                MigrateError::Refused { .. } => return REFUSED,
+                // Nothing was frozen: refused, or the receiver could not be reached.
+                MigrateError::Refused { .. } | MigrateError::Failed { .. } => return REFUSED,
                 MigrateError::Unsettled { .. } => return UNSETTLED,
                 MigrateError::Workload(w) => return workload_code(w),
                 _ => return FAILED,

@@ -7,6 +7,7 @@ use stasis_image::Compression;
 use stasis_runtime::container::StateDir;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::FromRawFd;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// `stasis migrate`.
@@ -30,12 +31,50 @@ pub struct MigrateArgs {
     /// Seconds to wait for each answer of the receiver.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
-    /// Plain TCP without authentication (required today: mutual TLS is not there yet).
-    #[arg(long)]
-    insecure: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Print the migration's figures as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// How a side authenticates: mutual TLS, or --insecure.
+#[derive(Args)]
+pub struct TlsArgs {
+    /// This side's certificate chain (PEM); the receiver's must name the host it is
+    /// reached by (a DNS name or IP address in its subjectAltName).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificates the other side's certificate must chain to (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Plain TCP, neither authenticated nor encrypted (instead of the --tls-* files): only
+    /// on a network where every peer is trusted.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    /// The TLS files, or None with --insecure (which warns).
+    fn files(&self) -> Result<Option<stasis_migrate::tls::TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca, self.insecure) {
+            (Some(cert), Some(key), Some(ca), false) => Ok(Some(stasis_migrate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            })),
+            (None, None, None, true) => {
+                eprintln!(
+                    "stasis: warning: --insecure: migrations are neither authenticated nor encrypted"
+                );
+                Ok(None)
+            }
+            _ => Err(exit::usage(NO_TLS.into())),
+        }
+    }
 }
 
 /// `stasis receive`.
@@ -44,9 +83,8 @@ pub struct ReceiveArgs {
     /// Address and port to accept migrations on.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: String,
-    /// Plain TCP without authentication (required today: mutual TLS is not there yet).
-    #[arg(long)]
-    insecure: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Restored process trees get this receiver's standard input, output and error where
     /// their image marks them inherited (default: /dev/null).
     #[arg(long)]
@@ -66,6 +104,12 @@ pub struct ReceiveArgs {
 #[derive(Args)]
 pub struct WorkerArgs {
     #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    #[arg(long)]
     inherit_stdio: bool,
     #[arg(long)]
     max_image_size: u64,
@@ -73,19 +117,12 @@ pub struct WorkerArgs {
     timeout: u64,
 }
 
-const NO_TLS: &str = "mutual TLS (--tls-cert, --tls-key, --tls-ca) is not implemented yet; \
-                      plain TCP must be asked for with --insecure";
-
-fn warn_insecure() {
-    eprintln!("stasis: warning: --insecure: the migration is neither authenticated nor encrypted");
-}
+const NO_TLS: &str = "a migration needs mutual TLS (--tls-cert, --tls-key and --tls-ca, all \
+                      three) or plain TCP asked for with --insecure";
 
 /// `stasis migrate`.
 pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
-    if !a.insecure {
-        return Err(exit::usage(NO_TLS.into()));
-    }
-    warn_insecure();
+    let tls = a.tls.files()?;
     let addr =
         a.to.strip_prefix("tcp://")
             .ok_or_else(|| exit::usage(format!("--to {}: expected tcp://HOST:PORT", a.to)))?;
@@ -114,11 +151,8 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
             )))
         }
     };
-    let conn = connect(addr, Duration::from_secs(a.timeout))?;
-    let mopts = stasis_migrate::MigrateOptions {
-        name,
-        answer_timeout: Duration::from_secs(a.timeout),
-    };
+    let conn = connect(addr, Duration::from_secs(a.timeout), tls.as_ref())?;
+    let mopts = stasis_migrate::MigrateOptions { name };
     let bar = report::progress_bar(a.json, "migrate");
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
@@ -146,8 +180,32 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
     Ok(exit::OK)
 }
 
-/// Connects to the receiver, trying each address it resolves to.
-fn connect(addr: &str, timeout: Duration) -> Result<TcpStream> {
+/// Connects to the receiver (each address it resolves to in turn), with TLS if given;
+/// `timeout` bounds the connect and every wait for an answer.
+fn connect(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&stasis_migrate::tls::TlsFiles>,
+) -> Result<Box<dyn stasis_migrate::tls::Conn>> {
+    let tcp = connect_tcp(addr, timeout)?;
+    tcp.set_read_timeout(Some(timeout))
+        .context("setting the connection's timeout")?;
+    let _ = tcp.set_nodelay(true);
+    let Some(files) = tls else {
+        return Ok(Box::new(tcp));
+    };
+    let cfg = stasis_migrate::tls::client_config(files)?;
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let conn = stasis_migrate::tls::connect(tcp, host, cfg)
+        .map_err(|e| exit::refused(format!("{e}; nothing was changed")))?;
+    Ok(Box::new(conn))
+}
+
+fn connect_tcp(addr: &str, timeout: Duration) -> Result<TcpStream> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| exit::usage(format!("--to tcp://{addr}: {e}")))?
@@ -167,10 +225,11 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream> {
 
 /// `stasis receive`.
 pub fn receive(state: &StateDir, a: ReceiveArgs) -> Result<i32> {
-    if !a.insecure {
-        return Err(exit::usage(NO_TLS.into()));
+    let tls = a.tls.files()?;
+    if let Some(files) = &tls {
+        // Bad files are found now, not at the first migration.
+        stasis_migrate::tls::server_config(files)?;
     }
-    warn_insecure();
     let addr: SocketAddr = a
         .listen
         .parse()
@@ -189,6 +248,23 @@ pub fn receive(state: &StateDir, a: ReceiveArgs) -> Result<i32> {
     if a.inherit_stdio {
         args.push("--inherit-stdio".into());
     }
+    if let Some(f) = &tls {
+        for (flag, path) in [
+            ("--tls-cert", &f.cert),
+            ("--tls-key", &f.key),
+            ("--tls-ca", &f.ca),
+        ] {
+            args.push(flag.into());
+            args.push(path.display().to_string());
+        }
+    }
+    eprintln!(
+        "stasis receive: {}",
+        match tls {
+            Some(_) => "mutual TLS: only peers with a certificate from --tls-ca are accepted",
+            None => "plain TCP (--insecure): any peer that connects is accepted",
+        }
+    );
     let worker = stasis_migrate::listener::Worker {
         program,
         args,
@@ -204,15 +280,34 @@ pub fn receive(state: &StateDir, a: ReceiveArgs) -> Result<i32> {
 pub fn worker(state: &StateDir, a: WorkerArgs) -> Result<i32> {
     // SAFETY: fd 3 is the connection the receiver passed on (see listener::WORKER_FD);
     // nothing else in this process owns it.
-    let conn = unsafe { TcpStream::from_raw_fd(stasis_migrate::listener::WORKER_FD) };
+    let tcp = unsafe { TcpStream::from_raw_fd(stasis_migrate::listener::WORKER_FD) };
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+    tcp.set_read_timeout(Some(Duration::from_secs(a.timeout)))
+        .context("setting the connection's timeout")?;
+    let _ = tcp.set_nodelay(true);
+    let conn: Box<dyn stasis_migrate::tls::Conn> = match (a.tls_cert, a.tls_key, a.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            let cfg = stasis_migrate::tls::server_config(&stasis_migrate::tls::TlsFiles {
+                cert,
+                key,
+                ca,
+            })?;
+            // Nothing of the protocol is read before the peer proved who it is.
+            let tls = stasis_migrate::tls::accept(tcp, &peer, cfg)
+                .map_err(|e| exit::refused(format!("refused: {e}")))?;
+            Box::new(tls)
+        }
+        _ => Box::new(tcp),
+    };
     let opts = stasis_migrate::ReceiveOptions {
         state: state.clone(),
         incoming: state.root().join("incoming"),
         max_image_bytes: a.max_image_size,
-        timeout: Duration::from_secs(a.timeout),
         inherit_stdio: a.inherit_stdio,
     };
-    let r = stasis_migrate::receive_one(conn, &opts)?;
+    let r = stasis_migrate::receive_one(conn, &peer, &opts)?;
     eprintln!(
         "stasis receive: {} runs here as PID {} ({} received, built in {})",
         r.workload,

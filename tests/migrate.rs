@@ -49,19 +49,19 @@ struct Receiver {
 
 impl Receiver {
     fn start(host: &Host, failpoints: Option<&str>) -> Receiver {
+        Self::start_with(host, failpoints, &["--insecure".into()])
+    }
+
+    /// With `security`: --insecure, or the --tls-* options.
+    fn start_with(host: &Host, failpoints: Option<&str>, security: &[String]) -> Receiver {
         let port = 40000 + std::process::id() % 20000;
         let listen = format!("{}:{port}", host.ip);
         std::fs::create_dir_all(&host.state).expect("state dir");
         let log = host.state.join("receive.log");
-        let mut cmd = host.stasis(&[
-            "receive",
-            "--listen",
-            &listen,
-            "--insecure",
-            "--inherit-stdio",
-            "--timeout",
-            "20",
-        ]);
+        let mut args = vec!["receive", "--listen", &listen, "--inherit-stdio"];
+        args.extend(["--timeout", "20"]);
+        args.extend(security.iter().map(String::as_str));
+        let mut cmd = host.stasis(&args);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"));
@@ -131,16 +131,21 @@ impl Drop for Receiver {
 
 /// `stasis migrate ROOT --to URL --insecure --json` on host `host`.
 fn migrate(host: &Host, root: i32, url: &str, failpoints: Option<&str>) -> Output {
-    let mut cmd = host.stasis(&[
-        "migrate",
-        &root.to_string(),
-        "--to",
-        url,
-        "--insecure",
-        "--json",
-        "--timeout",
-        "20",
-    ]);
+    migrate_with(host, root, url, failpoints, &["--insecure".into()])
+}
+
+/// Like [`migrate`] with `security` instead of --insecure.
+fn migrate_with(
+    host: &Host,
+    root: i32,
+    url: &str,
+    failpoints: Option<&str>,
+    security: &[String],
+) -> Output {
+    let root = root.to_string();
+    let mut args = vec!["migrate", &root, "--to", url, "--json", "--timeout", "20"];
+    args.extend(security.iter().map(String::as_str));
+    let mut cmd = host.stasis(&args);
     if let Some(f) = failpoints {
         cmd.env("FAILPOINTS", f);
     }
@@ -309,6 +314,73 @@ fn a_commit_never_confirmed_leaves_the_source_stopped_not_running_beside_the_cop
     // Settled as the message says: the destination runs it, so the source's copy ends.
     common::kill(tree.root);
     drop(tree);
+    common::kill(dest);
+    common::reap(dest);
+}
+
+/// The --tls-* options for a certificate of `pki` and the CA the peer must chain to.
+fn tls_args(issued: &common::pki::Issued, ca: &std::path::Path) -> Vec<String> {
+    let s = |p: &std::path::Path| p.display().to_string();
+    vec![
+        "--tls-cert".into(),
+        s(&issued.cert),
+        "--tls-key".into(),
+        s(&issued.key),
+        "--tls-ca".into(),
+        s(ca),
+    ]
+}
+
+#[test]
+fn with_mutual_tls_only_a_peer_with_a_valid_certificate_gets_through() {
+    let hosts = TwoHosts::new("migrate-tls");
+    let pki = common::pki::Pki::new(&hosts.a.state.join(".."), "ca");
+    let rogue = common::pki::Pki::new(&hosts.a.state.join(".."), "rogue-ca");
+    let server = pki.issue("receiver", &format!("IP:{}", hosts.b.ip));
+    let client = pki.issue("source", "DNS:source");
+    let intruder = rogue.issue("intruder", "DNS:source");
+    let mut rx = Receiver::start_with(&hosts.b, None, &tls_args(&server, &pki.ca));
+    let mut tree = start_tree("tls");
+
+    // A certificate from another CA, and no certificate at all: dropped before anything
+    // was frozen (exit 4), the tree runs on, nothing is left on the destination.
+    let refused = [
+        (
+            "a certificate from another CA",
+            tls_args(&intruder, &pki.ca),
+        ),
+        ("plain TCP", vec!["--insecure".to_string()]),
+    ];
+    for (what, security) in refused {
+        let out = migrate_with(&hosts.a, tree.root, &rx.url, None, &security);
+        assert_eq!(out.status.code(), Some(4), "{what}: {}", stderr(&out));
+        assert!(
+            common::running_untraced(tree.root),
+            "{what}: the tree was touched"
+        );
+        verify(&mut tree.pipes, what);
+        wait_destination_empty(&rx, &tree);
+    }
+    rx.wait_log("TLS handshake");
+    eprintln!("receiver: {}", rx.log());
+
+    let out = migrate_with(
+        &hosts.a,
+        tree.root,
+        &rx.url,
+        None,
+        &tls_args(&client, &pki.ca),
+    );
+    assert!(
+        out.status.success(),
+        "migrate over mutual TLS: {}",
+        stderr(&out)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    let dest = r["destination_pid"].as_i64().expect("destination_pid") as i32;
+    let _ = tree.unshare.wait();
+    rx.wait_log("migration received");
+    verify(&mut rx.pipes, "on the destination, over mutual TLS");
     common::kill(dest);
     common::reap(dest);
 }

@@ -9,13 +9,14 @@
 //! its own, so a restored tree is never the child of the server and a crash of one
 //! migration cannot take the others along.
 //!
-//! Today a migration is one stop-and-copy round over plain TCP (`--insecure`): pre-copy
-//! rounds and mutual TLS come next.
+//! Peers authenticate with mutual TLS ([`tls`]; plain TCP only with `--insecure`). Today a
+//! migration is one stop-and-copy round: pre-copy rounds come next.
 
 pub mod listener;
 pub mod protocol;
 pub mod receiver;
 pub mod source;
+pub mod tls;
 
 pub use protocol::ProtocolError;
 pub use receiver::{receive_one, ReceiveOptions, Received};

@@ -46,7 +46,7 @@ pub fn serve(
         let bound = listener
             .local_addr()
             .map_err(|e| err(format!("local address: {e}")))?;
-        log(&format!("listening on {bound} (plain TCP, --insecure)"));
+        log(&format!("listening on {bound}"));
         let slots = Arc::new(tokio::sync::Semaphore::new(max_parallel.max(1)));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| err(format!("SIGTERM handler: {e}")))?;

@@ -5,16 +5,16 @@
 //! or stalls, a bad image, a build that fails) leaves nothing of the workload here.
 
 use crate::protocol::{self, Frame, Message};
+use crate::tls::Conn;
 use crate::MigrateError;
 use serde::Serialize;
 use stasis_runtime::container::StateDir;
 use stasis_workload::{BuildOptions, Go, Held, Restored, WorkloadError};
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// How to receive.
 #[derive(Debug, Clone)]
@@ -24,8 +24,6 @@ pub struct ReceiveOptions {
     pub incoming: PathBuf,
     /// The largest image accepted.
     pub max_image_bytes: u64,
-    /// How long to wait for the source at each step (its image, its commit).
-    pub timeout: Duration,
     /// Restored process trees get this process's standard input, output and error where
     /// their image marks them inherited; otherwise /dev/null.
     pub inherit_stdio: bool,
@@ -53,19 +51,20 @@ impl Drop for Incoming {
     }
 }
 
-/// Receives one migration over `conn`.
-pub fn receive_one(conn: TcpStream, opts: &ReceiveOptions) -> Result<Received, MigrateError> {
+/// Receives one migration over `conn` (from `peer`; its read timeout bounds each wait for
+/// the source).
+pub fn receive_one(
+    conn: Box<dyn Conn>,
+    peer: &str,
+    opts: &ReceiveOptions,
+) -> Result<Received, MigrateError> {
     let t0 = Instant::now();
-    let peer = conn
-        .peer_addr()
-        .map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+    let peer = peer.to_string();
     let protocol_err = |source| MigrateError::Protocol {
         peer: peer.clone(),
         source,
     };
     let mut conn = conn;
-    conn.set_read_timeout(Some(opts.timeout))
-        .map_err(|e| protocol_err(e.into()))?;
     let (kind, workload, name) =
         match protocol::recv_control(&mut conn, "hello").map_err(protocol_err)? {
             Message::Hello {
@@ -133,9 +132,13 @@ pub fn receive_one(conn: TcpStream, opts: &ReceiveOptions) -> Result<Received, M
         }
     };
     let tb = Instant::now();
-    let built = build(&conn, opts, &incoming.0, &kind, name.as_deref());
+    let shared = Arc::new(Mutex::new(conn));
+    let built = build(&shared, opts, &incoming.0, &kind, name.as_deref());
     let build_us = tb.elapsed().as_micros() as u64;
     drop(incoming);
+    let mut conn = shared
+        .lock()
+        .map_err(|_| fail("the connection's lock was poisoned".into()))?;
     let pid = match built {
         Ok(Restored::Tree(s)) | Ok(Restored::Container(s, _)) => s.pid,
         Ok(Restored::Vm(s)) => s.record.as_ref().map_or(0, |r| r.pid),
@@ -145,7 +148,7 @@ pub fn receive_one(conn: TcpStream, opts: &ReceiveOptions) -> Result<Received, M
         Err(e) => {
             let reason = e.to_string();
             let _ = protocol::send(
-                &mut conn,
+                &mut *conn,
                 &Message::Failed {
                     reason: reason.clone(),
                 },
@@ -154,7 +157,7 @@ pub fn receive_one(conn: TcpStream, opts: &ReceiveOptions) -> Result<Received, M
         }
     };
     stasis_runtime::failpoints::hit("receive-resumed");
-    protocol::send(&mut conn, &Message::Resumed).map_err(protocol_err)?;
+    protocol::send(&mut *conn, &Message::Resumed).map_err(protocol_err)?;
     Ok(Received {
         workload,
         kind,
@@ -190,7 +193,7 @@ enum Stored {
 }
 
 /// Stores the image frames up to `image-end` and checks them against it.
-fn store_image(conn: &mut TcpStream, opts: &ReceiveOptions) -> Result<(Incoming, u64), Stored> {
+fn store_image(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions) -> Result<(Incoming, u64), Stored> {
     std::fs::create_dir_all(&opts.incoming)
         .map_err(|e| Stored::Bad(format!("creating {}: {e}", opts.incoming.display())))?;
     let path = opts.incoming.join(format!("{}.img", std::process::id()));
@@ -243,7 +246,7 @@ fn store_image(conn: &mut TcpStream, opts: &ReceiveOptions) -> Result<(Incoming,
 
 /// Builds the workload of the stored image and holds it until the source commits.
 fn build(
-    conn: &TcpStream,
+    conn: &Arc<Mutex<Box<dyn Conn>>>,
     opts: &ReceiveOptions,
     path: &Path,
     kind: &str,
@@ -275,11 +278,7 @@ fn build(
             tree.inherit_fds.insert(fd, null.as_raw_fd());
         }
     }
-    let conn = Arc::new(Mutex::new(
-        conn.try_clone()
-            .map_err(|e| refused(format!("sharing the connection: {e}")))?,
-    ));
-    let timeout = opts.timeout;
+    let conn = conn.clone();
     let on_held: stasis_workload::OnHeld = Arc::new(move |held: &Held| {
         let Ok(mut conn) = conn.lock() else {
             return Go::Discard("the connection's lock was poisoned".into());
@@ -288,7 +287,6 @@ fn build(
         if let Err(e) = protocol::send(&mut *conn, &Message::Held { pid: held.pid }) {
             return Go::Discard(format!("telling the source it is held: {e}"));
         }
-        let _ = conn.set_read_timeout(Some(timeout));
         match protocol::recv_control(&mut *conn, "commit") {
             Ok(Message::Commit) => Go::Resume,
             Ok(Message::Abort { reason }) => Go::Discard(format!("the source aborted: {reason}")),

@@ -10,30 +10,19 @@
 //! says how to settle it ([`MigrateError::Unsettled`]).
 
 use crate::protocol::{self, Message, FRAME_IMAGE};
+use crate::tls::Conn;
 use crate::MigrateError;
 use serde::Serialize;
 use stasis_checkpoint::{ImageSink, Progress};
 use stasis_workload::{Report, Source, WorkloadError};
 use std::io::{self, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 /// How to migrate.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct MigrateOptions {
     /// The name it runs under on the destination (containers and VMs; default its own).
     pub name: Option<String>,
-    /// How long to wait for each answer of the destination.
-    pub answer_timeout: Duration,
-}
-
-impl Default for MigrateOptions {
-    fn default() -> Self {
-        MigrateOptions {
-            name: None,
-            answer_timeout: Duration::from_secs(60),
-        }
-    }
 }
 
 /// What a migration measured (microseconds; downtime as stasis sees it).
@@ -59,7 +48,7 @@ pub struct MigrateReport {
 
 /// Image bytes on their way into the connection, as image frames.
 struct ImageFrames<'a> {
-    conn: &'a mut TcpStream,
+    conn: &'a mut Box<dyn Conn>,
     buf: Vec<u8>,
     hash: blake3::Hasher,
     bytes: u64,
@@ -109,10 +98,11 @@ fn kind_word(w: &dyn Source) -> String {
         .unwrap_or_default()
 }
 
-/// Migrates `w` over `conn` (connected to a receiver). See the module documentation.
+/// Migrates `w` over `conn` (connected to a receiver, with TLS or without; its read
+/// timeout bounds each wait for an answer). See the module documentation.
 pub fn migrate(
     w: &mut dyn Source,
-    mut conn: TcpStream,
+    mut conn: Box<dyn Conn>,
     opts: &MigrateOptions,
     progress: Progress<'_>,
 ) -> Result<MigrateReport, MigrateError> {
@@ -122,9 +112,6 @@ pub fn migrate(
         workload: workload.clone(),
         cause,
     };
-    conn.set_read_timeout(Some(opts.answer_timeout))
-        .map_err(|e| failed(format!("setting a timeout on the connection: {e}")))?;
-    let _ = conn.set_nodelay(true);
     protocol::send(
         &mut conn,
         &Message::Hello {

@@ -13,6 +13,7 @@ pub mod hosts;
 pub mod images;
 pub mod linux_guest;
 pub mod nstree;
+pub mod pki;
 pub mod programs;
 pub mod unshared;
 pub mod vmm;
