@@ -29,7 +29,7 @@ Checkpoint and restore Linux workloads: process trees, containers and small KVM 
 
 stasis freezes a workload, writes everything it is into one image file, and recreates it from
 that file later or elsewhere on this machine. It also runs the containers and VMs it saves,
-and moves process trees and containers live to another host (`stasis migrate` to a
+and moves process trees, containers and VMs live to another host (`stasis migrate` to a
 `stasis receive`, over mutual TLS; one stop-and-copy round today). Rebootless kernel updates are
 planned, not there yet.";
 
@@ -196,7 +196,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move a running process tree or container to another host (like CRIU's page-server
+    /// Move a running process tree, container or VM to another host (like CRIU's page-server
     /// migration, with the destination's copy held and verified before the source lets go).
     ///
     /// The workload is frozen here, its image streams to the receiver, which verifies it,

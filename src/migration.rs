@@ -13,13 +13,13 @@ use std::time::Duration;
 /// `stasis migrate`.
 #[derive(Args)]
 pub struct MigrateArgs {
-    /// PID of the process tree's root, or the name of a container.
+    /// PID of the process tree's root, or the name of a container or a VM.
     #[arg(value_name = "PID|NAME")]
     target: String,
     /// The receiver: tcp://HOST:PORT (`stasis receive --listen` there).
     #[arg(long, value_name = "tcp://HOST:PORT")]
     to: String,
-    /// Run it under this name on the destination (containers; default: its own).
+    /// Run it under this name on the destination (containers and VMs; default: its own).
     #[arg(long)]
     name: Option<String>,
     /// Keep established TCP connections (locked off the network while they move).
@@ -138,17 +138,12 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
     let name = match w.kind() {
         stasis_workload::Kind::ProcessTree => {
             if let Some(n) = &a.name {
-                return Err(exit::usage(format!("--name {n} is for containers")));
+                return Err(exit::usage(format!("--name {n} is for containers and VMs")));
             }
             None
         }
-        stasis_workload::Kind::Container => Some(a.name.clone().unwrap_or(a.target.clone())),
-        stasis_workload::Kind::Vm => {
-            return Err(exit::refused(format!(
-                "VM {}: migrating a VM is not implemented yet (a paused VM cannot be left \
-                 paused for an operator to settle)",
-                a.target
-            )))
+        stasis_workload::Kind::Container | stasis_workload::Kind::Vm => {
+            Some(a.name.clone().unwrap_or(a.target.clone()))
         }
     };
     let conn = connect(addr, Duration::from_secs(a.timeout), tls.as_ref())?;

@@ -35,6 +35,15 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Let a VM run that a migration left paused (its commit was never confirmed, and the
+    /// destination does not run it).
+    Resume {
+        /// The VM's name.
+        name: String,
+        /// Print the VM's report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Attach to a VM's serial console: show its log as it grows and send standard input
     /// to the guest (a terminal in raw mode), until Ctrl-] detaches or the VM ends.
     Console {
@@ -110,6 +119,15 @@ pub fn command(state: &StateDir, cmd: VmCommand) -> Result<i32> {
         } => {
             let rep = vmm::stop(state, &name, Duration::from_secs_f64(timeout.max(0.0)))
                 .with_context(|| format!("stopping VM {name}"))?;
+            if json {
+                report::json(&rep)?;
+            } else {
+                crate::outln!("{name}: {}", summary(&rep));
+            }
+            Ok(exit::OK)
+        }
+        VmCommand::Resume { name, json } => {
+            let rep = vmm::resume(state, &name).with_context(|| format!("resuming VM {name}"))?;
             if json {
                 report::json(&rep)?;
             } else {

@@ -384,3 +384,162 @@ fn with_mutual_tls_only_a_peer_with_a_valid_certificate_gets_through() {
     common::kill(dest);
     common::reap(dest);
 }
+
+/// Whether KVM is usable here; says why not when it is not.
+fn have_kvm(test: &str) -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    common::skip(test, "/dev/kvm does not exist on this host");
+    false
+}
+
+/// `stasis ARGS... --json` on `host`, which must succeed; its JSON.
+fn json_on(host: &Host, args: &[&str]) -> serde_json::Value {
+    let out = host.stasis(args).arg("--json").output().expect("stasis");
+    assert!(out.status.success(), "stasis {args:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// The row of VM `name` in `vm ps` on `host`.
+fn vm_row(host: &Host, name: &str) -> Option<serde_json::Value> {
+    json_on(host, &["vm", "ps"])
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == name)
+        .cloned()
+}
+
+/// Waits (bounded) until VM `name` on `host` reports a counter above `from`; returns it.
+fn vm_progress(host: &Host, name: &str, from: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = vm_row(host, name);
+        let c = row
+            .as_ref()
+            .and_then(|r| r["counter"].as_u64())
+            .unwrap_or(0);
+        if c > from {
+            assert_eq!(
+                row.map(|r| r["errors"].clone()),
+                Some(0.into()),
+                "VM {name}"
+            );
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {name} makes no progress: {row:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills the VMMs a test started on either host (also when it fails).
+struct Vmms<'a>(&'a TwoHosts);
+
+impl Drop for Vmms<'_> {
+    fn drop(&mut self) {
+        common::kill_vmms(&self.0.a.state);
+        common::kill_vmms(&self.0.b.state);
+    }
+}
+
+fn start_vm(host: &Host, name: &str) {
+    let run = [
+        "vm", "run", "--name", name, "--memory", "16m", "--guest", "demo", "--detach",
+    ];
+    let out = host.stasis(&run).output().expect("stasis vm run");
+    assert!(out.status.success(), "vm run: {}", stderr(&out));
+    vm_progress(host, name, 0);
+}
+
+#[test]
+fn a_vm_moves_to_the_other_host_and_its_guest_carries_on_without_an_error() {
+    const TEST: &str = "a_vm_moves_to_the_other_host_and_its_guest_carries_on_without_an_error";
+    if !have_kvm(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-vm");
+    let _vmms = Vmms(&hosts);
+    let rx = Receiver::start(&hosts.b, None);
+    start_vm(&hosts.a, "mig");
+    let out = hosts
+        .a
+        .stasis(&["migrate", "mig", "--to", &rx.url, "--insecure", "--json"])
+        .output()
+        .expect("stasis migrate");
+    assert!(out.status.success(), "migrate: {}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    eprintln!("migrate: {r}");
+    assert_eq!(r["checkpoint"]["vm"], "stopped", "{r}");
+    assert!(
+        vm_row(&hosts.a, "mig").is_none(),
+        "the source's VM is still there"
+    );
+    let c = vm_progress(&hosts.b, "mig", 0);
+    vm_progress(&hosts.b, "mig", c);
+    let rep = json_on(&hosts.b, &["vm", "stop", "mig"]);
+    assert_eq!(rep["errors"], 0, "{rep}");
+    wait_images_gone(&rx);
+}
+
+/// Waits (bounded) until the receiver's incoming directory is empty.
+fn wait_images_gone(rx: &Receiver) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rx.images_left().is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", rx.images_left());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_vm_whose_commit_is_never_confirmed_stays_paused_until_settled() {
+    const TEST: &str = "a_vm_whose_commit_is_never_confirmed_stays_paused_until_settled";
+    if !have_kvm(TEST) || !common::failpoints_built(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-vm-unsettled");
+    let _vmms = Vmms(&hosts);
+    let rx = Receiver::start(&hosts.b, Some("receive-resumed=return"));
+    start_vm(&hosts.a, "mig");
+    let started = Instant::now();
+    let out = hosts
+        .a
+        .stasis(&[
+            "migrate",
+            "mig",
+            "--to",
+            &rx.url,
+            "--insecure",
+            "--timeout",
+            "60",
+        ])
+        .output()
+        .expect("stasis migrate");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    // The lost acknowledgement is noticed when the worker's connection closes, not after a
+    // timeout (the VMM it started must not hold that connection open).
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the source waited {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("stasis vm stop mig") && err.contains("stasis vm resume mig"),
+        "{err}"
+    );
+    // Paused on the source, and it stays so: no progress while the destination's runs.
+    let row = vm_row(&hosts.a, "mig").expect("the source's VM");
+    assert_eq!(row["state"], "paused", "{row}");
+    let c = vm_progress(&hosts.b, "mig", 0);
+    vm_progress(&hosts.b, "mig", c);
+    let still = vm_row(&hosts.a, "mig").expect("the source's VM");
+    assert_eq!(still["counter"], row["counter"], "a paused VM ran: {still}");
+    // Settled as the message says: the destination runs it.
+    let rep = json_on(&hosts.a, &["vm", "stop", "mig"]);
+    assert_eq!(rep["errors"], 0, "{rep}");
+    assert!(vm_row(&hosts.a, "mig").is_none());
+    json_on(&hosts.b, &["vm", "stop", "mig"]);
+}

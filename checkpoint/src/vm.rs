@@ -378,6 +378,15 @@ impl VmSession {
         Ok(self.finish())
     }
 
+    /// Leaves the paused VM paused after this process is gone, until `stasis vm resume` or
+    /// `stasis vm stop` settles it (a migration whose outcome is unknown).
+    pub fn stay_paused(&mut self) -> Result<(), CheckpointError> {
+        let (session, _, _) = self.pause_session()?;
+        session.stay()?;
+        self.stats.vm = "paused".into();
+        Ok(())
+    }
+
     /// Stops the paused VM (only once its image is committed); its VMM removes its record.
     pub fn stop(&mut self) -> Result<VmStats, CheckpointError> {
         let (session, at, vmm_us) = self.pause_session()?;

@@ -339,10 +339,11 @@ impl Source for VmSource {
     }
 
     fn leave_frozen(&mut self) -> Result<String, WorkloadError> {
-        Err(unsupported(
-            self,
-            Verb::LeaveFrozen,
-            "a paused VM resumes when stasis lets go of it",
+        self.session.stay_paused()?;
+        let name = self.session.name();
+        Ok(format!(
+            "VM {name} is paused. If the destination's copy runs, end this one: stasis vm stop \
+             {name}. If it does not, let this one run on: stasis vm resume {name}."
         ))
     }
 

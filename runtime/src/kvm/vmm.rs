@@ -483,15 +483,26 @@ struct PauseControl<'a> {
 /// How long a paused VM waits for `resume` or `stop` before resuming by itself.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// What a paused VM was told to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterPause {
+    /// It runs again (told so, or its client went away).
+    Resumed,
+    /// Stop it: the caller tears the VM down and answers.
+    Stop,
+    /// Stay paused until `resume` or `stop` comes on another connection (a migration that
+    /// committed and never heard back: the operator settles it).
+    Stay,
+}
+
 impl PauseControl<'_> {
-    /// Pauses every vCPU, answers a [`Paused`], then waits for `resume` or `stop`; returns
-    /// true for `stop` (the caller tears the VM down and answers).
-    fn serve(&self, conn: &mut UnixStream, dirty_logging: bool) -> bool {
+    /// Pauses every vCPU, answers a [`Paused`], then waits for `resume`, `stop` or `stay`.
+    fn serve(&self, conn: &mut UnixStream, dirty_logging: bool) -> AfterPause {
         let saved = match self.threads.pause_all() {
             Ok(s) => s,
             Err(e) => {
                 reply_error(conn, &e);
-                return false;
+                return AfterPause::Resumed;
             }
         };
         // Every vCPU is out of KVM_RUN: the VM-wide state and the shared UART are still.
@@ -500,7 +511,7 @@ impl PauseControl<'_> {
             Err(e) => {
                 self.threads.resume_all();
                 reply_error(conn, &e);
-                return false;
+                return AfterPause::Resumed;
             }
         };
         let serial = lock(self.serial).state();
@@ -520,7 +531,7 @@ impl PauseControl<'_> {
                     self.threads.resume_all();
                     let _ = self.vm.set_dirty_logging(false);
                     reply_error(conn, &e);
-                    return false;
+                    return AfterPause::Resumed;
                 }
             }
         } else {
@@ -547,9 +558,19 @@ impl PauseControl<'_> {
         let _ = conn.set_read_timeout(Some(PAUSE_TIMEOUT));
         let mut line = String::new();
         let _ = BufReader::new(&mut *conn).read_line(&mut line);
-        if line.trim() == "stop" {
-            self.threads.stop_paused();
-            return true;
+        match line.trim() {
+            "stop" => {
+                self.threads.stop_paused();
+                return AfterPause::Stop;
+            }
+            "stay" => {
+                if dirty_logging {
+                    let _ = self.vm.set_dirty_logging(false);
+                }
+                send_json(conn, &Resumed { paused_us: 0 });
+                return AfterPause::Stay;
+            }
+            _ => {}
         }
         self.threads.resume_all();
         let paused_us = micros(at.elapsed());
@@ -557,7 +578,7 @@ impl PauseControl<'_> {
             let _ = self.vm.set_dirty_logging(false);
         }
         send_json(conn, &Resumed { paused_us });
-        false
+        AfterPause::Resumed
     }
 }
 
@@ -736,6 +757,8 @@ fn serve(
     // that snapshot paused the VM (the snapshot failed or its process died), the log is
     // turned off again, so a failed snapshot leaves the VM as fast as it was.
     let mut dirty_owner: Option<UnixStream> = None;
+    // Paused and told to stay so (see [`AfterPause::Stay`]).
+    let mut settle_paused = false;
     while !threads.all_finished() {
         if SIGNALLED.load(Ordering::SeqCst) || confirm.poll(false) {
             stop.store(true, Ordering::SeqCst);
@@ -758,9 +781,25 @@ fn serve(
                 let _ = BufReader::new(&mut conn).read_line(&mut line);
                 match line.trim() {
                     "stop" => {
+                        if std::mem::take(&mut settle_paused) {
+                            threads.stop_paused();
+                        }
                         stop.store(true, Ordering::SeqCst);
                         waiting.push(conn);
                     }
+                    "resume" if settle_paused => {
+                        settle_paused = false;
+                        threads.resume_all();
+                        reply(&mut conn, &reporter.report("running"));
+                    }
+                    "pause" | "dirty-log start" if settle_paused => reply_error(
+                        &mut conn,
+                        &KvmError::invalid(
+                            &name,
+                            "it is paused after a migration that was never confirmed: settle it \
+                             first (stasis vm resume, or stasis vm stop)",
+                        ),
+                    ),
                     "dirty-log start" => {
                         let r = if dirty_owner.is_some() {
                             Err(KvmError::invalid(
@@ -805,9 +844,13 @@ fn serve(
                             threads: &threads,
                         };
                         dirty_owner = None;
-                        if ctl.serve(&mut conn, std::mem::take(&mut dirty_logging)) {
-                            stop.store(true, Ordering::SeqCst);
-                            waiting.push(conn);
+                        match ctl.serve(&mut conn, std::mem::take(&mut dirty_logging)) {
+                            AfterPause::Stop => {
+                                stop.store(true, Ordering::SeqCst);
+                                waiting.push(conn);
+                            }
+                            AfterPause::Stay => settle_paused = true,
+                            AfterPause::Resumed => {}
                         }
                     }
                     console::INPUT_COMMAND => {
@@ -820,7 +863,10 @@ fn serve(
                             eprintln!("stasis: VM {name}: console input: {e}");
                         }
                     }
-                    _ => reply(&mut conn, &reporter.report("running")),
+                    _ => reply(
+                        &mut conn,
+                        &reporter.report(if settle_paused { "paused" } else { "running" }),
+                    ),
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -941,6 +987,30 @@ fn fork(vm: &str) -> Result<i32, KvmError> {
     Ok(pid)
 }
 
+/// Closes the sockets the detached VMM inherited from its starter (a migration's connection,
+/// say): they are never its own, and one held open here would keep its peer waiting for as
+/// long as the VM runs. (Its own control socket is made later.)
+fn close_inherited_sockets() {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: stat is plain old data; all zeroes is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat fills `st`, owned by this frame; an fd that is not open (the
+        // directory's own) just fails.
+        let rc = unsafe { libc::fstat(fd, &mut st) };
+        if rc == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK {
+            // SAFETY: closing an inherited socket this process never uses.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 /// The detached VMM's standard input/output/error: /dev/null.
 fn null_stdio() {
     if let Ok(null) = std::fs::OpenOptions::new()
@@ -982,6 +1052,7 @@ pub fn run_detached(
         let code = match fork(name) {
             Ok(0) => {
                 null_stdio();
+                close_inherited_sockets();
                 let log = state.vms().log_path(name);
                 match serve(state, cfg, Vec::new(), (Some(w), go)) {
                     Ok(_) => 0,
@@ -1262,6 +1333,13 @@ impl PauseSession {
         Ok(rep)
     }
 
+    /// Leaves the VM paused after this process lets go of it, until `resume` or `stop`
+    /// comes (see [`resume`] and [`stop`]): for a migration whose outcome is unknown.
+    pub fn stay(mut self) -> Result<(), KvmError> {
+        self.send("stay")?;
+        answer::<Resumed>(&self.rec, &mut self.conn, "stay").map(drop)
+    }
+
     /// The record of the paused VM.
     pub fn record(&self) -> &VmRecord {
         &self.rec
@@ -1271,6 +1349,11 @@ impl PauseSession {
 /// The VMM's report on a running VM.
 pub fn query(state: &StateDir, name: &str) -> Result<VmReport, KvmError> {
     ask(&running(state, name)?, "status", Duration::from_secs(5))
+}
+
+/// Lets a VM run that was left paused ([`PauseSession::stay`]); returns its report.
+pub fn resume(state: &StateDir, name: &str) -> Result<VmReport, KvmError> {
+    ask(&running(state, name)?, "resume", Duration::from_secs(5))
 }
 
 /// Stops a VM cleanly; returns its final report once its VMM has torn it down.
