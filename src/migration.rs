@@ -98,6 +98,9 @@ pub struct ReceiveArgs {
     /// Seconds to wait for the source at each step.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Where this host's CPU flags are read (tests describe another CPU this way).
+    #[arg(long, default_value = "/proc/cpuinfo", hide = true)]
+    cpuinfo: String,
 }
 
 /// The receiver's worker (internal): one migration, its connection on fd 3.
@@ -115,6 +118,8 @@ pub struct WorkerArgs {
     max_image_size: u64,
     #[arg(long)]
     timeout: u64,
+    #[arg(long)]
+    cpuinfo: String,
 }
 
 const NO_TLS: &str = "a migration needs mutual TLS (--tls-cert, --tls-key and --tls-ca, all \
@@ -147,7 +152,8 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
         }
     };
     let conn = connect(addr, Duration::from_secs(a.timeout), tls.as_ref())?;
-    let mopts = stasis_migrate::MigrateOptions { name };
+    let cpu_flags = stasis_runtime::procfs::cpu_flags("/proc/cpuinfo")?;
+    let mopts = stasis_migrate::MigrateOptions { name, cpu_flags };
     let bar = report::progress_bar(a.json, "migrate");
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
@@ -221,6 +227,8 @@ fn connect_tcp(addr: &str, timeout: Duration) -> Result<TcpStream> {
 /// `stasis receive`.
 pub fn receive(state: &StateDir, a: ReceiveArgs) -> Result<i32> {
     let tls = a.tls.files()?;
+    // Read now: a receiver that cannot tell what its CPU has does not start.
+    stasis_runtime::procfs::cpu_flags(&a.cpuinfo)?;
     if let Some(files) = &tls {
         // Bad files are found now, not at the first migration.
         stasis_migrate::tls::server_config(files)?;
@@ -239,6 +247,8 @@ pub fn receive(state: &StateDir, a: ReceiveArgs) -> Result<i32> {
         max.to_string(),
         "--timeout".into(),
         a.timeout.to_string(),
+        "--cpuinfo".into(),
+        a.cpuinfo.clone(),
     ];
     if a.inherit_stdio {
         args.push("--inherit-stdio".into());
@@ -301,6 +311,7 @@ pub fn worker(state: &StateDir, a: WorkerArgs) -> Result<i32> {
         incoming: state.root().join("incoming"),
         max_image_bytes: a.max_image_size,
         inherit_stdio: a.inherit_stdio,
+        cpu_flags: stasis_runtime::procfs::cpu_flags(&a.cpuinfo)?,
     };
     let r = stasis_migrate::receive_one(conn, &peer, &opts)?;
     eprintln!(

@@ -543,3 +543,40 @@ fn a_vm_whose_commit_is_never_confirmed_stays_paused_until_settled() {
     assert!(vm_row(&hosts.a, "mig").is_none());
     json_on(&hosts.b, &["vm", "stop", "mig"]);
 }
+
+#[test]
+fn a_destination_whose_cpu_lacks_a_feature_is_refused_before_anything_is_frozen() {
+    let hosts = TwoHosts::new("migrate-cpu");
+    // The destination's CPU as one without a feature this one has.
+    let ours = stasis_runtime::procfs::cpu_flags("/proc/cpuinfo").expect("cpu flags");
+    let gone = ours.last().cloned().expect("a flag");
+    let theirs: Vec<&str> = ours
+        .iter()
+        .map(String::as_str)
+        .filter(|f| *f != gone)
+        .collect();
+    std::fs::create_dir_all(&hosts.b.state).expect("state dir");
+    let cpuinfo = hosts.b.state.join("cpuinfo");
+    std::fs::write(
+        &cpuinfo,
+        format!("processor\t: 0\nflags\t\t: {}\n", theirs.join(" ")),
+    )
+    .expect("cpuinfo");
+    let extra = [
+        "--insecure".to_string(),
+        "--cpuinfo".into(),
+        cpuinfo.display().to_string(),
+    ];
+    let rx = Receiver::start_with(&hosts.b, None, &extra);
+    let mut tree = start_tree("cpu");
+    let out = migrate(&hosts.a, tree.root, &rx.url, None);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("lacks a feature") && err.ends_with(&format!("{gone}; nothing was changed\n")),
+        "{err}"
+    );
+    assert!(common::running_untraced(tree.root));
+    verify(&mut tree.pipes, "after a refusal for the CPU");
+    wait_destination_empty(&rx, &tree);
+}

@@ -16,7 +16,8 @@
 //! # Conversation
 //! ```text
 //! source                                destination
-//! hello {protocol, version, workload}  ->
+//! hello {protocol, version, workload,
+//!        cpu_flags}                    ->
 //!                                      <- ready | refused {reason}
 //! (freezes the workload)
 //! image frames ...                     ->  (stored, bounded)
@@ -61,6 +62,10 @@ pub enum Message {
         workload: String,
         /// The name it runs under on the destination (containers and VMs).
         name: Option<String>,
+        /// The CPU feature flags its processes or vCPUs may use (the source host's, as
+        /// /proc/cpuinfo lists them): a destination that lacks one refuses.
+        #[serde(default)]
+        cpu_flags: Vec<String>,
     },
     /// Destination: go on.
     Ready,

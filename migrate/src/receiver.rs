@@ -27,6 +27,8 @@ pub struct ReceiveOptions {
     /// Restored process trees get this process's standard input, output and error where
     /// their image marks them inherited; otherwise /dev/null.
     pub inherit_stdio: bool,
+    /// This host's CPU feature flags: a workload that may use one it lacks is refused.
+    pub cpu_flags: Vec<String>,
 }
 
 /// What one received migration did.
@@ -65,7 +67,7 @@ pub fn receive_one(
         source,
     };
     let mut conn = conn;
-    let (kind, workload, name) =
+    let (kind, workload, name, cpu_flags) =
         match protocol::recv_control(&mut conn, "hello").map_err(protocol_err)? {
             Message::Hello {
                 protocol: p,
@@ -73,6 +75,7 @@ pub fn receive_one(
                 kind,
                 workload,
                 name,
+                cpu_flags,
             } => {
                 if p != protocol::PROTOCOL || version != protocol::VERSION {
                     let reason = format!(
@@ -92,7 +95,7 @@ pub fn receive_one(
                         what: reason,
                     });
                 }
-                (kind, workload, name)
+                (kind, workload, name, cpu_flags)
             }
             m => {
                 return Err(protocol_err(protocol::ProtocolError::Unexpected {
@@ -106,7 +109,9 @@ pub fn receive_one(
         peer: peer.clone(),
         what,
     };
-    if let Some(reason) = refusal(opts, &kind, name.as_deref()) {
+    let refused =
+        missing_cpu_flags(opts, &cpu_flags).or_else(|| refusal(opts, &kind, name.as_deref()));
+    if let Some(reason) = refused {
         let _ = protocol::send(
             &mut conn,
             &Message::Refused {
@@ -165,6 +170,25 @@ pub fn receive_one(
         image_bytes,
         build_us,
         total_us: t0.elapsed().as_micros() as u64,
+    })
+}
+
+/// The CPU flags the source's workload may use that this host lacks, as a refusal.
+fn missing_cpu_flags(opts: &ReceiveOptions, theirs: &[String]) -> Option<String> {
+    let missing: Vec<&str> = theirs
+        .iter()
+        .filter(|f| !opts.cpu_flags.contains(f))
+        .map(String::as_str)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "this host's CPU lacks {} that the workload may use: {}",
+            match missing.len() {
+                1 => "a feature".to_string(),
+                n => format!("{n} features"),
+            },
+            missing.join(" ")
+        )
     })
 }
 

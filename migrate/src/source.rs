@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 pub struct MigrateOptions {
     /// The name it runs under on the destination (containers and VMs; default its own).
     pub name: Option<String>,
+    /// The CPU feature flags the workload may use (this host's): the destination must
+    /// have every one.
+    pub cpu_flags: Vec<String>,
 }
 
 /// What a migration measured (microseconds; downtime as stasis sees it).
@@ -120,6 +123,7 @@ pub fn migrate(
             kind: kind_word(w),
             workload: workload.clone(),
             name: opts.name.clone(),
+            cpu_flags: opts.cpu_flags.clone(),
         },
     )
     .map_err(|e| failed(format!("greeting the receiver: {e}")))?;

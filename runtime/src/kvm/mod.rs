@@ -123,16 +123,13 @@ pub fn hardware_virtualization() -> Option<HwVirt> {
 }
 
 fn hw_virt_in(cpuinfo: &str) -> Option<HwVirt> {
-    let flags = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))?
-        .split_once(':')?
-        .1;
-    flags.split_whitespace().find_map(|f| match f {
-        "vmx" => Some(HwVirt::Vmx),
-        "svm" => Some(HwVirt::Svm),
-        _ => None,
-    })
+    crate::procfs::cpu_flags_in(cpuinfo)
+        .iter()
+        .find_map(|f| match f.as_str() {
+            "vmx" => Some(HwVirt::Vmx),
+            "svm" => Some(HwVirt::Svm),
+            _ => None,
+        })
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! Each parser takes the file's text so it can be unit-tested on fixed input; the `read_*`
 //! functions fetch the text for a live PID.
 
+mod cpuinfo;
 mod fd;
 mod limits;
 mod maps;
@@ -11,6 +12,7 @@ mod stat;
 mod status;
 mod timers;
 
+pub use cpuinfo::{cpu_flags, cpu_flags_in};
 pub use fd::{
     parse_event_info, read_event_info, read_fd_target, read_fdinfo, EventInfo, FdInfo, InotifyMark,
 };
