@@ -580,3 +580,87 @@ fn a_destination_whose_cpu_lacks_a_feature_is_refused_before_anything_is_frozen(
     verify(&mut tree.pipes, "after a refusal for the CPU");
     wait_destination_empty(&rx, &tree);
 }
+
+/// Removes the test's containers on both hosts (also when it fails).
+struct Containers<'a>(&'a TwoHosts, &'a [&'a str]);
+
+impl Drop for Containers<'_> {
+    fn drop(&mut self) {
+        for host in [&self.0.a, &self.0.b] {
+            for name in self.1 {
+                let _ = host.stasis(&["rm", "-f", name]).output();
+            }
+        }
+    }
+}
+
+/// The counter a container's shell loop last wrote into `file`.
+fn count_in(file: &std::path::Path) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until the counter in `file` passes `from`; returns it.
+fn count_past(file: &std::path::Path, from: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = count_in(file);
+        if c > from {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "the counter stays at {c}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_bridged_container_moves_with_its_address_and_its_memory() {
+    let hosts = TwoHosts::new("migrate-container");
+    let _rm = Containers(&hosts, &["mc", "mc2"]);
+    let rx = Receiver::start(&hosts.b, None);
+    let file = hosts.a.state.join("..").join("count");
+    // The shell's own variable counts: a copy that lost its memory would start again at 1.
+    let script = format!(
+        "i=0; while true; do i=$((i+1)); echo $i > {}; sleep 0.02; done",
+        file.display()
+    );
+    let run = [
+        "run", "--name", "mc", "--net", "bridge", "--detach", "--", "/bin/sh", "-c", &script,
+    ];
+    let out = hosts.a.stasis(&run).output().expect("stasis run");
+    assert!(out.status.success(), "run: {}", stderr(&out));
+    let before = count_past(&file, 5);
+    let ps_a = json_on(&hosts.a, &["ps"]);
+    let ip = ps_a[0]["ip"].clone();
+    assert!(ip.is_string(), "{ps_a}");
+
+    let out = hosts
+        .a
+        .stasis(&[
+            "migrate",
+            "mc",
+            "--name",
+            "mc2",
+            "--to",
+            &rx.url,
+            "--insecure",
+            "--json",
+        ])
+        .output()
+        .expect("stasis migrate");
+    assert!(out.status.success(), "migrate: {}", stderr(&out));
+    let after = count_past(&file, before);
+    assert!(
+        after > before,
+        "the counter went back from {before} to {after}"
+    );
+    // Gone from the source (record, cgroup, veth), running on the destination at its address.
+    assert_eq!(json_on(&hosts.a, &["ps"]), serde_json::json!([]));
+    let ps_b = json_on(&hosts.b, &["ps"]);
+    assert_eq!(ps_b[0]["name"], "mc2", "{ps_b}");
+    assert_eq!(ps_b[0]["ip"], ip, "{ps_b}");
+    count_past(&file, after);
+    wait_images_gone(&rx);
+}
