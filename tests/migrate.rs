@@ -207,6 +207,9 @@ fn a_pid_namespace_tree_moves_to_the_other_host_and_passes_its_checks() {
     verify(&mut rx.pipes, "on the destination");
     verify(&mut rx.pipes, "on the destination, again");
     assert!(rx.images_left().is_empty(), "{:?}", rx.images_left());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&rx.incoming).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode.ok(), Some(0o700), "where received images are kept");
     common::kill(dest);
     common::reap(dest);
 }

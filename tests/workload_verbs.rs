@@ -91,8 +91,12 @@ fn the_checkpoint_sequence_of_a_process_tree_restores() {
     assert_eq!(s.processes, 2);
     assert!(s.pages_data >= 2 * 8 * 256, "{s:?}");
     assert!(s.commit_us > 0 && s.kill_us > 0, "{s:?}");
-    // Committed before the kill: the image is whole.
+    // Committed before the kill: the image is whole, and for its owner's eyes only (it
+    // holds the workload's memory).
     common::stasis_ok(&["image", "verify", img.to_str().expect("utf8")]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&img).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode.ok(), Some(0o600), "the image's mode");
     // Killed, and reaped by its tracer (this test is also its parent).
     let _ = wl.child.wait();
     common::reap_orphans(&tree);

@@ -76,12 +76,19 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Creates `PATH.partial` (replacing a stale one).
+    /// Creates `PATH.partial` (replacing a stale one), readable by its owner only: an image
+    /// holds the workload's memory.
     pub fn create(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let mut partial = path.as_os_str().to_owned();
         partial.push(".partial");
         let partial = PathBuf::from(partial);
-        let file = File::create(&partial)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)?;
         let file = WriteBehind {
             file,
             pos: 0,

@@ -218,13 +218,19 @@ enum Stored {
 
 /// Stores the image frames up to `image-end` and checks them against it.
 fn store_image(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions) -> Result<(Incoming, u64), Stored> {
-    std::fs::create_dir_all(&opts.incoming)
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    // Images hold the workloads' memory: for root's eyes only.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.incoming)
         .map_err(|e| Stored::Bad(format!("creating {}: {e}", opts.incoming.display())))?;
     let path = opts.incoming.join(format!("{}.img", std::process::id()));
     let incoming = Incoming(path.clone());
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| Stored::Bad(format!("creating {}: {e}", path.display())))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
