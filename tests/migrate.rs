@@ -667,3 +667,97 @@ fn a_bridged_container_moves_with_its_address_and_its_memory() {
     count_past(&file, after);
     wait_images_gone(&rx);
 }
+
+/// `stasis run --name NAME --detach [EXTRA...] -- /bin/sh -c 'while :; do sleep 1; done'` on
+/// `host`, which must succeed.
+fn run_idle_container(host: &Host, name: &str, extra: &[&str]) {
+    let mut args = vec!["run", "--name", name, "--detach"];
+    args.extend_from_slice(extra);
+    args.extend(["--", "/bin/sh", "-c", "while :; do sleep 1; done"]);
+    let out = host.stasis(&args).output().expect("stasis run");
+    assert!(out.status.success(), "run {name}: {}", stderr(&out));
+}
+
+/// The names in `stasis ps` on `host`.
+fn containers_on(host: &Host) -> Vec<String> {
+    json_on(host, &["ps"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_workload_is_refused_when_its_name_is_taken_or_its_root_fs_would_not_be_there() {
+    const TEST: &str =
+        "a_workload_is_refused_when_its_name_is_taken_or_its_root_fs_would_not_be_there";
+    let hosts = TwoHosts::new("migrate-refusals");
+    let _rm = Containers(&hosts, &["rooted", "rooted2"]);
+    let _vmms = Vmms(&hosts);
+    let rx = Receiver::start(&hosts.b, None);
+    // A name taken on the destination (VMs: two containers of one name would share a cgroup
+    // on this one machine).
+    if have_kvm(TEST) {
+        start_vm(&hosts.a, "dup");
+        start_vm(&hosts.b, "dup");
+        let out = hosts
+            .a
+            .stasis(&["migrate", "dup", "--to", &rx.url, "--insecure"])
+            .output()
+            .expect("stasis migrate");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(4), "{err}");
+        assert!(err.contains("a VM named dup runs here"), "{err}");
+        let c = vm_progress(&hosts.a, "dup", 0);
+        vm_progress(&hosts.a, "dup", c);
+    }
+
+    // A root file system of its own is not copied yet: refused unless storage is shared.
+    let root = hosts.a.state.join("..").join("rootfs");
+    let built = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mkrootfs"))
+        .arg(&root)
+        .output()
+        .expect("scripts/mkrootfs");
+    if !built.status.success() {
+        common::skip("the root file system part", &stderr(&built));
+        return;
+    }
+    let root = root.canonicalize().expect("the root file system's path");
+    let root_s = root.display().to_string();
+    run_idle_container(&hosts.a, "rooted", &["--rootfs", &root_s]);
+    let out = hosts
+        .a
+        .stasis(&["migrate", "rooted", "--to", &rx.url, "--insecure"])
+        .output()
+        .expect("stasis migrate");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("--shared-storage") && err.contains(&root_s),
+        "{err}"
+    );
+    assert!(containers_on(&hosts.a).contains(&"rooted".to_string()));
+    let out = hosts
+        .a
+        .stasis(&[
+            "migrate",
+            "rooted",
+            "--name",
+            "rooted2",
+            "--to",
+            &rx.url,
+            "--insecure",
+            "--shared-storage",
+        ])
+        .output()
+        .expect("stasis migrate");
+    assert!(
+        out.status.success(),
+        "with --shared-storage: {}",
+        stderr(&out)
+    );
+    assert_eq!(containers_on(&hosts.b), ["rooted2"]);
+    assert!(containers_on(&hosts.a).is_empty());
+}
