@@ -132,9 +132,10 @@ pub struct VmSession {
     pause: Option<Pause>,
 }
 
-/// One round of copying changed guest memory while the VM runs.
+/// One round of copying changed memory while the workload runs.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Round {
+    /// Pages copied.
     pub pages: u64,
     pub us: u64,
 }

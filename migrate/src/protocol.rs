@@ -33,6 +33,7 @@
 //! without `resumed` it keeps it stopped and says so (the operator settles it).
 
 use serde::{Deserialize, Serialize};
+use stasis_workload::Kind;
 use std::io::{self, Read, Write};
 
 /// The protocol's name, in `hello`.
@@ -56,8 +57,8 @@ pub enum Message {
     Hello {
         protocol: String,
         version: u32,
-        /// "process-tree", "container" or "vm".
-        kind: String,
+        /// "process-tree", "container" or "vm" (any other is a bad frame).
+        kind: Kind,
         /// How the source names the workload ("PID 42", "container web").
         workload: String,
         /// The name it runs under on the destination (containers and VMs).

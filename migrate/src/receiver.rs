@@ -9,7 +9,7 @@ use crate::tls::Conn;
 use crate::MigrateError;
 use serde::Serialize;
 use stasis_runtime::container::StateDir;
-use stasis_workload::{BuildOptions, Go, Held, Restored, WorkloadError};
+use stasis_workload::{BuildOptions, Go, Held, Kind, Restored, WorkloadError};
 use std::io::{BufWriter, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ pub struct ReceiveOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Received {
     pub workload: String,
-    pub kind: String,
+    pub kind: Kind,
     /// Its PID here (a tree's root, a VM's VMM).
     pub pid: i32,
     pub image_bytes: u64,
@@ -67,7 +67,7 @@ pub fn receive_one(
         source,
     };
     let mut conn = conn;
-    let (kind, workload, name, cpu_flags) =
+    let (spoken, kind, workload, name, cpu_flags) =
         match protocol::recv_control(&mut conn, "hello").map_err(protocol_err)? {
             Message::Hello {
                 protocol: p,
@@ -76,27 +76,7 @@ pub fn receive_one(
                 workload,
                 name,
                 cpu_flags,
-            } => {
-                if p != protocol::PROTOCOL || version != protocol::VERSION {
-                    let reason = format!(
-                        "this receiver speaks {} version {}, not {p} version {version}",
-                        protocol::PROTOCOL,
-                        protocol::VERSION
-                    );
-                    let _ = protocol::send(
-                        &mut conn,
-                        &Message::Refused {
-                            reason: reason.clone(),
-                        },
-                    );
-                    return Err(MigrateError::Receive {
-                        workload,
-                        peer,
-                        what: reason,
-                    });
-                }
-                (kind, workload, name, cpu_flags)
-            }
+            } => ((p, version), kind, workload, name, cpu_flags),
             m => {
                 return Err(protocol_err(protocol::ProtocolError::Unexpected {
                     got: protocol::name_of(&m),
@@ -109,8 +89,9 @@ pub fn receive_one(
         peer: peer.clone(),
         what,
     };
-    let refused =
-        missing_cpu_flags(opts, &cpu_flags).or_else(|| refusal(opts, &kind, name.as_deref()));
+    let refused = other_protocol(spoken)
+        .or_else(|| missing_cpu_flags(opts, &cpu_flags))
+        .or_else(|| refusal(opts, kind, name.as_deref()));
     if let Some(reason) = refused {
         let _ = protocol::send(
             &mut conn,
@@ -138,7 +119,7 @@ pub fn receive_one(
     };
     let tb = Instant::now();
     let shared = Arc::new(Mutex::new(conn));
-    let built = build(&shared, opts, &incoming.0, &kind, name.as_deref());
+    let built = build(&shared, opts, &incoming.0, kind, name.as_deref());
     let build_us = tb.elapsed().as_micros() as u64;
     drop(incoming);
     let mut conn = shared
@@ -173,6 +154,17 @@ pub fn receive_one(
     })
 }
 
+/// A source speaking another protocol or version than this receiver, as a refusal.
+fn other_protocol((p, version): (String, u32)) -> Option<String> {
+    (p != protocol::PROTOCOL || version != protocol::VERSION).then(|| {
+        format!(
+            "this receiver speaks {} version {}, not {p} version {version}",
+            protocol::PROTOCOL,
+            protocol::VERSION
+        )
+    })
+}
+
 /// The CPU flags the source's workload may use that this host lacks, as a refusal.
 fn missing_cpu_flags(opts: &ReceiveOptions, theirs: &[String]) -> Option<String> {
     let missing: Vec<&str> = theirs
@@ -193,18 +185,17 @@ fn missing_cpu_flags(opts: &ReceiveOptions, theirs: &[String]) -> Option<String>
 }
 
 /// Why a workload must be refused before the source freezes it, if it must.
-fn refusal(opts: &ReceiveOptions, kind: &str, name: Option<&str>) -> Option<String> {
+fn refusal(opts: &ReceiveOptions, kind: Kind, name: Option<&str>) -> Option<String> {
     match (kind, name) {
-        ("process-tree", None) => None,
-        ("process-tree", Some(n)) => Some(format!("a process tree takes no name ({n})")),
-        ("container" | "vm", None) => Some(format!("a {kind} needs a name")),
-        ("container", Some(n)) => stasis_runtime::container::running(&opts.state, n)
+        (Kind::ProcessTree, None) => None,
+        (Kind::ProcessTree, Some(n)) => Some(format!("a process tree takes no name ({n})")),
+        (Kind::Container | Kind::Vm, None) => Some(format!("a {kind} needs a name")),
+        (Kind::Container, Some(n)) => stasis_runtime::container::running(&opts.state, n)
             .is_ok()
             .then(|| format!("a container named {n} runs here")),
-        ("vm", Some(n)) => stasis_runtime::kvm::vmm::running(&opts.state, n)
+        (Kind::Vm, Some(n)) => stasis_runtime::kvm::vmm::running(&opts.state, n)
             .is_ok()
             .then(|| format!("a VM named {n} runs here")),
-        (k, _) => Some(format!("unknown kind of workload {k:?}")),
     }
 }
 
@@ -279,7 +270,7 @@ fn build(
     conn: &Arc<Mutex<Box<dyn Conn>>>,
     opts: &ReceiveOptions,
     path: &Path,
-    kind: &str,
+    kind: Kind,
     name: Option<&str>,
 ) -> Result<Restored, WorkloadError> {
     let refused = |why: String| WorkloadError::Workflow {
@@ -288,10 +279,7 @@ fn build(
     };
     let image = stasis_image::Image::open(path)
         .map_err(|e| refused(format!("the image is invalid: {e}")))?;
-    let image_kind = serde_json::to_value(stasis_workload::destination::kind_of(&image))
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let image_kind = stasis_workload::destination::kind_of(&image);
     if image_kind != kind {
         return Err(refused(format!(
             "the source announced a {kind} but sent an image of a {image_kind}"

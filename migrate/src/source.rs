@@ -14,7 +14,7 @@ use crate::tls::Conn;
 use crate::MigrateError;
 use serde::Serialize;
 use stasis_checkpoint::{ImageSink, Progress};
-use stasis_workload::{Report, Source, WorkloadError};
+use stasis_workload::{Kind, Report, Source, WorkloadError};
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ pub struct MigrateOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateReport {
     pub workload: String,
-    pub kind: String,
+    pub kind: Kind,
     /// The workload's PID on the destination (its root's, or its VMM's).
     pub destination_pid: i32,
     pub image_bytes: u64,
@@ -94,13 +94,6 @@ impl ImageSink for ImageFrames<'_> {
     }
 }
 
-fn kind_word(w: &dyn Source) -> String {
-    serde_json::to_value(w.kind())
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// Migrates `w` over `conn` (connected to a receiver, with TLS or without; its read
 /// timeout bounds each wait for an answer). See the module documentation.
 pub fn migrate(
@@ -120,7 +113,7 @@ pub fn migrate(
         &Message::Hello {
             protocol: protocol::PROTOCOL.into(),
             version: protocol::VERSION,
-            kind: kind_word(w),
+            kind: w.kind(),
             workload: workload.clone(),
             name: opts.name.clone(),
             cpu_flags: opts.cpu_flags.clone(),
@@ -226,7 +219,7 @@ pub fn migrate(
     w.discard()?;
     Ok(MigrateReport {
         workload,
-        kind: kind_word(w),
+        kind: w.kind(),
         destination_pid,
         image_bytes,
         downtime_us: micros(t_frozen.elapsed()),

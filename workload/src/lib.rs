@@ -17,15 +17,17 @@ mod sources;
 
 pub use destination::{build, BuildOptions, Go, Held, OnHeld, Restored};
 pub use sources::{TreeSource, VmSource};
+/// One round of copying changed memory while the workload runs.
+pub use stasis_checkpoint::vm::Round;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use stasis_checkpoint::{CheckpointError, ImageSink, Progress};
 use stasis_runtime::container::StateDir;
 use std::fmt;
 use std::time::Instant;
 
 /// The kinds of workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     ProcessTree,
@@ -102,14 +104,6 @@ pub enum WorkloadError {
         workload: String,
         source: std::io::Error,
     },
-}
-
-/// One round of copying changed memory while the workload runs.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Round {
-    /// Pages copied.
-    pub pages: u64,
-    pub us: u64,
 }
 
 /// What a workflow measured, by kind of workload.

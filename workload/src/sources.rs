@@ -305,11 +305,7 @@ impl Source for VmSource {
     }
 
     fn copy_round(&mut self) -> Result<Round, WorkloadError> {
-        let r = self.session.copy_round()?;
-        Ok(Round {
-            pages: r.pages,
-            us: r.us,
-        })
+        Ok(self.session.copy_round()?)
     }
 
     fn captured(&self) -> bool {
