@@ -251,21 +251,16 @@ impl ContainerSession {
         })
     }
 
-    /// The container's name.
-    pub fn name(&self) -> &str {
-        &self.rec.name
-    }
-
     /// The tree's session (None once resumed or killed).
     pub fn tree(&self) -> Option<&TreeSession> {
         self.tree.as_ref()
     }
 
-    fn session(&mut self) -> Result<&mut TreeSession, CheckpointError> {
-        let name = self.rec.name.clone();
+    /// The tree's session, taken out for a step that ends it.
+    fn take_tree(&mut self) -> Result<TreeSession, CheckpointError> {
         self.tree
-            .as_mut()
-            .ok_or_else(|| err(&name, "it is no longer frozen"))
+            .take()
+            .ok_or_else(|| err(&self.rec.name, "it is not frozen"))
     }
 
     /// See [`TreeSession::write`].
@@ -275,7 +270,11 @@ impl ContainerSession {
         progress: Progress<'_>,
     ) -> Result<S, CheckpointError> {
         let _in = enter(&self.netns, self.rec.pid)?;
-        self.session()?.write(sink, progress)
+        let name = &self.rec.name;
+        self.tree
+            .as_mut()
+            .ok_or_else(|| err(name, "it is not frozen"))?
+            .write(sink, progress)
     }
 
     /// Records how long committing the image took.
@@ -288,11 +287,7 @@ impl ContainerSession {
     /// See [`TreeSession::resume`].
     pub fn resume(&mut self) -> Result<Stats, CheckpointError> {
         let _in = enter(&self.netns, self.rec.pid)?;
-        let tree = self
-            .tree
-            .take()
-            .ok_or_else(|| err(&self.rec.name, "it is not frozen"))?;
-        tree.resume()
+        self.take_tree()?.resume()
     }
 
     /// See [`TreeSession::kill`]; then what is left of the container (cgroup, veth, record)
@@ -300,11 +295,7 @@ impl ContainerSession {
     pub fn kill(&mut self) -> Result<Stats, CheckpointError> {
         let stats = {
             let _in = enter(&self.netns, self.rec.pid)?;
-            let tree = self
-                .tree
-                .take()
-                .ok_or_else(|| err(&self.rec.name, "it is not frozen"))?;
-            tree.kill()?
+            self.take_tree()?.kill()?
         };
         ct::retire(&self.state, &self.rec.name).map_err(|e| {
             err(
@@ -318,11 +309,7 @@ impl ContainerSession {
     /// See [`TreeSession::leave_stopped`]; its record, cgroup and network stay.
     pub fn leave_stopped(&mut self) -> Result<Vec<i32>, CheckpointError> {
         let _in = enter(&self.netns, self.rec.pid)?;
-        let tree = self
-            .tree
-            .take()
-            .ok_or_else(|| err(&self.rec.name, "it is not frozen"))?;
-        tree.leave_stopped()
+        self.take_tree()?.leave_stopped()
     }
 
     /// See [`TreeSession::abandon`].

@@ -97,13 +97,11 @@ struct Tracking {
     host: u64,
     /// Guest memory as far as it was copied: every range in `copied`.
     staging: Vec<u8>,
-    /// The resident memory ((gpa, pages)) the first round copies; later rounds copy what
-    /// the dirty log says was written since the round before.
-    pending: Vec<(u64, u64)>,
+    /// The resident memory ((gpa, pages)) the first round copies (taken by it); later
+    /// rounds copy what the dirty log says was written since the round before.
+    resident: Option<Vec<(u64, u64)>>,
     /// Ranges copied so far, merged.
     copied: Vec<(u64, u64)>,
-    /// Pages the last round copied (u64::MAX before the first).
-    last: u64,
 }
 
 /// A paused VM: its state and how to let it go.
@@ -183,16 +181,15 @@ impl VmSession {
             ));
         }
         let (log, rep) = vmm::dirty_log_start(&self.state, &self.name)?;
-        let pending = resident_ranges(&self.name, rep.pid, rep.mem_host_addr, rep.memory)?;
-        let resident: u64 = pending.iter().map(|r| r.1).sum();
+        let ranges = resident_ranges(&self.name, rep.pid, rep.mem_host_addr, rep.memory)?;
+        let resident: u64 = ranges.iter().map(|r| r.1).sum();
         self.tracking = Some(Tracking {
             log,
             pid: rep.pid,
             host: rep.mem_host_addr,
             staging: Vec::new(),
-            pending,
+            resident: Some(ranges),
             copied: Vec::new(),
-            last: u64::MAX,
         });
         self.stats.memory = rep.memory;
         Ok(resident.saturating_mul(PAGE_SIZE))
@@ -208,13 +205,13 @@ impl VmSession {
             .as_mut()
             .ok_or_else(|| vm_err(&name, "a round needs dirty tracking started"))?;
         let began = Instant::now();
-        let first = t.last == u64::MAX;
-        let bytes: Vec<(u64, u64)> = match first {
-            true => {
+        let first = t.resident.is_some();
+        let bytes: Vec<(u64, u64)> = match t.resident.take() {
+            Some(resident) => {
                 t.staging = vec![0u8; usize_of(&name, memory)?];
-                std::mem::take(&mut t.pending)
+                resident
             }
-            false => vmm::dirty_log_fetch(&self.state, &name)?
+            None => vmm::dirty_log_fetch(&self.state, &name)?
                 .iter()
                 .map(|&(p, n)| (p * PAGE_SIZE, n))
                 .collect(),
@@ -222,7 +219,6 @@ impl VmSession {
         copy_ranges(&name, t.pid, t.host, &bytes, &mut t.staging)?;
         t.copied = merge(&t.copied, &bytes);
         let pages: u64 = bytes.iter().map(|r| r.1).sum();
-        t.last = pages;
         if !first {
             self.stats.precopy_rounds += 1;
             self.stats.pages_recopied += pages;
@@ -230,16 +226,6 @@ impl VmSession {
         let us = micros(began.elapsed());
         self.stats.precopy_us += us;
         Ok(Round { pages, us })
-    }
-
-    /// Whether another round is worth it: the last one copied more than a pause can copy
-    /// quickly, fewer than the one before, and the round limit is not reached.
-    fn converging(&self, before: u64) -> bool {
-        self.tracking.as_ref().is_some_and(|t| {
-            t.last < before
-                && t.last > PAUSE_COPY_PAGES
-                && self.stats.precopy_rounds < MAX_PRECOPY_ROUNDS
-        })
     }
 
     /// Pauses the VM. Left running (`leave_running`) with resident memory within the
@@ -261,13 +247,19 @@ impl VmSession {
                 // Turned off again: the VM is paused while its memory is written.
                 self.tracking = None;
             } else {
+                // Another round while it is worth it: the last one copied more than a pause
+                // copies quickly, fewer than the one before, and the round limit is not
+                // reached.
                 let mut before = u64::MAX;
                 loop {
-                    self.copy_round()?;
-                    if !self.converging(before) {
+                    let pages = self.copy_round()?.pages;
+                    if pages >= before
+                        || pages <= PAUSE_COPY_PAGES
+                        || self.stats.precopy_rounds >= MAX_PRECOPY_ROUNDS
+                    {
                         break;
                     }
-                    before = self.tracking.as_ref().map_or(0, |t| t.last);
+                    before = pages;
                 }
             }
         }
@@ -403,7 +395,7 @@ impl VmSession {
     }
 
     fn finish(&mut self) -> VmStats {
-        self.stats.total_us = micros(self.start.elapsed());
+        self.end();
         self.stats.clone()
     }
 }

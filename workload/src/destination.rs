@@ -112,13 +112,7 @@ pub fn build(
             Ok(Restored::Container(stats, rec))
         }
         Kind::Vm => {
-            if tree.hold.is_some() && !opts.vm_detach {
-                return Err(WorkloadError::Unsupported {
-                    workload: describe(&image, name),
-                    verb: Verb::Build,
-                    why: "a VM held before its guest runs must run detached".into(),
-                });
-            }
+            // (restore_vm refuses a held VM that would not run detached.)
             let vm = VmRestoreOptions {
                 hold: tree.hold.as_ref(),
                 name,
