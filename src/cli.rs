@@ -353,10 +353,7 @@ fn checkpoint(
         anyhow::bail!("VM {target}: a VM image must go to a file (-o PATH), not a stream");
     }
     let bar = report::progress_bar(json || to_stdout, "checkpoint");
-    let progress = |done: u64, total: u64| {
-        bar.set_length(total);
-        bar.set_position(done);
-    };
+    let progress = report::follow(&bar);
     let checkpointed = if to_stdout {
         if std::io::stdout().is_terminal() {
             bail!("refusing to write an image to a terminal; redirect standard output");
@@ -566,7 +563,7 @@ fn restore_error(path: &std::path::Path, e: stasis_workload::WorkloadError) -> a
     match e {
         RestoreError::Image(e) => bad_image(path, e),
         RestoreError::Invalid(what) => {
-            anyhow::Error::new(exit::BadImage(what)).context(invalid_msg(path))
+            anyhow::Error::new(exit::bad_image(what)).context(invalid_msg(path))
         }
         e => anyhow::Error::new(e).context(format!("restoring {}", path.display())),
     }
@@ -621,7 +618,7 @@ fn inspect(path: PathBuf, json: bool) -> Result<i32> {
     for c in &corrupt {
         eprintln!("stasis: image {} is corrupt: {c}", path.display());
     }
-    Err(exit::BadImage(format!(
+    Err(exit::bad_image(format!(
         "{} of its frames do not check (listed above); what was shown of them is not to be \
          trusted",
         corrupt.len()

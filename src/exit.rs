@@ -21,64 +21,49 @@ pub const REFUSED: i32 = 4;
 /// for the operator to settle (the message says how).
 pub const UNSETTLED: i32 = 5;
 
-/// The image is not a valid one (the text says what is wrong); exit code 3.
+/// An error whose exit code is known where it is made; its text says what is wrong.
 #[derive(Debug)]
-pub struct BadImage(pub String);
+pub struct Coded {
+    pub code: i32,
+    pub what: String,
+}
 
-impl std::fmt::Display for BadImage {
+impl std::fmt::Display for Coded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.what)
     }
 }
 
-impl std::error::Error for BadImage {}
+impl std::error::Error for Coded {}
+
+/// The image is not a valid one; exit code 3.
+pub fn bad_image(what: String) -> Coded {
+    Coded {
+        code: BAD_IMAGE,
+        what,
+    }
+}
+
+/// Refused before anything changed; exit code 4.
+pub fn refused(what: String) -> anyhow::Error {
+    Coded {
+        code: REFUSED,
+        what,
+    }
+    .into()
+}
 
 /// Options that do not fit together or do not apply (e.g. to the kind of an image); exit
 /// code 2, like the errors clap finds.
-#[derive(Debug)]
-pub struct Usage(pub String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
-
-/// Refused before anything changed (exit code 4), saying `what`.
-#[derive(Debug)]
-pub struct Refused(pub String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
-
-/// A refusal saying `what`.
-pub fn refused(what: String) -> anyhow::Error {
-    Refused(what).into()
-}
-
-/// A usage error saying `what`.
 pub fn usage(what: String) -> anyhow::Error {
-    Usage(what).into()
+    Coded { code: USAGE, what }.into()
 }
 
 /// The exit code for an error.
 pub fn code_for(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
-        if cause.downcast_ref::<Usage>().is_some() {
-            return USAGE;
-        }
-        if cause.downcast_ref::<BadImage>().is_some() {
-            return BAD_IMAGE;
-        }
-        if cause.downcast_ref::<Refused>().is_some() {
-            return REFUSED;
+        if let Some(c) = cause.downcast_ref::<Coded>() {
+            return c.code;
         }
         if let Some(e) = cause.downcast_ref::<MigrateError>() {
             match e {

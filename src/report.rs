@@ -26,6 +26,14 @@ pub fn progress_bar(json: bool, msg: &'static str) -> ProgressBar {
     bar
 }
 
+/// A progress report (bytes done, bytes to do) that moves `bar`.
+pub fn follow(bar: &ProgressBar) -> impl Fn(u64, u64) + Sync + '_ {
+    |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    }
+}
+
 /// Milliseconds with three decimals from microseconds.
 pub fn ms(us: u64) -> String {
     format!("{:.3} ms", us as f64 / 1000.0)
