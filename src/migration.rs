@@ -174,10 +174,7 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
     let cpu_flags = stasis_runtime::procfs::cpu_flags("/proc/cpuinfo")?;
     let mopts = stasis_migrate::MigrateOptions { name, cpu_flags };
     let bar = report::progress_bar(a.json, "migrate");
-    let progress = |done: u64, total: u64| {
-        bar.set_length(total);
-        bar.set_position(done);
-    };
+    let progress = report::follow(&bar);
     let migrated = stasis_migrate::migrate(w.as_mut(), conn, &mopts, &progress);
     bar.finish_and_clear();
     let r = migrated?;
@@ -292,7 +289,7 @@ pub fn receive(state: &StateDir, a: ReceiveArgs) -> Result<i32> {
     let worker = stasis_migrate::listener::Worker {
         program,
         args,
-        incoming: state.root().join("incoming"),
+        incoming: stasis_migrate::receiver::incoming_dir(state),
     };
     stasis_migrate::listener::serve(addr, worker, a.max_parallel, |m| {
         eprintln!("stasis receive: {m}")
@@ -327,7 +324,6 @@ pub fn worker(state: &StateDir, a: WorkerArgs) -> Result<i32> {
     };
     let opts = stasis_migrate::ReceiveOptions {
         state: state.clone(),
-        incoming: state.root().join("incoming"),
         max_image_bytes: a.max_image_size,
         inherit_stdio: a.inherit_stdio,
         cpu_flags: stasis_runtime::procfs::cpu_flags(&a.cpuinfo)?,

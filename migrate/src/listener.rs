@@ -19,8 +19,8 @@ pub const WORKER_FD: i32 = 3;
 pub struct Worker {
     pub program: std::path::PathBuf,
     pub args: Vec<String>,
-    /// Where workers store the image they receive, as `PID.img` (removed here once the
-    /// worker is gone, however it ended).
+    /// Where workers store the image they receive (see [`crate::receiver::incoming_image`]:
+    /// removed here once the worker is gone, however it ended).
     pub incoming: std::path::PathBuf,
 }
 
@@ -116,7 +116,7 @@ async fn run_worker(
     let status = child.wait().await;
     // A worker that was killed left its image behind.
     if let Some(pid) = pid {
-        let _ = std::fs::remove_file(worker.incoming.join(format!("{pid}.img")));
+        let _ = std::fs::remove_file(crate::receiver::incoming_image(&worker.incoming, pid));
     }
     status
 }

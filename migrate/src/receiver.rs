@@ -20,8 +20,6 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct ReceiveOptions {
     pub state: StateDir,
-    /// Where images being received are stored (removed once done).
-    pub incoming: PathBuf,
     /// The largest image accepted.
     pub max_image_bytes: u64,
     /// Restored process trees get this process's standard input, output and error where
@@ -42,6 +40,16 @@ pub struct Received {
     /// From the end of the image until it was held.
     pub build_us: u64,
     pub total_us: u64,
+}
+
+/// Where a receiver keeps the images being received: STATE/incoming.
+pub fn incoming_dir(state: &StateDir) -> PathBuf {
+    state.root().join("incoming")
+}
+
+/// The image that worker `pid` receives into, in `dir` (see [`incoming_dir`]).
+pub fn incoming_image(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("{pid}.img"))
 }
 
 /// The image file being received, removed when dropped.
@@ -211,12 +219,13 @@ enum Stored {
 fn store_image(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions) -> Result<(Incoming, u64), Stored> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     // Images hold the workloads' memory: for root's eyes only.
+    let dir = incoming_dir(&opts.state);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&opts.incoming)
-        .map_err(|e| Stored::Bad(format!("creating {}: {e}", opts.incoming.display())))?;
-    let path = opts.incoming.join(format!("{}.img", std::process::id()));
+        .create(&dir)
+        .map_err(|e| Stored::Bad(format!("creating {}: {e}", dir.display())))?;
+    let path = incoming_image(&dir, std::process::id());
     let incoming = Incoming(path.clone());
     let file = std::fs::OpenOptions::new()
         .write(true)
