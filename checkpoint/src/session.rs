@@ -207,12 +207,7 @@ impl TreeSession {
         let tk = Instant::now();
         self.frozen.kill()?;
         // Closed in repair mode, only now that no process holds them.
-        if let Some(r) = self.repaired.take() {
-            r.release_killed();
-        }
-        if let Some(h) = self.hold.take() {
-            h.keep();
-        }
+        self.keep_locked();
         self.stats.kill_us = tk.elapsed().as_micros() as u64;
         self.stats.process = "killed".into();
         Ok(self.finish())
@@ -228,14 +223,21 @@ impl TreeSession {
         for &p in &pids {
             stasis_runtime::sys::kill(p, libc::SIGSTOP)?;
         }
+        self.keep_locked();
+        self.frozen.resume()?;
+        Ok(pids)
+    }
+
+    /// Leaves its connections in repair mode and locked (our descriptors of them closed
+    /// without a word) and new connections to its listeners held, after this session: it
+    /// is not to use them any more (killed, or stopped for the operator).
+    fn keep_locked(&mut self) {
         if let Some(r) = self.repaired.take() {
             r.release_killed();
         }
         if let Some(h) = self.hold.take() {
             h.keep();
         }
-        self.frozen.resume()?;
-        Ok(pids)
     }
 
     /// Gives up after `cause`: every process resumes as it was. Returns the error to
