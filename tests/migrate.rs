@@ -142,10 +142,22 @@ fn migrate_with(
     failpoints: Option<&str>,
     security: &[String],
 ) -> Output {
-    let root = root.to_string();
-    let mut args = vec!["migrate", &root, "--to", url, "--json", "--timeout", "20"];
+    let mut args = vec!["--json", "--timeout", "20"];
     args.extend(security.iter().map(String::as_str));
-    let mut cmd = host.stasis(&args);
+    run_migrate(host, &root.to_string(), url, &args, failpoints)
+}
+
+/// `stasis migrate TARGET --to URL ARGS...` on `host`, with FAILPOINTS if given.
+fn run_migrate(
+    host: &Host,
+    target: &str,
+    url: &str,
+    args: &[&str],
+    failpoints: Option<&str>,
+) -> Output {
+    let mut all = vec!["migrate", target, "--to", url];
+    all.extend_from_slice(args);
+    let mut cmd = host.stasis(&all);
     if let Some(f) = failpoints {
         cmd.env("FAILPOINTS", f);
     }
@@ -467,11 +479,7 @@ fn a_vm_moves_to_the_other_host_and_its_guest_carries_on_without_an_error() {
     let _vmms = Vmms(&hosts);
     let rx = Receiver::start(&hosts.b, None);
     start_vm(&hosts.a, "mig");
-    let out = hosts
-        .a
-        .stasis(&["migrate", "mig", "--to", &rx.url, "--insecure", "--json"])
-        .output()
-        .expect("stasis migrate");
+    let out = run_migrate(&hosts.a, "mig", &rx.url, &["--insecure", "--json"], None);
     assert!(out.status.success(), "migrate: {}", stderr(&out));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
     eprintln!("migrate: {r}");
@@ -507,19 +515,13 @@ fn a_vm_whose_commit_is_never_confirmed_stays_paused_until_settled() {
     let rx = Receiver::start(&hosts.b, Some("receive-resumed=return"));
     start_vm(&hosts.a, "mig");
     let started = Instant::now();
-    let out = hosts
-        .a
-        .stasis(&[
-            "migrate",
-            "mig",
-            "--to",
-            &rx.url,
-            "--insecure",
-            "--timeout",
-            "60",
-        ])
-        .output()
-        .expect("stasis migrate");
+    let out = run_migrate(
+        &hosts.a,
+        "mig",
+        &rx.url,
+        &["--insecure", "--timeout", "60"],
+        None,
+    );
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(5), "{err}");
     // The lost acknowledgement is noticed when the worker's connection closes, not after a
@@ -639,20 +641,13 @@ fn a_bridged_container_moves_with_its_address_and_its_memory() {
     let ip = ps_a[0]["ip"].clone();
     assert!(ip.is_string(), "{ps_a}");
 
-    let out = hosts
-        .a
-        .stasis(&[
-            "migrate",
-            "mc",
-            "--name",
-            "mc2",
-            "--to",
-            &rx.url,
-            "--insecure",
-            "--json",
-        ])
-        .output()
-        .expect("stasis migrate");
+    let out = run_migrate(
+        &hosts.a,
+        "mc",
+        &rx.url,
+        &["--name", "mc2", "--insecure", "--json"],
+        None,
+    );
     assert!(out.status.success(), "migrate: {}", stderr(&out));
     let after = count_past(&file, before);
     assert!(
@@ -701,11 +696,7 @@ fn a_workload_is_refused_when_its_name_is_taken_or_its_root_fs_would_not_be_ther
     if have_kvm(TEST) {
         start_vm(&hosts.a, "dup");
         start_vm(&hosts.b, "dup");
-        let out = hosts
-            .a
-            .stasis(&["migrate", "dup", "--to", &rx.url, "--insecure"])
-            .output()
-            .expect("stasis migrate");
+        let out = run_migrate(&hosts.a, "dup", &rx.url, &["--insecure"], None);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(4), "{err}");
         assert!(err.contains("a VM named dup runs here"), "{err}");
@@ -727,11 +718,7 @@ fn a_workload_is_refused_when_its_name_is_taken_or_its_root_fs_would_not_be_ther
     let root = root.canonicalize().expect("the root file system's path");
     let root_s = root.display().to_string();
     run_idle_container(&hosts.a, "rooted", &["--rootfs", &root_s]);
-    let out = hosts
-        .a
-        .stasis(&["migrate", "rooted", "--to", &rx.url, "--insecure"])
-        .output()
-        .expect("stasis migrate");
+    let out = run_migrate(&hosts.a, "rooted", &rx.url, &["--insecure"], None);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(
@@ -739,20 +726,13 @@ fn a_workload_is_refused_when_its_name_is_taken_or_its_root_fs_would_not_be_ther
         "{err}"
     );
     assert!(containers_on(&hosts.a).contains(&"rooted".to_string()));
-    let out = hosts
-        .a
-        .stasis(&[
-            "migrate",
-            "rooted",
-            "--name",
-            "rooted2",
-            "--to",
-            &rx.url,
-            "--insecure",
-            "--shared-storage",
-        ])
-        .output()
-        .expect("stasis migrate");
+    let out = run_migrate(
+        &hosts.a,
+        "rooted",
+        &rx.url,
+        &["--name", "rooted2", "--insecure", "--shared-storage"],
+        None,
+    );
     assert!(
         out.status.success(),
         "with --shared-storage: {}",
