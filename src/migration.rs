@@ -143,7 +143,10 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
             tcp_established: a.tcp_established,
             ..Default::default()
         },
-        vm: Default::default(),
+        vm: stasis_checkpoint::vm::VmCheckpointOptions {
+            compression: a.compress,
+            ..Default::default()
+        },
     };
     let mut w = stasis_workload::open(state, &a.target, &opts)?;
     let name = match w.kind() {

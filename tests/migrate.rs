@@ -479,10 +479,14 @@ fn a_vm_moves_to_the_other_host_and_its_guest_carries_on_without_an_error() {
     let _vmms = Vmms(&hosts);
     let rx = Receiver::start(&hosts.b, None);
     start_vm(&hosts.a, "mig");
-    let out = run_migrate(&hosts.a, "mig", &rx.url, &["--insecure", "--json"], None);
+    let args = ["--insecure", "--json", "--compress", "zstd"];
+    let out = run_migrate(&hosts.a, "mig", &rx.url, &args, None);
     assert!(out.status.success(), "migrate: {}", stderr(&out));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
     eprintln!("migrate: {r}");
+    // The image went over the wire compressed, as asked.
+    let compression = r["checkpoint"]["compression"].as_str().unwrap_or_default();
+    assert!(compression.starts_with("zstd"), "{r}");
     assert_eq!(r["checkpoint"]["vm"], "stopped", "{r}");
     assert!(
         vm_row(&hosts.a, "mig").is_none(),
