@@ -490,6 +490,7 @@ fn restore(
         vm_quiet: json,
         vm_verify_first: verify_first,
         started,
+        memory: None,
     };
     let image = std::sync::Arc::new(image);
     let restored = stasis_workload::build(state, image, &path, opts, None)

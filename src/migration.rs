@@ -25,9 +25,24 @@ pub struct MigrateArgs {
     /// Keep established TCP connections (locked off the network while they move).
     #[arg(long)]
     tcp_established: bool,
-    /// Page data encoding on the wire: none or zstd[:LEVEL].
+    /// Page data encoding in the image on the wire: none or zstd[:LEVEL] (pre-copy rounds
+    /// send pages as they are).
     #[arg(long, default_value = "none")]
     compress: Compression,
+    /// Copy memory while the workload runs, round after round (a VM's, tracked with KVM's
+    /// dirty log), until the copy of what it writes during one more round is expected to
+    /// take at most this many milliseconds; then freeze it and copy the rest.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    max_downtime: u64,
+    /// Freeze after at most this many rounds, even if the expected downtime is longer (0:
+    /// no pre-copy, freeze at once and copy everything). Rounds also end when the pages
+    /// written stop shrinking.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    max_rounds: u32,
+    /// The most bytes per second the rounds send while the workload runs (e.g. 100M); the
+    /// last round, frozen, is never held back. Default: as fast as the network goes.
+    #[arg(long, value_name = "RATE")]
+    bandwidth: Option<String>,
     /// Seconds to wait for each answer of the receiver.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -175,20 +190,45 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
     }
     let conn = connect(addr, Duration::from_secs(a.timeout), tls.as_ref())?;
     let cpu_flags = stasis_runtime::procfs::cpu_flags("/proc/cpuinfo")?;
-    let mopts = stasis_migrate::MigrateOptions { name, cpu_flags };
+    let bandwidth = a
+        .bandwidth
+        .as_deref()
+        .map(|b| {
+            stasis_runtime::cgroups::parse_size(b)
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    exit::usage(format!(
+                        "--bandwidth {b}: expected bytes per second, e.g. 100M"
+                    ))
+                })
+        })
+        .transpose()?;
+    let mopts = stasis_migrate::MigrateOptions {
+        name,
+        cpu_flags,
+        max_downtime: Duration::from_millis(a.max_downtime),
+        max_rounds: a.max_rounds,
+        bandwidth,
+    };
     let bar = report::progress_bar(a.json, "migrate");
     let progress = report::follow(&bar);
-    let migrated = stasis_migrate::migrate(w.as_mut(), conn, &mopts, &progress);
+    let on_round = |r: &stasis_migrate::source::RoundReport| {
+        bar.println(round_line(r));
+    };
+    let migrated = stasis_migrate::migrate(w.as_mut(), conn, &mopts, &progress, &on_round);
     bar.finish_and_clear();
     let r = migrated?;
     if a.json {
         report::json(&r)?;
     } else {
         crate::outln!(
-            "migrated {} to {} (PID {} there): {} sent, down {} (transfer {}, build {}, resume {}), total {}",
+            "migrated {} to {} (PID {} there): {} in {} rounds and {} of state sent, down {} (transfer {}, build {}, resume {}), total {}",
             r.workload,
             a.to,
             r.destination_pid,
+            report::bytes(r.page_bytes),
+            r.rounds.len(),
             report::bytes(r.image_bytes),
             report::ms(r.downtime_us),
             report::ms(r.transfer_us),
@@ -198,6 +238,27 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
         );
     }
     Ok(exit::OK)
+}
+
+/// One round, as the progress bar shows it.
+fn round_line(r: &stasis_migrate::source::RoundReport) -> String {
+    let rate = |b: u64| format!("{}/s", report::bytes(b));
+    let mut line = format!(
+        "round {}{}: {} sent in {} ({})",
+        r.round,
+        if r.frozen { " (frozen)" } else { "" },
+        report::bytes(r.bytes),
+        report::ms(r.us),
+        rate(r.rate)
+    );
+    if let (Some(d), Some(e)) = (r.dirty_rate, r.expected_downtime_us) {
+        line += &format!(
+            ", written meanwhile {}, downtime now {}",
+            rate(d),
+            report::ms(e)
+        );
+    }
+    line
 }
 
 /// Connects to the receiver (each address it resolves to in turn), with TLS if given;

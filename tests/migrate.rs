@@ -461,14 +461,22 @@ impl Drop for Vmms<'_> {
 }
 
 fn start_vm(host: &Host, name: &str) {
-    let run = [
-        "vm", "run", "--name", name, "--memory", "16m", "--guest", "demo", "--detach",
-    ];
+    start_vm_with(host, name, &["--memory", "16m"]);
+}
+
+/// Starts the demo VM `name` on `host` with `args` (its memory, its vCPUs).
+fn start_vm_with(host: &Host, name: &str, args: &[&str]) {
+    let mut run = vec!["vm", "run", "--name", name, "--guest", "demo", "--detach"];
+    run.extend_from_slice(args);
     let out = host.stasis(&run).output().expect("stasis vm run");
     assert!(out.status.success(), "vm run: {}", stderr(&out));
     vm_progress(host, name, 0);
 }
 
+/// A VM with 4 vCPUs writing all the time moves over in pre-copy rounds (its memory sent
+/// while it runs, the last round while paused, its state without memory) and runs on its
+/// received memory; its model checks every page. It then moves back in one stop-and-copy
+/// round with its memory compressed in the image.
 #[test]
 fn a_vm_moves_to_the_other_host_and_its_guest_carries_on_without_an_error() {
     const TEST: &str = "a_vm_moves_to_the_other_host_and_its_guest_carries_on_without_an_error";
@@ -478,15 +486,25 @@ fn a_vm_moves_to_the_other_host_and_its_guest_carries_on_without_an_error() {
     let hosts = TwoHosts::new("migrate-vm");
     let _vmms = Vmms(&hosts);
     let rx = Receiver::start(&hosts.b, None);
-    start_vm(&hosts.a, "mig");
-    let args = ["--insecure", "--json", "--compress", "zstd"];
-    let out = run_migrate(&hosts.a, "mig", &rx.url, &args, None);
+    start_vm_with(&hosts.a, "mig", &["--memory", "64m", "--vcpus", "4"]);
+    let out = run_migrate(&hosts.a, "mig", &rx.url, &["--insecure", "--json"], None);
     assert!(out.status.success(), "migrate: {}", stderr(&out));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
     eprintln!("migrate: {r}");
-    // The image went over the wire compressed, as asked.
-    let compression = r["checkpoint"]["compression"].as_str().unwrap_or_default();
-    assert!(compression.starts_with("zstd"), "{r}");
+    assert_eq!(r["precopy"], "kvm-dirty-log", "{r}");
+    let rounds = r["rounds"].as_array().cloned().unwrap_or_default();
+    assert!(rounds.len() >= 2, "pre-copy and a last round: {r}");
+    let frozen: Vec<bool> = rounds.iter().map(|x| x["frozen"] == true).collect();
+    assert_eq!(frozen.iter().filter(|f| **f).count(), 1, "{r}");
+    assert_eq!(
+        frozen.last(),
+        Some(&true),
+        "the last round is the frozen one: {r}"
+    );
+    assert!(rounds[0]["bytes"].as_u64() > Some(1 << 20), "{r}");
+    // Its memory went in rounds: the state is small, and nothing was copied twice for it.
+    assert!(r["image_bytes"].as_u64() < Some(256 << 10), "{r}");
+    assert_eq!(r["checkpoint"]["pages_data"], 0, "{r}");
     assert_eq!(r["checkpoint"]["vm"], "stopped", "{r}");
     assert!(
         vm_row(&hosts.a, "mig").is_none(),
@@ -494,7 +512,77 @@ fn a_vm_moves_to_the_other_host_and_its_guest_carries_on_without_an_error() {
     );
     let c = vm_progress(&hosts.b, "mig", 0);
     vm_progress(&hosts.b, "mig", c);
-    let rep = json_on(&hosts.b, &["vm", "stop", "mig"]);
+    wait_images_gone(&rx);
+
+    // And back, frozen at once, its memory in the image, compressed as asked.
+    let back = Receiver::start(&hosts.a, None);
+    let args = [
+        "--insecure",
+        "--json",
+        "--max-rounds",
+        "0",
+        "--compress",
+        "zstd",
+    ];
+    let out = run_migrate(&hosts.b, "mig", &back.url, &args, None);
+    assert!(out.status.success(), "migrate back: {}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    eprintln!("migrate back: {r}");
+    assert_eq!(r["precopy"], "none: --max-rounds 0", "{r}");
+    assert_eq!(r["page_bytes"], 0, "{r}");
+    let compression = r["checkpoint"]["compression"].as_str().unwrap_or_default();
+    assert!(compression.starts_with("zstd"), "{r}");
+    assert!(r["checkpoint"]["pages_data"].as_u64() > Some(0), "{r}");
+    let c = vm_progress(&hosts.a, "mig", 0);
+    vm_progress(&hosts.a, "mig", c);
+    let rep = json_on(&hosts.a, &["vm", "stop", "mig"]);
+    assert_eq!(rep["errors"], 0, "{rep}");
+    wait_images_gone(&back);
+}
+
+/// --bandwidth holds the rounds that run beside the workload down to its rate, and
+/// --max-rounds ends them even when the expected downtime (--max-downtime 0) is never met.
+#[test]
+fn pre_copy_rounds_keep_to_the_bandwidth_and_round_limits() {
+    const TEST: &str = "pre_copy_rounds_keep_to_the_bandwidth_and_round_limits";
+    if !have_kvm(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-vm-limits");
+    let _vmms = Vmms(&hosts);
+    let rx = Receiver::start(&hosts.b, None);
+    start_vm(&hosts.a, "lim");
+    let args = [
+        "--insecure",
+        "--json",
+        "--bandwidth",
+        "32M",
+        "--max-rounds",
+        "2",
+        "--max-downtime",
+        "0",
+    ];
+    let out = run_migrate(&hosts.a, "lim", &rx.url, &args, None);
+    assert!(out.status.success(), "migrate: {}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    eprintln!("migrate: {r}");
+    let rounds = r["rounds"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rounds.len(), 3, "two rounds and the frozen one: {r}");
+    assert!(
+        r["switchover"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--max-rounds"),
+        "{r}"
+    );
+    let first = rounds[0]["rate"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        first <= (32 << 20) * 11 / 10,
+        "the first round went at {first} bytes/s"
+    );
+    let c = vm_progress(&hosts.b, "lim", 0);
+    vm_progress(&hosts.b, "lim", c);
+    let rep = json_on(&hosts.b, &["vm", "stop", "lim"]);
     assert_eq!(rep["errors"], 0, "{rep}");
     wait_images_gone(&rx);
 }

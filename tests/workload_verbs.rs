@@ -37,15 +37,38 @@ fn assert_refused(r: Result<(), WorkloadError>, verb: Verb, who: &str, reason: &
     );
 }
 
+/// How to build a VM detached under `name`, from its image and `memory` received apart.
+fn detached_vm(name: &str, memory: Option<Arc<std::fs::File>>) -> BuildOptions<'_> {
+    BuildOptions {
+        name: Some(name),
+        tree: stasis_restore::Options::default(),
+        vm_memory: None,
+        vm_detach: true,
+        vm_quiet: true,
+        vm_verify_first: true,
+        started: Instant::now(),
+        memory,
+    }
+}
+
+/// A page sink that takes nothing.
+struct Nowhere;
+
+impl stasis_workload::PageSink for Nowhere {
+    fn pages(&mut self, addr: u64, _data: &[u8]) -> std::io::Result<()> {
+        panic!("pages at {addr:#x} were sent")
+    }
+}
+
 #[test]
 fn a_process_tree_refuses_what_it_cannot_do_and_runs_on_untouched() {
     common::init();
     let mut wl = common::start("wl-counter", &["--quiet", "--mib", "4"]);
     let who = format!("PID {}", wl.pid);
     let mut src = stasis_workload::TreeSource::process_tree(wl.pid, &Options::default());
-    let tracking = src.start_dirty_tracking();
+    let tracking = src.start_dirty_tracking().map(|_| ());
     assert_refused(tracking, Verb::StartDirtyTracking, &who, "not implemented");
-    let round = src.copy_round().map(|_| ());
+    let round = src.copy_round(&mut Nowhere).map(|_| ());
     assert_refused(round, Verb::CopyRound, &who, "not implemented");
     // Nothing but freeze fits a workload that runs.
     assert_refused(src.resume(), Verb::Resume, &who, "not frozen");
@@ -122,6 +145,7 @@ fn tree_build_options() -> (BuildOptions<'static>, common::Pipes, [OwnedFd; 2]) 
         vm_quiet: false,
         vm_verify_first: false,
         started: Instant::now(),
+        memory: None,
     };
     let pipes = common::Pipes {
         stdin: OwnedFd::from(w_in).into(),
@@ -203,8 +227,10 @@ fn a_tree_built_from_an_image_is_held_stopped_then_discarded_or_resumed() {
     common::reap(pid);
 }
 
-/// A VM answers every verb: tracked and copied while it runs, paused with its state
-/// captured, resumed before its image is written; the image restores beside it.
+/// A VM answers every verb: tracked while it runs, its memory copied round by round into
+/// a page sink, paused, the last round sent, its state written without memory, discarded
+/// once its copy exists; built from the state and the memory it runs on; a held build is
+/// discarded or resumed.
 #[test]
 fn a_vm_answers_every_verb_and_its_image_restores_beside_it() {
     const TEST: &str = "a_vm_answers_every_verb_and_its_image_restores_beside_it";
@@ -258,46 +284,72 @@ fn a_vm_answers_every_verb_and_its_image_restores_beside_it() {
     let opts = stasis_checkpoint::vm::VmCheckpointOptions::default();
     let mut src = stasis_workload::VmSource::open(&sd, "orig", opts).expect("open the VM");
     assert_refused(src.discard(), Verb::Discard, "VM orig", "no copy");
-    src.start_dirty_tracking().expect("start dirty tracking");
-    let first = src.copy_round().expect("first round");
-    let second = src.copy_round().expect("second round");
+    // Its memory goes round by round into a memfd, as a migration receiver keeps it.
+    let tracked = src.start_dirty_tracking().expect("start dirty tracking");
+    assert_eq!(tracked.extent, 16 << 20, "{tracked:?}");
+    let mem = stasis_runtime::kvm::memory::memory_file("test", tracked.extent).expect("memfd");
+    let mut pages = stasis_checkpoint::FilePages(&mem);
+    let first = src.copy_round(&mut pages).expect("first round");
+    wait_progress("orig", counter("orig"));
+    let second = src.copy_round(&mut pages).expect("second round");
     eprintln!("rounds: {first:?} {second:?}");
     assert!(
-        first.pages > 0,
-        "the first round copies the resident memory"
+        first.pages * 4096 >= tracked.resident && first.pages > 0,
+        "the first round copies the resident memory: {first:?} {tracked:?}"
     );
+    assert!(second.pages > 0, "the guest wrote nothing between rounds");
     src.freeze().expect("pause");
     assert!(
-        src.captured(),
-        "tracked and copied, the paused VM is captured"
+        !src.captured(),
+        "its memory went to a sink: the paused VM is not held by stasis"
     );
-    src.resume().expect("resume before writing");
-    let at = counter("orig");
     let img = state.join("vm.img");
     let mut sink = FileSink::create(&img).expect("image file");
+    let early = src.write_state(&mut sink, &|_, _| {});
+    assert_refused(early, Verb::WriteState, "orig", "last round");
+    let last = src.copy_round(&mut pages).expect("the last round, paused");
+    eprintln!("last round: {last:?}");
+    let again = src.copy_round(&mut pages).map(|_| ());
+    assert_refused(again, Verb::CopyRound, "orig", "sent already");
     src.write_state(&mut sink, &|_, _| {})
-        .expect("write the captured state");
+        .expect("write the state");
     sink.commit().expect("commit");
     src.committed(0);
     let Report::Vm(s) = src.report() else {
         panic!("a VM reported as a process tree")
     };
     eprintln!("checkpoint: {s:?}");
-    assert_eq!((s.vm.as_str(), s.staged), ("running", true), "{s:?}");
-    assert!(s.precopy_rounds >= 1 && s.pages_data > 0, "{s:?}");
-    // Running again, it is not paused: nothing to stop.
-    assert!(src.discard().is_err(), "a running VM was discarded");
-    wait_progress("orig", at);
+    assert_eq!(s.pages_data, 0, "the state image holds guest memory: {s:?}");
+    assert!(s.precopy_rounds >= 1, "{s:?}");
+    src.discard()
+        .expect("discard the original once its copy exists");
+    assert!(
+        !sd.vms().file_path("orig", "json").exists(),
+        "the discarded VM keeps its record"
+    );
 
+    // Built from its state and the memory the rounds sent, it runs on where it was.
+    let mem = Arc::new(mem);
+    let opts = detached_vm("copy", Some(mem.clone()));
+    let built = stasis_workload::build(&sd, open_image(&img), &img, opts, None);
+    assert!(matches!(built, Ok(Restored::Vm(_))), "{built:?}");
+    wait_progress("copy", 0);
+    // Memory received apart is refused with an image that holds memory of its own.
+    let full = state.join("full.img");
+    let full_arg = full.to_str().expect("utf8");
     stasis(&[
-        "restore",
-        img.to_str().expect("utf8"),
-        "--name",
+        "checkpoint",
         "copy",
-        "--detach",
+        "-o",
+        full_arg,
+        "--leave-running",
         "--json",
     ]);
-    wait_progress("copy", 0);
+    let opts = detached_vm("twice", Some(mem));
+    let refused = stasis_workload::build(&sd, open_image(&full), &full, opts, None);
+    let text = format!("{:?}", refused.map(|_| ()));
+    assert!(text.contains("received apart"), "{text}");
+    let img = full;
     // Built and held: no vCPU thread runs until the decision. Discarded, nothing is left;
     // resumed, it runs beside the others.
     let vcpus_seen: Arc<Mutex<Vec<usize>>> = Arc::default();
@@ -310,6 +362,7 @@ fn a_vm_answers_every_verb_and_its_image_restores_beside_it() {
             vm_quiet: true,
             vm_verify_first: false,
             started: Instant::now(),
+            memory: None,
         };
         let seen = vcpus_seen.clone();
         let decide: stasis_workload::OnHeld = Arc::new(move |h: &stasis_workload::Held| {
@@ -356,7 +409,7 @@ fn a_vm_answers_every_verb_and_its_image_restores_beside_it() {
         vec![0, 0],
         "vCPUs ran while held"
     );
-    for name in ["orig", "copy", "held"] {
+    for name in ["copy", "held"] {
         let rep = stasis(&["vm", "stop", name, "--json"]);
         assert_eq!(rep["errors"], 0, "{name}: {rep}");
     }

@@ -32,7 +32,7 @@ pub mod vmas;
 
 pub use error::CheckpointError;
 pub use session::TreeSession;
-pub use sink::{FileSink, ImageSink, StreamSink};
+pub use sink::{FilePages, FileSink, ImageSink, PageSink, StreamSink};
 
 use serde::Serialize;
 use stasis_image::Compression;

@@ -30,6 +30,32 @@ impl<T: ImageSink + ?Sized> ImageSink for &mut T {
     }
 }
 
+/// Where the pages of a pre-copy round go: one page-transfer interface with a backend per
+/// destination (as CRIU's page_xfer has a local image and a page server). A migration
+/// sends them over its connection; a local copy keeps them in memory.
+pub trait PageSink {
+    /// `data` (whole pages) is the workload's memory at `addr` (a VM's guest-physical
+    /// address).
+    fn pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()>;
+}
+
+/// A sink lent for a while.
+impl<T: PageSink + ?Sized> PageSink for &mut T {
+    fn pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()> {
+        (**self).pages(addr, data)
+    }
+}
+
+/// Pages kept in a file at their addresses (a memfd, or any file): the local backend.
+pub struct FilePages<'a>(pub &'a File);
+
+impl PageSink for FilePages<'_> {
+    fn pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.0.write_all_at(data, addr)
+    }
+}
+
 /// Bytes written between two starts of writeback.
 const WRITE_BEHIND_WINDOW: u64 = 8 << 20;
 

@@ -18,7 +18,7 @@
 
 use crate::error::CheckpointError;
 use crate::pages::{DumpPlan, GuestSource};
-use crate::sink::ImageSink;
+use crate::sink::{ImageSink, PageSink};
 use stasis_image::proto;
 use stasis_image::{Compression, ImageWriter};
 use stasis_runtime::container::StateDir;
@@ -95,13 +95,17 @@ struct Tracking {
     /// The VMM process and where guest memory is mapped in it.
     pid: i32,
     host: u64,
-    /// Guest memory as far as it was copied: every range in `copied`.
-    staging: Vec<u8>,
+    /// Where the rounds copy to: Some, this staging copy of guest memory (a checkpoint that
+    /// lets the VM run while its image is written); None, the caller's [`PageSink`] (a
+    /// migration's connection). Holds every range in `copied`.
+    staging: Option<Vec<u8>>,
     /// The resident memory ((gpa, pages)) the first round copies (taken by it); later
     /// rounds copy what the dirty log says was written since the round before.
     resident: Option<Vec<(u64, u64)>>,
     /// Ranges copied so far, merged.
     copied: Vec<(u64, u64)>,
+    /// Rounds copied so far.
+    rounds: u64,
 }
 
 /// A paused VM: its state and how to let it go.
@@ -113,7 +117,16 @@ struct Pause {
     ranges: Vec<(u64, u64)>,
     /// A copy of those ranges, when the VM may run while its image is written.
     staging: Option<Vec<u8>>,
+    /// When the rounds went to a caller's sink: what the last round, while paused, sends.
+    sent: Option<LastRound>,
     at: Instant,
+}
+
+/// The pages written since the last round before the pause, which the last round sends.
+struct LastRound {
+    /// (gpa, pages), ascending.
+    pending: Vec<(u64, u64)>,
+    done: bool,
 }
 
 /// A VM being checkpointed, one step at a time (see the module documentation): tracked and
@@ -172,7 +185,9 @@ impl VmSession {
     }
 
     /// Turns on KVM's dirty log and lists the resident memory for the first round (no
-    /// write after this is missed). Returns the resident memory, bytes.
+    /// write after this is missed); the rounds go to the sink [`VmSession::copy_round`] is
+    /// given, and the image [`VmSession::write`] writes then holds no guest memory. Returns
+    /// the resident memory, bytes.
     pub fn start_dirty_tracking(&mut self) -> Result<u64, CheckpointError> {
         if self.pause.is_some() || self.tracking.is_some() {
             return Err(vm_err(
@@ -187,45 +202,94 @@ impl VmSession {
             log,
             pid: rep.pid,
             host: rep.mem_host_addr,
-            staging: Vec::new(),
+            staging: None,
             resident: Some(ranges),
             copied: Vec::new(),
+            rounds: 0,
         });
         self.stats.memory = rep.memory;
         Ok(resident.saturating_mul(PAGE_SIZE))
     }
 
-    /// Copies what changed since the last round (all resident memory, the first time) into
-    /// the session's staging memory while the VM runs.
-    pub fn copy_round(&mut self) -> Result<Round, CheckpointError> {
+    /// Turns dirty tracking off again (a migration that gave up before the pause).
+    pub fn stop_tracking(&mut self) {
+        self.tracking = None;
+    }
+
+    /// Sends what changed since the last round (all resident memory, the first time) into
+    /// `to` while the VM runs; once it is paused, the last round: what changed since the
+    /// round before the pause.
+    pub fn copy_round(&mut self, to: &mut dyn PageSink) -> Result<Round, CheckpointError> {
         let name = self.name.clone();
-        let memory = self.stats.memory;
+        let began = Instant::now();
+        if let Some(p) = self.pause.as_mut() {
+            let last = match p.sent.as_mut() {
+                Some(last) if !last.done => last,
+                Some(_) => return Err(vm_err(&name, "its last round was sent already")),
+                None => return Err(vm_err(&name, "paused without dirty tracking: no round")),
+            };
+            send_ranges(
+                &name,
+                p.paused.pid,
+                p.paused.mem_host_addr,
+                &last.pending,
+                to,
+            )?;
+            last.done = true;
+            let pages = last.pending.iter().map(|r| r.1).sum();
+            return Ok(Round {
+                pages,
+                us: micros(began.elapsed()),
+            });
+        }
         let t = self
             .tracking
             .as_mut()
             .ok_or_else(|| vm_err(&name, "a round needs dirty tracking started"))?;
+        if t.staging.is_some() {
+            return Err(vm_err(&name, "its rounds go to its own staging copy"));
+        }
+        let ranges = next_round(&self.state, &name, t)?;
+        send_ranges(&name, t.pid, t.host, &ranges, to)?;
+        Ok(self.count_round(&ranges, began))
+    }
+
+    /// Copies what changed since the last round (all resident memory, the first time) into
+    /// the staging copy while the VM runs.
+    fn stage_round(&mut self) -> Result<Round, CheckpointError> {
+        let name = self.name.clone();
+        let memory = self.stats.memory;
         let began = Instant::now();
-        let first = t.resident.is_some();
-        let bytes: Vec<(u64, u64)> = match t.resident.take() {
-            Some(resident) => {
-                t.staging = vec![0u8; usize_of(&name, memory)?];
-                resident
-            }
-            None => vmm::dirty_log_fetch(&self.state, &name)?
-                .iter()
-                .map(|&(p, n)| (p * PAGE_SIZE, n))
-                .collect(),
-        };
-        copy_ranges(&name, t.pid, t.host, &bytes, &mut t.staging)?;
-        t.copied = merge(&t.copied, &bytes);
-        let pages: u64 = bytes.iter().map(|r| r.1).sum();
+        let t = self
+            .tracking
+            .as_mut()
+            .ok_or_else(|| vm_err(&name, "a round needs dirty tracking started"))?;
+        if t.staging.as_ref().is_none_or(Vec::is_empty) {
+            t.staging = Some(vec![0u8; usize_of(&name, memory)?]);
+        }
+        let ranges = next_round(&self.state, &name, t)?;
+        let staging = t.staging.as_mut().map_or(&mut [][..], |v| &mut v[..]);
+        copy_ranges(&name, t.pid, t.host, &ranges, staging)?;
+        Ok(self.count_round(&ranges, began))
+    }
+
+    /// Counts a round that copied `ranges` (the first, of resident memory, is not counted
+    /// as a re-copy).
+    fn count_round(&mut self, ranges: &[(u64, u64)], began: Instant) -> Round {
+        let pages: u64 = ranges.iter().map(|r| r.1).sum();
+        let mut first = false;
+        if let Some(t) = self.tracking.as_mut() {
+            t.copied = merge(&t.copied, ranges);
+            first = t.rounds == 0;
+            t.rounds += 1;
+        }
         if !first {
             self.stats.precopy_rounds += 1;
             self.stats.pages_recopied += pages;
         }
         let us = micros(began.elapsed());
         self.stats.precopy_us += us;
-        Ok(Round { pages, us })
+        Round { pages, us }
     }
 
     /// Pauses the VM. Left running (`leave_running`) with resident memory within the
@@ -243,6 +307,9 @@ impl VmSession {
             };
             let resident = self.start_dirty_tracking()?;
             self.stats.staged = resident <= self.stats.staging_limit;
+            if let Some(t) = self.tracking.as_mut() {
+                t.staging = self.stats.staged.then(Vec::new);
+            }
             if !self.stats.staged {
                 // Turned off again: the VM is paused while its memory is written.
                 self.tracking = None;
@@ -252,7 +319,7 @@ impl VmSession {
                 // reached.
                 let mut before = u64::MAX;
                 loop {
-                    let pages = self.copy_round()?.pages;
+                    let pages = self.stage_round()?.pages;
                     if pages >= before
                         || pages <= PAUSE_COPY_PAGES
                         || self.stats.precopy_rounds >= MAX_PRECOPY_ROUNDS
@@ -267,27 +334,44 @@ impl VmSession {
         let at = Instant::now();
         self.stats.memory = paused.snapshot.memory;
         self.stats.vmm_pause_us = paused.pause_us;
+        let mut sent = None;
         let (ranges, staging) = match self.tracking.take() {
             Some(mut t) => {
                 drop(t.log);
-                self.stats.staged = true;
                 let dirty = paused.dirty.clone().unwrap_or_default();
                 self.stats.pages_dirty = dirty.iter().map(|r| r.1).sum();
-                let bytes: Vec<(u64, u64)> =
+                let mut bytes: Vec<(u64, u64)> =
                     dirty.iter().map(|&(p, n)| (p * PAGE_SIZE, n)).collect();
-                let copied = copy_ranges(
-                    &self.name,
-                    paused.pid,
-                    paused.mem_host_addr,
-                    &bytes,
-                    &mut t.staging,
-                );
-                if let Err(e) = copied {
-                    // Dropping the session resumes the VM.
-                    drop(session);
-                    return Err(e);
+                if let Some(resident) = t.resident.take() {
+                    // Tracked, but never copied: all of it goes now.
+                    bytes = merge(&resident, &bytes);
                 }
-                (merge(&t.copied, &bytes), Some(t.staging))
+                match t.staging.take() {
+                    Some(mut staging) => {
+                        self.stats.staged = true;
+                        let copied = copy_ranges(
+                            &self.name,
+                            paused.pid,
+                            paused.mem_host_addr,
+                            &bytes,
+                            &mut staging,
+                        );
+                        if let Err(e) = copied {
+                            // Dropping the session resumes the VM.
+                            drop(session);
+                            return Err(e);
+                        }
+                        (merge(&t.copied, &bytes), Some(staging))
+                    }
+                    None => {
+                        let all = merge(&t.copied, &bytes);
+                        sent = Some(LastRound {
+                            pending: bytes,
+                            done: false,
+                        });
+                        (all, None)
+                    }
+                }
             }
             None => (
                 resident_ranges(
@@ -305,9 +389,19 @@ impl VmSession {
             paused,
             ranges,
             staging,
+            sent,
             at,
         });
         Ok(())
+    }
+
+    /// Paused after rounds sent to a sink: whether the last round is still to be sent
+    /// (Some(true)), was sent (Some(false)); None otherwise.
+    pub fn last_round_pending(&self) -> Option<bool> {
+        self.pause
+            .as_ref()
+            .and_then(|p| p.sent.as_ref())
+            .map(|last| !last.done)
     }
 
     /// Whether the paused VM's whole state (memory included) is held by this session, so
@@ -316,13 +410,22 @@ impl VmSession {
         self.pause.as_ref().is_some_and(|p| p.staging.is_some())
     }
 
-    /// Writes the image of the VM as it was paused into `sink` (not committed).
+    /// Writes the image of the VM as it was paused into `sink` (not committed). When its
+    /// memory went to a [`PageSink`] round by round, the image holds none (refused until the
+    /// last round is sent).
     pub fn write<S: ImageSink>(&mut self, sink: S) -> Result<S, CheckpointError> {
         let name = self.name.clone();
         let p = self
             .pause
             .as_mut()
             .ok_or_else(|| vm_err(&name, "its image is written once it is paused"))?;
+        let ranges = match &p.sent {
+            Some(last) if !last.done => {
+                return Err(vm_err(&name, "its last round is sent before its state"))
+            }
+            Some(_) => Vec::new(),
+            None => p.ranges.clone(),
+        };
         let compression = self.opts.compression;
         let mut inventory = crate::collect::inventory(0, false, &compression);
         inventory.kind = proto::WorkloadKind::Vm as i32;
@@ -335,7 +438,7 @@ impl VmSession {
                 host: p.paused.mem_host_addr,
             },
         };
-        let plan = DumpPlan::guest(&name, &p.ranges, source);
+        let plan = DumpPlan::guest(&name, &ranges, source);
         let (sink, ws) = crate::pages::dump(&plan, writer, &|_, _| {})?;
         let s = &mut self.stats;
         s.pages_data = ws.data_pages;
@@ -477,6 +580,46 @@ fn copy_ranges(
                 .get_mut(o..o + len)
                 .ok_or_else(|| vm_err(name, format!("page {at:#x} outside guest memory")))?;
             read_guest(name, pid, host, at, dst)?;
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+/// The ranges ((gpa in bytes, pages)) the next round copies: the resident memory the first
+/// time, then what the dirty log says was written since the round before.
+fn next_round(
+    state: &StateDir,
+    name: &str,
+    t: &mut Tracking,
+) -> Result<Vec<(u64, u64)>, CheckpointError> {
+    Ok(match t.resident.take() {
+        Some(resident) => resident,
+        None => vmm::dirty_log_fetch(state, name)?
+            .iter()
+            .map(|&(p, n)| (p * PAGE_SIZE, n))
+            .collect(),
+    })
+}
+
+/// Sends the ranges ((gpa, pages)) of guest memory into `to`, a few MiB at a time.
+fn send_ranges(
+    name: &str,
+    pid: i32,
+    host: u64,
+    ranges: &[(u64, u64)],
+    to: &mut dyn PageSink,
+) -> Result<(), CheckpointError> {
+    const STEP: u64 = 2 << 20;
+    let mut buf = Vec::new();
+    for &(gpa, pages) in ranges {
+        let (mut at, end) = (gpa, gpa + pages * PAGE_SIZE);
+        while at < end {
+            let n = (end - at).min(STEP);
+            buf.resize(usize_of(name, n)?, 0);
+            read_guest(name, pid, host, at, &mut buf)?;
+            to.pages(at, &buf)
+                .map_err(|e| vm_err(name, format!("sending guest memory at {at:#x}: {e}")))?;
             at += n;
         }
     }

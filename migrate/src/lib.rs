@@ -9,8 +9,11 @@
 //! its own, so a restored tree is never the child of the server and a crash of one
 //! migration cannot take the others along.
 //!
-//! Peers authenticate with mutual TLS ([`tls`]; plain TCP only with `--insecure`). Today a
-//! migration is one stop-and-copy round: pre-copy rounds come next.
+//! Peers authenticate with mutual TLS ([`tls`]; plain TCP only with `--insecure`). A VM's
+//! memory goes over in pre-copy rounds while it runs (KVM's dirty log) into the memory the
+//! destination's VM then runs on, so the switchover sends only the last round and the
+//! state; a process tree or a container goes in one stop-and-copy round (their dirty
+//! tracking is not there yet).
 
 pub mod listener;
 pub mod protocol;

@@ -1,17 +1,21 @@
-//! The migration wire protocol, version 1: everything that crosses the connection between
+//! The migration wire protocol, version 2: everything that crosses the connection between
 //! `stasis migrate` (the source) and `stasis receive` (the destination) is defined here.
 //!
 //! # Frames
 //! Every frame is a 5-byte header, then its payload:
-//! - byte 0: the frame type, [`FRAME_CONTROL`] or [`FRAME_IMAGE`];
+//! - byte 0: the frame type, [`FRAME_CONTROL`], [`FRAME_IMAGE`] or [`FRAME_PAGES`];
 //! - bytes 1..5: the payload length, little-endian u32, at most [`MAX_CONTROL`] for a
-//!   control frame and [`MAX_IMAGE_FRAME`] for an image frame. A longer length, an unknown
+//!   control frame and [`MAX_IMAGE_FRAME`] for the others. A longer length, an unknown
 //!   type, or a connection that ends inside a frame is a protocol error: the peer is dropped.
 //!
 //! A control frame carries one [`Message`] as JSON (`{"type": "hello", ...}`). An image
 //! frame carries the next bytes of the workload's image, in stasis's image format exactly as
 //! `stasis checkpoint` writes it to a stream: the receiver stores them and then opens them
 //! with the same reader (magic, version, bounded lengths, hashes) that protects `restore`.
+//! A pages frame carries pages of memory copied in a pre-copy round: a little-endian u64
+//! address (a VM's guest-physical address, page-aligned), then whole pages, all inside the
+//! memory announced by [`Message::Memory`]. A later frame for the same address replaces the
+//! earlier one's pages (they were written again).
 //!
 //! # Conversation
 //! ```text
@@ -19,9 +23,12 @@
 //! hello {protocol, version, workload,
 //!        cpu_flags}                    ->
 //!                                      <- ready | refused {reason}
+//! [memory {bytes}                      ->  (guest memory made, zero)
+//!  pages frames ..., round after round ->  (written where the VM will run on them)]
 //! (freezes the workload)
+//! [pages frames of the last round      ->]
 //! image frames ...                     ->  (stored, bounded)
-//! image-end {bytes, blake3}            ->  (checked, verified, built, held stopped)
+//! image-end {bytes, pages, blake3}     ->  (checked, verified, built, held stopped)
 //!                                      <- held {pid} | failed {reason}
 //! commit                               ->  (resumes it)
 //!                                      <- resumed
@@ -31,6 +38,10 @@
 //! goes away) and resumes its workload; the destination sends `failed` or `refused` (or
 //! goes away) and leaves nothing behind. After `commit` the source never resumes its copy:
 //! without `resumed` it keeps it stopped and says so (the operator settles it).
+//!
+//! The pre-copy rounds (bracketed) are for workloads whose memory is tracked while they
+//! run (VMs); the others go straight to the freeze. `image-end`'s blake3 covers the payload
+//! of every pages and image frame, in the order sent: what is built is exactly what was sent.
 
 use serde::{Deserialize, Serialize};
 use stasis_workload::Kind;
@@ -39,11 +50,15 @@ use std::io::{self, Read, Write};
 /// The protocol's name, in `hello`.
 pub const PROTOCOL: &str = "stasis-migrate";
 /// The protocol's version, in `hello`; a receiver refuses any other.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// A frame carrying a [`Message`].
 pub const FRAME_CONTROL: u8 = 1;
 /// A frame carrying image bytes.
 pub const FRAME_IMAGE: u8 = 2;
+/// A frame carrying pages of a pre-copy round (an address, then whole pages).
+pub const FRAME_PAGES: u8 = 3;
+/// The page size pages frames are counted in.
+pub const PAGE: u64 = 4096;
 /// The largest control payload.
 pub const MAX_CONTROL: u32 = 64 << 10;
 /// The largest image payload.
@@ -72,8 +87,17 @@ pub enum Message {
     Ready,
     /// Destination: will not take it (nothing was frozen yet).
     Refused { reason: String },
-    /// Source: the image is complete.
-    ImageEnd { bytes: u64, blake3: String },
+    /// Source: pre-copy rounds follow, in pages frames, of memory this many bytes long (a
+    /// VM's guest memory, a multiple of the page size).
+    Memory { bytes: u64 },
+    /// Source: the image is complete. `bytes` image bytes and `pages` bytes of pages frames
+    /// (their payloads) were sent; `blake3` hashes both, as sent.
+    ImageEnd {
+        bytes: u64,
+        #[serde(default)]
+        pages: u64,
+        blake3: String,
+    },
     /// Destination: the workload is built, verified and held stopped (its PID there).
     Held { pid: i32 },
     /// Destination: building it failed; nothing of it is left there.
@@ -91,6 +115,27 @@ pub enum Message {
 pub enum Frame {
     Control(Message),
     Image(Vec<u8>),
+    /// A pages frame's payload (its address still in front; see [`pages_of`]).
+    Pages(Vec<u8>),
+}
+
+/// The address and pages of a pages frame's payload (whole pages, at least one, at a
+/// page-aligned address), or why not.
+pub fn pages_of(payload: &[u8]) -> Result<(u64, &[u8]), ProtocolError> {
+    let bad = || ProtocolError::BadFrame(format!("a pages frame of {} bytes", payload.len()));
+    let (head, data) = payload.split_at_checked(8).ok_or_else(bad)?;
+    let addr = u64::from_le_bytes(head.try_into().map_err(|_| bad())?);
+    if data.is_empty() || !(data.len() as u64).is_multiple_of(PAGE) || !addr.is_multiple_of(PAGE) {
+        return Err(bad());
+    }
+    Ok((addr, data))
+}
+
+/// The payload of a pages frame for `data` (whole pages) at `addr`.
+pub fn pages_payload(addr: u64, data: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&addr.to_le_bytes());
+    out.extend_from_slice(data);
 }
 
 /// Why the peer could not be understood.
@@ -138,7 +183,7 @@ pub fn recv(r: &mut impl Read) -> Result<Frame, ProtocolError> {
     let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
     let max = match header[0] {
         FRAME_CONTROL => MAX_CONTROL,
-        FRAME_IMAGE => MAX_IMAGE_FRAME,
+        FRAME_IMAGE | FRAME_PAGES => MAX_IMAGE_FRAME,
         t => return Err(ProtocolError::BadFrame(format!("unknown frame type {t}"))),
     };
     if len > max {
@@ -159,6 +204,7 @@ pub fn recv(r: &mut impl Read) -> Result<Frame, ProtocolError> {
             serde_json::from_slice(&payload)
                 .map_err(|e| ProtocolError::BadFrame(format!("a control message: {e}")))?,
         ),
+        FRAME_PAGES => Frame::Pages(payload),
         _ => Frame::Image(payload),
     })
 }
@@ -169,6 +215,10 @@ pub fn recv_control(r: &mut impl Read, expected: &'static str) -> Result<Message
         Frame::Control(m) => Ok(m),
         Frame::Image(_) => Err(ProtocolError::Unexpected {
             got: "image bytes".into(),
+            expected,
+        }),
+        Frame::Pages(_) => Err(ProtocolError::Unexpected {
+            got: "pages".into(),
             expected,
         }),
     }
@@ -214,6 +264,14 @@ mod tests {
             recv(&mut &short[..]),
             Err(ProtocolError::BadFrame(_))
         ));
+        let mut pages = Vec::new();
+        pages_payload(8192, &[1u8; 4096], &mut pages);
+        assert!(matches!(pages_of(&pages), Ok((8192, d)) if d.len() == 4096));
+        for bad in [&pages[..8], &pages[..100], &[0u8; 3][..]] {
+            assert!(pages_of(bad).is_err(), "{} bytes taken", bad.len());
+        }
+        pages_payload(100, &[1u8; 4096], &mut pages);
+        assert!(pages_of(&pages).is_err(), "an unaligned address was taken");
         let mut not_json = vec![FRAME_CONTROL, 3, 0, 0, 0];
         not_json.extend_from_slice(b"xyz");
         assert!(matches!(

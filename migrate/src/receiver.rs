@@ -10,6 +10,7 @@ use crate::MigrateError;
 use serde::Serialize;
 use stasis_runtime::container::StateDir;
 use stasis_workload::{BuildOptions, Go, Held, Kind, Restored, WorkloadError};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ pub struct Received {
     /// Its PID here (a tree's root, a VM's VMM).
     pub pid: i32,
     pub image_bytes: u64,
+    /// Bytes of pages received in pre-copy rounds (their frames' payloads).
+    pub page_bytes: u64,
     /// From the end of the image until it was held.
     pub build_us: u64,
     pub total_us: u64,
@@ -111,7 +114,7 @@ pub fn receive_one(
     }
     protocol::send(&mut conn, &Message::Ready).map_err(protocol_err)?;
 
-    let (incoming, image_bytes) = match store_image(&mut conn, opts) {
+    let stream = match store(&mut conn, opts, kind) {
         Ok(v) => v,
         Err(Stored::Aborted(reason)) => return Err(fail(format!("the source aborted: {reason}"))),
         Err(Stored::Protocol(e)) => return Err(protocol_err(e)),
@@ -127,9 +130,10 @@ pub fn receive_one(
     };
     let tb = Instant::now();
     let shared = Arc::new(Mutex::new(conn));
-    let built = build(&shared, opts, &incoming.0, kind, name.as_deref());
+    let built = build(&shared, opts, &stream, kind, name.as_deref());
     let build_us = tb.elapsed().as_micros() as u64;
-    drop(incoming);
+    let (image_bytes, page_bytes) = (stream.image_bytes, stream.page_bytes);
+    drop(stream);
     let mut conn = shared
         .lock()
         .map_err(|_| fail("the connection's lock was poisoned".into()))?;
@@ -157,6 +161,7 @@ pub fn receive_one(
         kind,
         pid,
         image_bytes,
+        page_bytes,
         build_us,
         total_us: t0.elapsed().as_micros() as u64,
     })
@@ -215,9 +220,20 @@ enum Stored {
     Bad(String),
 }
 
-/// Stores the image frames up to `image-end` and checks them against it.
-fn store_image(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions) -> Result<(Incoming, u64), Stored> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+/// What was received before the build: the stored image and, after pre-copy rounds, the
+/// memory they filled.
+struct Stream {
+    image: Incoming,
+    image_bytes: u64,
+    page_bytes: u64,
+    memory: Option<Arc<File>>,
+}
+
+/// Stores the pages frames of the pre-copy rounds (into the memory announced for them) and
+/// the image frames, up to `image-end`, and checks them against it. Memory and image
+/// together stay within `max_image_bytes`.
+fn store(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions, kind: Kind) -> Result<Stream, Stored> {
+    use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
     // Images hold the workloads' memory: for root's eyes only.
     let dir = incoming_dir(&opts.state);
     std::fs::DirBuilder::new()
@@ -235,16 +251,54 @@ fn store_image(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions) -> Result<(Incom
         .map_err(|e| Stored::Bad(format!("creating {}: {e}", path.display())))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut hash = blake3::Hasher::new();
-    let mut bytes = 0u64;
+    let (mut bytes, mut page_bytes) = (0u64, 0u64);
+    let mut memory: Option<(File, u64)> = None;
+    let too_large = || {
+        Stored::Bad(format!(
+            "the workload is larger than this receiver takes ({} bytes)",
+            opts.max_image_bytes
+        ))
+    };
     loop {
         match protocol::recv(conn).map_err(Stored::Protocol)? {
+            Frame::Control(Message::Memory { bytes: size }) => {
+                if memory.is_some() || bytes > 0 || kind != Kind::Vm {
+                    return Err(Stored::Bad(format!(
+                        "memory rounds announced for a {kind}, twice, or after the image began"
+                    )));
+                }
+                if size > opts.max_image_bytes {
+                    return Err(too_large());
+                }
+                let f = stasis_runtime::kvm::memory::memory_file("incoming", size)
+                    .map_err(|e| Stored::Bad(format!("the announced memory: {e}")))?;
+                memory = Some((f, size));
+            }
+            Frame::Pages(payload) => {
+                let (addr, data) = protocol::pages_of(&payload).map_err(Stored::Protocol)?;
+                let Some((mem, size)) = &memory else {
+                    return Err(Stored::Bad("pages sent without memory announced".into()));
+                };
+                if bytes > 0
+                    || addr
+                        .checked_add(data.len() as u64)
+                        .is_none_or(|e| e > *size)
+                {
+                    return Err(Stored::Bad(format!(
+                        "{} bytes of pages at {addr:#x}: outside the {size} bytes of memory, or after the image began",
+                        data.len()
+                    )));
+                }
+                hash.update(&payload);
+                page_bytes += payload.len() as u64;
+                mem.write_all_at(data, addr)
+                    .map_err(|e| Stored::Bad(format!("storing pages at {addr:#x}: {e}")))?;
+            }
             Frame::Image(data) => {
                 bytes += data.len() as u64;
-                if bytes > opts.max_image_bytes {
-                    return Err(Stored::Bad(format!(
-                        "the image is larger than this receiver takes ({} bytes)",
-                        opts.max_image_bytes
-                    )));
+                let memory_size = memory.as_ref().map_or(0, |m| m.1);
+                if bytes.saturating_add(memory_size) > opts.max_image_bytes {
+                    return Err(too_large());
                 }
                 hash.update(&data);
                 out.write_all(&data)
@@ -252,22 +306,31 @@ fn store_image(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions) -> Result<(Incom
             }
             Frame::Control(Message::ImageEnd {
                 bytes: said,
+                pages,
                 blake3,
             }) => {
-                if said != bytes || blake3 != hash.finalize().to_hex().as_str() {
+                if said != bytes
+                    || pages != page_bytes
+                    || blake3 != hash.finalize().to_hex().as_str()
+                {
                     return Err(Stored::Bad(format!(
-                        "the image is not what was sent ({bytes} bytes received, {said} announced, or its hash differs)"
+                        "what arrived is not what was sent ({bytes} image and {page_bytes} page bytes received, {said} and {pages} announced, or the hash differs)"
                     )));
                 }
                 out.flush()
                     .map_err(|e| Stored::Bad(format!("storing the image: {e}")))?;
-                return Ok((incoming, bytes));
+                return Ok(Stream {
+                    image: incoming,
+                    image_bytes: bytes,
+                    page_bytes,
+                    memory: memory.map(|(f, _)| Arc::new(f)),
+                });
             }
             Frame::Control(Message::Abort { reason }) => return Err(Stored::Aborted(reason)),
             Frame::Control(m) => {
                 return Err(Stored::Protocol(protocol::ProtocolError::Unexpected {
                     got: protocol::name_of(&m),
-                    expected: "image bytes or image-end",
+                    expected: "memory, pages, image bytes or image-end",
                 }))
             }
         }
@@ -278,10 +341,11 @@ fn store_image(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions) -> Result<(Incom
 fn build(
     conn: &Arc<Mutex<Box<dyn Conn>>>,
     opts: &ReceiveOptions,
-    path: &Path,
+    stream: &Stream,
     kind: Kind,
     name: Option<&str>,
 ) -> Result<Restored, WorkloadError> {
+    let path = stream.image.0.as_path();
     let refused = |why: String| WorkloadError::Workflow {
         workload: path.display().to_string(),
         why,
@@ -329,6 +393,7 @@ fn build(
         vm_quiet: true,
         vm_verify_first: true,
         started: Instant::now(),
+        memory: stream.memory.clone(),
     };
     stasis_workload::build(
         &opts.state,

@@ -1,7 +1,10 @@
 //! The source side: `stasis migrate`. It speaks the protocol of [`crate::protocol`] over a
 //! connection to a receiver and drives the workload through the verbs of
-//! [`stasis_workload::Source`]: freeze, write its state into the connection, wait until
-//! the destination holds it whole, commit, wait until the destination runs it, discard.
+//! [`stasis_workload::Source`]: where its memory is tracked (a VM), copy it round after
+//! round while it runs until the last round is expected to fit `--max-downtime` (or
+//! `--max-rounds` is reached, or the pages written stop shrinking); freeze; send the last
+//! round and its state; wait until the destination holds it whole; commit; wait until the
+//! destination runs it; discard.
 //!
 //! The source stays the authority until the commit: any failure before it (a refusal, a
 //! connection lost or stalled, a build that failed there) resumes the workload as it was and
@@ -9,23 +12,65 @@
 //! its copy: if the destination does not confirm, the copy is left stopped and the error
 //! says how to settle it ([`MigrateError::Unsettled`]).
 
-use crate::protocol::{self, Message, FRAME_IMAGE};
+use crate::protocol::{self, Message, FRAME_IMAGE, FRAME_PAGES};
 use crate::tls::Conn;
 use crate::MigrateError;
 use serde::Serialize;
-use stasis_checkpoint::{ImageSink, Progress};
-use stasis_workload::{Kind, Report, Source, WorkloadError};
+use stasis_checkpoint::{ImageSink, PageSink, Progress};
+use stasis_workload::{Kind, Report, Round, Source, WorkloadError};
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
 /// How to migrate.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MigrateOptions {
     /// The name it runs under on the destination (containers and VMs; default its own).
     pub name: Option<String>,
     /// The CPU feature flags the workload may use (this host's): the destination must
     /// have every one.
     pub cpu_flags: Vec<String>,
+    /// Pre-copy rounds go on until the copy of what the workload writes during one more
+    /// round is expected to take at most this long...
+    pub max_downtime: Duration,
+    /// ... or this many rounds were copied (0: no pre-copy, one stop-and-copy round) ...
+    pub max_rounds: u32,
+    /// (... or the set of pages written stops shrinking.) The most bytes per second the
+    /// rounds send while the workload runs (None: as fast as they go). The last round,
+    /// frozen, is never held back.
+    pub bandwidth: Option<u64>,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            name: None,
+            cpu_flags: Vec::new(),
+            max_downtime: Duration::from_millis(50),
+            max_rounds: 30,
+            bandwidth: None,
+        }
+    }
+}
+
+/// One pre-copy round, as the source saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    /// 1, 2, ...
+    pub round: u32,
+    /// Copied while the workload was frozen (the last round).
+    pub frozen: bool,
+    pub pages: u64,
+    /// Bytes sent (pages frames).
+    pub bytes: u64,
+    pub us: u64,
+    /// Bytes per second this round was sent at.
+    pub rate: u64,
+    /// Bytes per second the workload wrote: what this round found written, over the time
+    /// since the round before began (none for the first round).
+    pub dirty_rate: Option<u64>,
+    /// The downtime of the memory copy if the workload were frozen after this round: what
+    /// it writes meanwhile, at the best rate seen (none for the first round).
+    pub expected_downtime_us: Option<u64>,
 }
 
 /// What a migration measured (microseconds; downtime as stasis sees it).
@@ -35,10 +80,22 @@ pub struct MigrateReport {
     pub kind: Kind,
     /// The workload's PID on the destination (its root's, or its VMM's).
     pub destination_pid: i32,
+    /// How memory was copied while the workload ran ("kvm-dirty-log"), or why it was not
+    /// ("none: ...": one stop-and-copy round).
+    pub precopy: String,
+    /// Why the rounds ended and the workload was frozen.
+    pub switchover: String,
+    /// The rounds, the last one frozen.
+    pub rounds: Vec<RoundReport>,
+    /// Bytes of pages sent in rounds.
+    pub page_bytes: u64,
+    /// Bytes of the image (its state, and its memory if that was not sent in rounds).
     pub image_bytes: u64,
     /// Frozen here until the destination said it runs.
     pub downtime_us: u64,
-    /// Writing the image into the connection.
+    /// Copying memory before the freeze, every round.
+    pub precopy_us: u64,
+    /// While frozen: the last round and the image into the connection.
     pub transfer_us: u64,
     /// From the end of the image until the destination held the workload.
     pub build_us: u64,
@@ -49,18 +106,41 @@ pub struct MigrateReport {
     pub checkpoint: Report,
 }
 
-/// Image bytes on their way into the connection, as image frames.
-struct ImageFrames<'a> {
+/// Everything the workload sends through the connection: pages frames (rounds) and
+/// image frames, hashed as sent.
+struct Wire<'a> {
     conn: &'a mut Box<dyn Conn>,
+    /// Image bytes gathered into the next frame.
     buf: Vec<u8>,
+    /// A pages frame's payload being made.
+    frame: Vec<u8>,
     hash: blake3::Hasher,
-    bytes: u64,
+    image_bytes: u64,
+    page_bytes: u64,
+    throttle: Option<Throttle>,
+}
+
+/// Holds sending down to a rate.
+struct Throttle {
+    bytes_per_s: u64,
+    since: Instant,
+    sent: u64,
+}
+
+impl Throttle {
+    fn after(&mut self, n: u64) {
+        self.sent += n;
+        let due = Duration::from_secs_f64(self.sent as f64 / self.bytes_per_s.max(1) as f64);
+        if let Some(wait) = due.checked_sub(self.since.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
 }
 
 /// Bytes gathered into one frame.
 const FRAME_BYTES: usize = 1 << 20;
 
-impl ImageFrames<'_> {
+impl Wire<'_> {
     fn send_buffered(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
             protocol::write_frame(self.conn, FRAME_IMAGE, &self.buf)?;
@@ -70,12 +150,12 @@ impl ImageFrames<'_> {
     }
 }
 
-impl Write for ImageFrames<'_> {
+impl Write for Wire<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = data.len().min(FRAME_BYTES - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         self.hash.update(&data[..n]);
-        self.bytes += n as u64;
+        self.image_bytes += n as u64;
         if self.buf.len() == FRAME_BYTES {
             self.send_buffered()?;
         }
@@ -88,11 +168,34 @@ impl Write for ImageFrames<'_> {
     }
 }
 
-impl ImageSink for ImageFrames<'_> {
+impl ImageSink for Wire<'_> {
     fn commit(&mut self) -> io::Result<()> {
         self.flush()
     }
 }
+
+impl PageSink for Wire<'_> {
+    fn pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()> {
+        self.send_buffered()?;
+        let most = (protocol::MAX_IMAGE_FRAME as usize - 8) / protocol::PAGE as usize
+            * protocol::PAGE as usize;
+        let mut at = addr;
+        for piece in data.chunks(most) {
+            protocol::pages_payload(at, piece, &mut self.frame);
+            self.hash.update(&self.frame);
+            protocol::write_frame(self.conn, FRAME_PAGES, &self.frame)?;
+            self.page_bytes += self.frame.len() as u64;
+            at += piece.len() as u64;
+            if let Some(t) = self.throttle.as_mut() {
+                t.after(self.frame.len() as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Told about each round as it ends.
+pub type OnRound<'a> = &'a dyn Fn(&RoundReport);
 
 /// Migrates `w` over `conn` (connected to a receiver, with TLS or without; its read
 /// timeout bounds each wait for an answer). See the module documentation.
@@ -101,6 +204,7 @@ pub fn migrate(
     mut conn: Box<dyn Conn>,
     opts: &MigrateOptions,
     progress: Progress<'_>,
+    on_round: OnRound<'_>,
 ) -> Result<MigrateReport, MigrateError> {
     let t0 = Instant::now();
     let workload = w.describe();
@@ -133,61 +237,25 @@ pub fn migrate(
         }
     }
 
-    w.freeze()?;
-    let t_frozen = Instant::now();
-    // Until the commit, any failure resumes the workload and tells the destination to
-    // drop what it holds.
-    let sent = (|| -> Result<(u64, Duration, Duration, i32), WorkloadError> {
-        let broke = |why: String| WorkloadError::Workflow {
-            workload: workload.clone(),
-            why,
-        };
-        let tt = Instant::now();
-        let mut frames = ImageFrames {
-            conn: &mut conn,
-            buf: Vec::with_capacity(FRAME_BYTES),
-            hash: blake3::Hasher::new(),
-            bytes: 0,
-        };
-        w.write_state(&mut frames, progress)?;
-        frames
-            .commit()
-            .map_err(|e| broke(format!("sending the image: {e}")))?;
-        let (bytes, hash) = (frames.bytes, frames.hash.finalize().to_hex().to_string());
-        protocol::send(
-            &mut conn,
-            &Message::ImageEnd {
-                bytes,
-                blake3: hash,
-            },
-        )
-        .map_err(|e| broke(format!("sending the end of the image: {e}")))?;
-        let transfer = tt.elapsed();
-        let tb = Instant::now();
-        let answer = protocol::recv_control(&mut conn, "held")
-            .map_err(|e| broke(format!("waiting for the destination to hold it: {e}")))?;
-        let pid = match answer {
-            Message::Held { pid } => pid,
-            Message::Failed { reason } => {
-                return Err(broke(format!("the destination failed: {reason}")))
-            }
-            m => {
-                return Err(broke(format!(
-                    "the destination answered {}",
-                    protocol::name_of(&m)
-                )))
-            }
-        };
-        Ok((bytes, transfer, tb.elapsed(), pid))
-    })();
-    let (image_bytes, transfer, build, destination_pid) = match sent {
-        Ok(v) => v,
-        Err(e) => {
-            let reason = e.to_string();
-            let _ = protocol::send(&mut conn, &Message::Abort { reason });
-            return Err(w.abandon(e).into());
-        }
-    };
+    // Until the commit, any failure resumes the workload (or stops tracking it) and tells
+    // the destination to drop what it holds.
+    let mut frozen_at = None;
+    let mut sent = Sent::default();
+    let result = send_workload(
+        w,
+        &mut conn,
+        opts,
+        progress,
+        on_round,
+        &mut frozen_at,
+        &mut sent,
+    );
+    if let Err(e) = result {
+        let reason = e.to_string();
+        let _ = protocol::send(&mut conn, &Message::Abort { reason });
+        return Err(w.abandon(e).into());
+    }
+    let t_frozen = frozen_at.unwrap_or(t0);
 
     // From here the destination may run it: this copy is never resumed.
     stasis_runtime::failpoints::hit("migrate-before-commit");
@@ -220,15 +288,246 @@ pub fn migrate(
     Ok(MigrateReport {
         workload,
         kind: w.kind(),
-        destination_pid,
-        image_bytes,
+        destination_pid: sent.pid,
+        precopy: sent.precopy,
+        switchover: sent.switchover,
+        rounds: sent.rounds,
+        page_bytes: sent.page_bytes,
+        image_bytes: sent.image_bytes,
         downtime_us: micros(t_frozen.elapsed()),
-        transfer_us: micros(transfer),
-        build_us: micros(build),
+        precopy_us: sent.precopy_us,
+        transfer_us: sent.transfer_us,
+        build_us: sent.build_us,
         resume_us: micros(resume),
         total_us: micros(t0.elapsed()),
         checkpoint: w.report(),
     })
+}
+
+/// What [`send_workload`] sent and measured.
+#[derive(Default)]
+struct Sent {
+    pid: i32,
+    precopy: String,
+    switchover: String,
+    rounds: Vec<RoundReport>,
+    page_bytes: u64,
+    image_bytes: u64,
+    precopy_us: u64,
+    transfer_us: u64,
+    build_us: u64,
+}
+
+/// Everything before the commit: the pre-copy rounds (where the workload's memory is
+/// tracked), the freeze (its instant in `frozen_at`), the last round and the state, then
+/// the destination's word that it holds the workload.
+fn send_workload(
+    w: &mut dyn Source,
+    conn: &mut Box<dyn Conn>,
+    opts: &MigrateOptions,
+    progress: Progress<'_>,
+    on_round: OnRound<'_>,
+    frozen_at: &mut Option<Instant>,
+    out: &mut Sent,
+) -> Result<(), WorkloadError> {
+    let workload = w.describe();
+    let broke = |why: String| WorkloadError::Workflow {
+        workload: workload.clone(),
+        why,
+    };
+    let tracked = match opts.max_rounds {
+        0 => {
+            out.precopy = "none: --max-rounds 0".into();
+            None
+        }
+        _ => match w.start_dirty_tracking() {
+            Ok(t) => {
+                out.precopy = "kvm-dirty-log".into();
+                Some(t)
+            }
+            Err(WorkloadError::Unsupported { why, .. }) => {
+                out.precopy = format!("none: {why}");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    if let Some(t) = tracked {
+        protocol::send(conn, &Message::Memory { bytes: t.extent })
+            .map_err(|e| broke(format!("announcing its memory: {e}")))?;
+    }
+    let mut wire = Wire {
+        conn,
+        buf: Vec::with_capacity(FRAME_BYTES),
+        frame: Vec::new(),
+        hash: blake3::Hasher::new(),
+        image_bytes: 0,
+        page_bytes: 0,
+        throttle: opts.bandwidth.map(|bytes_per_s| Throttle {
+            bytes_per_s,
+            since: Instant::now(),
+            sent: 0,
+        }),
+    };
+    let tp = Instant::now();
+    if let Some(t) = tracked {
+        progress(0, t.resident);
+        let mut rounds = Rounds::default();
+        loop {
+            let began = Instant::now();
+            let before = wire.page_bytes;
+            let r = w.copy_round(&mut wire)?;
+            let report = rounds.add(r, wire.page_bytes - before, began);
+            on_round(&report);
+            progress(wire.page_bytes, t.resident.max(wire.page_bytes));
+            if let Some(why) = rounds.switch_now(opts) {
+                out.switchover = why;
+                break;
+            }
+        }
+        out.rounds = rounds.done;
+        out.precopy_us = micros(tp.elapsed());
+    } else {
+        out.switchover = "no pre-copy: one stop-and-copy round".into();
+    }
+
+    w.freeze()?;
+    *frozen_at = Some(Instant::now());
+    let tt = Instant::now();
+    wire.throttle = None;
+    if tracked.is_some() {
+        let began = Instant::now();
+        let before = wire.page_bytes;
+        let r = w.copy_round(&mut wire)?;
+        let bytes = wire.page_bytes - before;
+        let last = RoundReport {
+            round: out.rounds.len() as u32 + 1,
+            frozen: true,
+            pages: r.pages,
+            bytes,
+            us: micros(began.elapsed()),
+            rate: per_second(bytes, began.elapsed()),
+            dirty_rate: None,
+            expected_downtime_us: None,
+        };
+        on_round(&last);
+        out.rounds.push(last);
+    }
+    w.write_state(&mut wire, progress)?;
+    wire.commit()
+        .map_err(|e| broke(format!("sending the image: {e}")))?;
+    let (image_bytes, page_bytes) = (wire.image_bytes, wire.page_bytes);
+    let blake3 = wire.hash.finalize().to_hex().to_string();
+    protocol::send(
+        conn,
+        &Message::ImageEnd {
+            bytes: image_bytes,
+            pages: page_bytes,
+            blake3,
+        },
+    )
+    .map_err(|e| broke(format!("sending the end of the image: {e}")))?;
+    out.transfer_us = micros(tt.elapsed());
+    out.image_bytes = image_bytes;
+    out.page_bytes = page_bytes;
+    let tb = Instant::now();
+    let answer = protocol::recv_control(conn, "held")
+        .map_err(|e| broke(format!("waiting for the destination to hold it: {e}")))?;
+    out.pid = match answer {
+        Message::Held { pid } => pid,
+        Message::Failed { reason } => {
+            return Err(broke(format!("the destination failed: {reason}")))
+        }
+        m => {
+            return Err(broke(format!(
+                "the destination answered {}",
+                protocol::name_of(&m)
+            )))
+        }
+    };
+    out.build_us = micros(tb.elapsed());
+    Ok(())
+}
+
+/// The rounds copied while the workload runs, and when to stop them.
+#[derive(Default)]
+struct Rounds {
+    done: Vec<RoundReport>,
+    /// When the round before the last began.
+    last_began: Option<Instant>,
+    /// The best send rate seen (rounds of at least a few MiB), bytes per second.
+    best_rate: u64,
+}
+
+/// A round shorter than this says little about the send rate.
+const RATE_SAMPLE: u64 = 4 << 20;
+/// The send rate assumed before a round has measured one (bytes per second).
+const RATE_GUESS: u64 = 256 << 20;
+
+impl Rounds {
+    /// Records a round of `r.pages` pages (`bytes` sent) that began at `began`.
+    fn add(&mut self, r: Round, bytes: u64, began: Instant) -> RoundReport {
+        let took = began.elapsed();
+        let rate = per_second(bytes, took);
+        if bytes >= RATE_SAMPLE {
+            self.best_rate = self.best_rate.max(rate);
+        }
+        let send_rate = match self.best_rate {
+            0 => RATE_GUESS,
+            b => b,
+        };
+        // What this round found written was written since the round before began.
+        let dirty_rate = self
+            .last_began
+            .map(|prev| per_second(bytes, began.duration_since(prev)));
+        // Frozen now, the last round copies what is written during about one round.
+        let expected_downtime_us = dirty_rate.map(|d| {
+            let bytes_then = d as f64 * took.as_secs_f64();
+            (bytes_then / send_rate as f64 * 1e6) as u64
+        });
+        self.last_began = Some(began);
+        let report = RoundReport {
+            round: self.done.len() as u32 + 1,
+            frozen: false,
+            pages: r.pages,
+            bytes,
+            us: micros(took),
+            rate,
+            dirty_rate,
+            expected_downtime_us,
+        };
+        self.done.push(report.clone());
+        report
+    }
+
+    /// Why to freeze now, or None for another round.
+    fn switch_now(&self, opts: &MigrateOptions) -> Option<String> {
+        let n = self.done.len();
+        let last = self.done.last()?;
+        let limit = micros(opts.max_downtime);
+        if let Some(e) = last.expected_downtime_us.filter(|&e| e <= limit) {
+            return Some(format!(
+                "expected downtime {:.1} ms is within {:.1} ms",
+                e as f64 / 1e3,
+                limit as f64 / 1e3
+            ));
+        }
+        if n >= opts.max_rounds as usize {
+            return Some(format!("{n} rounds (--max-rounds)"));
+        }
+        if n >= 3 && last.pages >= self.done[n - 2].pages {
+            return Some(format!(
+                "the pages written stopped shrinking ({} after {})",
+                last.pages,
+                self.done[n - 2].pages
+            ));
+        }
+        None
+    }
+}
+
+fn per_second(bytes: u64, d: Duration) -> u64 {
+    (bytes as f64 / d.as_secs_f64().max(1e-6)) as u64
 }
 
 fn micros(d: Duration) -> u64 {

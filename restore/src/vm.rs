@@ -328,6 +328,9 @@ pub struct VmRestoreOptions<'a> {
     /// Called once the VM is built and before its guest runs (detached only; see
     /// [`crate::Hold`]).
     pub hold: Option<&'a crate::Hold>,
+    /// Guest memory that came apart from the image (a migration's pre-copy rounds), as a
+    /// file of exactly its size: the VM runs on it, and the image must hold no memory.
+    pub memory_file: Option<Arc<File>>,
 }
 
 /// Verifies the image, then starts the VM from it.
@@ -371,9 +374,16 @@ pub fn restore_vm(
         RestoreError::Unsupported(format!("VM {name}: opening {}: {e}", path.display()))
     })?);
     let (fills, mapped, copied) = plan_fill(&image);
+    let adopt = match &opts.memory_file {
+        Some(f) => Some(precopied(&name, &image, f, vm.memory_size)?),
+        None => None,
+    };
     let check = (!opts.verify_first).then(|| deferred_check(image.clone(), &fills));
     let fill_image = image.clone();
     let fill = move |vm_name: &str, mem: &GuestMemory| -> Result<(), String> {
+        if let Some(f) = &adopt {
+            mem.adopt(vm_name, f).map_err(|e| e.to_string())?;
+        }
         for f in &fills {
             match *f {
                 Fill::Map {
@@ -440,6 +450,31 @@ pub fn restore_vm(
         stats.report = Some(vmm::run_foreground(state, &cfg, opts.quiet)?);
     }
     Ok(stats)
+}
+
+/// Memory received apart from `image`, checked to be usable as the VM's: the image holds
+/// none of its own and the file is exactly guest memory's size.
+fn precopied(
+    name: &str,
+    image: &Image,
+    file: &Arc<File>,
+    size: u64,
+) -> Result<Arc<File>, RestoreError> {
+    if image.chunks().iter().any(|c| c.data_pages > 0) {
+        return Err(invalid(format!(
+            "VM {name}: the image holds guest memory, and memory was received apart from it"
+        )));
+    }
+    let len = file
+        .metadata()
+        .map_err(|e| RestoreError::Unsupported(format!("VM {name}: received memory: {e}")))?
+        .len();
+    if len != size {
+        return Err(invalid(format!(
+            "VM {name}: {len} bytes of memory were received for {size} bytes of guest memory"
+        )));
+    }
+    Ok(file.clone())
 }
 
 /// The hash check of every chunk the fill maps rather than reads, on every core but one

@@ -45,6 +45,9 @@ pub struct BuildOptions<'a> {
     pub vm_verify_first: bool,
     /// When the restore began (opening the image included).
     pub started: std::time::Instant,
+    /// Memory received apart from the image, in rounds (a migration's pre-copy): a VM's
+    /// guest memory, a file of its size, which the VM then runs on.
+    pub memory: Option<Arc<std::fs::File>>,
 }
 
 /// A workload built and running.
@@ -93,6 +96,13 @@ pub fn build(
     on_held: Option<OnHeld>,
 ) -> Result<Restored, WorkloadError> {
     let BuildOptions { name, mut tree, .. } = opts;
+    if opts.memory.is_some() && kind_of(&image) != Kind::Vm {
+        return Err(WorkloadError::Unsupported {
+            workload: describe(&image, None),
+            verb: Verb::Build,
+            why: "only a VM takes memory received apart from its image".into(),
+        });
+    }
     tree.hold = on_held.map(|decide| {
         Hold(Arc::new(move |held: &Held| match decide(held) {
             Go::Resume => Ok(()),
@@ -121,6 +131,7 @@ pub fn build(
                 quiet: opts.vm_quiet,
                 verify_first: opts.vm_verify_first,
                 started: opts.started,
+                memory_file: opts.memory.clone(),
             };
             let stats = stasis_restore::vm::restore_vm(image, path, state, &vm)?;
             Ok(Restored::Vm(stats))

@@ -21,6 +21,7 @@ pub use sources::{TreeSource, VmSource};
 pub use stasis_checkpoint::vm::Round;
 
 use serde::{Deserialize, Serialize};
+pub use stasis_checkpoint::PageSink;
 use stasis_checkpoint::{CheckpointError, ImageSink, Progress};
 use stasis_runtime::container::StateDir;
 use std::fmt;
@@ -106,6 +107,15 @@ pub enum WorkloadError {
     },
 }
 
+/// What dirty tracking covers.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Tracked {
+    /// How far the addresses rounds copy reach (a VM's guest memory size), bytes.
+    pub extent: u64,
+    /// The memory the first round copies, bytes.
+    pub resident: u64,
+}
+
 /// What a workflow measured, by kind of workload.
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
@@ -126,11 +136,13 @@ pub trait Source {
     fn freeze(&mut self) -> Result<(), WorkloadError>;
 
     /// From now on, memory it writes is tracked (it runs meanwhile).
-    fn start_dirty_tracking(&mut self) -> Result<(), WorkloadError>;
+    fn start_dirty_tracking(&mut self) -> Result<Tracked, WorkloadError>;
 
-    /// Copies the memory changed since the last round (all of it, the first time) while it
-    /// runs, into the source's staging memory.
-    fn copy_round(&mut self) -> Result<Round, WorkloadError>;
+    /// Copies the memory changed since the last round (all of it, the first time) into `to`
+    /// while it runs. Frozen after rounds, the last round: what changed since the one before
+    /// the freeze. A workload whose memory went out in rounds writes its state without it
+    /// ([`Source::write_state`]), and is built on the other side from both.
+    fn copy_round(&mut self, to: &mut dyn PageSink) -> Result<Round, WorkloadError>;
 
     /// Whether, frozen, its whole state is held by stasis, so it may be resumed before its
     /// state is written.

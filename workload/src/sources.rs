@@ -1,15 +1,22 @@
 //! The three kinds of [`Source`]: each wraps the checkpoint crate's session of its kind and
 //! keeps track of where in its life the workload is.
 
-use crate::{Kind, Report, Round, Source, Verb, WorkloadError};
+use crate::{Kind, Report, Round, Source, Tracked, Verb, WorkloadError};
 use stasis_checkpoint::container::ContainerSession;
 use stasis_checkpoint::vm::{VmCheckpointOptions, VmSession, VmStats};
-use stasis_checkpoint::{CheckpointError, ImageSink, Options, Progress, Stats, TreeSession};
+use stasis_checkpoint::{
+    CheckpointError, ImageSink, Options, PageSink, Progress, Stats, TreeSession,
+};
 use stasis_runtime::container::StateDir;
 
 /// Why a process tree or a container cannot be tracked yet.
 const NO_PROCESS_TRACKING: &str =
     "dirty tracking of processes (userfaultfd write-protect) is not implemented yet";
+
+/// Why a VM's state waits (its memory went out in rounds).
+const LAST_ROUND_FIRST: &str = "its last round of memory is sent before its state";
+/// Why a paused VM copies no more rounds.
+const LAST_ROUND_SENT: &str = "its last round of memory was sent already";
 
 /// Why a workload is not discarded.
 const NO_COPY: &str = "no copy of it exists yet (its image is not committed)";
@@ -177,7 +184,7 @@ impl Source for TreeSource {
         Ok(())
     }
 
-    fn start_dirty_tracking(&mut self) -> Result<(), WorkloadError> {
+    fn start_dirty_tracking(&mut self) -> Result<Tracked, WorkloadError> {
         Err(unsupported(
             self,
             Verb::StartDirtyTracking,
@@ -185,7 +192,7 @@ impl Source for TreeSource {
         ))
     }
 
-    fn copy_round(&mut self) -> Result<Round, WorkloadError> {
+    fn copy_round(&mut self, _to: &mut dyn PageSink) -> Result<Round, WorkloadError> {
         Err(unsupported(self, Verb::CopyRound, NO_PROCESS_TRACKING))
     }
 
@@ -299,13 +306,19 @@ impl Source for VmSource {
         Ok(self.session.freeze()?)
     }
 
-    fn start_dirty_tracking(&mut self) -> Result<(), WorkloadError> {
-        self.session.start_dirty_tracking()?;
-        Ok(())
+    fn start_dirty_tracking(&mut self) -> Result<Tracked, WorkloadError> {
+        let resident = self.session.start_dirty_tracking()?;
+        Ok(Tracked {
+            extent: self.session.stats().memory,
+            resident,
+        })
     }
 
-    fn copy_round(&mut self) -> Result<Round, WorkloadError> {
-        Ok(self.session.copy_round()?)
+    fn copy_round(&mut self, to: &mut dyn PageSink) -> Result<Round, WorkloadError> {
+        if self.session.last_round_pending() == Some(false) {
+            return Err(out_of_order(self, Verb::CopyRound, LAST_ROUND_SENT));
+        }
+        Ok(self.session.copy_round(to)?)
     }
 
     fn captured(&self) -> bool {
@@ -317,6 +330,9 @@ impl Source for VmSource {
         sink: &mut dyn ImageSink,
         _progress: Progress<'_>,
     ) -> Result<(), WorkloadError> {
+        if self.session.last_round_pending() == Some(true) {
+            return Err(out_of_order(self, Verb::WriteState, LAST_ROUND_FIRST));
+        }
         self.session.write(sink)?;
         Ok(())
     }
@@ -344,7 +360,8 @@ impl Source for VmSource {
     }
 
     fn abandon(&mut self, cause: WorkloadError) -> WorkloadError {
-        // Resumed if paused (a VM already running again is left so).
+        // Tracking off, and resumed if paused (a VM already running again is left so).
+        self.session.stop_tracking();
         let _ = self.session.resume();
         cause
     }

@@ -18,37 +18,37 @@ unsafe impl Send for GuestMemory {}
 // SAFETY: as above: shared access only copies bytes in or out of the mapping.
 unsafe impl Sync for GuestMemory {}
 
+/// A fresh memfd of `size` zero bytes (a positive multiple of 2 MiB), named as guest memory
+/// is: the memory of a new VM, or one a migration receives before its VM is built (see
+/// [`GuestMemory::adopt`]).
+pub fn memory_file(vm: &str, size: u64) -> Result<std::fs::File, KvmError> {
+    if size == 0 || !size.is_multiple_of(2 << 20) {
+        return Err(KvmError::invalid(
+            vm,
+            format!("memory size {size} is not a positive multiple of 2 MiB"),
+        ));
+    }
+    let name = c"stasis-guest-ram";
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(KvmError::sys(
+            vm,
+            "memfd_create",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: memfd_create just returned this fd and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(raw) };
+    file.set_len(size)
+        .map_err(|e| KvmError::sys(vm, format!("ftruncate of guest memory to {size} bytes"), e))?;
+    Ok(file)
+}
+
 impl GuestMemory {
     /// Zeroed memory of `size` bytes (a multiple of 2 MiB) in a fresh memfd.
     pub fn new(vm: &str, size: u64) -> Result<Self, KvmError> {
-        if size == 0 || !size.is_multiple_of(2 << 20) {
-            return Err(KvmError::invalid(
-                vm,
-                format!("memory size {size} is not a positive multiple of 2 MiB"),
-            ));
-        }
-        let name = c"stasis-guest-ram";
-        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(KvmError::sys(
-                vm,
-                "memfd_create",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: memfd_create just returned this fd and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let len = libc::off_t::try_from(size)
-            .map_err(|_| KvmError::invalid(vm, format!("memory size {size} is too large")))?;
-        // SAFETY: ftruncate on a memfd we own; no pointers.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
-            return Err(KvmError::sys(
-                vm,
-                format!("ftruncate of guest memory to {size} bytes"),
-                std::io::Error::last_os_error(),
-            ));
-        }
+        let fd = OwnedFd::from(memory_file(vm, size)?);
         let maplen = usize::try_from(size)
             .map_err(|_| KvmError::invalid(vm, format!("memory size {size} is too large")))?;
         // SAFETY: a new shared mapping of the whole memfd at an address the kernel picks; the
@@ -137,6 +137,49 @@ impl GuestMemory {
             return Err(KvmError::sys(
                 vm,
                 format!("mmap of {len} bytes of the image at {offset} over guest {gpa:#x}"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes `file` (exactly the size of guest memory) the guest's memory: mapped shared
+    /// over the whole of it, so the guest runs on the file's pages without a copy and
+    /// writes into them (memory a migration received page by page, in a memfd). Before any
+    /// vCPU runs.
+    pub fn adopt(&self, vm: &str, file: &std::fs::File) -> Result<(), KvmError> {
+        let len = file
+            .metadata()
+            .map_err(|e| KvmError::sys(vm, "fstat of the memory to adopt", e))?
+            .len();
+        if len != self.size {
+            return Err(KvmError::invalid(
+                vm,
+                format!(
+                    "the memory to adopt is {len} bytes; guest memory is {} bytes",
+                    self.size
+                ),
+            ));
+        }
+        let n = usize::try_from(len)
+            .map_err(|_| KvmError::invalid(vm, format!("memory size {len} is too large")))?;
+        // SAFETY: MAP_FIXED replaces exactly this GuestMemory's own mapping (same address
+        // and length), which only this value owns; the file is at least that long (checked
+        // above). The result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                self.addr.cast(),
+                n,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(KvmError::sys(
+                vm,
+                format!("mmap of {len} bytes of received guest memory"),
                 std::io::Error::last_os_error(),
             ));
         }
