@@ -70,6 +70,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
                 // Nothing was frozen: refused, or the receiver could not be reached.
                 MigrateError::Refused { .. } | MigrateError::Failed { .. } => return REFUSED,
                 MigrateError::Unsettled { .. } => return UNSETTLED,
+                MigrateError::Interrupted { signal, .. } => return 128 + signal,
                 MigrateError::Workload(w) => return workload_code(w),
                 _ => return FAILED,
             }

@@ -587,6 +587,67 @@ fn pre_copy_rounds_keep_to_the_bandwidth_and_round_limits() {
     wait_images_gone(&rx);
 }
 
+/// Ctrl-C on the source during the pre-copy rounds: the migration is abandoned, naming the
+/// signal; the VM runs on here with its dirty tracking off, and the destination keeps
+/// nothing.
+#[test]
+fn ctrl_c_on_the_source_during_pre_copy_leaves_the_vm_running_and_nothing_there() {
+    const TEST: &str =
+        "ctrl_c_on_the_source_during_pre_copy_leaves_the_vm_running_and_nothing_there";
+    if !have_kvm(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-vm-sigint");
+    let _vmms = Vmms(&hosts);
+    let rx = Receiver::start(&hosts.b, None);
+    start_vm_with(&hosts.a, "int", &["--memory", "64m", "--vcpus", "2"]);
+    // Held down to 8 MiB/s, the first round takes seconds.
+    let args = [
+        "migrate",
+        "int",
+        "--to",
+        &rx.url,
+        "--insecure",
+        "--bandwidth",
+        "8M",
+    ];
+    let child = hosts
+        .a
+        .stasis(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stasis migrate");
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: kill(2) on the child this test spawned (nsenter exec'd stasis in place).
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = Instant::now();
+    let out = child.wait_with_output().expect("wait for stasis migrate");
+    let err = stderr(&out);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the interrupted migration took {:?} to end",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(128 + libc::SIGINT), "{err}");
+    assert!(err.contains("interrupted by signal 2"), "{err}");
+    let row = vm_row(&hosts.a, "int").expect("the source's VM");
+    assert_eq!(row["state"], "running", "{row}");
+    let c = vm_progress(&hosts.a, "int", 0);
+    vm_progress(&hosts.a, "int", c);
+    assert!(vm_row(&hosts.b, "int").is_none(), "the destination kept it");
+    wait_images_gone(&rx);
+    // Its dirty log is off again: a checkpoint that tracks it can start.
+    let img = hosts.a.state.join("int.img");
+    let img = img.to_str().expect("utf8");
+    json_on(
+        &hosts.a,
+        &["checkpoint", "int", "-o", img, "--leave-running"],
+    );
+    let rep = json_on(&hosts.a, &["vm", "stop", "int"]);
+    assert_eq!(rep["errors"], 0, "{rep}");
+}
+
 /// Waits (bounded) until the receiver's incoming directory is empty.
 fn wait_images_gone(rx: &Receiver) {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -36,6 +36,13 @@ pub enum MigrateError {
     /// Failed before anything was frozen (e.g. the receiver could not be reached).
     #[error("{workload}: {cause}; nothing was changed")]
     Failed { workload: String, cause: String },
+    /// A termination signal (Ctrl-C) stopped it before the commit: it runs on here as it
+    /// was, and the destination discards what it had.
+    #[error(
+        "{workload}: interrupted by signal {signal} before the commit; it runs on here as it \
+         was, and the destination discards its copy"
+    )]
+    Interrupted { workload: String, signal: i32 },
     /// A verb of the workload failed; before the commit it runs on here as it was.
     #[error(transparent)]
     Workload(#[from] WorkloadError),

@@ -17,6 +17,9 @@ use crate::tls::Conn;
 use crate::MigrateError;
 use serde::Serialize;
 use stasis_checkpoint::{ImageSink, PageSink, Progress};
+use stasis_runtime::sys::{
+    take_termination_signal, termination_pending, TerminationSignalsBlocked,
+};
 use stasis_workload::{Kind, Report, Round, Source, WorkloadError};
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
@@ -140,8 +143,28 @@ impl Throttle {
 /// Bytes gathered into one frame.
 const FRAME_BYTES: usize = 1 << 20;
 
+/// A termination signal waiting (see [`migrate`]) as the error that ends a send.
+fn check_signals() -> io::Result<()> {
+    match termination_pending() {
+        Some(sig) => Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            format!("interrupted by signal {sig}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A termination signal that stops the migration before the commit.
+fn interrupted(workload: &str, signal: i32) -> WorkloadError {
+    WorkloadError::Workflow {
+        workload: workload.to_string(),
+        why: format!("interrupted by signal {signal}"),
+    }
+}
+
 impl Wire<'_> {
     fn send_buffered(&mut self) -> io::Result<()> {
+        check_signals()?;
         if !self.buf.is_empty() {
             protocol::write_frame(self.conn, FRAME_IMAGE, &self.buf)?;
             self.buf.clear();
@@ -177,6 +200,7 @@ impl ImageSink for Wire<'_> {
 impl PageSink for Wire<'_> {
     fn pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()> {
         self.send_buffered()?;
+        check_signals()?;
         let most = (protocol::MAX_IMAGE_FRAME as usize - 8) / protocol::PAGE as usize
             * protocol::PAGE as usize;
         let mut at = addr;
@@ -199,7 +223,30 @@ pub type OnRound<'a> = &'a dyn Fn(&RoundReport);
 
 /// Migrates `w` over `conn` (connected to a receiver, with TLS or without; its read
 /// timeout bounds each wait for an answer). See the module documentation.
+///
+/// Termination signals (Ctrl-C) are held back meanwhile and acted on between steps: one
+/// that comes before the commit abandons the migration (the workload runs on here, the
+/// destination discards its copy, [`MigrateError::Interrupted`]); after the commit the
+/// migration ends as it would have, never with a workload half settled.
 pub fn migrate(
+    w: &mut dyn Source,
+    conn: Box<dyn Conn>,
+    opts: &MigrateOptions,
+    progress: Progress<'_>,
+    on_round: OnRound<'_>,
+) -> Result<MigrateReport, MigrateError> {
+    let blocked = TerminationSignalsBlocked::new().map_err(|e| MigrateError::Failed {
+        workload: w.describe(),
+        cause: format!("holding back termination signals: {e}"),
+    })?;
+    let r = migrate_held(w, conn, opts, progress, on_round);
+    // One that came after the commit changes nothing: the outcome stands.
+    let _ = take_termination_signal();
+    drop(blocked);
+    r
+}
+
+fn migrate_held(
     w: &mut dyn Source,
     mut conn: Box<dyn Conn>,
     opts: &MigrateOptions,
@@ -249,11 +296,19 @@ pub fn migrate(
         on_round,
         &mut frozen_at,
         &mut sent,
-    );
+    )
+    .and_then(|()| match termination_pending() {
+        Some(signal) => Err(interrupted(&workload, signal)),
+        None => Ok(()),
+    });
     if let Err(e) = result {
         let reason = e.to_string();
         let _ = protocol::send(&mut conn, &Message::Abort { reason });
-        return Err(w.abandon(e).into());
+        let abandoned = w.abandon(e);
+        return Err(match take_termination_signal() {
+            Some(signal) => MigrateError::Interrupted { workload, signal },
+            None => abandoned.into(),
+        });
     }
     let t_frozen = frozen_at.unwrap_or(t0);
 
