@@ -164,16 +164,21 @@ fn run_migrate(
     cmd.output().expect("stasis migrate")
 }
 
-/// Processes running `wl-pidns` that are not in `tree` (what a destination left behind).
+/// Copies of `tree` that are not `tree` (what a destination left behind): processes with
+/// its command line (which carries its test's own tag, so the trees that other tests move
+/// meanwhile do not count) outside it.
 fn other_wl_pidns(tree: &NsTree) -> Vec<i32> {
     let ours: Vec<i32> = common::descendants(tree.unshare.id() as i32);
-    let exe = common::workload("wl-pidns");
+    let cmdline = |p: i32| std::fs::read(format!("/proc/{p}/cmdline")).ok();
+    let Some(its) = cmdline(tree.root).filter(|c| !c.is_empty()) else {
+        panic!("the tree's root {} has no command line", tree.root)
+    };
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|x| x == exe))
+        .filter(|&p| cmdline(p).as_ref() == Some(&its))
         .filter(|p| alive(*p) && !ours.contains(p))
         .collect()
 }
