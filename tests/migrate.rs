@@ -268,6 +268,47 @@ fn a_receiver_killed_while_holding_it_leaves_the_source_running_and_nothing_behi
     wait_destination_empty(&rx, &tree);
 }
 
+/// A destination that stalls (it holds the tree but says nothing for longer than the
+/// source waits): the source gives up at its --timeout and runs on; the destination,
+/// finding the source gone once it wakes, discards its copy.
+#[test]
+fn a_stalled_destination_is_given_up_on_and_the_source_runs_on() {
+    const TEST: &str = "a_stalled_destination_is_given_up_on_and_the_source_runs_on";
+    if !common::failpoints_built(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-stall");
+    let rx = Receiver::start(&hosts.b, Some("receive-held=sleep(4000)"));
+    let mut tree = start_tree("stall");
+    let started = Instant::now();
+    let root = tree.root.to_string();
+    let out = run_migrate(
+        &hosts.a,
+        &root,
+        &rx.url,
+        &["--insecure", "--timeout", "1"],
+        None,
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("waiting for the destination to hold it"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the source waited {:?} for a stalled destination",
+        started.elapsed()
+    );
+    assert!(
+        common::running_untraced(tree.root),
+        "the source was not resumed"
+    );
+    verify(&mut tree.pipes, "after the destination stalled");
+    rx.wait_log("discarded before it ran");
+    wait_destination_empty(&rx, &tree);
+}
+
 #[test]
 fn a_source_killed_before_the_commit_runs_on_and_the_destination_discards_its_copy() {
     const TEST: &str =
