@@ -586,6 +586,46 @@ fn a_vm_moves_to_the_other_host_and_its_guest_carries_on_without_an_error() {
     wait_images_gone(&back);
 }
 
+/// A guest that writes slowly leaves most of the memory it received untouched, so its VMM
+/// has not mapped those pages (until its next report reads them all): moved on again at
+/// once, every page must still go (the pages are found in its memory file, not in what the
+/// VMM has mapped), and its model checks every page.
+#[test]
+fn a_vm_moved_twice_keeps_the_memory_it_never_touched_in_between() {
+    const TEST: &str = "a_vm_moved_twice_keeps_the_memory_it_never_touched_in_between";
+    if !have_kvm(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-vm-twice");
+    let _vmms = Vmms(&hosts);
+    let rx = Receiver::start(&hosts.b, None);
+    let back = Receiver::start(&hosts.a, None);
+    start_vm_with(
+        &hosts.a,
+        "slow",
+        &["--memory", "16m", "--step-delay", "200000"],
+    );
+    // Filled once (15 MiB of work pages), then written a page at a time.
+    let filled = (15 << 20) / 4096;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm_progress(&hosts.a, "slow", 0) < filled {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not fill its memory"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // On again at once: no report in between (the VMM reads every page for one).
+    for (from, rx) in [(&hosts.a, &rx), (&hosts.b, &back)] {
+        let out = run_migrate(from, "slow", &rx.url, &["--insecure", "--json"], None);
+        assert!(out.status.success(), "migrate: {}", stderr(&out));
+    }
+    let c = vm_progress(&hosts.a, "slow", 0);
+    vm_progress(&hosts.a, "slow", c);
+    let rep = json_on(&hosts.a, &["vm", "stop", "slow"]);
+    assert_eq!(rep["errors"], 0, "{rep}");
+}
+
 /// --bandwidth holds the rounds that run beside the workload down to its rate, and
 /// --max-rounds ends them even when the expected downtime (--max-downtime 0) is never met.
 #[test]

@@ -512,8 +512,9 @@ fn usize_of(name: &str, v: u64) -> Result<usize, CheckpointError> {
 }
 
 /// The pages of guest memory worth reading, as (guest-physical address, pages), ascending:
-/// of the memfd only pages that were ever touched (present or swapped: an untouched page of
-/// a memfd is zero); of image pages a restore mapped MAP_PRIVATE, all of them.
+/// of the memfd only pages that were ever written (an unwritten page of a memfd is zero);
+/// of image pages a restore mapped MAP_PRIVATE, all of them; of anonymous memory (their
+/// copies-on-write), the pages present or swapped.
 fn resident_ranges(
     name: &str,
     pid: i32,
@@ -535,8 +536,22 @@ fn resident_ranges(
         if lo >= hi {
             continue;
         }
-        let anonymous = m.inode == 0 || m.name.starts_with("/memfd:");
-        if !anonymous {
+        if m.name.starts_with("/memfd:") {
+            // Guest memory is a memfd: its pages ever written, mapped in the VMM or not
+            // (memory a migration received is written by the receiver, and the guest may
+            // not have touched it since).
+            let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            let at = |v: u64| m.offset + (v - m.start);
+            let written = std::fs::File::open(&path)
+                .and_then(|f| memory::data_extents(&f, at(lo), at(hi)))
+                .map_err(|e| vm_err(name, format!("the pages written in {path}: {e}")))?;
+            for (s, e) in written {
+                let s = s - s % PAGE_SIZE;
+                push(s - m.offset + m.start - host, (e - s).div_ceil(PAGE_SIZE));
+            }
+            continue;
+        }
+        if m.inode != 0 {
             push(lo - host, (hi - lo) / PAGE_SIZE);
             continue;
         }

@@ -273,6 +273,36 @@ pub fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|b| *b == 0) && tail.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0)
 }
 
+/// The extents ([start, end) offsets) of `file` between `from` and `to` that hold data
+/// (SEEK_DATA/SEEK_HOLE): on a memfd or tmpfs file, the pages ever written, resident or
+/// swapped, whether or not any process has them mapped.
+pub fn data_extents(file: &File, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |pos: u64, whence: i32| -> io::Result<Option<u64>> {
+        let pos = libc::off_t::try_from(pos).map_err(io::Error::other)?;
+        // SAFETY: lseek takes no pointers.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < to {
+        let Some(data) = seek(at, libc::SEEK_DATA)?.filter(|&d| d < to) else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(to).min(to);
+        out.push((data, hole));
+        at = hole;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
