@@ -19,8 +19,10 @@
 //! restores the same workload with that CRIU binary, and a second table shows CRIU's medians
 //! and stasis/CRIU ratios (see [`criu`]).
 //!
+//! With --migrate, only live migration between two network namespaces (see [`migrate`]).
+//!
 //! Usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads] [--no-tree]
-//! [--no-vms] [--criu /path/to/criu]
+//! [--no-vms] [--criu /path/to/criu] [--migrate]
 
 #[path = "stasis-bench/criu.rs"]
 mod criu;
@@ -28,6 +30,8 @@ mod criu;
 mod disk;
 #[path = "stasis-bench/floor.rs"]
 mod floor;
+#[path = "stasis-bench/migrate.rs"]
+mod migrate;
 #[path = "stasis-bench/vm.rs"]
 mod vm;
 
@@ -44,6 +48,7 @@ struct Args {
     tree: bool,
     vms: bool,
     criu: Option<PathBuf>,
+    migrate: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -55,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
         tree: true,
         vms: true,
         criu: None,
+        migrate: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -72,8 +78,10 @@ fn parse_args() -> Result<Args, String> {
             "--no-tree" => a.tree = false,
             "--no-vms" => a.vms = false,
             "--criu" => a.criu = Some(PathBuf::from(val()?)),
+            "--migrate" => a.migrate = true,
             "-h" | "--help" => {
                 println!("usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads] [--no-tree] [--no-vms] [--criu /path/to/criu]");
+                println!("       stasis-bench --migrate [--sizes 1024] [--runs 5] [--dir /dev/shm]: live migration only");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -511,6 +519,9 @@ fn main() {
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes no pointers. Detached restored processes
     // are reparented to us so we can reap them.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if args.migrate {
+        std::process::exit(if migrate::run(&args) { 0 } else { 1 });
+    }
     let img = args
         .dir
         .join(format!("stasis-bench-{}.img", std::process::id()));
