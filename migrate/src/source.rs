@@ -94,8 +94,10 @@ pub struct MigrateReport {
     pub page_bytes: u64,
     /// Bytes of the image (its state, and its memory if that was not sent in rounds).
     pub image_bytes: u64,
-    /// Frozen here until the destination said it runs.
+    /// Frozen here until the destination said it runs (as stasis sees it).
     pub downtime_us: u64,
+    /// Ending the copy here once the destination runs it (not downtime).
+    pub discard_us: u64,
     /// Copying memory before the freeze, every round.
     pub precopy_us: u64,
     /// While frozen: the last round and the image into the connection.
@@ -337,9 +339,12 @@ fn migrate_held(
             settle,
         });
     }
-    let resume = tr.elapsed();
+    // Down until the destination said it runs (the discard here is no longer downtime).
+    let (resume, downtime) = (tr.elapsed(), t_frozen.elapsed());
     w.committed(0);
+    let td = Instant::now();
     w.discard()?;
+    let discard = td.elapsed();
     Ok(MigrateReport {
         workload,
         kind: w.kind(),
@@ -349,7 +354,8 @@ fn migrate_held(
         rounds: sent.rounds,
         page_bytes: sent.page_bytes,
         image_bytes: sent.image_bytes,
-        downtime_us: micros(t_frozen.elapsed()),
+        downtime_us: micros(downtime),
+        discard_us: micros(discard),
         precopy_us: sent.precopy_us,
         transfer_us: sent.transfer_us,
         build_us: sent.build_us,

@@ -216,6 +216,10 @@ struct Samples {
     rounds: Vec<f64>,
     mib_sent: Vec<f64>,
     floor: Vec<f64>,
+    /// The parts of the downtime: pause and last round and state sent; built there; resumed.
+    transfer: Vec<f64>,
+    build: Vec<f64>,
+    resume: Vec<f64>,
 }
 
 /// Sends `bytes` from host A to a sink on host B over `t`; milliseconds from the connect
@@ -324,6 +328,9 @@ fn one_migration(h: &Hosts, from: char, t: &Transport, s: &mut Samples) -> Resul
     let r: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
     s.total.push(field(&r, "total_us") / 1000.0);
     s.downtime.push(field(&r, "downtime_us") / 1000.0);
+    s.transfer.push(field(&r, "transfer_us") / 1000.0);
+    s.build.push(field(&r, "build_us") / 1000.0);
+    s.resume.push(field(&r, "resume_us") / 1000.0);
     s.rounds
         .push(r["rounds"].as_array().map_or(0, Vec::len) as f64);
     let sent = field(&r, "page_bytes") + field(&r, "image_bytes");
@@ -404,21 +411,34 @@ pub fn run(args: &Args) -> bool {
             args.runs
         );
         println!(
-            "{:>8} {:>9} | {:>9} {:>6} {:>9} {:>7} | {:>9} {:>6}",
-            "memory", "transport", "total ms", "rounds", "MiB sent", "down ms", "floor ms", "x"
+            "{:>8} {:>9} | {:>9} {:>6} {:>9} {:>7} ({:>8} {:>6} {:>6}) | {:>9} {:>6}",
+            "memory",
+            "transport",
+            "total ms",
+            "rounds",
+            "MiB sent",
+            "down ms",
+            "transfer",
+            "build",
+            "resume",
+            "floor ms",
+            "x"
         );
         for &mib in &args.sizes {
             for t in &transports {
                 let mut s = one_size(&h, mib, t, args.runs)?;
                 let (total, fl) = (median(&mut s.total), median(&mut s.floor));
                 println!(
-                    "{:>4} MiB {:>9} | {:>9.1} {:>6.1} {:>9.1} {:>7.1} | {:>9.1} {:>6.2}",
+                    "{:>4} MiB {:>9} | {:>9.1} {:>6.1} {:>9.1} {:>7.1} ({:>8.1} {:>6.1} {:>6.1}) | {:>9.1} {:>6.2}",
                     mib,
                     t.name,
                     total,
                     median(&mut s.rounds),
                     median(&mut s.mib_sent),
                     median(&mut s.downtime),
+                    median(&mut s.transfer),
+                    median(&mut s.build),
+                    median(&mut s.resume),
                     fl,
                     total / fl
                 );
