@@ -47,9 +47,10 @@ pub struct MigrateArgs {
     #[arg(long, default_value_t = 60)]
     timeout: u64,
     /// The destination sees this host's files at the same paths (shared storage): a
-    /// container's own root file system is used there as it is, not copied. Without it a
-    /// container with a root file system of its own is refused (copying it is not there
-    /// yet). Process trees always expect the files they use at the same paths.
+    /// container's own root file system is used there as it is, not copied. Without it the
+    /// root file system goes along: whole while the container runs, then, frozen, what
+    /// changed since, into the destination's STATE/rootfs/NAME. Process trees always expect
+    /// the files they use at the same paths.
     #[arg(long)]
     shared_storage: bool,
     #[command(flatten)]
@@ -175,19 +176,14 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
             Some(a.name.clone().unwrap_or(a.target.clone()))
         }
     };
-    if w.kind() == stasis_workload::Kind::Container && !a.shared_storage {
-        let rec = stasis_runtime::container::running(state, &a.target)
-            .with_context(|| format!("container {}", a.target))?;
-        if let Some(root) = rec.rootfs {
-            return Err(exit::refused(format!(
-                "container {} has its own root file system ({}); copying it to the destination \
-                 is not implemented yet: if the destination sees it at the same path, say so \
-                 with --shared-storage; nothing was changed",
-                a.target,
-                root.display()
-            )));
+    let rootfs = match w.kind() {
+        stasis_workload::Kind::Container if !a.shared_storage => {
+            stasis_runtime::container::running(state, &a.target)
+                .with_context(|| format!("container {}", a.target))?
+                .rootfs
         }
-    }
+        _ => None,
+    };
     let conn = connect(addr, Duration::from_secs(a.timeout), tls.as_ref())?;
     let cpu_flags = stasis_runtime::procfs::cpu_flags("/proc/cpuinfo")?;
     let bandwidth = a
@@ -210,6 +206,7 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
         max_downtime: Duration::from_millis(a.max_downtime),
         max_rounds: a.max_rounds,
         bandwidth,
+        rootfs,
     };
     let bar = report::progress_bar(a.json, "migrate");
     let progress = report::follow(&bar);

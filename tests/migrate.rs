@@ -912,6 +912,140 @@ fn run_idle_container(host: &Host, name: &str, extra: &[&str]) {
     assert!(out.status.success(), "run {name}: {}", stderr(&out));
 }
 
+/// The busybox root file system (scripts/mkrootfs) in a directory `name` beside `host`'s
+/// state; None (the caller's part is skipped, saying why) where it cannot be built.
+fn build_rootfs(host: &Host, name: &str) -> Option<PathBuf> {
+    let root = host.state.join("..").join(format!("{name}-{}", host.ip));
+    let built = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mkrootfs"))
+        .arg(&root)
+        .output()
+        .expect("scripts/mkrootfs");
+    if !built.status.success() {
+        common::skip("the root file system part", &stderr(&built));
+        return None;
+    }
+    Some(root.canonicalize().expect("the root file system's path"))
+}
+
+/// A container with a root file system of its own, on hosts that share no storage: its
+/// files go along, whole while it runs, then what it changed until the freeze (files made,
+/// rewritten and removed all the time by the container, which checks that its files agree
+/// with its memory at every step) into the destination's own directory.
+#[test]
+fn a_container_moves_with_its_root_file_system_copied() {
+    const TEST: &str = "a_container_moves_with_its_root_file_system_copied";
+    if !common::failpoints_built(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-rootfs");
+    let _rm = Containers(&hosts, &["copied", "copied2"]);
+    let rx = Receiver::start(&hosts.b, None);
+    let Some(root) = build_rootfs(&hosts.a, "rootfs") else {
+        return;
+    };
+    let root_s = root.display().to_string();
+    // Memory (j) and files (/data) must agree at every step, across the move.
+    let script = "mkdir -p /data; j=0; echo 0 > /data/count; touch /data/f0; \
+                  while :; do \
+                    [ \"$(cat /data/count)\" = \"$j\" ] || echo \"count $j\" >> /data/errors; \
+                    [ -e /data/f$j ] || echo \"f$j\" >> /data/errors; \
+                    j=$((j+1)); echo $j > /data/count; touch /data/f$j; rm /data/f$((j-1)); \
+                    sleep 0.02; \
+                  done";
+    let args = [
+        "run", "--name", "copied", "--detach", "--rootfs", &root_s, "--", "/bin/sh", "-c", script,
+    ];
+    let out = hosts.a.stasis(&args).output().expect("stasis run");
+    assert!(out.status.success(), "run: {}", stderr(&out));
+    let count = |r: &std::path::Path| {
+        std::fs::read_to_string(r.join("data/count"))
+            .ok()
+            .and_then(|c| c.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&root) < 5 {
+        assert!(Instant::now() < deadline, "the container does not count");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run_migrate(
+        &hosts.a,
+        "copied",
+        &rx.url,
+        // Another name: both copies share this machine's cgroup tree.
+        &["--insecure", "--json", "--name", "copied2"],
+        Some("migrate-rootfs-copied=sleep(500)"),
+    );
+    assert!(out.status.success(), "migrate: {}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    eprintln!("migrate: {r}");
+    let fs = &r["rootfs"];
+    assert!(fs["entries"].as_u64() > Some(50), "{r}");
+    assert!(fs["changed"].as_u64() >= Some(2), "{r}");
+    assert!(fs["removed"].as_u64() >= Some(1), "{r}");
+    assert_eq!(containers_on(&hosts.b), ["copied2"]);
+    assert!(containers_on(&hosts.a).is_empty());
+    // It runs on its own copy there, the files and its memory in step.
+    let copy = hosts.b.state.join("rootfs/copied2");
+    let at = count(&copy);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&copy) < at + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the moved container does not count on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let errors = std::fs::read_to_string(copy.join("data/errors")).unwrap_or_default();
+    assert!(errors.is_empty(), "its files and memory disagree: {errors}");
+    let stale = std::fs::read_to_string(root.join("data/count")).unwrap_or_default();
+    assert!(
+        count(&copy) > stale.trim().parse().unwrap_or(0),
+        "the source's files moved on"
+    );
+}
+
+/// A receiver killed while it holds a container whose root file system it received (moved
+/// to where the container would use it): the source runs on, and nothing of the copy is
+/// left there, files included.
+#[test]
+fn a_receiver_killed_holding_a_container_leaves_none_of_its_files() {
+    const TEST: &str = "a_receiver_killed_holding_a_container_leaves_none_of_its_files";
+    if !common::failpoints_built(TEST) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-rootfs-killed");
+    let _rm = Containers(&hosts, &["held", "held2"]);
+    let rx = Receiver::start(&hosts.b, Some("receive-held=return"));
+    let Some(root) = build_rootfs(&hosts.a, "rootfs") else {
+        return;
+    };
+    let root_s = root.display().to_string();
+    run_idle_container(&hosts.a, "held", &["--rootfs", &root_s]);
+    let out = run_migrate(
+        &hosts.a,
+        "held",
+        &rx.url,
+        &["--insecure", "--name", "held2"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        containers_on(&hosts.a),
+        ["held"],
+        "the source does not run on"
+    );
+    assert!(containers_on(&hosts.b).is_empty());
+    wait_images_gone(&rx);
+    let copy = hosts.b.state.join("rootfs/held2");
+    assert!(
+        !copy.exists(),
+        "its root file system was left at {}",
+        copy.display()
+    );
+}
+
 /// The names in `stasis ps` on `host`.
 fn containers_on(host: &Host) -> Vec<String> {
     json_on(host, &["ps"])
@@ -923,9 +1057,9 @@ fn containers_on(host: &Host) -> Vec<String> {
 }
 
 #[test]
-fn a_workload_is_refused_when_its_name_is_taken_or_its_root_fs_would_not_be_there() {
+fn a_workload_is_refused_when_its_name_is_taken_and_shared_storage_is_used_in_place() {
     const TEST: &str =
-        "a_workload_is_refused_when_its_name_is_taken_or_its_root_fs_would_not_be_there";
+        "a_workload_is_refused_when_its_name_is_taken_and_shared_storage_is_used_in_place";
     let hosts = TwoHosts::new("migrate-refusals");
     let _rm = Containers(&hosts, &["rooted", "rooted2"]);
     let _vmms = Vmms(&hosts);
@@ -943,27 +1077,12 @@ fn a_workload_is_refused_when_its_name_is_taken_or_its_root_fs_would_not_be_ther
         vm_progress(&hosts.a, "dup", c);
     }
 
-    // A root file system of its own is not copied yet: refused unless storage is shared.
-    let root = hosts.a.state.join("..").join("rootfs");
-    let built = std::process::Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mkrootfs"))
-        .arg(&root)
-        .output()
-        .expect("scripts/mkrootfs");
-    if !built.status.success() {
-        common::skip("the root file system part", &stderr(&built));
+    // A root file system of its own on shared storage is used where it is.
+    let Some(root) = build_rootfs(&hosts.a, "rootfs") else {
         return;
-    }
-    let root = root.canonicalize().expect("the root file system's path");
+    };
     let root_s = root.display().to_string();
     run_idle_container(&hosts.a, "rooted", &["--rootfs", &root_s]);
-    let out = run_migrate(&hosts.a, "rooted", &rx.url, &["--insecure"], None);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(4), "{err}");
-    assert!(
-        err.contains("--shared-storage") && err.contains(&root_s),
-        "{err}"
-    );
     assert!(containers_on(&hosts.a).contains(&"rooted".to_string()));
     let out = run_migrate(
         &hosts.a,

@@ -18,6 +18,7 @@
 pub mod listener;
 pub mod protocol;
 pub mod receiver;
+pub mod rootfs;
 pub mod source;
 pub mod tls;
 

@@ -19,7 +19,7 @@ pub const WORKER_FD: i32 = 3;
 pub struct Worker {
     pub program: std::path::PathBuf,
     pub args: Vec<String>,
-    /// Where workers store the image they receive (see [`crate::receiver::incoming_image`]:
+    /// Where workers store what they receive (see [`crate::receiver::remove_incoming`]:
     /// removed here once the worker is gone, however it ended).
     pub incoming: std::path::PathBuf,
 }
@@ -114,9 +114,9 @@ async fn run_worker(
     drop(fd);
     let pid = child.id();
     let status = child.wait().await;
-    // A worker that was killed left its image behind.
+    // A worker that was killed left what it received behind.
     if let Some(pid) = pid {
-        let _ = std::fs::remove_file(crate::receiver::incoming_image(&worker.incoming, pid));
+        crate::receiver::remove_incoming(&worker.incoming, pid);
     }
     status
 }

@@ -3,7 +3,8 @@
 //!
 //! # Frames
 //! Every frame is a 5-byte header, then its payload:
-//! - byte 0: the frame type, [`FRAME_CONTROL`], [`FRAME_IMAGE`] or [`FRAME_PAGES`];
+//! - byte 0: the frame type, [`FRAME_CONTROL`], [`FRAME_IMAGE`], [`FRAME_PAGES`] or
+//!   [`FRAME_FILES`];
 //! - bytes 1..5: the payload length, little-endian u32, at most [`MAX_CONTROL`] for a
 //!   control frame and [`MAX_IMAGE_FRAME`] for the others. A longer length, an unknown
 //!   type, or a connection that ends inside a frame is a protocol error: the peer is dropped.
@@ -15,7 +16,9 @@
 //! A pages frame carries pages of memory copied in a pre-copy round: a little-endian u64
 //! address (a VM's guest-physical address, page-aligned), then whole pages, all inside the
 //! memory announced by [`Message::Memory`]. A later frame for the same address replaces the
-//! earlier one's pages (they were written again).
+//! earlier one's pages (they were written again). A files frame carries the next bytes of
+//! a tar stream of a container's root file system (see [`crate::rootfs`]), which ends at
+//! [`Message::FilesEnd`].
 //!
 //! # Conversation
 //! ```text
@@ -23,9 +26,13 @@
 //! hello {protocol, version, workload,
 //!        cpu_flags}                    ->
 //!                                      <- ready | refused {reason}
+//! [files frames ..., removed {paths}...,
+//!  files-end                           ->  (its root file system, whole, while it runs)]
 //! [memory {bytes}                      ->  (guest memory made, zero)
 //!  pages frames ..., round after round ->  (written where the VM will run on them)]
 //! (freezes the workload)
+//! [files frames ..., removed ...,
+//!  files-end                           ->  (what changed in it since)]
 //! [pages frames of the last round      ->]
 //! image frames ...                     ->  (stored, bounded)
 //! image-end {bytes, pages, blake3}     ->  (checked, verified, built, held stopped)
@@ -40,8 +47,10 @@
 //! without `resumed` it keeps it stopped and says so (the operator settles it).
 //!
 //! The pre-copy rounds (bracketed) are for workloads whose memory is tracked while they
-//! run (VMs); the others go straight to the freeze. `image-end`'s blake3 covers the payload
-//! of every pages and image frame, in the order sent: what is built is exactly what was sent.
+//! run (VMs); the others go straight to the freeze. The files streams (bracketed) are for a
+//! container with a root file system of its own whose hosts share no storage (`hello` says
+//! `rootfs`). `image-end`'s blake3 covers the payload of every files, pages and image frame,
+//! in the order sent: what is built is exactly what was sent.
 
 use serde::{Deserialize, Serialize};
 use stasis_workload::Kind;
@@ -57,6 +66,8 @@ pub const FRAME_CONTROL: u8 = 1;
 pub const FRAME_IMAGE: u8 = 2;
 /// A frame carrying pages of a pre-copy round (an address, then whole pages).
 pub const FRAME_PAGES: u8 = 3;
+/// A frame carrying the next bytes of a tar stream of a container's root file system.
+pub const FRAME_FILES: u8 = 4;
 /// The page size pages frames are counted in.
 pub const PAGE: u64 = 4096;
 /// The largest control payload.
@@ -82,11 +93,19 @@ pub enum Message {
         /// /proc/cpuinfo lists them): a destination that lacks one refuses.
         #[serde(default)]
         cpu_flags: Vec<String>,
+        /// A container whose root file system comes along (files streams follow).
+        #[serde(default)]
+        rootfs: bool,
     },
     /// Destination: go on.
     Ready,
     /// Destination: will not take it (nothing was frozen yet).
     Refused { reason: String },
+    /// Source: these paths (relative to the root file system) are gone since the last
+    /// files stream; part of the stream that [`Message::FilesEnd`] ends.
+    Removed { paths: Vec<String> },
+    /// Source: a files stream (a tar stream, then the paths gone) is complete.
+    FilesEnd,
     /// Source: pre-copy rounds follow, in pages frames, of memory this many bytes long (a
     /// VM's guest memory, a multiple of the page size).
     Memory { bytes: u64 },
@@ -96,6 +115,9 @@ pub enum Message {
         bytes: u64,
         #[serde(default)]
         pages: u64,
+        /// Bytes of files frames.
+        #[serde(default)]
+        files: u64,
         blake3: String,
     },
     /// Destination: the workload is built, verified and held stopped (its PID there).
@@ -117,6 +139,7 @@ pub enum Frame {
     Image(Vec<u8>),
     /// A pages frame's payload (its address still in front; see [`pages_of`]).
     Pages(Vec<u8>),
+    Files(Vec<u8>),
 }
 
 /// The address and pages of a pages frame's payload (whole pages, at least one, at a
@@ -183,7 +206,7 @@ pub fn recv(r: &mut impl Read) -> Result<Frame, ProtocolError> {
     let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
     let max = match header[0] {
         FRAME_CONTROL => MAX_CONTROL,
-        FRAME_IMAGE | FRAME_PAGES => MAX_IMAGE_FRAME,
+        FRAME_IMAGE | FRAME_PAGES | FRAME_FILES => MAX_IMAGE_FRAME,
         t => return Err(ProtocolError::BadFrame(format!("unknown frame type {t}"))),
     };
     if len > max {
@@ -205,6 +228,7 @@ pub fn recv(r: &mut impl Read) -> Result<Frame, ProtocolError> {
                 .map_err(|e| ProtocolError::BadFrame(format!("a control message: {e}")))?,
         ),
         FRAME_PAGES => Frame::Pages(payload),
+        FRAME_FILES => Frame::Files(payload),
         _ => Frame::Image(payload),
     })
 }
@@ -219,6 +243,10 @@ pub fn recv_control(r: &mut impl Read, expected: &'static str) -> Result<Message
         }),
         Frame::Pages(_) => Err(ProtocolError::Unexpected {
             got: "pages".into(),
+            expected,
+        }),
+        Frame::Files(_) => Err(ProtocolError::Unexpected {
+            got: "files".into(),
             expected,
         }),
     }

@@ -78,7 +78,7 @@ pub fn receive_one(
         source,
     };
     let mut conn = conn;
-    let (spoken, kind, workload, name, cpu_flags) =
+    let (spoken, kind, workload, name, cpu_flags, rootfs) =
         match protocol::recv_control(&mut conn, "hello").map_err(protocol_err)? {
             Message::Hello {
                 protocol: p,
@@ -87,7 +87,8 @@ pub fn receive_one(
                 workload,
                 name,
                 cpu_flags,
-            } => ((p, version), kind, workload, name, cpu_flags),
+                rootfs,
+            } => ((p, version), kind, workload, name, cpu_flags, rootfs),
             m => {
                 return Err(protocol_err(protocol::ProtocolError::Unexpected {
                     got: protocol::name_of(&m),
@@ -102,7 +103,8 @@ pub fn receive_one(
     };
     let refused = other_protocol(spoken)
         .or_else(|| missing_cpu_flags(opts, &cpu_flags))
-        .or_else(|| refusal(opts, kind, name.as_deref()));
+        .or_else(|| refusal(opts, kind, name.as_deref()))
+        .or_else(|| rootfs_refusal(opts, kind, name.as_deref(), rootfs));
     if let Some(reason) = refused {
         let _ = protocol::send(
             &mut conn,
@@ -114,7 +116,19 @@ pub fn receive_one(
     }
     protocol::send(&mut conn, &Message::Ready).map_err(protocol_err)?;
 
-    let stream = match store(&mut conn, opts, kind) {
+    // A root file system that comes along is received into STATE/incoming/PID.rootfs,
+    // then moved to STATE/rootfs/NAME for the build.
+    let rootfs = match (rootfs, name.as_deref()) {
+        (true, Some(n)) => Some(rootfs_dir(&opts.state, n)),
+        _ => None,
+    };
+    let stored = store(&mut conn, opts, kind, rootfs.is_some()).and_then(|mut s| {
+        if let (Some(r), Some(at)) = (s.rootfs.as_mut(), rootfs) {
+            r.settle(at).map_err(Stored::Bad)?;
+        }
+        Ok(s)
+    });
+    let stream = match stored {
         Ok(v) => v,
         Err(Stored::Aborted(reason)) => return Err(fail(format!("the source aborted: {reason}"))),
         Err(Stored::Protocol(e)) => return Err(protocol_err(e)),
@@ -133,6 +147,7 @@ pub fn receive_one(
     let built = build(&shared, opts, &stream, kind, name.as_deref());
     let build_us = tb.elapsed().as_micros() as u64;
     let (image_bytes, page_bytes) = (stream.image_bytes, stream.page_bytes);
+    // A root file system is kept once the commit came (see `build`); removed otherwise.
     drop(stream);
     let mut conn = shared
         .lock()
@@ -212,6 +227,194 @@ fn refusal(opts: &ReceiveOptions, kind: Kind, name: Option<&str>) -> Option<Stri
     }
 }
 
+/// Where a container's root file system that comes along is kept: STATE/rootfs/NAME.
+pub fn rootfs_dir(state: &StateDir, name: &str) -> PathBuf {
+    state.root().join("rootfs").join(name)
+}
+
+/// A root file system that cannot be taken, as a refusal.
+fn rootfs_refusal(
+    opts: &ReceiveOptions,
+    kind: Kind,
+    name: Option<&str>,
+    rootfs: bool,
+) -> Option<String> {
+    match (rootfs, kind, name) {
+        (false, _, _) => None,
+        (true, Kind::Container, Some(n)) => {
+            let dir = rootfs_dir(&opts.state, n);
+            dir.exists()
+                .then(|| format!("a root file system for {n} exists here ({})", dir.display()))
+        }
+        (true, _, _) => Some(format!("a {kind} brings no root file system")),
+    }
+}
+
+/// The root file system that worker `pid` receives into, in `dir` (see [`incoming_dir`]).
+pub fn incoming_rootfs(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("{pid}.rootfs"))
+}
+
+/// While worker `pid` builds a container on a root file system it received, this file in
+/// `dir` names where it is: a listener whose worker was killed then removes it.
+pub fn incoming_rootfs_marker(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("{pid}.rootfs-at"))
+}
+
+/// Removes what killed worker `pid` received into `dir` (STATE/incoming: its image, its
+/// root file system, and one it had moved into STATE/rootfs for a build that never ran).
+pub fn remove_incoming(dir: &Path, pid: u32) {
+    let _ = std::fs::remove_file(incoming_image(dir, pid));
+    let _ = std::fs::remove_dir_all(incoming_rootfs(dir, pid));
+    let marker = incoming_rootfs_marker(dir, pid);
+    if let Ok(at) = std::fs::read_to_string(&marker) {
+        let at = PathBuf::from(at);
+        let rootfs = dir.parent().map(|state| state.join("rootfs"));
+        if at.parent().is_some_and(|p| Some(p) == rootfs.as_deref()) {
+            let _ = std::fs::remove_dir_all(at);
+        }
+        let _ = std::fs::remove_file(marker);
+    }
+}
+
+/// A root file system being received, removed when dropped unless kept.
+struct RootfsIncoming {
+    dir: PathBuf,
+    /// Once moved to where the container will use it: the marker that says so.
+    marker: Option<PathBuf>,
+    /// Set when the commit came: the container runs on it.
+    kept: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RootfsIncoming {
+    /// Moves it to `at` (where the build will use it), leaving a marker for the listener.
+    fn settle(&mut self, at: PathBuf) -> Result<(), String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let incoming = self.dir.parent().unwrap_or(Path::new("/"));
+        let marker = incoming_rootfs_marker(incoming, std::process::id());
+        std::fs::write(&marker, at.as_os_str().as_encoded_bytes())
+            .map_err(|e| format!("writing {}: {e}", marker.display()))?;
+        self.marker = Some(marker);
+        if let Some(parent) = at.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        std::fs::rename(&self.dir, &at)
+            .map_err(|e| format!("moving the root file system to {}: {e}", at.display()))?;
+        self.dir = at;
+        Ok(())
+    }
+
+    /// What the build calls once the commit came: the container will run on it, so the
+    /// listener must no longer remove it.
+    fn keeper(&self) -> impl Fn() + Send + Sync + 'static {
+        let (kept, marker) = (self.kept.clone(), self.marker.clone());
+        move || {
+            kept.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(m) = &marker {
+                let _ = std::fs::remove_file(m);
+            }
+        }
+    }
+}
+
+impl Drop for RootfsIncoming {
+    fn drop(&mut self) {
+        if !self.kept.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            if let Some(m) = self.marker.take() {
+                let _ = std::fs::remove_file(m);
+            }
+        }
+    }
+}
+
+/// The bytes of one files stream, frame after frame, up to its end; the paths it names
+/// as gone are gathered.
+struct FilesReader<'a> {
+    conn: &'a mut Box<dyn Conn>,
+    pending: Vec<u8>,
+    at: usize,
+    hash: &'a mut blake3::Hasher,
+    bytes: &'a mut u64,
+    /// The most bytes the stream may bring (with what came before).
+    limit: u64,
+    removed: Vec<String>,
+    done: bool,
+}
+
+impl std::io::Read for FilesReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::{Error, ErrorKind};
+        while self.at == self.pending.len() && !self.done {
+            match protocol::recv(self.conn).map_err(Error::other)? {
+                Frame::Files(data) => {
+                    *self.bytes += data.len() as u64;
+                    if *self.bytes > self.limit {
+                        return Err(Error::other(format!(
+                            "the workload is larger than this receiver takes ({} bytes)",
+                            self.limit
+                        )));
+                    }
+                    self.hash.update(&data);
+                    (self.pending, self.at) = (data, 0);
+                }
+                Frame::Control(Message::Removed { paths }) => self.removed.extend(paths),
+                Frame::Control(Message::FilesEnd) => self.done = true,
+                Frame::Control(Message::Abort { reason }) => {
+                    return Err(Error::new(
+                        ErrorKind::ConnectionAborted,
+                        format!("the source aborted: {reason}"),
+                    ))
+                }
+                _ => return Err(Error::other("a files stream broken by another frame")),
+            }
+        }
+        let n = out.len().min(self.pending.len() - self.at);
+        out[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Receives one files stream (its first frame `first`) into `dst`: unpacks it, then
+/// removes the paths it names as gone.
+fn receive_files(
+    conn: &mut Box<dyn Conn>,
+    first: Vec<u8>,
+    hash: &mut blake3::Hasher,
+    bytes: &mut u64,
+    limit: u64,
+    dst: &Path,
+) -> Result<(), Stored> {
+    *bytes += first.len() as u64;
+    hash.update(&first);
+    let mut r = FilesReader {
+        conn,
+        pending: first,
+        at: 0,
+        hash,
+        bytes,
+        limit,
+        removed: Vec::new(),
+        done: false,
+    };
+    let bad = |what: String| Stored::Bad(format!("the root file system: {what}"));
+    crate::rootfs::unpack(&mut r, dst).map_err(|e| match e.kind() {
+        std::io::ErrorKind::ConnectionAborted => Stored::Aborted(e.to_string()),
+        _ => bad(e.to_string()),
+    })?;
+    // The rest of the stream (the tar's padding, the paths gone, its end).
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| bad(e.to_string()))?;
+    for p in &r.removed {
+        crate::rootfs::remove(dst, p).map_err(|e| bad(format!("removing {p}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Why storing the image stopped.
 enum Stored {
     Aborted(String),
@@ -227,12 +430,19 @@ struct Stream {
     image_bytes: u64,
     page_bytes: u64,
     memory: Option<Arc<File>>,
+    /// A container's root file system, if one came along.
+    rootfs: Option<RootfsIncoming>,
 }
 
 /// Stores the pages frames of the pre-copy rounds (into the memory announced for them) and
 /// the image frames, up to `image-end`, and checks them against it. Memory and image
 /// together stay within `max_image_bytes`.
-fn store(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions, kind: Kind) -> Result<Stream, Stored> {
+fn store(
+    conn: &mut Box<dyn Conn>,
+    opts: &ReceiveOptions,
+    kind: Kind,
+    rootfs: bool,
+) -> Result<Stream, Stored> {
     use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
     // Images hold the workloads' memory: for root's eyes only.
     let dir = incoming_dir(&opts.state);
@@ -251,8 +461,9 @@ fn store(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions, kind: Kind) -> Result<
         .map_err(|e| Stored::Bad(format!("creating {}: {e}", path.display())))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut hash = blake3::Hasher::new();
-    let (mut bytes, mut page_bytes) = (0u64, 0u64);
+    let (mut bytes, mut page_bytes, mut file_bytes) = (0u64, 0u64, 0u64);
     let mut memory: Option<(File, u64)> = None;
+    let mut root: Option<RootfsIncoming> = None;
     let too_large = || {
         Stored::Bad(format!(
             "the workload is larger than this receiver takes ({} bytes)",
@@ -294,10 +505,40 @@ fn store(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions, kind: Kind) -> Result<
                 mem.write_all_at(data, addr)
                     .map_err(|e| Stored::Bad(format!("storing pages at {addr:#x}: {e}")))?;
             }
+            Frame::Files(first) => {
+                if !rootfs {
+                    return Err(Stored::Bad(
+                        "files sent without a root file system announced".into(),
+                    ));
+                }
+                if bytes > 0 {
+                    return Err(Stored::Bad("files sent after the image began".into()));
+                }
+                let r = match root.as_mut() {
+                    Some(r) => r,
+                    None => {
+                        let d = incoming_rootfs(&dir, std::process::id());
+                        std::fs::create_dir(&d)
+                            .map_err(|e| Stored::Bad(format!("creating {}: {e}", d.display())))?;
+                        root.insert(RootfsIncoming {
+                            dir: d,
+                            marker: None,
+                            kept: Arc::default(),
+                        })
+                    }
+                };
+                let memory_size = memory.as_ref().map_or(0, |m| m.1);
+                let limit = opts
+                    .max_image_bytes
+                    .saturating_sub(memory_size + page_bytes);
+                receive_files(conn, first, &mut hash, &mut file_bytes, limit, &r.dir)?;
+            }
             Frame::Image(data) => {
                 bytes += data.len() as u64;
                 let memory_size = memory.as_ref().map_or(0, |m| m.1);
-                if bytes.saturating_add(memory_size) > opts.max_image_bytes {
+                if bytes.saturating_add(memory_size).saturating_add(file_bytes)
+                    > opts.max_image_bytes
+                {
                     return Err(too_large());
                 }
                 hash.update(&data);
@@ -307,10 +548,12 @@ fn store(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions, kind: Kind) -> Result<
             Frame::Control(Message::ImageEnd {
                 bytes: said,
                 pages,
+                files,
                 blake3,
             }) => {
                 if said != bytes
                     || pages != page_bytes
+                    || files != file_bytes
                     || blake3 != hash.finalize().to_hex().as_str()
                 {
                     return Err(Stored::Bad(format!(
@@ -324,6 +567,7 @@ fn store(conn: &mut Box<dyn Conn>, opts: &ReceiveOptions, kind: Kind) -> Result<
                     image_bytes: bytes,
                     page_bytes,
                     memory: memory.map(|(f, _)| Arc::new(f)),
+                    rootfs: root,
                 });
             }
             Frame::Control(Message::Abort { reason }) => return Err(Stored::Aborted(reason)),
@@ -370,6 +614,7 @@ fn build(
         }
     }
     let conn = conn.clone();
+    let keep = stream.rootfs.as_ref().map(RootfsIncoming::keeper);
     let on_held: stasis_workload::OnHeld = Arc::new(move |held: &Held| {
         let Ok(mut conn) = conn.lock() else {
             return Go::Discard("the connection's lock was poisoned".into());
@@ -379,7 +624,12 @@ fn build(
             return Go::Discard(format!("telling the source it is held: {e}"));
         }
         match protocol::recv_control(&mut *conn, "commit") {
-            Ok(Message::Commit) => Go::Resume,
+            Ok(Message::Commit) => {
+                if let Some(keep) = &keep {
+                    keep();
+                }
+                Go::Resume
+            }
             Ok(Message::Abort { reason }) => Go::Discard(format!("the source aborted: {reason}")),
             Ok(m) => Go::Discard(format!("the source sent {}", protocol::name_of(&m))),
             Err(e) => Go::Discard(format!("no commit from the source: {e}")),
@@ -395,6 +645,10 @@ fn build(
         started: Instant::now(),
         memory: stream.memory.clone(),
     };
+    let mut opts_build = opts_build;
+    if let Some(r) = &stream.rootfs {
+        opts_build.tree.container_rootfs = Some(r.dir.clone());
+    }
     stasis_workload::build(
         &opts.state,
         Arc::new(image),

@@ -12,7 +12,7 @@
 //! its copy: if the destination does not confirm, the copy is left stopped and the error
 //! says how to settle it ([`MigrateError::Unsettled`]).
 
-use crate::protocol::{self, Message, FRAME_IMAGE, FRAME_PAGES};
+use crate::protocol::{self, Message, FRAME_FILES, FRAME_IMAGE, FRAME_PAGES};
 use crate::tls::Conn;
 use crate::MigrateError;
 use serde::Serialize;
@@ -41,6 +41,8 @@ pub struct MigrateOptions {
     /// rounds send while the workload runs (None: as fast as they go). The last round,
     /// frozen, is never held back.
     pub bandwidth: Option<u64>,
+    /// A container's root file system to send along (hosts that share no storage).
+    pub rootfs: Option<std::path::PathBuf>,
 }
 
 impl Default for MigrateOptions {
@@ -51,8 +53,19 @@ impl Default for MigrateOptions {
             max_downtime: Duration::from_millis(50),
             max_rounds: 30,
             bandwidth: None,
+            rootfs: None,
         }
     }
+}
+
+/// A container's root file system, as it went along.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootfsReport {
+    pub bytes: u64,
+    pub entries: u64,
+    pub changed: u64,
+    pub removed: u64,
+    pub copy_us: u64,
 }
 
 /// One pre-copy round, as the source saw it.
@@ -94,6 +107,10 @@ pub struct MigrateReport {
     pub page_bytes: u64,
     /// Bytes of the image (its state, and its memory if that was not sent in rounds).
     pub image_bytes: u64,
+    /// A container's root file system sent along: bytes of its tar streams, entries sent
+    /// whole while it ran, entries sent again and paths removed while it was frozen, and
+    /// the time the whole copy took.
+    pub rootfs: Option<RootfsReport>,
     /// Frozen here until the destination said it runs (as stasis sees it).
     pub downtime_us: u64,
     /// Ending the copy here once the destination runs it (not downtime).
@@ -115,13 +132,16 @@ pub struct MigrateReport {
 /// image frames, hashed as sent.
 struct Wire<'a> {
     conn: &'a mut Box<dyn Conn>,
-    /// Image bytes gathered into the next frame.
+    /// Bytes written (image, or files while `files`) gathered into the next frame.
     buf: Vec<u8>,
+    /// What is written goes in files frames (a tar stream), not image frames.
+    files: bool,
     /// A pages frame's payload being made.
     frame: Vec<u8>,
     hash: blake3::Hasher,
     image_bytes: u64,
     page_bytes: u64,
+    file_bytes: u64,
     throttle: Option<Throttle>,
 }
 
@@ -168,10 +188,55 @@ impl Wire<'_> {
     fn send_buffered(&mut self) -> io::Result<()> {
         check_signals()?;
         if !self.buf.is_empty() {
-            protocol::write_frame(self.conn, FRAME_IMAGE, &self.buf)?;
+            let kind = if self.files { FRAME_FILES } else { FRAME_IMAGE };
+            protocol::write_frame(self.conn, kind, &self.buf)?;
             self.buf.clear();
         }
         Ok(())
+    }
+
+    /// Sends what is buffered, then `m`.
+    fn control(&mut self, m: &Message) -> Result<(), protocol::ProtocolError> {
+        self.send_buffered()?;
+        protocol::send(self.conn, m)
+    }
+
+    /// Sends a files stream: what `stream` writes (a tar stream), then the paths it
+    /// returns as gone, then its end.
+    fn files_stream(
+        &mut self,
+        stream: impl FnOnce(&mut Self) -> io::Result<Vec<std::path::PathBuf>>,
+    ) -> Result<(), String> {
+        self.send_buffered().map_err(|e| e.to_string())?;
+        self.files = true;
+        let gone = stream(self);
+        let ended = self.send_buffered();
+        self.files = false;
+        let gone = gone
+            .and_then(|g| ended.map(|()| g))
+            .map_err(|e| e.to_string())?;
+        // Each message well within a control frame's bound.
+        let paths: Vec<String> = gone
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        let mut at = 0;
+        while at < paths.len() {
+            let mut size = 0;
+            let end = paths[at..]
+                .iter()
+                .take_while(|p| {
+                    size += p.len() + 8;
+                    size < 32 << 10
+                })
+                .count()
+                .max(1);
+            let chunk = paths[at..at + end].to_vec();
+            self.control(&Message::Removed { paths: chunk })
+                .map_err(|e| e.to_string())?;
+            at += end;
+        }
+        self.control(&Message::FilesEnd).map_err(|e| e.to_string())
     }
 }
 
@@ -180,7 +245,10 @@ impl Write for Wire<'_> {
         let n = data.len().min(FRAME_BYTES - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         self.hash.update(&data[..n]);
-        self.image_bytes += n as u64;
+        match self.files {
+            true => self.file_bytes += n as u64,
+            false => self.image_bytes += n as u64,
+        }
         if self.buf.len() == FRAME_BYTES {
             self.send_buffered()?;
         }
@@ -270,6 +338,7 @@ fn migrate_held(
             workload: workload.clone(),
             name: opts.name.clone(),
             cpu_flags: opts.cpu_flags.clone(),
+            rootfs: opts.rootfs.is_some(),
         },
     )
     .map_err(|e| failed(format!("greeting the receiver: {e}")))?;
@@ -354,6 +423,13 @@ fn migrate_held(
         rounds: sent.rounds,
         page_bytes: sent.page_bytes,
         image_bytes: sent.image_bytes,
+        rootfs: opts.rootfs.as_ref().map(|_| RootfsReport {
+            bytes: sent.file_bytes,
+            entries: sent.rootfs_entries,
+            changed: sent.rootfs_changed,
+            removed: sent.rootfs_removed,
+            copy_us: sent.rootfs_us,
+        }),
         downtime_us: micros(downtime),
         discard_us: micros(discard),
         precopy_us: sent.precopy_us,
@@ -377,6 +453,11 @@ struct Sent {
     precopy_us: u64,
     transfer_us: u64,
     build_us: u64,
+    file_bytes: u64,
+    rootfs_us: u64,
+    rootfs_entries: u64,
+    rootfs_changed: u64,
+    rootfs_removed: u64,
 }
 
 /// Everything before the commit: the pre-copy rounds (where the workload's memory is
@@ -413,23 +494,46 @@ fn send_workload(
             Err(e) => return Err(e),
         },
     };
-    if let Some(t) = tracked {
-        protocol::send(conn, &Message::Memory { bytes: t.extent })
-            .map_err(|e| broke(format!("announcing its memory: {e}")))?;
-    }
     let mut wire = Wire {
         conn,
         buf: Vec::with_capacity(FRAME_BYTES),
+        files: false,
         frame: Vec::new(),
         hash: blake3::Hasher::new(),
         image_bytes: 0,
         page_bytes: 0,
+        file_bytes: 0,
         throttle: opts.bandwidth.map(|bytes_per_s| Throttle {
             bytes_per_s,
             since: Instant::now(),
             sent: 0,
         }),
     };
+    // Its root file system, whole, while it runs.
+    let mut manifest = None;
+    if let Some(root) = &opts.rootfs {
+        let tf = Instant::now();
+        wire.files_stream(|wire| {
+            let (m, sent) = crate::rootfs::send_all(root, wire)?;
+            out.rootfs_entries = sent.entries;
+            manifest = Some(m);
+            Ok(Vec::new())
+        })
+        .map_err(|e| {
+            broke(format!(
+                "sending its root file system {}: {e}",
+                root.display()
+            ))
+        })?;
+        out.rootfs_us = micros(tf.elapsed());
+        // Tests hold it here (FAILPOINTS="migrate-rootfs-copied=sleep(N)") so the container
+        // changes its files before the freeze.
+        stasis_runtime::failpoints::hit("migrate-rootfs-copied");
+    }
+    if let Some(t) = tracked {
+        wire.control(&Message::Memory { bytes: t.extent })
+            .map_err(|e| broke(format!("announcing its memory: {e}")))?;
+    }
     let tp = Instant::now();
     if let Some(t) = tracked {
         progress(0, t.resident);
@@ -456,6 +560,16 @@ fn send_workload(
     *frozen_at = Some(Instant::now());
     let tt = Instant::now();
     wire.throttle = None;
+    // What changed in its root file system since.
+    if let (Some(root), Some(before)) = (&opts.rootfs, &manifest) {
+        wire.files_stream(|wire| {
+            let (gone, sent) = crate::rootfs::send_changes(root, before, wire)?;
+            out.rootfs_changed = sent.entries;
+            out.rootfs_removed = sent.removed;
+            Ok(gone)
+        })
+        .map_err(|e| broke(format!("sending what changed in {}: {e}", root.display())))?;
+    }
     if tracked.is_some() {
         let began = Instant::now();
         let before = wire.page_bytes;
@@ -477,13 +591,15 @@ fn send_workload(
     w.write_state(&mut wire, progress)?;
     wire.commit()
         .map_err(|e| broke(format!("sending the image: {e}")))?;
-    let (image_bytes, page_bytes) = (wire.image_bytes, wire.page_bytes);
+    let (image_bytes, page_bytes, file_bytes) =
+        (wire.image_bytes, wire.page_bytes, wire.file_bytes);
     let blake3 = wire.hash.finalize().to_hex().to_string();
     protocol::send(
         conn,
         &Message::ImageEnd {
             bytes: image_bytes,
             pages: page_bytes,
+            files: file_bytes,
             blake3,
         },
     )
@@ -491,6 +607,7 @@ fn send_workload(
     out.transfer_us = micros(tt.elapsed());
     out.image_bytes = image_bytes;
     out.page_bytes = page_bytes;
+    out.file_bytes = file_bytes;
     let tb = Instant::now();
     let answer = protocol::recv_control(conn, "held")
         .map_err(|e| broke(format!("waiting for the destination to hold it: {e}")))?;

@@ -17,7 +17,7 @@ use stasis_runtime::container::{self as ct, init, setup, BridgeAddr, NetMode, Re
 use stasis_runtime::{netns, sysvipc};
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn err(name: &str, e: impl std::fmt::Display) -> RestoreError {
     RestoreError::Container {
@@ -142,14 +142,30 @@ pub fn container_of(image: &Image) -> Option<&proto::Container> {
 }
 
 /// Checks the description before anything is made.
-fn check(c: &proto::Container) -> Result<(NetMode, Option<PathBuf>, Limits), RestoreError> {
+/// `rootfs`, if given, replaces the root file system the image names (and must exist the
+/// same way: a container without one of its own gets none).
+fn check(
+    c: &proto::Container,
+    rootfs: Option<&Path>,
+) -> Result<(NetMode, Option<PathBuf>, Limits), RestoreError> {
     let net: NetMode = c
         .net_mode
         .parse()
         .map_err(|e: String| RestoreError::Invalid(format!("container {}: {e}", c.name)))?;
     let limits = limits_from_proto(&c.limits.clone().unwrap_or_default())
         .map_err(|e| RestoreError::Invalid(format!("container {}: {e}", c.name)))?;
-    let rootfs = (!c.rootfs.is_empty()).then(|| PathBuf::from(&c.rootfs));
+    let rootfs = match (c.rootfs.is_empty(), rootfs) {
+        (true, None) => None,
+        (false, None) => Some(PathBuf::from(&c.rootfs)),
+        (false, Some(r)) => Some(r.to_path_buf()),
+        (true, Some(r)) => {
+            return Err(RestoreError::Invalid(format!(
+                "container {} has no root file system of its own to be replaced by {}",
+                c.name,
+                r.display()
+            )))
+        }
+    };
     if let Some(r) = &rootfs {
         if !r.is_dir() {
             return Err(RestoreError::Unsupported(format!(
@@ -268,7 +284,7 @@ pub fn restore_container(
     let c = container_of(image)
         .ok_or_else(|| RestoreError::Invalid("the image is not a container image".into()))?;
     let name = name.unwrap_or(&c.name).to_string();
-    let (net, rootfs, limits) = check(c)?;
+    let (net, rootfs, limits) = check(c, opts.container_rootfs.as_deref())?;
     let net_cfg = net_config(c)?;
     let ipc = c
         .ipc

@@ -71,6 +71,9 @@ pub struct Options {
     /// Called once the whole tree is built and stopped, before anything of it runs and
     /// before its TCP connections are unlocked (see [`Hold`]).
     pub hold: Option<Hold>,
+    /// A container's root file system is this directory on this host instead of the one
+    /// its image names (a copy a migration brought along).
+    pub container_rootfs: Option<PathBuf>,
 }
 
 /// A restored tree, whole and stopped, that nothing of has run yet.
@@ -128,6 +131,7 @@ impl Default for Options {
             pid_namespace: None,
             root: None,
             hold: None,
+            container_rootfs: None,
         }
     }
 }
