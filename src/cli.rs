@@ -116,6 +116,10 @@ enum Command {
         /// once they all match, and a mismatch stops and removes the VM (exit 3).
         #[arg(long)]
         verify_first: bool,
+        /// A container image: its cgroup goes below this cgroup in every hierarchy
+        /// (default: stasis), e.g. to keep two stasis instances on one host apart.
+        #[arg(long, value_name = "PATH")]
+        cgroup_parent: Option<String>,
         /// Print statistics as JSON.
         #[arg(long)]
         json: bool,
@@ -289,6 +293,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             name,
             memory,
             verify_first,
+            cgroup_parent,
             json,
         } => restore(
             &state,
@@ -298,6 +303,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 name,
                 memory,
                 verify_first,
+                cgroup_parent,
                 json,
             },
         ),
@@ -439,6 +445,7 @@ struct RestoreFlags {
     name: Option<String>,
     memory: Option<String>,
     verify_first: bool,
+    cgroup_parent: Option<String>,
     json: bool,
 }
 
@@ -453,6 +460,7 @@ fn restore(
         name,
         memory,
         verify_first,
+        cgroup_parent,
         json,
     } = flags;
     let image = open_image(&path)?;
@@ -478,9 +486,19 @@ fn restore(
     if let (stasis_workload::Kind::ProcessTree, Some(n)) = (kind, &name) {
         return Err(not_for(format!("--name {n}"), "container and VM images"));
     }
+    if let Some(p) = &cgroup_parent {
+        if kind != stasis_workload::Kind::Container {
+            return Err(not_for(format!("--cgroup-parent {p}"), "container images"));
+        }
+        stasis_runtime::container::check_cgroup_parent(p)
+            .map_err(|e| exit::usage(e.to_string()))?;
+    }
     let opts = stasis_workload::BuildOptions {
         name: name.as_deref(),
-        tree: stasis_restore::Options::default(),
+        tree: stasis_restore::Options {
+            container_cgroup_parent: cgroup_parent,
+            ..Default::default()
+        },
         vm_memory: memory
             .as_deref()
             .map(stasis_runtime::cgroups::parse_size)

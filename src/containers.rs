@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// Host name inside (default: the container's name).
     #[arg(long)]
     pub hostname: Option<String>,
+    /// Its cgroup goes below this cgroup in every hierarchy (default: stasis), e.g. to
+    /// keep two stasis instances on one host apart.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_parent: Option<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Network: none (own namespace, lo only), host (the host's), bridge (own namespace
@@ -123,8 +127,12 @@ pub fn run(state: &StateDir, a: RunArgs) -> Result<i32> {
     if a.ip.is_some() && a.net != NetMode::Bridge {
         anyhow::bail!("--ip needs --net bridge");
     }
+    if let Some(p) = &a.cgroup_parent {
+        ct::check_cgroup_parent(p).map_err(|e| crate::exit::usage(e.to_string()))?;
+    }
     let cfg = ct::Config {
         name: a.name.clone(),
+        cgroup_parent: a.cgroup_parent,
         rootfs: a.rootfs,
         hostname: a.hostname,
         command: a.command,

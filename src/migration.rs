@@ -120,6 +120,10 @@ pub struct ReceiveArgs {
     /// Seconds to wait for the source at each step.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Received containers' cgroups go below this cgroup in every hierarchy (default:
+    /// stasis), e.g. to keep two stasis instances on one host apart.
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<String>,
     /// Where this host's CPU flags are read (tests describe another CPU this way).
     #[arg(long, default_value = "/proc/cpuinfo", hide = true)]
     cpuinfo: String,
@@ -142,6 +146,8 @@ pub struct WorkerArgs {
     timeout: u64,
     #[arg(long)]
     cpuinfo: String,
+    #[arg(long)]
+    cgroup_parent: Option<String>,
 }
 
 const NO_TLS: &str = "a migration needs mutual TLS (--tls-cert, --tls-key and --tls-ca, all \
@@ -330,6 +336,11 @@ pub fn receive(state: &StateDir, a: ReceiveArgs) -> Result<i32> {
     if a.inherit_stdio {
         args.push("--inherit-stdio".into());
     }
+    if let Some(p) = &a.cgroup_parent {
+        stasis_runtime::container::check_cgroup_parent(p)
+            .map_err(|e| exit::usage(e.to_string()))?;
+        args.extend(["--cgroup-parent".into(), p.clone()]);
+    }
     if let Some(f) = &tls {
         for (flag, path) in [
             ("--tls-cert", &f.cert),
@@ -388,6 +399,7 @@ pub fn worker(state: &StateDir, a: WorkerArgs) -> Result<i32> {
         max_image_bytes: a.max_image_size,
         inherit_stdio: a.inherit_stdio,
         cpu_flags: stasis_runtime::procfs::cpu_flags(&a.cpuinfo)?,
+        cgroup_parent: a.cgroup_parent,
     };
     let r = stasis_migrate::receive_one(conn, &peer, &opts)?;
     eprintln!(

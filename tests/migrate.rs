@@ -862,7 +862,7 @@ fn count_past(file: &std::path::Path, from: u64) -> u64 {
 #[test]
 fn a_bridged_container_moves_with_its_address_and_its_memory() {
     let hosts = TwoHosts::new("migrate-container");
-    let _rm = Containers(&hosts, &["mc", "mc2"]);
+    let _rm = Containers(&hosts, &["mc"]);
     let rx = Receiver::start(&hosts.b, None);
     let file = hosts.a.state.join("..").join("count");
     // The shell's own variable counts: a copy that lost its memory would start again at 1.
@@ -884,7 +884,8 @@ fn a_bridged_container_moves_with_its_address_and_its_memory() {
         &hosts.a,
         "mc",
         &rx.url,
-        &["--name", "mc2", "--insecure", "--json"],
+        // Its own name: each host has its own cgroup parent (see common::hosts).
+        &["--insecure", "--json"],
         None,
     );
     assert!(out.status.success(), "migrate: {}", stderr(&out));
@@ -896,7 +897,9 @@ fn a_bridged_container_moves_with_its_address_and_its_memory() {
     // Gone from the source (record, cgroup, veth), running on the destination at its address.
     assert_eq!(json_on(&hosts.a, &["ps"]), serde_json::json!([]));
     let ps_b = json_on(&hosts.b, &["ps"]);
-    assert_eq!(ps_b[0]["name"], "mc2", "{ps_b}");
+    assert_eq!(ps_b[0]["name"], "mc", "{ps_b}");
+    let cg = ps_b[0]["cgroup"].as_str().unwrap_or_default();
+    assert_eq!(cg, format!("{}/mc", hosts.b.cgroup_parent), "{ps_b}");
     assert_eq!(ps_b[0]["ip"], ip, "{ps_b}");
     count_past(&file, after);
     wait_images_gone(&rx);
@@ -939,7 +942,7 @@ fn a_container_moves_with_its_root_file_system_copied() {
         return;
     }
     let hosts = TwoHosts::new("migrate-rootfs");
-    let _rm = Containers(&hosts, &["copied", "copied2"]);
+    let _rm = Containers(&hosts, &["copied"]);
     let rx = Receiver::start(&hosts.b, None);
     let Some(root) = build_rootfs(&hosts.a, "rootfs") else {
         return;
@@ -973,8 +976,7 @@ fn a_container_moves_with_its_root_file_system_copied() {
         &hosts.a,
         "copied",
         &rx.url,
-        // Another name: both copies share this machine's cgroup tree.
-        &["--insecure", "--json", "--name", "copied2"],
+        &["--insecure", "--json"],
         Some("migrate-rootfs-copied=sleep(500)"),
     );
     assert!(out.status.success(), "migrate: {}", stderr(&out));
@@ -984,10 +986,10 @@ fn a_container_moves_with_its_root_file_system_copied() {
     assert!(fs["entries"].as_u64() > Some(50), "{r}");
     assert!(fs["changed"].as_u64() >= Some(2), "{r}");
     assert!(fs["removed"].as_u64() >= Some(1), "{r}");
-    assert_eq!(containers_on(&hosts.b), ["copied2"]);
+    assert_eq!(containers_on(&hosts.b), ["copied"]);
     assert!(containers_on(&hosts.a).is_empty());
     // It runs on its own copy there, the files and its memory in step.
-    let copy = hosts.b.state.join("rootfs/copied2");
+    let copy = hosts.b.state.join("rootfs/copied");
     let at = count(&copy);
     let deadline = Instant::now() + Duration::from_secs(10);
     while count(&copy) < at + 10 {
@@ -1008,7 +1010,7 @@ fn a_container_moves_with_its_root_file_system_copied() {
 
 /// A receiver killed while it holds a container whose root file system it received (moved
 /// to where the container would use it): the source runs on, and nothing of the copy is
-/// left there, files included.
+/// left there, files and cgroup included.
 #[test]
 fn a_receiver_killed_holding_a_container_leaves_none_of_its_files() {
     const TEST: &str = "a_receiver_killed_holding_a_container_leaves_none_of_its_files";
@@ -1044,6 +1046,10 @@ fn a_receiver_killed_holding_a_container_leaves_none_of_its_files() {
         "its root file system was left at {}",
         copy.display()
     );
+    for root in common::cleanup::cgroup_roots() {
+        let cg = root.join(&hosts.b.cgroup_parent).join("held2");
+        assert!(!cg.exists(), "its cgroup was left: {}", cg.display());
+    }
 }
 
 /// The names in `stasis ps` on `host`.
@@ -1075,6 +1081,24 @@ fn a_workload_is_refused_when_its_name_is_taken_and_shared_storage_is_used_in_pl
         assert!(err.contains("a VM named dup runs here"), "{err}");
         let c = vm_progress(&hosts.a, "dup", 0);
         vm_progress(&hosts.a, "dup", c);
+    }
+
+    // A cgroup parent that is not a plain relative path is a usage error.
+    for bad in ["../evil", "/abs", "a//b"] {
+        let args = [
+            "run",
+            "--name",
+            "bad",
+            "--cgroup-parent",
+            bad,
+            "--",
+            "/bin/true",
+        ];
+        let mut c = std::process::Command::new(common::stasis());
+        c.arg("--state-dir").arg(&hosts.a.state).args(args);
+        let out = c.output().expect("stasis run");
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains("cgroup parent"), "{}", stderr(&out));
     }
 
     // A root file system of its own on shared storage is used where it is.

@@ -28,6 +28,8 @@ pub struct ReceiveOptions {
     pub inherit_stdio: bool,
     /// This host's CPU feature flags: a workload that may use one it lacks is refused.
     pub cpu_flags: Vec<String>,
+    /// Received containers' cgroups go below this one (None: stasis's default parent).
+    pub cgroup_parent: Option<String>,
 }
 
 /// What one received migration did.
@@ -261,10 +263,29 @@ pub fn incoming_rootfs_marker(dir: &Path, pid: u32) -> PathBuf {
     dir.join(format!("{pid}.rootfs-at"))
 }
 
+/// While worker `pid` builds a container, this file in `dir` names its cgroup parent and
+/// name (a line each): a listener whose worker was killed then removes the cgroup the
+/// build left (its processes died with the worker; its network namespace with them).
+pub fn incoming_container_marker(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("{pid}.container"))
+}
+
 /// Removes what killed worker `pid` received into `dir` (STATE/incoming: its image, its
-/// root file system, and one it had moved into STATE/rootfs for a build that never ran).
+/// root file system, one it had moved into STATE/rootfs for a build that never ran, and
+/// the cgroup of a container it was building).
 pub fn remove_incoming(dir: &Path, pid: u32) {
     let _ = std::fs::remove_file(incoming_image(dir, pid));
+    let marker = incoming_container_marker(dir, pid);
+    if let (Ok(text), Some(state)) = (std::fs::read_to_string(&marker), dir.parent()) {
+        let state = StateDir::new(state);
+        if let Some((parent, name)) = text.split_once('\n') {
+            let live = stasis_runtime::container::running(&state, name).is_ok();
+            if let (false, Ok(h)) = (live, stasis_runtime::cgroups::Hierarchy::detect()) {
+                let _ = stasis_runtime::container::remove_orphan_cgroup(&h, parent, name);
+            }
+        }
+        let _ = std::fs::remove_file(marker);
+    }
     let _ = std::fs::remove_dir_all(incoming_rootfs(dir, pid));
     let marker = incoming_rootfs_marker(dir, pid);
     if let Ok(at) = std::fs::read_to_string(&marker) {
@@ -607,7 +628,10 @@ fn build(
         .write(true)
         .open("/dev/null")
         .map_err(|e| refused(format!("opening /dev/null: {e}")))?;
-    let mut tree = stasis_restore::Options::default();
+    let mut tree = stasis_restore::Options {
+        container_cgroup_parent: opts.cgroup_parent.clone(),
+        ..Default::default()
+    };
     if !opts.inherit_stdio {
         for fd in 0..3 {
             tree.inherit_fds.insert(fd, null.as_raw_fd());
@@ -649,11 +673,26 @@ fn build(
     if let Some(r) = &stream.rootfs {
         opts_build.tree.container_rootfs = Some(r.dir.clone());
     }
-    stasis_workload::build(
+    // A container's build leaves a cgroup if this worker is killed: say where.
+    // (A container always comes with a name: see `refusal`.)
+    let marker = name.filter(|_| kind == Kind::Container).map(|name| {
+        let parent = opts
+            .cgroup_parent
+            .as_deref()
+            .unwrap_or(stasis_runtime::cgroups::DEFAULT_PARENT);
+        let m = incoming_container_marker(&incoming_dir(&opts.state), std::process::id());
+        let _ = std::fs::write(&m, format!("{parent}\n{name}"));
+        m
+    });
+    let built = stasis_workload::build(
         &opts.state,
         Arc::new(image),
         path,
         opts_build,
         Some(on_held),
-    )
+    );
+    if let Some(m) = marker {
+        let _ = std::fs::remove_file(m);
+    }
+    built
 }

@@ -302,8 +302,12 @@ pub fn restore_container(
         e => err(&name, e),
     })?;
     let h = Hierarchy::detect().map_err(|e| err(&name, e))?;
-    let rel = ct::cgroup_path(&name);
-    let cg = ct::new_cgroup(&h, &name).map_err(|e| err(&name, e))?;
+    let parent = opts
+        .container_cgroup_parent
+        .as_deref()
+        .unwrap_or(stasis_runtime::cgroups::DEFAULT_PARENT);
+    let rel = ct::cgroup_path(parent, &name);
+    let cg = ct::new_cgroup(&h, parent, &name).map_err(|e| err(&name, e))?;
     let mut veth = None;
     let result = (|| -> Result<(Stats, Record), RestoreError> {
         cg.apply(&limits).map_err(|e| err(&name, e))?;

@@ -74,6 +74,8 @@ pub struct Options {
     /// A container's root file system is this directory on this host instead of the one
     /// its image names (a copy a migration brought along).
     pub container_rootfs: Option<PathBuf>,
+    /// A container's cgroup goes below this cgroup (None: stasis's default parent).
+    pub container_cgroup_parent: Option<String>,
 }
 
 /// A restored tree, whole and stopped, that nothing of has run yet.
@@ -132,6 +134,7 @@ impl Default for Options {
             root: None,
             hold: None,
             container_rootfs: None,
+            container_cgroup_parent: None,
         }
     }
 }

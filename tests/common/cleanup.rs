@@ -86,6 +86,14 @@ pub fn cleanup_now() {
 
 /// `stasis` below the root of every cgroup hierarchy mounted here.
 pub fn cgroup_parents() -> Vec<PathBuf> {
+    cgroup_roots()
+        .into_iter()
+        .map(|r| r.join(super::CGROUP_PARENT))
+        .collect()
+}
+
+/// The root of every cgroup hierarchy mounted here.
+pub fn cgroup_roots() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut out: Vec<PathBuf> = text
         .lines()
@@ -93,8 +101,7 @@ pub fn cgroup_parents() -> Vec<PathBuf> {
             let (left, right) = l.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
             let mount = left.split_whitespace().nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| Path::new(mount).join(super::CGROUP_PARENT))
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mount))
         })
         .collect();
     out.sort();

@@ -1,7 +1,9 @@
 //! Two simulated hosts on one machine: two network namespaces of the test's own, joined by a
 //! veth pair (made inside them, so nothing is ever added to the machine's own namespace),
-//! each with its own stasis state directory. Both go when dropped (a namespace with no
-//! process left takes its veth end along).
+//! each with its own stasis state directory, cgroup parent (as an operator of two stasis
+//! instances on one machine gives `--cgroup-parent`) and bridge (its namespace's own).
+//! Both go when dropped (a namespace with no process left takes its veth end along; the
+//! cgroup parents, empty once the test removed its containers, are removed).
 
 use super::unshared::Unshared;
 use std::path::PathBuf;
@@ -14,17 +16,30 @@ pub struct Host {
     pub ip: String,
     /// Its stasis state directory.
     pub state: PathBuf,
+    /// The cgroup its containers go below (`stasis-test-...-PID`, below every hierarchy's
+    /// root).
+    pub cgroup_parent: String,
 }
 
 impl Host {
-    /// `stasis --state-dir STATE ARGS...` in this host's network namespace.
+    /// `stasis --state-dir STATE ARGS...` in this host's network namespace; the commands
+    /// that make containers (`run`, `restore`, `receive`) get its `--cgroup-parent`.
     pub fn stasis(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net={}", self.ns.ns_path()))
             .arg(super::stasis())
             .arg("--state-dir")
-            .arg(&self.state)
-            .args(args);
+            .arg(&self.state);
+        match args.split_first() {
+            Some((cmd, rest)) if ["run", "restore", "receive"].contains(cmd) => {
+                c.arg(cmd)
+                    .args(["--cgroup-parent", &self.cgroup_parent])
+                    .args(rest);
+            }
+            _ => {
+                c.args(args);
+            }
+        }
         c
     }
 
@@ -57,6 +72,7 @@ impl TwoHosts {
             ns: Unshared::new("net"),
             ip: format!("10.201.{net}.{n}"),
             state: dir.join(name),
+            cgroup_parent: format!("stasis-test-{test}-{name}-{}", std::process::id()),
         };
         let (a, b) = (host(1, "a"), host(2, "b"));
         a.ip(&[
@@ -77,5 +93,16 @@ impl TwoHosts {
             h.ip(&["link", "set", "lo", "up"]);
         }
         TwoHosts { a, b }
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        // Fails (EBUSY) while a cgroup is left below: the leftover check then names it.
+        for root in super::cleanup::cgroup_roots() {
+            for h in [&self.a, &self.b] {
+                let _ = std::fs::remove_dir(root.join(&h.cgroup_parent));
+            }
+        }
     }
 }

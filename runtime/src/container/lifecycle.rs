@@ -3,7 +3,7 @@
 use super::init::{self, Launch, Then};
 use super::record::{BridgeAddr, NetMode, Record, StateDir};
 use super::{setup, ContainerError};
-use crate::cgroups::{Cgroup, Hierarchy, Limits};
+use crate::cgroups::{Cgroup, Hierarchy, Limits, DEFAULT_PARENT};
 use crate::netns::{self, Bridge};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub name: String,
+    /// The cgroup its cgroup goes below (None: [`DEFAULT_PARENT`]).
+    pub cgroup_parent: Option<String>,
     pub rootfs: Option<PathBuf>,
     pub hostname: Option<String>,
     pub command: Vec<String>,
@@ -25,9 +27,31 @@ pub struct Config {
     pub detach: bool,
 }
 
-/// The cgroup of a container, relative to each hierarchy's root.
-pub fn cgroup_path(name: &str) -> String {
-    format!("stasis/{name}")
+/// The cgroup of container `name` below `parent` (default [`DEFAULT_PARENT`]), relative to
+/// each hierarchy's root.
+pub fn cgroup_path(parent: &str, name: &str) -> String {
+    format!("{parent}/{name}")
+}
+
+/// Checks a cgroup parent given by an operator (`--cgroup-parent`): a relative path of
+/// plain names below each hierarchy's root (e.g. `stasis` or `machine.slice/stasis`).
+pub fn check_cgroup_parent(parent: &str) -> Result<(), ContainerError> {
+    let ok = !parent.is_empty()
+        && parent.len() <= 200
+        && parent.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-@:".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ContainerError::Invalid(format!(
+            "cgroup parent {parent:?}: expected a relative path of plain names, e.g. stasis or machine.slice/stasis"
+        )))
+    }
 }
 
 /// A live record of `name`, or why there is none. A record whose process is gone is
@@ -111,10 +135,20 @@ fn check_command(rootfs: Option<&Path>, cmd: &str) -> Result<(), ContainerError>
     }
 }
 
-/// Creates the cgroup of container `name`. One left empty by a crashed stasis (no record
-/// names it any more) is removed first; one that still holds processes is refused.
-pub fn new_cgroup(h: &Hierarchy, name: &str) -> Result<Cgroup, ContainerError> {
-    let rel = cgroup_path(name);
+/// Creates the cgroup of container `name` below `parent`. One left empty by a crashed
+/// stasis (no record names it any more) is removed first; one that still holds processes
+/// is refused.
+pub fn new_cgroup(h: &Hierarchy, parent: &str, name: &str) -> Result<Cgroup, ContainerError> {
+    check_cgroup_parent(parent)?;
+    remove_orphan_cgroup(h, parent, name)?;
+    Ok(Cgroup::create(h, &cgroup_path(parent, name))?)
+}
+
+/// Removes the cgroup of container `name` below `parent` if it exists empty (left by a
+/// stasis that died while it built the container); one that holds processes is refused.
+/// Only for a name no live record names.
+pub fn remove_orphan_cgroup(h: &Hierarchy, parent: &str, name: &str) -> Result<(), ContainerError> {
+    let rel = cgroup_path(parent, name);
     if let Ok(old) = Cgroup::open(h, &rel) {
         let pids = old.pids()?;
         if !pids.is_empty() {
@@ -124,7 +158,7 @@ pub fn new_cgroup(h: &Hierarchy, name: &str) -> Result<Cgroup, ContainerError> {
         }
         old.remove()?;
     }
-    Ok(Cgroup::create(h, &rel)?)
+    Ok(())
 }
 
 /// Opens every cgroup.procs of `cg` for the child to write "0" into (joining it).
@@ -268,8 +302,9 @@ pub fn run(state: &StateDir, cfg: &Config) -> Result<Record, ContainerError> {
     ];
 
     let h = Hierarchy::detect()?;
-    let rel = cgroup_path(&cfg.name);
-    let cg = new_cgroup(&h, &cfg.name)?;
+    let parent = cfg.cgroup_parent.as_deref().unwrap_or(DEFAULT_PARENT);
+    let rel = cgroup_path(parent, &cfg.name);
+    let cg = new_cgroup(&h, parent, &cfg.name)?;
     let mut veth = None;
     let result = (|| -> Result<Record, ContainerError> {
         cg.apply(&cfg.limits)?;
