@@ -171,6 +171,14 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
         },
     };
     let mut w = stasis_workload::open(state, &a.target, &opts)?;
+    if a.tcp_established && w.kind() == stasis_workload::Kind::Vm {
+        // A guest's connections live in its own kernel: they move with its memory.
+        return Err(exit::usage(format!(
+            "--tcp-established is for process trees and containers; VM {} keeps its guest's \
+             connections in its memory",
+            a.target
+        )));
+    }
     let name = match w.kind() {
         stasis_workload::Kind::ProcessTree => {
             if let Some(n) = &a.name {

@@ -1079,6 +1079,15 @@ fn a_workload_is_refused_when_its_name_is_taken_and_shared_storage_is_used_in_pl
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(4), "{err}");
         assert!(err.contains("a VM named dup runs here"), "{err}");
+        // A flag that cannot apply is refused, not ignored.
+        let args = ["--insecure", "--tcp-established"];
+        let out = run_migrate(&hosts.a, "dup", &rx.url, &args, None);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--tcp-established"),
+            "{}",
+            stderr(&out)
+        );
         let c = vm_progress(&hosts.a, "dup", 0);
         vm_progress(&hosts.a, "dup", c);
     }
