@@ -49,6 +49,8 @@ struct Args {
     vms: bool,
     criu: Option<PathBuf>,
     migrate: bool,
+    /// --max-downtime for the migrations (ms; None: stasis's default).
+    max_downtime: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -61,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         vms: true,
         criu: None,
         migrate: false,
+        max_downtime: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -79,9 +82,12 @@ fn parse_args() -> Result<Args, String> {
             "--no-vms" => a.vms = false,
             "--criu" => a.criu = Some(PathBuf::from(val()?)),
             "--migrate" => a.migrate = true,
+            "--max-downtime" => {
+                a.max_downtime = Some(val()?.parse().map_err(|_| "bad --max-downtime")?)
+            }
             "-h" | "--help" => {
                 println!("usage: stasis-bench [--sizes 256,1024] [--runs 5] [--dir /dev/shm] [--no-threads] [--no-tree] [--no-vms] [--criu /path/to/criu]");
-                println!("       stasis-bench --migrate [--sizes 1024] [--runs 5] [--dir /dev/shm]: live migration only");
+                println!("       stasis-bench --migrate [--sizes 1024] [--runs 5] [--dir /dev/shm] [--max-downtime MS]: live migration only");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),

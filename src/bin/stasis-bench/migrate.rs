@@ -7,6 +7,8 @@
 //! same transport (plain TCP, or TLS with the same certificates) from A to B, and every
 //! total is also shown as a ratio to it.
 //!
+//! STASIS_BENCH_VERBOSE=1 prints each migration's own figures (`stasis migrate --json`).
+//!
 //! Downtime here is stasis's: from the pause until the destination said the guest runs
 //! (the guest's own clock cannot show it: its TSC is restored with it). Process trees at
 //! given write rates and the redis container are not measured yet: processes have no
@@ -317,15 +319,28 @@ fn field(v: &serde_json::Value, key: &str) -> f64 {
 }
 
 /// Migrates the VM from `from` to the other side once over `t`.
-fn one_migration(h: &Hosts, from: char, t: &Transport, s: &mut Samples) -> Result<(), String> {
+fn one_migration(
+    h: &Hosts,
+    from: char,
+    t: &Transport,
+    max_downtime: Option<u64>,
+    s: &mut Samples,
+) -> Result<(), String> {
     let to = if from == 'a' { 'b' } else { 'a' };
     let _rx = receiver(h, to, t)?;
     let url = format!("tcp://{}:{PORT}", Hosts::ip(to));
     let mut args = vec!["migrate", "bench-mig", "--to", &url, "--json"];
     let sec = t.args(from);
     args.extend(sec.iter().map(String::as_str));
+    let limit = max_downtime.map(|m| m.to_string());
+    if let Some(m) = &limit {
+        args.extend(["--max-downtime", m]);
+    }
     let out = ok(h.stasis(from, &args))?;
     let r: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    if std::env::var_os("STASIS_BENCH_VERBOSE").is_some() {
+        eprintln!("{r}");
+    }
     s.total.push(field(&r, "total_us") / 1000.0);
     s.downtime.push(field(&r, "downtime_us") / 1000.0);
     s.transfer.push(field(&r, "transfer_us") / 1000.0);
@@ -346,7 +361,7 @@ fn one_migration(h: &Hosts, from: char, t: &Transport, s: &mut Samples) -> Resul
     Ok(())
 }
 
-fn one_size(h: &Hosts, mib: u64, t: &Transport, runs: usize) -> Result<Samples, String> {
+fn one_size(h: &Hosts, mib: u64, t: &Transport, args: &Args) -> Result<Samples, String> {
     let mem = format!("{mib}m");
     let vm = [
         "vm",
@@ -372,9 +387,9 @@ fn one_size(h: &Hosts, mib: u64, t: &Transport, runs: usize) -> Result<Samples, 
     }
     let mut s = Samples::default();
     let mut at = 'a';
-    for _ in 0..runs {
+    for _ in 0..args.runs {
         s.floor.push(floor(h, t, mib << 20)?);
-        one_migration(h, at, t, &mut s)?;
+        one_migration(h, at, t, args.max_downtime, &mut s)?;
         at = if at == 'a' { 'b' } else { 'a' };
     }
     let stop = ok(h.stasis(at, &["vm", "stop", "bench-mig", "--json"]))?;
@@ -426,7 +441,7 @@ pub fn run(args: &Args) -> bool {
         );
         for &mib in &args.sizes {
             for t in &transports {
-                let mut s = one_size(&h, mib, t, args.runs)?;
+                let mut s = one_size(&h, mib, t, args)?;
                 let (total, fl) = (median(&mut s.total), median(&mut s.floor));
                 println!(
                     "{:>4} MiB {:>9} | {:>9.1} {:>6.1} {:>9.1} {:>7.1} ({:>8.1} {:>6.1} {:>6.1}) | {:>9.1} {:>6.2}",
