@@ -251,6 +251,18 @@ pub fn migrate(state: &StateDir, a: MigrateArgs) -> Result<i32> {
     Ok(exit::OK)
 }
 
+/// This process's peak resident memory, bytes (what receiving took; a VM's received memory
+/// is a memfd it never maps, so it is not in it).
+fn peak_rss() -> u64 {
+    // SAFETY: rusage is plain old data; getrusage fills the one this frame owns.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to that rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    u64::try_from(ru.ru_maxrss).unwrap_or(0) * 1024
+}
+
 /// One round, as the progress bar shows it.
 fn round_line(r: &stasis_migrate::source::RoundReport) -> String {
     let rate = |b: u64| format!("{}/s", report::bytes(b));
@@ -411,11 +423,13 @@ pub fn worker(state: &StateDir, a: WorkerArgs) -> Result<i32> {
     };
     let r = stasis_migrate::receive_one(conn, &peer, &opts)?;
     eprintln!(
-        "stasis receive: {} runs here as PID {} ({} received, built in {})",
+        "stasis receive: {} runs here as PID {} ({} of image and {} of pages received, built in {}; peak RSS of the receiving process {})",
         r.workload,
         r.pid,
         report::bytes(r.image_bytes),
-        report::ms(r.build_us)
+        report::bytes(r.page_bytes),
+        report::ms(r.build_us),
+        report::bytes(peak_rss())
     );
     Ok(exit::OK)
 }

@@ -15,7 +15,7 @@
 //! pre-copy yet (see the README).
 
 use super::{median, Args};
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -162,8 +162,17 @@ impl Transport {
     }
 }
 
-/// A receiver on `side`, stopped when dropped.
-struct Receiver(std::process::Child);
+/// A receiver on `side`, stopped when dropped; the peak RSS its workers reported (MiB).
+struct Receiver(std::process::Child, std::sync::mpsc::Receiver<f64>);
+
+impl Receiver {
+    /// The peak RSS the worker of the last migration reported (MiB), waiting a little.
+    fn peak_mib(&self) -> f64 {
+        self.1
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or(f64::NAN)
+    }
+}
 
 impl Drop for Receiver {
     fn drop(&mut self) {
@@ -171,6 +180,20 @@ impl Drop for Receiver {
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
     }
+}
+
+/// The MiB in a worker's "peak RSS of the receiving process N.N MiB" line.
+fn peak_of(line: &str) -> Option<f64> {
+    let rest = line.split("peak RSS of the receiving process ").nth(1)?;
+    let mut it = rest.split_whitespace();
+    let n: f64 = it.next()?.parse().ok()?;
+    Some(match it.next()?.trim_end_matches(')') {
+        "B" => n / 1048576.0,
+        "KiB" => n / 1024.0,
+        "MiB" => n,
+        "GiB" => n * 1024.0,
+        _ => return None,
+    })
 }
 
 fn receiver(h: &Hosts, side: char, t: &Transport) -> Result<Receiver, String> {
@@ -194,8 +217,15 @@ fn receiver(h: &Hosts, side: char, t: &Transport) -> Result<Receiver, String> {
         }
         seen.extend_from_slice(&b[..n]);
     }
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    Ok(Receiver(child))
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if let Some(mib) = peak_of(&line) {
+                let _ = tx.send(mib);
+            }
+        }
+    });
+    Ok(Receiver(child, rx))
 }
 
 fn counter(h: &Hosts, side: char) -> u64 {
@@ -222,6 +252,8 @@ struct Samples {
     transfer: Vec<f64>,
     build: Vec<f64>,
     resume: Vec<f64>,
+    /// The receiving worker's peak RSS, MiB.
+    peak_rss: Vec<f64>,
 }
 
 /// Sends `bytes` from host A to a sink on host B over `t`; milliseconds from the connect
@@ -327,7 +359,7 @@ fn one_migration(
     s: &mut Samples,
 ) -> Result<(), String> {
     let to = if from == 'a' { 'b' } else { 'a' };
-    let _rx = receiver(h, to, t)?;
+    let rx = receiver(h, to, t)?;
     let url = format!("tcp://{}:{PORT}", Hosts::ip(to));
     let mut args = vec!["migrate", "bench-mig", "--to", &url, "--json"];
     let sec = t.args(from);
@@ -350,6 +382,7 @@ fn one_migration(
         .push(r["rounds"].as_array().map_or(0, Vec::len) as f64);
     let sent = field(&r, "page_bytes") + field(&r, "image_bytes");
     s.mib_sent.push(sent / f64::from(1u32 << 20));
+    s.peak_rss.push(rx.peak_mib());
     let c = counter(h, to);
     let deadline = Instant::now() + Duration::from_secs(20);
     while counter(h, to) <= c {
@@ -426,7 +459,7 @@ pub fn run(args: &Args) -> bool {
             args.runs
         );
         println!(
-            "{:>8} {:>9} | {:>9} {:>6} {:>9} {:>7} ({:>8} {:>6} {:>6}) | {:>9} {:>6}",
+            "{:>8} {:>9} | {:>9} {:>6} {:>9} {:>7} ({:>8} {:>6} {:>6}) | {:>9} {:>6} | {:>7}",
             "memory",
             "transport",
             "total ms",
@@ -437,14 +470,15 @@ pub fn run(args: &Args) -> bool {
             "build",
             "resume",
             "floor ms",
-            "x"
+            "x",
+            "rx RSS"
         );
         for &mib in &args.sizes {
             for t in &transports {
                 let mut s = one_size(&h, mib, t, args)?;
                 let (total, fl) = (median(&mut s.total), median(&mut s.floor));
                 println!(
-                    "{:>4} MiB {:>9} | {:>9.1} {:>6.1} {:>9.1} {:>7.1} ({:>8.1} {:>6.1} {:>6.1}) | {:>9.1} {:>6.2}",
+                    "{:>4} MiB {:>9} | {:>9.1} {:>6.1} {:>9.1} {:>7.1} ({:>8.1} {:>6.1} {:>6.1}) | {:>9.1} {:>6.2} | {:>7.1}",
                     mib,
                     t.name,
                     total,
@@ -455,7 +489,8 @@ pub fn run(args: &Args) -> bool {
                     median(&mut s.build),
                     median(&mut s.resume),
                     fl,
-                    total / fl
+                    total / fl,
+                    median(&mut s.peak_rss)
                 );
             }
         }
