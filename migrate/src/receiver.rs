@@ -80,24 +80,37 @@ pub fn receive_one(
         source,
     };
     let mut conn = conn;
-    let (spoken, kind, workload, name, cpu_flags, rootfs) =
-        match protocol::recv_control(&mut conn, "hello").map_err(protocol_err)? {
-            Message::Hello {
-                protocol: p,
-                version,
-                kind,
-                workload,
-                name,
-                cpu_flags,
-                rootfs,
-            } => ((p, version), kind, workload, name, cpu_flags, rootfs),
-            m => {
-                return Err(protocol_err(protocol::ProtocolError::Unexpected {
-                    got: protocol::name_of(&m),
-                    expected: "hello",
-                }))
-            }
-        };
+    let hello = match protocol::recv_control(&mut conn, "hello") {
+        // A source of another version may speak a hello this one cannot read: it hears why
+        // (the source then exits as refused, nothing frozen) instead of a dropped connection.
+        Err(protocol::ProtocolError::BadFrame(what)) => {
+            let reason = format!(
+                "this receiver speaks {} version {} and cannot read that greeting ({what})",
+                protocol::PROTOCOL,
+                protocol::VERSION
+            );
+            let _ = protocol::send(&mut conn, &Message::Refused { reason });
+            return Err(protocol_err(protocol::ProtocolError::BadFrame(what)));
+        }
+        other => other.map_err(protocol_err)?,
+    };
+    let (spoken, kind, workload, name, cpu_flags, rootfs) = match hello {
+        Message::Hello {
+            protocol: p,
+            version,
+            kind,
+            workload,
+            name,
+            cpu_flags,
+            rootfs,
+        } => ((p, version), kind, workload, name, cpu_flags, rootfs),
+        m => {
+            return Err(protocol_err(protocol::ProtocolError::Unexpected {
+                got: protocol::name_of(&m),
+                expected: "hello",
+            }))
+        }
+    };
     let fail = |what: String| MigrateError::Receive {
         workload: workload.clone(),
         peer: peer.clone(),
@@ -695,4 +708,35 @@ fn build(
         let _ = std::fs::remove_file(m);
     }
     built
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_greeting_it_cannot_read_is_answered_with_a_refusal() {
+        let (mut source, dest) = UnixStream::pair().expect("socketpair");
+        // A newer source's kind of workload this version does not know.
+        let hello = br#"{"type":"hello","protocol":"stasis-migrate","version":3,"kind":"pod","workload":"pod web","name":"web"}"#;
+        protocol::write_frame(&mut source, protocol::FRAME_CONTROL, hello).expect("send");
+        let state = std::env::temp_dir().join(format!("stasis-rx-unit-{}", std::process::id()));
+        let opts = ReceiveOptions {
+            state: StateDir::new(&state),
+            max_image_bytes: 1 << 20,
+            inherit_stdio: false,
+            cpu_flags: Vec::new(),
+            cgroup_parent: None,
+        };
+        let got = receive_one(Box::new(dest), "a test", &opts);
+        assert!(matches!(got, Err(MigrateError::Protocol { .. })), "{got:?}");
+        match protocol::recv_control(&mut source, "refused") {
+            Ok(Message::Refused { reason }) => {
+                assert!(reason.contains("version 2"), "{reason}");
+            }
+            other => panic!("the source heard {other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&state);
+    }
 }
