@@ -19,6 +19,7 @@ pub mod listener;
 pub mod protocol;
 pub mod receiver;
 pub mod rootfs;
+pub mod rounds;
 pub mod source;
 pub mod tls;
 

@@ -13,6 +13,8 @@
 //! says how to settle it ([`MigrateError::Unsettled`]).
 
 use crate::protocol::{self, Message, FRAME_FILES, FRAME_IMAGE, FRAME_PAGES};
+pub use crate::rounds::RoundReport;
+use crate::rounds::{per_second, Rounds};
 use crate::tls::Conn;
 use crate::MigrateError;
 use serde::Serialize;
@@ -20,7 +22,7 @@ use stasis_checkpoint::{ImageSink, PageSink, Progress};
 use stasis_runtime::sys::{
     take_termination_signal, termination_pending, TerminationSignalsBlocked,
 };
-use stasis_workload::{Kind, Report, Round, Source, WorkloadError};
+use stasis_workload::{Kind, Report, Source, WorkloadError};
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
@@ -66,27 +68,6 @@ pub struct RootfsReport {
     pub changed: u64,
     pub removed: u64,
     pub copy_us: u64,
-}
-
-/// One pre-copy round, as the source saw it.
-#[derive(Debug, Clone, Serialize)]
-pub struct RoundReport {
-    /// 1, 2, ...
-    pub round: u32,
-    /// Copied while the workload was frozen (the last round).
-    pub frozen: bool,
-    pub pages: u64,
-    /// Bytes sent (pages frames).
-    pub bytes: u64,
-    pub us: u64,
-    /// Bytes per second this round was sent at.
-    pub rate: u64,
-    /// Bytes per second the workload wrote: what this round found written, over the time
-    /// since the round before began (none for the first round).
-    pub dirty_rate: Option<u64>,
-    /// The downtime of the memory copy if the workload were frozen after this round: what
-    /// it writes meanwhile, at the best rate seen (none for the first round).
-    pub expected_downtime_us: Option<u64>,
 }
 
 /// What a migration measured (microseconds; downtime as stasis sees it).
@@ -545,7 +526,7 @@ fn send_workload(
             let report = rounds.add(r, wire.page_bytes - before, began);
             on_round(&report);
             progress(wire.page_bytes, t.resident.max(wire.page_bytes));
-            if let Some(why) = rounds.switch_now(opts) {
+            if let Some(why) = rounds.switch_now(opts.max_downtime, opts.max_rounds) {
                 out.switchover = why;
                 break;
             }
@@ -625,87 +606,6 @@ fn send_workload(
     };
     out.build_us = micros(tb.elapsed());
     Ok(())
-}
-
-/// The rounds copied while the workload runs, and when to stop them.
-#[derive(Default)]
-struct Rounds {
-    done: Vec<RoundReport>,
-    /// When the round before the last began.
-    last_began: Option<Instant>,
-    /// The best send rate seen (rounds of at least a few MiB), bytes per second.
-    best_rate: u64,
-}
-
-/// A round shorter than this says little about the send rate.
-const RATE_SAMPLE: u64 = 4 << 20;
-/// The send rate assumed before a round has measured one (bytes per second).
-const RATE_GUESS: u64 = 256 << 20;
-
-impl Rounds {
-    /// Records a round of `r.pages` pages (`bytes` sent) that began at `began`.
-    fn add(&mut self, r: Round, bytes: u64, began: Instant) -> RoundReport {
-        let took = began.elapsed();
-        let rate = per_second(bytes, took);
-        if bytes >= RATE_SAMPLE {
-            self.best_rate = self.best_rate.max(rate);
-        }
-        let send_rate = match self.best_rate {
-            0 => RATE_GUESS,
-            b => b,
-        };
-        // What this round found written was written since the round before began.
-        let dirty_rate = self
-            .last_began
-            .map(|prev| per_second(bytes, began.duration_since(prev)));
-        // Frozen now, the last round copies what is written during about one round.
-        let expected_downtime_us = dirty_rate.map(|d| {
-            let bytes_then = d as f64 * took.as_secs_f64();
-            (bytes_then / send_rate as f64 * 1e6) as u64
-        });
-        self.last_began = Some(began);
-        let report = RoundReport {
-            round: self.done.len() as u32 + 1,
-            frozen: false,
-            pages: r.pages,
-            bytes,
-            us: micros(took),
-            rate,
-            dirty_rate,
-            expected_downtime_us,
-        };
-        self.done.push(report.clone());
-        report
-    }
-
-    /// Why to freeze now, or None for another round.
-    fn switch_now(&self, opts: &MigrateOptions) -> Option<String> {
-        let n = self.done.len();
-        let last = self.done.last()?;
-        let limit = micros(opts.max_downtime);
-        if let Some(e) = last.expected_downtime_us.filter(|&e| e <= limit) {
-            return Some(format!(
-                "expected downtime {:.1} ms is within {:.1} ms",
-                e as f64 / 1e3,
-                limit as f64 / 1e3
-            ));
-        }
-        if n >= opts.max_rounds as usize {
-            return Some(format!("{n} rounds (--max-rounds)"));
-        }
-        if n >= 3 && last.pages >= self.done[n - 2].pages {
-            return Some(format!(
-                "the pages written stopped shrinking ({} after {})",
-                last.pages,
-                self.done[n - 2].pages
-            ));
-        }
-        None
-    }
-}
-
-fn per_second(bytes: u64, d: Duration) -> u64 {
-    (bytes as f64 / d.as_secs_f64().max(1e-6)) as u64
 }
 
 fn micros(d: Duration) -> u64 {
