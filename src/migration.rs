@@ -381,7 +381,7 @@ pub fn receive(state: &StateDir, a: ReceiveArgs) -> Result<i32> {
     let worker = stasis_migrate::listener::Worker {
         program,
         args,
-        incoming: stasis_migrate::receiver::incoming_dir(state),
+        incoming: stasis_migrate::incoming::incoming_dir(state),
     };
     stasis_migrate::listener::serve(addr, worker, a.max_parallel, |m| {
         eprintln!("stasis receive: {m}")

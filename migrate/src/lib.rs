@@ -2,12 +2,14 @@
 //! on the destination.
 //!
 //! [`protocol`] is the wire protocol, written down in one place. [`source`] drives a
-//! [`stasis_workload::Source`] through freeze → write state into the connection → commit →
-//! discard; [`receiver`] builds what it is sent with [`stasis_workload::build`], holds it
-//! stopped until the source commits, then resumes it. [`listener`] is the long-running
-//! server that accepts migrations (tokio) and hands each connection to a worker process of
-//! its own, so a restored tree is never the child of the server and a crash of one
-//! migration cannot take the others along.
+//! [`stasis_workload::Source`] through pre-copy rounds ([`rounds`] decides when they end) →
+//! freeze → last round and state into the connection → commit → discard; [`receiver`]
+//! builds what it is sent with [`stasis_workload::build`], holds it stopped until the
+//! source commits, then resumes it; what it keeps meanwhile, and how that goes if it fails,
+//! is [`incoming`]; a container's own files travel as [`rootfs`] streams. [`listener`] is
+//! the long-running server that accepts migrations (tokio) and hands each connection to a
+//! worker process of its own, so a restored tree is never the child of the server and a
+//! crash of one migration cannot take the others along.
 //!
 //! Peers authenticate with mutual TLS ([`tls`]; plain TCP only with `--insecure`). A VM's
 //! memory goes over in pre-copy rounds while it runs (KVM's dirty log) into the memory the
@@ -15,6 +17,7 @@
 //! state; a process tree or a container goes in one stop-and-copy round (their dirty
 //! tracking is not there yet).
 
+pub mod incoming;
 pub mod listener;
 pub mod protocol;
 pub mod receiver;

@@ -19,7 +19,7 @@ pub const WORKER_FD: i32 = 3;
 pub struct Worker {
     pub program: std::path::PathBuf,
     pub args: Vec<String>,
-    /// Where workers store what they receive (see [`crate::receiver::remove_incoming`]:
+    /// Where workers store what they receive (see [`crate::incoming::remove_incoming`]:
     /// removed here once the worker is gone, however it ended).
     pub incoming: std::path::PathBuf,
 }
@@ -116,7 +116,7 @@ async fn run_worker(
     let status = child.wait().await;
     // A worker that was killed left what it received behind.
     if let Some(pid) = pid {
-        crate::receiver::remove_incoming(&worker.incoming, pid);
+        crate::incoming::remove_incoming(&worker.incoming, pid);
     }
     status
 }
