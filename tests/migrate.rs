@@ -686,8 +686,14 @@ fn ctrl_c_on_the_source_during_pre_copy_leaves_the_vm_running_and_nothing_there(
     let hosts = TwoHosts::new("migrate-vm-sigint");
     let _vmms = Vmms(&hosts);
     let rx = Receiver::start(&hosts.b, None);
-    start_vm_with(&hosts.a, "int", &["--memory", "64m", "--vcpus", "2"]);
-    // Held down to 8 MiB/s, the first round takes seconds.
+    start_vm_with(&hosts.a, "int", &["--memory", "64m"]);
+    // Once the guest has written 8 MiB, a first round held down to 4 MiB/s takes at least
+    // 2 s: the signal below always comes before the freeze.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vm_progress(&hosts.a, "int", 0) < 2048 {
+        assert!(Instant::now() < deadline, "the guest does not write");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let args = [
         "migrate",
         "int",
@@ -695,7 +701,7 @@ fn ctrl_c_on_the_source_during_pre_copy_leaves_the_vm_running_and_nothing_there(
         &rx.url,
         "--insecure",
         "--bandwidth",
-        "8M",
+        "4M",
     ];
     let child = hosts
         .a
