@@ -45,7 +45,7 @@ pub fn incoming_rootfs_marker(dir: &Path, pid: u32) -> PathBuf {
     dir.join(format!("{pid}.rootfs-at"))
 }
 
-/// While worker `pid` builds a container, this file in `dir` names its cgroup parent and
+/// While worker `pid` builds a container, this file in `dir` names its cgroup and its
 /// name (a line each): a listener whose worker was killed then removes the cgroup the
 /// build left (its processes died with the worker; its network namespace with them).
 pub fn incoming_container_marker(dir: &Path, pid: u32) -> PathBuf {
@@ -60,10 +60,10 @@ pub fn remove_incoming(dir: &Path, pid: u32) {
     let marker = incoming_container_marker(dir, pid);
     if let (Ok(text), Some(state)) = (std::fs::read_to_string(&marker), dir.parent()) {
         let state = StateDir::new(state);
-        if let Some((parent, name)) = text.split_once('\n') {
+        if let Some((rel, name)) = text.split_once('\n') {
             let live = stasis_runtime::container::running(&state, name).is_ok();
             if let (false, Ok(h)) = (live, stasis_runtime::cgroups::Hierarchy::detect()) {
-                let _ = stasis_runtime::container::remove_orphan_cgroup(&h, parent, name);
+                let _ = stasis_runtime::container::remove_orphan_cgroup(&h, rel);
             }
         }
         let _ = std::fs::remove_file(marker);

@@ -438,6 +438,7 @@ fn build(
         .map_err(|e| refused(format!("opening /dev/null: {e}")))?;
     let mut tree = stasis_restore::Options {
         container_cgroup_parent: opts.cgroup_parent.clone(),
+        container_rootfs: stream.rootfs.as_ref().map(|r| r.dir.clone()),
         ..Default::default()
     };
     if !opts.inherit_stdio {
@@ -477,19 +478,12 @@ fn build(
         started: Instant::now(),
         memory: stream.memory.clone(),
     };
-    let mut opts_build = opts_build;
-    if let Some(r) = &stream.rootfs {
-        opts_build.tree.container_rootfs = Some(r.dir.clone());
-    }
     // A container's build leaves a cgroup if this worker is killed: say where.
     // (A container always comes with a name: see `refusal`.)
     let marker = name.filter(|_| kind == Kind::Container).map(|name| {
-        let parent = opts
-            .cgroup_parent
-            .as_deref()
-            .unwrap_or(stasis_runtime::cgroups::DEFAULT_PARENT);
+        let rel = stasis_runtime::container::cgroup_path(opts.cgroup_parent.as_deref(), name);
         let m = incoming_container_marker(&incoming_dir(&opts.state), std::process::id());
-        let _ = std::fs::write(&m, format!("{parent}\n{name}"));
+        let _ = std::fs::write(&m, format!("{rel}\n{name}"));
         m
     });
     let built = stasis_workload::build(

@@ -302,11 +302,7 @@ pub fn restore_container(
         e => err(&name, e),
     })?;
     let h = Hierarchy::detect().map_err(|e| err(&name, e))?;
-    let parent = opts
-        .container_cgroup_parent
-        .as_deref()
-        .unwrap_or(stasis_runtime::cgroups::DEFAULT_PARENT);
-    let rel = ct::cgroup_path(parent, &name);
+    let parent = opts.container_cgroup_parent.as_deref();
     let cg = ct::new_cgroup(&h, parent, &name).map_err(|e| err(&name, e))?;
     let mut veth = None;
     let result = (|| -> Result<(Stats, Record), RestoreError> {
@@ -417,7 +413,7 @@ pub fn restore_container(
             command: c.command.clone(),
             net,
             bridge,
-            cgroup: rel.clone(),
+            cgroup: cg.rel().to_string(),
             limits: cg.read_limits().map_err(|e| err(&name, e))?,
             log: log.map(|(p, _)| p),
         };

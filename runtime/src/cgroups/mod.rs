@@ -12,9 +12,10 @@
 //!
 //! # Where cgroups are made
 //!
-//! A [`Cgroup`] is a path `rel` (e.g. [`default_rel`]`("web")` = `stasis/web`) relative to the
-//! root of every hierarchy it uses: `/sys/fs/cgroup/stasis/web` on a cgroup2-only host;
-//! `/sys/fs/cgroup/memory/stasis/web`, `/sys/fs/cgroup/pids/stasis/web`, ... and
+//! A [`Cgroup`] is a path `rel` (a container's is `crate::container::cgroup_path`, e.g.
+//! `stasis/web`) relative to the root of every hierarchy it uses: `/sys/fs/cgroup/stasis/web`
+//! on a cgroup2-only host; `/sys/fs/cgroup/memory/stasis/web`,
+//! `/sys/fs/cgroup/pids/stasis/web`, ... and
 //! `/sys/fs/cgroup/unified/stasis/web` on a hybrid one. The roots are the mount points as
 //! this process sees them (in a cgroup namespace, the namespace's root). The parent
 //! (`stasis`) is shared by every container and left in place by [`Cgroup::remove`]. On
@@ -77,11 +78,6 @@ pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long [`Cgroup::kill`] waits for the cgroup to be empty.
 pub const KILL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The cgroup path of container `name`: `stasis/NAME`.
-pub fn default_rel(name: &str) -> String {
-    format!("{DEFAULT_PARENT}/{name}")
-}
 
 pub(crate) fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path)
@@ -304,7 +300,7 @@ impl Cgroup {
             .map(|d| Freezer::V1(d.clone()))
     }
 
-    /// Makes cgroup `rel` (e.g. [`default_rel`]) in every hierarchy it uses: the hierarchies
+    /// Makes cgroup `rel` (e.g. `stasis/web`) in every hierarchy it uses: the hierarchies
     /// of memory, cpu, pids and io, plus cgroup2 (freezer, kill, CPU time) or, without it, the
     /// v1 cpuacct and freezer ones. Enables the controllers in the cgroup2 parents. Fails if it
     /// already exists anywhere; on failure removes what it made.

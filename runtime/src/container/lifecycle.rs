@@ -27,10 +27,10 @@ pub struct Config {
     pub detach: bool,
 }
 
-/// The cgroup of container `name` below `parent` (default [`DEFAULT_PARENT`]), relative to
+/// The cgroup of container `name` below `parent` (None: [`DEFAULT_PARENT`]), relative to
 /// each hierarchy's root.
-pub fn cgroup_path(parent: &str, name: &str) -> String {
-    format!("{parent}/{name}")
+pub fn cgroup_path(parent: Option<&str>, name: &str) -> String {
+    format!("{}/{name}", parent.unwrap_or(DEFAULT_PARENT))
 }
 
 /// Checks a cgroup parent given by an operator (`--cgroup-parent`): a relative path of
@@ -135,21 +135,27 @@ fn check_command(rootfs: Option<&Path>, cmd: &str) -> Result<(), ContainerError>
     }
 }
 
-/// Creates the cgroup of container `name` below `parent`. One left empty by a crashed
-/// stasis (no record names it any more) is removed first; one that still holds processes
-/// is refused.
-pub fn new_cgroup(h: &Hierarchy, parent: &str, name: &str) -> Result<Cgroup, ContainerError> {
-    check_cgroup_parent(parent)?;
-    remove_orphan_cgroup(h, parent, name)?;
-    Ok(Cgroup::create(h, &cgroup_path(parent, name))?)
+/// Creates the cgroup of container `name` below `parent` (None: [`DEFAULT_PARENT`]). One
+/// left empty by a crashed stasis (no record names it any more) is removed first; one that
+/// still holds processes is refused.
+pub fn new_cgroup(
+    h: &Hierarchy,
+    parent: Option<&str>,
+    name: &str,
+) -> Result<Cgroup, ContainerError> {
+    if let Some(p) = parent {
+        check_cgroup_parent(p)?;
+    }
+    let rel = cgroup_path(parent, name);
+    remove_orphan_cgroup(h, &rel)?;
+    Ok(Cgroup::create(h, &rel)?)
 }
 
-/// Removes the cgroup of container `name` below `parent` if it exists empty (left by a
+/// Removes cgroup `rel` (a container's, see [`cgroup_path`]) if it exists empty (left by a
 /// stasis that died while it built the container); one that holds processes is refused.
 /// Only for a name no live record names.
-pub fn remove_orphan_cgroup(h: &Hierarchy, parent: &str, name: &str) -> Result<(), ContainerError> {
-    let rel = cgroup_path(parent, name);
-    if let Ok(old) = Cgroup::open(h, &rel) {
+pub fn remove_orphan_cgroup(h: &Hierarchy, rel: &str) -> Result<(), ContainerError> {
+    if let Ok(old) = Cgroup::open(h, rel) {
         let pids = old.pids()?;
         if !pids.is_empty() {
             return Err(ContainerError::Invalid(format!(
@@ -302,9 +308,7 @@ pub fn run(state: &StateDir, cfg: &Config) -> Result<Record, ContainerError> {
     ];
 
     let h = Hierarchy::detect()?;
-    let parent = cfg.cgroup_parent.as_deref().unwrap_or(DEFAULT_PARENT);
-    let rel = cgroup_path(parent, &cfg.name);
-    let cg = new_cgroup(&h, parent, &cfg.name)?;
+    let cg = new_cgroup(&h, cfg.cgroup_parent.as_deref(), &cfg.name)?;
     let mut veth = None;
     let result = (|| -> Result<Record, ContainerError> {
         cg.apply(&cfg.limits)?;
@@ -365,7 +369,7 @@ pub fn run(state: &StateDir, cfg: &Config) -> Result<Record, ContainerError> {
             command: cfg.command.clone(),
             net: cfg.net,
             bridge,
-            cgroup: rel.clone(),
+            cgroup: cg.rel().to_string(),
             limits: cfg.limits.clone(),
             log: log.as_ref().map(|(p, _, _)| p.clone()),
         };
