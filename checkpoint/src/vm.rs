@@ -258,17 +258,16 @@ impl VmSession {
     /// the staging copy while the VM runs.
     fn stage_round(&mut self) -> Result<Round, CheckpointError> {
         let name = self.name.clone();
-        let memory = self.stats.memory;
         let began = Instant::now();
         let t = self
             .tracking
             .as_mut()
             .ok_or_else(|| vm_err(&name, "a round needs dirty tracking started"))?;
-        if t.staging.as_ref().is_none_or(Vec::is_empty) {
-            t.staging = Some(vec![0u8; usize_of(&name, memory)?]);
-        }
         let ranges = next_round(&self.state, &name, t)?;
-        let staging = t.staging.as_mut().map_or(&mut [][..], |v| &mut v[..]);
+        let staging = t
+            .staging
+            .as_mut()
+            .ok_or_else(|| vm_err(&name, "its rounds go to a sink, not a staging copy"))?;
         copy_ranges(&name, t.pid, t.host, &ranges, staging)?;
         Ok(self.count_round(&ranges, began))
     }
@@ -307,8 +306,8 @@ impl VmSession {
             };
             let resident = self.start_dirty_tracking()?;
             self.stats.staged = resident <= self.stats.staging_limit;
-            if let Some(t) = self.tracking.as_mut() {
-                t.staging = self.stats.staged.then(Vec::new);
+            if let (true, Some(t)) = (self.stats.staged, self.tracking.as_mut()) {
+                t.staging = Some(vec![0u8; usize_of(&self.name, self.stats.memory)?]);
             }
             if !self.stats.staged {
                 // Turned off again: the VM is paused while its memory is written.
@@ -585,20 +584,24 @@ fn copy_ranges(
     ranges: &[(u64, u64)],
     staging: &mut [u8],
 ) -> Result<(), CheckpointError> {
-    const STEP: u64 = 4 << 20;
-    for &(gpa, pages) in ranges {
-        let (mut at, end) = (gpa, gpa + pages * PAGE_SIZE);
-        while at < end {
-            let n = (end - at).min(STEP);
-            let (o, len) = (usize_of(name, at)?, usize_of(name, n)?);
-            let dst = staging
-                .get_mut(o..o + len)
-                .ok_or_else(|| vm_err(name, format!("page {at:#x} outside guest memory")))?;
-            read_guest(name, pid, host, at, dst)?;
-            at += n;
-        }
+    for (at, n) in pieces(ranges, 4 << 20) {
+        let (o, len) = (usize_of(name, at)?, usize_of(name, n)?);
+        let dst = staging
+            .get_mut(o..o + len)
+            .ok_or_else(|| vm_err(name, format!("page {at:#x} outside guest memory")))?;
+        read_guest(name, pid, host, at, dst)?;
     }
     Ok(())
+}
+
+/// The ranges ((gpa, pages)) as pieces of at most `step` bytes: (gpa, bytes).
+fn pieces(ranges: &[(u64, u64)], step: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    ranges.iter().flat_map(move |&(gpa, pages)| {
+        let end = gpa + pages * PAGE_SIZE;
+        (gpa..end)
+            .step_by(usize::try_from(step).unwrap_or(usize::MAX))
+            .map(move |at| (at, (end - at).min(step)))
+    })
 }
 
 /// The ranges ((gpa in bytes, pages)) the next round copies: the resident memory the first
@@ -625,18 +628,12 @@ fn send_ranges(
     ranges: &[(u64, u64)],
     to: &mut dyn PageSink,
 ) -> Result<(), CheckpointError> {
-    const STEP: u64 = 2 << 20;
     let mut buf = Vec::new();
-    for &(gpa, pages) in ranges {
-        let (mut at, end) = (gpa, gpa + pages * PAGE_SIZE);
-        while at < end {
-            let n = (end - at).min(STEP);
-            buf.resize(usize_of(name, n)?, 0);
-            read_guest(name, pid, host, at, &mut buf)?;
-            to.pages(at, &buf)
-                .map_err(|e| vm_err(name, format!("sending guest memory at {at:#x}: {e}")))?;
-            at += n;
-        }
+    for (at, n) in pieces(ranges, 2 << 20) {
+        buf.resize(usize_of(name, n)?, 0);
+        read_guest(name, pid, host, at, &mut buf)?;
+        to.pages(at, &buf)
+            .map_err(|e| vm_err(name, format!("sending guest memory at {at:#x}: {e}")))?;
     }
     Ok(())
 }
@@ -750,6 +747,16 @@ pub fn vm_to_proto(s: &VmSnapshot) -> proto::Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_come_in_pieces_of_at_most_a_step() {
+        let p = PAGE_SIZE;
+        let got: Vec<_> = pieces(&[(0, 5), (10 * p, 1)], 2 * p).collect();
+        assert_eq!(
+            got,
+            vec![(0, 2 * p), (2 * p, 2 * p), (4 * p, p), (10 * p, p)]
+        );
+    }
 
     #[test]
     fn merges_ranges() {
