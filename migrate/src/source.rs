@@ -61,7 +61,7 @@ impl Default for MigrateOptions {
 }
 
 /// A container's root file system, as it went along.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RootfsReport {
     pub bytes: u64,
     pub entries: u64,
@@ -338,20 +338,12 @@ fn migrate_held(
 
     // Until the commit, any failure resumes the workload (or stops tracking it) and tells
     // the destination to drop what it holds.
-    let mut frozen_at = None;
     let mut sent = Sent::default();
-    let result = send_workload(
-        w,
-        &mut conn,
-        opts,
-        progress,
-        on_round,
-        &mut frozen_at,
-        &mut sent,
-    )
-    .and_then(|()| match termination_pending() {
-        Some(signal) => Err(interrupted(&workload, signal)),
-        None => Ok(()),
+    let result = send_workload(w, &mut conn, opts, progress, on_round, &mut sent).and_then(|()| {
+        match termination_pending() {
+            Some(signal) => Err(interrupted(&workload, signal)),
+            None => Ok(()),
+        }
     });
     if let Err(e) = result {
         let reason = e.to_string();
@@ -362,7 +354,7 @@ fn migrate_held(
             None => abandoned.into(),
         });
     }
-    let t_frozen = frozen_at.unwrap_or(t0);
+    let t_frozen = sent.frozen_at.unwrap_or(t0);
 
     // From here the destination may run it: this copy is never resumed.
     stasis_runtime::failpoints::hit("migrate-before-commit");
@@ -404,13 +396,7 @@ fn migrate_held(
         rounds: sent.rounds,
         page_bytes: sent.page_bytes,
         image_bytes: sent.image_bytes,
-        rootfs: opts.rootfs.as_ref().map(|_| RootfsReport {
-            bytes: sent.file_bytes,
-            entries: sent.rootfs_entries,
-            changed: sent.rootfs_changed,
-            removed: sent.rootfs_removed,
-            copy_us: sent.rootfs_us,
-        }),
+        rootfs: sent.rootfs,
         downtime_us: micros(downtime),
         discard_us: micros(discard),
         precopy_us: sent.precopy_us,
@@ -434,23 +420,21 @@ struct Sent {
     precopy_us: u64,
     transfer_us: u64,
     build_us: u64,
-    file_bytes: u64,
-    rootfs_us: u64,
-    rootfs_entries: u64,
-    rootfs_changed: u64,
-    rootfs_removed: u64,
+    /// A container's root file system, as it went.
+    rootfs: Option<RootfsReport>,
+    /// When the workload was frozen.
+    frozen_at: Option<Instant>,
 }
 
 /// Everything before the commit: the pre-copy rounds (where the workload's memory is
-/// tracked), the freeze (its instant in `frozen_at`), the last round and the state, then
-/// the destination's word that it holds the workload.
+/// tracked), the freeze, the last round and the state, then the destination's word that it
+/// holds the workload.
 fn send_workload(
     w: &mut dyn Source,
     conn: &mut Box<dyn Conn>,
     opts: &MigrateOptions,
     progress: Progress<'_>,
     on_round: OnRound<'_>,
-    frozen_at: &mut Option<Instant>,
     out: &mut Sent,
 ) -> Result<(), WorkloadError> {
     let workload = w.describe();
@@ -496,8 +480,11 @@ fn send_workload(
         let tf = Instant::now();
         wire.files_stream(|wire| {
             let (m, sent) = crate::rootfs::send_all(root, wire)?;
-            out.rootfs_entries = sent.entries;
             manifest = Some(m);
+            out.rootfs = Some(RootfsReport {
+                entries: sent.entries,
+                ..Default::default()
+            });
             Ok(Vec::new())
         })
         .map_err(|e| {
@@ -506,7 +493,9 @@ fn send_workload(
                 root.display()
             ))
         })?;
-        out.rootfs_us = micros(tf.elapsed());
+        if let Some(r) = out.rootfs.as_mut() {
+            r.copy_us = micros(tf.elapsed());
+        }
         // Tests hold it here (FAILPOINTS="migrate-rootfs-copied=sleep(N)") so the container
         // changes its files before the freeze.
         stasis_runtime::failpoints::hit("migrate-rootfs-copied");
@@ -538,15 +527,16 @@ fn send_workload(
     }
 
     w.freeze()?;
-    *frozen_at = Some(Instant::now());
+    out.frozen_at = Some(Instant::now());
     let tt = Instant::now();
     wire.throttle = None;
     // What changed in its root file system since.
     if let (Some(root), Some(before)) = (&opts.rootfs, &manifest) {
         wire.files_stream(|wire| {
             let (gone, sent) = crate::rootfs::send_changes(root, before, wire)?;
-            out.rootfs_changed = sent.entries;
-            out.rootfs_removed = sent.removed;
+            if let Some(r) = out.rootfs.as_mut() {
+                (r.changed, r.removed) = (sent.entries, sent.removed);
+            }
             Ok(gone)
         })
         .map_err(|e| broke(format!("sending what changed in {}: {e}", root.display())))?;
@@ -588,7 +578,9 @@ fn send_workload(
     out.transfer_us = micros(tt.elapsed());
     out.image_bytes = image_bytes;
     out.page_bytes = page_bytes;
-    out.file_bytes = file_bytes;
+    if let Some(r) = out.rootfs.as_mut() {
+        r.bytes = file_bytes;
+    }
     let tb = Instant::now();
     let answer = protocol::recv_control(conn, "held")
         .map_err(|e| broke(format!("waiting for the destination to hold it: {e}")))?;
