@@ -14,7 +14,7 @@
 //! given write rates and the redis container are not measured yet: processes have no
 //! pre-copy yet (see the README).
 
-use super::{median, Args};
+use super::{median, vm, Args};
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -26,8 +26,6 @@ use std::time::{Duration, Instant};
 #[allow(dead_code)]
 mod pki;
 
-/// Delay-loop iterations between the guest's steps once its memory is filled.
-const STEP_DELAY: &str = "200000";
 const PORT: u16 = 47100;
 
 /// Two network namespaces joined by a veth pair, each a "host" with its own state dir.
@@ -207,38 +205,25 @@ fn receiver(h: &Hosts, side: char, t: &Transport) -> Result<Receiver, String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let mut err = child.stderr.take().ok_or("no stderr")?;
-    let mut seen = Vec::new();
-    let mut b = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("listening on") {
-        let n = err.read(&mut b).map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err(format!("receiver: {}", String::from_utf8_lossy(&seen)));
-        }
-        seen.extend_from_slice(&b[..n]);
+    let err = child.stderr.take().ok_or("no stderr")?;
+    let mut lines = std::io::BufReader::new(err).lines().map_while(Result::ok);
+    let mut seen = String::new();
+    while !seen.contains("listening on") {
+        let line = lines.next().ok_or_else(|| format!("receiver: {seen}"))?;
+        seen += &line;
+        seen.push('\n');
     }
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            if let Some(mib) = peak_of(&line) {
-                let _ = tx.send(mib);
-            }
+        for mib in lines.filter_map(|l| peak_of(&l)) {
+            let _ = tx.send(mib);
         }
     });
     Ok(Receiver(child, rx))
 }
 
 fn counter(h: &Hosts, side: char) -> u64 {
-    ok(h.stasis(side, &["vm", "ps", "--json"]))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| {
-            v.as_array()?
-                .iter()
-                .find(|r| r["name"] == "bench-mig")
-                .and_then(|r| r["counter"].as_u64())
-        })
-        .unwrap_or(0)
+    ok(h.stasis(side, &["vm", "ps", "--json"])).map_or(0, |t| vm::counter_in(&t, "bench-mig"))
 }
 
 #[derive(Default)]
@@ -396,28 +381,8 @@ fn one_migration(
 
 fn one_size(h: &Hosts, mib: u64, t: &Transport, args: &Args) -> Result<Samples, String> {
     let mem = format!("{mib}m");
-    let vm = [
-        "vm",
-        "run",
-        "--name",
-        "bench-mig",
-        "--memory",
-        &mem,
-        "--guest",
-        "demo",
-        "--detach",
-        "--step-delay",
-        STEP_DELAY,
-    ];
-    ok(h.stasis('a', &vm))?;
-    let pages = ((mib << 20) - (1 << 20)) / 4096;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while counter(h, 'a') < pages {
-        if Instant::now() > deadline {
-            return Err("the guest did not fill its memory within 120 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ok(h.stasis('a', &vm::demo_run_args("bench-mig", &mem)))?;
+    vm::wait_filled(mib, 120, || counter(h, 'a'))?;
     let mut s = Samples::default();
     let mut at = 'a';
     for _ in 0..args.runs {

@@ -12,6 +12,56 @@ use std::time::{Duration, Instant};
 /// Delay-loop iterations between the guest's steps once its memory is filled.
 const STEP_DELAY: &str = "200000";
 
+/// `vm run` arguments of the demo VM `name` with `mem` of memory, detached, writing slowly
+/// once its memory is filled (see [`wait_filled`]).
+pub fn demo_run_args<'a>(name: &'a str, mem: &'a str) -> [&'a str; 11] {
+    [
+        "vm",
+        "run",
+        "--name",
+        name,
+        "--memory",
+        mem,
+        "--guest",
+        "demo",
+        "--detach",
+        "--step-delay",
+        STEP_DELAY,
+    ]
+}
+
+/// Waits (at most `secs`) until the demo guest of `mib` MiB has written every page of its
+/// work memory once, as `counter` reports.
+pub fn wait_filled(mib: u64, secs: u64, counter: impl Fn() -> u64) -> Result<(), String> {
+    let pages = work_pages(mib);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while counter() < pages {
+        if Instant::now() > deadline {
+            return Err(format!("the guest did not fill its memory within {secs} s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The pages of work memory of a demo guest of `mib` MiB (all but its first MiB).
+fn work_pages(mib: u64) -> u64 {
+    ((mib << 20) - (1 << 20)) / 4096
+}
+
+/// The counter of VM `name` in the text of `stasis vm ps --json` (0 if it is not there).
+pub fn counter_in(ps_json: &str, name: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(ps_json)
+        .ok()
+        .and_then(|v| {
+            v.as_array()?
+                .iter()
+                .find(|r| r["name"] == name)
+                .and_then(|r| r["counter"].as_u64())
+        })
+        .unwrap_or(0)
+}
+
 #[derive(Default)]
 struct VmSamples {
     pause: Vec<f64>,
@@ -34,16 +84,7 @@ fn field(text: &str, path: &[&str]) -> f64 {
 }
 
 fn counter(state: &str, name: &str) -> u64 {
-    ok(&["--state-dir", state, "vm", "ps", "--json"])
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| {
-            v.as_array()?
-                .iter()
-                .find(|r| r["name"] == name)
-                .and_then(|r| r["counter"].as_u64())
-        })
-        .unwrap_or(0)
+    ok(&["--state-dir", state, "vm", "ps", "--json"]).map_or(0, |t| counter_in(&t, name))
 }
 
 fn one_run(mib: u64, img: &Path, state: &str, s: &mut VmSamples) -> Result<(), String> {
@@ -51,29 +92,11 @@ fn one_run(mib: u64, img: &Path, state: &str, s: &mut VmSamples) -> Result<(), S
     let mem = format!("{mib}m");
     let img = img.display().to_string();
     let live = format!("{img}.live");
-    ok(&[
-        "--state-dir",
-        state,
-        "vm",
-        "run",
-        "--name",
-        name,
-        "--memory",
-        &mem,
-        "--guest",
-        "demo",
-        "--detach",
-        "--step-delay",
-        STEP_DELAY,
-    ])?;
-    let pages = ((mib << 20) - (1 << 20)) / 4096;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while counter(state, name) < pages {
-        if Instant::now() > deadline {
-            return Err("the guest did not fill its memory within 60 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut run = vec!["--state-dir", state];
+    run.extend(demo_run_args(name, &mem));
+    ok(&run)?;
+    wait_filled(mib, 60, || counter(state, name))?;
+    let pages = work_pages(mib);
     let out = ok(&[
         "--state-dir",
         state,
