@@ -940,7 +940,8 @@ fn build_rootfs(host: &Host, name: &str) -> Option<PathBuf> {
 /// A container with a root file system of its own, on hosts that share no storage: its
 /// files go along, whole while it runs, then what it changed until the freeze (files made,
 /// rewritten and removed all the time by the container, which checks that its files agree
-/// with its memory at every step) into the destination's own directory.
+/// with its memory at every step) into the destination's own directory. A root file system
+/// of that name already there is refused first, the container running on.
 #[test]
 fn a_container_moves_with_its_root_file_system_copied() {
     const TEST: &str = "a_container_moves_with_its_root_file_system_copied";
@@ -978,6 +979,32 @@ fn a_container_moves_with_its_root_file_system_copied() {
         assert!(Instant::now() < deadline, "the container does not count");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A root file system of that name already on the destination is refused before
+    // anything is frozen: the container counts on here, nothing of it is there.
+    let taken = hosts.b.state.join("rootfs/copied");
+    std::fs::create_dir_all(&taken).expect("a root file system in the way");
+    std::fs::write(taken.join("mine"), "the destination's own").expect("its file");
+    let out = run_migrate(&hosts.a, "copied", &rx.url, &["--insecure"], None);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("a root file system for copied exists here"),
+        "{err}"
+    );
+    let at = count(&root);
+    while count(&root) <= at {
+        assert!(
+            Instant::now() < deadline,
+            "the refused container stopped counting"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(containers_on(&hosts.b).is_empty());
+    assert_eq!(
+        std::fs::read_to_string(taken.join("mine")).expect("its file"),
+        "the destination's own"
+    );
+    std::fs::remove_dir_all(&taken).expect("clear the way");
     let out = run_migrate(
         &hosts.a,
         "copied",
