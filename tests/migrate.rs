@@ -955,12 +955,14 @@ fn a_container_moves_with_its_root_file_system_copied() {
         return;
     };
     let root_s = root.display().to_string();
-    // Memory (j) and files (/data) must agree at every step, across the move.
+    // Memory (j) and files (/data) must agree at every step, across the move. Each file
+    // f<j> lives five steps (100 ms): some that the first copy sends are always removed
+    // before the freeze (the failpoint below holds it 500 ms), whichever it finds.
     let script = "mkdir -p /data; j=0; echo 0 > /data/count; touch /data/f0; \
                   while :; do \
                     [ \"$(cat /data/count)\" = \"$j\" ] || echo \"count $j\" >> /data/errors; \
                     [ -e /data/f$j ] || echo \"f$j\" >> /data/errors; \
-                    j=$((j+1)); echo $j > /data/count; touch /data/f$j; rm /data/f$((j-1)); \
+                    j=$((j+1)); echo $j > /data/count; touch /data/f$j; rm -f /data/f$((j-5)); \
                     sleep 0.02; \
                   done";
     let args = [

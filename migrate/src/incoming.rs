@@ -63,6 +63,11 @@ pub fn remove_incoming(dir: &Path, pid: u32) {
         if let Some((rel, name)) = text.split_once('\n') {
             let live = stasis_runtime::container::running(&state, name).is_ok();
             if let (false, Ok(h)) = (live, stasis_runtime::cgroups::Hierarchy::detect()) {
+                // Its processes, the held copy that was never committed, die with the
+                // worker: wait until they are gone (killing any left), then remove it.
+                if let Ok(cg) = stasis_runtime::cgroups::Cgroup::open(&h, rel) {
+                    let _ = cg.kill();
+                }
                 let _ = stasis_runtime::container::remove_orphan_cgroup(&h, rel);
             }
         }

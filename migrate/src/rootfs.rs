@@ -88,41 +88,96 @@ fn walk(root: &Path) -> io::Result<Vec<(PathBuf, std::fs::Metadata)>> {
 }
 
 /// Appends the entries to a tar stream into `w`; a file linked again (same inode) is sent
-/// as a hard link to its first path.
+/// as a hard link to its first path. The tree may be changing (a container running):
+/// a file or link gone since the walk is left out (returned, so it is not taken as sent),
+/// and a file is sent with exactly the size it had when opened (cut or padded with zeros
+/// if it changes meanwhile; its ctime then differs, so the frozen copy sends it again).
 fn append(
     root: &Path,
     entries: &[(PathBuf, std::fs::Metadata)],
     w: &mut dyn Write,
-) -> io::Result<()> {
+) -> io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut tar = tar::Builder::new(w);
     tar.follow_symlinks(false);
     let mut linked: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut gone = Vec::new();
+    let vanished = |e: &io::Error| {
+        e.kind() == io::ErrorKind::NotFound
+            || [libc::ELOOP, libc::ENXIO].contains(&e.raw_os_error().unwrap_or(0))
+    };
     for (rel, m) in entries {
+        // Whatever can fail because the entry is gone is done before anything of it is
+        // written.
+        let file = match m.is_file() {
+            true => match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(root.join(rel))
+                .and_then(|f| f.metadata().map(|fm| (f, fm)))
+            {
+                Ok((f, fm)) if fm.is_file() => Some((f, fm)),
+                Ok(_) => {
+                    gone.push(rel.clone());
+                    continue;
+                }
+                Err(e) if vanished(&e) => {
+                    gone.push(rel.clone());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+            false => None,
+        };
+        let target = match m.file_type().is_symlink() {
+            true => match std::fs::read_link(root.join(rel)) {
+                Ok(t) => Some(t),
+                Err(e) if vanished(&e) => {
+                    gone.push(rel.clone());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+            false => None,
+        };
+        let meta = file.as_ref().map_or(m, |(_, fm)| fm);
         // The tar header's mtime is whole seconds: the exact one rides in a PAX record
         // (a restore checks the files a process maps by it).
-        let mtime = format!("{}.{:09}", m.mtime(), m.mtime_nsec());
+        let mtime = format!("{}.{:09}", meta.mtime(), meta.mtime_nsec());
         tar.append_pax_extensions([("mtime", mtime.as_bytes())])?;
-        if m.is_file() && m.nlink() > 1 {
-            if let Some(first) = linked.get(&(m.dev(), m.ino())) {
-                let mut h = tar::Header::new_gnu();
-                h.set_metadata(m);
+        let mut h = tar::Header::new_gnu();
+        h.set_metadata(meta);
+        if meta.is_file() && meta.nlink() > 1 {
+            if let Some(first) = linked.get(&(meta.dev(), meta.ino())) {
                 h.set_entry_type(tar::EntryType::Link);
                 h.set_size(0);
                 tar.append_link(&mut h, rel, first)?;
                 continue;
             }
-            linked.insert((m.dev(), m.ino()), rel.clone());
+            linked.insert((meta.dev(), meta.ino()), rel.clone());
         }
-        tar.append_path_with_name(root.join(rel), rel)?;
+        match (file, target) {
+            (Some((f, fm)), _) => {
+                let size = fm.len();
+                let exact = f.take(size).chain(io::repeat(0).take(size));
+                tar.append_data(&mut h, rel, exact.take(size))?;
+            }
+            (None, Some(t)) => tar.append_link(&mut h, rel, t)?,
+            (None, None) if m.is_dir() => tar.append_data(&mut h, rel, io::empty())?,
+            (None, None) => tar.append_path_with_name(root.join(rel), rel)?,
+        }
     }
-    tar.finish()
+    tar.finish()?;
+    Ok(gone)
 }
 
 /// Sends the whole tree under `root` into `w` as a tar stream; returns what was sent.
 pub fn send_all(root: &Path, w: &mut dyn Write) -> io::Result<(Manifest, Sent)> {
     let began = SystemTime::now();
-    let entries = walk(root)?;
-    append(root, &entries, w)?;
+    let mut entries = walk(root)?;
+    let gone = append(root, &entries, w)?;
+    // What vanished before it was read was not sent: the frozen copy finds it or not.
+    entries.retain(|(p, _)| !gone.contains(p));
     let sent = Sent {
         entries: entries.len() as u64,
         removed: 0,
@@ -159,11 +214,11 @@ pub fn send_changes(
             changed.push((rel, m));
         }
     }
-    append(root, &changed, w)?;
+    let vanished = append(root, &changed, w)?;
     let mut gone: Vec<PathBuf> = before
         .entries
         .keys()
-        .filter(|p| !seen.contains(*p))
+        .filter(|p| !seen.contains(*p) || vanished.contains(p))
         .cloned()
         .collect();
     gone.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
@@ -295,6 +350,18 @@ mod tests {
         assert_eq!(sent.entries, 7, "root, etc, etc/d, and four entries");
         unpack(&tar[..], &dst).expect("unpack");
         assert_eq!(std::fs::read(dst.join("etc/a2")).expect("read"), b"one");
+        // An entry gone between the walk and its reading is left out, the stream whole.
+        let mut listed = walk(&src).expect("walk");
+        let ghost = std::fs::symlink_metadata(src.join("etc/a")).expect("meta");
+        listed.push((PathBuf::from("etc/ghost"), ghost));
+        let mut racy = Vec::new();
+        let left_out = append(&src, &listed, &mut racy).expect("append with a ghost");
+        assert_eq!(left_out, [PathBuf::from("etc/ghost")]);
+        let n = tar::Archive::new(&racy[..])
+            .entries()
+            .expect("entries")
+            .count();
+        assert_eq!(n, listed.len() - 1, "the stream holds every other entry");
         for p in ["etc/a", "etc", "etc/s"] {
             let (s, d) = (
                 std::fs::symlink_metadata(src.join(p)).expect("src"),
