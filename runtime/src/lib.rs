@@ -5,13 +5,14 @@
 //! ([`inject`]), reading and writing another process's memory ([`memory`]), creating a
 //! process with a chosen PID ([`spawn`]), container cgroups: limits, usage, freezing
 //! ([`cgroups`]), containers' network namespaces ([`netns`]), the System V IPC objects of
-//! their IPC namespaces ([`sysvipc`]) and the container runtime itself ([`container`]). The checkpoint and restore crates translate between this and the
+//! their IPC namespaces ([`sysvipc`]), the pages a process writes ([`write_tracking`]) and the container runtime itself ([`container`]). The checkpoint and restore crates translate between this and the
 //! image format; they never issue raw syscalls themselves.
 
 /// The freezer under its first path; it lives in [`cgroups::freezer`] now.
 pub mod cgroup {
     pub use crate::cgroups::freezer::{parse_mounts, parse_proc_cgroup, Freezer};
 }
+pub mod anon_region;
 pub mod cgroups;
 pub mod container;
 pub mod error;
@@ -38,6 +39,7 @@ pub mod tcp_repair;
 mod tool;
 pub mod unix_diag;
 pub mod unix_queue;
+pub mod write_tracking;
 
 pub use error::{Result, RuntimeError};
 
