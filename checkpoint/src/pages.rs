@@ -177,7 +177,8 @@ fn plan_process<'a>(
     let pagemap = Pagemap::open(pid)?;
     let mut skipped = 0;
     let mut entries = Vec::new();
-    for vma in &process.vmas {
+    // Pages that went ahead in pre-copy rounds are not in the image.
+    for vma in process.vmas.iter().filter(|v| !v.precopied) {
         let kind = vma.kind();
         let keep_file_pages = match kind {
             VmaKind::AnonPrivate => true,

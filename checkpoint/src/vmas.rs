@@ -112,6 +112,8 @@ fn classify_one(
             0
         },
         ghost_id,
+        // Marked by a migration whose rounds sent them (see TreeSession::write).
+        precopied: false,
         // A SysV segment's inode number is its id.
         sysv_shmid: if kind == VmaKind::SysvShm {
             u32::try_from(m.inode).map_err(|_| unsupported("segment id out of range"))?

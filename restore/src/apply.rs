@@ -34,6 +34,7 @@ pub fn apply(
         &dyn Fn() -> Result<(), RuntimeError>,
         Option<&crate::Hold>,
     ),
+    precopied: Option<&crate::Precopied>,
 ) -> Result<(Written, i32), RestoreError> {
     let root = procs.first().map_or(0, |p| p.pid as i32);
     let tree = spawn::spawn_tree(&plan.spec).map_err(|source| RestoreError::Apply {
@@ -75,6 +76,8 @@ pub fn apply(
                 ghost_fds: &plan.ghost_fds,
                 close_kept: last_of_table.contains(&k),
                 extra: Vec::new(),
+                precopied,
+                kept: precopied.map(|h| h.kept(p)).unwrap_or_default(),
             };
             let r = b.build(image, p, s.ctl_fd, &mut epolls_done);
             built.push(b);
@@ -214,6 +217,10 @@ struct Builder<'a> {
     close_kept: bool,
     /// Injectors of the threads after the main one, in image order.
     extra: Vec<Injector>,
+    /// The pages of its pre-copied mappings (see [`crate::precopied`]).
+    precopied: Option<&'a crate::Precopied>,
+    /// The regions of them it keeps to move into place (none: they are copied).
+    kept: Vec<(u64, u64)>,
 }
 
 impl Builder<'_> {
@@ -641,6 +648,7 @@ impl Builder<'_> {
             self.spec.trampoline,
             self.spec.trampoline + self.spec.trampoline_len(),
         ));
+        keep.extend_from_slice(&self.kept);
         keep.sort_unstable();
         let mut from = 0u64;
         for (s, e) in keep
@@ -724,6 +732,10 @@ impl Builder<'_> {
             let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
             let fixed = libc::MAP_FIXED_NOREPLACE as u64;
             match v.kind() {
+                VmaKind::AnonPrivate if v.precopied => {
+                    self.place_precopied(p, v)?;
+                    fixups.push((v.start, len, v.prot));
+                }
                 VmaKind::AnonPrivate => {
                     let flags = crate::mmflags::anon_private_flags(v) | fixed;
                     self.mmap(v.start, len, rw, flags, u64::MAX, 0)?;
@@ -807,6 +819,54 @@ impl Builder<'_> {
             crate::mmflags::advise(v, &mut |n, nr, a| self.call(n, nr, a))?;
         }
         Ok(fixups)
+    }
+
+    /// Makes pre-copied mapping `v` of `p` with its pages: its region moved into place, or
+    /// (see [`crate::precopied`]) mapped as usual and the pages that were sent copied in.
+    fn place_precopied(&mut self, p: &proto::Process, v: &proto::Vma) -> Result<(), RestoreError> {
+        let held = self
+            .precopied
+            .and_then(|h| h.mapping(p.pid as i32, v.start, v.end))
+            .ok_or_else(|| {
+                RestoreError::Invalid(format!(
+                    "process {}: the pages of mapping {:#x}-{:#x} are not held here",
+                    p.pid, v.start, v.end
+                ))
+            })?;
+        let len = v.end - v.start;
+        let at = held.region.addr();
+        if self.kept.iter().any(|&(s, _)| s == at) && crate::precopied::movable(v) {
+            self.call(
+                "mremap(pre-copied mapping)",
+                libc::SYS_mremap,
+                &[
+                    at,
+                    len,
+                    len,
+                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                    v.start,
+                ],
+            )?;
+            return Ok(());
+        }
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+        let flags = crate::mmflags::anon_private_flags(v) | libc::MAP_FIXED_NOREPLACE as u64;
+        self.mmap(v.start, len, rw, flags, u64::MAX, 0)?;
+        let bytes = held.region.as_slice();
+        for &(s, e) in &held.data {
+            let data = s
+                .checked_sub(v.start)
+                .filter(|_| e <= v.end && s <= e)
+                .and_then(|off| bytes.get(off as usize..(off + (e - s)) as usize));
+            let Some(data) = data else {
+                return Err(RestoreError::Invalid(format!(
+                    "process {}: pre-copied pages {s:#x}-{e:#x} lie outside mapping {:#x}-{:#x}",
+                    p.pid, v.start, v.end
+                )));
+            };
+            memory::write_remote(self.pid, &[(s, data.len())], data).map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// Opens `path` in the new process (close-on-exec); returns the fd.

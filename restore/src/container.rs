@@ -372,6 +372,7 @@ pub fn restore_container(
             inherit_fds: opts.inherit_fds.clone(),
             pid_wait: opts.pid_wait,
             hold: opts.hold.clone(),
+            precopied: opts.precopied.clone(),
             ..Default::default()
         };
         if let Some((_, f)) = &log {

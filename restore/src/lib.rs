@@ -31,6 +31,7 @@ pub mod locks;
 pub mod mmflags;
 pub mod pages;
 pub mod plan;
+pub mod precopied;
 pub mod seccomp;
 pub mod shmem;
 pub mod sockets;
@@ -38,6 +39,7 @@ pub mod validate;
 pub mod vm;
 
 pub use error::RestoreError;
+pub use precopied::{Precopied, PrecopiedMapping};
 
 use serde::Serialize;
 use stasis_image::Image;
@@ -76,6 +78,9 @@ pub struct Options {
     pub container_rootfs: Option<PathBuf>,
     /// A container's cgroup goes below this cgroup (None: stasis's default parent).
     pub container_cgroup_parent: Option<String>,
+    /// The pages of the mappings the image marks pre-copied (a migration's receiver holds
+    /// them; see [`precopied`]).
+    pub precopied: Option<std::sync::Arc<Precopied>>,
 }
 
 /// A restored tree, whole and stopped, that nothing of has run yet.
@@ -135,6 +140,7 @@ impl Default for Options {
             hold: None,
             container_rootfs: None,
             container_cgroup_parent: None,
+            precopied: None,
         }
     }
 }
@@ -193,6 +199,7 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
     let ghost_files = validate::ghost_files(&procs);
     for p in &procs {
         validate::process(image, p, &ghost_files, opts)?;
+        precopied::check(p, opts.precopied.as_deref())?;
     }
     validate::unix_pairs(&procs, opts)?;
     let cgroups = cgroups::plan(&procs, opts)?;
@@ -235,8 +242,13 @@ pub fn restore_tree(image: &Image, opts: &Options) -> Result<Stats, RestoreError
         .and_then(|r| r),
         None => stasis_runtime::netlock::unlock_all(&tcp, &held),
     };
-    let (written, pid) =
-        apply::apply(image, &procs, plan, (&cgroups, &unlock, opts.hold.as_ref()))?;
+    let (written, pid) = apply::apply(
+        image,
+        &procs,
+        plan,
+        (&cgroups, &unlock, opts.hold.as_ref()),
+        opts.precopied.as_deref(),
+    )?;
     // Held until every process has mapped its objects (apply returns after that).
     drop((ghosts, shmem));
     let warnings = Vec::new();
