@@ -350,7 +350,7 @@ struct Injected {
 }
 
 /// The blake3 hash of the vDSO text and the address of a `syscall` instruction in it.
-fn vdso_facts(pid: i32, vdso: &MapEntry) -> Result<([u8; 32], u64), CheckpointError> {
+pub(crate) fn vdso_facts(pid: i32, vdso: &MapEntry) -> Result<([u8; 32], u64), CheckpointError> {
     let mut text = vec![0u8; vdso.len() as usize];
     memory::read_remote(pid, &[(vdso.start, text.len())], &mut text)?;
     let hash = *blake3::hash(&text).as_bytes();

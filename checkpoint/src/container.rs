@@ -256,6 +256,13 @@ impl ContainerSession {
         self.tree.as_ref()
     }
 
+    /// See [`TreeSession::set_precopied`].
+    pub fn set_precopied(&mut self, covered: std::collections::BTreeMap<i32, Vec<(u64, u64)>>) {
+        if let Some(t) = self.tree.as_mut() {
+            t.set_precopied(covered);
+        }
+    }
+
     /// The tree's session, taken out for a step that ends it.
     fn take_tree(&mut self) -> Result<TreeSession, CheckpointError> {
         self.tree

@@ -21,6 +21,7 @@ pub mod membership;
 pub mod mmflags;
 pub mod pages;
 pub mod pidns;
+pub mod precopy;
 pub mod seccomp;
 pub mod session;
 pub mod sink;
@@ -32,7 +33,7 @@ pub mod vmas;
 
 pub use error::CheckpointError;
 pub use session::TreeSession;
-pub use sink::{FilePages, FileSink, ImageSink, PageSink, StreamSink};
+pub use sink::{FilePages, FileSink, ImageSink, PageSink, Ranges, StreamSink};
 
 use serde::Serialize;
 use stasis_image::Compression;
@@ -79,6 +80,9 @@ pub struct Stats {
     pub pages_zero: u64,
     /// Pages never touched (not present, not recorded).
     pub pages_skipped: u64,
+    /// Pages of mappings that went ahead in pre-copy rounds (not in the image; their
+    /// mappings' size).
+    pub pages_precopied: u64,
     pub bytes_raw: u64,
     pub bytes_stored: u64,
     pub image_bytes: u64,

@@ -32,6 +32,8 @@ pub struct TreeSession {
     t0: Instant,
     t_frozen: Instant,
     stats: Stats,
+    /// The mappings (host PID → ranges) whose pages went ahead in pre-copy rounds.
+    precopied: Option<std::collections::BTreeMap<i32, Vec<(u64, u64)>>>,
     /// Tied to the tracer thread.
     _thread: PhantomData<*const ()>,
 }
@@ -79,6 +81,7 @@ impl TreeSession {
             t0,
             t_frozen: Instant::now(),
             stats,
+            precopied: None,
             _thread: PhantomData,
         })
     }
@@ -91,6 +94,12 @@ impl TreeSession {
     /// What has been measured so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The mappings (host PID → their ranges) whose pages went whole in pre-copy rounds
+    /// ([`crate::precopy::TreeTracking::covered`]): the image leaves them out.
+    pub fn set_precopied(&mut self, covered: std::collections::BTreeMap<i32, Vec<(u64, u64)>>) {
+        self.precopied = Some(covered);
     }
 
     /// Collects the frozen tree's state and writes the whole image into `sink` (not
@@ -115,6 +124,9 @@ impl TreeSession {
             vmas::check_sysv_attaches(&procs, &host_shm)?;
         }
         membership::record(&mut procs)?;
+        if let Some(covered) = &self.precopied {
+            self.stats.pages_precopied = crate::precopy::mark(&mut procs, covered);
+        }
         procs.extend(frozen.zombies.iter().map(tree::Zombie::to_proto));
         // A detached container's standard I/O leads only to its log.
         descs::link(

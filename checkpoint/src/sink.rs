@@ -35,14 +35,51 @@ impl<T: ImageSink + ?Sized> ImageSink for &mut T {
 /// sends them over its connection; a local copy keeps them in memory.
 pub trait PageSink {
     /// `data` (whole pages) is the workload's memory at `addr` (a VM's guest-physical
-    /// address).
+    /// address, or a virtual address of the process named last by [`PageSink::process`]).
     fn pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()>;
+
+    /// What follows is of process `pid` (its PID as the image names it). A sink for a VM's
+    /// memory has no processes.
+    fn process(&mut self, pid: i32) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("this page sink takes no pages of processes (process {pid})"),
+        ))
+    }
+
+    /// `ranges` of the current process's memory: its mappings whose pages the rounds send
+    /// (a new one starts zero, one not listed is dropped), or ranges of them that read zero
+    /// now. Ascending, page-aligned, apart.
+    fn ranges(&mut self, kind: Ranges, ranges: &[(u64, u64)]) -> io::Result<()> {
+        let _ = ranges;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("this page sink takes no {kind:?} ranges of processes"),
+        ))
+    }
+}
+
+/// What a [`PageSink::ranges`] call says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ranges {
+    /// The mappings the rounds send pages of.
+    Mappings,
+    /// Ranges of them that read zero now.
+    Zero,
 }
 
 /// A sink lent for a while.
 impl<T: PageSink + ?Sized> PageSink for &mut T {
     fn pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()> {
         (**self).pages(addr, data)
+    }
+
+    fn process(&mut self, pid: i32) -> io::Result<()> {
+        (**self).process(pid)
+    }
+
+    fn ranges(&mut self, kind: Ranges, ranges: &[(u64, u64)]) -> io::Result<()> {
+        (**self).ranges(kind, ranges)
     }
 }
 

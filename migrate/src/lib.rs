@@ -19,6 +19,7 @@
 
 pub mod incoming;
 pub mod listener;
+pub mod process_pages;
 pub mod protocol;
 pub mod receiver;
 pub mod rootfs;

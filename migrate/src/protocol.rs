@@ -1,10 +1,10 @@
-//! The migration wire protocol, version 2: everything that crosses the connection between
+//! The migration wire protocol, version 3: everything that crosses the connection between
 //! `stasis migrate` (the source) and `stasis receive` (the destination) is defined here.
 //!
 //! # Frames
 //! Every frame is a 5-byte header, then its payload:
-//! - byte 0: the frame type, [`FRAME_CONTROL`], [`FRAME_IMAGE`], [`FRAME_PAGES`] or
-//!   [`FRAME_FILES`];
+//! - byte 0: the frame type, [`FRAME_CONTROL`], [`FRAME_IMAGE`], [`FRAME_PAGES`],
+//!   [`FRAME_FILES`] or [`FRAME_RANGES`];
 //! - bytes 1..5: the payload length, little-endian u32, at most [`MAX_CONTROL`] for a
 //!   control frame and [`MAX_IMAGE_FRAME`] for the others. A longer length, an unknown
 //!   type, or a connection that ends inside a frame is a protocol error: the peer is dropped.
@@ -14,9 +14,14 @@
 //! `stasis checkpoint` writes it to a stream: the receiver stores them and then opens them
 //! with the same reader (magic, version, bounded lengths, hashes) that protects `restore`.
 //! A pages frame carries pages of memory copied in a pre-copy round: a little-endian u64
-//! address (a VM's guest-physical address, page-aligned), then whole pages, all inside the
-//! memory announced by [`Message::Memory`]. A later frame for the same address replaces the
-//! earlier one's pages (they were written again). A files frame carries the next bytes of
+//! address (a VM's guest-physical address, or a virtual address of the process the last
+//! [`Message::Process`] named; page-aligned), then whole pages, all inside the memory
+//! announced by [`Message::Memory`] or inside one of that process's mappings. A later frame
+//! for the same address replaces the earlier one's pages (they were written again). A
+//! ranges frame carries one byte, [`RANGES_MAPPINGS`] or [`RANGES_ZERO`], then page-aligned
+//! (start, end) pairs of little-endian u64s, ascending and apart: the process's private
+//! anonymous mappings whose pages the rounds send (a new one starts zero; one no longer
+//! listed is dropped), or ranges of them that read zero now. A files frame carries the next bytes of
 //! a tar stream of a container's root file system (see [`crate::rootfs`]), which ends at
 //! [`Message::FilesEnd`].
 //!
@@ -30,10 +35,14 @@
 //!  files-end                           ->  (its root file system, whole, while it runs)]
 //! [memory {bytes}                      ->  (guest memory made, zero)
 //!  pages frames ..., round after round ->  (written where the VM will run on them)]
+//! [process {pid}, ranges frames,
+//!  pages frames ..., per process, round
+//!  after round                         ->  (written where its processes will use them)]
 //! (freezes the workload)
 //! [files frames ..., removed ...,
 //!  files-end                           ->  (what changed in it since)]
-//! [pages frames of the last round      ->]
+//! [pages (and ranges) frames of the
+//!  last round                          ->]
 //! image frames ...                     ->  (stored, bounded)
 //! image-end {bytes, pages, blake3}     ->  (checked, verified, built, held stopped)
 //!                                      <- held {pid} | failed {reason}
@@ -47,7 +56,8 @@
 //! without `resumed` it keeps it stopped and says so (the operator settles it).
 //!
 //! The pre-copy rounds (bracketed) are for workloads whose memory is tracked while they
-//! run (VMs); the others go straight to the freeze. The files streams (bracketed) are for a
+//! run (VMs, and process trees and containers on kernels with userfaultfd write-protect
+//! and PAGEMAP_SCAN); the others go straight to the freeze. The files streams (bracketed) are for a
 //! container with a root file system of its own whose hosts share no storage (`hello` says
 //! `rootfs`). `image-end`'s blake3 covers the payload of every files, pages and image frame,
 //! in the order sent: what is built is exactly what was sent.
@@ -59,7 +69,7 @@ use std::io::{self, Read, Write};
 /// The protocol's name, in `hello`.
 pub const PROTOCOL: &str = "stasis-migrate";
 /// The protocol's version, in `hello`; a receiver refuses any other.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// A frame carrying a [`Message`].
 pub const FRAME_CONTROL: u8 = 1;
 /// A frame carrying image bytes.
@@ -68,6 +78,12 @@ pub const FRAME_IMAGE: u8 = 2;
 pub const FRAME_PAGES: u8 = 3;
 /// A frame carrying the next bytes of a tar stream of a container's root file system.
 pub const FRAME_FILES: u8 = 4;
+/// A frame carrying page ranges of a process's memory (see the module documentation).
+pub const FRAME_RANGES: u8 = 5;
+/// Ranges frame: the process's mappings the rounds send pages of.
+pub const RANGES_MAPPINGS: u8 = 1;
+/// Ranges frame: ranges of its mappings that read zero now.
+pub const RANGES_ZERO: u8 = 2;
 /// The page size pages frames are counted in.
 pub const PAGE: u64 = 4096;
 /// The largest control payload.
@@ -109,6 +125,9 @@ pub enum Message {
     /// Source: pre-copy rounds follow, in pages frames, of memory this many bytes long (a
     /// VM's guest memory, a multiple of the page size).
     Memory { bytes: u64 },
+    /// Source: the ranges and pages frames that follow are of this process (its PID as the
+    /// image names it).
+    Process { pid: i32 },
     /// Source: the image is complete. `bytes` image bytes and `pages` bytes of pages frames
     /// (their payloads) were sent; `blake3` hashes both, as sent.
     ImageEnd {
@@ -140,6 +159,8 @@ pub enum Frame {
     /// A pages frame's payload (its address still in front; see [`pages_of`]).
     Pages(Vec<u8>),
     Files(Vec<u8>),
+    /// A ranges frame's payload (see [`ranges_of`]).
+    Ranges(Vec<u8>),
 }
 
 /// The address and pages of a pages frame's payload (whole pages, at least one, at a
@@ -152,6 +173,45 @@ pub fn pages_of(payload: &[u8]) -> Result<(u64, &[u8]), ProtocolError> {
         return Err(bad());
     }
     Ok((addr, data))
+}
+
+/// What a ranges frame says: [`RANGES_MAPPINGS`] or [`RANGES_ZERO`], and its ranges
+/// (page-aligned, non-empty, ascending and apart), or why it cannot be taken.
+pub fn ranges_of(payload: &[u8]) -> Result<(u8, Vec<(u64, u64)>), ProtocolError> {
+    let bad = |why: &str| ProtocolError::BadFrame(format!("a ranges frame: {why}"));
+    let (&op, pairs) = payload.split_first().ok_or_else(|| bad("empty"))?;
+    if op != RANGES_MAPPINGS && op != RANGES_ZERO {
+        return Err(bad(&format!("unknown kind {op}")));
+    }
+    if pairs.len() % 16 != 0 {
+        return Err(bad(&format!("{} bytes of pairs", pairs.len())));
+    }
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(pairs.len() / 16);
+    for pair in pairs.chunks_exact(16) {
+        let (a, b) = pair.split_at(8);
+        let start = u64::from_le_bytes(a.try_into().map_err(|_| bad("a start"))?);
+        let end = u64::from_le_bytes(b.try_into().map_err(|_| bad("an end"))?);
+        if start >= end || !start.is_multiple_of(PAGE) || !end.is_multiple_of(PAGE) {
+            return Err(bad(&format!("range {start:#x}-{end:#x}")));
+        }
+        if out.last().is_some_and(|&(_, e)| e > start) {
+            return Err(bad(&format!(
+                "range {start:#x}-{end:#x} overlaps or precedes the one before"
+            )));
+        }
+        out.push((start, end));
+    }
+    Ok((op, out))
+}
+
+/// The payload of a ranges frame of kind `op`.
+pub fn ranges_payload(op: u8, ranges: &[(u64, u64)], out: &mut Vec<u8>) {
+    out.clear();
+    out.push(op);
+    for &(s, e) in ranges {
+        out.extend_from_slice(&s.to_le_bytes());
+        out.extend_from_slice(&e.to_le_bytes());
+    }
 }
 
 /// The payload of a pages frame for `data` (whole pages) at `addr`.
@@ -206,7 +266,7 @@ pub fn recv(r: &mut impl Read) -> Result<Frame, ProtocolError> {
     let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
     let max = match header[0] {
         FRAME_CONTROL => MAX_CONTROL,
-        FRAME_IMAGE | FRAME_PAGES | FRAME_FILES => MAX_IMAGE_FRAME,
+        FRAME_IMAGE | FRAME_PAGES | FRAME_FILES | FRAME_RANGES => MAX_IMAGE_FRAME,
         t => return Err(ProtocolError::BadFrame(format!("unknown frame type {t}"))),
     };
     if len > max {
@@ -229,6 +289,7 @@ pub fn recv(r: &mut impl Read) -> Result<Frame, ProtocolError> {
         ),
         FRAME_PAGES => Frame::Pages(payload),
         FRAME_FILES => Frame::Files(payload),
+        FRAME_RANGES => Frame::Ranges(payload),
         _ => Frame::Image(payload),
     })
 }
@@ -247,6 +308,10 @@ pub fn recv_control(r: &mut impl Read, expected: &'static str) -> Result<Message
         }),
         Frame::Files(_) => Err(ProtocolError::Unexpected {
             got: "files".into(),
+            expected,
+        }),
+        Frame::Ranges(_) => Err(ProtocolError::Unexpected {
+            got: "ranges".into(),
             expected,
         }),
     }
@@ -300,6 +365,19 @@ mod tests {
         }
         pages_payload(100, &[1u8; 4096], &mut pages);
         assert!(pages_of(&pages).is_err(), "an unaligned address was taken");
+        let mut ranges = Vec::new();
+        ranges_payload(RANGES_ZERO, &[(4096, 8192), (16384, 32768)], &mut ranges);
+        assert!(matches!(ranges_of(&ranges), Ok((RANGES_ZERO, r)) if r.len() == 2));
+        for bad in [
+            &[(8192u64, 4096u64)][..],
+            &[(4096, 8192), (4096, 12288)],
+            &[(100, 8192)],
+            &[(4096, 4096)],
+        ] {
+            ranges_payload(RANGES_MAPPINGS, bad, &mut ranges);
+            assert!(ranges_of(&ranges).is_err(), "{bad:?} taken");
+        }
+        assert!(ranges_of(&[7]).is_err() && ranges_of(&[]).is_err() && ranges_of(&[1, 0]).is_err());
         let mut not_json = vec![FRAME_CONTROL, 3, 0, 0, 0];
         not_json.extend_from_slice(b"xyz");
         assert!(matches!(

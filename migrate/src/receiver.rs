@@ -8,6 +8,7 @@ use crate::incoming::{
     incoming_container_marker, incoming_dir, incoming_image, incoming_rootfs, receive_files,
     rootfs_dir, Incoming, RootfsIncoming,
 };
+use crate::process_pages::ProcessPages;
 use crate::protocol::{self, Frame, Message};
 use crate::tls::Conn;
 use crate::MigrateError;
@@ -259,6 +260,8 @@ struct Stream {
     image_bytes: u64,
     page_bytes: u64,
     memory: Option<Arc<File>>,
+    /// After a tree's pre-copy rounds, the pages they sent.
+    precopied: Option<Arc<stasis_restore::Precopied>>,
     /// A container's root file system, if one came along.
     rootfs: Option<RootfsIncoming>,
 }
@@ -292,6 +295,7 @@ fn store(
     let mut hash = blake3::Hasher::new();
     let (mut bytes, mut page_bytes, mut file_bytes) = (0u64, 0u64, 0u64);
     let mut memory: Option<(File, u64)> = None;
+    let mut procs: Option<ProcessPages> = None;
     let mut root: Option<RootfsIncoming> = None;
     let too_large = || {
         Stored::Bad(format!(
@@ -313,6 +317,40 @@ fn store(
                 let f = stasis_runtime::kvm::memory::memory_file("incoming", size)
                     .map_err(|e| Stored::Bad(format!("the announced memory: {e}")))?;
                 memory = Some((f, size));
+            }
+            Frame::Control(Message::Process { pid }) => {
+                if kind == Kind::Vm || bytes > 0 {
+                    return Err(Stored::Bad(format!(
+                        "pages of a process announced for a {kind}, or after the image began"
+                    )));
+                }
+                procs
+                    .get_or_insert_with(|| ProcessPages::new(opts.max_image_bytes))
+                    .process(pid)
+                    .map_err(Stored::Bad)?;
+            }
+            Frame::Ranges(payload) => {
+                let (op, ranges) = protocol::ranges_of(&payload).map_err(Stored::Protocol)?;
+                let Some(p) = procs.as_mut().filter(|_| bytes == 0) else {
+                    return Err(Stored::Bad(
+                        "ranges sent before a process was named, or after the image began".into(),
+                    ));
+                };
+                hash.update(&payload);
+                page_bytes += payload.len() as u64;
+                p.ranges(op, ranges).map_err(Stored::Bad)?;
+                if p.bytes().saturating_add(file_bytes) > opts.max_image_bytes {
+                    return Err(too_large());
+                }
+            }
+            Frame::Pages(payload) if procs.is_some() => {
+                let (addr, data) = protocol::pages_of(&payload).map_err(Stored::Protocol)?;
+                let Some(p) = procs.as_mut().filter(|_| bytes == 0) else {
+                    return Err(Stored::Bad("pages sent after the image began".into()));
+                };
+                hash.update(&payload);
+                page_bytes += payload.len() as u64;
+                p.pages(addr, data).map_err(Stored::Bad)?;
             }
             Frame::Pages(payload) => {
                 let (addr, data) = protocol::pages_of(&payload).map_err(Stored::Protocol)?;
@@ -356,7 +394,8 @@ fn store(
                         })
                     }
                 };
-                let memory_size = memory.as_ref().map_or(0, |m| m.1);
+                let memory_size = memory.as_ref().map_or(0, |m| m.1)
+                    + procs.as_ref().map_or(0, ProcessPages::bytes);
                 let limit = opts
                     .max_image_bytes
                     .saturating_sub(memory_size + page_bytes);
@@ -364,7 +403,8 @@ fn store(
             }
             Frame::Image(data) => {
                 bytes += data.len() as u64;
-                let memory_size = memory.as_ref().map_or(0, |m| m.1);
+                let memory_size = memory.as_ref().map_or(0, |m| m.1)
+                    + procs.as_ref().map_or(0, ProcessPages::bytes);
                 if bytes.saturating_add(memory_size).saturating_add(file_bytes)
                     > opts.max_image_bytes
                 {
@@ -396,6 +436,7 @@ fn store(
                     image_bytes: bytes,
                     page_bytes,
                     memory: memory.map(|(f, _)| Arc::new(f)),
+                    precopied: procs.map(|p| Arc::new(p.finish())),
                     rootfs: root,
                 });
             }
@@ -403,7 +444,7 @@ fn store(
             Frame::Control(m) => {
                 return Err(Stored::Protocol(protocol::ProtocolError::Unexpected {
                     got: protocol::name_of(&m),
-                    expected: "memory, pages, image bytes or image-end",
+                    expected: "memory, process, pages, ranges, image bytes or image-end",
                 }))
             }
         }
@@ -439,6 +480,7 @@ fn build(
     let mut tree = stasis_restore::Options {
         container_cgroup_parent: opts.cgroup_parent.clone(),
         container_rootfs: stream.rootfs.as_ref().map(|r| r.dir.clone()),
+        precopied: stream.precopied.clone(),
         ..Default::default()
     };
     if !opts.inherit_stdio {
@@ -508,7 +550,7 @@ mod tests {
     fn a_greeting_it_cannot_read_is_answered_with_a_refusal() {
         let (mut source, dest) = UnixStream::pair().expect("socketpair");
         // A newer source's kind of workload this version does not know.
-        let hello = br#"{"type":"hello","protocol":"stasis-migrate","version":3,"kind":"pod","workload":"pod web","name":"web"}"#;
+        let hello = br#"{"type":"hello","protocol":"stasis-migrate","version":4,"kind":"pod","workload":"pod web","name":"web"}"#;
         protocol::write_frame(&mut source, protocol::FRAME_CONTROL, hello).expect("send");
         let state = std::env::temp_dir().join(format!("stasis-rx-unit-{}", std::process::id()));
         let opts = ReceiveOptions {
@@ -522,7 +564,7 @@ mod tests {
         assert!(matches!(got, Err(MigrateError::Protocol { .. })), "{got:?}");
         match protocol::recv_control(&mut source, "refused") {
             Ok(Message::Refused { reason }) => {
-                assert!(reason.contains("version 2"), "{reason}");
+                assert!(reason.contains("version 3"), "{reason}");
             }
             other => panic!("the source heard {other:?}"),
         }

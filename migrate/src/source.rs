@@ -12,13 +12,13 @@
 //! its copy: if the destination does not confirm, the copy is left stopped and the error
 //! says how to settle it ([`MigrateError::Unsettled`]).
 
-use crate::protocol::{self, Message, FRAME_FILES, FRAME_IMAGE, FRAME_PAGES};
+use crate::protocol::{self, Message, FRAME_FILES, FRAME_IMAGE, FRAME_PAGES, FRAME_RANGES};
 pub use crate::rounds::RoundReport;
 use crate::rounds::{per_second, Rounds};
 use crate::tls::Conn;
 use crate::MigrateError;
 use serde::Serialize;
-use stasis_checkpoint::{ImageSink, PageSink, Progress};
+use stasis_checkpoint::{ImageSink, PageSink, Progress, Ranges};
 use stasis_runtime::sys::{
     take_termination_signal, termination_pending, TerminationSignalsBlocked,
 };
@@ -249,6 +249,24 @@ impl ImageSink for Wire<'_> {
 }
 
 impl PageSink for Wire<'_> {
+    fn process(&mut self, pid: i32) -> io::Result<()> {
+        self.control(&Message::Process { pid })
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    fn ranges(&mut self, kind: Ranges, ranges: &[(u64, u64)]) -> io::Result<()> {
+        self.send_buffered()?;
+        let op = match kind {
+            Ranges::Mappings => protocol::RANGES_MAPPINGS,
+            Ranges::Zero => protocol::RANGES_ZERO,
+        };
+        protocol::ranges_payload(op, ranges, &mut self.frame);
+        self.hash.update(&self.frame);
+        protocol::write_frame(self.conn, FRAME_RANGES, &self.frame)?;
+        self.page_bytes += self.frame.len() as u64;
+        Ok(())
+    }
+
     fn pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()> {
         self.send_buffered()?;
         check_signals()?;
@@ -449,7 +467,7 @@ fn send_workload(
         }
         _ => match w.start_dirty_tracking() {
             Ok(t) => {
-                out.precopy = "kvm-dirty-log".into();
+                out.precopy = t.method.into();
                 Some(t)
             }
             Err(WorkloadError::Unsupported { why, .. }) => {
@@ -500,7 +518,7 @@ fn send_workload(
         // changes its files before the freeze.
         stasis_runtime::failpoints::hit("migrate-rootfs-copied");
     }
-    if let Some(t) = tracked {
+    if let Some(t) = tracked.filter(|t| t.extent > 0) {
         wire.control(&Message::Memory { bytes: t.extent })
             .map_err(|e| broke(format!("announcing its memory: {e}")))?;
     }

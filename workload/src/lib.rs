@@ -110,7 +110,11 @@ pub enum WorkloadError {
 /// What dirty tracking covers.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Tracked {
-    /// How far the addresses rounds copy reach (a VM's guest memory size), bytes.
+    /// How writes are tracked: "kvm-dirty-log" (a VM), "uffd-wp" (processes: userfaultfd
+    /// write-protect and PAGEMAP_SCAN).
+    pub method: &'static str,
+    /// How far the addresses rounds copy reach (a VM's guest memory size; 0 for processes,
+    /// whose mappings each round lists), bytes.
     pub extent: u64,
     /// The memory the first round copies, bytes.
     pub resident: u64,

@@ -3,15 +3,17 @@
 
 use crate::{Kind, Report, Round, Source, Tracked, Verb, WorkloadError};
 use stasis_checkpoint::container::ContainerSession;
+use stasis_checkpoint::precopy::TreeTracking;
 use stasis_checkpoint::vm::{VmCheckpointOptions, VmSession, VmStats};
 use stasis_checkpoint::{
     CheckpointError, ImageSink, Options, PageSink, Progress, Stats, TreeSession,
 };
 use stasis_runtime::container::StateDir;
 
-/// Why a process tree or a container cannot be tracked yet.
-const NO_PROCESS_TRACKING: &str =
-    "dirty tracking of processes (userfaultfd write-protect) is not implemented yet";
+/// Why a tree copies no rounds.
+const NOT_TRACKED: &str = "its dirty tracking was not started";
+/// Why a tree's state waits (its memory went out in rounds).
+const TREE_LAST_ROUND_FIRST: &str = "its last round of memory is sent before its state";
 
 /// Why a VM's state waits (its memory went out in rounds).
 const LAST_ROUND_FIRST: &str = "its last round of memory is sent before its state";
@@ -97,6 +99,13 @@ impl Session {
         }
     }
 
+    fn set_precopied(&mut self, covered: std::collections::BTreeMap<i32, Vec<(u64, u64)>>) {
+        match self {
+            Session::Tree(t) => t.set_precopied(covered),
+            Session::Container(c) => c.set_precopied(covered),
+        }
+    }
+
     fn set_commit_us(&mut self, us: u64) {
         match self {
             Session::Tree(t) => t.set_commit_us(us),
@@ -121,6 +130,8 @@ pub struct TreeSource {
     done: Option<Stats>,
     /// Whether its copy exists (see [`Source::committed`]).
     copy_exists: bool,
+    /// Its memory's pre-copy rounds, once tracking started.
+    tracking: Option<TreeTracking>,
 }
 
 impl TreeSource {
@@ -145,6 +156,7 @@ impl TreeSource {
             session: None,
             done: None,
             copy_exists: false,
+            tracking: None,
         }
     }
 
@@ -185,15 +197,46 @@ impl Source for TreeSource {
     }
 
     fn start_dirty_tracking(&mut self) -> Result<Tracked, WorkloadError> {
-        Err(unsupported(
-            self,
-            Verb::StartDirtyTracking,
-            NO_PROCESS_TRACKING,
-        ))
+        if self.session.is_some() || self.done.is_some() || self.tracking.is_some() {
+            return Err(out_of_order(
+                self,
+                Verb::StartDirtyTracking,
+                "it is frozen, gone, or tracked already",
+            ));
+        }
+        if let Err(why) = stasis_runtime::write_tracking::support() {
+            return Err(unsupported(self, Verb::StartDirtyTracking, &why));
+        }
+        let root = match &self.target {
+            Target::Pid(pid) => *pid,
+            Target::Container { state, name } => {
+                stasis_runtime::container::running(state, name)
+                    .map_err(|e| WorkloadError::Workflow {
+                        workload: self.describe(),
+                        why: e.to_string(),
+                    })?
+                    .pid
+            }
+        };
+        self.tracking = Some(TreeTracking::start(root)?);
+        Ok(Tracked {
+            method: "uffd-wp",
+            extent: 0,
+            resident: 0,
+        })
     }
 
-    fn copy_round(&mut self, _to: &mut dyn PageSink) -> Result<Round, WorkloadError> {
-        Err(unsupported(self, Verb::CopyRound, NO_PROCESS_TRACKING))
+    fn copy_round(&mut self, to: &mut dyn PageSink) -> Result<Round, WorkloadError> {
+        let frozen = self.session.is_some();
+        let last_sent = self
+            .tracking
+            .as_ref()
+            .is_some_and(|t| t.covered().is_some());
+        match self.tracking.as_mut() {
+            None => Err(out_of_order(self, Verb::CopyRound, NOT_TRACKED)),
+            Some(_) if last_sent => Err(out_of_order(self, Verb::CopyRound, LAST_ROUND_SENT)),
+            Some(t) => Ok(t.round(to, frozen)?),
+        }
     }
 
     fn captured(&self) -> bool {
@@ -205,14 +248,27 @@ impl Source for TreeSource {
         sink: &mut dyn ImageSink,
         progress: Progress<'_>,
     ) -> Result<(), WorkloadError> {
+        let covered = match &self.tracking {
+            None => None,
+            Some(t) => match t.covered() {
+                Some(c) => Some(c.clone()),
+                None => return Err(out_of_order(self, Verb::WriteState, TREE_LAST_ROUND_FIRST)),
+            },
+        };
         let mut session = self.take_frozen(Verb::WriteState)?;
+        if let Some(c) = covered {
+            session.set_precopied(c);
+        }
         let written = session.write(sink, progress);
         self.session = Some(session);
         Ok(written?)
     }
 
     fn resume(&mut self) -> Result<(), WorkloadError> {
-        self.done = Some(self.take_frozen(Verb::Resume)?.resume()?);
+        let session = self.take_frozen(Verb::Resume)?;
+        // Untracked (write protection gone) before it runs.
+        self.tracking = None;
+        self.done = Some(session.resume()?);
         Ok(())
     }
 
@@ -220,11 +276,14 @@ impl Source for TreeSource {
         if self.session.is_some() && !self.copy_exists {
             return Err(out_of_order(self, Verb::Discard, NO_COPY));
         }
-        self.done = Some(self.take_frozen(Verb::Discard)?.kill()?);
+        let session = self.take_frozen(Verb::Discard)?;
+        self.tracking = None;
+        self.done = Some(session.kill()?);
         Ok(())
     }
 
     fn leave_frozen(&mut self) -> Result<String, WorkloadError> {
+        self.tracking = None;
         let pids = self.take_frozen(Verb::LeaveFrozen)?.leave_stopped()?;
         let list: Vec<String> = pids.iter().map(i32::to_string).collect();
         let list = list.join(" ");
@@ -240,6 +299,8 @@ impl Source for TreeSource {
     }
 
     fn abandon(&mut self, cause: WorkloadError) -> WorkloadError {
+        // Running or about to: untracked first.
+        self.tracking = None;
         match (self.session.take(), cause) {
             (Some(s), WorkloadError::Checkpoint(e)) => s.abandon(e).into(),
             (Some(s), cause) => {
@@ -309,6 +370,7 @@ impl Source for VmSource {
     fn start_dirty_tracking(&mut self) -> Result<Tracked, WorkloadError> {
         let resident = self.session.start_dirty_tracking()?;
         Ok(Tracked {
+            method: "kvm-dirty-log",
             extent: self.session.stats().memory,
             resident,
         })
