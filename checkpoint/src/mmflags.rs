@@ -12,6 +12,10 @@ use stasis_runtime::{procfs, RuntimeError, PAGE_SIZE};
 const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
 /// MEMBARRIER_CMD_PRIVATE_EXPEDITED, _SYNC_CORE and _RSEQ.
 const MEMBARRIER_PRIVATE_CMDS: [u64; 3] = [1 << 3, 1 << 5, 1 << 7];
+/// Where the probe page of [`query`] goes if that is free: above the lowest address an
+/// unprivileged mapping may have (vm.mmap_min_addr, 64 KiB by default), below everything a
+/// program maps.
+const PROBE_AT: u64 = 0x10000;
 /// mlockall(2) flags.
 pub const MCL_FUTURE: u32 = 2;
 pub const MCL_ONFAULT: u32 = 4;
@@ -102,17 +106,26 @@ pub fn query(frozen: &mut Frozen, syscall_ip: u64) -> Result<MmQuery, Checkpoint
                 found
             }
         };
-        let probe = inj.raw(
+        // Below everything the process maps, if that place is free: the first mapping
+        // /proc/PID/smaps reports (see below).
+        let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let mut probe = inj.raw(
             libc::SYS_mmap,
             &[
-                0,
+                PROBE_AT,
                 PAGE_SIZE,
                 libc::PROT_NONE as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                anon | libc::MAP_FIXED_NOREPLACE as u64,
                 u64::MAX,
                 0,
             ],
         )?;
+        if probe == -(libc::EEXIST as i64) || probe == -(libc::EPERM as i64) {
+            probe = inj.raw(
+                libc::SYS_mmap,
+                &[0, PAGE_SIZE, libc::PROT_NONE as u64, anon, u64::MAX, 0],
+            )?;
+        }
         if probe == -(libc::EAGAIN as i64) {
             return Err(CheckpointError::unsupported(
                 pid,
@@ -128,12 +141,16 @@ pub fn query(frozen: &mut Frozen, syscall_ip: u64) -> Result<MmQuery, Checkpoint
             .into());
         }
         let probe = probe as u64;
-        let flags = procfs::read_smaps_flags(pid).map(|maps| {
-            maps.into_iter()
-                .find(|m| m.start <= probe && probe < m.end)
-                .map(|m| m.vm_flags)
-                .unwrap_or_default()
-        });
+        // The first mapping's flags come without walking the rest of a large process.
+        let flags = match procfs::first_smaps_flags(pid) {
+            Ok(Some((s, e, flags))) if s <= probe && probe < e => Ok(flags),
+            _ => procfs::read_smaps_flags(pid).map(|maps| {
+                maps.into_iter()
+                    .find(|m| m.start <= probe && probe < m.end)
+                    .map(|m| m.vm_flags)
+                    .unwrap_or_default()
+            }),
+        };
         inj.call("munmap(probe)", libc::SYS_munmap, &[probe, PAGE_SIZE])?;
         let flags = flags?;
         let has = |f: &str| flags.iter().any(|x| x == f);

@@ -161,6 +161,30 @@ pub fn read_smaps_flags(pid: i32) -> Result<Vec<MapEntry>> {
     Ok(maps)
 }
 
+/// The first mapping of `pid` (lowest address) and its VmFlags, read from the start of
+/// /proc/PID/smaps and no further: the kernel walks the page tables of each mapping it
+/// reports there, and the rest of a large process would take a while.
+pub fn first_smaps_flags(pid: i32) -> Result<Option<(u64, u64, Vec<String>)>> {
+    use std::io::BufRead;
+    let path = format!("/proc/{pid}/smaps");
+    let file =
+        std::fs::File::open(&path).map_err(|e| crate::RuntimeError::sys("open", &path, e))?;
+    let mut range = None;
+    for line in std::io::BufReader::with_capacity(4096, file).lines() {
+        let line = line.map_err(|e| crate::RuntimeError::sys("read", &path, e))?;
+        if range.is_none() {
+            let first = parse_maps(&path, &format!("{line}\n"))?;
+            range = first.first().map(|m| (m.start, m.end));
+            continue;
+        }
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let flags = flags.split_whitespace().map(str::to_string).collect();
+            return Ok(range.map(|(s, e)| (s, e, flags)));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

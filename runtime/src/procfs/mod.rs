@@ -17,7 +17,9 @@ pub use fd::{
     parse_event_info, read_event_info, read_fd_target, read_fdinfo, EventInfo, FdInfo, InotifyMark,
 };
 pub use limits::{parse_limits, read_limits, Limit};
-pub use maps::{parse_maps, parse_smaps_flags, read_maps, read_smaps_flags, MapEntry};
+pub use maps::{
+    first_smaps_flags, parse_maps, parse_smaps_flags, read_maps, read_smaps_flags, MapEntry,
+};
 pub use meminfo::{mem_available, parse_mem_available};
 pub use stat::{parse_stat, read_stat, Stat};
 pub use status::{parse_status, read_status, Status};
