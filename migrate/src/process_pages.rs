@@ -163,7 +163,7 @@ impl ProcessPages {
                     "the workload is larger than this receiver takes ({limit} bytes)"
                 ));
             }
-            let region = AnonRegion::new(e - s)
+            let region = AnonRegion::like(e - s, s)
                 .map_err(|err| format!("holding mapping {s:#x}-{e:#x} of process {pid}: {err}"))?;
             let words = ((e - s) / PAGE).div_ceil(64) as usize;
             fresh.push(Held {

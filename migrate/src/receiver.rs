@@ -128,7 +128,7 @@ pub fn receive_one(
         }
         Ok(s)
     });
-    let stream = match stored {
+    let mut stream = match stored {
         Ok(v) => v,
         Err(Stored::Aborted(reason)) => return Err(fail(format!("the source aborted: {reason}"))),
         Err(Stored::Protocol(e)) => return Err(protocol_err(e)),
@@ -147,6 +147,9 @@ pub fn receive_one(
     let built = build(&shared, opts, &stream, kind, name.as_deref());
     let build_us = tb.elapsed().as_micros() as u64;
     let (image_bytes, page_bytes) = (stream.image_bytes, stream.page_bytes);
+    // Pre-copied pages are the restored processes' now; letting go of them (unmapping a
+    // region takes a while) waits until the source heard that it runs.
+    let held = stream.precopied.take();
     // A root file system is kept once the commit came (see `build`); removed otherwise.
     drop(stream);
     let mut conn = shared
@@ -171,6 +174,7 @@ pub fn receive_one(
     };
     stasis_runtime::failpoints::hit("receive-resumed");
     protocol::send(&mut *conn, &Message::Resumed).map_err(protocol_err)?;
+    drop(held);
     Ok(Received {
         workload,
         kind,

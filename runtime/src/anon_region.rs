@@ -14,6 +14,9 @@ use crate::PAGE_SIZE;
 pub const REGION_BASE: u64 = 0x1000_0000_0000;
 /// Where they may end: 64 TiB.
 const REGION_LIMIT: u64 = 0x4000_0000_0000;
+/// What a page-table page (a PMD entry) covers: regions are placed at multiples of it plus
+/// their offset.
+const PMD_SIZE: u64 = 2 << 20;
 /// Tries before giving up on finding a free place.
 const PLACEMENT_TRIES: u32 = 64;
 
@@ -30,8 +33,14 @@ static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(RE
 
 impl AnonRegion {
     /// A new region of `len` bytes (a multiple of the page size), placed from
-    /// [`REGION_BASE`] up, with a free page between it and the region before.
+    /// [`REGION_BASE`] up, with free space between it and the region before.
     pub fn new(len: u64) -> Result<Self> {
+        Self::like(len, 0)
+    }
+
+    /// Like [`AnonRegion::new`], at an address congruent to `like` modulo 2 MiB: moved
+    /// (mremap) to `like`, its page tables move whole instead of entry by entry.
+    pub fn like(len: u64, like: u64) -> Result<Self> {
         use std::sync::atomic::Ordering;
         let target = || format!("{len} bytes of anonymous memory");
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) || len > REGION_LIMIT - REGION_BASE {
@@ -40,13 +49,14 @@ impl AnonRegion {
                 (REGION_LIMIT - REGION_BASE) >> 40
             )));
         }
+        let offset = like % PMD_SIZE;
         for _ in 0..PLACEMENT_TRIES {
-            let step = len + PAGE_SIZE;
-            let at = NEXT.fetch_add(step, Ordering::Relaxed);
+            let step = (len + offset + PAGE_SIZE).next_multiple_of(PMD_SIZE);
+            let at = NEXT.fetch_add(step, Ordering::Relaxed) + offset;
             if at.checked_add(len).is_none_or(|e| e > REGION_LIMIT) {
                 // Wrap around once the space is used up; freed regions left holes.
                 let _ = NEXT.compare_exchange(
-                    at + step,
+                    at - offset + step,
                     REGION_BASE,
                     Ordering::Relaxed,
                     Ordering::Relaxed,
@@ -159,6 +169,8 @@ mod tests {
         let mut a = AnonRegion::new(4 * PAGE_SIZE).expect("a");
         let b = AnonRegion::new(PAGE_SIZE).expect("b");
         assert!(a.addr() >= REGION_BASE && b.addr() >= REGION_BASE);
+        let c = AnonRegion::like(PAGE_SIZE, 0x7f12_3456_7000).expect("c");
+        assert_eq!(c.addr() % PMD_SIZE, 0x7f12_3456_7000 % PMD_SIZE);
         assert!(a.addr() + a.len() < b.addr() || b.addr() + b.len() < a.addr());
         a.as_mut_slice()[PAGE_SIZE as usize] = 7;
         a.as_mut_slice()[2 * PAGE_SIZE as usize] = 9;
