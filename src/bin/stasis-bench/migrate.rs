@@ -9,10 +9,11 @@
 //!
 //! STASIS_BENCH_VERBOSE=1 prints each migration's own figures (`stasis migrate --json`).
 //!
-//! Downtime here is stasis's: from the pause until the destination said the guest runs
-//! (the guest's own clock cannot show it: its TSC is restored with it). Process trees at
-//! given write rates and the redis container are not measured yet: processes have no
-//! pre-copy yet (see the README).
+//! First, a process (see [`process`]) at 0, 16 and 64 MiB/s of writes, its downtime as
+//! stasis sees it and as the process itself does. Then the VM, whose downtime here is
+//! stasis's: from the pause until the destination said the guest runs (the guest's own
+//! clock cannot show it: its TSC is restored with it). The redis container is not measured
+//! yet.
 
 use super::{median, vm, Args};
 use std::io::{BufRead, Read, Write};
@@ -21,6 +22,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "migrate/process.rs"]
+mod process;
 
 #[path = "../../../tests/common/pki.rs"]
 #[allow(dead_code)]
@@ -89,10 +93,12 @@ impl Hosts {
         Ok(h)
     }
 
-    /// `stasis --state-dir STATE(side) ARGS` in `side`'s namespace.
+    /// `stasis --state-dir STATE(side) ARGS` in `side`'s network namespace (nsenter, not `ip
+    /// netns exec`, which would remount /sys without this host's cgroup mounts: a process
+    /// tree could not be restored in its cgroups).
     fn stasis(&self, side: char, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns(side)])
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns(side)))
             .arg(super::bin_dir().join("stasis"))
             .arg("--state-dir")
             .arg(self.state(side))
@@ -160,8 +166,14 @@ impl Transport {
     }
 }
 
-/// A receiver on `side`, stopped when dropped; the peak RSS its workers reported (MiB).
-struct Receiver(std::process::Child, std::sync::mpsc::Receiver<f64>);
+/// A receiver on `side`, stopped when dropped; the peak RSS its workers reported (MiB);
+/// with [`receiver_with_stdio`], its standard input and output (the workloads it restores
+/// inherit them).
+struct Receiver(
+    std::process::Child,
+    std::sync::mpsc::Receiver<f64>,
+    Option<process::Stdio>,
+);
 
 impl Receiver {
     /// The peak RSS the worker of the last migration reported (MiB), waiting a little.
@@ -195,16 +207,35 @@ fn peak_of(line: &str) -> Option<f64> {
 }
 
 fn receiver(h: &Hosts, side: char, t: &Transport) -> Result<Receiver, String> {
+    receiver_with_stdio(h, side, t, false)
+}
+
+/// A receiver on `side`; with `stdio`, the trees it restores inherit its standard input
+/// and output, pipes of this bench ([`Receiver::2`]).
+fn receiver_with_stdio(
+    h: &Hosts,
+    side: char,
+    t: &Transport,
+    stdio: bool,
+) -> Result<Receiver, String> {
     let listen = format!("{}:{PORT}", Hosts::ip(side));
     let mut args = vec!["receive", "--listen", &listen];
+    if stdio {
+        args.push("--inherit-stdio");
+    }
     let sec = t.args(side);
     args.extend(sec.iter().map(String::as_str));
     let mut child = h
         .stasis(side, &args)
-        .stdout(Stdio::null())
+        .stdin(if stdio { Stdio::piped() } else { Stdio::null() })
+        .stdout(if stdio { Stdio::piped() } else { Stdio::null() })
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
+    let pipes = match stdio {
+        true => Some(process::Stdio::of(&mut child)?),
+        false => None,
+    };
     let err = child.stderr.take().ok_or("no stderr")?;
     let mut lines = std::io::BufReader::new(err).lines().map_while(Result::ok);
     let mut seen = String::new();
@@ -214,12 +245,18 @@ fn receiver(h: &Hosts, side: char, t: &Transport) -> Result<Receiver, String> {
         seen.push('\n');
     }
     let (tx, rx) = std::sync::mpsc::channel();
+    let verbose = std::env::var_os("STASIS_BENCH_VERBOSE").is_some();
     std::thread::spawn(move || {
-        for mib in lines.filter_map(|l| peak_of(&l)) {
-            let _ = tx.send(mib);
+        for line in lines {
+            if verbose {
+                eprintln!("receiver: {line}");
+            }
+            if let Some(mib) = peak_of(&line) {
+                let _ = tx.send(mib);
+            }
         }
     });
-    Ok(Receiver(child, rx))
+    Ok(Receiver(child, rx, pipes))
 }
 
 fn counter(h: &Hosts, side: char) -> u64 {
@@ -400,10 +437,7 @@ fn one_size(h: &Hosts, mib: u64, t: &Transport, args: &Args) -> Result<Samples, 
 
 /// Runs the migration benchmark; false if a run failed.
 pub fn run(args: &Args) -> bool {
-    if !Path::new("/dev/kvm").exists() {
-        println!("migration: skipped: /dev/kvm does not exist on this host");
-        return true;
-    }
+    let kvm = Path::new("/dev/kvm").exists();
     let go = || -> Result<(), String> {
         let h = Hosts::new(&args.dir)?;
         let ca = pki::Pki::new(&h.dir, "bench-ca");
@@ -419,6 +453,17 @@ pub fn run(args: &Args) -> bool {
                 tls: Some(([(a.cert, a.key), (b.cert, b.key)], ca.ca.clone())),
             },
         ];
+        process::header(args.runs);
+        for &mib in &args.sizes {
+            for t in &transports {
+                process::rows(&h, mib, t, args)?;
+            }
+        }
+        println!();
+        if !kvm {
+            println!("VM migration: skipped: /dev/kvm does not exist on this host");
+            return Ok(());
+        }
         println!(
             "Live migration of the demo VM between two network namespaces (veth), {} runs each, medians; downtime as stasis sees it (pause to running there); floor: as many bytes sent once over the same transport",
             args.runs
