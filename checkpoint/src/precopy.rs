@@ -29,6 +29,8 @@ use std::time::Instant;
 
 /// Bytes read from a process and handed to the sink at once.
 const PIECE: usize = 1 << 20;
+/// Ranges read at once (the kernel's IOV_MAX).
+const BATCH_RANGES: usize = 1024;
 /// Zero ranges handed to the sink at once (well within a frame).
 const ZERO_BATCH: usize = 65536;
 
@@ -172,7 +174,7 @@ fn inject(
 struct Plan {
     /// Its mappings after this round.
     ranges: Vec<(u64, u64)>,
-    /// Ranges that read zero (new mappings, and, frozen, pages no longer there).
+    /// Ranges that read zero (mappings sent whole from zero: new, or replaced).
     zero: Vec<(u64, u64)>,
     /// Page ranges to send.
     send: Vec<(u64, u64)>,
@@ -192,15 +194,10 @@ impl Tracked {
             let r = (m.start, m.end);
             if self.ranges.binary_search(&r).is_ok() {
                 let written = self.tracker.take_written(r.0, r.1, &mut plan.send)?;
+                // (A page given back since it was sent, MADV_DONTNEED, counts as written:
+                // it is sent again, as the zeros it reads now.)
                 if written == Written::Ranges {
                     plan.ranges.push(r);
-                    if frozen {
-                        // What reads zero now (never there, or given back since it was
-                        // sent) must read zero there too.
-                        let mut data = Vec::new();
-                        self.tracker.resident_data(r.0, r.1, &mut data)?;
-                        complement(r, &data, &mut plan.zero);
-                    }
                     continue;
                 }
             }
@@ -237,38 +234,61 @@ impl Tracked {
             to.ranges(Ranges::Zero, batch).map_err(sink_err)?;
         }
         let mut pages = 0;
-        for &(s, e) in &plan.send {
-            let mut at = s;
-            while at < e {
-                let n = ((e - at) as usize).min(buf.len());
-                if let Err(err) = memory::read_remote(self.pid, &[(at, n)], &mut buf[..n]) {
-                    if frozen {
-                        return Err(err.into());
+        for batch in batches(&plan.send, buf.len()) {
+            let len: usize = batch.iter().map(|r| r.1).sum();
+            match memory::read_remote(self.pid, &batch, &mut buf[..len]) {
+                Ok(()) => {
+                    let mut at = 0;
+                    for &(addr, n) in &batch {
+                        to.pages(addr, &buf[at..at + n]).map_err(sink_err)?;
+                        at += n;
                     }
-                    self.ranges.retain(|&(rs, re)| re <= at || at < rs);
-                    break;
+                    pages += len as u64 / PAGE_SIZE;
                 }
-                to.pages(at, &buf[..n]).map_err(sink_err)?;
-                pages += n as u64 / PAGE_SIZE;
-                at += n as u64;
+                Err(err) if frozen => return Err(err.into()),
+                // Something was unmapped meanwhile: its mapping is sent whole next time
+                // (or dropped, if it is gone).
+                Err(_) => {
+                    for &(addr, n) in &batch {
+                        let end = addr + n as u64;
+                        match memory::read_remote(self.pid, &[(addr, n)], &mut buf[..n]) {
+                            Ok(()) => {
+                                to.pages(addr, &buf[..n]).map_err(sink_err)?;
+                                pages += n as u64 / PAGE_SIZE;
+                            }
+                            Err(_) => self.ranges.retain(|&(rs, re)| re <= addr || end <= rs),
+                        }
+                    }
+                }
             }
         }
         Ok(pages)
     }
 }
 
-/// Appends to `out` the parts of `range` outside the ascending ranges `data`.
-fn complement(range: (u64, u64), data: &[(u64, u64)], out: &mut Vec<(u64, u64)>) {
-    let mut at = range.0;
-    for &(s, e) in data {
-        if s > at {
-            out.push((at, s.min(range.1)));
+/// The page ranges `send`, cut into pieces of at most `most` bytes and grouped into batches
+/// of at most `most` bytes and [`BATCH_RANGES`] ranges: one read each.
+fn batches(send: &[(u64, u64)], most: usize) -> Vec<Vec<(u64, usize)>> {
+    let mut out: Vec<Vec<(u64, usize)>> = Vec::new();
+    let mut cur: Vec<(u64, usize)> = Vec::new();
+    let mut bytes = 0;
+    for &(s, e) in send {
+        let mut at = s;
+        while at < e {
+            let n = ((e - at) as usize).min(most);
+            if bytes + n > most || cur.len() == BATCH_RANGES {
+                out.push(std::mem::take(&mut cur));
+                bytes = 0;
+            }
+            cur.push((at, n));
+            bytes += n;
+            at += n as u64;
         }
-        at = at.max(e);
     }
-    if at < range.1 {
-        out.push((at, range.1));
+    if !cur.is_empty() {
+        out.push(cur);
     }
+    out
 }
 
 fn sink_err(e: std::io::Error) -> CheckpointError {
@@ -303,19 +323,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_complement_of_the_data_is_what_reads_zero() {
-        let mut out = Vec::new();
-        complement(
-            (0x1000, 0x9000),
-            &[(0x2000, 0x3000), (0x5000, 0x9000)],
-            &mut out,
-        );
-        assert_eq!(out, vec![(0x1000, 0x2000), (0x3000, 0x5000)]);
-        out.clear();
-        complement((0x1000, 0x3000), &[], &mut out);
-        assert_eq!(out, vec![(0x1000, 0x3000)]);
-        out.clear();
-        complement((0x1000, 0x3000), &[(0x1000, 0x3000)], &mut out);
-        assert!(out.is_empty());
+    fn pages_are_read_in_batches_of_bounded_bytes_and_ranges() {
+        let p = PAGE_SIZE;
+        let b = batches(&[(0, 3 * p), (10 * p, 11 * p)], 2 * p as usize);
+        let want: Vec<Vec<(u64, usize)>> = vec![
+            vec![(0, 2 * p as usize)],
+            vec![(2 * p, p as usize), (10 * p, p as usize)],
+        ];
+        assert_eq!(b, want);
+        let many: Vec<(u64, u64)> = (0..2000).map(|i| (2 * i * p, (2 * i + 1) * p)).collect();
+        let b = batches(&many, 1 << 30);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![1024, 976]);
     }
 }

@@ -119,6 +119,9 @@ struct Wire<'a> {
     files: bool,
     /// A pages frame's payload being made.
     frame: Vec<u8>,
+    /// Whole pages frames (headers and payloads) gathered before they are written: a
+    /// round of scattered pages is thousands of small frames.
+    frames: Vec<u8>,
     hash: blake3::Hasher,
     image_bytes: u64,
     page_bytes: u64,
@@ -166,8 +169,22 @@ fn interrupted(workload: &str, signal: i32) -> WorkloadError {
 }
 
 impl Wire<'_> {
+    /// Writes the gathered pages frames.
+    fn send_frames(&mut self) -> io::Result<()> {
+        if self.frames.is_empty() {
+            return Ok(());
+        }
+        self.conn.write_all(&self.frames)?;
+        if let Some(t) = self.throttle.as_mut() {
+            t.after(self.frames.len() as u64);
+        }
+        self.frames.clear();
+        Ok(())
+    }
+
     fn send_buffered(&mut self) -> io::Result<()> {
         check_signals()?;
+        self.send_frames()?;
         if !self.buf.is_empty() {
             let kind = if self.files { FRAME_FILES } else { FRAME_IMAGE };
             protocol::write_frame(self.conn, kind, &self.buf)?;
@@ -268,7 +285,9 @@ impl PageSink for Wire<'_> {
     }
 
     fn pages(&mut self, addr: u64, data: &[u8]) -> io::Result<()> {
-        self.send_buffered()?;
+        if !self.buf.is_empty() {
+            self.send_buffered()?;
+        }
         check_signals()?;
         let most = (protocol::MAX_IMAGE_FRAME as usize - 8) / protocol::PAGE as usize
             * protocol::PAGE as usize;
@@ -276,11 +295,11 @@ impl PageSink for Wire<'_> {
         for piece in data.chunks(most) {
             protocol::pages_payload(at, piece, &mut self.frame);
             self.hash.update(&self.frame);
-            protocol::write_frame(self.conn, FRAME_PAGES, &self.frame)?;
+            protocol::write_frame(&mut self.frames, FRAME_PAGES, &self.frame)?;
             self.page_bytes += self.frame.len() as u64;
             at += piece.len() as u64;
-            if let Some(t) = self.throttle.as_mut() {
-                t.after(self.frame.len() as u64);
+            if self.frames.len() >= FRAME_BYTES {
+                self.send_frames()?;
             }
         }
         Ok(())
@@ -482,6 +501,7 @@ fn send_workload(
         buf: Vec::with_capacity(FRAME_BYTES),
         files: false,
         frame: Vec::new(),
+        frames: Vec::with_capacity(2 * FRAME_BYTES),
         hash: blake3::Hasher::new(),
         image_bytes: 0,
         page_bytes: 0,
@@ -530,6 +550,8 @@ fn send_workload(
             let began = Instant::now();
             let before = wire.page_bytes;
             let r = w.copy_round(&mut wire)?;
+            wire.send_frames()
+                .map_err(|e| broke(format!("sending pages: {e}")))?;
             let report = rounds.add(r, wire.page_bytes - before, began);
             on_round(&report);
             progress(wire.page_bytes, t.resident.max(wire.page_bytes));
@@ -563,6 +585,8 @@ fn send_workload(
         let began = Instant::now();
         let before = wire.page_bytes;
         let r = w.copy_round(&mut wire)?;
+        wire.send_frames()
+            .map_err(|e| broke(format!("sending pages: {e}")))?;
         let bytes = wire.page_bytes - before;
         let last = RoundReport {
             round: out.rounds.len() as u32 + 1,
