@@ -64,7 +64,8 @@ pub fn receive_one(
         peer: peer.clone(),
         source,
     };
-    let mut conn = conn;
+    // Frames are read a header and a payload at a time: one system call each, unbuffered.
+    let mut conn: Box<dyn Conn> = Box::new(crate::tls::ReadBuffered::new(conn));
     let hello = match protocol::recv_control(&mut conn, "hello") {
         // A source of another version may speak a hello this one cannot read: it hears why
         // (the source then exits as refused, nothing frozen) instead of a dropped connection.

@@ -20,6 +20,31 @@ pub trait Conn: Read + Write + Send {}
 
 impl<T: Read + Write + Send> Conn for T {}
 
+/// A connection read through a buffer (writes go straight through).
+pub struct ReadBuffered<C: Read + Write>(std::io::BufReader<C>);
+
+impl<C: Read + Write> ReadBuffered<C> {
+    pub fn new(conn: C) -> Self {
+        ReadBuffered(std::io::BufReader::with_capacity(256 << 10, conn))
+    }
+}
+
+impl<C: Read + Write> Read for ReadBuffered<C> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<C: Read + Write> Write for ReadBuffered<C> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.get_mut().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.get_mut().flush()
+    }
+}
+
 /// The three files of one side.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
