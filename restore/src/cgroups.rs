@@ -9,9 +9,9 @@ use stasis_runtime::cgroups::membership::{self, Membership};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// The cgroup directories of each process, by image PID.
+/// The cgroups of each process (each with its directory here), by image PID.
 #[derive(Debug, Default)]
-pub struct Placement(BTreeMap<i32, Vec<PathBuf>>);
+pub struct Placement(BTreeMap<i32, Vec<(Membership, PathBuf)>>);
 
 /// Where each process goes. Nothing for the tree of a container (its restore makes the
 /// container's cgroup and puts the tree there) or for an image that records no cgroups.
@@ -35,13 +35,14 @@ pub fn plan(procs: &[&proto::Process], opts: &Options) -> Result<Placement, Rest
                 controllers: c.controllers.clone(),
                 path: c.path.clone(),
             };
-            dirs.push(membership::directory(&mountinfo, &m).map_err(|e| {
+            let dir = membership::directory(&mountinfo, &m).map_err(|e| {
                 RestoreError::Unsupported(format!(
                     "process {} ({}) was in {e}; create it (or checkpoint the process from a \
                      cgroup this host has) to restore it where it was",
                     p.pid, p.comm
                 ))
-            })?);
+            })?;
+            dirs.push((m, dir));
         }
         out.0.insert(p.pid as i32, dirs);
     }
@@ -49,10 +50,20 @@ pub fn plan(procs: &[&proto::Process], opts: &Options) -> Result<Placement, Rest
 }
 
 impl Placement {
-    /// Moves the new process `host_pid` (image PID `pid`) into its cgroups.
+    /// Moves the new process `host_pid` (image PID `pid`) into its cgroups. A cgroup it is
+    /// in already (it inherited the restorer's) is not written: each write to cgroup.procs
+    /// waits for an RCU grace period, ~1.5 ms here, per hierarchy.
     pub fn place(&self, pid: i32, host_pid: i32) -> Result<(), RestoreError> {
-        for dir in self.0.get(&pid).into_iter().flatten() {
-            membership::join(host_pid, dir).map_err(|cause| RestoreError::Apply { pid, cause })?;
+        let Some(dirs) = self.0.get(&pid) else {
+            return Ok(());
+        };
+        let now = membership::of(host_pid).map_err(|cause| RestoreError::Apply { pid, cause })?;
+        for (m, dir) in dirs {
+            let there = now.contains(m);
+            if !there {
+                membership::join(host_pid, dir)
+                    .map_err(|cause| RestoreError::Apply { pid, cause })?;
+            }
         }
         Ok(())
     }
