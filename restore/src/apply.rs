@@ -835,7 +835,7 @@ impl Builder<'_> {
             })?;
         let len = v.end - v.start;
         let at = held.region.addr();
-        if self.kept.iter().any(|&(s, _)| s == at) && crate::precopied::movable(v) {
+        if self.kept.iter().any(|&(s, _)| s == at) && crate::precopied::movable(p, v) {
             self.call(
                 "mremap(pre-copied mapping)",
                 libc::SYS_mremap,

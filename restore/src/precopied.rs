@@ -8,8 +8,9 @@
 //! cleared, and moves each into place with mremap: the pages become its mapping's without
 //! being copied. Once the restorer lets go of its regions the pages are the process's alone,
 //! and its first write to each takes it over without a copy. A mapping that cannot be moved
-//! (a stack that grows down, MAP_NORESERVE or MAP_DROPPABLE memory, or a region that lies
-//! where the process has a mapping of its own) is made as usual and its pages copied in.
+//! (a stack that grows down, MAP_NORESERVE or MAP_DROPPABLE memory, memory the process
+//! keeps from huge pages, or a region that lies where the process has a mapping of its own)
+//! is made as usual and its pages copied in.
 
 use crate::error::RestoreError;
 use stasis_image::proto::{self, VmaKind};
@@ -100,7 +101,10 @@ pub fn check(p: &proto::Process, held: Option<&Precopied>) -> Result<(), Restore
 }
 
 /// Whether `v`'s held pages may be moved into place: a plain private anonymous mapping
-/// (what the region itself is), made no other way.
-pub fn movable(v: &proto::Vma) -> bool {
-    crate::mmflags::anon_private_flags(v) == (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64
+/// (what the region itself is), made no other way, in which huge pages are allowed (the
+/// receiver makes blocks sent whole huge pages, see `stasis_migrate::process_pages`).
+pub fn movable(p: &proto::Process, v: &proto::Vma) -> bool {
+    let plain =
+        crate::mmflags::anon_private_flags(v) == (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    plain && p.thp_disabled == 0 && !v.vm_flags.iter().any(|f| f == "nh")
 }

@@ -14,9 +14,9 @@ use crate::PAGE_SIZE;
 pub const REGION_BASE: u64 = 0x1000_0000_0000;
 /// Where they may end: 64 TiB.
 const REGION_LIMIT: u64 = 0x4000_0000_0000;
-/// What a page-table page (a PMD entry) covers: regions are placed at multiples of it plus
-/// their offset.
-const PMD_SIZE: u64 = 2 << 20;
+/// What a page-table page (a PMD entry) covers, and a transparent huge page: regions are
+/// placed at multiples of it plus their offset.
+pub const PMD_SIZE: u64 = 2 << 20;
 /// Tries before giving up on finding a free place.
 const PLACEMENT_TRIES: u32 = 64;
 
@@ -151,6 +151,44 @@ impl AnonRegion {
         }
         Ok(())
     }
+}
+
+impl AnonRegion {
+    /// Makes the 2 MiB block at offset `off` (2 MiB-aligned in this process's address
+    /// space, inside the region) one transparent huge page (MADV_COLLAPSE, 6.1+), if the
+    /// kernel can: a process that inherits the region copies, moves and charges it as one
+    /// entry instead of 512. False if it could not (nothing changed).
+    pub fn collapse(&mut self, off: u64) -> bool {
+        let at = self.addr + off;
+        let inside = off.checked_add(PMD_SIZE).is_some_and(|e| e <= self.len);
+        if !inside || !at.is_multiple_of(PMD_SIZE) || !thp_enabled() {
+            return false;
+        }
+        // SAFETY: the block lies inside our own mapping; MADV_COLLAPSE changes how it is
+        // backed, never what it holds.
+        unsafe { libc::madvise(at as *mut libc::c_void, PMD_SIZE as usize, MADV_COLLAPSE) == 0 }
+    }
+
+    /// The 2 MiB blocks (offsets into the region) that lie whole inside it, aligned.
+    pub fn blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        let first = self.addr.next_multiple_of(PMD_SIZE) - self.addr;
+        (first..self.len)
+            .step_by(PMD_SIZE as usize)
+            .filter(|o| o + PMD_SIZE <= self.len)
+    }
+}
+
+/// madvise(2) MADV_COLLAPSE (6.1+).
+const MADV_COLLAPSE: i32 = 25;
+
+/// Whether transparent huge pages are not turned off on this host ("never"): only then are
+/// regions collapsed.
+fn thp_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| !s.contains("[never]"))
+    })
 }
 
 impl Drop for AnonRegion {
