@@ -32,6 +32,8 @@ pub struct TreeSession {
     t0: Instant,
     t_frozen: Instant,
     stats: Stats,
+    /// The processes' mappings, being read since the freeze.
+    smaps: Option<collect::SmapsAhead>,
     /// The mappings (host PID → ranges) whose pages went ahead in pre-copy rounds.
     precopied: Option<std::collections::BTreeMap<i32, Vec<(u64, u64)>>>,
     /// Tied to the tracer thread.
@@ -60,6 +62,8 @@ impl TreeSession {
             Some(h) => h.freeze_drained(|| tree::FrozenTree::freeze(pid))?,
             None => tree::FrozenTree::freeze(pid)?,
         };
+        let pids: Vec<i32> = frozen.procs.iter().map(|f| f.pid()).collect();
+        let smaps = Some(collect::SmapsAhead::start(&pids));
         let stats = Stats {
             pid,
             freeze_us: t0.elapsed().as_micros() as u64,
@@ -81,6 +85,7 @@ impl TreeSession {
             t0,
             t_frozen: Instant::now(),
             stats,
+            smaps,
             precopied: None,
             _thread: PhantomData,
         })
@@ -116,8 +121,10 @@ impl TreeSession {
         let mut ghosts = ghosts::Ghosts::default();
         let frozen = &mut self.frozen;
         let mut procs = Vec::with_capacity(frozen.procs.len() + frozen.zombies.len());
+        let mut smaps = self.smaps.take().map(collect::SmapsAhead::finish);
         for f in frozen.procs.iter_mut() {
-            procs.push(collect::collect_process(f, &mut ghosts)?);
+            let maps = smaps.as_mut().and_then(|s| s.remove(&f.pid()));
+            procs.push(collect::collect_process(f, &mut ghosts, maps)?);
         }
         let host_shm = vmas::check_sysv_namespace(&procs, opts.container.is_some())?;
         if opts.container.is_none() {
