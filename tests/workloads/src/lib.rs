@@ -109,6 +109,7 @@
 //!   pid, ppid, pgid and sid from inside, the stream, memory and file, and that an orphan
 //!   made now is reparented to R; it prints `INFO wl-pidns: ids R=.. A=.. A1=.. B=.. B1=..
 //!   uts=<nodename> proc_self=<readlink /proc/self>`. Nothing reads /proc by PID.
+//! - `wl-writer` (`--mib`, `--rate`, `--threads`, `--churn`): writes (and remaps) memory all the time.
 
 #![warn(missing_docs)]
 
