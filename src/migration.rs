@@ -423,13 +423,14 @@ pub fn worker(state: &StateDir, a: WorkerArgs) -> Result<i32> {
     };
     let r = stasis_migrate::receive_one(conn, &peer, &opts)?;
     eprintln!(
-        "stasis receive: {} runs here as PID {} ({} of image and {} of pages received, built in {}; peak RSS of the receiving process {})",
+        "stasis receive: {} runs here as PID {} ({} of image and {} of pages received, built in {}; peak RSS of the receiving process {}, of which the workload's memory held for it {})",
         r.workload,
         r.pid,
         report::bytes(r.image_bytes),
         report::bytes(r.page_bytes),
         report::ms(r.build_us),
-        report::bytes(peak_rss())
+        report::bytes(peak_rss()),
+        report::bytes(r.held_bytes)
     );
     Ok(exit::OK)
 }

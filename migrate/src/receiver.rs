@@ -49,6 +49,9 @@ pub struct Received {
     /// From the end of the image until it was held.
     pub build_us: u64,
     pub total_us: u64,
+    /// Bytes of a tree's memory this process held for it (received in pre-copy rounds,
+    /// then the restored processes' own): part of its peak RSS that is the workload's.
+    pub held_bytes: u64,
 }
 
 /// Receives one migration over `conn` (from `peer`; its read timeout bounds each wait for
@@ -151,6 +154,13 @@ pub fn receive_one(
     // Pre-copied pages are the restored processes' now; letting go of them (unmapping a
     // region takes a while) waits until the source heard that it runs.
     let held = stream.precopied.take();
+    let held_bytes = held.as_ref().map_or(0, |h| {
+        h.procs
+            .values()
+            .flatten()
+            .flat_map(|m| m.data.iter().map(|(s, e)| e - s))
+            .sum()
+    });
     // A root file system is kept once the commit came (see `build`); removed otherwise.
     drop(stream);
     let mut conn = shared
@@ -184,6 +194,7 @@ pub fn receive_one(
         page_bytes,
         build_us,
         total_us: t0.elapsed().as_micros() as u64,
+        held_bytes,
     })
 }
 

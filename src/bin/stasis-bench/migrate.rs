@@ -192,18 +192,23 @@ impl Drop for Receiver {
     }
 }
 
-/// The MiB in a worker's "peak RSS of the receiving process N.N MiB" line.
+/// The MiB in a worker's "peak RSS of the receiving process N.N MiB, of which the
+/// workload's memory held for it M.M MiB" line: its own, without the workload's.
 fn peak_of(line: &str) -> Option<f64> {
-    let rest = line.split("peak RSS of the receiving process ").nth(1)?;
-    let mut it = rest.split_whitespace();
-    let n: f64 = it.next()?.parse().ok()?;
-    Some(match it.next()?.trim_end_matches(')') {
-        "B" => n / 1048576.0,
-        "KiB" => n / 1024.0,
-        "MiB" => n,
-        "GiB" => n * 1024.0,
-        _ => return None,
-    })
+    let mib_after = |key: &str| -> Option<f64> {
+        let rest = line.split(key).nth(1)?;
+        let mut it = rest.split_whitespace();
+        let n: f64 = it.next()?.parse().ok()?;
+        Some(match it.next()?.trim_end_matches([')', ',']) {
+            "B" => n / 1048576.0,
+            "KiB" => n / 1024.0,
+            "MiB" => n,
+            "GiB" => n * 1024.0,
+            _ => return None,
+        })
+    };
+    let peak = mib_after("peak RSS of the receiving process ")?;
+    Some(peak - mib_after("the workload's memory held for it ").unwrap_or(0.0))
 }
 
 fn receiver(h: &Hosts, side: char, t: &Transport) -> Result<Receiver, String> {
