@@ -1296,6 +1296,7 @@ fn a_tree_writing_all_the_time_moves_in_pre_copy_rounds_and_loses_no_write() {
     let _ = tree.unshare.wait();
     assert!(!alive(tree.root), "the source's copy runs on");
     rx.wait_log("migration received");
+    assert_no_receiver_regions(dest);
     // Every page holds the last write the table recorded, and the writes go on.
     let info = verify_writer(&mut rx.pipes, "on the destination");
     std::thread::sleep(Duration::from_millis(300));
@@ -1312,4 +1313,98 @@ fn a_tree_writing_all_the_time_moves_in_pre_copy_rounds_and_loses_no_write() {
     );
     common::kill(dest);
     common::reap(dest);
+}
+
+/// The restored process maps nothing where the receiver held its pre-copied memory
+/// (`stasis_runtime::anon_region`, 16-64 TiB): every region became one of its mappings or
+/// was let go of.
+fn assert_no_receiver_regions(pid: i32) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let left: Vec<&str> = maps
+        .lines()
+        .filter(|l| {
+            let start = l
+                .split('-')
+                .next()
+                .and_then(|a| u64::from_str_radix(a, 16).ok());
+            start.is_some_and(|a| (0x1000_0000_0000..0x4000_0000_0000).contains(&a))
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "regions left in the restored process: {left:?}"
+    );
+}
+
+#[test]
+fn a_tree_of_many_kinds_of_mapping_comes_back_with_exactly_its_mappings_after_pre_copy() {
+    let test =
+        "a_tree_of_many_kinds_of_mapping_comes_back_with_exactly_its_mappings_after_pre_copy";
+    if !have_process_tracking(test) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-maps");
+    let mut rx = Receiver::start(&hosts.b, None);
+    // wl-memory: two dozen private regions (some sparse), a read-only one, a shared one, a
+    // private file mapping, a deep stack; its check compares /proc/self/maps exactly.
+    let tag = format!("maps{}", std::process::id());
+    let wl = common::workload("wl-memory");
+    let argv: Vec<&std::ffi::OsStr> = vec![wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
+    let (mut tree, _) = common::spawn_in_ns(&[], &argv, &tag, "READY ");
+    verify(&mut tree.pipes, "before the migration");
+    let out = migrate(&hosts.a, tree.root, &rx.url, None);
+    assert!(out.status.success(), "migrate: {}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    assert_eq!(r["precopy"], "uffd-wp", "{r}");
+    assert!(r["checkpoint"]["pages_precopied"].as_u64() > Some(0), "{r}");
+    let dest = r["destination_pid"].as_i64().expect("destination_pid") as i32;
+    let _ = tree.unshare.wait();
+    rx.wait_log("migration received");
+    assert_no_receiver_regions(dest);
+    verify(&mut rx.pipes, "on the destination");
+    common::kill(dest);
+    common::reap(dest);
+}
+
+#[test]
+fn a_tree_moved_on_again_goes_in_pre_copy_rounds_from_its_restored_copy() {
+    let test = "a_tree_moved_on_again_goes_in_pre_copy_rounds_from_its_restored_copy";
+    if !have_process_tracking(test) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-twice");
+    let mut rx = Receiver::start(&hosts.b, None);
+    let mut back = Receiver::start(&hosts.a, None);
+    let tag = format!("twice{}", std::process::id());
+    let wl = common::workload("wl-writer");
+    let argv: Vec<&std::ffi::OsStr> = vec![
+        wl.as_os_str(),
+        "--tag".as_ref(),
+        tag.as_ref(),
+        "--mib".as_ref(),
+        "32".as_ref(),
+        "--churn".as_ref(),
+    ];
+    let (mut tree, _) = common::spawn_in_ns(&[], &argv, &tag, "READY ");
+    verify_writer(&mut tree.pipes, "before the migrations");
+    let mut root = tree.root;
+    // There, and back from the copy restored there (its memory came as huge pages, its
+    // mappings from the receiver's regions).
+    for (from, to) in [(&hosts.a, &mut rx), (&hosts.b, &mut back)] {
+        let out = migrate(from, root, &to.url, None);
+        assert!(out.status.success(), "migrate: {}", stderr(&out));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+        assert_eq!(r["precopy"], "uffd-wp", "{r}");
+        assert!(
+            r["checkpoint"]["pages_precopied"].as_u64() >= Some(8192),
+            "{r}"
+        );
+        root = r["destination_pid"].as_i64().expect("destination_pid") as i32;
+        to.wait_log("migration received");
+        assert_no_receiver_regions(root);
+        verify_writer(&mut to.pipes, "after a migration");
+    }
+    let _ = tree.unshare.wait();
+    common::kill(root);
+    common::reap(root);
 }

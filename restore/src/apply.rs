@@ -835,7 +835,8 @@ impl Builder<'_> {
             })?;
         let len = v.end - v.start;
         let at = held.region.addr();
-        if self.kept.iter().any(|&(s, _)| s == at) && crate::precopied::movable(p, v) {
+        // Kept (see Precopied::kept) means movable, and nothing of the process's in the way.
+        if self.kept.iter().any(|&(s, _)| s == at) {
             self.call(
                 "mremap(pre-copied mapping)",
                 libc::SYS_mremap,

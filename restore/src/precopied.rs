@@ -50,13 +50,15 @@ impl Precopied {
         let Some(held) = self.procs.get(&(p.pid as i32)) else {
             return Vec::new();
         };
-        // Only the regions of mappings the image says went ahead: any other is not its.
+        // Only the regions of mappings the image says went ahead and that are moved into
+        // place: any other is not the process's (one whose pages are copied is read from
+        // the restorer's copy, and must not stay mapped in the process).
         let regions: Vec<(u64, u64)> = held
             .iter()
             .filter(|m| {
                 p.vmas
                     .iter()
-                    .any(|v| v.precopied && v.start == m.start && v.end == m.end)
+                    .any(|v| v.precopied && v.start == m.start && v.end == m.end && movable(p, v))
             })
             .map(|m| (m.region.addr(), m.region.addr() + m.region.len()))
             .collect();
