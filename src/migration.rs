@@ -422,14 +422,16 @@ pub fn worker(state: &StateDir, a: WorkerArgs) -> Result<i32> {
         cgroup_parent: a.cgroup_parent,
     };
     let r = stasis_migrate::receive_one(conn, &peer, &opts)?;
+    let peak = peak_rss();
     eprintln!(
-        "stasis receive: {} runs here as PID {} ({} of image and {} of pages received, built in {}; peak RSS of the receiving process {}, of which the workload's memory held for it {})",
+        "stasis receive: {} runs here as PID {} ({} of image and {} of pages received, built in {}; peak RSS of the receiving process {}: its own {}, the workload's memory held for it {})",
         r.workload,
         r.pid,
         report::bytes(r.image_bytes),
         report::bytes(r.page_bytes),
         report::ms(r.build_us),
-        report::bytes(peak_rss()),
+        report::bytes(peak),
+        report::bytes(peak.saturating_sub(r.held_bytes)),
         report::bytes(r.held_bytes)
     );
     Ok(exit::OK)

@@ -192,14 +192,14 @@ impl Drop for Receiver {
     }
 }
 
-/// The MiB in a worker's "peak RSS of the receiving process N.N MiB, of which the
-/// workload's memory held for it M.M MiB" line: its own, without the workload's.
+/// The MiB in a worker's "peak RSS of the receiving process N.N MiB: its own M.M MiB, ..."
+/// line: its own, without the workload's memory it held.
 fn peak_of(line: &str) -> Option<f64> {
     let mib_after = |key: &str| -> Option<f64> {
         let rest = line.split(key).nth(1)?;
         let mut it = rest.split_whitespace();
         let n: f64 = it.next()?.parse().ok()?;
-        Some(match it.next()?.trim_end_matches([')', ',']) {
+        Some(match it.next()?.trim_end_matches([')', ',', ':']) {
             "B" => n / 1048576.0,
             "KiB" => n / 1024.0,
             "MiB" => n,
@@ -207,8 +207,7 @@ fn peak_of(line: &str) -> Option<f64> {
             _ => return None,
         })
     };
-    let peak = mib_after("peak RSS of the receiving process ")?;
-    Some(peak - mib_after("the workload's memory held for it ").unwrap_or(0.0))
+    mib_after(": its own ").or_else(|| mib_after("peak RSS of the receiving process "))
 }
 
 fn receiver(h: &Hosts, side: char, t: &Transport) -> Result<Receiver, String> {
