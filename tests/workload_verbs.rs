@@ -66,10 +66,8 @@ fn a_process_tree_refuses_what_it_cannot_do_and_runs_on_untouched() {
     let mut wl = common::start("wl-counter", &["--quiet", "--mib", "4"]);
     let who = format!("PID {}", wl.pid);
     let mut src = stasis_workload::TreeSource::process_tree(wl.pid, &Options::default());
-    let tracking = src.start_dirty_tracking().map(|_| ());
-    assert_refused(tracking, Verb::StartDirtyTracking, &who, "not implemented");
     let round = src.copy_round(&mut Nowhere).map(|_| ());
-    assert_refused(round, Verb::CopyRound, &who, "not implemented");
+    assert_refused(round, Verb::CopyRound, &who, "not started");
     // Nothing but freeze fits a workload that runs.
     assert_refused(src.resume(), Verb::Resume, &who, "not frozen");
     assert_refused(src.discard(), Verb::Discard, &who, "not frozen");
@@ -91,6 +89,101 @@ fn a_process_tree_refuses_what_it_cannot_do_and_runs_on_untouched() {
     wl.pipes.expect_pass("check", "after freeze and resume");
     common::kill(wl.pid);
     let _ = wl.child.wait();
+}
+
+/// What a tracked tree's rounds hand their sink.
+#[derive(Default)]
+struct Recorded {
+    processes: Vec<i32>,
+    mappings: Vec<(u64, u64)>,
+    bytes: u64,
+}
+
+impl stasis_workload::PageSink for Recorded {
+    fn pages(&mut self, _addr: u64, data: &[u8]) -> std::io::Result<()> {
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    fn process(&mut self, pid: i32) -> std::io::Result<()> {
+        self.processes.push(pid);
+        Ok(())
+    }
+
+    fn ranges(
+        &mut self,
+        kind: stasis_checkpoint::Ranges,
+        ranges: &[(u64, u64)],
+    ) -> std::io::Result<()> {
+        if kind == stasis_checkpoint::Ranges::Mappings {
+            self.mappings = ranges.to_vec();
+        }
+        Ok(())
+    }
+}
+
+/// Whether any mapping of `pid` is still registered for write-protect tracking.
+fn tracked(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps")).is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw"))
+    })
+}
+
+#[test]
+fn a_tracked_process_tree_sends_its_memory_then_what_it_wrote_and_runs_on_untracked() {
+    const TEST: &str =
+        "a_tracked_process_tree_sends_its_memory_then_what_it_wrote_and_runs_on_untracked";
+    if let Err(why) = stasis_runtime::write_tracking::support() {
+        eprintln!("{TEST}: skipped: {why}");
+        return;
+    }
+    common::init();
+    let dir = common::scratch("workload-tracked");
+    let mut wl = common::start("wl-counter", &["--quiet", "--mib", "4"]);
+    let who = format!("PID {}", wl.pid);
+    let mut src = stasis_workload::TreeSource::process_tree(wl.pid, &Options::default());
+    let t = src.start_dirty_tracking().expect("tracking");
+    assert_eq!(t.method, "uffd-wp");
+    let again = src.start_dirty_tracking().map(|_| ());
+    assert_refused(again, Verb::StartDirtyTracking, &who, "tracked already");
+    // Its memory first, then only what it wrote since (a counter, not its data).
+    let mut first = Recorded::default();
+    src.copy_round(&mut first).expect("first round");
+    assert_eq!(first.processes, vec![wl.pid]);
+    assert!(
+        !first.mappings.is_empty() && first.bytes >= 4 << 20,
+        "{}",
+        first.bytes
+    );
+    // (Its mappings are registered by the first round, as they are then.)
+    assert!(tracked(wl.pid), "no mapping of it is tracked");
+    let mut second = Recorded::default();
+    src.copy_round(&mut second).expect("second round");
+    assert!(second.bytes < 1 << 20, "{} bytes again", second.bytes);
+    src.freeze().expect("freeze");
+    let mut last = Recorded::default();
+    src.copy_round(&mut last).expect("the last round");
+    let more = src.copy_round(&mut Recorded::default()).map(|_| ());
+    assert_refused(more, Verb::CopyRound, &who, "last round");
+    // Its image holds none of the pages that went ahead: restored anywhere but on a
+    // receiver that holds them, it is refused, naming a mapping.
+    let img = dir.join("tracked.img");
+    let mut sink = FileSink::create(&img).expect("image file");
+    src.write_state(&mut sink, &|_, _| {}).expect("state");
+    sink.commit().expect("commit");
+    src.resume().expect("resume");
+    assert!(!tracked(wl.pid), "resumed, it is still tracked");
+    wl.pipes.expect_pass("check", "after the rounds and resume");
+    common::kill(wl.pid);
+    let _ = wl.child.wait();
+    let out = Command::new(common::stasis())
+        .args(["restore", img.to_str().expect("utf8")])
+        .output()
+        .expect("stasis restore");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "restored without its pages: {err}");
+    assert!(err.contains("pre-copy rounds"), "{err}");
 }
 
 #[test]
