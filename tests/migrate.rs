@@ -1408,3 +1408,32 @@ fn a_tree_moved_on_again_goes_in_pre_copy_rounds_from_its_restored_copy() {
     common::kill(root);
     common::reap(root);
 }
+
+#[test]
+fn a_tree_whose_children_and_mappings_come_and_go_moves_in_pre_copy_rounds() {
+    let test = "a_tree_whose_children_and_mappings_come_and_go_moves_in_pre_copy_rounds";
+    if !have_process_tracking(test) {
+        return;
+    }
+    let hosts = TwoHosts::new("migrate-churn");
+    let mut rx = Receiver::start(&hosts.b, None);
+    // wl-churn forks children that exit at once, maps and unmaps memory, starts threads and
+    // opens files all the time: processes appear and vanish between the rounds.
+    let tag = format!("churn{}", std::process::id());
+    let wl = common::workload("wl-churn");
+    let argv: Vec<&std::ffi::OsStr> = vec![wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
+    let (mut tree, _) = common::spawn_in_ns(&[], &argv, &tag, "READY ");
+    verify(&mut tree.pipes, "before the migration");
+    let out = migrate(&hosts.a, tree.root, &rx.url, None);
+    assert!(out.status.success(), "migrate: {}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    assert_eq!(r["precopy"], "uffd-wp", "{r}");
+    let dest = r["destination_pid"].as_i64().expect("destination_pid") as i32;
+    let _ = tree.unshare.wait();
+    rx.wait_log("migration received");
+    assert_no_receiver_regions(dest);
+    verify(&mut rx.pipes, "on the destination");
+    verify(&mut rx.pipes, "on the destination, again");
+    common::kill(dest);
+    common::reap(dest);
+}
