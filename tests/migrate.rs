@@ -1348,6 +1348,10 @@ fn a_tree_of_many_kinds_of_mapping_comes_back_with_exactly_its_mappings_after_pr
     // wl-memory: two dozen private regions (some sparse), a read-only one, a shared one, a
     // private file mapping, a deep stack; its check compares /proc/self/maps exactly.
     let tag = format!("maps{}", std::process::id());
+    // Its mapped file, left behind when the test kills it (PID 1 in its namespace).
+    common::cleanup::remove_at_exit(
+        &std::env::temp_dir().join(format!("stasis-wl-memory-1-{tag}.dat")),
+    );
     let wl = common::workload("wl-memory");
     let argv: Vec<&std::ffi::OsStr> = vec![wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
     let (mut tree, _) = common::spawn_in_ns(&[], &argv, &tag, "READY ");
@@ -1420,6 +1424,10 @@ fn a_tree_whose_children_and_mappings_come_and_go_moves_in_pre_copy_rounds() {
     // wl-churn forks children that exit at once, maps and unmaps memory, starts threads and
     // opens files all the time: processes appear and vanish between the rounds.
     let tag = format!("churn{}", std::process::id());
+    // Its scratch file, left behind when the test kills it (named before it is READY).
+    common::cleanup::remove_at_exit(
+        &std::env::temp_dir().join(format!("stasis-wl-churn-0-{tag}.dat")),
+    );
     let wl = common::workload("wl-churn");
     let argv: Vec<&std::ffi::OsStr> = vec![wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
     let (mut tree, _) = common::spawn_in_ns(&[], &argv, &tag, "READY ");
