@@ -365,28 +365,28 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
-/// Writer `t`: rewrites random pages of `first..first + len` at `pps` pages per second.
-fn writer(sh: Arc<Shared>, t: usize, first: usize, len: usize, pps: u64) {
-    let who = format!("writer {t}");
-    let mut x = pattern::splitmix64(sh.seed ^ (t as u64 + 1)) | 1;
-    // Pages due, in units of 1e-9 page (pps * ns).
+/// Runs `act` `per_s` times a second, paced in ~1 ms rounds: each round does what is due
+/// for the time since the one before (fractions carried over, at most [`MAX_BACKLOG_NS`]
+/// after a gap). Parks between two acts while a check pauses the threads (time spent
+/// paused is not owed); returns when `act` says stop or the process is ending.
+fn paced(sh: &Shared, who: &str, per_s: u64, mut act: impl FnMut() -> bool) {
+    // Acts due, in units of 1e-9 act (per_s * ns).
     let mut credit: u128 = 0;
-    let mut last = sh.mono(&who);
+    let mut last = sh.mono(who);
     loop {
         if sh.pause.load(Ordering::Acquire) {
             if !sh.park() {
                 return;
             }
-            // Time spent paused is not owed.
-            last = sh.mono(&who);
+            last = sh.mono(who);
         }
         if let Err(e) = sys::nanosleep_ms(TICK_MS) {
             sh.fail(format!("{who}: {e} (expected 0)"));
         }
-        let Some(now) = sh.mono(&who) else { continue };
+        let Some(now) = sh.mono(who) else { continue };
         let dt = last.map_or(0, |l| (now - l).clamp(0, MAX_BACKLOG_NS));
         last = Some(now);
-        credit += u128::from(pps) * dt as u128;
+        credit += u128::from(per_s) * dt as u128;
         let due = credit / 1_000_000_000;
         credit -= due * 1_000_000_000;
         for _ in 0..due {
@@ -394,21 +394,33 @@ fn writer(sh: Arc<Shared>, t: usize, first: usize, len: usize, pps: u64) {
                 if !sh.park() {
                     return;
                 }
-                last = sh.mono(&who);
+                last = sh.mono(who);
             }
-            let page = first + (xorshift(&mut x) % len as u64) as usize;
-            let gen = sh.gens[page].load(Ordering::Relaxed).wrapping_add(1);
-            // SAFETY: `page` is in this writer's slice, inside the mapping; no other thread
-            // touches the slice while this writer runs (the main thread reads it only while
-            // every writer is parked).
-            let buf = unsafe {
-                std::slice::from_raw_parts_mut((sh.base as *mut u64).add(page * WORDS), WORDS)
-            };
-            fill_page(buf, sh.seed, page, gen);
-            sh.gens[page].store(gen, Ordering::Release);
-            sh.writes[t].0.fetch_add(1, Ordering::Release);
+            if !act() {
+                return;
+            }
         }
     }
+}
+
+/// Writer `t`: rewrites random pages of `first..first + len` at `pps` pages per second.
+fn writer(sh: Arc<Shared>, t: usize, first: usize, len: usize, pps: u64) {
+    let who = format!("writer {t}");
+    let mut x = pattern::splitmix64(sh.seed ^ (t as u64 + 1)) | 1;
+    paced(&sh, &who, pps, || {
+        let page = first + (xorshift(&mut x) % len as u64) as usize;
+        let gen = sh.gens[page].load(Ordering::Relaxed).wrapping_add(1);
+        // SAFETY: `page` is in this writer's slice, inside the mapping; no other thread
+        // touches the slice while this writer runs (the main thread reads it only while
+        // every writer is parked).
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut((sh.base as *mut u64).add(page * WORDS), WORDS)
+        };
+        fill_page(buf, sh.seed, page, gen);
+        sh.gens[page].store(gen, Ordering::Release);
+        sh.writes[t].0.fetch_add(1, Ordering::Release);
+        true
+    });
 }
 
 /// The ticker: records the longest gap between two consecutive 1 ms ticks.
@@ -933,44 +945,18 @@ fn churner(sh: Arc<Shared>) {
         return;
     };
     let mut x = pattern::splitmix64(sh.seed ^ CHURN_SALT) | 1;
-    // Steps due, in units of 1e-9 step (steps/s * ns).
-    let mut credit: u128 = 0;
-    let mut last = sh.mono(who);
-    loop {
-        if sh.pause.load(Ordering::Acquire) {
-            if !sh.park() {
-                return;
-            }
-            // Time spent paused is not owed.
-            last = sh.mono(who);
+    paced(&sh, who, CHURN_STEPS_PER_S, || {
+        // Never held while parked: a check takes it once the churner is parked.
+        let Ok(mut c) = churn.lock() else {
+            return false;
+        };
+        if let Err(e) = churn_step(&mut c, sh.seed, &mut x) {
+            sh.fail(format!("{who}: {e}"));
         }
-        if let Err(e) = sys::nanosleep_ms(TICK_MS) {
-            sh.fail(format!("{who}: {e} (expected 0)"));
-        }
-        let Some(now) = sh.mono(who) else { continue };
-        let dt = last.map_or(0, |l| (now - l).clamp(0, MAX_BACKLOG_NS));
-        last = Some(now);
-        credit += u128::from(CHURN_STEPS_PER_S) * dt as u128;
-        let due = credit / 1_000_000_000;
-        credit -= due * 1_000_000_000;
-        for _ in 0..due {
-            if sh.pause.load(Ordering::Acquire) {
-                if !sh.park() {
-                    return;
-                }
-                last = sh.mono(who);
-            }
-            // Never held while parked: a check takes it once the churner is parked.
-            let Ok(mut c) = churn.lock() else {
-                return;
-            };
-            if let Err(e) = churn_step(&mut c, sh.seed, &mut x) {
-                sh.fail(format!("{who}: {e}"));
-            }
-            sh.churn_regions.store(c.regions.len(), Ordering::Release);
-            sh.churn_steps.store(c.steps, Ordering::Release);
-        }
-    }
+        sh.churn_regions.store(c.regions.len(), Ordering::Release);
+        sh.churn_steps.store(c.steps, Ordering::Release);
+        true
+    });
 }
 
 /// The arguments: (MiB, rate in MiB/s, pages, writer threads), all within bounds.
