@@ -386,19 +386,7 @@ fn one_migration(
 ) -> Result<(), String> {
     let to = if from == 'a' { 'b' } else { 'a' };
     let rx = receiver(h, to, t)?;
-    let url = format!("tcp://{}:{PORT}", Hosts::ip(to));
-    let mut args = vec!["migrate", "bench-mig", "--to", &url, "--json"];
-    let sec = t.args(from);
-    args.extend(sec.iter().map(String::as_str));
-    let limit = max_downtime.map(|m| m.to_string());
-    if let Some(m) = &limit {
-        args.extend(["--max-downtime", m]);
-    }
-    let out = ok(h.stasis(from, &args))?;
-    let r: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
-    if std::env::var_os("STASIS_BENCH_VERBOSE").is_some() {
-        eprintln!("{r}");
-    }
+    let r = migrate_json(h, from, t, "bench-mig", max_downtime)?;
     s.total.push(field(&r, "total_us") / 1000.0);
     s.downtime.push(field(&r, "downtime_us") / 1000.0);
     s.transfer.push(field(&r, "transfer_us") / 1000.0);
@@ -418,6 +406,32 @@ fn one_migration(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// `stasis migrate TARGET --json` from `from` to the receiver on the other side over `t`;
+/// its report (printed too with STASIS_BENCH_VERBOSE).
+fn migrate_json(
+    h: &Hosts,
+    from: char,
+    t: &Transport,
+    target: &str,
+    max_downtime: Option<u64>,
+) -> Result<serde_json::Value, String> {
+    let to = if from == 'a' { 'b' } else { 'a' };
+    let url = format!("tcp://{}:{PORT}", Hosts::ip(to));
+    let mut args = vec!["migrate", target, "--to", &url, "--json"];
+    let sec = t.args(from);
+    args.extend(sec.iter().map(String::as_str));
+    let limit = max_downtime.map(|m| m.to_string());
+    if let Some(m) = &limit {
+        args.extend(["--max-downtime", m]);
+    }
+    let out = ok(h.stasis(from, &args))?;
+    let r: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    if std::env::var_os("STASIS_BENCH_VERBOSE").is_some() {
+        eprintln!("{r}");
+    }
+    Ok(r)
 }
 
 fn one_size(h: &Hosts, mib: u64, t: &Transport, args: &Args) -> Result<Samples, String> {

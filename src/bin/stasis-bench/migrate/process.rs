@@ -5,7 +5,7 @@
 //! destination said it runs) and as the workload does (the longest gap between its own 1 ms
 //! ticks, which includes the time it takes to be scheduled again).
 
-use super::{field, floor, median, ok, receiver_with_stdio, Hosts, Transport, PORT};
+use super::{field, floor, median, migrate_json, receiver_with_stdio, Hosts, Transport};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout};
 use std::time::{Duration, Instant};
@@ -151,20 +151,7 @@ fn one_migration(
     // Resets its longest gap, so the next one spans the migration.
     io.verify()?;
     let mut rx = receiver_with_stdio(h, to, t, true)?;
-    let url = format!("tcp://{}:{PORT}", Hosts::ip(to));
-    let root = w.root.to_string();
-    let mut args = vec!["migrate", &root, "--to", &url, "--json"];
-    let sec = t.args(from);
-    args.extend(sec.iter().map(String::as_str));
-    let limit = max_downtime.map(|m| m.to_string());
-    if let Some(m) = &limit {
-        args.extend(["--max-downtime", m]);
-    }
-    let out = ok(h.stasis(from, &args))?;
-    let r: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
-    if std::env::var_os("STASIS_BENCH_VERBOSE").is_some() {
-        eprintln!("{r}");
-    }
+    let r = migrate_json(h, from, t, &w.root.to_string(), max_downtime)?;
     w.root = r["destination_pid"]
         .as_i64()
         .and_then(|p| i32::try_from(p).ok())
