@@ -1336,6 +1336,42 @@ fn assert_no_receiver_regions(pid: i32) {
     );
 }
 
+/// A pid-namespace tree of `program` (its scratch file `scratch`, named by its tag, removed
+/// at exit), moved from host A to host B in pre-copy rounds: the receiver (whose pipes it
+/// now has), the hosts, the migration's report and the copy's PID there, which maps nothing
+/// in the receiver's range. Passes its check before.
+struct PreCopied {
+    rx: Receiver,
+    report: serde_json::Value,
+    dest: i32,
+    _hosts: TwoHosts,
+}
+
+fn move_in_pre_copy(hosts_tag: &str, program: &str, scratch: &str) -> PreCopied {
+    let hosts = TwoHosts::new(hosts_tag);
+    let rx = Receiver::start(&hosts.b, None);
+    let tag = format!("{hosts_tag}{}", std::process::id());
+    common::cleanup::remove_at_exit(&std::env::temp_dir().join(scratch.replace("{tag}", &tag)));
+    let wl = common::workload(program);
+    let argv: Vec<&std::ffi::OsStr> = vec![wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
+    let (mut tree, _) = common::spawn_in_ns(&[], &argv, &tag, "READY ");
+    verify(&mut tree.pipes, "before the migration");
+    let out = migrate(&hosts.a, tree.root, &rx.url, None);
+    assert!(out.status.success(), "migrate: {}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
+    assert_eq!(report["precopy"], "uffd-wp", "{report}");
+    let dest = report["destination_pid"].as_i64().expect("destination_pid") as i32;
+    let _ = tree.unshare.wait();
+    rx.wait_log("migration received");
+    assert_no_receiver_regions(dest);
+    PreCopied {
+        rx,
+        report,
+        dest,
+        _hosts: hosts,
+    }
+}
+
 #[test]
 fn a_tree_of_many_kinds_of_mapping_comes_back_with_exactly_its_mappings_after_pre_copy() {
     let test =
@@ -1343,31 +1379,15 @@ fn a_tree_of_many_kinds_of_mapping_comes_back_with_exactly_its_mappings_after_pr
     if !have_process_tracking(test) {
         return;
     }
-    let hosts = TwoHosts::new("migrate-maps");
-    let mut rx = Receiver::start(&hosts.b, None);
     // wl-memory: two dozen private regions (some sparse), a read-only one, a shared one, a
-    // private file mapping, a deep stack; its check compares /proc/self/maps exactly.
-    let tag = format!("maps{}", std::process::id());
-    // Its mapped file, left behind when the test kills it (PID 1 in its namespace).
-    common::cleanup::remove_at_exit(
-        &std::env::temp_dir().join(format!("stasis-wl-memory-1-{tag}.dat")),
-    );
-    let wl = common::workload("wl-memory");
-    let argv: Vec<&std::ffi::OsStr> = vec![wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
-    let (mut tree, _) = common::spawn_in_ns(&[], &argv, &tag, "READY ");
-    verify(&mut tree.pipes, "before the migration");
-    let out = migrate(&hosts.a, tree.root, &rx.url, None);
-    assert!(out.status.success(), "migrate: {}", stderr(&out));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
-    assert_eq!(r["precopy"], "uffd-wp", "{r}");
+    // private file mapping, a deep stack; its check compares /proc/self/maps exactly. Its
+    // mapped file is named with its PID, 1 in its namespace.
+    let mut m = move_in_pre_copy("migrate-maps", "wl-memory", "stasis-wl-memory-1-{tag}.dat");
+    let r = &m.report;
     assert!(r["checkpoint"]["pages_precopied"].as_u64() > Some(0), "{r}");
-    let dest = r["destination_pid"].as_i64().expect("destination_pid") as i32;
-    let _ = tree.unshare.wait();
-    rx.wait_log("migration received");
-    assert_no_receiver_regions(dest);
-    verify(&mut rx.pipes, "on the destination");
-    common::kill(dest);
-    common::reap(dest);
+    verify(&mut m.rx.pipes, "on the destination");
+    common::kill(m.dest);
+    common::reap(m.dest);
 }
 
 #[test]
@@ -1419,29 +1439,12 @@ fn a_tree_whose_children_and_mappings_come_and_go_moves_in_pre_copy_rounds() {
     if !have_process_tracking(test) {
         return;
     }
-    let hosts = TwoHosts::new("migrate-churn");
-    let mut rx = Receiver::start(&hosts.b, None);
     // wl-churn forks children that exit at once, maps and unmaps memory, starts threads and
-    // opens files all the time: processes appear and vanish between the rounds.
-    let tag = format!("churn{}", std::process::id());
-    // Its scratch file, left behind when the test kills it (named before it is READY).
-    common::cleanup::remove_at_exit(
-        &std::env::temp_dir().join(format!("stasis-wl-churn-0-{tag}.dat")),
-    );
-    let wl = common::workload("wl-churn");
-    let argv: Vec<&std::ffi::OsStr> = vec![wl.as_os_str(), "--tag".as_ref(), tag.as_ref()];
-    let (mut tree, _) = common::spawn_in_ns(&[], &argv, &tag, "READY ");
-    verify(&mut tree.pipes, "before the migration");
-    let out = migrate(&hosts.a, tree.root, &rx.url, None);
-    assert!(out.status.success(), "migrate: {}", stderr(&out));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("migrate --json");
-    assert_eq!(r["precopy"], "uffd-wp", "{r}");
-    let dest = r["destination_pid"].as_i64().expect("destination_pid") as i32;
-    let _ = tree.unshare.wait();
-    rx.wait_log("migration received");
-    assert_no_receiver_regions(dest);
-    verify(&mut rx.pipes, "on the destination");
-    verify(&mut rx.pipes, "on the destination, again");
-    common::kill(dest);
-    common::reap(dest);
+    // opens files all the time: processes appear and vanish between the rounds. Its
+    // scratch file is named before it is READY (PID 0 then).
+    let mut m = move_in_pre_copy("migrate-churn", "wl-churn", "stasis-wl-churn-0-{tag}.dat");
+    verify(&mut m.rx.pipes, "on the destination");
+    verify(&mut m.rx.pipes, "on the destination, again");
+    common::kill(m.dest);
+    common::reap(m.dest);
 }
